@@ -1,0 +1,203 @@
+"""The backbone interface: one adapter per model family turns (images, prompts, t, seed) into one
+denoiser forward. Everything family-specific (latent packing, extra conditioning, timestep convention,
+noising rule) lives in the adapters; everything else in difffeat talks to this interface only."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from diffusers import DiffusionPipeline
+
+from ..errors import InvalidPromptError, InvalidTimestepError
+from ..images import ImageInput, resize_to_multiple, to_rgb, to_tensor
+
+__all__ = ["Backbone", "DenoiserInputs", "check_timestep", "NUM_TRAIN_TIMESTEPS"]
+
+NUM_TRAIN_TIMESTEPS = 1000
+
+
+@dataclass
+class DenoiserInputs:
+    """Everything one denoiser forward needs, plus the geometry capture needs to reshape sequences.
+
+    Attributes:
+        kwargs: keyword arguments for ``backbone.denoiser(**kwargs)``.
+        grid: (h, w) of the image-token / latent grid at the denoiser's input resolution; sequence
+            activations of ``h * w`` image tokens reshape to ``[B, C, h, w]``.
+        text_len: number of text tokens the denoiser attends to.
+        timestep: the timestep on the 1000-step training scale.
+        image_size: (height, width) in pixels of the images fed to the VAE.
+        prompts: the prompts, one per image.
+    """
+
+    kwargs: dict[str, Any]
+    grid: tuple[int, int]
+    text_len: int
+    timestep: int
+    image_size: tuple[int, int]
+    prompts: list[str] = field(default_factory=list)
+
+    @property
+    def batch_size(self) -> int:
+        return len(self.prompts)
+
+
+def check_timestep(t: int) -> int:
+    """Validate a timestep on the 1000-step scale."""
+    if isinstance(t, bool) or not isinstance(t, (int,)) and not (hasattr(t, "__int__") and float(t).is_integer()):
+        raise InvalidTimestepError(f"timestep must be an integer in [0, {NUM_TRAIN_TIMESTEPS - 1}], got {t!r}")
+    t = int(t)
+    if not 0 <= t < NUM_TRAIN_TIMESTEPS:
+        raise InvalidTimestepError(
+            f"timestep {t} is outside [0, {NUM_TRAIN_TIMESTEPS - 1}] (the 1000-step training scale); the papers use "
+            "t=50 for features and t=100 for segmentation"
+        )
+    return t
+
+
+class Backbone(ABC):
+    """A loaded diffusion pipeline seen as a feature extractor.
+
+    Subclasses set ``family`` (registry key and user-facing name), ``hook_table`` (the file in ``hooks/``
+    naming its activations) and ``denoiser_attr``, and implement the family's conditioning.
+    """
+
+    family: ClassVar[str]
+    hook_table: ClassVar[str]
+    denoiser_attr: ClassVar[str] = "unet"
+    #: default timesteps per use, on the 1000-step scale
+    default_feature_t: ClassVar[int] = 50
+    default_segment_t: ClassVar[int] = 100
+
+    def __init__(self, pipeline: DiffusionPipeline, name: str | None = None) -> None:
+        self.pipeline = pipeline
+        self.name = name or getattr(pipeline, "name_or_path", None) or pipeline.__class__.__name__
+        self._catalog = None
+
+    # ----------------------------------------------------------------- properties
+    @property
+    def denoiser(self) -> torch.nn.Module:
+        """The UNet or transformer that capture hooks attach to."""
+        return getattr(self.pipeline, self.denoiser_attr)
+
+    @property
+    def device(self) -> torch.device:
+        return self.denoiser.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.denoiser.dtype
+
+    @property
+    def vae_scale_factor(self) -> int:
+        vae = self.pipeline.vae
+        return 2 ** (len(vae.config.block_out_channels) - 1)
+
+    @property
+    def native_resolution(self) -> int:
+        """Pixel resolution the model was trained at (sample_size x VAE factor)."""
+        sample = self.denoiser.config.sample_size
+        sample = sample[0] if isinstance(sample, (list, tuple)) else sample
+        return int(sample) * self.vae_scale_factor * self.latent_per_sample
+
+    #: latent pixels per ``sample_size`` unit (1 for every family here; kept for packed-latent families)
+    latent_per_sample: ClassVar[int] = 1
+
+    @property
+    @abstractmethod
+    def size_multiple(self) -> int:
+        """Image sides must be multiples of this many pixels."""
+
+    # ----------------------------------------------------------------- images
+    def preprocess(
+        self, images: Sequence[ImageInput], resolution: int | None = None, square: bool = False
+    ) -> torch.Tensor:
+        """Images -> ``[B, 3, H, W]`` in [-1, 1] at the model's resolution (long side) and size multiple."""
+        res = resolution or self.native_resolution
+        rgb = [resize_to_multiple(to_rgb(im), res, self.size_multiple, square) for im in images]
+        return to_tensor(rgb)
+
+    @torch.no_grad()
+    def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
+        """``[B, 3, H, W]`` in [-1, 1] -> scaled VAE latents (the distribution's mean, deterministic)."""
+        vae = self.pipeline.vae
+        pixels = pixels.to(device=vae.device, dtype=vae.dtype)
+        latents = vae.encode(pixels).latent_dist.mode()
+        shift = getattr(vae.config, "shift_factor", None) or 0.0
+        return (latents - shift) * vae.config.scaling_factor
+
+    def make_noise(self, latents: torch.Tensor, seed: int) -> torch.Tensor:
+        """Gaussian noise shaped like one latent, drawn from ``seed`` on the CPU (device independent) and
+        repeated over the batch, so an image's features never depend on what else is in its batch."""
+        gen = torch.Generator("cpu").manual_seed(int(seed))
+        one = torch.randn(latents.shape[1:], generator=gen, dtype=torch.float32)
+        return one.unsqueeze(0).expand_as(latents).to(device=latents.device, dtype=latents.dtype).contiguous()
+
+    @abstractmethod
+    def add_noise(self, latents: torch.Tensor, t: int, noise: torch.Tensor) -> torch.Tensor:
+        """Noise clean latents to timestep ``t`` with the family's training rule."""
+
+    # ----------------------------------------------------------------- text
+    @abstractmethod
+    def encode_prompt(self, prompts: list[str]) -> dict[str, Any]:
+        """Prompts -> the conditioning keyword arguments of the denoiser (and ``text_len``)."""
+
+    # ----------------------------------------------------------------- forward
+    @abstractmethod
+    def denoiser_inputs(
+        self, noisy_latents: torch.Tensor, t: int, cond: dict[str, Any], image_size: tuple[int, int]
+    ) -> DenoiserInputs:
+        """Assemble the denoiser call for noisy latents, a timestep and encoded prompts."""
+
+    def prepare(
+        self,
+        images: Sequence[ImageInput],
+        prompts: str | Sequence[str] = "",
+        t: int = 50,
+        seed: int = 0,
+        resolution: int | None = None,
+        square: bool = False,
+    ) -> DenoiserInputs:
+        """Images + prompts -> the inputs of one denoiser forward at timestep ``t``."""
+        t = check_timestep(t)
+        images = list(images)
+        if not images:
+            raise ValueError("no images given")
+        prompt_list = [prompts] * len(images) if isinstance(prompts, str) else list(prompts)
+        if len(prompt_list) != len(images):
+            raise InvalidPromptError(
+                f"got {len(prompt_list)} prompts for {len(images)} images; pass one prompt, or one per image"
+            )
+        pixels = self.preprocess(images, resolution, square)
+        with torch.no_grad():
+            latents = self.encode_image(pixels).to(self.dtype)
+            noisy = self.add_noise(latents, t, self.make_noise(latents, seed))
+            cond = self.encode_prompt(prompt_list)
+        inputs = self.denoiser_inputs(noisy, t, cond, (pixels.shape[-2], pixels.shape[-1]))
+        inputs.prompts = prompt_list
+        return inputs
+
+    def denoise(self, inputs: DenoiserInputs) -> Any:
+        """Run the denoiser once (no gradient)."""
+        with torch.no_grad():
+            return self.denoiser(**inputs.kwargs, return_dict=False)
+
+    # ----------------------------------------------------------------- misc
+    def catalog(self):
+        """The :class:`~difffeat.catalog.Catalog` of this backbone's activations (cached)."""
+        if self._catalog is None:
+            from ..catalog import build_catalog
+
+            self._catalog = build_catalog(self)
+        return self._catalog
+
+    def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> "Backbone":
+        self.pipeline.to(device=device, dtype=dtype) if dtype is not None else self.pipeline.to(device)
+        return self
+
+    def __repr__(self) -> str:
+        return f"{self.__class__.__name__}(name={self.name!r}, family={self.family!r}, device={self.device}, dtype={self.dtype})"

@@ -1,0 +1,152 @@
+"""Transformer families: PixArt-alpha/Sigma (DiT with cross-attention), SD3 and FLUX (MMDiT, joint attention,
+flow matching)."""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+
+from .base import Backbone, DenoiserInputs
+from .registry import register_backbone
+from .unet import _DDPMNoising
+
+__all__ = ["PixArtBackbone", "SD3Backbone", "FluxBackbone"]
+
+
+class _FlowMatchNoising:
+    """Rectified-flow noising: ``x_t = (1 - s) x_0 + s * noise`` with ``s = t / 1000`` (no sampling shift)."""
+
+    def add_noise(self, latents: torch.Tensor, t: int, noise: torch.Tensor) -> torch.Tensor:
+        s = float(t) / 1000.0
+        return (1.0 - s) * latents + s * noise
+
+
+@register_backbone("PixArtAlphaPipeline", "PixArtSigmaPipeline")
+class PixArtBackbone(_DDPMNoising, Backbone):
+    """PixArt-alpha / -Sigma: T5 text, DiT blocks with self- and cross-attention (attn1 / attn2)."""
+
+    family: ClassVar[str] = "pixart"
+    hook_table: ClassVar[str] = "pixart"
+    denoiser_attr: ClassVar[str] = "transformer"
+    #: T5 sequence length used for prompts (PixArt-alpha was trained with 120, Sigma with 300)
+    max_sequence_length: int | None = None
+
+    @property
+    def size_multiple(self) -> int:
+        return self.vae_scale_factor * self.denoiser.config.patch_size
+
+    def encode_prompt(self, prompts: list[str]) -> dict[str, Any]:
+        extra = {"max_sequence_length": self.max_sequence_length} if self.max_sequence_length else {}
+        embeds, mask, _, _ = self.pipeline.encode_prompt(
+            prompts, do_classifier_free_guidance=False, device=self.device, **extra
+        )
+        return {"encoder_hidden_states": embeds.to(self.dtype), "encoder_attention_mask": mask}
+
+    def denoiser_inputs(self, noisy_latents, t, cond, image_size) -> DenoiserInputs:
+        b = noisy_latents.shape[0]
+        p = self.denoiser.config.patch_size
+        dev = noisy_latents.device
+        added: dict[str, Any] = {"resolution": None, "aspect_ratio": None}
+        if getattr(self.denoiser, "use_additional_conditions", False):
+            h, w = image_size
+            added = {
+                "resolution": torch.tensor([[h, w]], dtype=self.dtype, device=dev).repeat(b, 1),
+                "aspect_ratio": torch.tensor([[h / w]], dtype=self.dtype, device=dev).repeat(b, 1),
+            }
+        kwargs = {
+            "hidden_states": noisy_latents,
+            "timestep": torch.full((b,), int(t), dtype=torch.long, device=dev),
+            "added_cond_kwargs": added,
+            **cond,
+        }
+        grid = (noisy_latents.shape[-2] // p, noisy_latents.shape[-1] // p)
+        return DenoiserInputs(kwargs, grid, cond["encoder_hidden_states"].shape[1], t, image_size)
+
+
+@register_backbone("StableDiffusion3Pipeline", "StableDiffusion3Img2ImgPipeline")
+class SD3Backbone(_FlowMatchNoising, Backbone):
+    """Stable Diffusion 3 / 3.5: CLIP-L + CLIP-G + T5, MMDiT joint attention (image tokens first)."""
+
+    family: ClassVar[str] = "sd3"
+    hook_table: ClassVar[str] = "sd3"
+    denoiser_attr: ClassVar[str] = "transformer"
+    default_segment_t: ClassVar[int] = 100
+    max_sequence_length: int | None = None
+
+    @property
+    def size_multiple(self) -> int:
+        return self.vae_scale_factor * self.denoiser.config.patch_size
+
+    def encode_prompt(self, prompts: list[str]) -> dict[str, Any]:
+        extra = {"max_sequence_length": self.max_sequence_length} if self.max_sequence_length else {}
+        embeds, _, pooled, _ = self.pipeline.encode_prompt(
+            prompt=prompts, prompt_2=None, prompt_3=None, device=self.device, do_classifier_free_guidance=False, **extra
+        )
+        return {"encoder_hidden_states": embeds.to(self.dtype), "pooled_projections": pooled.to(self.dtype)}
+
+    def denoiser_inputs(self, noisy_latents, t, cond, image_size) -> DenoiserInputs:
+        b = noisy_latents.shape[0]
+        p = self.denoiser.config.patch_size
+        kwargs = {
+            "hidden_states": noisy_latents,
+            "timestep": torch.full((b,), float(t), dtype=self.dtype, device=noisy_latents.device),
+            **cond,
+        }
+        grid = (noisy_latents.shape[-2] // p, noisy_latents.shape[-1] // p)
+        return DenoiserInputs(kwargs, grid, cond["encoder_hidden_states"].shape[1], t, image_size)
+
+
+@register_backbone("FluxPipeline", "FluxImg2ImgPipeline", "FluxControlNetPipeline")
+class FluxBackbone(_FlowMatchNoising, Backbone):
+    """FLUX.1: CLIP + T5, 2x2-packed latents, double-stream (text, image) then single-stream blocks."""
+
+    family: ClassVar[str] = "flux"
+    hook_table: ClassVar[str] = "flux"
+    denoiser_attr: ClassVar[str] = "transformer"
+    default_segment_t: ClassVar[int] = 150
+    #: guidance value for guidance-distilled checkpoints (FLUX.1-dev); ignored when the model has none
+    guidance: float = 3.5
+    max_sequence_length: int | None = None
+
+    @property
+    def native_resolution(self) -> int:
+        return int(getattr(self.pipeline, "default_sample_size", 128)) * self.vae_scale_factor
+
+    @property
+    def size_multiple(self) -> int:
+        return self.vae_scale_factor * 2
+
+    def encode_prompt(self, prompts: list[str]) -> dict[str, Any]:
+        extra = {"max_sequence_length": self.max_sequence_length} if self.max_sequence_length else {}
+        embeds, pooled, text_ids = self.pipeline.encode_prompt(prompt=prompts, prompt_2=None, device=self.device, **extra)
+        return {"encoder_hidden_states": embeds.to(self.dtype), "pooled_projections": pooled.to(self.dtype), "txt_ids": text_ids}
+
+    @staticmethod
+    def pack(latents: torch.Tensor) -> torch.Tensor:
+        """``[B, C, H, W]`` -> ``[B, (H/2)(W/2), 4C]``: FLUX's 2x2 patch sequence, row-major."""
+        b, c, h, w = latents.shape
+        x = latents.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5)
+        return x.reshape(b, (h // 2) * (w // 2), c * 4)
+
+    @staticmethod
+    def image_ids(gh: int, gw: int, device, dtype) -> torch.Tensor:
+        """Positional ids ``[gh*gw, 3]`` = (0, row, col) of each packed token."""
+        ids = torch.zeros(gh, gw, 3)
+        ids[..., 1] = torch.arange(gh)[:, None]
+        ids[..., 2] = torch.arange(gw)[None, :]
+        return ids.reshape(gh * gw, 3).to(device=device, dtype=dtype)
+
+    def denoiser_inputs(self, noisy_latents, t, cond, image_size) -> DenoiserInputs:
+        b, _, h, w = noisy_latents.shape
+        gh, gw = h // 2, w // 2
+        dev = noisy_latents.device
+        kwargs = {
+            "hidden_states": self.pack(noisy_latents),
+            "timestep": torch.full((b,), float(t) / 1000.0, dtype=self.dtype, device=dev),
+            "img_ids": self.image_ids(gh, gw, dev, self.dtype),
+            **cond,
+        }
+        if getattr(self.denoiser.config, "guidance_embeds", False):
+            kwargs["guidance"] = torch.full((b,), float(self.guidance), dtype=torch.float32, device=dev)
+        return DenoiserInputs(kwargs, (gh, gw), cond["encoder_hidden_states"].shape[1], t, image_size)

@@ -1,0 +1,157 @@
+"""``difffeat.load``: a hub id, a local diffusers folder, an existing pipeline, or ``"shapes"`` -> Backbone."""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers import DiffusionPipeline
+
+from ..errors import ModelNotFoundError
+from ..resources import package_dir
+from .base import Backbone
+from .registry import adapter_for
+
+__all__ = ["load", "wrap_pipeline", "resolve_dtype", "default_device", "EMBEDDED_MODELS"]
+
+log = logging.getLogger(__name__)
+
+#: names of models shipped inside the package (no download)
+EMBEDDED_MODELS = {"shapes": "weights/shapes"}
+
+_DTYPES = {
+    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+}
+
+
+def default_device() -> torch.device:
+    """The device accelerate assigns to this process (a GPU per process under ``accelerate launch``)."""
+    from accelerate import PartialState
+
+    return PartialState().device
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    """``None`` -> float16 on CUDA, float32 elsewhere; strings like "fp16"/"bf16" accepted."""
+    if dtype is None:
+        return torch.float16 if device.type == "cuda" else torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    try:
+        return _DTYPES[str(dtype).lower()]
+    except KeyError:
+        raise ValueError(f"unknown dtype {dtype!r}; use one of {sorted(_DTYPES)}") from None
+
+
+def wrap_pipeline(pipeline: DiffusionPipeline, name: str | None = None) -> Backbone:
+    """Wrap an already-built diffusers pipeline in its family's backbone adapter."""
+    cls = adapter_for(pipeline)
+    pipeline.set_progress_bar_config(disable=True)
+    return cls(pipeline, name=name)
+
+
+
+def _from_folder(path: Path, dtype: torch.dtype) -> DiffusionPipeline:
+    if not (path / "model_index.json").is_file():
+        raise ModelNotFoundError(
+            f"{str(path)!r} is not a diffusers pipeline folder (no model_index.json). Pass a folder saved with "
+            "`pipeline.save_pretrained(...)` or downloaded with `huggingface-cli download REPO_ID --local-dir DIR`."
+        )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return DiffusionPipeline.from_pretrained(str(path), torch_dtype=dtype, local_files_only=True)
+
+
+def embedded_model_path(name: str) -> Path:
+    """Folder of an embedded model shipped inside the package."""
+    path = package_dir() / EMBEDDED_MODELS[name]
+    if not (path / "model_index.json").is_file():
+        raise ModelNotFoundError(
+            f"the embedded {name!r} model is missing from this installation (expected at {path}); reinstall difffeat"
+        )
+    return path
+
+
+def load(
+    model: str | os.PathLike | DiffusionPipeline | Backbone = "shapes",
+    *,
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = None,
+    xformers: bool | None = None,
+    **pipeline_kwargs: Any,
+) -> Backbone:
+    """Load a diffusion model as a :class:`Backbone`.
+
+    Args:
+        model: ``"shapes"`` (the embedded model, no download), a local diffusers folder, a Hugging Face hub id
+            (``"stable-diffusion-v1-5/stable-diffusion-v1-5"``), an already-built diffusers pipeline, or a
+            Backbone (returned as is).
+        device: where to run; default: the device accelerate assigns to this process (CUDA when available).
+        dtype: default float16 on CUDA, float32 on CPU; "fp16", "bf16", "fp32" or a torch dtype.
+        xformers: use xformers memory-efficient attention. Default: only when CUDA and xformers are available.
+            ``True`` without CUDA raises (xformers ops do not run on the CPU).
+        pipeline_kwargs: forwarded to ``DiffusionPipeline.from_pretrained`` (e.g. ``variant="fp16"``).
+
+    Raises:
+        ModelNotFoundError: no such folder, not a diffusers folder, or a hub id that cannot be fetched.
+        UnsupportedBackboneError: a pipeline class without an adapter.
+    """
+    if isinstance(model, Backbone):
+        return model
+    dev = torch.device(device) if device is not None else default_device()
+    torch_dtype = resolve_dtype(dtype, dev)
+    if isinstance(model, DiffusionPipeline):
+        backbone = wrap_pipeline(model)
+        if device is not None or dtype is not None:
+            model.to(device=dev, dtype=torch_dtype)
+    else:
+        name = os.fspath(model)
+        if name in EMBEDDED_MODELS:
+            pipe = _from_folder(embedded_model_path(name), torch_dtype)
+        elif Path(name).expanduser().exists():
+            pipe = _from_folder(Path(name).expanduser(), torch_dtype)
+        elif name.startswith((".", "/", "~")) or name.count("/") != 1 or name.endswith("/"):
+            raise ModelNotFoundError(
+                f"model folder {name!r} does not exist. Pass an existing diffusers folder, a hub id like "
+                "'stable-diffusion-v1-5/stable-diffusion-v1-5', or 'shapes' for the embedded model."
+            )
+        else:
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    pipe = DiffusionPipeline.from_pretrained(name, torch_dtype=torch_dtype, **pipeline_kwargs)
+            except Exception as exc:  # hub errors come in many types (OSError, HTTP, offline mode...)
+                offline = os.environ.get("HF_HUB_OFFLINE") == "1"
+                raise ModelNotFoundError(
+                    f"could not load {name!r} from the Hugging Face hub ({exc.__class__.__name__}: "
+                    f"{str(exc).splitlines()[0] if str(exc) else ''}). "
+                    + ("HF_HUB_OFFLINE=1 is set, so only cached models load. " if offline else "")
+                    + "Check the id, log in for gated models, or download it elsewhere "
+                    "(`huggingface-cli download ID --local-dir DIR`) and pass the folder."
+                ) from None
+        pipe.to(dev)
+        backbone = wrap_pipeline(pipe, name=name)
+    _configure_attention(backbone, dev, xformers)
+    return backbone
+
+
+def _configure_attention(backbone: Backbone, device: torch.device, xformers: bool | None) -> None:
+    if xformers is False:
+        return
+    if device.type != "cuda":
+        if xformers:
+            raise ValueError("xformers=True needs a CUDA device (xformers kernels do not run on the CPU)")
+        return
+    try:
+        import xformers as _  # noqa: F401
+    except ImportError:
+        if xformers:
+            raise ValueError("xformers=True but xformers is not installed: pip install 'difffeat[gpu]'") from None
+        return
+    backbone.pipeline.enable_xformers_memory_efficient_attention()

@@ -1,0 +1,267 @@
+"""The catalog: every capturable activation of a loaded backbone, with stable name, kind, shape and the
+property flags of the generic-diffusion-feature paper.
+
+Names come from the diffusers module tree matched against the family's hook table (``hooks/<family>.yaml``),
+so any checkpoint of a supported family is covered without a hand-written list. Shapes are computed without
+real compute: one denoiser forward under :class:`torch._subclasses.fake_tensor.FakeTensorMode` at the
+probe resolution.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass, field, replace
+from typing import TYPE_CHECKING
+
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+from .errors import UnknownActivationError
+from .hookpoints import ActivationRule, HookTable, load_table
+
+if TYPE_CHECKING:
+    from .backbones.base import Backbone
+
+__all__ = ["ActivationInfo", "Catalog", "build_catalog", "NOISY_FLAGS"]
+
+#: flags that mark an activation as noisy (dropped by :meth:`Catalog.candidates`)
+NOISY_FLAGS = frozenset({"noisy-kind", "down-stage-noise", "up-second-half-noise", "late-block"})
+
+
+@dataclass(frozen=True)
+class ActivationInfo:
+    """One capturable activation.
+
+    Attributes:
+        name: stable name (module path + optional suffix), e.g. ``up_blocks.1.attentions.1.transformer_blocks.0.attn2.q``.
+        kind: what it is: ``resnet-out``, ``resnet-increment``, ``vit-out``, ``block-out``, ``self-q``, ``self-k``,
+            ``self-v``, ``cross-q``, ``self-out``, ``cross-out``, ``ff-inner``, ``ff-out``, ``self-map``, ``cross-map``,
+            ``upsampler-out``, ``downsampler-out``, ``level-out``, ``joint-q``..., ``input``, ``output``.
+        module: path of the module the rule matched ("" = the denoiser itself).
+        hook_module: path of the module whose forward is hooked (module + rule target).
+        shape: per-image shape at the catalog's probe resolution: ``(C, H, W)`` for features, ``(heads, HW, K)``
+            for attention maps (K = text tokens for cross maps, HW for self maps).
+        flags: property flags (see ``hooks/README.md``).
+    """
+
+    name: str
+    kind: str
+    module: str
+    hook_module: str
+    index: int | None = None
+    tokens: str = "image"
+    observe: str | None = None
+    flags: tuple[str, ...] = ()
+    shape: tuple[int, ...] | None = None
+
+    @property
+    def is_map(self) -> bool:
+        return self.observe is not None
+
+    @property
+    def channels(self) -> int | None:
+        return None if self.shape is None or self.is_map else self.shape[0]
+
+    @property
+    def resolution(self) -> tuple[int, int] | None:
+        """(H, W) of the feature map, or of the query grid for attention maps."""
+        if self.shape is None:
+            return None
+        if self.is_map:
+            return None
+        return self.shape[1], self.shape[2]
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["shape"] = list(self.shape) if self.shape is not None else None
+        d["flags"] = list(self.flags)
+        d["channels"] = self.channels
+        d["resolution"] = list(self.resolution) if self.resolution else None
+        return d
+
+
+@dataclass
+class Catalog:
+    """All activations of one backbone; look up by name or paper alias, filter by kind/flags/resolution."""
+
+    family: str
+    table: HookTable
+    activations: list[ActivationInfo]
+    probe_size: tuple[int, int] | None = None
+    _by_name: dict[str, ActivationInfo] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self._by_name = {a.name: a for a in self.activations}
+
+    def __len__(self) -> int:
+        return len(self.activations)
+
+    def __iter__(self) -> Iterator[ActivationInfo]:
+        return iter(self.activations)
+
+    def __contains__(self, name: object) -> bool:
+        return isinstance(name, str) and self.canonical(name) in self._by_name
+
+    def names(self) -> list[str]:
+        return [a.name for a in self.activations]
+
+    def canonical(self, name: str) -> str:
+        """Canonical form of a name or paper alias (unchanged when it is unknown)."""
+        if name in self._by_name:
+            return name
+        translated = self.table.translate_alias(name)
+        return translated if translated is not None else name
+
+    def __getitem__(self, name: str) -> ActivationInfo:
+        canonical = self.canonical(name)
+        try:
+            return self._by_name[canonical]
+        except KeyError:
+            hint = ""
+            if canonical != name:
+                hint = f"(the paper-style name {name!r} means {canonical!r}, which this model does not have)"
+            raise UnknownActivationError(name, self._by_name, hint) from None
+
+    def resolve(self, names: Iterable[str]) -> list[ActivationInfo]:
+        """Look up several names; error for an empty list, unknown names or duplicates."""
+        names = list(names)
+        if not names:
+            raise ValueError("empty feature list: name at least one activation (see `difffeat catalog MODEL`)")
+        out, seen = [], set()
+        for n in names:
+            info = self[n]
+            if info.name not in seen:
+                seen.add(info.name)
+                out.append(info)
+        return out
+
+    def filter(
+        self,
+        kind: str | Iterable[str] | None = None,
+        flags: Iterable[str] = (),
+        exclude_flags: Iterable[str] = (),
+        resolution: tuple[int, int] | None = None,
+        maps: bool | None = None,
+    ) -> list[ActivationInfo]:
+        """Activations matching every given criterion."""
+        kinds = {kind} if isinstance(kind, str) else set(kind) if kind is not None else None
+        need, avoid = set(flags), set(exclude_flags)
+        return [
+            a
+            for a in self.activations
+            if (kinds is None or a.kind in kinds)
+            and need <= set(a.flags)
+            and not (avoid & set(a.flags))
+            and (resolution is None or a.resolution == tuple(resolution))
+            and (maps is None or a.is_map == maps)
+        ]
+
+    def candidates(self) -> list[ActivationInfo]:
+        """Feature candidates after the paper's filtering: no noisy kinds or stages, no over-refined late
+        blocks, no attention maps, no model input/output."""
+        return [
+            a
+            for a in self.filter(exclude_flags=NOISY_FLAGS, maps=False)
+            if a.kind not in {"input", "output", "conv-in", "patch-embed", "level-out"}
+        ]
+
+    def to_json(self, indent: int | None = 2) -> str:
+        return json.dumps([a.to_dict() for a in self.activations], indent=indent)
+
+
+# --------------------------------------------------------------------------- flags by position
+def _unet_stage_flags(path: str, denoiser: torch.nn.Module) -> tuple[str, ...]:
+    """Position flags for UNets: down stage noisy, first half of the up stage clean, second half noisy,
+    late transformer blocks at a resolution (k >= 0.8 n, n > 2) over-refined."""
+    flags: list[str] = []
+    parts = path.split(".")
+    if parts[0] in ("down_blocks", "conv_in"):
+        flags.append("down-stage-noise")
+    elif parts[0] == "mid_block":
+        flags.append("mid-stage")
+    elif parts[0] == "up_blocks" and len(parts) >= 2:
+        up = denoiser.up_blocks
+        repeats = [len(b.resnets) for b in up]
+        i = int(parts[1])
+        j = int(parts[3]) if len(parts) >= 4 and parts[2] in ("resnets", "attentions") else repeats[i] - 1
+        position = sum(repeats[:i]) + j
+        flags.append("up-first-half" if position < sum(repeats) / 2 else "up-second-half-noise")
+    if "transformer_blocks" in parts:
+        k = int(parts[parts.index("transformer_blocks") + 1])
+        parent = denoiser.get_submodule(".".join(parts[: parts.index("transformer_blocks")]))
+        n = len(parent.transformer_blocks)
+        if n > 2 and k >= math.ceil(0.8 * n):
+            flags.append("late-block")
+    return tuple(flags)
+
+
+_STAGE_RULES = {"unet": _unet_stage_flags, "none": lambda path, denoiser: ()}
+
+
+# --------------------------------------------------------------------------- building
+def _info(path: str, rule: ActivationRule, table: HookTable, denoiser: torch.nn.Module) -> ActivationInfo:
+    name = f"{path}.{rule.suffix}" if path and rule.suffix else (path or rule.suffix)
+    hook_module = ".".join(p for p in (path, rule.target) if p)
+    flags = tuple(dict.fromkeys(rule.flags + table.default_flags + _STAGE_RULES[table.stage_rule](path, denoiser)))
+    return ActivationInfo(
+        name=name,
+        kind=rule.kind,
+        module=path,
+        hook_module=hook_module,
+        index=rule.index,
+        tokens=rule.tokens,
+        observe=rule.observe,
+        flags=flags,
+    )
+
+
+def enumerate_activations(denoiser: torch.nn.Module, table: HookTable) -> list[ActivationInfo]:
+    """Every activation the table defines on this module tree, in forward (module registration) order."""
+    infos = [_info("", r, table, denoiser) for r in table.root if r.suffix == "input"]
+    modules = dict(denoiser.named_modules())
+    for path in modules:
+        if not path:
+            continue
+        for rule in table.rules_for(path):
+            if rule.target and f"{path}.{rule.target}" not in modules:
+                continue  # e.g. an attention without to_q (fused projections)
+            infos.append(_info(path, rule, table, denoiser))
+    infos += [_info("", r, table, denoiser) for r in table.root if r.suffix == "output"]
+    return infos
+
+
+def build_catalog(backbone: "Backbone", probe_resolution: int | None = None, shapes: bool = True) -> Catalog:
+    """The catalog of a backbone. ``shapes=True`` fills shapes by a fake-tensor forward at
+    ``probe_resolution`` (default: the model's native resolution, square)."""
+    table = load_table(backbone.hook_table)
+    infos = enumerate_activations(backbone.denoiser, table)
+    probe_size = None
+    if shapes:
+        res = probe_resolution or backbone.native_resolution
+        probe_size = (res, res)
+        shape_of = probe_shapes(backbone, infos, probe_size)
+        # forward (execution) order reads better than registration order (UNets register mid after up)
+        rank = {name: i for i, name in enumerate(shape_of)}
+        infos = sorted(
+            (replace(a, shape=shape_of.get(a.name)) for a in infos), key=lambda a: rank.get(a.name, len(rank))
+        )
+    return Catalog(backbone.family, table, infos, probe_size)
+
+
+def probe_shapes(
+    backbone: "Backbone", infos: list[ActivationInfo], size: tuple[int, int]
+) -> dict[str, tuple[int, ...]]:
+    """Per-image shapes of ``infos`` at pixel ``size`` (H, W), from one forward on fake tensors."""
+    from .capture.session import Capture  # local: capture depends on catalog
+
+    vae = backbone.pipeline.vae
+    lat_h, lat_w = size[0] // backbone.vae_scale_factor, size[1] // backbone.vae_scale_factor
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        latents = torch.zeros(1, vae.config.latent_channels, lat_h, lat_w, dtype=backbone.dtype, device=backbone.device)
+        cond = backbone.encode_prompt([""])
+        inputs = backbone.denoiser_inputs(latents, 1, cond, size)
+        with Capture(backbone, infos, inputs, early_exit=False, shapes_only=True) as cap:
+            backbone.denoise(inputs)
+        return {name: tuple(int(s) for s in shape[1:]) for name, shape in cap.shapes.items()}

@@ -1,0 +1,98 @@
+"""Hook-point tables (``hooks/*.yaml``) as typed rules: which activations exist at which module paths."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from functools import lru_cache
+
+import yaml
+
+from .errors import ConfigError
+from .resources import data_dir
+
+__all__ = ["ActivationRule", "HookPoint", "HookTable", "load_table"]
+
+
+@dataclass(frozen=True)
+class ActivationRule:
+    """One capturable activation at a matched module (see ``hooks/README.md`` for the fields)."""
+
+    suffix: str
+    kind: str
+    target: str = ""
+    index: int | None = None
+    tokens: str = "image"
+    observe: str | None = None
+    flags: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class HookPoint:
+    match: re.Pattern
+    activations: tuple[ActivationRule, ...]
+
+
+@dataclass(frozen=True)
+class HookTable:
+    family: str
+    points: tuple[HookPoint, ...]
+    root: tuple[ActivationRule, ...]
+    aliases: tuple[tuple[re.Pattern, str], ...]
+    stage_rule: str = "none"
+    default_flags: tuple[str, ...] = field(default_factory=tuple)
+
+    def rules_for(self, module_path: str) -> list[ActivationRule]:
+        """Every activation rule whose pattern fully matches ``module_path``."""
+        out: list[ActivationRule] = []
+        for point in self.points:
+            if point.match.fullmatch(module_path):
+                out.extend(point.activations)
+        return out
+
+    def translate_alias(self, name: str) -> str | None:
+        """The canonical name for a paper-style alias, or None."""
+        for pattern, template in self.aliases:
+            if pattern.fullmatch(name):
+                return pattern.sub(template, name)
+        return None
+
+
+def _rule(raw: dict) -> ActivationRule:
+    unknown = set(raw) - {"suffix", "kind", "target", "index", "tokens", "observe", "flags"}
+    if unknown or "kind" not in raw:
+        raise ConfigError(f"bad activation rule {raw!r} (unknown fields {sorted(unknown)} or no kind)")
+    return ActivationRule(
+        suffix=str(raw.get("suffix", "")),
+        kind=raw["kind"],
+        target=raw.get("target", "") or "",
+        index=raw.get("index"),
+        tokens=raw.get("tokens", "image"),
+        observe=raw.get("observe"),
+        flags=tuple(raw.get("flags", ())),
+    )
+
+
+@lru_cache(maxsize=None)
+def load_table(name: str) -> HookTable:
+    """Load ``hooks/<name>.yaml``."""
+    path = data_dir("hooks") / f"{name}.yaml"
+    if not path.is_file():
+        raise ConfigError(f"no hook table {name!r} at {path}")
+    raw = yaml.safe_load(path.read_text())
+    try:
+        points = tuple(
+            HookPoint(re.compile(p["match"]), tuple(_rule(a) for a in p["activations"])) for p in raw["points"]
+        )
+        root = tuple(_rule(a) for a in raw.get("root", ()))
+        aliases = tuple((re.compile(a["paper"]), a["name"]) for a in raw.get("aliases", ()))
+    except (KeyError, TypeError, re.error) as exc:
+        raise ConfigError(f"malformed hook table {path}: {exc}") from None
+    return HookTable(
+        family=raw["family"],
+        points=points,
+        root=root,
+        aliases=aliases,
+        stage_rule=raw.get("stage_rule", "none"),
+        default_flags=tuple(raw.get("default_flags", ())),
+    )

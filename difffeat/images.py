@@ -1,0 +1,175 @@
+"""Reading and normalising input images.
+
+Accepted inputs: a file path, a PIL image of any mode (RGB, RGBA, L, LA, P, CMYK, I;16, I, F...), a numpy
+array ``[H, W]``, ``[H, W, 1|3|4]`` (uint8, uint16 or float in [0, 1]), or a torch tensor ``[3, H, W]`` /
+``[H, W, 3]`` with floats in [0, 1]. Everything becomes an RGB PIL image; then :func:`resize_to_multiple`
+fits it to a model's resolution and size multiple.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Union
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from .errors import InvalidImageError
+
+__all__ = ["ImageInput", "to_rgb", "resize_to_multiple", "to_tensor", "target_size", "MIN_SIDE"]
+
+ImageInput = Union[str, os.PathLike, Image.Image, np.ndarray, torch.Tensor]
+
+#: Smallest accepted side in pixels; below this an image holds too little to upsample meaningfully.
+MIN_SIDE = 8
+#: Inputs with more pixels than this are downscaled on load (with a warning) before anything else.
+MAX_PIXELS = 4096 * 4096
+
+_ACCEPTED = (
+    "accepted inputs: an image file (PNG, JPEG, WebP, BMP, TIFF...), a PIL image, a numpy array [H, W] or "
+    "[H, W, 1|3|4], or a torch tensor [3, H, W] with values in [0, 1]"
+)
+
+
+def _open_file(path: str | os.PathLike) -> Image.Image:
+    p = Path(path)
+    if not p.exists():
+        raise InvalidImageError(f"image file not found: {str(p)!r}")
+    if p.is_dir():
+        raise InvalidImageError(f"{str(p)!r} is a folder, not an image file")
+    if p.stat().st_size == 0:
+        raise InvalidImageError(f"image file {str(p)!r} is empty (0 bytes)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(p)
+            img.load()
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombWarning) as exc:
+        raise InvalidImageError(
+            f"cannot read image file {str(p)!r} ({exc.__class__.__name__}: {exc}); the file is corrupt or not an "
+            f"image. {_ACCEPTED}"
+        ) from None
+    return img
+
+
+def _array_to_pil(arr: np.ndarray) -> Image.Image:
+    if arr.ndim == 3 and arr.shape[-1] == 1:
+        arr = arr[..., 0]
+    if arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[-1] not in (3, 4)):
+        raise InvalidImageError(f"unsupported array shape {tuple(arr.shape)}; {_ACCEPTED}")
+    if arr.dtype == np.uint8:
+        pass
+    elif arr.dtype == np.uint16:
+        arr = (arr.astype(np.float32) / 65535.0 * 255.0 + 0.5).astype(np.uint8)
+    elif np.issubdtype(arr.dtype, np.floating) or arr.dtype == np.bool_:
+        arr = arr.astype(np.float32)
+        if not np.isfinite(arr).all():
+            raise InvalidImageError("image array contains NaN or infinite values")
+        if arr.min() < 0.0 or arr.max() > 1.0:
+            raise InvalidImageError(
+                f"float image values must lie in [0, 1], got [{arr.min():.3g}, {arr.max():.3g}]; divide by 255 "
+                "for 8-bit data"
+            )
+        arr = (arr * 255.0 + 0.5).astype(np.uint8)
+    else:
+        raise InvalidImageError(f"unsupported array dtype {arr.dtype}; use uint8, uint16 or float in [0, 1]")
+    return Image.fromarray(arr)
+
+
+def _pil_to_rgb(img: Image.Image) -> Image.Image:
+    if img.mode == "RGB":
+        return img
+    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        arr = np.asarray(img).astype(np.float32)
+        hi = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
+        arr = np.clip(arr / hi, 0.0, 1.0)
+        return Image.fromarray((arr * 255.0 + 0.5).astype(np.uint8)).convert("RGB")
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def to_rgb(image: ImageInput) -> Image.Image:
+    """Any accepted input -> an RGB PIL image (alpha composited on white, 16-bit scaled to 8-bit).
+
+    Raises:
+        InvalidImageError: unreadable/corrupt file, unsupported type or layout, or a side below ``MIN_SIDE``.
+    """
+    if isinstance(image, (str, os.PathLike)):
+        img = _open_file(image)
+    elif isinstance(image, Image.Image):
+        img = image
+    elif isinstance(image, np.ndarray):
+        img = _array_to_pil(image)
+    elif isinstance(image, torch.Tensor):
+        t = image.detach().cpu()
+        if t.ndim == 3 and t.shape[0] in (1, 3, 4) and t.shape[-1] not in (3, 4):
+            t = t.permute(1, 2, 0)
+        img = _array_to_pil(t.float().numpy() if t.is_floating_point() else t.numpy())
+    else:
+        raise InvalidImageError(f"unsupported image type {type(image).__name__}; {_ACCEPTED}")
+    w, h = img.size
+    if w == 0 or h == 0:
+        raise InvalidImageError(f"image has zero size ({w}x{h} px)")
+    if min(w, h) < MIN_SIDE:
+        raise InvalidImageError(f"image is {w}x{h} px; each side must be at least {MIN_SIDE} px")
+    img = _pil_to_rgb(img)
+    if w * h > MAX_PIXELS:
+        scale = math.sqrt(MAX_PIXELS / (w * h))
+        new = (max(MIN_SIDE, int(w * scale)), max(MIN_SIDE, int(h * scale)))
+        warnings.warn(f"image of {w}x{h} px downscaled to {new[0]}x{new[1]} px on load", stacklevel=2)
+        img = img.resize(new, Image.Resampling.LANCZOS)
+    return img
+
+
+def target_size(size: tuple[int, int], resolution: int, multiple: int, square: bool = False) -> tuple[int, int]:
+    """(width, height) for an image of ``size`` fitted to ``resolution``.
+
+    The long side becomes ``resolution`` and the aspect ratio is kept (``square=True``: both sides are
+    ``resolution``); each side is then rounded to the nearest multiple of ``multiple`` (at least one multiple).
+    """
+    if square:
+        w = h = resolution
+    else:
+        w0, h0 = size
+        scale = resolution / max(w0, h0)
+        w, h = w0 * scale, h0 * scale
+    return (max(multiple, int(round(w / multiple)) * multiple), max(multiple, int(round(h / multiple)) * multiple))
+
+
+def resize_to_multiple(image: Image.Image, resolution: int, multiple: int, square: bool = False) -> Image.Image:
+    """Resize an RGB image per :func:`target_size` (bicubic; Lanczos when shrinking a lot)."""
+    size = target_size(image.size, resolution, multiple, square)
+    if size == image.size:
+        return image
+    shrink = size[0] * size[1] < image.size[0] * image.size[1] / 4
+    method = Image.Resampling.LANCZOS if shrink else Image.Resampling.BICUBIC
+    return image.resize(size, method)
+
+
+def to_tensor(images: Sequence[Image.Image]) -> torch.Tensor:
+    """Same-size RGB PIL images -> float tensor ``[B, 3, H, W]`` in [-1, 1] (the VAE's input range)."""
+    sizes = {im.size for im in images}
+    if len(sizes) != 1:
+        raise InvalidImageError(
+            f"images of one batch must have the same size after resizing, got {sorted(sizes)}; pass square=True "
+            "or batch images of the same aspect ratio"
+        )
+    arr = np.stack([np.asarray(im, dtype=np.float32) for im in images])  # [B, H, W, 3]
+    return torch.from_numpy(arr).permute(0, 3, 1, 2).div(127.5).sub(1.0)
+
+
+def describe(image: Any) -> str:
+    """Short human description of an input, for messages and progress bars."""
+    if isinstance(image, (str, os.PathLike)):
+        return Path(image).name
+    if isinstance(image, Image.Image):
+        return f"PIL {image.mode} {image.size[0]}x{image.size[1]}"
+    return type(image).__name__
