@@ -7,6 +7,8 @@ __version__ = "0.1.0"
 from .backbones import Backbone, DenoiserInputs, load, register_backbone
 from .capture import Capture
 from .catalog import ActivationInfo, Catalog
+from .features import ExtractedItem, FeatureExtractor, upsample_concat
+from .presets import FeaturePreset, list_presets, load_preset
 from .errors import (
     DifffeatError,
     InvalidImageError,
@@ -18,8 +20,9 @@ from .errors import (
 )
 
 
-def catalog(model, probe_resolution: int | None = None) -> Catalog:
-    """Every capturable activation of ``model`` (a Backbone or anything :func:`load` accepts)."""
+def list_activations(model="shapes", probe_resolution: int | None = None) -> Catalog:
+    """The :class:`Catalog` of every capturable activation of ``model`` (a Backbone or anything :func:`load`
+    accepts), with shapes at ``probe_resolution`` (default: the model's native resolution)."""
     backbone = load(model)
     if probe_resolution is None:
         return backbone.catalog()
@@ -31,13 +34,19 @@ def catalog(model, probe_resolution: int | None = None) -> Catalog:
 __all__ = [
     "__version__",
     "load",
-    "catalog",
+    "list_activations",
     "Backbone",
     "DenoiserInputs",
     "register_backbone",
     "Capture",
     "ActivationInfo",
     "Catalog",
+    "FeatureExtractor",
+    "ExtractedItem",
+    "upsample_concat",
+    "FeaturePreset",
+    "list_presets",
+    "load_preset",
     "DifffeatError",
     "InvalidImageError",
     "InvalidPromptError",

@@ -27,7 +27,7 @@ if TYPE_CHECKING:
 __all__ = ["ActivationInfo", "Catalog", "build_catalog", "NOISY_FLAGS"]
 
 #: flags that mark an activation as noisy (dropped by :meth:`Catalog.candidates`)
-NOISY_FLAGS = frozenset({"noisy-kind", "down-stage-noise", "up-second-half-noise", "late-block"})
+NOISY_FLAGS = frozenset({"noisy-kind", "down-stage-noise", "up-late-noise", "late-block"})
 
 
 @dataclass(frozen=True)
@@ -173,8 +173,13 @@ class Catalog:
 
 # --------------------------------------------------------------------------- flags by position
 def _unet_stage_flags(path: str, denoiser: torch.nn.Module) -> tuple[str, ...]:
-    """Position flags for UNets: down stage noisy, first half of the up stage clean, second half noisy,
-    late transformer blocks at a resolution (k >= 0.8 n, n > 2) over-refined."""
+    """Position flags for UNets.
+
+    The down stage carries diffusion noise (``down-stage-noise``). Along the up path (resnet/ViT repeats in
+    forward order) noise returns late: the last quarter is ``up-late-noise``, the rest ``up-early``. (The
+    paper says "second half"; a literal half would flag its own recommended SD1.5 ``up-level2`` and SDXL
+    ``up-level1`` picks, so the threshold is calibrated on those selections.) Transformer blocks late in a
+    deep ViT (k >= 0.8 n, n > 2) are ``late-block`` (over-refined)."""
     flags: list[str] = []
     parts = path.split(".")
     if parts[0] in ("down_blocks", "conv_in"):
@@ -187,7 +192,7 @@ def _unet_stage_flags(path: str, denoiser: torch.nn.Module) -> tuple[str, ...]:
         i = int(parts[1])
         j = int(parts[3]) if len(parts) >= 4 and parts[2] in ("resnets", "attentions") else repeats[i] - 1
         position = sum(repeats[:i]) + j
-        flags.append("up-first-half" if position < sum(repeats) / 2 else "up-second-half-noise")
+        flags.append("up-early" if position < 0.75 * sum(repeats) else "up-late-noise")
     if "transformer_blocks" in parts:
         k = int(parts[parts.index("transformer_blocks") + 1])
         parent = denoiser.get_submodule(".".join(parts[: parts.index("transformer_blocks")]))

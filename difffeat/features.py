@@ -1,0 +1,226 @@
+"""``FeatureExtractor``: images (+ prompts) -> ``{name: [B, C, H, W]}`` from one denoiser forward.
+
+    backbone = difffeat.load("shapes")
+    fx = difffeat.FeatureExtractor(backbone, preset="shapes-practical")
+    feats = fx(images, prompts="a photo of shapes")      # {name: tensor [B, C, H, W]}
+    dense = difffeat.upsample_concat(feats, size=(64, 64))
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .backbones.base import Backbone, check_timestep
+from .backbones.loading import load
+from .capture import Capture, head_mean, sequence_to_spatial
+from .catalog import ActivationInfo
+from .errors import InvalidImageError, InvalidPromptError
+from .images import ImageInput, target_size, to_rgb
+from .io import save_features
+from .presets import FeaturePreset, load_preset
+
+__all__ = ["FeatureExtractor", "upsample_concat", "ExtractedItem"]
+
+
+def upsample_concat(
+    features: dict[str, torch.Tensor], size: tuple[int, int] | None = None, mode: str = "bilinear"
+) -> torch.Tensor:
+    """Upsample every ``[B, C_i, H_i, W_i]`` map to ``size`` (default: the largest) and concatenate along
+    channels -> ``[B, sum C_i, H, W]`` (the paper's aggregation for dense tasks)."""
+    if not features:
+        raise ValueError("no features to concatenate")
+    if size is None:
+        size = max((tuple(v.shape[-2:]) for v in features.values()), key=lambda hw: hw[0] * hw[1])
+    maps = []
+    for v in features.values():
+        v = v.float()
+        if tuple(v.shape[-2:]) != tuple(size):
+            v = F.interpolate(v, size=size, mode=mode, align_corners=False if mode in ("bilinear", "bicubic") else None)
+        maps.append(v)
+    return torch.cat(maps, dim=1)
+
+
+@dataclass
+class ExtractedItem:
+    """Features of one image: ``features`` maps names to ``[C, H, W]``."""
+
+    index: int
+    features: dict[str, torch.Tensor]
+    prompt: str
+    image_size: tuple[int, int]
+
+
+class FeatureExtractor:
+    """Extract diffusion features: one noised forward per batch, hooks only where asked.
+
+    Args:
+        backbone: a :class:`Backbone` or anything :func:`difffeat.load` accepts.
+        features: activation names (canonical or the papers' aliases); or give ``preset``.
+        preset: a preset from ``configs/features`` (``difffeat presets`` lists them).
+        t: timestep on the 1000-step scale (default: the preset's, else 50).
+        resolution: long side in pixels (default: the preset's, else the model's native resolution).
+        square: resize to ``resolution x resolution`` instead of keeping the aspect ratio.
+        seed: noise seed; the same seed gives the same features, independent of batch composition.
+        batch_size: images per forward.
+        early_exit: stop the forward after the last requested activation.
+        out_dtype: dtype of returned tensors (default float32); ``out_device`` where they go (default CPU).
+
+    Attention maps requested as features are averaged over heads and returned as ``[B, K, H, W]`` (K = key
+    tokens: text tokens for cross maps, image tokens for self maps).
+    """
+
+    def __init__(
+        self,
+        backbone: Backbone | str | os.PathLike,
+        features: Sequence[str] | None = None,
+        *,
+        preset: str | FeaturePreset | None = None,
+        t: int | None = None,
+        resolution: int | None = None,
+        square: bool = False,
+        seed: int = 0,
+        batch_size: int = 8,
+        early_exit: bool = True,
+        out_dtype: torch.dtype = torch.float32,
+        out_device: str | torch.device = "cpu",
+    ) -> None:
+        self.backbone = load(backbone)
+        if preset is not None and features:
+            raise ValueError("pass either features or preset, not both")
+        self.preset = load_preset(preset) if isinstance(preset, str) else preset
+        if self.preset is not None:
+            if self.preset.family != self.backbone.family:
+                raise ValueError(
+                    f"preset {self.preset.name!r} is for the {self.preset.family!r} family but the model is "
+                    f"{self.backbone.family!r}; pick a {self.backbone.family} preset (`difffeat presets`)"
+                )
+            features = list(self.preset.features)
+        if not features:
+            raise ValueError(
+                "empty feature list: pass features=[...] or preset=...; list names with `difffeat catalog MODEL`"
+            )
+        self.infos: list[ActivationInfo] = self.backbone.catalog().resolve(features)
+        self.t = check_timestep(t if t is not None else (self.preset.t if self.preset else self.backbone.default_feature_t))
+        self.resolution = resolution or (self.preset.resolution if self.preset else None) or self.backbone.native_resolution
+        self.square = square
+        self.seed = int(seed)
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.batch_size = int(batch_size)
+        self.early_exit = early_exit
+        self.out_dtype = out_dtype
+        self.out_device = torch.device(out_device)
+
+    @property
+    def names(self) -> list[str]:
+        """Canonical names of the extracted activations, in output order."""
+        return [i.name for i in self.infos]
+
+    def settings(self) -> dict:
+        """The settings that determine the features (stored next to saved features)."""
+        return {
+            "model": str(self.backbone.name),
+            "family": self.backbone.family,
+            "features": self.names,
+            "t": self.t,
+            "resolution": self.resolution,
+            "square": self.square,
+            "seed": self.seed,
+            "preset": self.preset.name if self.preset else None,
+        }
+
+    # ------------------------------------------------------------------ core
+    def _forward(self, images: Sequence[ImageInput], prompts: list[str]) -> dict[str, torch.Tensor]:
+        inputs = self.backbone.prepare(images, prompts, self.t, self.seed, self.resolution, self.square)
+        with Capture(self.backbone, self.infos, inputs, early_exit=self.early_exit, map_reducer=head_mean) as cap:
+            self.backbone.denoise(inputs)
+        missing = cap.missing
+        if missing:
+            raise RuntimeError(f"the forward did not produce {missing}; these modules never ran for this input")
+        out = {}
+        for info in self.infos:
+            x = cap.activations[info.name]
+            if info.is_map:  # [B, Q, K] head-mean -> [B, K, h, w]
+                x = sequence_to_spatial(x, inputs.grid)
+            out[info.name] = x.to(device=self.out_device, dtype=self.out_dtype)
+        return out
+
+    @staticmethod
+    def _prompt_list(prompts: str | Sequence[str], n: int) -> list[str]:
+        if isinstance(prompts, str):
+            return [prompts] * n
+        prompts = list(prompts)
+        if len(prompts) != n:
+            raise InvalidPromptError(f"got {len(prompts)} prompts for {n} images; pass one prompt, or one per image")
+        return prompts
+
+    def __call__(self, images: ImageInput | Sequence[ImageInput], prompts: str | Sequence[str] = "") -> dict[str, torch.Tensor]:
+        """Features of a batch of images that resize to the same size: ``{name: [B, C, H, W]}``."""
+        images = [images] if not isinstance(images, (list, tuple)) else list(images)
+        if not images:
+            raise InvalidImageError("no images given")
+        prompt_list = self._prompt_list(prompts, len(images))
+        rgb = [to_rgb(im) for im in images]
+        sizes = {target_size(im.size, self.resolution, self.backbone.size_multiple, self.square) for im in rgb}
+        if len(sizes) > 1:
+            raise InvalidImageError(
+                f"these images resize to different sizes {sorted(sizes)} and cannot share one tensor; use "
+                "square=True, or iterate with FeatureExtractor.iter_items() (one result per image)"
+            )
+        parts = [
+            self._forward(rgb[i : i + self.batch_size], prompt_list[i : i + self.batch_size])
+            for i in range(0, len(rgb), self.batch_size)
+        ]
+        return {name: torch.cat([p[name] for p in parts]) for name in self.names}
+
+    extract = __call__
+
+    def iter_items(
+        self, images: Sequence[ImageInput], prompts: str | Sequence[str] = "", progress: bool = False
+    ) -> Iterator[ExtractedItem]:
+        """Per-image results for images of any sizes: batches are formed from images that resize alike."""
+        images = list(images)
+        prompt_list = self._prompt_list(prompts, len(images))
+        groups: dict[tuple[int, int], list[int]] = {}
+        rgb = {}
+        for i, im in enumerate(images):
+            rgb[i] = to_rgb(im)
+            groups.setdefault(target_size(rgb[i].size, self.resolution, self.backbone.size_multiple, self.square), []).append(i)
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(images), desc="extract", unit="img", disable=not progress)
+        try:
+            for size, idxs in groups.items():
+                for s in range(0, len(idxs), self.batch_size):
+                    chunk = idxs[s : s + self.batch_size]
+                    feats = self._forward([rgb[i] for i in chunk], [prompt_list[i] for i in chunk])
+                    for j, i in enumerate(chunk):
+                        yield ExtractedItem(i, {k: v[j] for k, v in feats.items()}, prompt_list[i], (size[1], size[0]))
+                    bar.update(len(chunk))
+        finally:
+            bar.close()
+
+    def extract_to_dir(
+        self, images: Sequence[str | os.PathLike], out_dir: str | os.PathLike, prompts: str | Sequence[str] = "", progress: bool = True
+    ) -> list[Path]:
+        """Write ``out_dir/<image stem>.safetensors`` per image file (one ``[C, H, W]`` tensor per feature name),
+        atomically, with the settings as metadata."""
+        paths = [Path(p) for p in images]
+        stems = [p.stem for p in paths]
+        dupes = {s for s in stems if stems.count(s) > 1}
+        if dupes:
+            raise InvalidImageError(f"several input images share the file stem(s) {sorted(dupes)}; outputs would collide")
+        out_dir = Path(out_dir)
+        written = []
+        meta = self.settings()
+        for item in self.iter_items(paths, prompts, progress=progress):
+            target = out_dir / f"{stems[item.index]}.safetensors"
+            save_features(target, item.features, {**meta, "prompt": item.prompt, "image": str(paths[item.index])})
+            written.append(target)
+        return written

@@ -1,0 +1,69 @@
+"""Feature presets: named activation selections stored as YAML in ``configs/features/``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import lru_cache
+
+import yaml
+
+from .errors import ConfigError, close_matches
+from .resources import data_dir
+
+__all__ = ["FeaturePreset", "load_preset", "list_presets"]
+
+
+@dataclass(frozen=True)
+class FeaturePreset:
+    """A named selection of activations for one model family.
+
+    Attributes:
+        name: preset id (file stem), e.g. ``sd15-practical``.
+        family: backbone family it is meant for (``sd``, ``sdxl``, ``pixart``, ``sd3``, ``flux``).
+        features: activation names (canonical or the paper's aliases).
+        t: recommended timestep; resolution: recommended input resolution (long side, px).
+        validated: False for selections without published measurements (our starting points).
+    """
+
+    name: str
+    family: str
+    features: tuple[str, ...]
+    t: int
+    resolution: int | None
+    validated: bool
+    description: str = ""
+    source: str = ""
+    models: tuple[str, ...] = field(default_factory=tuple)
+
+
+def list_presets() -> list[str]:
+    return sorted(p.stem for p in (data_dir("configs") / "features").glob("*.yaml"))
+
+
+@lru_cache(maxsize=None)
+def load_preset(name: str) -> FeaturePreset:
+    """Load ``configs/features/<name>.yaml``; unknown names list the close matches."""
+    path = data_dir("configs") / "features" / f"{name}.yaml"
+    if not path.is_file():
+        known = list_presets()
+        hint = close_matches(name, known)
+        raise ConfigError(
+            f"unknown feature preset {name!r}"
+            + (f"; did you mean {', '.join(hint)}?" if hint else "")
+            + f" Available presets: {', '.join(known)}"
+        )
+    raw = yaml.safe_load(path.read_text()) or {}
+    try:
+        return FeaturePreset(
+            name=name,
+            family=raw["family"],
+            features=tuple(raw["features"]),
+            t=int(raw.get("t", 50)),
+            resolution=raw.get("resolution"),
+            validated=bool(raw.get("validated", False)),
+            description=str(raw.get("description", "")).strip(),
+            source=str(raw.get("source", "")).strip(),
+            models=tuple(raw.get("models", ())),
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ConfigError(f"malformed preset file {path}: {exc}") from None

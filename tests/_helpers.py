@@ -1,0 +1,29 @@
+"""Shared helpers for tests (not fixtures: those live in conftest.py)."""
+
+from __future__ import annotations
+
+import numpy as np
+from PIL import Image
+
+import difffeat
+
+FAMILIES = ("sd", "sdxl", "pixart", "sd3", "flux")
+_BACKBONES: dict[str, difffeat.Backbone] = {}
+
+
+def backbone_for(tiny_pipes, family: str) -> difffeat.Backbone:
+    """One Backbone per family per test session (its catalog is cached on it)."""
+    if family not in _BACKBONES:
+        _BACKBONES[family] = difffeat.load(tiny_pipes(family), device="cpu", dtype="fp32")
+    return _BACKBONES[family]
+
+
+def random_image(h: int, w: int, seed: int = 0) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+
+
+def attention_modules(denoiser):
+    from diffusers.models.attention_processor import Attention
+
+    return [(n, m) for n, m in denoiser.named_modules() if hasattr(m, "processor") and hasattr(m, "to_q")]

@@ -1,0 +1,152 @@
+"""Presets name activations that exist in the real architectures, with the channels and resolutions the
+papers report. Real-size denoisers are built on the meta device (no memory, no weights) and shapes come from
+a fake-tensor forward."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+from difffeat.catalog import Catalog, enumerate_activations
+from difffeat.errors import ConfigError
+from difffeat.hookpoints import load_table
+from difffeat.presets import list_presets, load_preset
+
+SD15_UNET = dict(
+    sample_size=64, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280, 1280),
+    down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+    up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3, cross_attention_dim=768, attention_head_dim=8,
+)
+SDXL_UNET = dict(
+    sample_size=128, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280),
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"), transformer_layers_per_block=(1, 2, 10),
+    attention_head_dim=(5, 10, 20), cross_attention_dim=2048, use_linear_projection=True,
+    addition_embed_type="text_time", addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816,
+)
+PIXART_SIGMA = dict(
+    sample_size=128, num_layers=28, attention_head_dim=72, num_attention_heads=16, in_channels=4, out_channels=8,
+    patch_size=2, cross_attention_dim=1152, caption_channels=4096, norm_type="ada_norm_single",
+    num_embeds_ada_norm=1000, norm_elementwise_affine=False, norm_eps=1e-6, attention_bias=True,
+    activation_fn="gelu-approximate", use_additional_conditions=False,
+)
+SD3_MEDIUM = dict(
+    sample_size=128, patch_size=2, in_channels=16, num_layers=24, attention_head_dim=64, num_attention_heads=24,
+    joint_attention_dim=4096, caption_projection_dim=1536, pooled_projection_dim=2048, out_channels=16,
+    pos_embed_max_size=192,
+)
+FLUX_DEV = dict(
+    patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128, num_attention_heads=24,
+    joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True, axes_dims_rope=[16, 56, 56],
+)
+
+
+def _meta(cls_name: str, config: dict):
+    import diffusers
+
+    with torch.device("meta"):
+        return getattr(diffusers, cls_name)(**config)
+
+
+def _catalog(model, table: str) -> Catalog:
+    return Catalog(table, load_table(table), enumerate_activations(model, load_table(table)))
+
+
+def _unet_feature_shapes(unet, names, cross_dim, sdxl=False):
+    """[C, H, W] of each named activation from a fake-tensor forward of a meta UNet at native size."""
+    cat = _catalog(unet, "unet")
+    infos = [cat[n] for n in names]
+    shapes, handles = {}, []
+    for info in infos:
+        module = unet.get_submodule(info.hook_module)
+
+        def hook(m, a, out, info=info):
+            out = out[0] if isinstance(out, tuple) else getattr(out, "sample", out)
+            if out.ndim == 3:  # [B, N, C] at a square grid
+                side = int(round(out.shape[1] ** 0.5))
+                shapes[info.name] = (out.shape[2], side, side)
+            else:
+                shapes[info.name] = tuple(out.shape[1:])
+
+        handles.append(module.register_forward_hook(hook))
+    s = unet.config.sample_size
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        kwargs = {}
+        if sdxl:
+            kwargs["added_cond_kwargs"] = {"text_embeds": torch.empty(1, 1280, device="meta"), "time_ids": torch.empty(1, 6, device="meta")}
+        unet(torch.empty(1, 4, s, s, device="meta"), torch.tensor([50], device="meta"),
+             encoder_hidden_states=torch.empty(1, 77, cross_dim, device="meta"), **kwargs)
+    for h in handles:
+        h.remove()
+    return [tuple(int(x) for x in shapes[i.name]) for i in infos]
+
+
+def test_sd15_practical_preset_matches_the_paper_channels_and_resolutions():
+    unet = _meta("UNet2DConditionModel", SD15_UNET)
+    preset = load_preset("sd15-practical")
+    shapes = _unet_feature_shapes(unet, preset.features, 768)
+    assert shapes == [(1280, 16, 16), (1280, 16, 16), (640, 32, 32), (320, 64, 64)]
+
+
+def test_sdxl_practical_preset_matches_the_paper_channels_and_resolutions():
+    unet = _meta("UNet2DConditionModel", SDXL_UNET)
+    preset = load_preset("sdxl-practical")
+    shapes = _unet_feature_shapes(unet, preset.features, 2048, sdxl=True)
+    assert shapes == [(1280, 32, 32), (1280, 32, 32), (640, 64, 64), (640, 64, 64)]
+
+
+def test_legacy_presets_have_the_reference_channel_totals():
+    sd15 = _unet_feature_shapes(_meta("UNet2DConditionModel", SD15_UNET), load_preset("sd15-legacy").features, 768)
+    assert [s[0] for s in sd15] == [1280, 1280, 640, 320]
+    sdxl = _unet_feature_shapes(_meta("UNet2DConditionModel", SDXL_UNET), load_preset("sdxl-legacy").features, 2048, sdxl=True)
+    assert sum(s[0] for s in sdxl) == 2240
+
+
+@pytest.mark.parametrize(
+    "preset, cls_name, config, table",
+    [
+        ("sd21-practical", "UNet2DConditionModel", SD15_UNET, "unet"),
+        ("pixart-practical", "PixArtTransformer2DModel", PIXART_SIGMA, "pixart"),
+        ("sd3-practical", "SD3Transformer2DModel", SD3_MEDIUM, "sd3"),
+        ("flux-practical", "FluxTransformer2DModel", FLUX_DEV, "flux"),
+    ],
+)
+def test_unvalidated_presets_name_existing_activations_and_say_so(preset, cls_name, config, table):
+    p = load_preset(preset)
+    assert p.validated is False
+    cat = _catalog(_meta(cls_name, config), table)
+    for name in p.features:
+        assert name in cat, name
+
+
+def test_every_preset_file_loads():
+    names = list_presets()
+    assert {"sd15-practical", "sd15-legacy", "sdxl-practical", "sdxl-legacy"} <= set(names)
+    for name in names:
+        assert load_preset(name).features
+
+
+def test_unknown_preset_suggests_close_names():
+    with pytest.raises(ConfigError, match="sd15-practical"):
+        load_preset("sd15-practcal")
+
+
+def test_paper_filtering_flags_on_sd15():
+    cat = _catalog(_meta("UNet2DConditionModel", SD15_UNET), "unet")
+    assert "noisy-kind" in cat["up-level1-repeat1-res-increment"].flags
+    assert "no-position" in cat["up-level1-repeat1-vit-block0-cross-q"].flags
+    assert "up-early" in cat["up-level1-repeat1-vit-block0-cross-q"].flags
+    assert "down-stage-noise" in cat["down-level1-repeat0-vit-block0-cross-q"].flags
+    assert "up-late-noise" in cat["up-level3-repeat2-vit-out"].flags
+    practical = {cat.canonical(n) for n in load_preset("sd15-practical").features}
+    candidates = {a.name for a in cat.candidates()}
+    # the paper's recommendation survives the filtering, except the 64x64 self-k it keeps for locality
+    assert practical - candidates <= {cat.canonical("up-level3-repeat0-vit-block0-self-k")}
+
+
+def test_sdxl_recommendation_survives_the_filtering():
+    cat = _catalog(_meta("UNet2DConditionModel", SDXL_UNET), "unet")
+    practical = {cat.canonical(n) for n in load_preset("sdxl-practical").features}
+    assert practical <= {a.name for a in cat.candidates()}
+    assert "late-block" in cat["up-level0-repeat0-vit-block9-out"].flags
