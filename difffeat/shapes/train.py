@@ -1,0 +1,427 @@
+"""Train the shapes model from scratch: stage 1 the VAE, stage 2 the UNet jointly with a CLIP text encoder.
+
+Usage::
+
+    python -m difffeat.shapes.train --out runs/shapes                 # train (or continue with --resume)
+    python -m difffeat.shapes.train --out runs/shapes --resume --export difffeat/weights/shapes
+
+Every random choice of step ``k`` (batch indices, captions, noise, timesteps) comes from an RNG seeded with
+``(seed, stage, k)``, so a resumed run repeats exactly the batches an uninterrupted run would have seen.
+A checkpoint (models, EMA, optimizer, step, RNG state) is written atomically every ``ckpt_minutes`` and at the
+end of each stage; losses go to ``<out>/log.jsonl``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from difffeat.shapes.captions import random_prompt, vocabulary
+from difffeat.shapes.models import (
+    ModelConfig,
+    build_schedulers,
+    build_text_encoder,
+    build_unet,
+    build_vae,
+    count_params,
+)
+from difffeat.shapes.world import sample
+from difffeat.tokenizers import build_clip_tokenizer
+
+__all__ = ["TrainConfig", "train", "export", "load_checkpoint", "make_tokenizer"]
+
+log = logging.getLogger("difffeat.shapes.train")
+CKPT_NAME = "checkpoint.pt"
+
+
+@dataclass
+class TrainConfig:
+    """Everything that determines a training run."""
+
+    out: str = "runs/shapes"
+    seed: int = 0
+    model: ModelConfig = field(default_factory=ModelConfig)
+    n_train: int = 20_000  # distinct `train`-split scenes (indices 0..n_train-1)
+    # stage 1: VAE
+    vae_steps: int = 700
+    vae_batch: int = 16
+    vae_lr: float = 1e-3
+    kl_weight: float = 1e-6
+    # stage 2: UNet + text encoder
+    unet_steps: int = 3600
+    unet_batch: int = 32
+    unet_lr: float = 5e-4
+    text_lr: float = 5e-4
+    warmup: int = 200
+    min_lr_frac: float = 0.1
+    weight_decay: float = 0.01
+    p_empty: float = 0.1
+    ema_decay: float = 0.999
+    grad_clip: float = 1.0
+    # bookkeeping
+    ckpt_minutes: float = 6.0
+    log_every: int = 10
+    threads: int = 2
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> TrainConfig:
+        d = dict(d)
+        d["model"] = ModelConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in d["model"].items()})
+        return cls(**d)
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+def make_tokenizer(cfg: ModelConfig):  # noqa: ANN201 - transformers.CLIPTokenizer
+    """The shapes tokenizer (every vocabulary word is one token)."""
+    return build_clip_tokenizer(vocabulary(), model_max_length=cfg.max_length)
+
+
+def _device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _lr_factor(step: int, total: int, warmup: int, min_frac: float) -> float:
+    """Linear warmup then cosine decay to ``min_frac``."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_frac + (1 - min_frac) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def _step_rng(seed: int, stage: int, step: int) -> tuple[np.random.Generator, torch.Generator]:
+    g = torch.Generator().manual_seed(int(np.random.SeedSequence([seed, stage, step]).generate_state(1)[0]))
+    return np.random.default_rng([seed, stage, step]), g
+
+
+def _atomic_save(obj: object, path: Path) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+class Dataset:
+    """The first ``n`` train-split scenes held in memory: images uint8 [N, 64, 64, 3] plus caption metadata."""
+
+    def __init__(self, n: int, image_size: int) -> None:
+        t0 = time.time()
+        self.images = np.empty((n, image_size, image_size, 3), np.uint8)
+        self.objects: list[list[tuple[str, str]]] = []
+        self.backgrounds: list[tuple[str, str]] = []
+        for i in range(n):
+            s = sample("train", i, size=image_size)
+            self.images[i] = np.asarray(s.image)
+            self.objects.append([(inst.class_name, inst.colour) for inst in s.instances])
+            self.backgrounds.append((s.background, s.background_colour))
+        log.info("generated %d train scenes in %.1fs", n, time.time() - t0)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def pixels(self, idx: np.ndarray) -> torch.Tensor:
+        """[B, 3, H, W] in [-1, 1]."""
+        x = torch.from_numpy(self.images[idx]).permute(0, 3, 1, 2).float()
+        return x / 127.5 - 1.0
+
+    def prompts(self, idx: np.ndarray, rng: np.random.Generator, p_empty: float) -> list[str]:
+        return [random_prompt(self.objects[i], *self.backgrounds[i], rng, p_empty=p_empty) for i in idx]
+
+
+class EMA:
+    """Exponential moving average of a module's parameters (with the usual warm-up of the decay)."""
+
+    def __init__(self, module: torch.nn.Module, decay: float) -> None:
+        self.decay = decay
+        self.shadow = copy.deepcopy(module).eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, module: torch.nn.Module, step: int) -> None:
+        d = min(self.decay, (1 + step) / (10 + step))
+        for e, p in zip(self.shadow.parameters(), module.parameters(), strict=True):
+            e.lerp_(p.detach(), 1 - d)
+
+
+def _log_line(path: Path, record: dict) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+# --------------------------------------------------------------------------------------------- checkpoint
+def load_checkpoint(out: str | Path) -> dict | None:
+    path = Path(out) / CKPT_NAME
+    if not path.exists():
+        return None
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def _rng_state() -> dict:
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state()}
+
+
+def _restore_rng(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+
+
+# ------------------------------------------------------------------------------------------------- stages
+def _train_vae(cfg: TrainConfig, data: Dataset, ckpt: dict | None, run: Path, dev: torch.device) -> dict:
+    torch.manual_seed(cfg.seed)
+    vae = build_vae(cfg.model).to(dev)
+    opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
+    start, elapsed = 0, 0.0
+    if ckpt is not None and ckpt["stage"] == "vae":
+        vae.load_state_dict(ckpt["vae"])
+        opt.load_state_dict(ckpt["opt"])
+        start, elapsed = ckpt["step"], ckpt["elapsed_s"]
+        _restore_rng(ckpt["rng"])
+        log.info("resuming VAE stage at step %d", start)
+    log.info("VAE: %d params, %d steps x batch %d", count_params(vae), cfg.vae_steps, cfg.vae_batch)
+
+    def save(step: int) -> None:
+        _atomic_save(
+            {"stage": "vae", "step": step, "vae": vae.state_dict(), "opt": opt.state_dict(), "rng": _rng_state(),
+             "elapsed_s": elapsed, "config": cfg.to_dict()},
+            run / CKPT_NAME,
+        )  # fmt: skip
+
+    last_save, t_prev = time.time(), time.time()
+    vae.train()
+    for step in range(start, cfg.vae_steps):
+        rng, g = _step_rng(cfg.seed, 1, step)
+        x = data.pixels(rng.integers(len(data), size=cfg.vae_batch)).to(dev)  # [B, 3, 64, 64]
+        for pg in opt.param_groups:
+            pg["lr"] = cfg.vae_lr * _lr_factor(step, cfg.vae_steps, 50, cfg.min_lr_frac)
+        post = vae.encode(x).latent_dist
+        z = post.mean + post.std * torch.randn(post.mean.shape, generator=g).to(dev)  # [B, 4, 16, 16]
+        rec = vae.decode(z).sample
+        l1, l2, kl = (rec - x).abs().mean(), F.mse_loss(rec, x), post.kl().mean()
+        loss = l1 + l2 + cfg.kl_weight * kl
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), cfg.grad_clip)
+        opt.step()
+        now = time.time()
+        elapsed += now - t_prev
+        t_prev = now
+        if step % cfg.log_every == 0 or step == cfg.vae_steps - 1:
+            rec_ = {"stage": "vae", "step": step, "loss": loss.item(), "l1": l1.item(), "l2": l2.item(),
+                    "kl": kl.item(), "lr": opt.param_groups[0]["lr"], "elapsed_s": round(elapsed, 1)}  # fmt: skip
+            _log_line(run / "log.jsonl", rec_)
+            log.info("vae %s", rec_)
+        if now - last_save > cfg.ckpt_minutes * 60:
+            save(step + 1)
+            last_save = time.time()
+
+    # Latents of the whole training set (posterior mean and std) and the scaling factor 1/std(latents).
+    vae.eval()
+    means, stds = [], []
+    with torch.no_grad():
+        for i in range(0, len(data), 256):
+            post = vae.encode(data.pixels(np.arange(i, min(i + 256, len(data)))).to(dev)).latent_dist
+            means.append(post.mean.cpu())
+            stds.append(post.std.cpu())
+    mean, std = torch.cat(means), torch.cat(stds)  # [N, 4, 16, 16]
+    scaling = float(1.0 / mean.std())
+    log.info("VAE done; latent std %.4f -> scaling_factor %.4f", 1 / scaling, scaling)
+    _log_line(run / "log.jsonl", {"stage": "vae_done", "scaling_factor": scaling, "elapsed_s": round(elapsed, 1)})
+    state = {"stage": "unet", "step": 0, "vae": vae.state_dict(), "scaling_factor": scaling,
+             "vae_elapsed_s": elapsed, "elapsed_s": 0.0, "config": cfg.to_dict()}  # fmt: skip
+    _atomic_save({"mean": mean.half(), "std": std.half()}, run / "latents.pt")
+    _atomic_save(state, run / CKPT_NAME)
+    return state
+
+
+def _train_unet(cfg: TrainConfig, data: Dataset, ckpt: dict, run: Path, dev: torch.device) -> dict:
+    m = cfg.model
+    tok = make_tokenizer(m)
+    torch.manual_seed(cfg.seed + 1)
+    unet = build_unet(m).to(dev)
+    text = build_text_encoder(m, len(tok), tok.bos_token_id, tok.eos_token_id, tok.pad_token_id).to(dev)
+    ddpm, _ = build_schedulers(m)
+    params = [{"params": unet.parameters(), "lr": cfg.unet_lr}, {"params": text.parameters(), "lr": cfg.text_lr}]
+    opt = torch.optim.AdamW(params, weight_decay=cfg.weight_decay)
+    ema_unet, ema_text = EMA(unet, cfg.ema_decay), EMA(text, cfg.ema_decay)
+    start, elapsed = ckpt["step"], ckpt["elapsed_s"]
+    if "unet" in ckpt:
+        unet.load_state_dict(ckpt["unet"])
+        text.load_state_dict(ckpt["text"])
+        ema_unet.shadow.load_state_dict(ckpt["ema_unet"])
+        ema_text.shadow.load_state_dict(ckpt["ema_text"])
+        opt.load_state_dict(ckpt["opt"])
+        _restore_rng(ckpt["rng"])
+        log.info("resuming UNet stage at step %d", start)
+    lat = torch.load(run / "latents.pt")
+    lat_mean, lat_std = lat["mean"], lat["std"]
+    scaling = ckpt["scaling_factor"]
+    alphas = ddpm.alphas_cumprod.to(dev)  # [T]
+    log.info("UNet: %d params, text encoder %d params, %d steps x batch %d",
+             count_params(unet), count_params(text), cfg.unet_steps, cfg.unet_batch)  # fmt: skip
+
+    def save(step: int) -> None:
+        state = dict(ckpt)
+        state.update({"step": step, "unet": unet.state_dict(), "text": text.state_dict(),
+                      "ema_unet": ema_unet.shadow.state_dict(), "ema_text": ema_text.shadow.state_dict(),
+                      "opt": opt.state_dict(), "rng": _rng_state(), "elapsed_s": elapsed})  # fmt: skip
+        _atomic_save(state, run / CKPT_NAME)
+        ckpt.update(state)
+
+    last_save, t_prev = time.time(), time.time()
+    unet.train()
+    text.train()
+    for step in range(start, cfg.unet_steps):
+        rng, g = _step_rng(cfg.seed, 2, step)
+        idx = rng.integers(len(data), size=cfg.unet_batch)
+        ids = tok(data.prompts(idx, rng, cfg.p_empty), padding="max_length", max_length=m.max_length,
+                  truncation=True, return_tensors="pt").input_ids.to(dev)  # [B, 77]  # fmt: skip
+        mu, sd = lat_mean[idx].float(), lat_std[idx].float()
+        z0 = (mu + sd * torch.randn(mu.shape, generator=g)) * scaling  # [B, 4, 16, 16]
+        noise = torch.randn(z0.shape, generator=g)
+        t = torch.randint(0, m.train_timesteps, (len(idx),), generator=g)
+        z0, noise, t = z0.to(dev), noise.to(dev), t.to(dev)
+        a = alphas[t].view(-1, 1, 1, 1)
+        zt = a.sqrt() * z0 + (1 - a).sqrt() * noise
+        f = _lr_factor(step, cfg.unet_steps, cfg.warmup, cfg.min_lr_frac)
+        opt.param_groups[0]["lr"], opt.param_groups[1]["lr"] = cfg.unet_lr * f, cfg.text_lr * f
+        pred = unet(zt, t, encoder_hidden_states=text(ids)[0]).sample
+        loss = F.mse_loss(pred, noise)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        gnorm = torch.nn.utils.clip_grad_norm_([*unet.parameters(), *text.parameters()], cfg.grad_clip)
+        opt.step()
+        ema_unet.update(unet, step)
+        ema_text.update(text, step)
+        now = time.time()
+        elapsed += now - t_prev
+        t_prev = now
+        if step % cfg.log_every == 0 or step == cfg.unet_steps - 1:
+            rec_ = {"stage": "unet", "step": step, "loss": loss.item(), "grad_norm": float(gnorm),
+                    "lr": opt.param_groups[0]["lr"], "elapsed_s": round(elapsed, 1)}  # fmt: skip
+            _log_line(run / "log.jsonl", rec_)
+            log.info("unet %s", rec_)
+        if now - last_save > cfg.ckpt_minutes * 60:
+            save(step + 1)
+            last_save = time.time()
+    save(cfg.unet_steps)
+    return ckpt
+
+
+def train(cfg: TrainConfig, resume: bool = False) -> dict:
+    """Run (or continue) both stages; returns the final checkpoint dict."""
+    torch.set_num_threads(cfg.threads)
+    run = Path(cfg.out)
+    run.mkdir(parents=True, exist_ok=True)
+    ckpt = load_checkpoint(run) if resume else None
+    if ckpt is None and (run / CKPT_NAME).exists():
+        raise FileExistsError(f"{run / CKPT_NAME} exists; pass --resume to continue it or choose another --out")
+    (run / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+    dev = _device()
+    data = Dataset(cfg.n_train, cfg.model.image_size)
+    if ckpt is None or ckpt["stage"] == "vae":
+        ckpt = _train_vae(cfg, data, ckpt, run, dev)
+    if ckpt["step"] < cfg.unet_steps:
+        ckpt = _train_unet(cfg, data, ckpt, run, dev)
+    return ckpt
+
+
+# -------------------------------------------------------------------------------------------------- export
+def export(run: str | Path, target: str | Path, fp16: bool = True, use_ema: bool = True) -> dict:
+    """Write the checkpoint in ``run`` as a diffusers StableDiffusionPipeline folder at ``target``.
+
+    Returns a small report (parameter counts, fp16-vs-fp32 agreement, size on disk).
+    """
+    from diffusers import StableDiffusionPipeline
+
+    ckpt = load_checkpoint(run)
+    if ckpt is None or ckpt["stage"] != "unet" or "unet" not in ckpt:
+        raise RuntimeError(f"no UNet-stage checkpoint in {run}; train first")
+    cfg = TrainConfig.from_dict(ckpt["config"])
+    m = cfg.model
+    tok = make_tokenizer(m)
+    vae = build_vae(m)
+    vae.load_state_dict(ckpt["vae"])
+    vae.register_to_config(scaling_factor=ckpt["scaling_factor"])
+    unet = build_unet(m)
+    unet.load_state_dict(ckpt["ema_unet" if use_ema else "unet"])
+    text = build_text_encoder(m, len(tok), tok.bos_token_id, tok.eos_token_id, tok.pad_token_id)
+    text.load_state_dict(ckpt["ema_text" if use_ema else "text"])
+    _, ddim = build_schedulers(m)
+
+    # fp16 check: the UNet+text noise prediction with fp16-rounded weights vs fp32 weights.
+    report = {"step": ckpt["step"], "train_elapsed_s": ckpt.get("vae_elapsed_s", 0) + ckpt["elapsed_s"],
+              "params": {"unet": count_params(unet), "text_encoder": count_params(text), "vae": count_params(vae)}}  # fmt: skip
+    g = torch.Generator().manual_seed(0)
+    ids = tok(["a red circle and a blue star on a white background", "a photo of heart, cross"],
+              padding="max_length", max_length=m.max_length, return_tensors="pt").input_ids  # fmt: skip
+    zt = torch.randn(2, m.latent_channels, m.latent_size, m.latent_size, generator=g)
+    t = torch.tensor([100, 600])
+    with torch.no_grad():
+        ref = unet(zt, t, text(ids)[0]).sample
+        u16, t16 = copy.deepcopy(unet).half().float(), copy.deepcopy(text).half().float()
+        low = u16(zt, t, t16(ids)[0]).sample
+        x = torch.rand(1, 3, m.image_size, m.image_size, generator=g) * 2 - 1
+        rec = vae.decode(vae.encode(x).latent_dist.mean).sample
+        rec16 = copy.deepcopy(vae).half().float()
+        rec16 = rec16.decode(rec16.encode(x).latent_dist.mean).sample
+    report["fp16_rel_err_unet"] = float((ref - low).norm() / ref.norm())
+    report["fp16_max_abs_err_vae"] = float((rec - rec16).abs().max())
+    dtype = torch.float16 if fp16 else torch.float32
+    pipe = StableDiffusionPipeline(
+        vae=vae.to(dtype), text_encoder=text.to(dtype), tokenizer=tok, unet=unet.to(dtype), scheduler=ddim,
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )  # fmt: skip
+    target = Path(target)
+    target.mkdir(parents=True, exist_ok=True)
+    pipe.save_pretrained(target, safe_serialization=True)
+    report["size_bytes"] = sum(p.stat().st_size for p in target.rglob("*") if p.is_file() and p.name != "README.md")
+    (Path(run) / "export_report.json").write_text(json.dumps(report, indent=2))
+    return report
+
+
+def _parse(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="runs/shapes", help="run directory (checkpoint, log.jsonl)")
+    p.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint.pt")
+    p.add_argument("--steps", type=int, help="UNet-stage steps (default from TrainConfig)")
+    p.add_argument("--vae-steps", type=int)
+    p.add_argument("--batch", type=int, help="UNet-stage batch size")
+    p.add_argument("--n-train", type=int)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--export", help="after training, write the pipeline to this folder")
+    p.add_argument("--export-only", action="store_true", help="skip training; export the latest checkpoint")
+    p.add_argument("--fp32", action="store_true", help="export fp32 weights instead of fp16")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    args = _parse(argv)
+    if not args.export_only:
+        cfg = TrainConfig(out=args.out, seed=args.seed)
+        if args.resume and (ck := load_checkpoint(args.out)) is not None:
+            cfg = TrainConfig.from_dict(ck["config"])
+        for name, val in (("unet_steps", args.steps), ("vae_steps", args.vae_steps), ("unet_batch", args.batch),
+                          ("n_train", args.n_train)):  # fmt: skip
+            if val is not None:
+                setattr(cfg, name, val)
+        train(cfg, resume=args.resume)
+    if args.export:
+        report = export(args.out, args.export, fp16=not args.fp32)
+        log.info("exported to %s: %s", args.export, report)
+
+
+if __name__ == "__main__":
+    main()
