@@ -41,6 +41,8 @@ class HookTable:
     aliases: tuple[tuple[re.Pattern, str], ...]
     stage_rule: str = "none"
     default_flags: tuple[str, ...] = field(default_factory=tuple)
+    #: GOCA suffixes within a block: {"cross": ..., "self": ..., "query": ...}
+    goca: dict = field(default_factory=dict)
 
     def rules_for(self, module_path: str) -> list[ActivationRule]:
         """Every activation rule whose pattern fully matches ``module_path``."""
@@ -95,4 +97,5 @@ def load_table(name: str) -> HookTable:
         aliases=aliases,
         stage_rule=raw.get("stage_rule", "none"),
         default_flags=tuple(raw.get("default_flags", ())),
+        goca=dict(raw.get("goca", {})),
     )

@@ -146,6 +146,14 @@ class Backbone(ABC):
     def encode_prompt(self, prompts: list[str]) -> dict[str, Any]:
         """Prompts -> the conditioning keyword arguments of the denoiser (and ``text_len``)."""
 
+    def text_segments(self) -> list:
+        """How the denoiser's text sequence is made: a list of
+        :class:`~difffeat.segment.prompts.TextSegment` (tokenizer, first position, length)."""
+        from ..segment.prompts import TextSegment
+
+        tok = self.pipeline.tokenizer
+        return [TextSegment(tok, 0, tok.model_max_length)]
+
     # ----------------------------------------------------------------- forward
     @abstractmethod
     def denoiser_inputs(

@@ -3,6 +3,7 @@ flow matching)."""
 
 from __future__ import annotations
 
+import inspect
 from typing import Any, ClassVar
 
 import torch
@@ -12,6 +13,13 @@ from .registry import register_backbone
 from .unet import _DDPMNoising
 
 __all__ = ["PixArtBackbone", "SD3Backbone", "FluxBackbone"]
+
+
+def _default_max_length(backbone: Backbone) -> int:
+    """The T5 sequence length the pipeline's ``encode_prompt`` uses (unless the adapter overrides it)."""
+    if backbone.max_sequence_length:
+        return int(backbone.max_sequence_length)
+    return int(inspect.signature(backbone.pipeline.encode_prompt).parameters["max_sequence_length"].default)
 
 
 class _FlowMatchNoising:
@@ -35,6 +43,11 @@ class PixArtBackbone(_DDPMNoising, Backbone):
     @property
     def size_multiple(self) -> int:
         return self.vae_scale_factor * self.denoiser.config.patch_size
+
+    def text_segments(self) -> list:
+        from ..segment.prompts import TextSegment
+
+        return [TextSegment(self.pipeline.tokenizer, 0, _default_max_length(self))]
 
     def encode_prompt(self, prompts: list[str]) -> dict[str, Any]:
         extra = {"max_sequence_length": self.max_sequence_length} if self.max_sequence_length else {}
@@ -78,6 +91,16 @@ class SD3Backbone(_FlowMatchNoising, Backbone):
     def size_multiple(self) -> int:
         return self.vae_scale_factor * self.denoiser.config.patch_size
 
+    def text_segments(self) -> list:
+        """CLIP tokens (77) first, then T5 tokens (when the T5 encoder is loaded)."""
+        from ..segment.prompts import TextSegment
+
+        clip = self.pipeline.tokenizer
+        segments = [TextSegment(clip, 0, clip.model_max_length)]
+        if getattr(self.pipeline, "text_encoder_3", None) is not None:
+            segments.append(TextSegment(self.pipeline.tokenizer_3, clip.model_max_length, _default_max_length(self)))
+        return segments
+
     def encode_prompt(self, prompts: list[str]) -> dict[str, Any]:
         extra = {"max_sequence_length": self.max_sequence_length} if self.max_sequence_length else {}
         embeds, _, pooled, _ = self.pipeline.encode_prompt(
@@ -116,6 +139,12 @@ class FluxBackbone(_FlowMatchNoising, Backbone):
     @property
     def size_multiple(self) -> int:
         return self.vae_scale_factor * 2
+
+    def text_segments(self) -> list:
+        """FLUX attends to T5 tokens only (CLIP gives the pooled vector)."""
+        from ..segment.prompts import TextSegment
+
+        return [TextSegment(self.pipeline.tokenizer_2, 0, _default_max_length(self))]
 
     def encode_prompt(self, prompts: list[str]) -> dict[str, Any]:
         extra = {"max_sequence_length": self.max_sequence_length} if self.max_sequence_length else {}

@@ -75,6 +75,7 @@ class Capture:
         early_exit: stop the forward once everything is captured.
         map_reducer: how attention maps are reduced per layer: ``per_head`` (default, ``[B, heads, HW, K]``),
             ``head_mean`` (``[B, HW, K]``) or any :class:`MapReducer`.
+        map_reducers: per-name overrides of ``map_reducer`` (canonical names).
         to_cpu: move captured tensors to the CPU as they arrive (saves accelerator memory).
         shapes_only: record shapes only (used with fake tensors by the catalog).
 
@@ -91,6 +92,7 @@ class Capture:
         grid: tuple[int, int] | None = None,
         early_exit: bool = True,
         map_reducer: MapReducer = per_head,
+        map_reducers: dict[str, MapReducer] | None = None,
         to_cpu: bool = False,
         shapes_only: bool = False,
     ) -> None:
@@ -107,6 +109,7 @@ class Capture:
             self.infos = backbone.catalog().resolve([a.name if isinstance(a, ActivationInfo) else a for a in names])
         self.early_exit = early_exit
         self.map_reducer = map_reducer
+        self.map_reducers = dict(map_reducers or {})
         self.to_cpu = to_cpu
         self.shapes_only = shapes_only
         self.activations: dict[str, torch.Tensor] = {}
@@ -152,7 +155,8 @@ class Capture:
                     keys = tensors.text_keys if info.observe == "cross" else tensors.image_keys
                     self._store(info, torch.empty(b, h, nq, keys.stop - keys.start, device="meta"))
                 else:
-                    self._store(info, attention_probs(tensors, info.observe, self.map_reducer, attn))
+                    reducer = self.map_reducers.get(info.name, self.map_reducer)
+                    self._store(info, attention_probs(tensors, info.observe, reducer, attn))
 
         return sink
 

@@ -1,0 +1,138 @@
+"""GOCA auto aggregation: per-pixel head weights (inside the attention computation) and per-layer weights
+from a reference feature's pseudo self-attention.
+
+Shapes: B batch, h heads, q query pixels of a chunk, K keys, T text tokens, C output channels, d head dim.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from ..capture.observer import AttentionTensors
+
+__all__ = [
+    "goca_head_weights",
+    "GocaHeadReducer",
+    "layer_weights",
+    "resize_self_map",
+    "combine_layers",
+    "head_output_weight",
+]
+
+_EPS = 1e-12
+
+
+def goca_head_weights(o_bhqc: torch.Tensor) -> torch.Tensor:
+    """Head weights ``w_n(i) = <o_n(i), o(i)> / ||o(i)||^2`` with ``o(i) = sum_n o_n(i)``.
+
+    Args:
+        o_bhqc: each head's contribution to the output projection, ``[B, heads, q, C]``.
+    Returns:
+        ``[B, heads, q]``; sums to 1 over heads (where ``o(i) != 0``); may be negative; not clamped.
+    """
+    o_bqc = o_bhqc.sum(dim=1)
+    dots = torch.einsum("bhqc,bqc->bhq", o_bhqc, o_bqc)
+    return dots / o_bqc.pow(2).sum(-1).clamp_min(_EPS).unsqueeze(1)
+
+
+def head_output_weight(attn: Any, fallback: torch.Tensor | None = None) -> torch.Tensor:
+    """``W_O`` of an attention module: ``to_out[0].weight`` ``[C, heads*d]``; ``fallback`` for modules
+    without an output projection (FLUX single-stream blocks project through the block's ``proj_out``)."""
+    to_out = getattr(attn, "to_out", None)
+    if to_out is not None:
+        return to_out[0].weight
+    if fallback is None:
+        raise ValueError("this attention module has no output projection; pass its W_O explicitly")
+    return fallback
+
+
+class GocaHeadReducer:
+    """Map reducer computing GOCA's head-weighted map ``A_m(i,:) = sum_n w_n(i) A_n(i,:)`` chunk by chunk,
+    so no ``[heads, HW, T]`` tensor outlives a chunk.
+
+    ``o_n(i) = (A_n V_n W_O^n)(i)`` uses every key the layer attends to (for joint attention, image and
+    text keys), ``W_O^n`` being head n's column slice of the output projection (no bias).
+
+    Args:
+        output_weights: optional ``{id(attn_module): W_O}`` for modules without ``to_out``.
+    """
+
+    def __init__(self, output_weights: dict[int, torch.Tensor] | None = None) -> None:
+        self.output_weights = output_weights or {}
+
+    def __call__(
+        self, probs_bhqk: torch.Tensor, *, attn: Any, tensors: AttentionTensors, rows: slice, full_probs_bhqk: torch.Tensor
+    ) -> torch.Tensor:
+        b, h, q, _ = full_probs_bhqk.shape
+        d = tensors.v.shape[-1]
+        w_out = head_output_weight(attn, self.output_weights.get(id(attn)))
+        w_out = w_out[:, : h * d].float().view(w_out.shape[0], h, d)  # [C, heads, d]
+        out_bhqd = torch.matmul(full_probs_bhqk, tensors.v.float())
+        o_bhqc = torch.einsum("bhqd,chd->bhqc", out_bhqd, w_out)
+        w_bhq = goca_head_weights(o_bhqc)
+        return torch.einsum("bhq,bhqk->bqk", w_bhq, probs_bhqk)
+
+
+def resize_self_map(s_bqk: torch.Tensor, grid: tuple[int, int], target: tuple[int, int]) -> torch.Tensor:
+    """Resize a self-attention map ``[B, HW, HW]`` from ``grid`` to ``target``: bilinear over key pixels,
+    nearest over query pixels. Returns ``[B, Ht*Wt, Ht*Wt]``."""
+    b = s_bqk.shape[0]
+    (h, w), (th, tw) = grid, target
+    if (h, w) == (th, tw):
+        return s_bqk
+    keys = s_bqk.reshape(b * h * w, 1, h, w)
+    keys = F.interpolate(keys, size=(th, tw), mode="bilinear", align_corners=False) * (h * w) / (th * tw)
+    keys = keys.reshape(b, h, w, th * tw).permute(0, 3, 1, 2)  # [B, K', h, w] with queries spatial
+    queries = F.interpolate(keys, size=(th, tw), mode="nearest")
+    return queries.reshape(b, th * tw, th * tw).transpose(1, 2).contiguous()
+
+
+def layer_weights(ref_bchw: torch.Tensor, self_maps: list[torch.Tensor], grids: list[tuple[int, int]]) -> torch.Tensor:
+    """GOCA layer weights ``s_m = sum_ij P_ij S_m,ij``, clamped at 0 and normalised to sum 1.
+
+    ``P = softmax(F F^T / sqrt(C))`` over pixels is the pseudo self-attention of the reference feature
+    ``F`` (all channels; the reference script's channel-0 shortcut is a bug). ``S_m`` is layer m's
+    head-averaged self-attention, resized to the reference grid (:func:`resize_self_map`).
+
+    Args:
+        ref_bchw: reference dense feature ``[B, C, H, W]``.
+        self_maps: per layer ``[B, HW_m, HW_m]``.
+        grids: per layer (h_m, w_m).
+    Returns:
+        ``[B, M]`` (uniform where every score is <= 0).
+    """
+    b, c, h, w = ref_bchw.shape
+    f = ref_bchw.float().flatten(2).transpose(1, 2)  # [B, HW, C]
+    p = torch.softmax(torch.matmul(f, f.transpose(1, 2)) / c**0.5, dim=-1)
+    scores = torch.stack([(p * resize_self_map(s.float(), g, (h, w))).sum(dim=(1, 2)) for s, g in zip(self_maps, grids)], dim=1)
+    scores = scores.clamp_min(0)
+    total = scores.sum(dim=1, keepdim=True)
+    uniform = torch.full_like(scores, 1.0 / scores.shape[1])
+    return torch.where(total > 0, scores / total.clamp_min(_EPS), uniform)
+
+
+def combine_layers(
+    maps: list[torch.Tensor], grids: list[tuple[int, int]], weights_bm: torch.Tensor, size: tuple[int, int]
+) -> torch.Tensor:
+    """Global map ``A = sum_m s_m upsample(A_m)``, clamped at 0, each pixel renormalised to sum 1 over
+    text positions.
+
+    Args:
+        maps: per layer ``[B, HW_m, T]`` (head-aggregated cross maps).
+        grids: per layer (h_m, w_m).
+        weights_bm: ``[B, M]`` layer weights.
+        size: output (H, W).
+    Returns:
+        ``[B, T, H, W]``.
+    """
+    total = None
+    for m, (a, (h, w)) in enumerate(zip(maps, grids)):
+        spatial = a.float().transpose(1, 2).reshape(a.shape[0], a.shape[2], h, w)
+        spatial = F.interpolate(spatial, size=size, mode="bilinear", align_corners=False)
+        term = weights_bm[:, m, None, None, None] * spatial
+        total = term if total is None else total + term
+    total = total.clamp_min(0)
+    return total / total.sum(dim=1, keepdim=True).clamp_min(_EPS)

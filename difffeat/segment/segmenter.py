@@ -1,0 +1,244 @@
+"""``Segmenter``: image + class names -> label map, by GOCA (or any of its ablations, or the vanilla baseline).
+
+    seg = difffeat.Segmenter("shapes")
+    result = seg(image, ["circle", "star"])
+    result.labels          # uint8 [H, W]: 0 background, i = classes[i-1]
+
+Pipeline (method.md §3): caption + token alignment -> one forward at t with attention observers (head
+aggregation inside the attention computation) -> layer weights from the reference query's pseudo
+self-attention -> global map -> per-pixel rescaling -> blur, min-max -> self-attention propagation ->
+background = tau + supporting map -> argmax.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from ..backbones.base import Backbone, check_timestep
+from ..backbones.loading import load
+from ..capture import Capture, head_mean
+from ..errors import ConfigError
+from ..hookpoints import load_table
+from ..images import ImageInput, to_rgb
+from .aggregation import GocaHeadReducer, combine_layers, layer_weights, resize_self_map
+from .prompts import PromptLayout, build_layout
+from .rescale import class_scores, gaussian_blur, minmax, propagate, rescale_by_content
+from .settings import SegmentSettings, settings_for
+
+__all__ = ["Segmenter", "SegmentationResult", "grid_of"]
+
+
+def grid_of(n_tokens: int, base: tuple[int, int]) -> tuple[int, int]:
+    """The (h, w) of a level with ``n_tokens`` pixels, from the input grid ``base`` (power-of-two levels)."""
+    h, w = base
+    for s in (1, 2, 4, 8, 16, 32, 64):
+        gh, gw = math.ceil(h / s), math.ceil(w / s)
+        if gh * gw == n_tokens:
+            return gh, gw
+    raise ValueError(f"{n_tokens} tokens do not fit the grid {h}x{w}")
+
+
+@dataclass
+class SegmentationResult:
+    """One image's segmentation.
+
+    Attributes:
+        labels: ``uint8 [H, W]`` at the input image's size; 0 = background, i = ``classes[i-1]``.
+        class_maps: ``[n_classes, h, w]`` final class scores in [0, 1] at map resolution.
+        background: ``[h, w]`` background score (tau + supporting map).
+        classes, caption: what was segmented and the prompt used.
+        layer_names, layer_weights: the combined cross-attention layers and their weights.
+        settings: the settings used (dict).
+    """
+
+    labels: np.ndarray
+    class_maps: torch.Tensor
+    background: torch.Tensor
+    classes: list[str]
+    caption: str
+    layer_names: list[str] = field(default_factory=list)
+    layer_weights: list[float] = field(default_factory=list)
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def class_index(self) -> dict[str, int]:
+        """Label value of each class (0 is background)."""
+        return {c: i + 1 for i, c in enumerate(self.classes)}
+
+    def heatmap(self, cls: str, size: tuple[int, int] | None = None) -> np.ndarray:
+        """Class score map in [0, 1] as float ``[H, W]`` (image size unless ``size`` = (H, W) is given)."""
+        i = self.classes.index(cls)
+        m = self.class_maps[i][None, None].float()
+        h, w = size or self.labels.shape
+        return F.interpolate(m, size=(h, w), mode="bilinear", align_corners=False)[0, 0].clamp(0, 1).numpy()
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "classes": {"background": 0, **self.class_index},
+            "caption": self.caption,
+            "size": list(self.labels.shape),
+            "pixels_per_class": {c: int((self.labels == i).sum()) for c, i in {"background": 0, **self.class_index}.items()},
+            "layers": [{"name": n, "weight": w} for n, w in zip(self.layer_names, self.layer_weights)],
+            "settings": self.settings,
+        }
+
+
+class Segmenter:
+    """Training-free segmentation from a diffusion model's cross-attention (GOCA).
+
+    Args:
+        model: a :class:`Backbone` or anything :func:`difffeat.load` accepts (default: the embedded model).
+        settings: a :class:`SegmentSettings`; default: ``configs/goca/<model or family>.yaml``.
+        method: "goca" or "vanilla" (shortcut for the three switches).
+        **overrides: any :class:`SegmentSettings` field (``heads="mean"``, ``tau=0.1``, ``t=200`` ...).
+    """
+
+    def __init__(
+        self,
+        model: Backbone | str | os.PathLike = "shapes",
+        settings: SegmentSettings | None = None,
+        method: str | None = None,
+        **overrides: Any,
+    ) -> None:
+        self.backbone = load(model)
+        base = settings or settings_for(os.path.basename(str(self.backbone.name)).lower(), self.backbone.family)
+        if method is not None:
+            base = base.with_method(method)
+        self.settings = base.update(**overrides)
+        check_timestep(self.settings.t)
+        self._plan()
+
+    # ------------------------------------------------------------------ which activations
+    def _plan(self) -> None:
+        cat = self.backbone.catalog()
+        suffix = load_table(self.backbone.hook_table).goca
+        cross_all = [a for a in cat if a.name.endswith("." + suffix["cross"]) and a.kind == "cross-map"]
+        if not cross_all:
+            raise ConfigError(f"{self.backbone.name} has no cross-attention maps; GOCA needs a text-conditioned model")
+        block_of = {a.name: a.name[: -len(suffix["cross"]) - 1] for a in cross_all}
+        blocks = [block_of[a.name] for a in cross_all]
+        if self.settings.map_layers:
+            missing = [b for b in self.settings.map_layers if b not in blocks]
+            if missing:
+                raise ConfigError(f"map_layers {missing} have no cross-attention; blocks with one: {blocks}")
+            blocks = list(self.settings.map_layers)
+        self.blocks = blocks
+        self.cross_names = [f"{b}.{suffix['cross']}" for b in blocks]
+        self.self_names = [f"{b}.{suffix['self']}" for b in blocks]
+        hw = {b: cat[f"{b}.{suffix['cross']}"].shape[1] for b in blocks}
+        largest = max(hw.values())
+        at_largest = [b for b in blocks if hw[b] == largest]
+        ref = self.settings.ref_block
+        if ref == "auto" or f"{ref}.{suffix['query']}" not in cat:
+            up = [b for b in at_largest if b.startswith("up_blocks")]
+            ref = up[0] if up else at_largest[len(at_largest) // 2]
+        self.ref_block = ref
+        self.ref_name = f"{ref}.{suffix['query']}"
+        refine = list(self.settings.refine_blocks) or at_largest
+        self.refine_names = [f"{b}.{suffix['self']}" for b in refine]
+        for name in self.refine_names:
+            cat[name]  # clear error for a bad configured block
+
+    def activation_names(self) -> list[str]:
+        """Everything one segmentation forward captures (depends on the settings)."""
+        names = list(self.cross_names)
+        if self.settings.layers == "goca":
+            names += self.self_names + [self.ref_name]
+        if self.settings.refine_order > 0:
+            names += self.refine_names
+        return list(dict.fromkeys(names))
+
+    # ------------------------------------------------------------------ run
+    def __call__(
+        self,
+        image: ImageInput,
+        classes: Sequence[str] | str,
+        entities: Sequence[str] | None = None,
+        caption: str | None = None,
+    ) -> SegmentationResult:
+        """Segment one image into ``classes`` (+ background)."""
+        s = self.settings
+        rgb = to_rgb(image)
+        ents = list(s.background_entities) + list(entities or [])
+        layout = build_layout(classes, self.backbone.text_segments(), s.template, ents, caption)
+        inputs = self.backbone.prepare([rgb], layout.caption, s.t, s.seed, s.resolution)
+        reducers = {n: GocaHeadReducer(self._output_weights()) for n in self.cross_names} if s.heads == "goca" else {}
+        with Capture(self.backbone, self.activation_names(), inputs, early_exit=True, map_reducer=head_mean, map_reducers=reducers) as cap:
+            self.backbone.denoise(inputs)
+        return self._decide(rgb, layout, cap.activations, inputs.grid)
+
+    def _output_weights(self) -> dict[int, torch.Tensor]:
+        """W_O for attention modules without ``to_out`` (FLUX single-stream: the block's proj_out columns
+        that act on the attention output)."""
+        weights = {}
+        den = self.backbone.denoiser
+        for name in self.cross_names:
+            attn_path = name.rsplit(".", 1)[0]
+            attn = den.get_submodule(attn_path)
+            if getattr(attn, "to_out", None) is None:
+                block = den.get_submodule(attn_path.rsplit(".", 1)[0])
+                proj = getattr(block, "proj_out", None)
+                if proj is not None:
+                    weights[id(attn)] = proj.weight[:, : attn.inner_dim if hasattr(attn, "inner_dim") else proj.weight.shape[0]]
+        return weights
+
+    def _decide(self, rgb: Image.Image, layout: PromptLayout, acts: dict[str, torch.Tensor], grid: tuple[int, int]) -> SegmentationResult:
+        s = self.settings
+        maps = [acts[n].float() for n in self.cross_names]  # [B, HW_m, T]
+        grids = [grid_of(m.shape[1], grid) for m in maps]
+        size = max(grids, key=lambda g: g[0] * g[1])
+        b = maps[0].shape[0]
+        if s.layers == "goca":
+            ref = acts[self.ref_name].float()
+            ref = F.interpolate(ref, size=size, mode="bilinear", align_corners=False) if tuple(ref.shape[-2:]) != size else ref
+            selfs = [acts[n].float() for n in self.self_names]
+            weights = layer_weights(ref, selfs, [grid_of(x.shape[1], grid) for x in selfs])
+        else:
+            weights = torch.full((b, len(maps)), 1.0 / len(maps))
+        a = combine_layers(maps, grids, weights, size)  # [B, T, H, W]
+        groups = layout.class_tokens + layout.entity_tokens
+        scores = class_scores(a, groups)
+        if s.rescale == "goca":
+            scores = rescale_by_content(scores, a, layout.content_tokens)
+        scores = minmax(gaussian_blur(scores, s.blur_kernel, s.blur_sigma))
+        if s.refine_order > 0:
+            refine = [resize_self_map(acts[n].float(), grid_of(acts[n].shape[1], grid), size) for n in self.refine_names]
+            scores = propagate(scores, torch.stack(refine).mean(0), s.refine_order)
+        n_cls = len(layout.classes)
+        cls_maps, ent_maps = scores[:, :n_cls], scores[:, n_cls:]
+        support = ent_maps.amax(dim=1) if ent_maps.shape[1] else torch.zeros_like(cls_maps[:, 0])
+        background = s.tau + support  # [B, H, W]
+        stack = torch.cat([background[:, None], cls_maps], dim=1)
+        w0, h0 = rgb.size
+        full = F.interpolate(stack, size=(h0, w0), mode="bilinear", align_corners=False)
+        labels = full.argmax(dim=1)[0].to(torch.uint8).numpy()
+        return SegmentationResult(
+            labels=labels,
+            class_maps=cls_maps[0].cpu(),
+            background=background[0].cpu(),
+            classes=list(layout.classes),
+            caption=layout.caption,
+            layer_names=list(self.blocks),
+            layer_weights=[float(x) for x in weights[0]],
+            settings={**s.to_dict(), "model": str(self.backbone.name), "ref_block": self.ref_block},
+        )
+
+    def segment(self, images: Sequence[ImageInput], classes: Sequence[str] | Sequence[Sequence[str]], progress: bool = False):
+        """Segment several images; ``classes`` is one list for all images or one list per image."""
+        from tqdm.auto import tqdm
+
+        images = list(images)
+        per_image = classes and not isinstance(classes, str) and not isinstance(classes[0], str)
+        if per_image and len(classes) != len(images):
+            raise ValueError(f"got {len(classes)} class lists for {len(images)} images")
+        for i, im in enumerate(tqdm(images, desc="segment", unit="img", disable=not progress)):
+            yield self(im, classes[i] if per_image else classes)
