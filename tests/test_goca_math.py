@@ -1,0 +1,146 @@
+"""GOCA formulas checked against plain loop implementations on random tensors."""
+
+from __future__ import annotations
+
+import types
+
+import pytest
+import torch
+
+from difffeat.capture.observer import AttentionTensors, attention_probs, head_mean
+from difffeat.segment.aggregation import GocaHeadReducer, combine_layers, goca_head_weights, layer_weights, resize_self_map
+from difffeat.segment.rescale import class_scores, gaussian_blur, minmax, propagate, rescale_by_content
+
+
+def _attention(b=2, h=4, nq=12, nk=7, d=5, c=9, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(b, h, n, d, generator=g) for n in (nq, nk, nk))
+    w_out = torch.randn(c, h * d, generator=g)
+    attn = types.SimpleNamespace(to_out=[types.SimpleNamespace(weight=w_out)])
+    return AttentionTensors(q, k, v, None, d**-0.5, image_keys=None, text_keys=slice(0, nk)), attn, w_out
+
+
+def test_head_weights_sum_to_one_and_match_the_definition():
+    o = torch.randn(2, 4, 10, 6)
+    w = goca_head_weights(o)
+    torch.testing.assert_close(w.sum(1), torch.ones(2, 10))
+    total = o.sum(1)
+    for n in range(4):
+        naive = (o[:, n] * total).sum(-1) / (total * total).sum(-1)
+        torch.testing.assert_close(w[:, n], naive)
+    assert (w < 0).any()  # not clamped: random contributions can oppose the total
+
+
+def test_goca_reducer_equals_per_head_loop():
+    tensors, attn, w_out = _attention()
+    got = attention_probs(tensors, "cross", GocaHeadReducer(), attn)
+    b, h, nq, d = tensors.q.shape
+    expected = torch.zeros(b, nq, tensors.k.shape[2])
+    for bi in range(b):
+        probs = [torch.softmax(tensors.q[bi, n] @ tensors.k[bi, n].T * tensors.scale, -1) for n in range(h)]
+        contrib = [probs[n] @ tensors.v[bi, n] @ w_out[:, n * d : (n + 1) * d].T for n in range(h)]
+        total = sum(contrib)
+        for i in range(nq):
+            for n in range(h):
+                w = torch.dot(contrib[n][i], total[i]) / torch.dot(total[i], total[i])
+                expected[bi, i] += w * probs[n][i]
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
+
+
+def test_chunking_does_not_change_maps():
+    tensors, attn, _ = _attention(nq=33)
+    whole = attention_probs(tensors, "cross", GocaHeadReducer(), attn)
+    chunked = attention_probs(tensors, "cross", GocaHeadReducer(), attn, chunk_elements=2 * 4 * 7 * 5)
+    torch.testing.assert_close(whole, chunked)
+    torch.testing.assert_close(
+        attention_probs(tensors, "cross", head_mean, attn), attention_probs(tensors, "cross", head_mean, attn, chunk_elements=1)
+    )
+
+
+def test_joint_attention_weights_use_all_keys_but_return_text_columns():
+    tensors, attn, w_out = _attention(nk=10)
+    tensors.image_keys, tensors.text_keys = slice(0, 6), slice(6, 10)
+    got = attention_probs(tensors, "cross", GocaHeadReducer(), attn)
+    assert got.shape[-1] == 4
+    full = attention_probs(tensors, "all", GocaHeadReducer(), attn)
+    torch.testing.assert_close(got, full[..., 6:])
+
+
+def test_layer_weights_are_nonnegative_sum_to_one_and_match_a_loop():
+    g = torch.Generator().manual_seed(1)
+    ref = torch.randn(1, 8, 4, 4, generator=g)
+    selfs = [torch.softmax(torch.randn(1, 16, 16, generator=g), -1), torch.softmax(torch.randn(1, 4, 4, generator=g), -1)]
+    grids = [(4, 4), (2, 2)]
+    w = layer_weights(ref, selfs, grids)
+    assert (w >= 0).all()
+    torch.testing.assert_close(w.sum(1), torch.ones(1))
+    f = ref[0].flatten(1).T  # [HW, C]
+    p = torch.softmax(f @ f.T / 8**0.5, -1)
+    scores = []
+    for s, grid in zip(selfs, grids):
+        big = resize_self_map(s, grid, (4, 4))[0]
+        scores.append(sum(p[i, j] * big[i, j] for i in range(16) for j in range(16)))
+    scores = torch.stack(scores).clamp_min(0)
+    torch.testing.assert_close(w[0], scores / scores.sum())
+
+
+def test_layer_weights_use_every_reference_channel():
+    g = torch.Generator().manual_seed(2)
+    ref = torch.randn(1, 6, 3, 3, generator=g)
+    selfs = [torch.softmax(torch.randn(1, 9, 9, generator=g) * 3, -1) for _ in range(3)]
+    w_all = layer_weights(ref, selfs, [(3, 3)] * 3)
+    w_ch0 = layer_weights(ref[:, :1], selfs, [(3, 3)] * 3)
+    assert not torch.allclose(w_all, w_ch0)
+
+
+def test_resize_self_map_is_nearest_over_queries_and_keeps_row_mass():
+    s = torch.softmax(torch.randn(1, 4, 4), -1)
+    big = resize_self_map(s, (2, 2), (4, 4))
+    assert big.shape == (1, 16, 16)
+    # query pixel (r, c) of the 4x4 grid reads row (r//2, c//2) of the 2x2 grid
+    for r in range(4):
+        for c in range(4):
+            src = (r // 2) * 2 + c // 2
+            keys = big[0, r * 4 + c].reshape(4, 4)
+            torch.testing.assert_close(keys.sum(), s[0, src].sum(), atol=1e-5, rtol=0)
+    torch.testing.assert_close(resize_self_map(s, (2, 2), (2, 2)), s)
+
+
+def test_combine_layers_renormalises_every_pixel_over_text():
+    maps = [torch.rand(1, 16, 5), torch.rand(1, 4, 5)]
+    a = combine_layers(maps, [(4, 4), (2, 2)], torch.tensor([[0.25, 0.75]]), (4, 4))
+    torch.testing.assert_close(a.sum(1), torch.ones(1, 4, 4))
+    single = combine_layers(maps[:1], [(4, 4)], torch.tensor([[1.0]]), (4, 4))
+    naive = maps[0][0].T.reshape(5, 4, 4)
+    torch.testing.assert_close(single[0], naive / naive.sum(0, keepdim=True))
+
+
+def test_rescaling_divides_by_content_attention_and_minmax_bounds():
+    a = torch.rand(1, 6, 4, 4)
+    a = a / a.sum(1, keepdim=True)
+    s = class_scores(a, [[1], [2, 3]])
+    torch.testing.assert_close(s[:, 1], (a[:, 2] + a[:, 3]) / 2)
+    r = rescale_by_content(s, a, [1, 2, 3])
+    torch.testing.assert_close(r[:, 0], a[:, 1] / a[:, 1:4].sum(1))
+    m = minmax(gaussian_blur(r))
+    assert m.min() >= 0 and m.max() <= 1
+    torch.testing.assert_close(m.amax(dim=(-2, -1)), torch.ones(1, 2))
+
+
+def test_blur_preserves_constants_and_smooths():
+    const = torch.full((1, 1, 8, 8), 3.0)
+    torch.testing.assert_close(gaussian_blur(const), const)
+    spike = torch.zeros(1, 1, 9, 9)
+    spike[0, 0, 4, 4] = 1
+    out = gaussian_blur(spike, 5, 1.1)
+    assert out[0, 0, 4, 4] < 1 and out[0, 0, 4, 5] > 0 and abs(out.sum().item() - 1) < 1e-5
+
+
+def test_propagation_is_a_matrix_power_then_minmax():
+    x = torch.rand(1, 2, 3, 3)
+    s = torch.softmax(torch.randn(1, 9, 9), -1)
+    got = propagate(x, s, 3)
+    flat = x[0].flatten(1).T
+    naive = torch.linalg.matrix_power(s[0], 3) @ flat
+    torch.testing.assert_close(got[0], minmax(naive.T.reshape(1, 2, 3, 3))[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(propagate(x, s, 0), x)
