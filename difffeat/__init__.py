@@ -9,6 +9,7 @@ from .capture import Capture
 from .catalog import ActivationInfo, Catalog
 from .features import ExtractedItem, FeatureExtractor, upsample_concat
 from .presets import FeaturePreset, list_presets, load_preset
+from .segment import SegmentationResult, Segmenter, SegmentSettings
 from .errors import (
     DifffeatError,
     InvalidImageError,
@@ -45,6 +46,9 @@ __all__ = [
     "ExtractedItem",
     "upsample_concat",
     "FeaturePreset",
+    "Segmenter",
+    "SegmentationResult",
+    "SegmentSettings",
     "list_presets",
     "load_preset",
     "DifffeatError",

@@ -111,6 +111,111 @@ def extract(
     console.print(f"wrote {len(written)} feature files to {out_dir} ({', '.join(fx.names)})")
 
 
+def _segment_overrides(method, heads, layers, rescale, tau, t, refine_order) -> dict:
+    return {k: v for k, v in dict(heads=heads, layers=layers, rescale=rescale, tau=tau, t=t, refine_order=refine_order).items() if v is not None}
+
+
+@app.command()
+def segment(
+    images: list[Path] = typer.Argument(..., help="Image files."),
+    classes: str = typer.Option(..., "--classes", "-c", help="Comma-separated class names, e.g. cat,dog,grass."),
+    model: str = typer.Option("shapes", "--model", "-m", help=MODEL_HELP),
+    out_dir: Path = typer.Option(..., "--out", "-o", help="Output folder."),
+    method: str = typer.Option("goca", help="goca or vanilla (then --heads/--layers/--rescale override)."),
+    heads: Optional[str] = typer.Option(None, help="Head aggregation: goca | mean."),
+    layers: Optional[str] = typer.Option(None, help="Layer aggregation: goca | uniform."),
+    rescale: Optional[str] = typer.Option(None, help="Per-pixel rescaling: goca | none."),
+    tau: Optional[float] = typer.Option(None, help="Background offset (default: the model's config)."),
+    t: Optional[int] = typer.Option(None, "--t", help="Timestep (default: the model's config)."),
+    refine_order: Optional[int] = typer.Option(None, help="Self-attention propagation order (0 = off)."),
+    heatmaps: bool = typer.Option(False, help="Also write <stem>_heat_<class>.png per class."),
+    coco_results: Optional[Path] = typer.Option(None, help="Also write COCO results JSON (RLE) here."),
+    device: Optional[str] = typer.Option(None, help="cpu, cuda, ..."),
+    dtype: Optional[str] = typer.Option(None, help="fp32, fp16, bf16."),
+) -> None:
+    """Segment IMAGES into CLASSES: OUT/<stem>_labels.png (0 = background, i = i-th class), _overlay.png, .json."""
+    from tqdm.auto import tqdm
+
+    from . import Segmenter, load
+    from .io import write_json
+    from .segment.outputs import save_result, to_coco_results
+    from .segment.prompts import check_classes
+
+    try:
+        names = check_classes(_split(classes))
+        seg = Segmenter(load(model, device=device, dtype=dtype), method=method,
+                        **_segment_overrides(method, heads, layers, rescale, tau, t, refine_order))
+        stems = [p.stem for p in images]
+        if len(set(stems)) != len(stems):
+            raise ValueError("several images share a file stem; their outputs would overwrite each other")
+        coco = []
+        cat_ids = {c: i + 1 for i, c in enumerate(names)}
+        for i, path in enumerate(tqdm(images, desc="segment", unit="img")):
+            result = seg(path, names)
+            save_result(result, path, out_dir, path.stem, heatmaps=heatmaps)
+            coco += to_coco_results(result, i + 1, cat_ids)
+        if coco_results:
+            write_json(coco_results, coco)
+    except (DifffeatError, ValueError) as exc:
+        _fail(exc)
+    console.print(f"segmented {len(images)} image(s) into {names} -> {out_dir}")
+
+
+@app.command("eval")
+def evaluate_cmd(
+    model: str = typer.Option("shapes", "--model", "-m", help=MODEL_HELP),
+    coco: Optional[Path] = typer.Option(None, help="COCO instances annotation JSON."),
+    images: Optional[Path] = typer.Option(None, help="Image folder (COCO or VOC-style)."),
+    voc_labels: Optional[Path] = typer.Option(None, help="VOC-style label PNG folder (with --images, --class-names)."),
+    class_names: Optional[str] = typer.Option(None, help="VOC-style class names, comma-separated (label i = i-th)."),
+    shapes_split: Optional[str] = typer.Option(None, help="Evaluate on generated shapes: train | val | test."),
+    n: int = typer.Option(300, help="Number of generated shapes images."),
+    setting: str = typer.Option("oracle", help="oracle (prompt = classes present, as in the papers) | all."),
+    method: str = typer.Option("goca", help="goca or vanilla."),
+    heads: Optional[str] = typer.Option(None), layers: Optional[str] = typer.Option(None), rescale: Optional[str] = typer.Option(None),
+    tau: Optional[float] = typer.Option(None, help="Fixed background offset (default: the model's config)."),
+    tune_shapes_split: Optional[str] = typer.Option(None, help="Choose tau on this generated split first (e.g. val)."),
+    tune_n: int = typer.Option(100, help="Images used to choose tau."),
+    t: Optional[int] = typer.Option(None, "--t"),
+    limit: Optional[int] = typer.Option(None, help="Evaluate only the first N images."),
+    report: Path = typer.Option(Path("eval_report.json"), help="Where to write the JSON report."),
+    device: Optional[str] = typer.Option(None), dtype: Optional[str] = typer.Option(None),
+) -> None:
+    """Evaluate segmentation mIoU on a dataset and write a JSON report with per-class IoU."""
+    from . import Segmenter, load
+    from .evaluate import CocoDataset, ShapesDataset, VocDataset, evaluate, tune_tau
+    from .io import write_json
+
+    try:
+        if coco:
+            data = CocoDataset(coco, images or coco.parent / "images")
+        elif voc_labels:
+            if not images or not class_names:
+                raise ValueError("a VOC-style dataset needs --images, --voc-labels and --class-names")
+            data = VocDataset(images, voc_labels, _split(class_names))
+        elif shapes_split:
+            data = ShapesDataset(shapes_split, n)
+        else:
+            raise ValueError("name a dataset: --coco FILE [--images DIR], --voc-labels DIR --images DIR --class-names a,b, or --shapes-split test")
+        seg = Segmenter(load(model, device=device, dtype=dtype), method=method,
+                        **_segment_overrides(method, heads, layers, rescale, tau, t, None))
+        tuned = None
+        if tune_shapes_split:
+            if shapes_split == tune_shapes_split:
+                raise ValueError("tau must be chosen on a different split than the one evaluated")
+            best, scores = tune_tau(seg, ShapesDataset(tune_shapes_split, tune_n), setting, progress=True)
+            seg.settings = seg.settings.update(tau=best)
+            tuned = {"split": tune_shapes_split, "n": tune_n, "tau": best, "miou_by_tau": scores}
+        result = evaluate(seg, data, setting=setting, limit=limit, progress=True)
+        if tuned:
+            result.extra["tau_tuning"] = tuned
+        write_json(report, result.to_json())
+    except (DifffeatError, ValueError) as exc:
+        _fail(exc)
+    out.print(f"mIoU {result.miou:.4f} ({setting}: {result.n_images} images, method {seg.settings.method}, tau {seg.settings.tau})")
+    console.print(f"report: {report}")
+
+
 def main() -> None:  # pragma: no cover
     app()
 

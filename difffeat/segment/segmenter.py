@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -34,7 +34,15 @@ from .prompts import PromptLayout, build_layout
 from .rescale import class_scores, gaussian_blur, minmax, propagate, rescale_by_content
 from .settings import SegmentSettings, settings_for
 
-__all__ = ["Segmenter", "SegmentationResult", "grid_of"]
+__all__ = ["Segmenter", "SegmentationResult", "grid_of", "decide"]
+
+
+def decide(class_maps: torch.Tensor, background: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
+    """Label maps ``uint8 [B, H, W]``: argmax over {background, classes} after bilinear upsampling of the
+    scores ``[B, n, h, w]`` and ``[B, h, w]`` to ``size`` (H, W)."""
+    stack = torch.cat([background[:, None].float(), class_maps.float()], dim=1)
+    full = F.interpolate(stack, size=tuple(size), mode="bilinear", align_corners=False)
+    return full.argmax(dim=1).to(torch.uint8).numpy()
 
 
 def grid_of(n_tokens: int, base: tuple[int, int]) -> tuple[int, int]:
@@ -55,6 +63,7 @@ class SegmentationResult:
         labels: ``uint8 [H, W]`` at the input image's size; 0 = background, i = ``classes[i-1]``.
         class_maps: ``[n_classes, h, w]`` final class scores in [0, 1] at map resolution.
         background: ``[h, w]`` background score (tau + supporting map).
+        support: ``[h, w]`` supporting map (background entities) without tau.
         classes, caption: what was segmented and the prompt used.
         layer_names, layer_weights: the combined cross-attention layers and their weights.
         settings: the settings used (dict).
@@ -63,11 +72,22 @@ class SegmentationResult:
     labels: np.ndarray
     class_maps: torch.Tensor
     background: torch.Tensor
+    support: torch.Tensor
     classes: list[str]
     caption: str
     layer_names: list[str] = field(default_factory=list)
     layer_weights: list[float] = field(default_factory=list)
     settings: dict[str, Any] = field(default_factory=dict)
+
+    def with_tau(self, tau: float) -> "SegmentationResult":
+        """The same result decided with another background offset (no new forward)."""
+        background = tau + self.support
+        return replace(
+            self,
+            labels=decide(self.class_maps[None], background[None], self.labels.shape)[0],
+            background=background,
+            settings={**self.settings, "tau": float(tau)},
+        )
 
     @property
     def class_index(self) -> dict[str, int]:
@@ -217,14 +237,13 @@ class Segmenter:
         cls_maps, ent_maps = scores[:, :n_cls], scores[:, n_cls:]
         support = ent_maps.amax(dim=1) if ent_maps.shape[1] else torch.zeros_like(cls_maps[:, 0])
         background = s.tau + support  # [B, H, W]
-        stack = torch.cat([background[:, None], cls_maps], dim=1)
         w0, h0 = rgb.size
-        full = F.interpolate(stack, size=(h0, w0), mode="bilinear", align_corners=False)
-        labels = full.argmax(dim=1)[0].to(torch.uint8).numpy()
+        labels = decide(cls_maps, background, (h0, w0))[0]
         return SegmentationResult(
             labels=labels,
             class_maps=cls_maps[0].cpu(),
             background=background[0].cpu(),
+            support=support[0].cpu(),
             classes=list(layout.classes),
             caption=layout.caption,
             layer_names=list(self.blocks),

@@ -1,0 +1,7 @@
+"""Dataset evaluation: confusion-matrix mIoU on COCO, VOC-style and shapes datasets."""
+
+from .datasets import CocoDataset, EvalItem, ShapesDataset, VocDataset
+from .metrics import ConfusionMatrix
+from .runner import SETTINGS, EvalReport, evaluate, tune_tau
+
+__all__ = ["CocoDataset", "VocDataset", "ShapesDataset", "EvalItem", "ConfusionMatrix", "EvalReport", "evaluate", "tune_tau", "SETTINGS"]

@@ -1,0 +1,54 @@
+"""Confusion-matrix segmentation metrics (accumulated over a dataset, reducible across processes)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+__all__ = ["ConfusionMatrix", "IGNORE"]
+
+IGNORE = 255
+
+
+@dataclass
+class ConfusionMatrix:
+    """``counts[g, p]`` = pixels of ground-truth class g predicted as p; labels ``IGNORE`` are skipped.
+
+    Class 0 is background; 1..n are the dataset's classes.
+    """
+
+    num_classes: int
+    counts: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        if self.counts is None:
+            self.counts = np.zeros((self.num_classes, self.num_classes), dtype=np.int64)
+
+    def update(self, gt: np.ndarray, pred: np.ndarray) -> None:
+        if gt.shape != pred.shape:
+            raise ValueError(f"ground truth {gt.shape} and prediction {pred.shape} differ in size")
+        valid = gt != IGNORE
+        g = gt[valid].astype(np.int64)
+        p = pred[valid].astype(np.int64)
+        if g.size and (g.max() >= self.num_classes or p.max() >= self.num_classes):
+            raise ValueError(f"label outside [0, {self.num_classes - 1}]")
+        self.counts += np.bincount(g * self.num_classes + p, minlength=self.num_classes**2).reshape(self.num_classes, -1)
+
+    def merge(self, other: "ConfusionMatrix") -> "ConfusionMatrix":
+        return ConfusionMatrix(self.num_classes, self.counts + other.counts)
+
+    def iou(self) -> np.ndarray:
+        """Per-class IoU; NaN for classes absent from both ground truth and prediction."""
+        tp = np.diag(self.counts).astype(np.float64)
+        union = self.counts.sum(0) + self.counts.sum(1) - tp
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.where(union > 0, tp / union, np.nan)
+
+    def miou(self) -> float:
+        """Mean IoU over classes that occur (in ground truth or prediction)."""
+        return float(np.nanmean(self.iou()))
+
+    def pixel_accuracy(self) -> float:
+        total = self.counts.sum()
+        return float(np.trace(self.counts) / total) if total else float("nan")
