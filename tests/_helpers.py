@@ -14,7 +14,10 @@ _BACKBONES: dict[str, difffeat.Backbone] = {}
 def backbone_for(tiny_pipes, family: str) -> difffeat.Backbone:
     """One Backbone per family per test session (its catalog is cached on it)."""
     if family not in _BACKBONES:
-        _BACKBONES[family] = difffeat.load(tiny_pipes(family), device="cpu", dtype="fp32")
+        backbone = difffeat.load(tiny_pipes(family), device="cpu", dtype="fp32")
+        if hasattr(backbone, "max_sequence_length"):
+            backbone.max_sequence_length = 32  # T5 families: keep the text short for speed
+        _BACKBONES[family] = backbone
     return _BACKBONES[family]
 
 

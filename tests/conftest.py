@@ -1,0 +1,33 @@
+"""Shared fixtures. Every test runs offline on tiny random models (HF_HUB_OFFLINE=1)."""
+
+from __future__ import annotations
+
+import os
+import sys
+import warnings
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+sys.path.insert(0, str(Path(__file__).parent))
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+warnings.filterwarnings("ignore", message=".*should be kept in float32.*")
+
+
+@pytest.fixture(scope="session")
+def tiny_pipes():
+    """``tiny_pipes(family)`` -> the session's tiny random pipeline of that family (built once)."""
+    from difffeat.testing import tiny_pipeline
+
+    cache: dict[str, object] = {}
+
+    def get(family: str):
+        if family not in cache:
+            cache[family] = tiny_pipeline(family)
+        return cache[family]
+
+    return get
