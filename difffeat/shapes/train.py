@@ -86,9 +86,24 @@ class TrainConfig:
 
 
 # ------------------------------------------------------------------------------------------------ helpers
-def make_tokenizer(cfg: ModelConfig):  # noqa: ANN201 - transformers.CLIPTokenizer
-    """The shapes tokenizer (every vocabulary word is one token)."""
-    return build_clip_tokenizer(vocabulary(), model_max_length=cfg.max_length)
+def make_tokenizer(cfg: ModelConfig, run: str | Path | None = None):  # noqa: ANN201 - CLIPTokenizer
+    """The shapes tokenizer (every vocabulary word is one token), frozen per run in ``<run>/tokenizer``.
+
+    ``build_clip_tokenizer`` may number tokens differently from one call to the next (ties in BPE training),
+    so a run builds its tokenizer once, saves it, and every later use (resume, export) loads that copy.
+    """
+    from transformers import CLIPTokenizer
+
+    folder = Path(run) / "tokenizer" if run is not None else None
+    if folder is not None and (folder / "tokenizer_config.json").exists():
+        return CLIPTokenizer.from_pretrained(folder)
+    tok = build_clip_tokenizer(vocabulary(), model_max_length=cfg.max_length)
+    if folder is not None:
+        tmp = folder.with_name("tokenizer.tmp")
+        tok.save_pretrained(tmp)
+        os.replace(tmp, folder)
+        tok = CLIPTokenizer.from_pretrained(folder)
+    return tok
 
 
 def _device() -> torch.device:
@@ -139,6 +154,46 @@ class Dataset:
 
     def prompts(self, idx: np.ndarray, rng: np.random.Generator, p_empty: float) -> list[str]:
         return [random_prompt(self.objects[i], *self.backgrounds[i], rng, p_empty=p_empty) for i in idx]
+
+
+class AdaptiveThreads:
+    """Use ``max_threads`` torch threads while the machine is otherwise idle, one thread while others compute.
+
+    On a small shared machine, two intra-op threads competing with another busy process run far slower
+    than one (barrier waits); this re-checks the other processes' CPU load (Linux ``/proc/stat`` minus this
+    process's own CPU time) every ``every`` calls. Thread count never changes results beyond float rounding.
+    """
+
+    def __init__(self, max_threads: int, every: int = 10) -> None:
+        self.max_threads, self.every, self.calls = max_threads, every, 0
+        self.last = self._sample()
+        torch.set_num_threads(max_threads)
+
+    @staticmethod
+    def _sample() -> tuple[float, float, float] | None:
+        try:
+            with open("/proc/stat") as f:
+                vals = [float(v) for v in f.readline().split()[1:]]
+        except OSError:
+            return None
+        hz = os.sysconf("SC_CLK_TCK")
+        idle = vals[3] + (vals[4] if len(vals) > 4 else 0.0)
+        return (sum(vals) - idle) / hz, time.monotonic(), time.process_time()
+
+    def update(self) -> None:
+        self.calls += 1
+        if self.max_threads <= 1 or self.calls % self.every:
+            return
+        now = self._sample()
+        if now is None or self.last is None:
+            return
+        busy, wall, mine = (now[0] - self.last[0]), (now[1] - self.last[1]), (now[2] - self.last[2])
+        self.last = now
+        others = max(0.0, busy - mine) / max(wall, 1e-6)  # cores used by other processes
+        want = self.max_threads if others < 0.35 else 1
+        if want != torch.get_num_threads():
+            torch.set_num_threads(want)
+            log.info("others use %.2f cores -> %d torch thread(s)", others, want)
 
 
 class EMA:
@@ -199,8 +254,10 @@ def _train_vae(cfg: TrainConfig, data: Dataset, ckpt: dict | None, run: Path, de
         )  # fmt: skip
 
     last_save, t_prev = time.time(), time.time()
+    threads = AdaptiveThreads(cfg.threads)
     vae.train()
     for step in range(start, cfg.vae_steps):
+        threads.update()
         rng, g = _step_rng(cfg.seed, 1, step)
         x = data.pixels(rng.integers(len(data), size=cfg.vae_batch)).to(dev)  # [B, 3, 64, 64]
         for pg in opt.param_groups:
@@ -245,9 +302,11 @@ def _train_vae(cfg: TrainConfig, data: Dataset, ckpt: dict | None, run: Path, de
     return state
 
 
-def _train_unet(cfg: TrainConfig, data: Dataset, ckpt: dict, run: Path, dev: torch.device) -> dict:
+def _train_unet(
+    cfg: TrainConfig, data: Dataset, ckpt: dict, run: Path, dev: torch.device, stop_at: int | None = None
+) -> dict:
     m = cfg.model
-    tok = make_tokenizer(m)
+    tok = make_tokenizer(m, run)
     torch.manual_seed(cfg.seed + 1)
     unet = build_unet(m).to(dev)
     text = build_text_encoder(m, len(tok), tok.bos_token_id, tok.eos_token_id, tok.pad_token_id).to(dev)
@@ -275,14 +334,18 @@ def _train_unet(cfg: TrainConfig, data: Dataset, ckpt: dict, run: Path, dev: tor
         state = dict(ckpt)
         state.update({"step": step, "unet": unet.state_dict(), "text": text.state_dict(),
                       "ema_unet": ema_unet.shadow.state_dict(), "ema_text": ema_text.shadow.state_dict(),
-                      "opt": opt.state_dict(), "rng": _rng_state(), "elapsed_s": elapsed})  # fmt: skip
+                      "opt": opt.state_dict(), "rng": _rng_state(), "elapsed_s": elapsed,
+                      "config": cfg.to_dict()})  # fmt: skip
         _atomic_save(state, run / CKPT_NAME)
         ckpt.update(state)
 
     last_save, t_prev = time.time(), time.time()
+    threads = AdaptiveThreads(cfg.threads)
     unet.train()
     text.train()
-    for step in range(start, cfg.unet_steps):
+    end = cfg.unet_steps if stop_at is None else min(cfg.unet_steps, stop_at)
+    for step in range(start, end):
+        threads.update()
         rng, g = _step_rng(cfg.seed, 2, step)
         idx = rng.integers(len(data), size=cfg.unet_batch)
         ids = tok(data.prompts(idx, rng, cfg.p_empty), padding="max_length", max_length=m.max_length,
@@ -315,12 +378,15 @@ def _train_unet(cfg: TrainConfig, data: Dataset, ckpt: dict, run: Path, dev: tor
         if now - last_save > cfg.ckpt_minutes * 60:
             save(step + 1)
             last_save = time.time()
-    save(cfg.unet_steps)
+    save(max(start, end))
     return ckpt
 
 
-def train(cfg: TrainConfig, resume: bool = False) -> dict:
-    """Run (or continue) both stages; returns the final checkpoint dict."""
+def train(cfg: TrainConfig, resume: bool = False, stop_at: int | None = None) -> dict:
+    """Run (or continue) both stages; returns the final checkpoint dict.
+
+    ``stop_at`` ends this invocation after that many UNet steps (checkpoint saved), as an interruption would.
+    """
     torch.set_num_threads(cfg.threads)
     run = Path(cfg.out)
     run.mkdir(parents=True, exist_ok=True)
@@ -333,7 +399,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
     if ckpt is None or ckpt["stage"] == "vae":
         ckpt = _train_vae(cfg, data, ckpt, run, dev)
     if ckpt["step"] < cfg.unet_steps:
-        ckpt = _train_unet(cfg, data, ckpt, run, dev)
+        ckpt = _train_unet(cfg, data, ckpt, run, dev, stop_at=stop_at)
     return ckpt
 
 
@@ -350,7 +416,9 @@ def export(run: str | Path, target: str | Path, fp16: bool = True, use_ema: bool
         raise RuntimeError(f"no UNet-stage checkpoint in {run}; train first")
     cfg = TrainConfig.from_dict(ckpt["config"])
     m = cfg.model
-    tok = make_tokenizer(m)
+    if not (Path(run) / "tokenizer" / "tokenizer_config.json").exists():
+        raise RuntimeError(f"{run}/tokenizer is missing; the checkpoint cannot be exported without its tokenizer")
+    tok = make_tokenizer(m, run)
     vae = build_vae(m)
     vae.load_state_dict(ckpt["vae"])
     vae.register_to_config(scaling_factor=ckpt["scaling_factor"])
@@ -399,6 +467,7 @@ def _parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--vae-steps", type=int)
     p.add_argument("--batch", type=int, help="UNet-stage batch size")
     p.add_argument("--n-train", type=int)
+    p.add_argument("--lr", type=float, help="UNet-stage peak learning rate (UNet and text encoder)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--export", help="after training, write the pipeline to this folder")
     p.add_argument("--export-only", action="store_true", help="skip training; export the latest checkpoint")
@@ -417,6 +486,8 @@ def main(argv: list[str] | None = None) -> None:
                           ("n_train", args.n_train)):  # fmt: skip
             if val is not None:
                 setattr(cfg, name, val)
+        if args.lr is not None:
+            cfg.unet_lr = cfg.text_lr = args.lr
         train(cfg, resume=args.resume)
     if args.export:
         report = export(args.out, args.export, fp16=not args.fp32)

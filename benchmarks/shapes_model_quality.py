@@ -1,0 +1,419 @@
+"""Quality figures of the shapes model (generation, probe features, cross-attention localisation).
+
+Usage::
+
+    python benchmarks/shapes_model_quality.py --model difffeat/weights/shapes --out results.json
+
+Three measurements, all on scenes the model never saw (``val``/``test`` splits of the shapes world):
+
+1. **Generation sanity** - for single-shape captions ("a red star on a white background") generate with DDIM
+   and mild guidance, classify each image with a tiny CNN trained on the world's own single-object scenes
+   (passed through the model's VAE, so it sees the same decoder look), report the hit rate per class.
+2. **Semantic features** - UNet activations at a small timestep (up-path block outputs, upsampled to 64x64,
+   concatenated) -> per-pixel linear softmax probe fit on ``train`` scenes, scored on ``test`` scenes
+   (9-way pixel accuracy); the same probe on a random-weight UNet + text encoder as the baseline.
+3. **Cross-attention meaning** - softmax(QK^T/sqrt(d)) of every cross-attention layer, averaged over heads
+   and layers, per shape-word token; min-max normalised per image, thresholded at a value chosen on ``val``,
+   IoU against that shape's mask on ``test``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from difffeat.shapes.captions import list_prompt
+from difffeat.shapes.world import COLOURS, SHAPE_CLASSES, ShapeSample, sample
+
+log = logging.getLogger("shapes_model_quality")
+
+
+@dataclass
+class BenchConfig:
+    """Sizes and settings of the benchmark (defaults = the figures in the model card)."""
+
+    gen_per_class: int = 8
+    gen_steps: int = 40
+    gen_guidance: float = 3.0
+    clf_train_scenes: int = 12_000  # train-split indices scanned for single-object scenes
+    clf_steps: int = 400
+    probe_train: int = 200
+    probe_test: int = 200
+    probe_t: int = 75
+    probe_pixels_per_image: int = 512
+    attn_val: int = 100
+    attn_test: int = 200
+    attn_timesteps: tuple[int, ...] = (50, 100, 200, 400)
+    seed: int = 0
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+def _to_pixels(images: list) -> torch.Tensor:
+    """PIL list -> [B, 3, H, W] in [-1, 1]."""
+    arr = np.stack([np.asarray(im.convert("RGB")) for im in images]).astype(np.float32)
+    return torch.from_numpy(arr).permute(0, 3, 1, 2) / 127.5 - 1.0
+
+
+@torch.no_grad()
+def _encode(pipe, pixels: torch.Tensor) -> torch.Tensor:  # noqa: ANN001 - StableDiffusionPipeline
+    """Images -> scaled latents [B, 4, h, w] (posterior mean)."""
+    return pipe.vae.encode(pixels).latent_dist.mean * pipe.vae.config.scaling_factor
+
+
+@torch.no_grad()
+def _text(pipe, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:  # noqa: ANN001
+    ids = pipe.tokenizer(prompts, padding="max_length", max_length=pipe.tokenizer.model_max_length,
+                         truncation=True, return_tensors="pt").input_ids  # fmt: skip
+    return ids, pipe.text_encoder(ids)[0]
+
+
+def _noisy(pipe, z0: torch.Tensor, t: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:  # noqa: ANN001
+    g = torch.Generator().manual_seed(seed)
+    noise = torch.randn(z0.shape, generator=g)
+    a = pipe.scheduler.alphas_cumprod[t]
+    return a.sqrt() * z0 + (1 - a).sqrt() * noise, torch.full((len(z0),), t, dtype=torch.long)
+
+
+# ------------------------------------------------------------------------------------ 1. generation check
+class TinyShapeClassifier(torch.nn.Module):
+    """A small CNN: 64x64 RGB -> 8 shape classes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        chans = [3, 32, 64, 96, 128]
+        layers: list[torch.nn.Module] = []
+        for cin, cout in zip(chans[:-1], chans[1:]):
+            layers += [torch.nn.Conv2d(cin, cout, 3, stride=2, padding=1), torch.nn.GroupNorm(8, cout), torch.nn.SiLU()]
+        self.features = torch.nn.Sequential(*layers)
+        self.head = torch.nn.Linear(chans[-1], len(SHAPE_CLASSES))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, 3, 64, 64] -> [B, 8]
+        return self.head(self.features(x).mean(dim=(2, 3)))
+
+
+def _single_object_scenes(split: str, n_scan: int) -> list[ShapeSample]:
+    return [s for s in (sample(split, i) for i in range(n_scan)) if len(s.instances) == 1]
+
+
+@torch.no_grad()
+def _vae_roundtrip(pipe, pixels: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
+    out = []
+    for i in range(0, len(pixels), 256):
+        z = pipe.vae.encode(pixels[i : i + 256]).latent_dist.mean
+        out.append(pipe.vae.decode(z).sample.clamp(-1, 1))
+    return torch.cat(out)
+
+
+def train_classifier(pipe, cfg: BenchConfig) -> tuple[TinyShapeClassifier, float]:  # noqa: ANN001
+    """Fit the shape classifier on VAE round-trips of single-object train scenes; returns (model, val acc)."""
+    train = _single_object_scenes("train", cfg.clf_train_scenes)
+    val = _single_object_scenes("val", 1500)
+    x_tr = _vae_roundtrip(pipe, _to_pixels([s.image for s in train]))
+    y_tr = torch.tensor([s.instances[0].class_index - 1 for s in train])
+    x_va = _vae_roundtrip(pipe, _to_pixels([s.image for s in val]))
+    y_va = torch.tensor([s.instances[0].class_index - 1 for s in val])
+    torch.manual_seed(cfg.seed)
+    clf = TinyShapeClassifier()
+    opt = torch.optim.AdamW(clf.parameters(), lr=2e-3)
+    g = torch.Generator().manual_seed(cfg.seed)
+    for step in range(cfg.clf_steps):
+        idx = torch.randint(0, len(x_tr), (64,), generator=g)
+        xb = x_tr[idx]
+        if step % 2:  # flips/rot90 keep every class's identity
+            xb = torch.rot90(xb.flip(-1), k=int(step // 2 % 4), dims=(2, 3))
+        loss = F.cross_entropy(clf(xb), y_tr[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    clf.eval()
+    with torch.no_grad():
+        acc = float((clf(x_va).argmax(1) == y_va).float().mean())
+    return clf, acc
+
+
+def _contrasting_pairs() -> list[tuple[str, str]]:
+    """(object colour, background colour) pairs with strong contrast, cycled over the generation prompts."""
+    return [("red", "white"), ("blue", "yellow"), ("yellow", "black"), ("green", "pink"),
+            ("white", "blue"), ("black", "cyan"), ("orange", "purple"), ("purple", "grey")]  # fmt: skip
+
+
+@torch.no_grad()
+def generation_rate(pipe, clf: TinyShapeClassifier, cfg: BenchConfig) -> dict:  # noqa: ANN001
+    """Generate ``gen_per_class`` images per class and report how often the classifier sees the named shape."""
+    pairs = _contrasting_pairs()
+    per_class, examples = {}, []
+    for k, cls in enumerate(SHAPE_CLASSES):
+        prompts = [f"a {pairs[i % len(pairs)][0]} {cls} on a {pairs[i % len(pairs)][1]} background"
+                   for i in range(cfg.gen_per_class)]  # fmt: skip
+        g = torch.Generator().manual_seed(cfg.seed * 1000 + k)
+        out = pipe(prompts, num_inference_steps=cfg.gen_steps, guidance_scale=cfg.gen_guidance, height=64,
+                   width=64, generator=g, output_type="pt").images  # [B, 3, 64, 64] in [0, 1]  # fmt: skip
+        pred = clf(out * 2 - 1).argmax(1)
+        per_class[cls] = float((pred == k).float().mean())
+        examples.append(out[0])
+    rate = float(np.mean(list(per_class.values())))
+    return {"rate": rate, "per_class": per_class, "examples": torch.stack(examples)}
+
+
+# ------------------------------------------------------------------------------------------- 2. the probe
+def _capture_features(unet, names: list[str]) -> tuple[dict, Callable[[], None]]:  # noqa: ANN001
+    store: dict[str, torch.Tensor] = {}
+    handles = []
+    for name in names:
+        module = unet.get_submodule(name)
+
+        def hook(_m, _inp, out, name=name):  # noqa: ANN001, ANN202
+            store[name] = out[0] if isinstance(out, tuple) else out
+
+        handles.append(module.register_forward_hook(hook))
+    return store, lambda: [h.remove() for h in handles]
+
+
+FEATURE_MODULES = ["up_blocks.0", "up_blocks.1", "up_blocks.2"]
+
+
+@torch.no_grad()
+def pixel_features(pipe, unet, text_encoder, scenes: list[ShapeSample], t: int, seed: int) -> torch.Tensor:  # noqa: ANN001
+    """UNet features for each pixel: [B, C, 64, 64] (up-block outputs upsampled and concatenated, L2-normed)."""
+    store, remove = _capture_features(unet, FEATURE_MODULES)
+    feats = []
+    try:
+        for i in range(0, len(scenes), 50):
+            chunk = scenes[i : i + 50]
+            z0 = _encode(pipe, _to_pixels([s.image for s in chunk]))
+            zt, ts = _noisy(pipe, z0, t, seed + i)
+            ids = pipe.tokenizer([list_prompt(s.classes_present) for s in chunk], padding="max_length",
+                                 max_length=pipe.tokenizer.model_max_length, truncation=True,
+                                 return_tensors="pt").input_ids  # fmt: skip
+            unet(zt, ts, encoder_hidden_states=text_encoder(ids)[0])
+            maps = []
+            for name in FEATURE_MODULES:
+                f = F.interpolate(store[name].float(), size=(64, 64), mode="bilinear", align_corners=False)
+                maps.append(F.normalize(f, dim=1))
+            feats.append(torch.cat(maps, 1))
+    finally:
+        remove()
+    return torch.cat(feats)
+
+
+def probe_accuracy(train_f: torch.Tensor, train_y: torch.Tensor, test_f: torch.Tensor, test_y: torch.Tensor,
+                   pixels_per_image: int, seed: int) -> dict:  # fmt: skip
+    """Fit a per-pixel softmax-regression probe; return 9-way pixel accuracy and mIoU on the test pixels."""
+    g = torch.Generator().manual_seed(seed)
+    b, c, h, w = train_f.shape
+    flat_f = train_f.permute(0, 2, 3, 1).reshape(b, h * w, c)
+    flat_y = train_y.reshape(b, h * w)
+    idx = torch.stack([torch.randperm(h * w, generator=g)[:pixels_per_image] for _ in range(b)])
+    x = torch.gather(flat_f, 1, idx[..., None].expand(-1, -1, c)).reshape(-1, c)
+    y = torch.gather(flat_y, 1, idx).reshape(-1)
+    mu, sd = x.mean(0), x.std(0) + 1e-6
+    lin = torch.nn.Linear(c, 9)
+    opt = torch.optim.LBFGS(lin.parameters(), lr=1, max_iter=200, history_size=20, line_search_fn="strong_wolfe")
+    xs = (x - mu) / sd
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        loss = F.cross_entropy(lin(xs), y) + 1e-4 * lin.weight.pow(2).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    with torch.no_grad():
+        pred = lin((test_f.permute(0, 2, 3, 1).reshape(-1, c) - mu) / sd).argmax(1)
+    gt = test_y.reshape(-1)
+    ious = []
+    for k in range(9):
+        inter = ((pred == k) & (gt == k)).sum().item()
+        union = ((pred == k) | (gt == k)).sum().item()
+        if union:
+            ious.append(inter / union)
+    return {"pixel_accuracy": float((pred == gt).float().mean()), "miou": float(np.mean(ious))}
+
+
+# --------------------------------------------------------------------------------- 3. cross-attention maps
+class CrossAttentionProbe:
+    """Attention processor for ``attn2`` modules: records softmax(QK^T/sqrt(d)) per head, returns the normal output."""
+
+    def __init__(self, store: dict, name: str) -> None:
+        self.store, self.name = store, name
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):  # noqa: ANN001, ANN204
+        context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
+        b, n, _ = hidden_states.shape
+        q, k, v = attn.to_q(hidden_states), attn.to_k(context), attn.to_v(context)
+        heads = attn.heads
+        d = q.shape[-1] // heads
+        q = q.view(b, n, heads, d).transpose(1, 2)  # [B, h, N, d]
+        k = k.view(b, -1, heads, d).transpose(1, 2)  # [B, h, L, d]
+        v = v.view(b, -1, heads, d).transpose(1, 2)
+        scores = q @ k.transpose(-1, -2) * attn.scale  # [B, h, N, L]
+        if attention_mask is not None:
+            scores = scores + attention_mask
+        probs = scores.softmax(-1)
+        self.store[self.name] = probs.detach()
+        out = (probs @ v).transpose(1, 2).reshape(b, n, heads * d)
+        out = attn.to_out[1](attn.to_out[0](out))
+        if attn.residual_connection:
+            out = out + hidden_states
+        return out / attn.rescale_output_factor
+
+
+@torch.no_grad()
+def cross_attention_maps(pipe, scenes: list[ShapeSample], t: int, seed: int) -> list[dict[str, torch.Tensor]]:  # noqa: ANN001
+    """Per scene: {class name: [64, 64] head/layer-averaged attention map of that class's word token(s)}."""
+    unet = pipe.unet
+    original = unet.attn_processors
+    store: dict[str, torch.Tensor] = {}
+    probes = {k: (CrossAttentionProbe(store, k) if ".attn2." in k else v) for k, v in original.items()}
+    results: list[dict[str, torch.Tensor]] = []
+    try:
+        unet.set_attn_processor(probes)
+        for i in range(0, len(scenes), 50):
+            chunk = scenes[i : i + 50]
+            prompts = [list_prompt(s.classes_present) for s in chunk]
+            ids, emb = _text(pipe, prompts)
+            z0 = _encode(pipe, _to_pixels([s.image for s in chunk]))
+            zt, ts = _noisy(pipe, z0, t, seed + i)
+            store.clear()
+            unet(zt, ts, encoder_hidden_states=emb)
+            total = None
+            for probs in store.values():  # [B, h, N, L]
+                res = int(round(probs.shape[2] ** 0.5))
+                m = probs.mean(1).transpose(1, 2).reshape(len(chunk), -1, res, res)  # [B, L, r, r]
+                m = F.interpolate(m, size=(64, 64), mode="bilinear", align_corners=False)
+                total = m if total is None else total + m
+            total = total / len(store)  # [B, L, 64, 64]
+            for j, s in enumerate(chunk):
+                tokens = pipe.tokenizer.convert_ids_to_tokens(ids[j].tolist())
+                maps = {}
+                for cls in s.classes_present:
+                    pos = [p for p, tok in enumerate(tokens) if tok == f"{cls}</w>"]
+                    if not pos:
+                        raise RuntimeError(f"token {cls!r} not found in {tokens}")
+                    maps[cls] = total[j, pos].mean(0)
+                results.append(maps)
+    finally:
+        unet.set_attn_processor(original)
+    return results
+
+
+def _minmax(m: torch.Tensor) -> torch.Tensor:
+    return (m - m.min()) / (m.max() - m.min() + 1e-8)
+
+
+def attention_ious(maps: list[dict[str, torch.Tensor]], scenes: list[ShapeSample], thresholds: np.ndarray) -> np.ndarray:
+    """IoU of every (scene, class present) pair at each threshold: [pairs, thresholds]."""
+    rows = []
+    for m, s in zip(maps, scenes):
+        for cls, amap in m.items():
+            gt = torch.from_numpy(s.mask == SHAPE_CLASSES.index(cls) + 1)
+            norm = _minmax(amap)
+            row = []
+            for th in thresholds:
+                pred = norm >= th
+                row.append(float((pred & gt).sum()) / max(1.0, float((pred | gt).sum())))
+            rows.append(row)
+    return np.asarray(rows)
+
+
+# ---------------------------------------------------------------------------------------------------- main
+def run(model: str | Path, cfg: BenchConfig) -> dict:
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    torch.manual_seed(cfg.seed)
+    pipe = StableDiffusionPipeline.from_pretrained(model, torch_dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    results: dict = {"model": str(model), "config": asdict(cfg)}
+    t0 = time.time()
+
+    # 3. cross-attention localisation: choose timestep and threshold on val, score on test
+    thresholds = np.round(np.arange(0.05, 0.96, 0.05), 2)
+    val = [sample("val", i) for i in range(cfg.attn_val)]
+    test = [sample("test", i) for i in range(cfg.attn_test)]
+    best = (-1.0, None, None)
+    by_t = {}
+    for t in cfg.attn_timesteps:
+        ious = attention_ious(cross_attention_maps(pipe, val, t, cfg.seed), val, thresholds).mean(0)
+        k = int(ious.argmax())
+        by_t[t] = {"threshold": float(thresholds[k]), "val_iou": float(ious[k])}
+        if ious[k] > best[0]:
+            best = (float(ious[k]), t, float(thresholds[k]))
+    _, t_best, th_best = best
+    test_ious = attention_ious(cross_attention_maps(pipe, test, t_best, cfg.seed + 1), test, np.asarray([th_best]))
+    results["cross_attention"] = {
+        "mean_iou_test": float(test_ious.mean()),
+        "pairs_test": int(len(test_ious)),
+        "timestep": t_best,
+        "threshold": th_best,
+        "val_by_timestep": by_t,
+        "prompt_style": "a photo of <class>, <class>",
+    }
+    log.info("cross-attention: %s (%.0fs)", results["cross_attention"], time.time() - t0)
+
+    # 2. per-pixel probe: trained vs random weights
+    tr = [sample("train", 1_000_000 + i) for i in range(cfg.probe_train)]  # beyond the training scenes' indices
+    te = test[: cfg.probe_test] if cfg.probe_test <= len(test) else [sample("test", i) for i in range(cfg.probe_test)]
+    y_tr = torch.from_numpy(np.stack([s.mask for s in tr])).long()
+    y_te = torch.from_numpy(np.stack([s.mask for s in te])).long()
+    probe = {}
+    torch.manual_seed(cfg.seed)  # random-weight baseline: same architecture, fresh init (the VAE stays trained)
+    rand_unet = UNet2DConditionModel.from_config(pipe.unet.config)
+    rand_text = CLIPTextModel(pipe.text_encoder.config)
+    for label, (unet, text) in {"trained": (pipe.unet, pipe.text_encoder), "random": (rand_unet, rand_text)}.items():
+        f_tr = pixel_features(pipe, unet.eval(), text.eval(), tr, cfg.probe_t, cfg.seed)
+        f_te = pixel_features(pipe, unet.eval(), text.eval(), te, cfg.probe_t, cfg.seed + 1)
+        probe[label] = probe_accuracy(f_tr, y_tr, f_te, y_te, cfg.probe_pixels_per_image, cfg.seed)
+        del f_tr, f_te
+    results["probe"] = {**probe, "timestep": cfg.probe_t, "modules": FEATURE_MODULES,
+                        "train_scenes": len(tr), "test_scenes": len(te)}  # fmt: skip
+    log.info("probe: %s (%.0fs)", results["probe"], time.time() - t0)
+
+    # 1. generation
+    clf, clf_acc = train_classifier(pipe, cfg)
+    gen = generation_rate(pipe, clf, cfg)
+    results["generation"] = {"rate": gen["rate"], "per_class": gen["per_class"], "classifier_val_accuracy": clf_acc,
+                             "per_class_samples": cfg.gen_per_class, "steps": cfg.gen_steps,
+                             "guidance_scale": cfg.gen_guidance, "sampler": "DDIM"}  # fmt: skip
+    results["_generation_examples"] = gen["examples"]
+    log.info("generation: %s (%.0fs)", results["generation"], time.time() - t0)
+    results["elapsed_s"] = round(time.time() - t0, 1)
+    return results
+
+
+def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="difffeat/weights/shapes")
+    p.add_argument("--out", default="results.json")
+    p.add_argument("--quick", action="store_true", help="small sizes for a smoke run")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--save-grid", help="also write a PNG grid of one generated image per class")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    cfg = BenchConfig()
+    if args.quick:
+        cfg = BenchConfig(gen_per_class=2, gen_steps=10, clf_train_scenes=1500, clf_steps=40, probe_train=20,
+                          probe_test=20, attn_val=20, attn_test=20, attn_timesteps=(100,))  # fmt: skip
+    res = run(args.model, cfg)
+    examples = res.pop("_generation_examples")
+    if args.save_grid:
+        from PIL import Image
+
+        grid = (examples.permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)  # [8, 64, 64, 3]
+        Image.fromarray(np.concatenate(list(grid), axis=1)).save(args.save_grid)
+    Path(args.out).write_text(json.dumps(res, indent=2))
+    print(json.dumps({k: v for k, v in res.items() if k != "config"}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
