@@ -216,6 +216,21 @@ def evaluate_cmd(
     console.print(f"report: {report}")
 
 
+@app.command("make-tiny")
+def make_tiny(
+    family: str = typer.Argument(..., help="sd, sdxl, pixart, sd3 or flux."),
+    out_dir: Path = typer.Argument(..., help="Folder to write the pipeline to."),
+    seed: int = typer.Option(0, help="Weight seed."),
+) -> None:
+    """Save a tiny RANDOM-weight pipeline of FAMILY (offline), to try every command without a download."""
+    from .testing import TINY_FAMILIES, save_tiny_pipeline
+
+    if family not in TINY_FAMILIES:
+        _fail(ValueError(f"unknown family {family!r}; choose one of {', '.join(TINY_FAMILIES)}"))
+    save_tiny_pipeline(family, out_dir, seed=seed)
+    console.print(f"saved a tiny random {family} pipeline to {out_dir} (random weights: for testing only)")
+
+
 def main() -> None:  # pragma: no cover
     app()
 

@@ -1,0 +1,99 @@
+"""Evaluation: the confusion matrix against a direct count, COCO/VOC loading, settings, tau tuning."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+from pycocotools import mask as mask_utils
+
+from difffeat import Segmenter
+from difffeat.errors import DifffeatError
+from difffeat.evaluate import CocoDataset, ConfusionMatrix, ShapesDataset, VocDataset, evaluate, tune_tau
+
+from _helpers import backbone_for, random_image
+
+
+def test_confusion_matrix_iou_matches_direct_count():
+    rng = np.random.default_rng(0)
+    gt = rng.integers(0, 4, (30, 30)).astype(np.uint8)
+    pred = rng.integers(0, 4, (30, 30)).astype(np.uint8)
+    gt[0, :] = 255
+    cm = ConfusionMatrix(4)
+    cm.update(gt, pred)
+    valid = gt != 255
+    for c in range(4):
+        inter = ((gt == c) & (pred == c) & valid).sum()
+        union = (((gt == c) | (pred == c)) & valid).sum()
+        assert cm.iou()[c] == pytest.approx(inter / union)
+    half = ConfusionMatrix(4)
+    half.update(gt[:15], pred[:15])
+    other = ConfusionMatrix(4)
+    other.update(gt[15:], pred[15:])
+    np.testing.assert_array_equal(half.merge(other).counts, cm.counts)
+
+
+def _write_coco(tmp_path):
+    (tmp_path / "images").mkdir()
+    gt = np.zeros((32, 32), np.uint8)
+    gt[4:14, 4:14] = 1
+    gt[18:30, 10:28] = 2
+    random_image(32, 32).save(tmp_path / "images" / "a.png")
+    anns = []
+    for i, cat in enumerate((1, 2), start=1):
+        rle = mask_utils.encode(np.asfortranarray((gt == cat).astype(np.uint8)))
+        rle["counts"] = rle["counts"].decode()
+        anns.append({"id": i, "image_id": 1, "category_id": cat * 10, "segmentation": rle, "area": int((gt == cat).sum()),
+                     "bbox": list(mask_utils.toBbox(rle)), "iscrowd": 0})
+    data = {"images": [{"id": 1, "file_name": "a.png", "height": 32, "width": 32}], "annotations": anns,
+            "categories": [{"id": 10, "name": "cat"}, {"id": 20, "name": "dog"}]}
+    (tmp_path / "ann.json").write_text(json.dumps(data))
+    return gt
+
+
+def test_coco_dataset_gives_contiguous_semantic_labels(tmp_path):
+    gt = _write_coco(tmp_path)
+    data = CocoDataset(tmp_path / "ann.json", tmp_path / "images")
+    assert data.classes == ["cat", "dog"]
+    np.testing.assert_array_equal(data[0].gt, gt)
+    assert data[0].present() == [1, 2]
+
+
+def test_voc_dataset_reads_label_pngs(tmp_path):
+    (tmp_path / "img").mkdir()
+    (tmp_path / "lab").mkdir()
+    random_image(16, 16).save(tmp_path / "img" / "x.jpg")
+    lab = np.zeros((16, 16), np.uint8)
+    lab[2:5, 2:5] = 1
+    lab[0, 0] = 255
+    Image.fromarray(lab).save(tmp_path / "lab" / "x.png")
+    data = VocDataset(tmp_path / "img", tmp_path / "lab", ["cat"])
+    np.testing.assert_array_equal(data[0].gt, lab)
+    assert data[0].present() == [1]
+
+
+def test_missing_annotation_file_is_a_clear_error(tmp_path):
+    with pytest.raises(DifffeatError, match="not found"):
+        CocoDataset(tmp_path / "nope.json", tmp_path)
+
+
+def test_evaluate_states_its_setting_and_counts_every_pixel(tiny_pipes, tmp_path):
+    _write_coco(tmp_path)
+    data = CocoDataset(tmp_path / "ann.json", tmp_path / "images")
+    seg = Segmenter(backbone_for(tiny_pipes, "sd"))
+    for setting in ("oracle", "all"):
+        report = evaluate(seg, data, setting=setting)
+        assert report.setting == setting and report.n_images == 1
+        assert np.array(report.extra["confusion_matrix"]).sum() == 32 * 32
+        assert set(report.per_class_iou) == {"background", "cat", "dog"}
+        assert "oracle" in report.to_json()["setting_description"] or setting == "all"
+
+
+def test_tune_tau_scores_every_candidate_from_one_forward_each(tiny_pipes):
+    seg = Segmenter(backbone_for(tiny_pipes, "sd"))
+    data = ShapesDataset("val", 2)
+    best, scores = tune_tau(seg, data, taus=(-0.2, 0.0, 0.2))
+    assert set(scores) == {-0.2, 0.0, 0.2} and best in scores
+    assert scores[best] == max(scores.values())
