@@ -151,6 +151,11 @@ class FeatureExtractor:
             out[info.name] = x.to(device=self.out_device, dtype=self.out_dtype)
         return out
 
+    def extract_batch(self, images: Sequence[ImageInput], prompts: Sequence[str]) -> dict[str, torch.Tensor]:
+        """One forward for images that resize to the same size: ``{name: [B, C, H, W]}`` (no batching or
+        grouping; for data loaders that already form batches)."""
+        return self._forward(list(images), list(prompts))
+
     @staticmethod
     def _prompt_list(prompts: str | Sequence[str], n: int) -> list[str]:
         if isinstance(prompts, str):
