@@ -267,14 +267,17 @@ class CrossAttentionProbe:
         return out / attn.rescale_output_factor
 
 
+LAYER_SETS: dict[str, int] = {"all_layers": 1, "16x16+8x8_layers": 8}  # name -> minimum map resolution
+
+
 @torch.no_grad()
-def cross_attention_maps(pipe, scenes: list[ShapeSample], t: int, seed: int) -> list[dict[str, torch.Tensor]]:  # noqa: ANN001
-    """Per scene: {class name: [64, 64] head/layer-averaged attention map of that class's word token(s)}."""
+def cross_attention_maps(pipe, scenes: list[ShapeSample], t: int, seed: int) -> dict[str, list[dict[str, torch.Tensor]]]:  # noqa: ANN001
+    """Per layer set, per scene: {class name: [64, 64] head/layer-averaged attention map of its word token(s)}."""
     unet = pipe.unet
     original = unet.attn_processors
     store: dict[str, torch.Tensor] = {}
     probes = {k: (CrossAttentionProbe(store, k) if ".attn2." in k else v) for k, v in original.items()}
-    results: list[dict[str, torch.Tensor]] = []
+    results: dict[str, list[dict[str, torch.Tensor]]] = {name: [] for name in LAYER_SETS}
     try:
         unet.set_attn_processor(probes)
         for i in range(0, len(scenes), 50):
@@ -285,25 +288,33 @@ def cross_attention_maps(pipe, scenes: list[ShapeSample], t: int, seed: int) -> 
             zt, ts = _noisy(pipe, z0, t, seed + i)
             store.clear()
             unet(zt, ts, encoder_hidden_states=emb)
-            total = None
-            for probs in store.values():  # [B, h, N, L]
-                res = int(round(probs.shape[2] ** 0.5))
-                m = probs.mean(1).transpose(1, 2).reshape(len(chunk), -1, res, res)  # [B, L, r, r]
-                m = F.interpolate(m, size=(64, 64), mode="bilinear", align_corners=False)
-                total = m if total is None else total + m
-            total = total / len(store)  # [B, L, 64, 64]
-            for j, s in enumerate(chunk):
-                tokens = pipe.tokenizer.convert_ids_to_tokens(ids[j].tolist())
-                maps = {}
-                for cls in s.classes_present:
-                    pos = [p for p, tok in enumerate(tokens) if tok == f"{cls}</w>"]
-                    if not pos:
-                        raise RuntimeError(f"token {cls!r} not found in {tokens}")
-                    maps[cls] = total[j, pos].mean(0)
-                results.append(maps)
+            for set_name, min_res in LAYER_SETS.items():
+                total, count = None, 0
+                for probs in store.values():  # [B, h, N, L]
+                    res = int(round(probs.shape[2] ** 0.5))
+                    if res < min_res:
+                        continue
+                    m = probs.mean(1).transpose(1, 2).reshape(len(chunk), -1, res, res)  # [B, L, r, r]
+                    m = F.interpolate(m, size=(64, 64), mode="bilinear", align_corners=False)
+                    total, count = (m if total is None else total + m), count + 1
+                total = total / count  # [B, L, 64, 64]
+                for j, s in enumerate(chunk):
+                    tokens = pipe.tokenizer.convert_ids_to_tokens(ids[j].tolist())
+                    maps = {}
+                    for cls in s.classes_present:
+                        pos = [p for p, tok in enumerate(tokens) if tok == f"{cls}</w>"]
+                        if not pos:
+                            raise RuntimeError(f"token {cls!r} not found in {tokens}")
+                        maps[cls] = total[j, pos].mean(0)
+                    results[set_name].append(maps)
     finally:
         unet.set_attn_processor(original)
     return results
+
+
+def _average_maps(runs: list[list[dict[str, torch.Tensor]]]) -> list[dict[str, torch.Tensor]]:
+    """Average per-scene class maps over several runs (e.g. timesteps)."""
+    return [{cls: torch.stack([r[i][cls] for r in runs]).mean(0) for cls in runs[0][i]} for i in range(len(runs[0]))]
 
 
 def _minmax(m: torch.Tensor) -> torch.Tensor:
@@ -326,9 +337,8 @@ def attention_ious(maps: list[dict[str, torch.Tensor]], scenes: list[ShapeSample
 
 
 # ---------------------------------------------------------------------------------------------------- main
-def run(model: str | Path, cfg: BenchConfig) -> dict:
-    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextModel
+def run(model: str | Path, cfg: BenchConfig, parts: tuple[str, ...] = ("attn", "probe", "gen")) -> dict:
+    from diffusers import StableDiffusionPipeline
 
     torch.manual_seed(cfg.seed)
     pipe = StableDiffusionPipeline.from_pretrained(model, torch_dtype=torch.float32)
@@ -337,32 +347,61 @@ def run(model: str | Path, cfg: BenchConfig) -> dict:
     t0 = time.time()
 
     # 3. cross-attention localisation: choose timestep and threshold on val, score on test
+    test = [sample("test", i) for i in range(max(cfg.attn_test, cfg.probe_test))]
+    if "attn" in parts:
+        _cross_attention_figures(pipe, cfg, test, results)
+        log.info("cross-attention: %s (%.0fs)", results["cross_attention"], time.time() - t0)
+    if "probe" in parts:
+        _probe_figures(pipe, cfg, test, results)
+        log.info("probe: %s (%.0fs)", results["probe"], time.time() - t0)
+    if "gen" in parts:
+        _generation_figures(pipe, cfg, results)
+        log.info("generation: %s (%.0fs)", results["generation"], time.time() - t0)
+    results["elapsed_s"] = round(time.time() - t0, 1)
+    return results
+
+
+def _cross_attention_figures(pipe, cfg: BenchConfig, test_all_scenes: list[ShapeSample], results: dict) -> None:  # noqa: ANN001
+    test = test_all_scenes[: cfg.attn_test]
     thresholds = np.round(np.arange(0.05, 0.96, 0.05), 2)
     val = [sample("val", i) for i in range(cfg.attn_val)]
-    test = [sample("test", i) for i in range(cfg.attn_test)]
-    best = (-1.0, None, None)
-    by_t = {}
-    for t in cfg.attn_timesteps:
-        ious = attention_ious(cross_attention_maps(pipe, val, t, cfg.seed), val, thresholds).mean(0)
-        k = int(ious.argmax())
-        by_t[t] = {"threshold": float(thresholds[k]), "val_iou": float(ious[k])}
-        if ious[k] > best[0]:
-            best = (float(ious[k]), t, float(thresholds[k]))
-    _, t_best, th_best = best
-    test_ious = attention_ious(cross_attention_maps(pipe, test, t_best, cfg.seed + 1), test, np.asarray([th_best]))
+    val_maps = {t: cross_attention_maps(pipe, val, t, cfg.seed) for t in cfg.attn_timesteps}
+    t_sets: dict[str, list[int]] = {str(t): [t] for t in cfg.attn_timesteps}
+    t_sets["mean_over_t"] = list(cfg.attn_timesteps)
+    by_t, best = {}, (-1.0, "", "", 0.0)
+    for layer_set in LAYER_SETS:
+        for key, ts in t_sets.items():
+            maps = _average_maps([val_maps[t][layer_set] for t in ts])
+            ious = attention_ious(maps, val, thresholds).mean(0)
+            k = int(ious.argmax())
+            by_t[f"{layer_set}@t={key}"] = {"threshold": float(thresholds[k]), "val_iou": float(ious[k])}
+            if ious[k] > best[0]:
+                best = (float(ious[k]), key, layer_set, float(thresholds[k]))
+    _, t_best, layers_best, th_best = best
+    test_runs = [cross_attention_maps(pipe, test, t, cfg.seed + 1) for t in t_sets[t_best]]
+    test_ious = attention_ious(_average_maps([r[layers_best] for r in test_runs]), test, np.asarray([th_best]))
+    all_key = "all_layers"
+    test_all = attention_ious(_average_maps([r[all_key] for r in test_runs]), test,
+                              np.asarray([by_t[f"{all_key}@t={t_best}"]["threshold"]]))  # fmt: skip
     results["cross_attention"] = {
         "mean_iou_test": float(test_ious.mean()),
         "pairs_test": int(len(test_ious)),
         "timestep": t_best,
+        "layers": layers_best,
         "threshold": th_best,
+        "mean_iou_test_all_layers": float(test_all.mean()),
         "val_by_timestep": by_t,
         "prompt_style": "a photo of <class>, <class>",
     }
-    log.info("cross-attention: %s (%.0fs)", results["cross_attention"], time.time() - t0)
+
+
+def _probe_figures(pipe, cfg: BenchConfig, test: list[ShapeSample], results: dict) -> None:  # noqa: ANN001
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextModel
 
     # 2. per-pixel probe: trained vs random weights
     tr = [sample("train", 1_000_000 + i) for i in range(cfg.probe_train)]  # beyond the training scenes' indices
-    te = test[: cfg.probe_test] if cfg.probe_test <= len(test) else [sample("test", i) for i in range(cfg.probe_test)]
+    te = test[: cfg.probe_test]
     y_tr = torch.from_numpy(np.stack([s.mask for s in tr])).long()
     y_te = torch.from_numpy(np.stack([s.mask for s in te])).long()
     probe = {}
@@ -376,8 +415,9 @@ def run(model: str | Path, cfg: BenchConfig) -> dict:
         del f_tr, f_te
     results["probe"] = {**probe, "timestep": cfg.probe_t, "modules": FEATURE_MODULES,
                         "train_scenes": len(tr), "test_scenes": len(te)}  # fmt: skip
-    log.info("probe: %s (%.0fs)", results["probe"], time.time() - t0)
 
+
+def _generation_figures(pipe, cfg: BenchConfig, results: dict) -> None:  # noqa: ANN001
     # 1. generation
     clf, clf_acc = train_classifier(pipe, cfg)
     gen = generation_rate(pipe, clf, cfg)
@@ -385,9 +425,6 @@ def run(model: str | Path, cfg: BenchConfig) -> dict:
                              "per_class_samples": cfg.gen_per_class, "steps": cfg.gen_steps,
                              "guidance_scale": cfg.gen_guidance, "sampler": "DDIM"}  # fmt: skip
     results["_generation_examples"] = gen["examples"]
-    log.info("generation: %s (%.0fs)", results["generation"], time.time() - t0)
-    results["elapsed_s"] = round(time.time() - t0, 1)
-    return results
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -397,6 +434,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", default="results.json")
     p.add_argument("--quick", action="store_true", help="small sizes for a smoke run")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--parts", default="attn,probe,gen", help="comma list of: attn, probe, gen")
     p.add_argument("--save-grid", help="also write a PNG grid of one generated image per class")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -404,9 +442,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.quick:
         cfg = BenchConfig(gen_per_class=2, gen_steps=10, clf_train_scenes=1500, clf_steps=40, probe_train=20,
                           probe_test=20, attn_val=20, attn_test=20, attn_timesteps=(100,))  # fmt: skip
-    res = run(args.model, cfg)
-    examples = res.pop("_generation_examples")
-    if args.save_grid:
+    res = run(args.model, cfg, tuple(args.parts.split(",")))
+    examples = res.pop("_generation_examples", None)
+    if args.save_grid and examples is not None:
         from PIL import Image
 
         grid = (examples.permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)  # [8, 64, 64, 3]

@@ -17,7 +17,7 @@ def _tiny(out: Path, unet_steps: int = 4) -> TrainConfig:
     model = ModelConfig(vae_channels=(8, 16, 16), unet_channels=(16, 32, 32), norm_groups=8, text_hidden=32,
                         text_intermediate=64)  # fmt: skip
     return TrainConfig(out=str(out), model=model, n_train=24, vae_steps=2, vae_batch=4, unet_steps=unet_steps,
-                       unet_batch=4, warmup=2, log_every=1)  # fmt: skip
+                       unet_batch=4, warmup=2, log_every=1, threads=1, decoder_steps=2)  # fmt: skip
 
 
 def test_train_checkpoint_resume_matches_uninterrupted(tmp_path: Path) -> None:

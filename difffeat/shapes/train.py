@@ -67,6 +67,10 @@ class TrainConfig:
     warmup: int = 200
     min_lr_frac: float = 0.1
     weight_decay: float = 0.01
+    # stage 3: decoder-only fine-tune (encoder frozen, so the UNet's latents stay valid)
+    decoder_steps: int = 800
+    decoder_batch: int = 16
+    decoder_lr: float = 1e-3
     p_empty: float = 0.1
     ema_decay: float = 0.999
     grad_clip: float = 1.0
@@ -382,11 +386,91 @@ def _train_unet(
     return ckpt
 
 
+DECODER_NAME = "decoder.pt"
+
+
+def finetune_decoder(cfg: TrainConfig, data: Dataset | None = None, resume: bool = True) -> dict:
+    """Stage 3: train only the VAE decoder (+ post_quant_conv) on posterior samples of the frozen encoder.
+
+    The encoder and hence every latent the UNet was trained on stay unchanged, so this stage may run before,
+    during or after the UNet stage. State goes to ``<out>/decoder.pt`` (resumable); :func:`export` uses it.
+    """
+    run = Path(cfg.out)
+    ckpt = load_checkpoint(run)
+    if ckpt is None or ckpt["stage"] != "unet":
+        raise RuntimeError(f"the VAE stage of {run} has not finished")
+    dev = _device()
+    data = data or Dataset(cfg.n_train, cfg.model.image_size)
+    vae = build_vae(cfg.model).to(dev)
+    vae.load_state_dict(ckpt["vae"])
+    vae.requires_grad_(False)
+    params = [*vae.decoder.parameters(), *vae.post_quant_conv.parameters()]
+    for prm in params:
+        prm.requires_grad_(True)
+    opt = torch.optim.AdamW(params, lr=cfg.decoder_lr, weight_decay=0.0)
+    start, elapsed = 0, 0.0
+    state_path = run / DECODER_NAME
+    if resume and state_path.exists():
+        st = torch.load(state_path, map_location="cpu", weights_only=False)
+        vae.decoder.load_state_dict(st["decoder"])
+        vae.post_quant_conv.load_state_dict(st["post_quant_conv"])
+        opt.load_state_dict(st["opt"])
+        start, elapsed = st["step"], st["elapsed_s"]
+        log.info("resuming decoder stage at step %d", start)
+
+    def save(step: int) -> None:
+        _atomic_save({"step": step, "decoder": vae.decoder.state_dict(),
+                      "post_quant_conv": vae.post_quant_conv.state_dict(), "opt": opt.state_dict(),
+                      "elapsed_s": elapsed, "steps_total": cfg.decoder_steps}, state_path)  # fmt: skip
+
+    threads = AdaptiveThreads(cfg.threads)
+    last_save, t_prev = time.time(), time.time()
+    vae.encoder.eval()
+    vae.decoder.train()
+    for step in range(start, cfg.decoder_steps):
+        threads.update()
+        rng, g = _step_rng(cfg.seed, 3, step)
+        x = data.pixels(rng.integers(len(data), size=cfg.decoder_batch)).to(dev)  # [B, 3, 64, 64]
+        for pg in opt.param_groups:
+            pg["lr"] = cfg.decoder_lr * _lr_factor(step, cfg.decoder_steps, 20, cfg.min_lr_frac)
+        with torch.no_grad():
+            post = vae.encode(x).latent_dist
+            z = post.mean + post.std * torch.randn(post.mean.shape, generator=g).to(dev)
+        rec = vae.decode(z).sample
+        l1, l2 = (rec - x).abs().mean(), F.mse_loss(rec, x)
+        loss = l1 + l2
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        opt.step()
+        now = time.time()
+        elapsed += now - t_prev
+        t_prev = now
+        if step % cfg.log_every == 0 or step == cfg.decoder_steps - 1:
+            rec_ = {"stage": "decoder", "step": step, "loss": loss.item(), "l1": l1.item(), "l2": l2.item(),
+                    "lr": opt.param_groups[0]["lr"], "elapsed_s": round(elapsed, 1)}  # fmt: skip
+            _log_line(run / "log.jsonl", rec_)
+            log.info("decoder %s", rec_)
+        if now - last_save > cfg.ckpt_minutes * 60 / 2:
+            save(step + 1)
+            last_save = time.time()
+    save(max(start, cfg.decoder_steps))
+    return {"step": max(start, cfg.decoder_steps), "elapsed_s": elapsed}
+
+
 def train(cfg: TrainConfig, resume: bool = False, stop_at: int | None = None) -> dict:
     """Run (or continue) both stages; returns the final checkpoint dict.
 
     ``stop_at`` ends this invocation after that many UNet steps (checkpoint saved), as an interruption would.
     """
+    previous_threads = torch.get_num_threads()
+    try:
+        return _train(cfg, resume, stop_at)
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
+def _train(cfg: TrainConfig, resume: bool, stop_at: int | None) -> dict:
     torch.set_num_threads(cfg.threads)
     run = Path(cfg.out)
     run.mkdir(parents=True, exist_ok=True)
@@ -400,6 +484,8 @@ def train(cfg: TrainConfig, resume: bool = False, stop_at: int | None = None) ->
         ckpt = _train_vae(cfg, data, ckpt, run, dev)
     if ckpt["step"] < cfg.unet_steps:
         ckpt = _train_unet(cfg, data, ckpt, run, dev, stop_at=stop_at)
+    if cfg.decoder_steps > 0 and (stop_at is None or stop_at >= cfg.unet_steps):
+        finetune_decoder(cfg, data, resume=True)
     return ckpt
 
 
@@ -421,6 +507,12 @@ def export(run: str | Path, target: str | Path, fp16: bool = True, use_ema: bool
     tok = make_tokenizer(m, run)
     vae = build_vae(m)
     vae.load_state_dict(ckpt["vae"])
+    report_decoder = None
+    if (Path(run) / DECODER_NAME).exists():  # stage-3 decoder fine-tune (encoder unchanged)
+        st = torch.load(Path(run) / DECODER_NAME, map_location="cpu", weights_only=False)
+        vae.decoder.load_state_dict(st["decoder"])
+        vae.post_quant_conv.load_state_dict(st["post_quant_conv"])
+        report_decoder = {"step": st["step"], "elapsed_s": st["elapsed_s"]}
     vae.register_to_config(scaling_factor=ckpt["scaling_factor"])
     unet = build_unet(m)
     unet.load_state_dict(ckpt["ema_unet" if use_ema else "unet"])
@@ -429,7 +521,8 @@ def export(run: str | Path, target: str | Path, fp16: bool = True, use_ema: bool
     _, ddim = build_schedulers(m)
 
     # fp16 check: the UNet+text noise prediction with fp16-rounded weights vs fp32 weights.
-    report = {"step": ckpt["step"], "train_elapsed_s": ckpt.get("vae_elapsed_s", 0) + ckpt["elapsed_s"],
+    report = {"step": ckpt["step"], "decoder_finetune": report_decoder,
+              "train_elapsed_s": ckpt.get("vae_elapsed_s", 0) + ckpt["elapsed_s"],
               "params": {"unet": count_params(unet), "text_encoder": count_params(text), "vae": count_params(vae)}}  # fmt: skip
     g = torch.Generator().manual_seed(0)
     ids = tok(["a red circle and a blue star on a white background", "a photo of heart, cross"],
@@ -446,9 +539,11 @@ def export(run: str | Path, target: str | Path, fp16: bool = True, use_ema: bool
         rec16 = rec16.decode(rec16.encode(x).latent_dist.mean).sample
     report["fp16_rel_err_unet"] = float((ref - low).norm() / ref.norm())
     report["fp16_max_abs_err_vae"] = float((rec - rec16).abs().max())
+    # UNet and VAE weights go to disk in fp16 (diffusers loads them back as fp32 unless asked otherwise); the
+    # text encoder stays fp32 (it is tiny, and transformers would keep fp16 on load, mixing dtypes on CPU).
     dtype = torch.float16 if fp16 else torch.float32
     pipe = StableDiffusionPipeline(
-        vae=vae.to(dtype), text_encoder=text.to(dtype), tokenizer=tok, unet=unet.to(dtype), scheduler=ddim,
+        vae=vae.to(dtype), text_encoder=text, tokenizer=tok, unet=unet.to(dtype), scheduler=ddim,
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     )  # fmt: skip
     target = Path(target)
@@ -472,18 +567,29 @@ def _parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--export", help="after training, write the pipeline to this folder")
     p.add_argument("--export-only", action="store_true", help="skip training; export the latest checkpoint")
     p.add_argument("--fp32", action="store_true", help="export fp32 weights instead of fp16")
+    p.add_argument("--decoder-only", action="store_true",
+                   help="run (or resume) only stage 3, the decoder fine-tune; may run beside the UNet stage")
+    p.add_argument("--decoder-steps", type=int)
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     args = _parse(argv)
-    if not args.export_only:
+    if args.decoder_only:
+        ck = load_checkpoint(args.out)
+        if ck is None:
+            raise SystemExit(f"no checkpoint in {args.out}")
+        cfg = TrainConfig.from_dict(ck["config"])
+        if args.decoder_steps is not None:
+            cfg.decoder_steps = args.decoder_steps
+        finetune_decoder(cfg, resume=True)
+    elif not args.export_only:
         cfg = TrainConfig(out=args.out, seed=args.seed)
         if args.resume and (ck := load_checkpoint(args.out)) is not None:
             cfg = TrainConfig.from_dict(ck["config"])
         for name, val in (("unet_steps", args.steps), ("vae_steps", args.vae_steps), ("unet_batch", args.batch),
-                          ("n_train", args.n_train)):  # fmt: skip
+                          ("n_train", args.n_train), ("decoder_steps", args.decoder_steps)):  # fmt: skip
             if val is not None:
                 setattr(cfg, name, val)
         if args.lr is not None:
