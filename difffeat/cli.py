@@ -216,6 +216,25 @@ def evaluate_cmd(
     console.print(f"report: {report}")
 
 
+@app.command()
+def bench(
+    what: str = typer.Argument("goca", help="goca: observer memory vs storing every head's map, and segment time vs a bare forward."),
+    resolution: int = typer.Option(512, help="Input resolution (px) of the SD1.5-shaped tiny model."),
+    repeats: int = typer.Option(3, help="Timing repeats (median reported)."),
+    out_file: Optional[Path] = typer.Option(None, "--out", help="Write the figures as JSON here."),
+) -> None:
+    """Speed/memory benchmarks, reported as ratios against a baseline measured in the same run."""
+    from .bench import BENCHMARKS
+    from .io import write_json
+
+    if what not in BENCHMARKS:
+        _fail(ValueError(f"unknown benchmark {what!r}; choose one of {', '.join(BENCHMARKS)}"))
+    figures = BENCHMARKS[what](resolution=resolution, repeats=repeats)
+    out.print_json(json.dumps(figures))
+    if out_file:
+        write_json(out_file, figures)
+
+
 @app.command("make-tiny")
 def make_tiny(
     family: str = typer.Argument(..., help="sd, sdxl, pixart, sd3 or flux."),

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["tiny_pipeline", "save_tiny_pipeline", "tiny_controlnet", "TINY_FAMILIES", "WORDS"]
+__all__ = ["tiny_pipeline", "save_tiny_pipeline", "tiny_controlnet", "sd15_shaped_pipeline", "TINY_FAMILIES", "WORDS"]
 
 #: words every tiny tokenizer knows as whole tokens (others still tokenize, as pieces / <unk> for T5)
 WORDS = tuple(
@@ -184,6 +184,27 @@ def save_tiny_pipeline(family: str, path: str | os.PathLike, *, seed: int = 0) -
     path = Path(path)
     tiny_pipeline(family, seed=seed).save_pretrained(path, safe_serialization=True)
     return path
+
+
+def sd15_shaped_pipeline(seed: int = 0):
+    """A small-channel pipeline with SD1.5's exact block structure (4 levels, cross-attention at the first
+    three, 8 heads, 2 resnets per down level / 3 per up level, VAE factor 8), for benchmarks: 512 px
+    inputs give SD1.5's 64x64 / 32x32 / 16x16 / 8x8 grids and its 16 cross-attention layers."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=64, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(32, 64, 64, 64),
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",), up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+        cross_attention_dim=32, attention_head_dim=8, norm_num_groups=16,
+    ).eval()
+    vae = _vae(seed + 1, block_out_channels=[16, 16, 16, 16], down_block_types=["DownEncoderBlock2D"] * 4,
+               up_block_types=["UpDecoderBlock2D"] * 4, norm_num_groups=8, sample_size=512)
+    sched = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=_clip_text(seed=seed + 2), tokenizer=_clip_tokenizer(), unet=unet,
+                                   scheduler=sched, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
 
 
 def tiny_controlnet(seed: int = 0):

@@ -30,7 +30,7 @@ __all__ = [
 ]
 
 #: query rows per chunk when computing probabilities (bounds the temporary [B, heads, chunk, keys] tensor)
-DEFAULT_CHUNK_ELEMENTS = 2**25
+DEFAULT_CHUNK_ELEMENTS = 2**23
 
 
 @dataclass
