@@ -250,6 +250,21 @@ def make_tiny(
     console.print(f"saved a tiny random {family} pipeline to {out_dir} (random weights: for testing only)")
 
 
+@app.command()
+def demo(
+    model: str = typer.Option("shapes", "--model", "-m", help=MODEL_HELP),
+    port: int = typer.Option(7860, help="Port to serve on."),
+    host: str = typer.Option("127.0.0.1", help="Interface to bind (0.0.0.0 to expose it)."),
+    concurrency: int = typer.Option(1, help="Requests processed at once (the queue holds the rest)."),
+) -> None:
+    """Start the Gradio demo (segment, features, content shift); needs `pip install difffeat[demo]`."""
+    try:
+        from .demo import launch
+    except ImportError as exc:  # gradio missing
+        _fail(ImportError(f"the demo needs gradio: pip install 'difffeat[demo]' ({exc})"))
+    launch(model, port=port, host=host, concurrency=concurrency)
+
+
 def main() -> None:  # pragma: no cover
     app()
 
