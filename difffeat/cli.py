@@ -83,32 +83,56 @@ def presets() -> None:
 @app.command()
 def extract(
     model: str = typer.Argument(..., help=MODEL_HELP),
-    images: list[Path] = typer.Argument(..., help="Image files."),
+    images: Optional[list[Path]] = typer.Argument(None, help="Image files, folders or quoted glob patterns ('data/**/*.jpg')."),
     features: Optional[str] = typer.Option(None, "--features", "-f", help="Comma-separated activation names."),
     preset: Optional[str] = typer.Option(None, help="A feature preset (see `difffeat presets`)."),
     t: Optional[int] = typer.Option(None, "--t", help="Timestep on the 1000-step scale (default: preset's or 50)."),
-    out_dir: Path = typer.Option(..., "--out", "-o", help="Output folder: <stem>.safetensors per image."),
+    out_dir: Path = typer.Option(..., "--out", "-o", help="Output folder: <stem>.safetensors per image, manifest.json."),
+    coco: Optional[Path] = typer.Option(None, help="Extract the images of this COCO annotation JSON."),
+    coco_images: Optional[Path] = typer.Option(None, help="Image folder of --coco (default: <ann dir>/images)."),
+    voc: Optional[Path] = typer.Option(None, help="Extract a VOC folder (its JPEGImages/)."),
+    voc_split: Optional[str] = typer.Option(None, help="Only the images of ImageSets/Segmentation/<split>.txt."),
     prompt: str = typer.Option("", help="Prompt used for every image."),
     resolution: Optional[int] = typer.Option(None, help="Long side in px (default: preset's or native)."),
     square: bool = typer.Option(False, help="Resize to a square instead of keeping the aspect ratio."),
     seed: int = typer.Option(0, help="Noise seed."),
-    batch_size: int = typer.Option(8, help="Images per forward."),
-    device: Optional[str] = typer.Option(None, help="cpu, cuda, ..."),
+    batch_size: int = typer.Option(8, help="Images per forward (images of one size share a batch)."),
+    num_workers: int = typer.Option(2, help="DataLoader workers decoding/resizing ahead of the model (0 = inline)."),
+    overwrite: bool = typer.Option(False, help="Recompute every image, replacing outputs of other settings."),
+    device: Optional[str] = typer.Option(None, help="cpu, cuda, ... (default: the process's accelerate device)."),
     dtype: Optional[str] = typer.Option(None, help="fp32, fp16, bf16 (default: fp16 on CUDA, fp32 on CPU)."),
 ) -> None:
-    """Extract features of IMAGES and write OUT/<stem>.safetensors ([C, H, W] per feature name)."""
+    """Extract features of IMAGES (or --coco / --voc) and write OUT/<stem>.safetensors ([C, H, W] per name).
+
+    Runs unchanged under `accelerate launch --multi_gpu --num_processes N` (one shard per process); a restart
+    with the same command skips finished images.
+    """
     from . import FeatureExtractor, load
+    from .scale import ExtractJob, coco_images as coco_refs, collect_images, init_state, run_extract, voc_images
 
     try:
         names = _split(features)
         if not names and not preset:
             raise ValueError("name the features with --features a,b or pick --preset (see `difffeat presets`)")
+        if sum(bool(x) for x in (images, coco, voc)) != 1:
+            raise ValueError("give the images one way: IMAGE... (files, folders, globs), --coco ANN, or --voc DIR")
+        if coco:
+            refs, desc = coco_refs(coco, coco_images), {"coco": str(coco.resolve()), "images": str((coco_images or coco.parent / "images").resolve())}
+        elif voc:
+            refs, desc = voc_images(voc, voc_split), {"voc": str(voc.resolve()), "split": voc_split}
+        else:
+            refs, desc = collect_images(images), {"sources": [str(p) for p in images]}
+        desc["n"] = len(refs)
+        state = init_state(device)
         backbone = load(model, device=device, dtype=dtype)
         fx = FeatureExtractor(backbone, names or None, preset=preset, t=t, resolution=resolution, square=square, seed=seed, batch_size=batch_size)
-        written = fx.extract_to_dir(images, out_dir, prompts=prompt, progress=True)
+        job = ExtractJob(out_dir, prompt=prompt, num_workers=num_workers, overwrite=overwrite, dataset=desc)
+        summary = run_extract(fx, refs, job, state)
     except (DifffeatError, ValueError) as exc:
         _fail(exc)
-    console.print(f"wrote {len(written)} feature files to {out_dir} ({', '.join(fx.names)})")
+    if state.is_main_process:
+        console.print(f"wrote {summary.written} feature files to {out_dir} ({', '.join(fx.names)}); "
+                      f"{summary.skipped} already done; {summary.processes} process(es), {summary.seconds:.1f} s")
 
 
 def _segment_overrides(method, heads, layers, rescale, tau, t, refine_order) -> dict:
@@ -179,41 +203,59 @@ def evaluate_cmd(
     t: Optional[int] = typer.Option(None, "--t"),
     limit: Optional[int] = typer.Option(None, help="Evaluate only the first N images."),
     report: Path = typer.Option(Path("eval_report.json"), help="Where to write the JSON report."),
+    run_dir: Optional[Path] = typer.Option(None, "--out", help="Run folder (manifest, per-chunk confusion counts for resuming); default: <report>_run/."),
+    chunk_size: int = typer.Option(8, help="Images per resumable chunk."),
+    num_workers: int = typer.Option(2, help="DataLoader workers preparing images ahead of the model (0 = inline)."),
+    overwrite: bool = typer.Option(False, help="Recompute everything in --out, replacing results of other settings."),
     device: Optional[str] = typer.Option(None), dtype: Optional[str] = typer.Option(None),
 ) -> None:
-    """Evaluate segmentation mIoU on a dataset and write a JSON report with per-class IoU."""
+    """Evaluate segmentation mIoU on a dataset and write a JSON report with per-class IoU.
+
+    Runs unchanged under `accelerate launch --multi_gpu --num_processes N` (the confusion matrices are summed
+    across processes; the result equals one process's); a restart with the same command resumes.
+    """
     from . import Segmenter, load
-    from .evaluate import CocoDataset, ShapesDataset, VocDataset, evaluate, tune_tau
+    from .evaluate import CocoDataset, ShapesDataset, VocDataset
     from .io import write_json
+    from .scale import EvalJob, init_state, run_eval, tune_tau_distributed
 
     try:
         if coco:
             data = CocoDataset(coco, images or coco.parent / "images")
+            desc = {"coco": str(coco.resolve()), "images": str(data.images.resolve())}
         elif voc_labels:
             if not images or not class_names:
                 raise ValueError("a VOC-style dataset needs --images, --voc-labels and --class-names")
             data = VocDataset(images, voc_labels, _split(class_names))
+            desc = {"voc_images": str(images.resolve()), "voc_labels": str(voc_labels.resolve())}
         elif shapes_split:
             data = ShapesDataset(shapes_split, n)
+            desc = {"shapes_split": shapes_split, "shapes_n": n}
         else:
             raise ValueError("name a dataset: --coco FILE [--images DIR], --voc-labels DIR --images DIR --class-names a,b, or --shapes-split test")
+        state = init_state(device)
         seg = Segmenter(load(model, device=device, dtype=dtype), method=method,
                         **_segment_overrides(method, heads, layers, rescale, tau, t, None))
         tuned = None
         if tune_shapes_split:
             if shapes_split == tune_shapes_split:
                 raise ValueError("tau must be chosen on a different split than the one evaluated")
-            best, scores = tune_tau(seg, ShapesDataset(tune_shapes_split, tune_n), setting, progress=True)
+            best, scores = tune_tau_distributed(seg, ShapesDataset(tune_shapes_split, tune_n), setting, tune_n, state, progress=True)
             seg.settings = seg.settings.update(tau=best)
             tuned = {"split": tune_shapes_split, "n": tune_n, "tau": best, "miou_by_tau": scores}
-        result = evaluate(seg, data, setting=setting, limit=limit, progress=True)
+        run_dir = run_dir or report.with_name(report.stem + "_run")
+        job = EvalJob(run_dir, setting=setting, limit=limit, chunk_size=chunk_size, num_workers=num_workers,
+                      overwrite=overwrite, dataset=desc)
+        result = run_eval(seg, data, job, state, extra_manifest={"tau_tuning": {k: v for k, v in (tuned or {}).items() if k != "miou_by_tau"}})
         if tuned:
             result.extra["tau_tuning"] = tuned
-        write_json(report, result.to_json())
+        if state.is_main_process:
+            write_json(report, result.to_json())
     except (DifffeatError, ValueError) as exc:
         _fail(exc)
-    out.print(f"mIoU {result.miou:.4f} ({setting}: {result.n_images} images, method {seg.settings.method}, tau {seg.settings.tau})")
-    console.print(f"report: {report}")
+    if state.is_main_process:
+        out.print(f"mIoU {result.miou:.4f} ({setting}: {result.n_images} images, method {seg.settings.method}, tau {seg.settings.tau})")
+        console.print(f"report: {report}")
 
 
 @app.command()

@@ -1,0 +1,169 @@
+"""Dataset-scale segmentation evaluation: sharded, resumable, reduced to one confusion matrix.
+
+The dataset is cut into fixed chunks of ``chunk_size`` consecutive images (independent of the number of
+processes); process r takes chunks r, r + N, ... After each chunk it writes ``out/parts/part-<a>-<b>.npz``
+(that chunk's confusion counts) atomically, so a restart skips finished chunks. At the end each process sums
+its chunks, the sums are reduced across processes, and the main process writes the report. Integer counts
+make the result identical for any number of processes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..evaluate.metrics import ConfusionMatrix
+from ..evaluate.runner import EvalReport, _report, _to_dataset_labels, segment_item
+from ..io import write_bytes, write_json
+from ..segment.segmenter import Segmenter
+from .data import eval_loader
+from .extract import remove_stale_parts
+from .manifest import Manifest, check_manifest, write_manifest
+from .state import init_state, reduce_max, reduce_sum, shard
+
+__all__ = ["EvalJob", "run_eval", "tune_tau_distributed", "chunks_of"]
+
+
+@dataclass
+class EvalJob:
+    """Options of an evaluation run."""
+
+    out_dir: Path
+    setting: str = "oracle"
+    limit: int | None = None
+    chunk_size: int = 8
+    num_workers: int = 2
+    overwrite: bool = False
+    progress: bool = True
+    dataset: dict[str, Any] = field(default_factory=dict)
+
+
+def chunks_of(n: int, size: int) -> list[tuple[int, int]]:
+    """``[start, stop)`` ranges of ``size`` consecutive items covering ``range(n)``."""
+    if size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {size}")
+    return [(s, min(s + size, n)) for s in range(0, n, size)]
+
+
+def _fingerprint(manifest: Manifest) -> str:
+    d = manifest.to_json()
+    d.pop("versions")
+    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _load_part(path: Path, num_classes: int, fingerprint: str) -> tuple[np.ndarray, int] | None:
+    """A finished chunk's ``(counts, n_images)``, or None if missing, unreadable or from other settings."""
+    try:
+        with np.load(path) as z:
+            if str(z["fingerprint"]) != fingerprint or z["counts"].shape != (num_classes, num_classes):
+                return None
+            return z["counts"].astype(np.int64), int(z["n_images"])
+    except (OSError, KeyError, ValueError, EOFError):
+        return None
+
+
+def _save_part(path: Path, counts: np.ndarray, n_images: int, fingerprint: str) -> None:
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
+            np.savez(f, counts=counts, n_images=np.int64(n_images), fingerprint=np.str_(fingerprint))
+
+    write_bytes(path, write)
+
+
+def _part_path(parts: Path, start: int, stop: int) -> Path:
+    return parts / f"part-{start:08d}-{stop:08d}.npz"
+
+
+def run_eval(segmenter: Segmenter, dataset, job: EvalJob, state=None, extra_manifest: dict | None = None) -> EvalReport:
+    """Evaluate ``segmenter`` on ``dataset`` on every process of the current launch; every process returns
+    the same report (confusion matrix in ``report.extra["confusion_matrix"]``)."""
+    state = state or init_state()
+    out_dir = Path(job.out_dir)
+    parts = out_dir / "parts"
+    classes = list(dataset.classes)
+    n = len(dataset) if job.limit is None else min(job.limit, len(dataset))
+    settings = {**segmenter.settings.to_dict(), "setting": job.setting, **(extra_manifest or {})}
+    manifest = Manifest("eval", str(segmenter.backbone.name), settings, {**job.dataset, "n": n, "classes": classes})
+    fingerprint = _fingerprint(manifest)
+    check_manifest(out_dir, manifest, job.overwrite)
+    if state.is_main_process:
+        parts.mkdir(parents=True, exist_ok=True)
+        remove_stale_parts(parts)
+        write_manifest(out_dir, manifest)
+    state.wait_for_everyone()
+
+    k = len(classes) + 1
+    total = np.zeros((k, k), np.int64)
+    images = 0
+    todo: list[tuple[int, int]] = []
+    for start, stop in shard(chunks_of(n, job.chunk_size), state.process_index, state.num_processes):
+        done = None if job.overwrite else _load_part(_part_path(parts, start, stop), k, fingerprint)
+        if done is None:
+            todo.append((start, stop))
+        else:
+            total += done[0]
+            images += done[1]
+
+    from tqdm.auto import tqdm
+
+    indices = [i for a, b in todo for i in range(a, b)]
+    bar = tqdm(total=len(indices), desc=f"eval {job.setting} (process 0 of {state.num_processes})", unit="img",
+               disable=not (job.progress and state.is_main_process), smoothing=0.1)
+    t0 = time.perf_counter()
+    loader = iter(eval_loader(dataset, indices, job.num_workers))
+    for start, stop in todo:
+        cm = ConfusionMatrix(k)
+        for _ in range(start, stop):
+            i, item = next(loader)
+            result, labels = segment_item(segmenter, item, classes, job.setting)
+            cm.update(item.gt, _to_dataset_labels(result, labels, item.gt.shape))
+            bar.update(1)
+        _save_part(_part_path(parts, start, stop), cm.counts, stop - start, fingerprint)
+        total += cm.counts
+        images += stop - start
+    bar.close()
+    seconds = time.perf_counter() - t0
+
+    summed = reduce_sum(state, torch.from_numpy(np.append(total.ravel(), images)))
+    wall = float(reduce_max(state, torch.tensor([seconds], dtype=torch.float64))[0])
+    cm = ConfusionMatrix(k, summed[:-1].numpy().reshape(k, k).astype(np.int64))
+    report = _report(cm, classes, job.setting, int(summed[-1]), wall, segmenter.settings.to_dict())
+    report.extra["confusion_matrix"] = cm.counts.tolist()
+    report.extra["processes"] = state.num_processes
+    report.extra["run_folder"] = str(out_dir)
+    return report
+
+
+def tune_tau_distributed(segmenter: Segmenter, dataset, setting: str, n: int, state=None, progress: bool = False,
+                         taus=tuple(np.round(np.linspace(-0.4, 0.4, 17), 3)), num_workers: int = 0) -> tuple[float, dict[float, float]]:
+    """:func:`difffeat.evaluate.tune_tau` with the tuning images shared among processes (same answer)."""
+    from tqdm.auto import tqdm
+
+    state = state or init_state()
+    classes = list(dataset.classes)
+    k = len(classes) + 1
+    cms = [ConfusionMatrix(k) for _ in taus]
+    mine = shard(range(min(n, len(dataset))), state.process_index, state.num_processes)
+    for i, item in tqdm(eval_loader(dataset, mine, num_workers), total=len(mine), desc="tune tau", unit="img",
+                        disable=not (progress and state.is_main_process)):
+        result, labels = segment_item(segmenter, item, classes, setting)
+        for tau, cm in zip(taus, cms):
+            relabeled = result.with_tau(float(tau)) if result is not None else None
+            cm.update(item.gt, _to_dataset_labels(relabeled, labels, item.gt.shape))
+    stacked = reduce_sum(state, torch.from_numpy(np.stack([cm.counts for cm in cms])))
+    scores = {float(t): ConfusionMatrix(k, c.numpy()).miou() for t, c in zip(taus, stacked)}
+    best = max(scores, key=lambda t: (scores[t], -abs(t)))
+    return best, scores
+
+
+def write_report(path: Path, report: EvalReport, state) -> None:
+    """Main process only: the JSON report."""
+    if state.is_main_process:
+        write_json(path, report.to_json())
