@@ -1,0 +1,131 @@
+"""The demo's ``/segment`` endpoint through ``gradio_client``: results, readable errors, queue under load.
+
+The server runs in this process (gradio's own thread) on the trained shapes model when it is installed,
+else on a tiny random SD pipeline saved to a temp folder.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+pytest.importorskip("gradio", reason="the demo needs gradio (pip install 'difffeat[demo]')")
+pytest.importorskip("gradio_client", reason="gradio_client is not installed")
+
+from gradio_client import Client, handle_file  # noqa: E402
+
+from difffeat.demo import ActivityMeter, bundled_examples, launch  # noqa: E402
+from difffeat.resources import package_dir  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+SHAPES_INSTALLED = (package_dir() / "weights" / "shapes" / "model_index.json").is_file()
+CONCURRENCY = 2
+
+
+def _load_bench():
+    spec = importlib.util.spec_from_file_location("demo_load", ROOT / "benchmarks" / "demo_load.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["demo_load"] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+bench = _load_bench()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """(demo, url, model) of a demo served on a free port with queue limit CONCURRENCY."""
+    if SHAPES_INSTALLED:
+        model = "shapes"
+    else:
+        from difffeat.testing import save_tiny_pipeline
+
+        model = str(save_tiny_pipeline("sd", tmp_path_factory.mktemp("tiny-sd")))
+    demo = launch(model, port=bench.free_port(), concurrency=CONCURRENCY, block=False, preload=True, meter=ActivityMeter())
+    yield demo, demo.local_url, model
+    demo.close()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return Client(server[1], verbose=False)
+
+
+def _example():
+    image, classes = bundled_examples()[0]
+    return image, classes
+
+
+def _segment(client, model, image, classes, fast=True):
+    return client.predict(*bench.segment_args(image, classes, model, fast=fast), api_name="/segment")
+
+
+def test_segment_endpoint_returns_label_png_of_image_size(server, client):
+    """Full GOCA segmentation; the request right after a failed one (the server keeps serving)."""
+    _, _, model = server
+    image, classes = _example()
+    with pytest.raises(Exception):
+        _segment(client, model, image, "")
+    overlay, labels, legend, heat, label_file, status = _segment(client, model, image, classes, fast=False)
+    size = Image.open(image).size
+    n = len(classes.split(","))
+    lab = Image.open(label_file)
+    assert lab.mode == "P" and lab.size == size
+    values = np.asarray(lab)
+    assert values.max() <= n  # 0 = background, 1..n = classes
+    assert Image.open(overlay).size == size
+    assert len(heat) == n and [h["caption"] for h in heat] == [c.strip() for c in classes.split(",")]
+    for cls in ["background", *[c.strip() for c in classes.split(",")]]:
+        assert f'data-class="{cls}"' in legend
+    assert ("random weights, for testing" in status) == (not SHAPES_INSTALLED and model == "shapes")
+
+
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        ({"classes": ""}, "empty class list"),
+        ({"classes": "star, Star"}, "duplicate class names"),
+        ({"image": "not-an-image"}, "cannot read image file"),
+    ],
+)
+def test_bad_input_gives_readable_error_and_server_keeps_serving(server, client, tmp_path, bad, message):
+    _, _, model = server
+    image, classes = _example()
+    if bad.get("image") == "not-an-image":
+        fake = tmp_path / "fake.png"
+        fake.write_text("this is not a PNG")
+        image = str(fake)
+    with pytest.raises(Exception) as info:
+        _segment(client, model, image, bad.get("classes", classes))
+    assert message in str(info.value)
+    assert "Traceback" not in str(info.value)
+
+
+def test_unknown_model_is_a_readable_error(client):
+    image, classes = _example()
+    with pytest.raises(Exception) as info:
+        _segment(client, "/no/such/folder", image, classes)
+    assert "no/such/folder" in str(info.value) and "Traceback" not in str(info.value)
+
+
+@pytest.mark.slow
+def test_load_20_concurrent_requests_respect_queue_limit(server):
+    demo, url, model = server
+    image, classes = _example()
+    demo.difffeat_meter.peak = 0
+    report = bench.run_load(url, bench.segment_args(image, classes, model, fast=True), requests=20)
+    report.update(concurrency_limit=CONCURRENCY, peak_in_flight=demo.difffeat_meter.peak, model=model,
+                  fallback=not SHAPES_INSTALLED, source="tests/test_demo_client.py", fast=True)
+    print(f"\ndemo load: 20 requests, p50 {report['p50_s']} s, p95 {report['p95_s']} s, wall {report['wall_s']} s, "
+          f"peak in flight {report['peak_in_flight']} (limit {CONCURRENCY})")
+    bench.RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    bench.RESULTS.write_text(json.dumps(report, indent=2) + "\n")
+    assert report["succeeded"] == 20, report["errors"]
+    assert 1 <= demo.difffeat_meter.peak <= CONCURRENCY
