@@ -10,6 +10,7 @@ from .catalog import ActivationInfo, Catalog
 from .features import ExtractedItem, FeatureExtractor, upsample_concat
 from .presets import FeaturePreset, list_presets, load_preset
 from .segment import SegmentationResult, Segmenter, SegmentSettings
+from . import shift
 from .errors import (
     DifffeatError,
     InvalidImageError,

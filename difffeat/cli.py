@@ -259,6 +259,55 @@ def evaluate_cmd(
 
 
 @app.command()
+def gate(
+    model: str = typer.Argument(..., help=MODEL_HELP),
+    images: list[Path] = typer.Argument(..., help="Image files."),
+    technique: list[str] = typer.Option(..., "--technique", help="prompt:quality=natural | prompt:template=a photo of {} | controlnet:ID[,scale=1,start_t=60,steps=2] | lora:PATH[,scale=1] (repeatable)."),
+    features: Optional[str] = typer.Option(None, "--features", "-f", help="Activations to score (default: the model's practical preset or the first cross-attention q)."),
+    prompt: str = typer.Option("", help="Base prompt."),
+    t: int = typer.Option(50, "--t", help="Extraction timestep."),
+    out_dir: Path = typer.Option(Path("gate_out"), "--out", "-o", help="Where the img2img comparisons go."),
+    img2img: bool = typer.Option(True, help="Also run the img2img comparison per image and technique."),
+    strength: float = typer.Option(0.75, help="img2img strength."),
+    steps: int = typer.Option(20, help="img2img steps."),
+    device: Optional[str] = typer.Option(None), dtype: Optional[str] = typer.Option(None),
+) -> None:
+    """Score content-shift suppression techniques (GATE): Laplacian score per activation, img2img comparisons."""
+    from . import FeatureExtractor, load
+    from .io import write_bytes, write_json
+    from .shift import gate_img2img, gate_scores, parse_technique
+
+    try:
+        techs = [parse_technique(spec) for spec in technique]
+        backbone = load(model, device=device, dtype=dtype)
+        cat = backbone.catalog()
+        queries = [a.name for a in cat.candidates() if a.kind in ("cross-q", "joint-q")] or [a.name for a in cat if a.kind in ("cross-q", "joint-q")]
+        names = _split(features) or queries[:1]
+        fx = FeatureExtractor(backbone, names, t=t)
+        table = Table(title=f"GATE Laplacian score (1 = no shift, <= 0 = no better than plain) at t={t}")
+        table.add_column("technique")
+        for n in names:
+            table.add_column(n, overflow="fold")
+        results = []
+        for spec, tech in zip(technique, techs):
+            scores = gate_scores(fx, images, prompt, [tech])
+            table.add_row(spec, *[f"{scores[n]:.3f}" for n in names])
+            entry = {"technique": spec, "scores": scores, "img2img": []}
+            if img2img:
+                for path in images:
+                    cmp = gate_img2img(backbone, path, prompt, tech, strength=strength, steps=steps)
+                    target = out_dir / f"{path.stem}_{tech.name}.png"
+                    write_bytes(target, lambda tmp, img=cmp.side_by_side(): img.save(tmp, format="PNG"))
+                    entry["img2img"].append({"image": str(path), "file": str(target), **cmp.to_json()})
+            results.append(entry)
+        write_json(out_dir / "gate.json", results)
+    except (DifffeatError, ValueError) as exc:
+        _fail(exc)
+    out.print(table)
+    console.print(f"details: {out_dir / 'gate.json'}")
+
+
+@app.command()
 def bench(
     what: str = typer.Argument("goca", help="goca: observer memory vs storing every head's map, and segment time vs a bare forward."),
     resolution: int = typer.Option(512, help="Input resolution (px) of the SD1.5-shaped tiny model."),

@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -70,6 +71,10 @@ class FeatureExtractor:
         batch_size: images per forward.
         early_exit: stop the forward after the last requested activation.
         out_dtype: dtype of returned tensors (default float32); ``out_device`` where they go (default CPU).
+        techniques: content-shift suppression techniques applied in order
+            (:class:`difffeat.shift.Prompt`, :class:`~difffeat.shift.ControlNet`, :class:`~difffeat.shift.Lora`).
+        map_prompt: if set, attention-map features are extracted with this fixed prompt (so their channels mean
+            the same tokens across images) while other features use the (technique-rewritten) prompts.
 
     Attention maps requested as features are averaged over heads and returned as ``[B, K, H, W]`` (K = key
     tokens: text tokens for cross maps, image tokens for self maps).
@@ -89,6 +94,8 @@ class FeatureExtractor:
         early_exit: bool = True,
         out_dtype: torch.dtype = torch.float32,
         out_device: str | torch.device = "cpu",
+        techniques: Sequence = (),
+        map_prompt: str | None = None,
     ) -> None:
         self.backbone = load(backbone)
         if preset is not None and features:
@@ -116,6 +123,8 @@ class FeatureExtractor:
         self.early_exit = early_exit
         self.out_dtype = out_dtype
         self.out_device = torch.device(out_device)
+        self.techniques = list(techniques)
+        self.map_prompt = map_prompt
 
     @property
     def names(self) -> list[str]:
@@ -133,18 +142,40 @@ class FeatureExtractor:
             "square": self.square,
             "seed": self.seed,
             "preset": self.preset.name if self.preset else None,
+            "techniques": [tech.describe() for tech in self.techniques],
+            "map_prompt": self.map_prompt,
         }
 
     # ------------------------------------------------------------------ core
     def _forward(self, images: Sequence[ImageInput], prompts: list[str]) -> dict[str, torch.Tensor]:
-        inputs = self.backbone.prepare(images, prompts, self.t, self.seed, self.resolution, self.square)
-        with Capture(self.backbone, self.infos, inputs, early_exit=self.early_exit, map_reducer=head_mean) as cap:
-            self.backbone.denoise(inputs)
+        rgb = [to_rgb(im) for im in images]
+        if self.map_prompt is not None and any(i.is_map for i in self.infos):
+            maps = [i for i in self.infos if i.is_map]
+            rest = [i for i in self.infos if not i.is_map]
+            out = self._run(rgb, [self.map_prompt] * len(rgb), maps, rewrite_prompts=False)
+            if rest:
+                out.update(self._run(rgb, prompts, rest))
+            return {i.name: out[i.name] for i in self.infos}
+        return self._run(rgb, prompts, self.infos)
+
+    def _run(self, rgb, prompts: list[str], infos: list[ActivationInfo], rewrite_prompts: bool = True) -> dict[str, torch.Tensor]:
+        """One forward with every technique applied; returns ``infos`` as ``[B, C, H, W]``."""
+        if rewrite_prompts:
+            for tech in self.techniques:
+                prompts = tech.prompts(list(prompts))
+        with contextlib.ExitStack() as stack:
+            for tech in self.techniques:
+                stack.enter_context(tech.active(self.backbone))
+            inputs = self.backbone.prepare(rgb, prompts, self.t, self.seed, self.resolution, self.square)
+            for tech in self.techniques:
+                inputs = tech.prepare(self.backbone, inputs, rgb)
+            with Capture(self.backbone, infos, inputs, early_exit=self.early_exit, map_reducer=head_mean) as cap:
+                self.backbone.denoise(inputs)
         missing = cap.missing
         if missing:
             raise RuntimeError(f"the forward did not produce {missing}; these modules never ran for this input")
         out = {}
-        for info in self.infos:
+        for info in infos:
             x = cap.activations[info.name]
             if info.is_map:  # [B, Q, K] head-mean -> [B, K, h, w]
                 x = sequence_to_spatial(x, inputs.grid)

@@ -1,178 +1,391 @@
 """Tiny random pipelines of every supported family, built fully offline (no hub access).
 
     pipe = difffeat.testing.tiny_pipeline("sdxl")      # a real StableDiffusionXLPipeline, random weights
+    image = pipe("a cat", num_inference_steps=2, height=64, width=64, output_type="np").images[0]
     backbone = difffeat.load(pipe)
 
-Configs follow the dummy components of diffusers' own pipeline tests, sized so a forward takes well under a
-second on a CPU, with several heads everywhere and cross-attention on the down and up paths (so every kind of
-activation exists). Tokenizers are trained here on a small word list (:mod:`difffeat.tokenizers`).
+The component configs follow the dummy components of diffusers' own pipeline tests, written here as data
+(module-level dicts) and adjusted so every kind of activation a capture library looks for exists: two or more
+heads in every denoiser attention, cross-attention on the UNet's down *and* up paths, two transformer layers
+per SDXL attention block at the inner level (so ``...transformer_blocks.1...`` names exist), two or more
+PixArt / SD3 blocks, and FLUX with both a double-stream and single-stream blocks. Every VAE downsamples by 2,
+so a 64x64 px image is a 32x32 latent (16x16 tokens for the patch-2 DiTs and for FLUX's 2x2 packing); a
+forward pass at that size takes milliseconds on a CPU.
+
+Tokenizers are built here, offline, over :data:`WORDS` (a few hundred common English words plus the COCO,
+VOC and ``shapes`` class names): CLIP's with :func:`difffeat.tokenizers.build_clip_tokenizer` (every word one
+token, anything else byte-level pieces), T5's as a sentencepiece-style Unigram (``"▁"`` word pieces, every
+word one piece, anything else single characters). Both support ``return_offsets_mapping=True``, and every id
+they produce is below the vocabulary size of the text encoder they feed (sized from the tokenizer).
+
+Weights are seeded: the same ``seed`` gives identical weights, and building never disturbs the caller's
+global torch RNG.
 """
 
 from __future__ import annotations
 
+import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 import torch
 
-__all__ = ["tiny_pipeline", "save_tiny_pipeline", "tiny_controlnet", "sd15_shaped_pipeline", "TINY_FAMILIES", "WORDS"]
+__all__ = [
+    "TINY_FAMILIES",
+    "WORDS",
+    "save_tiny_pipeline",
+    "sd15_shaped_pipeline",
+    "tiny_clip_tokenizer",
+    "tiny_controlnet",
+    "tiny_pipeline",
+    "tiny_t5_tokenizer",
+]
 
-#: words every tiny tokenizer knows as whole tokens (others still tokenize, as pieces / <unk> for T5)
-WORDS = tuple(
-    """a an the and of on in with at by for to from photo picture image of background foreground cat dog bird horse
-    sheep cow car bus bike train boat plane person man woman child people tree grass sky road building house
-    water sea river mountain snow sand table chair sofa bed tv bottle cup plant flower food pizza cake apple
-    banana orange red green blue yellow black white brown grey pink purple small big large high quality best
-    realistic detailed sitting standing running on under near next left right top bottom circle square
-    triangle star heart cross ring diamond shape shapes object objects""".split()
-) + (",", ".", "-")
+# ------------------------------------------------------------------------------------------------ vocabulary
+_WORD_TEXT = """
+a an the and or of on in at by for to from with without into over under near next behind above below
+between inside outside around through up down left right top bottom front back middle center side
+is are was be it its this that these those there here some many few one two three four five six seven
+eight nine ten several all no not very more most other another each every only also just
+photo photograph picture image painting drawing sketch render illustration view scene shot closeup portrait
+background foreground object objects shape shapes thing things part area corner edge surface pattern
+high low quality best detailed realistic sharp blurry bright dark light shadow colorful colourful plain
+flat simple textured striped noisy gradient stripes noise soft hard smooth rough clean dirty old new young
+small big large tiny huge little long short tall wide narrow round square thin thick empty full open closed
+red green blue yellow orange purple pink brown black white grey gray gold silver cyan magenta
+person people man men woman women child children boy girl baby player crowd face hand hands head hair eye
+eyes arm legs body smile
+cat cats dog dogs bird birds horse horses sheep cow cows elephant bear zebra giraffe animal animals fish
+mouse duck chicken rabbit lion tiger monkey
+car cars bus truck train boat ship plane airplane aeroplane bicycle bike motorcycle motorbike vehicle
+traffic signal stop sign parking meter fire hydrant bench road street sidewalk highway bridge
+tree trees grass flower flowers plant plants potted leaf leaves forest garden park field lawn bush
+sky cloud clouds sun moon star stars rain snow water sea ocean river lake beach sand mountain mountains
+hill rock stone ground floor wall window door roof house home building city town village tower
+room kitchen bathroom bedroom office table dining chair chairs sofa couch bed toilet sink refrigerator
+oven microwave toaster lamp clock vase book books shelf cup bowl plate glass wine bottle fork knife spoon
+food pizza cake donut sandwich apple banana orange broccoli carrot hot bread fruit meal breakfast
+tv tvmonitor monitor television laptop computer keyboard remote phone cell screen
+backpack umbrella handbag bag tie suitcase hat shirt dress shoe shoes
+frisbee skis ski snowboard sports ball kite baseball bat glove skateboard surfboard tennis racket
+scissors teddy drier toothbrush pottedplant diningtable
+circle circles square squares triangle triangles star heart hearts cross crosses ring rings
+diamond diamonds line lines dot dots box
+sitting standing running walking jumping flying swimming eating drinking playing holding looking lying
+riding driving parked sleeping
+day night morning evening summer winter indoor outdoor indoors outdoors
+, . -
+"""
+#: Words every tiny tokenizer keeps as single tokens (lower case; other text still tokenizes, as pieces).
+WORDS: tuple[str, ...] = tuple(dict.fromkeys(_WORD_TEXT.split()))
 
-_CLIP_CFG = dict(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=5, layer_norm_eps=1e-5, hidden_act="gelu", max_position_embeddings=77)
+# ------------------------------------------------------------------------------------------------ configs (data)
+#: CLIP text encoders (``vocab_size`` comes from the tokenizer; ids: BOS 0, EOS 1).
+CLIP_TEXT_CONFIG: dict[str, Any] = dict(
+    hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=5, projection_dim=32,
+    layer_norm_eps=1e-5, hidden_act="gelu", max_position_embeddings=77, bos_token_id=0, eos_token_id=1,
+    pad_token_id=1,
+)  # fmt: skip
+#: T5 encoders (``vocab_size`` comes from the tokenizer; ids: <pad> 0, </s> 1, <unk> 2).
+T5_TEXT_CONFIG: dict[str, Any] = dict(
+    d_model=32, d_ff=37, d_kv=8, num_heads=4, num_layers=5, relative_attention_num_buckets=8,
+    pad_token_id=0, eos_token_id=1, decoder_start_token_id=0,
+)  # fmt: skip
+#: VAE: two levels, so an 8x smaller spatial factor than the real models' (64 px -> 32x32 latents).
+VAE_CONFIG: dict[str, Any] = dict(
+    block_out_channels=[32, 64], in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 2,
+    up_block_types=["UpDecoderBlock2D"] * 2, latent_channels=4, norm_num_groups=16, sample_size=64,
+)  # fmt: skip
+#: the latent scale/shift that SD3 and FLUX VAEs carry (real values of SD3's VAE).
+FLOW_VAE_OVERRIDES: dict[str, Any] = dict(shift_factor=0.0609, scaling_factor=1.5035)
+
+#: SD 1.x/2.x UNet: cross-attention at both levels on the down and up paths, 4 heads (UNet2DConditionModel's
+#: legacy ``attention_head_dim`` is the number of heads).
+SD_UNET_CONFIG: dict[str, Any] = dict(
+    block_out_channels=(32, 64), layers_per_block=2, sample_size=32, in_channels=4, out_channels=4,
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    cross_attention_dim=32, attention_head_dim=4, norm_num_groups=16,
+)  # fmt: skip
+#: SDXL UNet: no attention at the outer level (like SDXL), 2 transformer layers x 4 heads at the inner one,
+#: text-time additional conditioning (6 size/crop numbers x 8 + the pooled 32-d text embedding = 80).
+SDXL_UNET_CONFIG: dict[str, Any] = dict(
+    block_out_channels=(32, 64), layers_per_block=2, sample_size=32, in_channels=4, out_channels=4,
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+    attention_head_dim=(2, 4), use_linear_projection=True, addition_embed_type="text_time",
+    addition_time_embed_dim=8, transformer_layers_per_block=(1, 2), projection_class_embeddings_input_dim=80,
+    cross_attention_dim=64, norm_num_groups=16,
+)  # fmt: skip
+#: PixArt-Sigma DiT: 3 blocks, 3 heads of 8, self- and cross-attention, learned sigma (8 output channels).
+#: ``sample_size=32`` (a 64 px default image) is one of the sizes the pipeline's resolution binning accepts.
+PIXART_TRANSFORMER_CONFIG: dict[str, Any] = dict(
+    sample_size=32, num_layers=3, patch_size=2, attention_head_dim=8, num_attention_heads=3,
+    caption_channels=32, in_channels=4, cross_attention_dim=24, out_channels=8, attention_bias=True,
+    activation_fn="gelu-approximate", num_embeds_ada_norm=1000, norm_type="ada_norm_single",
+    norm_elementwise_affine=False, norm_eps=1e-6,
+)  # fmt: skip
+#: SD3 MMDiT: 2 joint blocks (the last is ``context_pre_only``), 4 heads of 8; the text stream is
+#: CLIP-L + CLIP-G (2 x 32, pooled 2 x 32 = 64) zero-padded to the T5 width 64 along features, then the
+#: 77 CLIP tokens are followed by the T5 tokens along the sequence.
+SD3_TRANSFORMER_CONFIG: dict[str, Any] = dict(
+    sample_size=32, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=8, num_attention_heads=4,
+    caption_projection_dim=32, joint_attention_dim=64, pooled_projection_dim=64, out_channels=4,
+)  # fmt: skip
+SD3_T5_OVERRIDES: dict[str, Any] = dict(d_model=64)
+#: FLUX: 1 double-stream + 2 single-stream blocks, 2 heads of 16 (RoPE axes 4+4+8 = 16). The latents are
+#: packed 2x2, so ``in_channels`` = 4 VAE channels x 4.
+FLUX_TRANSFORMER_CONFIG: dict[str, Any] = dict(
+    patch_size=1, in_channels=16, num_layers=1, num_single_layers=2, attention_head_dim=16,
+    num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=[4, 4, 8],
+)  # fmt: skip
+#: ControlNets, by the family whose UNet they match (keys shared with that UNet's config are copied from it).
+CONTROLNET_CONFIGS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
+    "sd": (SD_UNET_CONFIG, dict(conditioning_embedding_out_channels=(16, 32))),
+}
+_CONTROLNET_SHARED_KEYS = (
+    "block_out_channels", "layers_per_block", "in_channels", "down_block_types", "cross_attention_dim",
+    "attention_head_dim", "norm_num_groups", "use_linear_projection", "transformer_layers_per_block",
+)  # fmt: skip
+
+#: SD 1.x-style noise schedule (1000 training steps), shared by the DDPM-family schedulers below.
+_SD_BETAS: dict[str, Any] = dict(
+    num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1
+)
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+@contextmanager
+def _seeded(seed: int) -> Iterator[None]:
+    """Run the body under ``torch.manual_seed(seed)`` without touching the caller's global RNG state."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
+def _canonical_ids(vocab: dict[str, int], first: tuple[str, ...]) -> dict[str, int]:
+    """Renumber ``vocab`` independently of training order: ``first`` in order, then by (length, text)."""
+    rest = sorted((t for t in vocab if t not in first), key=lambda t: (len(t), t))
+    return {t: i for i, t in enumerate([*first, *rest])}
 
 
 @lru_cache(maxsize=None)
-def _clip_tokenizer():
-    from .tokenizers import build_clip_tokenizer
+def _clip_tokenizer_json() -> str:
+    """The tiny CLIP tokenizer, trained once per process, as ``tokenizer.json`` text with canonical ids.
 
-    return build_clip_tokenizer(WORDS, model_max_length=77)
+    BPE training breaks frequency ties differently from one process to the next (the merge *set* and the
+    vocabulary are the same, their numbering is not), so ids are renumbered canonically: every word of
+    :data:`WORDS` (always one token) and every byte piece gets the same id in every process.
+    """
+    from .tokenizers import BOS, EOS, build_clip_tokenizer
 
-
-@lru_cache(maxsize=None)
-def _t5_tokenizer():
-    """A T5-style (sentencepiece-like "▁" pieces) fast tokenizer over :data:`WORDS`, with ``</s>`` appended."""
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, decoders
-    from transformers import PreTrainedTokenizerFast
-
-    specials = ["<pad>", "</s>", "<unk>"]
-    vocab = {tok: i for i, tok in enumerate(specials)}
-    for w in WORDS:
-        vocab.setdefault("▁" + w, len(vocab))
-    for ch in "abcdefghijklmnopqrstuvwxyz0123456789,.-":
-        vocab.setdefault("▁" + ch, len(vocab))
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tok.normalizer = normalizers.Lowercase()
-    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Punctuation(), pre_tokenizers.Metaspace()])
-    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
-    tok.decoder = decoders.Metaspace()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>", pad_token="<pad>", unk_token="<unk>", model_max_length=512)
+    data = json.loads(build_clip_tokenizer(WORDS, model_max_length=77).backend_tokenizer.to_str())
+    data["model"]["vocab"] = _canonical_ids(data["model"]["vocab"], (BOS, EOS))
+    for added in data.get("added_tokens", []):
+        added["id"] = data["model"]["vocab"][added["content"]]
+    for special in (data.get("post_processor") or {}).get("special_tokens", {}).values():
+        special["ids"] = [data["model"]["vocab"][t] for t in special["tokens"]]
+    return json.dumps(data)
 
 
-def _clip_text(projection: bool = False, seed: int = 0):
+def tiny_clip_tokenizer(model_max_length: int = 77):  # noqa: ANN201 - transformers.CLIPTokenizer
+    """A fresh CLIP tokenizer over :data:`WORDS` (built with :func:`difffeat.tokenizers.build_clip_tokenizer`).
+
+    Args:
+        model_max_length: the sequence length the text encoder is built for (SD uses 77).
+
+    Returns:
+        A :class:`transformers.CLIPTokenizer`; ``<|startoftext|>`` = 0, ``<|endoftext|>`` = 1 (also padding).
+    """
+    from transformers import CLIPTokenizer
+
+    data = json.loads(_clip_tokenizer_json())
+    model = data["model"]
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
+    return CLIPTokenizer(vocab=model["vocab"], merges=merges, model_max_length=model_max_length)
+
+
+#: Unigram log-probabilities: whole words beat any split, "▁x" starts beat bare continuation characters.
+_T5_SCORES = {"word": -5.0, "space": -6.0, "start_char": -9.0, "char": -10.0}
+_T5_CHARS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.,;:!?'\"()[]-_/&+%#*@"
+
+
+def tiny_t5_tokenizer(model_max_length: int = 512):  # noqa: ANN201 - transformers.T5Tokenizer(Fast)
+    """A T5 tokenizer (sentencepiece-style Unigram with ``"▁"`` word starts) over :data:`WORDS`.
+
+    Ids: ``<pad>`` = 0, ``</s>`` = 1 (appended to every sequence), ``<unk>`` = 2, then ``"▁word"`` for every
+    word (one piece each), then single characters with and without ``"▁"`` (so any other ASCII text splits
+    into pieces, as real T5 does, rather than becoming ``<unk>``). No sentinel ``<extra_id_*>`` tokens.
+
+    Args:
+        model_max_length: the longest sequence the pipelines may ask for (FLUX uses 512).
+
+    Returns:
+        A :class:`transformers.T5Tokenizer` (the tokenizers-backed class, ``T5TokenizerFast`` in
+        transformers 4) that ``save_pretrained`` / ``from_pretrained`` round-trip.
+    """
+    from transformers import T5Tokenizer
+
+    pieces: dict[str, float] = {"<pad>": 0.0, "</s>": 0.0, "<unk>": 0.0}
+    for word in WORDS:
+        pieces.setdefault("▁" + word, _T5_SCORES["word"])
+    pieces.setdefault("▁", _T5_SCORES["space"])
+    for ch in _T5_CHARS:
+        pieces.setdefault("▁" + ch, _T5_SCORES["start_char"])
+    for ch in _T5_CHARS:
+        pieces.setdefault(ch, _T5_SCORES["char"])
+    return T5Tokenizer(vocab=list(pieces.items()), extra_ids=0, model_max_length=model_max_length)
+
+
+def _clip_text(seed: int, *, projection: bool = False, **overrides: Any):  # noqa: ANN202
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    torch.manual_seed(seed)
-    tok = _clip_tokenizer()
-    cfg = CLIPTextConfig(vocab_size=len(tok), bos_token_id=0, eos_token_id=1, pad_token_id=1, projection_dim=32, **_CLIP_CFG)
-    return (CLIPTextModelWithProjection if projection else CLIPTextModel)(cfg).eval()
+    cfg = CLIPTextConfig(vocab_size=len(tiny_clip_tokenizer()), **{**CLIP_TEXT_CONFIG, **overrides})
+    with _seeded(seed):
+        return (CLIPTextModelWithProjection if projection else CLIPTextModel)(cfg).eval()
 
 
-def _t5(seed: int = 0):
+def _t5(seed: int, **overrides: Any):  # noqa: ANN202
     from transformers import T5Config, T5EncoderModel
 
-    torch.manual_seed(seed)
-    cfg = T5Config(d_model=32, d_ff=37, d_kv=8, num_heads=4, num_layers=5, vocab_size=len(_t5_tokenizer()), relative_attention_num_buckets=8)
-    return T5EncoderModel(cfg).eval()
+    cfg = T5Config(vocab_size=len(tiny_t5_tokenizer()), **{**T5_TEXT_CONFIG, **overrides})
+    with _seeded(seed):
+        return T5EncoderModel(cfg).eval()
 
 
-def _vae(seed: int, **kw):
+def _vae(seed: int, **overrides: Any):  # noqa: ANN202
     from diffusers import AutoencoderKL
 
-    torch.manual_seed(seed)
-    cfg = dict(block_out_channels=[32, 64], in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 2,
-               up_block_types=["UpDecoderBlock2D"] * 2, latent_channels=4, norm_num_groups=16, sample_size=64)
-    cfg.update(kw)
-    return AutoencoderKL(**cfg).eval()
+    with _seeded(seed):
+        return AutoencoderKL(**{**VAE_CONFIG, **overrides}).eval()
 
 
-def _sd(seed: int):
+def _model(cls: type, config: dict[str, Any], seed: int):  # noqa: ANN202
+    with _seeded(seed):
+        return cls(**config).eval()
+
+
+# ------------------------------------------------------------------------------------------------ builders
+_BUILDERS: dict[str, Callable[[int], Any]] = {}
+
+
+def _register(family: str) -> Callable[[Callable[[int], Any]], Callable[[int], Any]]:
+    def deco(fn: Callable[[int], Any]) -> Callable[[int], Any]:
+        _BUILDERS[family] = fn
+        return fn
+
+    return deco
+
+
+# Component seeds are ``seed + k`` with a fixed k per role, so one component's shape never shifts another's
+# weights (e.g. a larger vocabulary leaves the denoiser unchanged).
+@_register("sd")
+def _build_sd(seed: int):  # noqa: ANN202 - StableDiffusionPipeline
     from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 
-    torch.manual_seed(seed)
-    unet = UNet2DConditionModel(
-        block_out_channels=(32, 64), layers_per_block=2, sample_size=32, in_channels=4, out_channels=4,
-        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=32, attention_head_dim=4, norm_num_groups=16,
-    ).eval()
-    sched = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=False, steps_offset=1)
-    return StableDiffusionPipeline(vae=_vae(seed + 1), text_encoder=_clip_text(seed=seed + 2), tokenizer=_clip_tokenizer(), unet=unet,
-                                   scheduler=sched, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    return StableDiffusionPipeline(
+        unet=_model(UNet2DConditionModel, SD_UNET_CONFIG, seed),
+        vae=_vae(seed + 1),
+        text_encoder=_clip_text(seed + 2),
+        tokenizer=tiny_clip_tokenizer(),
+        scheduler=DDIMScheduler(**_SD_BETAS, clip_sample=False, set_alpha_to_one=False),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
 
 
-def _sdxl(seed: int):
+@_register("sdxl")
+def _build_sdxl(seed: int):  # noqa: ANN202 - StableDiffusionXLPipeline
     from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
 
-    torch.manual_seed(seed)
-    unet = UNet2DConditionModel(
-        block_out_channels=(32, 64), layers_per_block=2, sample_size=32, in_channels=4, out_channels=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        attention_head_dim=(2, 4), use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=8,
-        transformer_layers_per_block=(1, 2), projection_class_embeddings_input_dim=80, cross_attention_dim=64, norm_num_groups=16,
-    ).eval()
-    sched = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1, timestep_spacing="leading")
     return StableDiffusionXLPipeline(
-        vae=_vae(seed + 1), text_encoder=_clip_text(seed=seed + 2), text_encoder_2=_clip_text(True, seed=seed + 3),
-        tokenizer=_clip_tokenizer(), tokenizer_2=_clip_tokenizer(), unet=unet, scheduler=sched,
+        unet=_model(UNet2DConditionModel, SDXL_UNET_CONFIG, seed),
+        vae=_vae(seed + 1),
+        text_encoder=_clip_text(seed + 2),
+        text_encoder_2=_clip_text(seed + 3, projection=True),
+        tokenizer=tiny_clip_tokenizer(),
+        tokenizer_2=tiny_clip_tokenizer(),
+        scheduler=EulerDiscreteScheduler(**_SD_BETAS, timestep_spacing="leading"),
     )
 
 
-def _pixart(seed: int):
-    from diffusers import DDIMScheduler, PixArtSigmaPipeline, PixArtTransformer2DModel
+@_register("pixart")
+def _build_pixart(seed: int):  # noqa: ANN202 - PixArtSigmaPipeline
+    from diffusers import DPMSolverMultistepScheduler, PixArtSigmaPipeline, PixArtTransformer2DModel
 
-    torch.manual_seed(seed)
-    transformer = PixArtTransformer2DModel(
-        sample_size=32, num_layers=3, patch_size=2, attention_head_dim=8, num_attention_heads=3, caption_channels=32,
-        in_channels=4, cross_attention_dim=24, out_channels=8, attention_bias=True, activation_fn="gelu-approximate",
-        num_embeds_ada_norm=1000, norm_type="ada_norm_single", norm_elementwise_affine=False, norm_eps=1e-6,
-    ).eval()
-    return PixArtSigmaPipeline(tokenizer=_t5_tokenizer(), text_encoder=_t5(seed + 2), vae=_vae(seed + 1), transformer=transformer, scheduler=DDIMScheduler())
+    return PixArtSigmaPipeline(
+        transformer=_model(PixArtTransformer2DModel, PIXART_TRANSFORMER_CONFIG, seed),
+        vae=_vae(seed + 1),
+        text_encoder=_t5(seed + 2),
+        tokenizer=tiny_t5_tokenizer(),
+        scheduler=DPMSolverMultistepScheduler(num_train_timesteps=1000, beta_schedule="linear"),
+    )
 
 
-def _sd3(seed: int):
+@_register("sd3")
+def _build_sd3(seed: int):  # noqa: ANN202 - StableDiffusion3Pipeline
     from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
 
-    torch.manual_seed(seed)
-    transformer = SD3Transformer2DModel(
-        sample_size=32, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=8, num_attention_heads=4,
-        caption_projection_dim=32, joint_attention_dim=32, pooled_projection_dim=64, out_channels=4,
-    ).eval()
     return StableDiffusion3Pipeline(
-        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(), vae=_vae(seed + 1, shift_factor=0.0609, scaling_factor=1.5035),
-        text_encoder=_clip_text(True, seed=seed + 2), tokenizer=_clip_tokenizer(), text_encoder_2=_clip_text(True, seed=seed + 3),
-        tokenizer_2=_clip_tokenizer(), text_encoder_3=_t5(seed + 4), tokenizer_3=_t5_tokenizer(),
+        transformer=_model(SD3Transformer2DModel, SD3_TRANSFORMER_CONFIG, seed),
+        vae=_vae(seed + 1, **FLOW_VAE_OVERRIDES),
+        text_encoder=_clip_text(seed + 2, projection=True),
+        text_encoder_2=_clip_text(seed + 3, projection=True),
+        text_encoder_3=_t5(seed + 4, **SD3_T5_OVERRIDES),
+        tokenizer=tiny_clip_tokenizer(),
+        tokenizer_2=tiny_clip_tokenizer(),
+        tokenizer_3=tiny_t5_tokenizer(),
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
     )
 
 
-def _flux(seed: int):
+@_register("flux")
+def _build_flux(seed: int):  # noqa: ANN202 - FluxPipeline
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
 
-    torch.manual_seed(seed)
-    transformer = FluxTransformer2DModel(
-        patch_size=1, in_channels=16, num_layers=1, num_single_layers=2, attention_head_dim=16, num_attention_heads=2,
-        joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=[4, 4, 8],
-    ).eval()
     pipe = FluxPipeline(
-        scheduler=FlowMatchEulerDiscreteScheduler(), vae=_vae(seed + 1, shift_factor=0.0609, scaling_factor=1.5035),
-        text_encoder=_clip_text(seed=seed + 2), tokenizer=_clip_tokenizer(), text_encoder_2=_t5(seed + 3),
-        tokenizer_2=_t5_tokenizer(), transformer=transformer,
+        transformer=_model(FluxTransformer2DModel, FLUX_TRANSFORMER_CONFIG, seed),
+        vae=_vae(seed + 1, **FLOW_VAE_OVERRIDES),
+        text_encoder=_clip_text(seed + 2),
+        text_encoder_2=_t5(seed + 3),
+        tokenizer=tiny_clip_tokenizer(),
+        tokenizer_2=tiny_t5_tokenizer(),
+        scheduler=FlowMatchEulerDiscreteScheduler(),
     )
-    pipe.default_sample_size = 32
+    pipe.default_sample_size = 32  # default image 64 px (FluxPipeline hard-codes 128, i.e. 256 px here)
     return pipe
 
 
-_BUILDERS: dict[str, Callable[[int], object]] = {"sd": _sd, "sdxl": _sdxl, "pixart": _pixart, "sd3": _sd3, "flux": _flux}
-TINY_FAMILIES = tuple(_BUILDERS)
+#: The families :func:`tiny_pipeline` builds.
+TINY_FAMILIES: tuple[str, ...] = tuple(_BUILDERS)
 
 
-def tiny_pipeline(family: str, *, seed: int = 0, dtype: torch.dtype = torch.float32):
-    """A tiny random diffusers pipeline of ``family`` ("sd", "sdxl", "pixart", "sd3", "flux"), offline.
+# ------------------------------------------------------------------------------------------------ public API
+def tiny_pipeline(family: str, *, seed: int = 0, dtype: torch.dtype = torch.float32):  # noqa: ANN201
+    """A tiny random diffusers pipeline of ``family``, built offline.
 
-    The same seed gives identical weights. Images of 64x64 px give 32x32 latents (16x16 DiT tokens).
+    Args:
+        family: one of :data:`TINY_FAMILIES` ("sd", "sdxl", "pixart", "sd3", "flux").
+        seed: weight seed; the same seed gives identical weights, another seed different ones.
+        dtype: parameter dtype of every component.
+
+    Returns:
+        A ``StableDiffusionPipeline``, ``StableDiffusionXLPipeline``, ``PixArtSigmaPipeline``,
+        ``StableDiffusion3Pipeline`` or ``FluxPipeline`` on the CPU, modules in eval mode, progress bar off.
+        A 64x64 px image is a 32x32 latent.
+
+    Raises:
+        ValueError: for an unknown family (the message lists the valid ones).
     """
-    if family not in _BUILDERS:
-        raise ValueError(f"unknown family {family!r}; choose one of {', '.join(TINY_FAMILIES)}")
-    pipe = _BUILDERS[family](seed)
+    try:
+        build = _BUILDERS[family]
+    except (KeyError, TypeError):
+        raise ValueError(f"unknown tiny pipeline family {family!r}; valid families: {', '.join(TINY_FAMILIES)}") from None
+    pipe = build(seed)
     if dtype != torch.float32:
         pipe.to(dtype=dtype)
     pipe.set_progress_bar_config(disable=True)
@@ -180,39 +393,81 @@ def tiny_pipeline(family: str, *, seed: int = 0, dtype: torch.dtype = torch.floa
 
 
 def save_tiny_pipeline(family: str, path: str | os.PathLike, *, seed: int = 0) -> Path:
-    """Build and ``save_pretrained`` a tiny pipeline so ``DiffusionPipeline.from_pretrained(path)`` works."""
+    """Build a tiny pipeline and ``save_pretrained`` it (safetensors) to ``path``.
+
+    ``diffusers.DiffusionPipeline.from_pretrained(path)`` then loads it offline (tokenizers included), as the
+    same pipeline class with the same weights.
+
+    Args:
+        family: one of :data:`TINY_FAMILIES`.
+        path: output folder (created).
+        seed: weight seed.
+
+    Returns:
+        ``path`` as a :class:`~pathlib.Path`.
+    """
     path = Path(path)
     tiny_pipeline(family, seed=seed).save_pretrained(path, safe_serialization=True)
     return path
 
 
-def sd15_shaped_pipeline(seed: int = 0):
-    """A small-channel pipeline with SD1.5's exact block structure (4 levels, cross-attention at the first
-    three, 8 heads, 2 resnets per down level / 3 per up level, VAE factor 8), for benchmarks: 512 px
-    inputs give SD1.5's 64x64 / 32x32 / 16x16 / 8x8 grids and its 16 cross-attention layers."""
-    from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+def tiny_controlnet(family: str = "sd", *, seed: int = 0, zero_init: bool = False):  # noqa: ANN201
+    """A tiny random ``ControlNetModel`` matching the tiny UNet of ``family``.
 
-    torch.manual_seed(seed)
-    unet = UNet2DConditionModel(
-        sample_size=64, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(32, 64, 64, 64),
-        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",), up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-        cross_attention_dim=32, attention_head_dim=8, norm_num_groups=16,
-    ).eval()
-    vae = _vae(seed + 1, block_out_channels=[16, 16, 16, 16], down_block_types=["DownEncoderBlock2D"] * 4,
-               up_block_types=["UpDecoderBlock2D"] * 4, norm_num_groups=8, sample_size=512)
-    sched = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=False, steps_offset=1)
-    pipe = StableDiffusionPipeline(vae=vae, text_encoder=_clip_text(seed=seed + 2), tokenizer=_clip_tokenizer(), unet=unet,
-                                   scheduler=sched, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    It takes the UNet's inputs (latents, timestep, text states) plus a control image at pixel resolution
+    (``controlnet_cond``: B x 3 x 2H x 2W for H x W latents) and returns residuals shaped like the UNet's
+    down-block and mid-block outputs (``down_block_additional_residuals`` / ``mid_block_additional_residual``).
 
+    Args:
+        family: the UNet family to match (only "sd" has a ControlNet).
+        seed: weight seed.
+        zero_init: keep diffusers' zero-initialised output convolutions (the control then has no effect);
+            by default they are random too, so the control really shifts the UNet's activations.
 
-def tiny_controlnet(seed: int = 0):
-    """A tiny ControlNetModel matching the tiny "sd" UNet."""
+    Raises:
+        ValueError: for a family without a tiny ControlNet.
+    """
     from diffusers import ControlNetModel
 
-    torch.manual_seed(seed)
-    return ControlNetModel(
-        block_out_channels=(32, 64), layers_per_block=2, in_channels=4, down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        cross_attention_dim=32, attention_head_dim=4, norm_num_groups=16, conditioning_embedding_out_channels=(16, 32),
-    ).eval()
+    if family not in CONTROLNET_CONFIGS:
+        raise ValueError(f"no tiny ControlNet for family {family!r}; valid families: {', '.join(CONTROLNET_CONFIGS)}")
+    unet_config, extra = CONTROLNET_CONFIGS[family]
+    config = {k: unet_config[k] for k in _CONTROLNET_SHARED_KEYS if k in unet_config}
+    with _seeded(seed):
+        net = ControlNetModel(**config, **extra)
+        if not zero_init:
+            for conv in [*net.controlnet_down_blocks, net.controlnet_mid_block]:
+                torch.nn.init.normal_(conv.weight, std=0.1)
+                torch.nn.init.normal_(conv.bias, std=0.1)
+    return net.eval()
+
+
+def sd15_shaped_pipeline(seed: int = 0):  # noqa: ANN201 - StableDiffusionPipeline
+    """A small-channel pipeline with SD1.5's exact block structure, for benchmarks.
+
+    4 UNet levels with cross-attention at the first three, 8 heads, 2 resnets per down level / 3 per up level,
+    and a 4-level VAE (factor 8): 512 px inputs give SD1.5's 64x64 / 32x32 / 16x16 / 8x8 grids and its 16
+    cross-attention layers.
+    """
+    from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+
+    unet_config = dict(
+        sample_size=64, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(32, 64, 64, 64),
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+        cross_attention_dim=32, attention_head_dim=8, norm_num_groups=16,
+    )  # fmt: skip
+    vae = _vae(seed + 1, block_out_channels=[16, 16, 16, 16], down_block_types=["DownEncoderBlock2D"] * 4,
+               up_block_types=["UpDecoderBlock2D"] * 4, norm_num_groups=8, sample_size=512)  # fmt: skip
+    pipe = StableDiffusionPipeline(
+        unet=_model(UNet2DConditionModel, unet_config, seed),
+        vae=vae,
+        text_encoder=_clip_text(seed + 2),
+        tokenizer=tiny_clip_tokenizer(),
+        scheduler=DDIMScheduler(**_SD_BETAS, clip_sample=False, set_alpha_to_one=False),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

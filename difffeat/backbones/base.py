@@ -40,6 +40,9 @@ class DenoiserInputs:
     timestep: int
     image_size: tuple[int, int]
     prompts: list[str] = field(default_factory=list)
+    #: clean latents and the noise used, kept for techniques that re-noise (multi-step start)
+    latents: torch.Tensor | None = None
+    noise: torch.Tensor | None = None
 
     @property
     def batch_size(self) -> int:
@@ -183,10 +186,11 @@ class Backbone(ABC):
         pixels = self.preprocess(images, resolution, square)
         with torch.no_grad():
             latents = self.encode_image(pixels).to(self.dtype)
-            noisy = self.add_noise(latents, t, self.make_noise(latents, seed))
+            noise = self.make_noise(latents, seed)
+            noisy = self.add_noise(latents, t, noise)
             cond = self.encode_prompt(prompt_list)
         inputs = self.denoiser_inputs(noisy, t, cond, (pixels.shape[-2], pixels.shape[-1]))
-        inputs.prompts = prompt_list
+        inputs.prompts, inputs.latents, inputs.noise = prompt_list, latents, noise
         return inputs
 
     def denoise(self, inputs: DenoiserInputs) -> Any:

@@ -1,0 +1,149 @@
+"""Content-shift techniques and GATE scores on tiny models."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import difffeat
+from difffeat.errors import DifffeatError
+from difffeat.shift import ControlNet, Lora, Prompt, extract_variants, gate_img2img, gate_scores, laplacian_score, parse_technique
+from difffeat.testing import tiny_controlnet, tiny_pipeline
+
+from _helpers import backbone_for, random_image
+
+NAME = "up_blocks.0.attentions.1.transformer_blocks.0.attn2.q"
+MAP = "up_blocks.0.attentions.1.transformer_blocks.0.attn2.map"
+
+
+@pytest.fixture
+def fx(tiny_pipes):
+    return difffeat.FeatureExtractor(backbone_for(tiny_pipes, "sd"), [NAME, MAP])
+
+
+@pytest.fixture(scope="module")
+def lora_dir(tmp_path_factory):
+    """A random-weight LoRA for the tiny SD UNet, saved with diffusers' LoRA format (peft)."""
+    from diffusers import StableDiffusionPipeline
+    from peft import LoraConfig, get_peft_model_state_dict
+
+    pipe = tiny_pipeline("sd")
+    torch.manual_seed(0)
+    pipe.unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"], init_lora_weights=False))
+    path = tmp_path_factory.mktemp("lora")
+    StableDiffusionPipeline.save_lora_weights(path, unet_lora_layers=get_peft_model_state_dict(pipe.unet), safe_serialization=True)
+    return path
+
+
+def test_prompt_technique_changes_features_but_keeps_a_fixed_map_prompt(fx):
+    image = random_image(64, 64)
+    fx.map_prompt = "a photo of a cat"
+    plain = fx(image, "a cat")
+    fx.techniques = [Prompt(template="a photo of {}", quality="natural")]
+    treated = fx(image, "a cat")
+    assert not torch.allclose(plain[NAME], treated[NAME])
+    torch.testing.assert_close(plain[MAP], treated[MAP])
+
+
+def test_prompt_template_and_quality_words():
+    p = Prompt(template="a photo of {}", quality="natural")
+    assert p.prompts(["a cat"]) == ["a photo of a cat, high quality, best quality, highly realistic"]
+    assert Prompt(captions=["x", "y"]).prompts(["a", "b"]) == ["x", "y"]
+
+
+def test_controlnet_changes_features_and_scale_zero_does_not(fx):
+    image = random_image(64, 64)
+    plain = fx(image, "a cat")[NAME]
+    net = tiny_controlnet()
+    fx.techniques = [ControlNet(net, scale=0.0)]
+    torch.testing.assert_close(fx(image, "a cat")[NAME], plain, atol=1e-6, rtol=0)
+    fx.techniques = [ControlNet(net, scale=1.0)]
+    assert not torch.allclose(fx(image, "a cat")[NAME], plain, atol=1e-4)
+
+
+def test_multi_step_start_runs_the_expected_number_of_denoiser_calls(fx):
+    calls = []
+    handle = fx.backbone.denoiser.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        fx.early_exit = False
+        fx.techniques = [ControlNet(tiny_controlnet(), start_t=80, steps=3)]
+        fx(random_image(64, 64), "a cat")
+    finally:
+        handle.remove()
+    assert len(calls) == 3 + 1  # three DDIM steps from t=80 to t=50, then the extraction forward
+
+
+def test_multi_step_start_rejects_uneven_steps(fx):
+    fx.techniques = [ControlNet(tiny_controlnet(), start_t=61, steps=2)]
+    with pytest.raises(DifffeatError, match="multiple of steps"):
+        fx(random_image(64, 64), "a cat")
+
+
+def test_lora_changes_features_and_scale_zero_reproduces_plain(fx, lora_dir):
+    image = random_image(64, 64)
+    plain = fx(image, "a cat")[NAME]
+    fx.techniques = [Lora(lora_dir, scale=1.0)]
+    assert not torch.allclose(fx(image, "a cat")[NAME], plain, atol=1e-4)
+    fx.techniques = [Lora(lora_dir, scale=0.0)]
+    torch.testing.assert_close(fx(image, "a cat")[NAME], plain, atol=1e-5, rtol=1e-5)
+    fx.techniques = []
+    torch.testing.assert_close(fx(image, "a cat")[NAME], plain)  # the adapter is gone afterwards
+
+
+def test_lora_for_another_model_is_a_clear_error(tiny_pipes, tmp_path):
+    from diffusers import StableDiffusionXLPipeline
+    from peft import LoraConfig, get_peft_model_state_dict
+
+    other = tiny_pipeline("sdxl")
+    other.unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k"], init_lora_weights=False))
+    StableDiffusionXLPipeline.save_lora_weights(tmp_path, unet_lora_layers=get_peft_model_state_dict(other.unet), safe_serialization=True)
+    fx = difffeat.FeatureExtractor(backbone_for(tiny_pipes, "sd"), [NAME], techniques=[Lora(tmp_path)])
+    with pytest.raises(DifffeatError, match="could not load LoRA"):
+        fx(random_image(64, 64), "a cat")
+    fx.techniques = []
+    fx(random_image(64, 64), "a cat")  # the model still works
+
+
+def test_controlnet_for_another_family_is_a_clear_error(tiny_pipes):
+    fx = difffeat.FeatureExtractor(backbone_for(tiny_pipes, "sdxl"), ["up_blocks.0.attentions.0.transformer_blocks.0.attn2.q"],
+                                   techniques=[ControlNet(tiny_controlnet())])
+    with pytest.raises(DifffeatError, match="different model family"):
+        fx(random_image(64, 64), "a cat")
+
+
+def test_unknown_technique_is_a_clear_error():
+    with pytest.raises(DifffeatError, match="unknown technique"):
+        parse_technique("ipadapter:foo")
+    t = parse_technique("controlnet:some/model,scale=0.5,start_t=60,steps=2")
+    assert isinstance(t, ControlNet) and t.scale == 0.5 and t.start_t == 60
+
+
+def test_variants_concat_and_mean(fx):
+    image = random_image(64, 64)
+    net = tiny_controlnet()
+    sep = extract_variants(fx, [image], "a cat", {"plain": [], "cn": [ControlNet(net)]})
+    cat = extract_variants(fx, [image], "a cat", {"plain": [], "cn": [ControlNet(net)]}, combine="concat")
+    mean = extract_variants(fx, [image], "a cat", {"plain": [], "cn": [ControlNet(net)]}, combine="mean")
+    torch.testing.assert_close(cat[NAME], torch.cat([sep[f"plain/{NAME}"], sep[f"cn/{NAME}"]], dim=1))
+    torch.testing.assert_close(mean[NAME], (sep[f"plain/{NAME}"] + sep[f"cn/{NAME}"]) / 2)
+
+
+def test_laplacian_score_is_one_for_identical_and_zero_for_the_anchor():
+    ref, anchor = torch.randn(2, 8, 16, 16), torch.randn(2, 8, 16, 16)
+    torch.testing.assert_close(laplacian_score(ref, anchor, ref), torch.ones(2))
+    torch.testing.assert_close(laplacian_score(ref, anchor, anchor), torch.zeros(2))
+    # a slightly perturbed reference scores below 1 but well above the anchor
+    s = laplacian_score(ref, anchor, ref + 0.05 * anchor)
+    assert ((s > 0.5) & (s < 1)).all()
+
+
+def test_gate_scores_per_activation(fx):
+    scores = gate_scores(fx, [random_image(64, 64)], "a cat", [Prompt(quality="natural")])
+    assert set(scores) == {NAME, MAP} and all(np.isfinite(v) for v in scores.values())
+
+
+def test_img2img_comparison_returns_side_by_side_and_similarities(tiny_pipes):
+    result = gate_img2img(backbone_for(tiny_pipes, "sd"), random_image(64, 64), "a cat", ControlNet(tiny_controlnet()), steps=2)
+    assert result.side_by_side().size == (3 * 64, 64)
+    assert set(result.to_json()) >= {"psnr_reference", "psnr_treated", "technique_helps"}
