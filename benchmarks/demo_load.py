@@ -50,15 +50,16 @@ def segment_args(image: str, classes: str, model: str, fast: bool = False) -> tu
     return (handle_file(image), classes, model, None, *switches, None)
 
 
-def run_load(url: str, args: tuple, requests: int = 20, threads: int | None = None) -> dict[str, Any]:
-    """Fire ``requests`` ``/segment`` calls at once (one client per thread); latencies and failures."""
+def run_load(url: str, args: tuple, requests: int = 20, threads: int | None = None, timeout: float = 600.0) -> dict[str, Any]:
+    """Fire ``requests`` ``/segment`` calls at once (one client per thread, results not downloaded);
+    latencies and failures."""
     from gradio_client import Client
 
     local = threading.local()
 
     def one(_: int) -> tuple[float, str | None]:
-        if not hasattr(local, "client"):
-            local.client = Client(url, verbose=False)
+        if not hasattr(local, "client"):  # generous timeouts: under load a request waits in the queue
+            local.client = Client(url, verbose=False, download_files=False, httpx_kwargs={"timeout": timeout})
         t0 = time.perf_counter()
         try:
             local.client.predict(*args, api_name="/segment")
