@@ -8,6 +8,7 @@ mixing outputs of different settings.
 """
 
 from .data import ImageRef, coco_images, collect_images, voc_images
+from . import evaluate
 from .evaluate import EvalJob, run_eval, tune_tau_distributed
 from .extract import ExtractJob, ExtractSummary, feature_file_ok, run_extract
 from .manifest import Manifest, ManifestMismatchError

@@ -10,6 +10,7 @@ make the result identical for any number of processes.
 from __future__ import annotations
 
 import hashlib
+import zipfile
 import json
 import time
 from dataclasses import dataclass, field
@@ -65,7 +66,7 @@ def _load_part(path: Path, num_classes: int, fingerprint: str) -> tuple[np.ndarr
             if str(z["fingerprint"]) != fingerprint or z["counts"].shape != (num_classes, num_classes):
                 return None
             return z["counts"].astype(np.int64), int(z["n_images"])
-    except (OSError, KeyError, ValueError, EOFError):
+    except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile):
         return None
 
 
