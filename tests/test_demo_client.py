@@ -129,3 +129,49 @@ def test_load_20_concurrent_requests_respect_queue_limit(server):
     bench.RESULTS.write_text(json.dumps(report, indent=2) + "\n")
     assert report["succeeded"] == 20, report["errors"]
     assert 1 <= demo.difffeat_meter.peak <= CONCURRENCY
+
+
+# --------------------------------------------------------------------------- helpers (no server)
+def test_shapes_falls_back_to_labelled_random_model_only_while_missing():
+    from difffeat.demo import FALLBACK_NOTE, ModelCache
+    from difffeat.errors import ModelNotFoundError
+
+    if SHAPES_INSTALLED:
+        loaded = ModelCache(fallback=True, device="cpu").get("shapes")
+        assert not loaded.is_fallback and FALLBACK_NOTE not in ModelCache(device="cpu").describe("shapes")
+        return
+    cache = ModelCache(fallback=True, device="cpu")
+    loaded = cache.get("shapes")
+    assert loaded.is_fallback and loaded.backbone.family == "sd"
+    assert FALLBACK_NOTE in cache.describe("shapes")
+    assert cache.get("shapes") is loaded  # cached
+    with pytest.raises(ModelNotFoundError):
+        ModelCache(fallback=False, device="cpu").get("shapes")
+
+
+def test_pca_rgb_recovers_a_planted_component_and_upsamples_nearest():
+    import torch
+
+    from difffeat.demo import pca_rgb
+
+    h = w = 8
+    ramp = torch.linspace(-1, 1, w).repeat(h, 1)  # varies along x only
+    feature = torch.stack([3 * ramp, -3 * ramp, 0.01 * torch.randn(h, w), 0.01 * torch.randn(h, w)])
+    pic = np.asarray(pca_rgb(feature, (32, 32)))
+    assert pic.shape == (32, 32, 3)
+    first = pic[..., 0].astype(int)
+    assert {first.min(), first.max()} == {0, 255}  # min-max per channel
+    assert (np.abs(np.diff(first, axis=0)) == 0).all()  # the main component follows the x ramp only
+    assert (pic[:4, :4] == pic[0, 0]).all()  # nearest: 4x4 blocks of one feature pixel
+
+
+def test_catalog_rows_filter_by_kind_and_resolution(server):
+    from difffeat.demo import catalog_rows
+
+    demo, _, model = server
+    backbone = demo.difffeat_cache.get(model).backbone  # already loaded by the server
+    rows = catalog_rows(backbone)
+    assert len(rows) == len(backbone.catalog())
+    picked = catalog_rows(backbone, kinds=["resnet-out"], resolution=rows[1][3])
+    assert picked and all(r[1] == "resnet-out" and r[3] == rows[1][3] for r in picked)
+    assert all(r[3] == "map" for r in catalog_rows(backbone, kinds=["cross-map"]))
