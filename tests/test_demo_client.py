@@ -131,6 +131,47 @@ def test_load_20_concurrent_requests_respect_queue_limit(server):
     assert 1 <= demo.difffeat_meter.peak <= CONCURRENCY
 
 
+def test_features_endpoint_returns_pca_picture_and_safetensors(server, client):
+    from safetensors.torch import load_file
+
+    demo, _, model = server
+    backbone = demo.difffeat_cache.get(model).backbone
+    name = next(a.name for a in backbone.catalog() if a.kind == "resnet-out")
+    image, _ = _example()
+    pic, tensor_file, info = client.predict(handle_file(image), model, name, "", None, api_name="/features")
+    assert Image.open(pic).size == Image.open(image).size
+    tensors = load_file(tensor_file)
+    assert list(tensors) == [name] and tensors[name].shape == tuple(backbone.catalog()[name].shape)
+    assert name in info
+
+
+@pytest.mark.slow
+def test_gate_endpoint_compares_img2img(server, client):
+    from difffeat.demo import gate_available
+
+    if not gate_available():
+        pytest.skip("difffeat.shift.gate_img2img is not in this version")
+    _, _, model = server
+    image, _ = _example()
+    side, figures = client.predict(handle_file(image), model, "a photo of shapes", "prompt:quality=natural", 0.75, 2, api_name="/gate")
+    w, h = Image.open(image).size
+    assert Image.open(side).size[0] == 3 * Image.open(side).size[1]  # input | without | with
+    assert {"psnr_reference", "psnr_treated", "technique_helps"} <= set(figures)
+    with pytest.raises(Exception) as info:
+        client.predict(handle_file(image), model, "x", "bogus:1", 0.75, 2, api_name="/gate")
+    assert "unknown technique" in str(info.value)
+
+
+def test_content_shift_tab_says_unavailable_without_gate(monkeypatch, tmp_path):
+    import difffeat.demo as demo_mod
+
+    monkeypatch.setattr(demo_mod, "gate_available", lambda: False)
+    blocks = demo_mod.build_demo(str(tmp_path / "unused"))
+    texts = [c.get("props", {}).get("value") for c in blocks.config["components"]]
+    assert any(isinstance(t, str) and "Not available in this version" in t for t in texts)
+    assert "/gate" not in [f"/{d.api_name}" for d in blocks.fns.values() if d.api_name]
+
+
 # --------------------------------------------------------------------------- helpers (no server)
 def test_shapes_falls_back_to_labelled_random_model_only_while_missing():
     from difffeat.demo import FALLBACK_NOTE, ModelCache
