@@ -114,8 +114,13 @@ def check_unique_stems(refs: Sequence[ImageRef]) -> None:
 
 def probe_target_size(path: str, resolution: int, multiple: int, square: bool) -> tuple[int, int]:
     """(width, height) the image will have after preprocessing, from its header only (no decoding)."""
-    with Image.open(path) as im:
-        w, h = im.size
+    try:
+        with Image.open(path) as im:
+            w, h = im.size
+    except Exception:  # unreadable: its own batch; decoding it raises the clear InvalidImageError
+        return (0, 0)
+    if min(w, h) < 1:
+        return (0, 0)
     if w * h > MAX_PIXELS:  # mirror to_rgb's downscale of huge inputs
         s = math.sqrt(MAX_PIXELS / (w * h))
         w, h = max(MIN_SIDE, int(w * s)), max(MIN_SIDE, int(h * s))
