@@ -34,7 +34,7 @@ from .prompts import PromptLayout, build_layout
 from .rescale import class_scores, gaussian_blur, minmax, propagate, rescale_by_content
 from .settings import SegmentSettings, settings_for
 
-__all__ = ["Segmenter", "SegmentationResult", "grid_of", "decide"]
+__all__ = ["Segmenter", "SegmentationResult", "Observation", "grid_of", "decide"]
 
 
 def decide(class_maps: torch.Tensor, background: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
@@ -53,6 +53,17 @@ def grid_of(n_tokens: int, base: tuple[int, int]) -> tuple[int, int]:
         if gh * gw == n_tokens:
             return gh, gw
     raise ValueError(f"{n_tokens} tokens do not fit the grid {h}x{w}")
+
+
+@dataclass
+class Observation:
+    """What one segmentation forward captured (see :meth:`Segmenter.observe`)."""
+
+    image: Image.Image
+    layout: PromptLayout
+    activations: dict[str, torch.Tensor]
+    grid: tuple[int, int]
+    heads: str
 
 
 @dataclass
@@ -168,12 +179,13 @@ class Segmenter:
         for name in self.refine_names:
             cat[name]  # clear error for a bad configured block
 
-    def activation_names(self) -> list[str]:
-        """Everything one segmentation forward captures (depends on the settings)."""
+    def activation_names(self, everything: bool = False) -> list[str]:
+        """Everything one segmentation forward captures (depends on the settings; ``everything=True``: what
+        any layer/refinement setting needs, so one observation serves every ablation)."""
         names = list(self.cross_names)
-        if self.settings.layers == "goca":
+        if self.settings.layers == "goca" or everything:
             names += self.self_names + [self.ref_name]
-        if self.settings.refine_order > 0:
+        if self.settings.refine_order > 0 or everything:
             names += self.refine_names
         return list(dict.fromkeys(names))
 
@@ -186,15 +198,33 @@ class Segmenter:
         caption: str | None = None,
     ) -> SegmentationResult:
         """Segment one image into ``classes`` (+ background)."""
+        return self.decide(self.observe(image, classes, entities, caption))
+
+    def observe(
+        self,
+        image: ImageInput,
+        classes: Sequence[str] | str,
+        entities: Sequence[str] | None = None,
+        caption: str | None = None,
+        everything: bool = False,
+    ) -> "Observation":
+        """The forward half: caption, token alignment, one denoiser forward with the observers installed."""
         s = self.settings
         rgb = to_rgb(image)
         ents = list(s.background_entities) + list(entities or [])
         layout = build_layout(classes, self.backbone.text_segments(), s.template, ents, caption)
         inputs = self.backbone.prepare([rgb], layout.caption, s.t, s.seed, s.resolution)
         reducers = {n: GocaHeadReducer(self._output_weights()) for n in self.cross_names} if s.heads == "goca" else {}
-        with Capture(self.backbone, self.activation_names(), inputs, early_exit=True, map_reducer=head_mean, map_reducers=reducers) as cap:
+        with Capture(self.backbone, self.activation_names(everything), inputs, early_exit=True, map_reducer=head_mean, map_reducers=reducers) as cap:
             self.backbone.denoise(inputs)
-        return self._decide(rgb, layout, cap.activations, inputs.grid)
+        return Observation(rgb, layout, cap.activations, tuple(inputs.grid), s.heads)
+
+    def decide(self, obs: "Observation") -> SegmentationResult:
+        """The decision half: layer weights, global map, rescaling, refinement, background, argmax. An
+        observation made with the same head setting can be decided under other layer/rescale/tau settings."""
+        if obs.heads != self.settings.heads:
+            raise ConfigError(f"observation made with heads={obs.heads!r} cannot be decided with heads={self.settings.heads!r}")
+        return self._decide(obs.image, obs.layout, obs.activations, obs.grid)
 
     def _output_weights(self) -> dict[int, torch.Tensor]:
         """W_O for attention modules without ``to_out`` (FLUX single-stream: the block's proj_out columns
