@@ -271,8 +271,14 @@ LAYER_SETS: dict[str, int] = {"all_layers": 1, "16x16+8x8_layers": 8}  # name ->
 
 
 @torch.no_grad()
-def cross_attention_maps(pipe, scenes: list[ShapeSample], t: int, seed: int) -> dict[str, list[dict[str, torch.Tensor]]]:  # noqa: ANN001
-    """Per layer set, per scene: {class name: [64, 64] head/layer-averaged attention map of its word token(s)}."""
+def cross_attention_maps(
+    pipe, scenes: list[ShapeSample], t: int, seed: int, prompt_style: str = "list"  # noqa: ANN001
+) -> dict[str, list[dict[str, torch.Tensor]]]:
+    """Per layer set, per scene: {class name: [64, 64] head/layer-averaged attention map of its word token(s)}.
+
+    ``prompt_style`` "list" prompts ``"a photo of circle, star"`` (the segmenter's style); "caption" uses the
+    scene's full descriptive caption (with colours and background).
+    """
     unet = pipe.unet
     original = unet.attn_processors
     store: dict[str, torch.Tensor] = {}
@@ -282,7 +288,7 @@ def cross_attention_maps(pipe, scenes: list[ShapeSample], t: int, seed: int) -> 
         unet.set_attn_processor(probes)
         for i in range(0, len(scenes), 50):
             chunk = scenes[i : i + 50]
-            prompts = [list_prompt(s.classes_present) for s in chunk]
+            prompts = [list_prompt(s.classes_present) if prompt_style == "list" else s.caption for s in chunk]
             ids, emb = _text(pipe, prompts)
             z0 = _encode(pipe, _to_pixels([s.image for s in chunk]))
             zt, ts = _noisy(pipe, z0, t, seed + i)
@@ -362,10 +368,17 @@ def run(model: str | Path, cfg: BenchConfig, parts: tuple[str, ...] = ("attn", "
 
 
 def _cross_attention_figures(pipe, cfg: BenchConfig, test_all_scenes: list[ShapeSample], results: dict) -> None:  # noqa: ANN001
-    test = test_all_scenes[: cfg.attn_test]
+    results["cross_attention"] = _cross_attention_style(pipe, cfg, test_all_scenes[: cfg.attn_test], "list")
+    results["cross_attention_full_caption"] = _cross_attention_style(
+        pipe, cfg, test_all_scenes[: cfg.attn_test], "caption"
+    )
+
+
+def _cross_attention_style(pipe, cfg: BenchConfig, test: list[ShapeSample], style: str) -> dict:  # noqa: ANN001
+    """Choose timestep(s), layer set and threshold on ``val``; report the mean IoU on ``test``."""
     thresholds = np.round(np.arange(0.05, 0.96, 0.05), 2)
     val = [sample("val", i) for i in range(cfg.attn_val)]
-    val_maps = {t: cross_attention_maps(pipe, val, t, cfg.seed) for t in cfg.attn_timesteps}
+    val_maps = {t: cross_attention_maps(pipe, val, t, cfg.seed, style) for t in cfg.attn_timesteps}
     t_sets: dict[str, list[int]] = {str(t): [t] for t in cfg.attn_timesteps}
     t_sets["mean_over_t"] = list(cfg.attn_timesteps)
     by_t, best = {}, (-1.0, "", "", 0.0)
@@ -378,12 +391,12 @@ def _cross_attention_figures(pipe, cfg: BenchConfig, test_all_scenes: list[Shape
             if ious[k] > best[0]:
                 best = (float(ious[k]), key, layer_set, float(thresholds[k]))
     _, t_best, layers_best, th_best = best
-    test_runs = [cross_attention_maps(pipe, test, t, cfg.seed + 1) for t in t_sets[t_best]]
+    test_runs = [cross_attention_maps(pipe, test, t, cfg.seed + 1, style) for t in t_sets[t_best]]
     test_ious = attention_ious(_average_maps([r[layers_best] for r in test_runs]), test, np.asarray([th_best]))
     all_key = "all_layers"
     test_all = attention_ious(_average_maps([r[all_key] for r in test_runs]), test,
                               np.asarray([by_t[f"{all_key}@t={t_best}"]["threshold"]]))  # fmt: skip
-    results["cross_attention"] = {
+    return {
         "mean_iou_test": float(test_ious.mean()),
         "pairs_test": int(len(test_ious)),
         "timestep": t_best,
@@ -391,7 +404,7 @@ def _cross_attention_figures(pipe, cfg: BenchConfig, test_all_scenes: list[Shape
         "threshold": th_best,
         "mean_iou_test_all_layers": float(test_all.mean()),
         "val_by_timestep": by_t,
-        "prompt_style": "a photo of <class>, <class>",
+        "prompt_style": "a photo of <class>, <class>" if style == "list" else "full scene caption",
     }
 
 

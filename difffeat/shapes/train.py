@@ -20,6 +20,7 @@ import json
 import logging
 import math
 import os
+import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -168,10 +169,10 @@ class AdaptiveThreads:
     process's own CPU time) every ``every`` calls. Thread count never changes results beyond float rounding.
     """
 
-    def __init__(self, max_threads: int, every: int = 10) -> None:
+    def __init__(self, max_threads: int, every: int = 5) -> None:
         self.max_threads, self.every, self.calls = max_threads, every, 0
         self.last = self._sample()
-        torch.set_num_threads(max_threads)
+        torch.set_num_threads(1 if self.last is not None else max_threads)  # start safe; go up once idle
 
     @staticmethod
     def _sample() -> tuple[float, float, float] | None:
@@ -198,6 +199,27 @@ class AdaptiveThreads:
         if want != torch.get_num_threads():
             torch.set_num_threads(want)
             log.info("others use %.2f cores -> %d torch thread(s)", others, want)
+
+
+class StopFlag:
+    """Turns SIGTERM/SIGINT into a request to checkpoint and stop at the end of the current step."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._old: dict = {}
+        try:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._old[sig] = signal.signal(sig, self._handle)
+        except ValueError:  # not in the main thread: no signal handling
+            self._old = {}
+
+    def _handle(self, signum: int, _frame: object) -> None:
+        log.warning("signal %d: checkpointing and stopping after this step", signum)
+        self.requested = True
+
+    def restore(self) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
 
 
 class EMA:
@@ -345,6 +367,7 @@ def _train_unet(
 
     last_save, t_prev = time.time(), time.time()
     threads = AdaptiveThreads(cfg.threads)
+    stop = StopFlag()
     unet.train()
     text.train()
     end = cfg.unet_steps if stop_at is None else min(cfg.unet_steps, stop_at)
@@ -382,6 +405,11 @@ def _train_unet(
         if now - last_save > cfg.ckpt_minutes * 60:
             save(step + 1)
             last_save = time.time()
+        if stop.requested:
+            save(step + 1)
+            stop.restore()
+            raise SystemExit(f"stopped by signal after UNet step {step + 1}; continue with --resume")
+    stop.restore()
     save(max(start, end))
     return ckpt
 
