@@ -35,6 +35,7 @@ from typing import Any
 import torch
 
 __all__ = [
+    "TINY_CALL_KWARGS",
     "TINY_FAMILIES",
     "WORDS",
     "save_tiny_pipeline",
@@ -142,6 +143,11 @@ FLUX_TRANSFORMER_CONFIG: dict[str, Any] = dict(
     patch_size=1, in_channels=16, num_layers=1, num_single_layers=2, attention_head_dim=16,
     num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=[4, 4, 8],
 )  # fmt: skip
+#: FLUX.1-dev's resolution-dependent timestep shift (the pipeline computes ``mu`` from the token count).
+FLUX_SCHEDULER_CONFIG: dict[str, Any] = dict(
+    shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
+    max_image_seq_len=4096,
+)  # fmt: skip
 #: ControlNets, by the family whose UNet they match (keys shared with that UNet's config are copied from it).
 CONTROLNET_CONFIGS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "sd": (SD_UNET_CONFIG, dict(conditioning_embedding_out_channels=(16, 32))),
@@ -173,22 +179,19 @@ def _canonical_ids(vocab: dict[str, int], first: tuple[str, ...]) -> dict[str, i
 
 
 @lru_cache(maxsize=None)
-def _clip_tokenizer_json() -> str:
-    """The tiny CLIP tokenizer, trained once per process, as ``tokenizer.json`` text with canonical ids.
+def _clip_vocab_merges() -> tuple[tuple[tuple[str, int], ...], tuple[tuple[str, str], ...]]:
+    """The tiny CLIP tokenizer's (vocab, merges), trained once per process, with canonical ids.
 
-    BPE training breaks frequency ties differently from one process to the next (the merge *set* and the
-    vocabulary are the same, their numbering is not), so ids are renumbered canonically: every word of
-    :data:`WORDS` (always one token) and every byte piece gets the same id in every process.
+    BPE training breaks frequency ties differently on every run (the vocabulary and the set of merges are
+    the same, their numbering and order are not), so ids are renumbered canonically: every token, hence every
+    word of :data:`WORDS` (always one token) and every byte piece, gets the same id in every process.
     """
     from .tokenizers import BOS, EOS, build_clip_tokenizer
 
-    data = json.loads(build_clip_tokenizer(WORDS, model_max_length=77).backend_tokenizer.to_str())
-    data["model"]["vocab"] = _canonical_ids(data["model"]["vocab"], (BOS, EOS))
-    for added in data.get("added_tokens", []):
-        added["id"] = data["model"]["vocab"][added["content"]]
-    for special in (data.get("post_processor") or {}).get("special_tokens", {}).values():
-        special["ids"] = [data["model"]["vocab"][t] for t in special["tokens"]]
-    return json.dumps(data)
+    model = json.loads(build_clip_tokenizer(WORDS, model_max_length=77).backend_tokenizer.to_str())["model"]
+    vocab = _canonical_ids(model["vocab"], (BOS, EOS))
+    merges = tuple(tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"])
+    return tuple(vocab.items()), merges
 
 
 def tiny_clip_tokenizer(model_max_length: int = 77):  # noqa: ANN201 - transformers.CLIPTokenizer
@@ -202,10 +205,8 @@ def tiny_clip_tokenizer(model_max_length: int = 77):  # noqa: ANN201 - transform
     """
     from transformers import CLIPTokenizer
 
-    data = json.loads(_clip_tokenizer_json())
-    model = data["model"]
-    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
-    return CLIPTokenizer(vocab=model["vocab"], merges=merges, model_max_length=model_max_length)
+    vocab, merges = _clip_vocab_merges()
+    return CLIPTokenizer(vocab=dict(vocab), merges=list(merges), model_max_length=model_max_length)
 
 
 #: Unigram log-probabilities: whole words beat any split, "▁x" starts beat bare continuation characters.
@@ -354,7 +355,7 @@ def _build_flux(seed: int):  # noqa: ANN202 - FluxPipeline
         text_encoder_2=_t5(seed + 3),
         tokenizer=tiny_clip_tokenizer(),
         tokenizer_2=tiny_t5_tokenizer(),
-        scheduler=FlowMatchEulerDiscreteScheduler(),
+        scheduler=FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULER_CONFIG),
     )
     pipe.default_sample_size = 32  # default image 64 px (FluxPipeline hard-codes 128, i.e. 256 px here)
     return pipe
@@ -362,6 +363,13 @@ def _build_flux(seed: int):  # noqa: ANN202 - FluxPipeline
 
 #: The families :func:`tiny_pipeline` builds.
 TINY_FAMILIES: tuple[str, ...] = tuple(_BUILDERS)
+
+#: Extra ``pipe(...)`` arguments for a fast generation at exactly the requested size. PixArt-Sigma's default
+#: resolution binning would generate at a 256 px bin (100x the work) and resize back; its default caption
+#: cleaning needs BeautifulSoup and ftfy and only warns without them.
+TINY_CALL_KWARGS: dict[str, dict[str, Any]] = {
+    "pixart": {"use_resolution_binning": False, "clean_caption": False},
+}
 
 
 # ------------------------------------------------------------------------------------------------ public API
@@ -376,7 +384,8 @@ def tiny_pipeline(family: str, *, seed: int = 0, dtype: torch.dtype = torch.floa
     Returns:
         A ``StableDiffusionPipeline``, ``StableDiffusionXLPipeline``, ``PixArtSigmaPipeline``,
         ``StableDiffusion3Pipeline`` or ``FluxPipeline`` on the CPU, modules in eval mode, progress bar off.
-        A 64x64 px image is a 32x32 latent.
+        A 64x64 px image is a 32x32 latent. For a quick generation pass ``**TINY_CALL_KWARGS.get(family, {})``
+        (PixArt-Sigma otherwise bins the size up to 256 px).
 
     Raises:
         ValueError: for an unknown family (the message lists the valid ones).

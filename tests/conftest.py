@@ -14,7 +14,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# Two intra-op threads (the CI machine's cores); DIFFFEAT_TEST_THREADS overrides, e.g. 1 on a shared, busy box.
+torch.set_num_threads(int(os.environ.get("DIFFFEAT_TEST_THREADS", min(2, os.cpu_count() or 1))))
 warnings.filterwarnings("ignore", message=".*should be kept in float32.*")
 
 
