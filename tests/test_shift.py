@@ -89,6 +89,7 @@ def test_lora_changes_features_and_scale_zero_reproduces_plain(fx, lora_dir):
     torch.testing.assert_close(fx(image, "a cat")[NAME], plain, atol=1e-5, rtol=1e-5)
     fx.techniques = []
     torch.testing.assert_close(fx(image, "a cat")[NAME], plain)  # the adapter is gone afterwards
+    assert not any("lora" in n or "base_layer" in n for n, _ in fx.backbone.denoiser.named_modules())
 
 
 def test_lora_for_another_model_is_a_clear_error(tiny_pipes, tmp_path):

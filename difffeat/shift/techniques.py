@@ -195,6 +195,7 @@ class Lora(Technique):
     def active(self, backbone: Any) -> Iterator[None]:
         pipe = backbone.pipeline
         adapter = "difffeat_lora"
+        had_adapters = bool(getattr(pipe, "get_list_adapters", dict)())
         kwargs = {"weight_name": self.weight_name} if self.weight_name else {}
         path = os.fspath(self.weights)
         if os.path.isfile(path):
@@ -205,6 +206,9 @@ class Lora(Technique):
         except Exception as exc:
             with contextlib.suppress(Exception):
                 pipe.delete_adapters(adapter)
+            if not had_adapters:
+                with contextlib.suppress(Exception):
+                    pipe.unload_lora_weights()
             raise DifffeatError(
                 f"could not load LoRA {os.fspath(self.weights)!r} into this {backbone.family} model "
                 f"({exc.__class__.__name__}: {str(exc).splitlines()[0][:300]}); is it a LoRA for this base model?"
@@ -214,6 +218,8 @@ class Lora(Technique):
             yield
         finally:
             pipe.delete_adapters(adapter)
+            if not had_adapters:  # remove the PEFT wrapper layers too: the model is exactly as before
+                pipe.unload_lora_weights()
 
     def describe(self) -> dict[str, Any]:
         return {"technique": self.name, "weights": os.fspath(self.weights), "scale": self.scale}
