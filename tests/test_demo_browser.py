@@ -57,8 +57,13 @@ def served(tmp_path_factory):
     demo.close()
 
 
+#: a two-object example; the shipped shapes model separates objects from background well but confuses shape
+#: identities in crowded scenes (see benchmarks/results/goca_shapes.json), which this end-to-end test is not about
+EXAMPLE_FILE = "shapes_test_0006.png"
+
+
 def _example() -> tuple[Path, Path, list[str]]:
-    entry = json.loads((EXAMPLES / "examples.json").read_text())[0]
+    entry = next(e for e in json.loads((EXAMPLES / "examples.json").read_text()) if e["file"] == EXAMPLE_FILE)
     return EXAMPLES / entry["file"], EXAMPLES / entry["mask"], list(entry["classes_present"])
 
 
@@ -102,4 +107,6 @@ def test_segment_in_headless_chromium(served, tmp_path):
         objects = np.asarray(Image.open(mask_path)) > 0
         covered = coloured[objects].mean()
         assert covered > 0.5, f"only {covered:.0%} of the object pixels are labelled"
+        spill = coloured[~objects].mean()
+        assert spill < 0.5, f"{spill:.0%} of the background pixels are labelled as objects"
         assert FALLBACK_NOTE not in status
