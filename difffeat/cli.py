@@ -135,7 +135,7 @@ def extract(
                       f"{summary.skipped} already done; {summary.processes} process(es), {summary.seconds:.1f} s")
 
 
-def _segment_overrides(method, heads, layers, rescale, tau, t, refine_order) -> dict:
+def _segment_overrides(heads, layers, rescale, tau, t, refine_order) -> dict:
     return {k: v for k, v in dict(heads=heads, layers=layers, rescale=rescale, tau=tau, t=t, refine_order=refine_order).items() if v is not None}
 
 
@@ -168,7 +168,7 @@ def segment(
     try:
         names = check_classes(_split(classes))
         seg = Segmenter(load(model, device=device, dtype=dtype), method=method,
-                        **_segment_overrides(method, heads, layers, rescale, tau, t, refine_order))
+                        **_segment_overrides(heads, layers, rescale, tau, t, refine_order))
         stems = [p.stem for p in images]
         if len(set(stems)) != len(stems):
             raise ValueError("several images share a file stem; their outputs would overwrite each other")
@@ -235,7 +235,7 @@ def evaluate_cmd(
             raise ValueError("name a dataset: --coco FILE [--images DIR], --voc-labels DIR --images DIR --class-names a,b, or --shapes-split test")
         state = init_state(device)
         seg = Segmenter(load(model, device=device, dtype=dtype), method=method,
-                        **_segment_overrides(method, heads, layers, rescale, tau, t, None))
+                        **_segment_overrides(heads, layers, rescale, tau, t, None))
         tuned = None
         if tune_shapes_split:
             if shapes_split == tune_shapes_split:

@@ -13,7 +13,7 @@ import os
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Union
+from typing import Union
 
 import numpy as np
 import torch
@@ -164,12 +164,3 @@ def to_tensor(images: Sequence[Image.Image]) -> torch.Tensor:
         )
     arr = np.stack([np.asarray(im, dtype=np.float32) for im in images])  # [B, H, W, 3]
     return torch.from_numpy(arr).permute(0, 3, 1, 2).div(127.5).sub(1.0)
-
-
-def describe(image: Any) -> str:
-    """Short human description of an input, for messages and progress bars."""
-    if isinstance(image, (str, os.PathLike)):
-        return Path(image).name
-    if isinstance(image, Image.Image):
-        return f"PIL {image.mode} {image.size[0]}x{image.size[1]}"
-    return type(image).__name__

@@ -214,7 +214,10 @@ class Segmenter:
         ents = list(s.background_entities) + list(entities or [])
         layout = build_layout(classes, self.backbone.text_segments(), s.template, ents, caption)
         inputs = self.backbone.prepare([rgb], layout.caption, s.t, s.seed, s.resolution)
-        reducers = {n: GocaHeadReducer(self._output_weights()) for n in self.cross_names} if s.heads == "goca" else {}
+        reducers = {}
+        if s.heads == "goca":
+            reducer = GocaHeadReducer(self._output_weights())  # stateless: one instance serves every layer
+            reducers = dict.fromkeys(self.cross_names, reducer)
         with Capture(self.backbone, self.activation_names(everything), inputs, early_exit=True, map_reducer=head_mean, map_reducers=reducers) as cap:
             self.backbone.denoise(inputs)
         return Observation(rgb, layout, cap.activations, tuple(inputs.grid), s.heads)
@@ -238,7 +241,7 @@ class Segmenter:
                 block = den.get_submodule(attn_path.rsplit(".", 1)[0])
                 proj = getattr(block, "proj_out", None)
                 if proj is not None:
-                    weights[id(attn)] = proj.weight[:, : attn.inner_dim if hasattr(attn, "inner_dim") else proj.weight.shape[0]]
+                    weights[id(attn)] = proj.weight[:, : attn.inner_dim]
         return weights
 
     def _decide(self, rgb: Image.Image, layout: PromptLayout, acts: dict[str, torch.Tensor], grid: tuple[int, int]) -> SegmentationResult:
