@@ -31,6 +31,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from difffeat.evaluate.probe import probe_score
 from difffeat.shapes.captions import list_prompt
 from difffeat.shapes.world import COLOURS, SHAPE_CLASSES, ShapeSample, sample
 
@@ -220,40 +221,6 @@ def pixel_features(pipe, unet, text_encoder, scenes: list[ShapeSample], t: int, 
     return torch.cat(feats)
 
 
-def probe_accuracy(train_f: torch.Tensor, train_y: torch.Tensor, test_f: torch.Tensor, test_y: torch.Tensor,
-                   pixels_per_image: int, seed: int) -> dict:  # fmt: skip
-    """Fit a per-pixel softmax-regression probe; return 9-way pixel accuracy and mIoU on the test pixels."""
-    g = torch.Generator().manual_seed(seed)
-    b, c, h, w = train_f.shape
-    flat_f = train_f.permute(0, 2, 3, 1).reshape(b, h * w, c)
-    flat_y = train_y.reshape(b, h * w)
-    idx = torch.stack([torch.randperm(h * w, generator=g)[:pixels_per_image] for _ in range(b)])
-    x = torch.gather(flat_f, 1, idx[..., None].expand(-1, -1, c)).reshape(-1, c)
-    y = torch.gather(flat_y, 1, idx).reshape(-1)
-    mu, sd = x.mean(0), x.std(0) + 1e-6
-    lin = torch.nn.Linear(c, 9)
-    opt = torch.optim.LBFGS(lin.parameters(), lr=1, max_iter=200, history_size=20, line_search_fn="strong_wolfe")
-    xs = (x - mu) / sd
-
-    def closure() -> torch.Tensor:
-        opt.zero_grad()
-        loss = F.cross_entropy(lin(xs), y) + 1e-4 * lin.weight.pow(2).sum()
-        loss.backward()
-        return loss
-
-    opt.step(closure)
-    with torch.no_grad():
-        pred = lin((test_f.permute(0, 2, 3, 1).reshape(-1, c) - mu) / sd).argmax(1)
-    gt = test_y.reshape(-1)
-    ious = []
-    for k in range(9):
-        inter = ((pred == k) & (gt == k)).sum().item()
-        union = ((pred == k) | (gt == k)).sum().item()
-        if union:
-            ious.append(inter / union)
-    return {"pixel_accuracy": float((pred == gt).float().mean()), "miou": float(np.mean(ious))}
-
-
 # --------------------------------------------------------------------------------- 3. cross-attention maps
 class CrossAttentionProbe:
     """Attention processor for ``attn2`` modules: records softmax(QK^T/sqrt(d)) per head, returns the normal output."""
@@ -439,7 +406,8 @@ def _probe_figures(pipe, cfg: BenchConfig, test: list[ShapeSample], results: dic
     for label, (unet, text) in {"trained": (pipe.unet, pipe.text_encoder), "random": (rand_unet, rand_text)}.items():
         f_tr = pixel_features(pipe, unet.eval(), text.eval(), tr, cfg.probe_t, cfg.seed)
         f_te = pixel_features(pipe, unet.eval(), text.eval(), te, cfg.probe_t, cfg.seed + 1)
-        probe[label] = probe_accuracy(f_tr, y_tr, f_te, y_te, cfg.probe_pixels_per_image, cfg.seed)
+        probe[label] = probe_score(f_tr, y_tr, f_te, y_te, num_classes=9, pixels_per_image=cfg.probe_pixels_per_image,
+                                   seed=cfg.seed).to_json()
         del f_tr, f_te
     results["probe"] = {**probe, "timestep": cfg.probe_t, "modules": FEATURE_MODULES,
                         "train_scenes": len(tr), "test_scenes": len(te)}  # fmt: skip

@@ -97,3 +97,30 @@ def test_tune_tau_scores_every_candidate_from_one_forward_each(tiny_pipes):
     best, scores = tune_tau(seg, data, taus=(-0.2, 0.0, 0.2))
     assert set(scores) == {-0.2, 0.0, 0.2} and best in scores
     assert scores[best] == max(scores.values())
+
+
+# ------------------------------------------------------------------------------------------ linear probe
+def test_pixel_probe_learns_a_linearly_decodable_label_and_not_noise() -> None:
+    import torch
+
+    from difffeat.errors import DifffeatError
+    from difffeat.evaluate import PixelProbe, probe_score
+
+    g = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, 3, (6, 8, 8), generator=g)
+    centres = torch.tensor([[2.0, 0, 0, 0], [0, 2.0, 0, 0], [0, 0, 2.0, 0]])  # class -> feature direction
+    feats = centres[labels].permute(0, 3, 1, 2) + 0.3 * torch.randn(6, 4, 8, 8, generator=g)
+    good = probe_score(feats[:4], labels[:4], feats[4:], labels[4:], num_classes=3, pixels_per_image=64)
+    assert good.pixel_accuracy > 0.95 and good.miou > 0.9
+    noise = torch.randn(6, 4, 8, 8, generator=g)
+    bad = probe_score(noise[:4], labels[:4], noise[4:], labels[4:], num_classes=3, pixels_per_image=64)
+    assert bad.pixel_accuracy < 0.6
+    probe = PixelProbe(3, pixels_per_image=64).fit(feats[:4], labels[:4])
+    pred = probe.predict(feats[4:])
+    assert probe.score(feats[4:], labels[4:]).pixel_accuracy == pytest.approx(float((pred == labels[4:]).float().mean()))
+    with pytest.raises(DifffeatError, match="same grid"):
+        probe.score(feats[4:, :, :4], labels[4:])
+    with pytest.raises(DifffeatError, match="not fitted"):
+        PixelProbe(3).predict(feats)
+    with pytest.raises(DifffeatError, match=r"labels must lie in \[0, 1\]"):
+        PixelProbe(2).fit(feats, labels)

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from difffeat.shapes.attention_loss import install_recorders, localisation_loss, word_class_lookup
 from difffeat.shapes.captions import random_prompt, vocabulary
 from difffeat.shapes.models import (
     ModelConfig,
@@ -73,6 +74,10 @@ class TrainConfig:
     decoder_batch: int = 16
     decoder_lr: float = 1e-3
     p_empty: float = 0.1
+    # auxiliary cross-attention localisation loss (see difffeat.shapes.attention_loss); 0 disables it
+    attn_loss_weight: float = 0.0
+    attn_loss_max_t: int = 600  # only samples with t <= this take part (the scene is still visible)
+    init_from: str | None = None  # UNet stage started from this run's weights (fresh optimizer and schedule)
     ema_decay: float = 0.999
     grad_clip: float = 1.0
     # bookkeeping
@@ -140,11 +145,13 @@ class Dataset:
     def __init__(self, n: int, image_size: int) -> None:
         t0 = time.time()
         self.images = np.empty((n, image_size, image_size, 3), np.uint8)
+        self.masks = np.empty((n, image_size, image_size), np.uint8)  # 0 = background, else class index
         self.objects: list[list[tuple[str, str]]] = []
         self.backgrounds: list[tuple[str, str]] = []
         for i in range(n):
             s = sample("train", i, size=image_size)
             self.images[i] = np.asarray(s.image)
+            self.masks[i] = s.mask
             self.objects.append([(inst.class_name, inst.colour) for inst in s.instances])
             self.backgrounds.append((s.background, s.background_colour))
         log.info("generated %d train scenes in %.1fs", n, time.time() - t0)
@@ -156,6 +163,11 @@ class Dataset:
         """[B, 3, H, W] in [-1, 1]."""
         x = torch.from_numpy(self.images[idx]).permute(0, 3, 1, 2).float()
         return x / 127.5 - 1.0
+
+    def class_masks(self, idx: np.ndarray, n_classes: int = 8) -> torch.Tensor:
+        """[B, n_classes, H, W] float one-hot masks of the shape classes."""
+        m = torch.from_numpy(self.masks[idx]).long()
+        return F.one_hot(m, n_classes + 1)[..., 1:].permute(0, 3, 1, 2).float()
 
     def prompts(self, idx: np.ndarray, rng: np.random.Generator, p_empty: float) -> list[str]:
         return [random_prompt(self.objects[i], *self.backgrounds[i], rng, p_empty=p_empty) for i in idx]
@@ -346,8 +358,9 @@ def _train_unet(
         text.load_state_dict(ckpt["text"])
         ema_unet.shadow.load_state_dict(ckpt["ema_unet"])
         ema_text.shadow.load_state_dict(ckpt["ema_text"])
-        opt.load_state_dict(ckpt["opt"])
-        _restore_rng(ckpt["rng"])
+        if "opt" in ckpt:  # absent right after --init-from: fresh optimizer and schedule
+            opt.load_state_dict(ckpt["opt"])
+            _restore_rng(ckpt["rng"])
         log.info("resuming UNet stage at step %d", start)
     lat = torch.load(run / "latents.pt")
     lat_mean, lat_std = lat["mean"], lat["std"]
@@ -365,6 +378,10 @@ def _train_unet(
         _atomic_save(state, run / CKPT_NAME)
         ckpt.update(state)
 
+    attn_store: dict[str, torch.Tensor] = {}
+    if cfg.attn_loss_weight > 0:
+        install_recorders(unet, attn_store)
+        lookup = word_class_lookup(tok).to(dev)
     last_save, t_prev = time.time(), time.time()
     threads = AdaptiveThreads(cfg.threads)
     stop = StopFlag()
@@ -386,8 +403,14 @@ def _train_unet(
         zt = a.sqrt() * z0 + (1 - a).sqrt() * noise
         f = _lr_factor(step, cfg.unet_steps, cfg.warmup, cfg.min_lr_frac)
         opt.param_groups[0]["lr"], opt.param_groups[1]["lr"] = cfg.unet_lr * f, cfg.text_lr * f
+        attn_store.clear()
         pred = unet(zt, t, encoder_hidden_states=text(ids)[0]).sample
-        loss = F.mse_loss(pred, noise)
+        mse = F.mse_loss(pred, noise)
+        loss, aux = mse, None
+        if cfg.attn_loss_weight > 0:
+            masks = data.class_masks(idx).to(dev)
+            aux = localisation_loss(attn_store, ids, lookup, masks, t <= cfg.attn_loss_max_t)
+            loss = mse + cfg.attn_loss_weight * aux
         opt.zero_grad(set_to_none=True)
         loss.backward()
         gnorm = torch.nn.utils.clip_grad_norm_([*unet.parameters(), *text.parameters()], cfg.grad_clip)
@@ -398,7 +421,8 @@ def _train_unet(
         elapsed += now - t_prev
         t_prev = now
         if step % cfg.log_every == 0 or step == cfg.unet_steps - 1:
-            rec_ = {"stage": "unet", "step": step, "loss": loss.item(), "grad_norm": float(gnorm),
+            rec_ = {"stage": "unet", "step": step, "loss": mse.item(), "grad_norm": float(gnorm),
+                    **({"attn_loss": aux.item()} if aux is not None else {}),
                     "lr": opt.param_groups[0]["lr"], "elapsed_s": round(elapsed, 1)}  # fmt: skip
             _log_line(run / "log.jsonl", rec_)
             log.info("unet %s", rec_)
@@ -486,6 +510,40 @@ def finetune_decoder(cfg: TrainConfig, data: Dataset | None = None, resume: bool
     return {"step": max(start, cfg.decoder_steps), "elapsed_s": elapsed}
 
 
+def init_from_run(source: str | Path, cfg: TrainConfig) -> dict:
+    """Start ``cfg.out``'s UNet stage from the weights of another run's UNet-stage checkpoint.
+
+    Copies the VAE (and its fine-tuned decoder), cached latents, tokenizer, UNet, text encoder and their EMA;
+    the optimizer, step counter and learning-rate schedule start afresh. Used to continue a finished run with
+    a new objective or schedule without repeating its VAE stage. Returns the new checkpoint.
+    """
+    import shutil
+
+    src, run = Path(source), Path(cfg.out)
+    if (run / CKPT_NAME).exists():
+        raise FileExistsError(f"{run / CKPT_NAME} exists; pass --resume to continue it or choose another --out")
+    old = load_checkpoint(src)
+    if old is None or old.get("stage") != "unet" or "unet" not in old:
+        raise RuntimeError(f"{src} holds no UNet-stage checkpoint to start from")
+    if TrainConfig.from_dict(old["config"]).model != cfg.model:
+        raise ValueError(f"the architecture of {src} differs from this run's; both must use the same ModelConfig")
+    run.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(src / "latents.pt", run / "latents.pt")
+    if (src / DECODER_NAME).exists():
+        shutil.copy2(src / DECODER_NAME, run / DECODER_NAME)
+    if not (run / "tokenizer").exists():
+        shutil.copytree(src / "tokenizer", run / "tokenizer")
+    state = {k: old[k] for k in ("vae", "scaling_factor", "unet", "text", "ema_unet", "ema_text")}
+    previous = old.get("init") or []
+    state.update({"stage": "unet", "step": 0, "elapsed_s": 0.0, "vae_elapsed_s": old.get("vae_elapsed_s", 0.0),
+                  "init": [*previous, {"run": str(src), "unet_steps": old["step"], "unet_batch": old["config"]["unet_batch"],
+                                       "elapsed_s": old["elapsed_s"],
+                                       "attn_loss_weight": old["config"].get("attn_loss_weight", 0.0)}],
+                  "config": cfg.to_dict()})  # fmt: skip
+    _atomic_save(state, run / CKPT_NAME)
+    return state
+
+
 def train(cfg: TrainConfig, resume: bool = False, stop_at: int | None = None) -> dict:
     """Run (or continue) both stages; returns the final checkpoint dict.
 
@@ -549,7 +607,8 @@ def export(run: str | Path, target: str | Path, fp16: bool = True, use_ema: bool
     _, ddim = build_schedulers(m)
 
     # fp16 check: the UNet+text noise prediction with fp16-rounded weights vs fp32 weights.
-    report = {"step": ckpt["step"], "decoder_finetune": report_decoder,
+    report = {"step": ckpt["step"], "decoder_finetune": report_decoder, "init_from": ckpt.get("init"),
+              "attn_loss_weight": cfg.attn_loss_weight,
               "train_elapsed_s": ckpt.get("vae_elapsed_s", 0) + ckpt["elapsed_s"],
               "params": {"unet": count_params(unet), "text_encoder": count_params(text), "vae": count_params(vae)}}  # fmt: skip
     g = torch.Generator().manual_seed(0)
@@ -598,6 +657,8 @@ def _parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--decoder-only", action="store_true",
                    help="run (or resume) only stage 3, the decoder fine-tune; may run beside the UNet stage")
     p.add_argument("--decoder-steps", type=int)
+    p.add_argument("--attn-loss", type=float, help="weight of the auxiliary cross-attention localisation loss")
+    p.add_argument("--init-from", help="start the UNet stage from this run's weights (new optimizer and schedule)")
     return p.parse_args(argv)
 
 
@@ -622,7 +683,14 @@ def main(argv: list[str] | None = None) -> None:
                 setattr(cfg, name, val)
         if args.lr is not None:
             cfg.unet_lr = cfg.text_lr = args.lr
-        train(cfg, resume=args.resume)
+        if args.attn_loss is not None:
+            cfg.attn_loss_weight = args.attn_loss
+        resume = args.resume
+        if args.init_from and not args.resume:
+            cfg.init_from = args.init_from
+            init_from_run(args.init_from, cfg)
+            resume = True
+        train(cfg, resume=resume)
     if args.export:
         report = export(args.out, args.export, fp16=not args.fp32)
         log.info("exported to %s: %s", args.export, report)

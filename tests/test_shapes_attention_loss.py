@@ -1,0 +1,114 @@
+"""The auxiliary cross-attention localisation loss and continuing a run with --init-from."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from difffeat.shapes.attention_loss import install_recorders, localisation_loss, word_class_lookup
+from difffeat.shapes.models import ModelConfig, build_unet
+from difffeat.shapes.train import TrainConfig, init_from_run, load_checkpoint, make_tokenizer, train
+from difffeat.shapes.world import SHAPE_CLASSES
+
+TOY = ModelConfig(vae_channels=(8, 16, 16), unet_channels=(16, 32, 32), norm_groups=8, text_hidden=32, text_intermediate=64)
+
+
+def test_recorder_keeps_the_stock_output_and_records_probabilities() -> None:
+    torch.manual_seed(0)
+    unet = build_unet(TOY).eval()
+    z, t, ctx = torch.randn(2, 4, 16, 16), torch.tensor([10, 500]), torch.randn(2, 7, 32)
+    with torch.no_grad():
+        ref = unet(z, t, encoder_hidden_states=ctx).sample
+    store: dict[str, torch.Tensor] = {}
+    original = install_recorders(unet, store)
+    n_cross = sum(".attn2." in k for k in original)  # (set_attn_processor empties the dict it is given)
+    try:
+        with torch.no_grad():
+            out = unet(z, t, encoder_hidden_states=ctx).sample
+    finally:
+        unet.set_attn_processor(original)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    assert len(store) == n_cross == 2 + 1 + 4  # down, mid, up cross-attention layers
+    for probs in store.values():  # [B, N, L]: head mean of softmax rows
+        assert probs.shape[0] == 2 and probs.shape[2] == 7
+        torch.testing.assert_close(probs.sum(-1), torch.ones(probs.shape[:2]))
+
+
+def test_lookup_maps_singular_and_plural_shape_words() -> None:
+    tok = make_tokenizer(TOY)
+    lookup = word_class_lookup(tok)
+    for c, name in enumerate(SHAPE_CLASSES):
+        assert lookup[tok(name, add_special_tokens=False).input_ids[0]] == c
+    assert lookup[tok("red", add_special_tokens=False).input_ids[0]] == -1
+    assert int((lookup >= 0).sum()) == 2 * len(SHAPE_CLASSES)
+
+
+def _loop_loss(store, ids, lookup, masks, keep) -> torch.Tensor:
+    """Straightforward per-pair loops: the reference for the vectorised loss."""
+    per_layer = []
+    for probs in store.values():
+        res = int(math.isqrt(probs.shape[1]))
+        terms = []
+        for b in range(ids.shape[0]):
+            for p in range(ids.shape[1]):
+                c = int(lookup[ids[b, p]])
+                if c < 0 or not keep[b] or masks[b, c].sum() == 0:
+                    continue
+                cell = masks[b, c].reshape(res, masks.shape[2] // res, res, masks.shape[3] // res).mean((1, 3)).flatten()
+                spatial = probs[b, :, p] / probs[b, :, p].sum()
+                terms.append(-torch.log((spatial * cell).sum()))
+        per_layer.append(torch.stack(terms).mean())
+    return torch.stack(per_layer).mean()
+
+
+def test_localisation_loss_matches_loops_and_its_limits() -> None:
+    g = torch.Generator().manual_seed(0)
+    lookup = torch.full((20,), -1)
+    lookup[5], lookup[6], lookup[7] = 0, 1, 2  # token ids 5, 6, 7 name classes 0, 1, 2
+    masks = torch.zeros(2, 8, 16, 16)
+    masks[0, 0, :8, :8] = 1
+    masks[0, 1, 8:, 8:] = 1
+    masks[1, 2, 4:12, 4:12] = 1
+    ids = torch.tensor([[1, 5, 6, 7, 2], [1, 7, 5, 2, 2]])  # class 2 absent in image 0, class 0 absent in image 1
+    store = {f"l{r}": torch.rand(2, r * r, 5, generator=g).softmax(-1) for r in (8, 4)}
+    keep = torch.tensor([True, True])
+    loss = localisation_loss(store, ids, lookup, masks, keep)
+    torch.testing.assert_close(loss, _loop_loss(store, ids, lookup, masks, keep))
+    # only sample 1 kept -> only its pair counts
+    keep1 = torch.tensor([False, True])
+    torch.testing.assert_close(localisation_loss(store, ids, lookup, masks, keep1), _loop_loss(store, ids, lookup, masks, keep1))
+    # a token whose map lies exactly on its object scores 0; a uniform map scores -log(area fraction)
+    perfect = torch.full((1, 64, 2), 1e-9)
+    perfect[0, :, 1] = masks[0:1, 0].reshape(1, 8, 2, 8, 2).mean((2, 4)).flatten()
+    uniform = torch.ones(1, 64, 2)
+    one_ids = torch.tensor([[1, 5]])
+    assert localisation_loss({"a": perfect}, one_ids, lookup, masks[:1], keep[:1]).item() == pytest.approx(0.0, abs=1e-5)
+    assert localisation_loss({"a": uniform}, one_ids, lookup, masks[:1], keep[:1]).item() == pytest.approx(-math.log(0.25))
+    # no shape word of the image in the prompt -> zero loss, no NaN
+    assert localisation_loss(store, torch.tensor([[1, 2, 2, 2, 2], [1, 2, 2, 2, 2]]), lookup, masks, keep).item() == 0.0
+
+
+def test_init_from_continues_a_run_with_the_attention_loss(tmp_path: Path) -> None:
+    base = TrainConfig(out=str(tmp_path / "a"), model=TOY, n_train=24, vae_steps=2, vae_batch=4, unet_steps=2, unet_batch=4,
+                       warmup=1, log_every=1, threads=1, decoder_steps=1)  # fmt: skip
+    first = train(base)
+    cont = TrainConfig(**{**base.__dict__, "out": str(tmp_path / "b"), "unet_steps": 3, "attn_loss_weight": 0.5,
+                          "attn_loss_max_t": 1000, "decoder_steps": 0, "init_from": str(tmp_path / "a")})  # fmt: skip
+    state = init_from_run(tmp_path / "a", cont)
+    assert state["step"] == 0 and "opt" not in state and state["init"][0]["unet_steps"] == 2
+    for name, val in first["unet"].items():
+        torch.testing.assert_close(state["unet"][name], val)
+    done = train(cont, resume=True)
+    assert done["step"] == 3
+    log = (tmp_path / "b" / "log.jsonl").read_text().splitlines()
+    assert all('"attn_loss"' in line for line in log if '"stage": "unet"' in line)
+    changed = any(not torch.equal(done["unet"][k], first["unet"][k]) for k in first["unet"])
+    assert changed
+    with pytest.raises(FileExistsError):
+        init_from_run(tmp_path / "a", cont)
+    with pytest.raises(RuntimeError, match="no UNet-stage checkpoint"):
+        init_from_run(tmp_path / "nowhere", TrainConfig(out=str(tmp_path / "c"), model=TOY))
+    assert load_checkpoint(tmp_path / "b")["init"][0]["run"] == str(tmp_path / "a")
