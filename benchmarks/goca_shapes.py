@@ -14,7 +14,6 @@ Refinement (self-attention propagation) is the same in every row.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from dataclasses import replace
@@ -25,6 +24,7 @@ import numpy as np
 import difffeat
 from difffeat.evaluate import ConfusionMatrix, ShapesDataset
 from difffeat.evaluate.runner import _to_dataset_labels
+from difffeat.io import write_json
 
 CONFIGS = {
     "vanilla": dict(heads="mean", layers="uniform", rescale="none"),
@@ -36,9 +36,9 @@ CONFIGS = {
 TAUS = tuple(float(x) for x in np.round(np.linspace(-0.4, 0.4, 17), 3))
 
 
-def observations(backbone, data, t, setting_classes):
+def observations(backbone, data, t, prompt):
     """Per image: (item, dataset labels prompted, {heads: Observation})."""
-    segs = {h: difffeat.Segmenter(backbone, method="vanilla", heads=h, t=t) for h in ("mean", "goca")}
+    segs = {h: difffeat.Segmenter(backbone, method="vanilla", heads=h, t=t, **prompt) for h in ("mean", "goca")}
     out = []
     for i in range(len(data)):
         item = data[i]
@@ -51,9 +51,9 @@ def observations(backbone, data, t, setting_classes):
     return out
 
 
-def score(backbone, obs, config, t, tau_grid, n_classes):
+def score(backbone, obs, config, t, tau_grid, n_classes, prompt):
     """{tau: mIoU} for one configuration over cached observations."""
-    seg = difffeat.Segmenter(backbone, t=t, **config)
+    seg = difffeat.Segmenter(backbone, t=t, **config, **prompt)
     cms = {tau: ConfusionMatrix(n_classes) for tau in tau_grid}
     for item, labels, ob in obs:
         result = seg.decide(ob[config["heads"]]) if ob else None
@@ -68,8 +68,15 @@ def main(argv=None) -> None:
     p.add_argument("--n-val", type=int, default=100)
     p.add_argument("--n-test", type=int, default=300)
     p.add_argument("--t-grid", default="50,100,200,300")
+    p.add_argument("--template", help="caption template (default: the model's GOCA config)")
+    p.add_argument("--entities", help="comma-separated background entities ('' for none; default: the model's config)")
     p.add_argument("--out", default="benchmarks/results/goca_shapes.json")
     args = p.parse_args(argv)
+    prompt = {}
+    if args.template is not None:
+        prompt["template"] = args.template
+    if args.entities is not None:
+        prompt["background_entities"] = tuple(e.strip() for e in args.entities.split(",") if e.strip())
     start = time.perf_counter()
     backbone = difffeat.load(args.model, device="cpu")
     val, test = ShapesDataset("val", args.n_val), ShapesDataset("test", args.n_test)
@@ -77,19 +84,19 @@ def main(argv=None) -> None:
 
     t_scores, val_obs = {}, {}
     for t in [int(x) for x in args.t_grid.split(",")]:
-        val_obs[t] = observations(backbone, val, t, val.classes)
-        per_config = {name: max(score(backbone, val_obs[t], cfg, t, TAUS, n_classes)[0].values()) for name, cfg in CONFIGS.items()}
+        val_obs[t] = observations(backbone, val, t, prompt)
+        per_config = {name: max(score(backbone, val_obs[t], cfg, t, TAUS, n_classes, prompt)[0].values()) for name, cfg in CONFIGS.items()}
         t_scores[t] = {"mean": float(np.mean(list(per_config.values()))), **per_config}
         print(f"val t={t}: " + ", ".join(f"{k} {v:.3f}" for k, v in t_scores[t].items()), file=sys.stderr)
     t_best = max(t_scores, key=lambda t: t_scores[t]["mean"])
     taus = {}
     for name, cfg in CONFIGS.items():
-        by_tau = score(backbone, val_obs[t_best], cfg, t_best, TAUS, n_classes)[0]
+        by_tau = score(backbone, val_obs[t_best], cfg, t_best, TAUS, n_classes, prompt)[0]
         taus[name] = max(by_tau, key=lambda tau: (by_tau[tau], -abs(tau)))
-    test_obs = observations(backbone, test, t_best, test.classes)
+    test_obs = observations(backbone, test, t_best, prompt)
     rows = {}
     for name, cfg in CONFIGS.items():
-        miou, cms = score(backbone, test_obs, cfg, t_best, (taus[name],), n_classes)
+        miou, cms = score(backbone, test_obs, cfg, t_best, (taus[name],), n_classes, prompt)
         iou = cms[taus[name]].iou()
         rows[name] = {"miou": miou[taus[name]], "tau": taus[name], **cfg,
                       "per_class_iou": {c: float(v) for c, v in zip(["background"] + test.classes, iou)}}
@@ -97,9 +104,10 @@ def main(argv=None) -> None:
         "model": args.model, "setting": "oracle image labels", "split": "test", "n_test": args.n_test,
         "tuning": {"split": "val", "n_val": args.n_val, "t_by_mean_val_miou": t_scores, "t": t_best, "tau_per_config": taus},
         "rows": rows, "seconds": round(time.perf_counter() - start, 1),
+        "prompt": {k: difffeat.Segmenter(backbone, **prompt).settings.to_dict()[k] for k in ("template", "background_entities")},
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+    write_json(args.out, report)
     print(f"| configuration | mIoU (test, n={args.n_test}) | tau (val) |\n|---|---|---|")
     for name, row in rows.items():
         print(f"| {name} | {100 * row['miou']:.1f} | {row['tau']:+.2f} |")

@@ -7,8 +7,9 @@ Usage::
 Three measurements, all on scenes the model never saw (``val``/``test`` splits of the shapes world):
 
 1. **Generation sanity** - for single-shape captions ("a red star on a white background") generate with DDIM
-   and mild guidance, classify each image with a tiny CNN trained on the world's own single-object scenes
-   (passed through the model's VAE, so it sees the same decoder look), report the hit rate per class.
+   and mild guidance; cut the object out by colour (pixels nearer the named object colour than the named,
+   strongly contrasting background colour) and classify the silhouette with a tiny CNN trained on the
+   world's own single-object masks; report the hit rate per class.
 2. **Semantic features** - UNet activations at a small timestep (up-path block outputs, upsampled to 64x64,
    concatenated) -> per-pixel linear softmax probe fit on ``train`` scenes, scored on ``test`` scenes
    (9-way pixel accuracy); the same probe on a random-weight UNet + text encoder as the baseline.
@@ -46,7 +47,7 @@ class BenchConfig:
     gen_steps: int = 40
     gen_guidance: float = 3.0
     clf_train_scenes: int = 12_000  # train-split indices scanned for single-object scenes
-    clf_steps: int = 400
+    clf_steps: int = 1500
     probe_train: int = 200
     probe_test: int = 200
     probe_t: int = 75
@@ -101,45 +102,48 @@ def _noisy(pipe, z0: torch.Tensor, t: int, seed: int) -> tuple[torch.Tensor, tor
 
 # ------------------------------------------------------------------------------------ 1. generation check
 class TinyShapeClassifier(torch.nn.Module):
-    """A small CNN: 64x64 RGB -> 8 shape classes."""
+    """A small CNN on binary silhouettes: [B, 1, 64, 64] -> 8 shape classes (max-pooled, so position-free)."""
 
     def __init__(self) -> None:
         super().__init__()
-        chans = [3, 32, 64, 96, 128]
+        chans = [1, 32, 64, 96, 128]
         layers: list[torch.nn.Module] = []
         for cin, cout in zip(chans[:-1], chans[1:]):
             layers += [torch.nn.Conv2d(cin, cout, 3, stride=2, padding=1), torch.nn.GroupNorm(8, cout), torch.nn.SiLU()]
         self.features = torch.nn.Sequential(*layers)
         self.head = torch.nn.Linear(chans[-1], len(SHAPE_CLASSES))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, 3, 64, 64] -> [B, 8]
-        return self.head(self.features(x).mean(dim=(2, 3)))
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, 1, 64, 64] -> [B, 8]
+        return self.head(self.features(x).amax(dim=(2, 3)))
 
 
 def _single_object_scenes(split: str, n_scan: int) -> list[ShapeSample]:
     return [s for s in (sample(split, i) for i in range(n_scan)) if len(s.instances) == 1]
 
 
-@torch.no_grad()
-def _vae_roundtrip(pipe, pixels: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
-    out = []
-    for i in range(0, len(pixels), 256):
-        z = pipe.vae.encode(pixels[i : i + 256]).latent_dist.mean
-        out.append(pipe.vae.decode(z).sample.clamp(-1, 1))
-    return torch.cat(out)
+def _silhouettes(scenes: list[ShapeSample]) -> torch.Tensor:
+    return torch.from_numpy(np.stack([s.mask > 0 for s in scenes])).float()[:, None]  # [B, 1, 64, 64]
+
+
+def silhouette(images: torch.Tensor, object_rgb: tuple[int, int, int], background_rgb: tuple[int, int, int]) -> torch.Tensor:
+    """Binary object mask of generated ``[B, 3, H, W]`` images in [0, 1]: pixels nearer the named object
+    colour than the named background colour."""
+    obj = torch.tensor(object_rgb, dtype=torch.float32).view(1, 3, 1, 1) / 255
+    bg = torch.tensor(background_rgb, dtype=torch.float32).view(1, 3, 1, 1) / 255
+    return ((images - obj).norm(dim=1, keepdim=True) < (images - bg).norm(dim=1, keepdim=True)).float()
 
 
 def train_classifier(pipe, cfg: BenchConfig) -> tuple[TinyShapeClassifier, float]:  # noqa: ANN001
-    """Fit the shape classifier on VAE round-trips of single-object train scenes; returns (model, val acc)."""
+    """Fit the silhouette classifier on single-object ``train`` masks; returns (model, ``val`` accuracy)."""
     train = _single_object_scenes("train", cfg.clf_train_scenes)
     val = _single_object_scenes("val", 1500)
-    x_tr = _vae_roundtrip(pipe, _to_pixels([s.image for s in train]))
+    x_tr, x_va = _silhouettes(train), _silhouettes(val)
     y_tr = torch.tensor([s.instances[0].class_index - 1 for s in train])
-    x_va = _vae_roundtrip(pipe, _to_pixels([s.image for s in val]))
     y_va = torch.tensor([s.instances[0].class_index - 1 for s in val])
     torch.manual_seed(cfg.seed)
     clf = TinyShapeClassifier()
     opt = torch.optim.AdamW(clf.parameters(), lr=2e-3)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, cfg.clf_steps)
     g = torch.Generator().manual_seed(cfg.seed)
     for step in range(cfg.clf_steps):
         idx = torch.randint(0, len(x_tr), (64,), generator=g)
@@ -150,6 +154,7 @@ def train_classifier(pipe, cfg: BenchConfig) -> tuple[TinyShapeClassifier, float
         opt.zero_grad()
         loss.backward()
         opt.step()
+        sched.step()
     clf.eval()
     with torch.no_grad():
         acc = float((clf(x_va).argmax(1) == y_va).float().mean())
@@ -173,7 +178,9 @@ def generation_rate(pipe, clf: TinyShapeClassifier, cfg: BenchConfig) -> dict:  
         g = torch.Generator().manual_seed(cfg.seed * 1000 + k)
         out = pipe(prompts, num_inference_steps=cfg.gen_steps, guidance_scale=cfg.gen_guidance, height=64,
                    width=64, generator=g, output_type="pt").images  # [B, 3, 64, 64] in [0, 1]  # fmt: skip
-        pred = clf(out * 2 - 1).argmax(1)
+        masks = torch.cat([silhouette(out[i : i + 1], COLOURS[pairs[i % len(pairs)][0]], COLOURS[pairs[i % len(pairs)][1]])
+                           for i in range(len(out))])  # fmt: skip
+        pred = clf(masks).argmax(1)
         per_class[cls] = float((pred == k).float().mean())
         examples.append(out[0])
     rate = float(np.mean(list(per_class.values())))

@@ -76,6 +76,16 @@ def test_tau_moves_the_background_decision(tiny_pipes):
     assert (result.with_tau(2.0).labels == 0).all()
 
 
+def test_rescaling_with_a_single_content_group_is_skipped_with_a_warning(tiny_pipes):
+    backbone = backbone_for(tiny_pipes, "sd")
+    image = random_image(64, 64, seed=3)
+    plain = Segmenter(backbone, method="vanilla", background_entities=())(image, ["cat"])
+    with pytest.warns(UserWarning, match="at least two content groups"):
+        rescaled = Segmenter(backbone, method="vanilla", rescale="goca", background_entities=())(image, ["cat"])
+    torch.testing.assert_close(rescaled.class_maps, plain.class_maps)  # not a constant (all-zero) map
+    assert float(rescaled.class_maps.max()) == pytest.approx(1.0)
+
+
 def test_outputs_follow_the_cli_contract(tiny_pipes, tmp_path):
     seg = Segmenter(backbone_for(tiny_pipes, "sd"))
     image = random_image(40, 56)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -261,7 +262,14 @@ class Segmenter:
         groups = layout.class_tokens + layout.entity_tokens
         scores = class_scores(a, groups)
         if s.rescale == "goca":
-            scores = rescale_by_content(scores, a, layout.content_tokens)
+            if len(groups) > 1:
+                scores = rescale_by_content(scores, a, layout.content_tokens)
+            else:  # one content group: its share of content attention is 1 at every pixel -> no information
+                warnings.warn(
+                    "per-pixel rescaling needs at least two content groups (classes or background entities); "
+                    "with one class and no background entity it is skipped",
+                    stacklevel=3,
+                )
         scores = minmax(gaussian_blur(scores, s.blur_kernel, s.blur_sigma))
         if s.refine_order > 0:
             refine = [resize_self_map(acts[n].float(), grid_of(acts[n].shape[1], grid), size) for n in self.refine_names]
