@@ -46,7 +46,7 @@ def test_lookup_maps_singular_and_plural_shape_words() -> None:
     assert int((lookup >= 0).sum()) == 2 * len(SHAPE_CLASSES)
 
 
-def _loop_loss(store, ids, lookup, masks, keep) -> torch.Tensor:
+def _loop_loss(store, ids, lookup, masks, keep, kind="mass") -> torch.Tensor:
     """Straightforward per-pair loops: the reference for the vectorised loss."""
     per_layer = []
     for probs in store.values():
@@ -59,7 +59,11 @@ def _loop_loss(store, ids, lookup, masks, keep) -> torch.Tensor:
                     continue
                 cell = masks[b, c].reshape(res, masks.shape[2] // res, res, masks.shape[3] // res).mean((1, 3)).flatten()
                 spatial = probs[b, :, p] / probs[b, :, p].sum()
-                terms.append(-torch.log((spatial * cell).sum()))
+                if kind == "mass":
+                    terms.append(-torch.log((spatial * cell).sum()))
+                else:  # KL(mask distribution || attention distribution), written out term by term
+                    q = cell / cell.sum()
+                    terms.append(sum(q[i] * torch.log(q[i] / spatial[i]) for i in range(len(q)) if q[i] > 0))
         per_layer.append(torch.stack(terms).mean())
     return torch.stack(per_layer).mean()
 
@@ -87,6 +91,19 @@ def test_localisation_loss_matches_loops_and_its_limits() -> None:
     one_ids = torch.tensor([[1, 5]])
     assert localisation_loss({"a": perfect}, one_ids, lookup, masks[:1], keep[:1]).item() == pytest.approx(0.0, abs=1e-5)
     assert localisation_loss({"a": uniform}, one_ids, lookup, masks[:1], keep[:1]).item() == pytest.approx(-math.log(0.25))
+    # "match": KL to the mask distribution; loops agree, an even map over the object scores 0, a map peaked on
+    # one object pixel (which "mass" scores 0) is penalised, and a uniform map scores log(1 / area fraction)
+    for k in (keep, keep1):
+        torch.testing.assert_close(localisation_loss(store, ids, lookup, masks, k, "match"),
+                                   _loop_loss(store, ids, lookup, masks, k, "match"))  # fmt: skip
+    assert localisation_loss({"a": perfect}, one_ids, lookup, masks[:1], keep[:1], "match").item() == pytest.approx(0.0, abs=1e-5)
+    peaked = torch.full((1, 64, 2), 1e-9)
+    peaked[0, 0, 1] = 1.0
+    assert localisation_loss({"a": peaked}, one_ids, lookup, masks[:1], keep[:1], "mass").item() == pytest.approx(0.0, abs=1e-5)
+    assert localisation_loss({"a": peaked}, one_ids, lookup, masks[:1], keep[:1], "match").item() > 2.0
+    assert localisation_loss({"a": uniform}, one_ids, lookup, masks[:1], keep[:1], "match").item() == pytest.approx(-math.log(0.25))
+    with pytest.raises(ValueError, match="unknown localisation loss kind"):
+        localisation_loss(store, ids, lookup, masks, keep, "l2")
     # no shape word of the image in the prompt -> zero loss, no NaN
     assert localisation_loss(store, torch.tensor([[1, 2, 2, 2, 2], [1, 2, 2, 2, 2]]), lookup, masks, keep).item() == 0.0
 

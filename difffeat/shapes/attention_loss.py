@@ -20,7 +20,9 @@ import torch.nn.functional as F
 from difffeat.shapes.captions import plural
 from difffeat.shapes.world import SHAPE_CLASSES
 
-__all__ = ["AttentionRecorder", "install_recorders", "word_class_lookup", "localisation_loss"]
+__all__ = ["AttentionRecorder", "install_recorders", "word_class_lookup", "localisation_loss", "LOSS_KINDS"]
+
+LOSS_KINDS = ("mass", "match")
 
 
 class AttentionRecorder:
@@ -67,9 +69,19 @@ def word_class_lookup(tokenizer) -> torch.Tensor:  # noqa: ANN001 - CLIPTokenize
 
 
 def localisation_loss(
-    store: dict[str, torch.Tensor], ids: torch.Tensor, lookup: torch.Tensor, masks: torch.Tensor, keep: torch.Tensor
+    store: dict[str, torch.Tensor],
+    ids: torch.Tensor,
+    lookup: torch.Tensor,
+    masks: torch.Tensor,
+    keep: torch.Tensor,
+    kind: str = "mass",
 ) -> torch.Tensor:
-    """Mean over layers and (sample, shape-word token) pairs of ``-log(mass of the token's map on its class)``.
+    """Mean over layers and (sample, shape-word token) pairs of a per-token localisation loss.
+
+    ``kind="mass"``: ``-log`` of the share of the token's spatial attention mass that lies on its class. It
+    is satisfied by a map peaked on a few pixels of the object. ``kind="match"``: KL divergence from the
+    class mask, normalised to a distribution over cells, to the token's spatial attention distribution; zero
+    only when the map covers the whole object evenly and nothing else, which is what a thresholded map needs.
 
     Args:
         store: layer name -> head-mean probabilities ``[B, N, L]`` from :class:`AttentionRecorder`.
@@ -77,7 +89,10 @@ def localisation_loss(
         lookup: from :func:`word_class_lookup`.
         masks: ``[B, 8, H, W]`` float one-hot class masks at image resolution.
         keep: ``[B]`` bool, which samples take part (e.g. not too noisy).
+        kind: ``"mass"`` or ``"match"`` (see above).
     """
+    if kind not in LOSS_KINDS:
+        raise ValueError(f"unknown localisation loss kind {kind!r}; choose one of {', '.join(LOSS_KINDS)}")
     cls = lookup.to(ids.device)[ids]  # [B, L]
     present = masks.flatten(2).amax(-1) > 0  # [B, 8]
     pair = (cls >= 0) & keep[:, None]
@@ -92,6 +107,12 @@ def localisation_loss(
         area = F.adaptive_avg_pool2d(masks, res).flatten(2)  # [B, 8, N]: class fraction of each cell
         spatial = probs[b_idx, :, tok_idx]  # [P, N]
         spatial = spatial / spatial.sum(-1, keepdim=True).clamp_min(1e-12)
-        inside = (spatial * area[b_idx, c_idx]).sum(-1)  # [P]
-        losses.append(-torch.log(inside.clamp_min(1e-6)).mean())
+        own = area[b_idx, c_idx]  # [P, N]
+        if kind == "mass":
+            inside = (spatial * own).sum(-1)  # [P]
+            losses.append(-torch.log(inside.clamp_min(1e-6)).mean())
+        else:
+            target = own / own.sum(-1, keepdim=True).clamp_min(1e-12)
+            kl = (target * (torch.log(target.clamp_min(1e-12)) - torch.log(spatial.clamp_min(1e-12)))).sum(-1)
+            losses.append(kl.mean())
     return torch.stack(losses).mean()

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from difffeat.shapes.attention_loss import install_recorders, localisation_loss, word_class_lookup
+from difffeat.shapes.attention_loss import LOSS_KINDS, install_recorders, localisation_loss, word_class_lookup
 from difffeat.shapes.captions import random_prompt, vocabulary
 from difffeat.shapes.models import (
     ModelConfig,
@@ -76,6 +76,7 @@ class TrainConfig:
     p_empty: float = 0.1
     # auxiliary cross-attention localisation loss (see difffeat.shapes.attention_loss); 0 disables it
     attn_loss_weight: float = 0.0
+    attn_loss_kind: str = "mass"  # "mass" or "match" (see localisation_loss)
     attn_loss_max_t: int = 600  # only samples with t <= this take part (the scene is still visible)
     init_from: str | None = None  # UNet stage started from this run's weights (fresh optimizer and schedule)
     ema_decay: float = 0.999
@@ -409,7 +410,7 @@ def _train_unet(
         loss, aux = mse, None
         if cfg.attn_loss_weight > 0:
             masks = data.class_masks(idx).to(dev)
-            aux = localisation_loss(attn_store, ids, lookup, masks, t <= cfg.attn_loss_max_t)
+            aux = localisation_loss(attn_store, ids, lookup, masks, t <= cfg.attn_loss_max_t, cfg.attn_loss_kind)
             loss = mse + cfg.attn_loss_weight * aux
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -538,7 +539,8 @@ def init_from_run(source: str | Path, cfg: TrainConfig) -> dict:
     state.update({"stage": "unet", "step": 0, "elapsed_s": 0.0, "vae_elapsed_s": old.get("vae_elapsed_s", 0.0),
                   "init": [*previous, {"run": str(src), "unet_steps": old["step"], "unet_batch": old["config"]["unet_batch"],
                                        "elapsed_s": old["elapsed_s"],
-                                       "attn_loss_weight": old["config"].get("attn_loss_weight", 0.0)}],
+                                       "attn_loss_weight": old["config"].get("attn_loss_weight", 0.0),
+                                       "attn_loss_kind": old["config"].get("attn_loss_kind", "mass")}],
                   "config": cfg.to_dict()})  # fmt: skip
     _atomic_save(state, run / CKPT_NAME)
     return state
@@ -608,7 +610,7 @@ def export(run: str | Path, target: str | Path, fp16: bool = True, use_ema: bool
 
     # fp16 check: the UNet+text noise prediction with fp16-rounded weights vs fp32 weights.
     report = {"step": ckpt["step"], "decoder_finetune": report_decoder, "init_from": ckpt.get("init"),
-              "attn_loss_weight": cfg.attn_loss_weight,
+              "attn_loss_weight": cfg.attn_loss_weight, "attn_loss_kind": cfg.attn_loss_kind,
               "train_elapsed_s": ckpt.get("vae_elapsed_s", 0) + ckpt["elapsed_s"],
               "params": {"unet": count_params(unet), "text_encoder": count_params(text), "vae": count_params(vae)}}  # fmt: skip
     g = torch.Generator().manual_seed(0)
@@ -658,6 +660,7 @@ def _parse(argv: list[str] | None = None) -> argparse.Namespace:
                    help="run (or resume) only stage 3, the decoder fine-tune; may run beside the UNet stage")
     p.add_argument("--decoder-steps", type=int)
     p.add_argument("--attn-loss", type=float, help="weight of the auxiliary cross-attention localisation loss")
+    p.add_argument("--attn-loss-kind", choices=LOSS_KINDS, help="mass: share on the class; match: KL to the mask")
     p.add_argument("--init-from", help="start the UNet stage from this run's weights (new optimizer and schedule)")
     return p.parse_args(argv)
 
@@ -685,6 +688,8 @@ def main(argv: list[str] | None = None) -> None:
             cfg.unet_lr = cfg.text_lr = args.lr
         if args.attn_loss is not None:
             cfg.attn_loss_weight = args.attn_loss
+        if args.attn_loss_kind is not None:
+            cfg.attn_loss_kind = args.attn_loss_kind
         resume = args.resume
         if args.init_from and not args.resume:
             cfg.init_from = args.init_from
