@@ -20,6 +20,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
+import yaml
 
 import difffeat
 from difffeat.evaluate import ConfusionMatrix, ShapesDataset
@@ -36,9 +37,9 @@ CONFIGS = {
 TAUS = tuple(float(x) for x in np.round(np.linspace(-0.4, 0.4, 17), 3))
 
 
-def observations(backbone, data, t, prompt):
+def observations(backbone, data, t, overrides):
     """Per image: (item, dataset labels prompted, {heads: Observation})."""
-    segs = {h: difffeat.Segmenter(backbone, method="vanilla", heads=h, t=t, **prompt) for h in ("mean", "goca")}
+    segs = {h: difffeat.Segmenter(backbone, method="vanilla", heads=h, t=t, **overrides) for h in ("mean", "goca")}
     out = []
     for i in range(len(data)):
         item = data[i]
@@ -51,9 +52,9 @@ def observations(backbone, data, t, prompt):
     return out
 
 
-def score(backbone, obs, config, t, tau_grid, n_classes, prompt):
+def score(backbone, obs, config, t, tau_grid, n_classes, overrides):
     """{tau: mIoU} for one configuration over cached observations."""
-    seg = difffeat.Segmenter(backbone, t=t, **config, **prompt)
+    seg = difffeat.Segmenter(backbone, t=t, **config, **overrides)
     cms = {tau: ConfusionMatrix(n_classes) for tau in tau_grid}
     for item, labels, ob in obs:
         result = seg.decide(ob[config["heads"]]) if ob else None
@@ -70,13 +71,20 @@ def main(argv=None) -> None:
     p.add_argument("--t-grid", default="50,100,200,300")
     p.add_argument("--template", help="caption template (default: the model's GOCA config)")
     p.add_argument("--entities", help="comma-separated background entities ('' for none; default: the model's config)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a segmentation setting in every row (e.g. refine_order=1); repeatable")
     p.add_argument("--out", default="benchmarks/results/goca_shapes.json")
     args = p.parse_args(argv)
-    prompt = {}
+    overrides = {}
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep:
+            p.error(f"--set expects KEY=VALUE, got {item!r}")
+        overrides[key.strip()] = yaml.safe_load(value)
     if args.template is not None:
-        prompt["template"] = args.template
+        overrides["template"] = args.template
     if args.entities is not None:
-        prompt["background_entities"] = tuple(e.strip() for e in args.entities.split(",") if e.strip())
+        overrides["background_entities"] = tuple(e.strip() for e in args.entities.split(",") if e.strip())
     start = time.perf_counter()
     backbone = difffeat.load(args.model, device="cpu")
     val, test = ShapesDataset("val", args.n_val), ShapesDataset("test", args.n_test)
@@ -84,19 +92,19 @@ def main(argv=None) -> None:
 
     t_scores, val_obs = {}, {}
     for t in [int(x) for x in args.t_grid.split(",")]:
-        val_obs[t] = observations(backbone, val, t, prompt)
-        per_config = {name: max(score(backbone, val_obs[t], cfg, t, TAUS, n_classes, prompt)[0].values()) for name, cfg in CONFIGS.items()}
+        val_obs[t] = observations(backbone, val, t, overrides)
+        per_config = {name: max(score(backbone, val_obs[t], cfg, t, TAUS, n_classes, overrides)[0].values()) for name, cfg in CONFIGS.items()}
         t_scores[t] = {"mean": float(np.mean(list(per_config.values()))), **per_config}
         print(f"val t={t}: " + ", ".join(f"{k} {v:.3f}" for k, v in t_scores[t].items()), file=sys.stderr)
     t_best = max(t_scores, key=lambda t: t_scores[t]["mean"])
     taus = {}
     for name, cfg in CONFIGS.items():
-        by_tau = score(backbone, val_obs[t_best], cfg, t_best, TAUS, n_classes, prompt)[0]
+        by_tau = score(backbone, val_obs[t_best], cfg, t_best, TAUS, n_classes, overrides)[0]
         taus[name] = max(by_tau, key=lambda tau: (by_tau[tau], -abs(tau)))
-    test_obs = observations(backbone, test, t_best, prompt)
+    test_obs = observations(backbone, test, t_best, overrides)
     rows = {}
     for name, cfg in CONFIGS.items():
-        miou, cms = score(backbone, test_obs, cfg, t_best, (taus[name],), n_classes, prompt)
+        miou, cms = score(backbone, test_obs, cfg, t_best, (taus[name],), n_classes, overrides)
         iou = cms[taus[name]].iou()
         rows[name] = {"miou": miou[taus[name]], "tau": taus[name], **cfg,
                       "per_class_iou": {c: float(v) for c, v in zip(["background"] + test.classes, iou)}}
@@ -104,7 +112,8 @@ def main(argv=None) -> None:
         "model": args.model, "setting": "oracle image labels", "split": "test", "n_test": args.n_test,
         "tuning": {"split": "val", "n_val": args.n_val, "t_by_mean_val_miou": t_scores, "t": t_best, "tau_per_config": taus},
         "rows": rows, "seconds": round(time.perf_counter() - start, 1),
-        "prompt": {k: difffeat.Segmenter(backbone, **prompt).settings.to_dict()[k] for k in ("template", "background_entities")},
+        "settings": {k: v for k, v in difffeat.Segmenter(backbone, **overrides).settings.to_dict().items()
+                     if k not in ("t", "tau", "heads", "layers", "rescale", "method")},
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     write_json(args.out, report)

@@ -12,7 +12,8 @@ Three measurements, all on scenes the model never saw (``val``/``test`` splits o
    world's own single-object masks; report the hit rate per class.
 2. **Semantic features** - UNet activations at a small timestep (up-path block outputs, upsampled to 64x64,
    concatenated) -> per-pixel linear softmax probe fit on ``train`` scenes, scored on ``test`` scenes
-   (9-way pixel accuracy); the same probe on a random-weight UNet + text encoder as the baseline.
+   (9-way pixel accuracy); the same probe on a random-weight UNet + text encoder as the baseline. Two
+   feature selections (``FEATURE_SETS``), extracted with ``difffeat.FeatureExtractor`` by activation name.
 3. **Cross-attention meaning** - softmax(QK^T/sqrt(d)) of every cross-attention layer, averaged over heads
    and layers, per shape-word token; min-max normalised per image, thresholded at a value chosen on ``val``,
    IoU against that shape's mask on ``test``.
@@ -24,13 +25,14 @@ import argparse
 import json
 import logging
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+import difffeat
 
 from difffeat.evaluate.probe import probe_score
 from difffeat.shapes.captions import list_prompt
@@ -188,44 +190,24 @@ def generation_rate(pipe, clf: TinyShapeClassifier, cfg: BenchConfig) -> dict:  
 
 
 # ------------------------------------------------------------------------------------------- 2. the probe
-def _capture_features(unet, names: list[str]) -> tuple[dict, Callable[[], None]]:  # noqa: ANN001
-    store: dict[str, torch.Tensor] = {}
-    handles = []
-    for name in names:
-        module = unet.get_submodule(name)
-
-        def hook(_m, _inp, out, name=name):  # noqa: ANN001, ANN202
-            store[name] = out[0] if isinstance(out, tuple) else out
-
-        handles.append(module.register_forward_hook(hook))
-    return store, lambda: [h.remove() for h in handles]
-
-
-FEATURE_MODULES = ["up_blocks.0", "up_blocks.1", "up_blocks.2"]
+_CROSS_OUT = "up_blocks.2.attentions.{}.transformer_blocks.0.attn2.out"
+FEATURE_SETS = {
+    # the block outputs the generic-feature papers start from
+    "up-block outputs": ["up_blocks.0", "up_blocks.1", "up_blocks.2"],
+    # cross-attention outputs at 16x16 (activations the block outputs hide) plus the two finest block outputs
+    "cross-attention outputs + up blocks": [_CROSS_OUT.format(0), _CROSS_OUT.format(1), "up_blocks.1", "up_blocks.2"],
+}
 
 
 @torch.no_grad()
-def pixel_features(pipe, unet, text_encoder, scenes: list[ShapeSample], t: int, seed: int) -> torch.Tensor:  # noqa: ANN001
-    """UNet features for each pixel: [B, C, 64, 64] (up-block outputs upsampled and concatenated, L2-normed)."""
-    store, remove = _capture_features(unet, FEATURE_MODULES)
-    feats = []
-    try:
-        for i in range(0, len(scenes), 50):
-            chunk = scenes[i : i + 50]
-            z0 = _encode_scenes(pipe, chunk)
-            zt, ts = _noisy(pipe, z0, t, seed + i)
-            ids = pipe.tokenizer([list_prompt(s.classes_present) for s in chunk], padding="max_length",
-                                 max_length=pipe.tokenizer.model_max_length, truncation=True,
-                                 return_tensors="pt").input_ids  # fmt: skip
-            unet(zt, ts, encoder_hidden_states=text_encoder(ids)[0])
-            maps = []
-            for name in FEATURE_MODULES:
-                f = F.interpolate(store[name].float(), size=(64, 64), mode="bilinear", align_corners=False)
-                maps.append(F.normalize(f, dim=1))
-            feats.append(torch.cat(maps, 1))
-    finally:
-        remove()
-    return torch.cat(feats)
+def pixel_features(backbone, names: list[str], scenes: list[ShapeSample], t: int, seed: int) -> torch.Tensor:  # noqa: ANN001
+    """Per-pixel features [B, C, 64, 64]: the named activations extracted by :class:`difffeat.FeatureExtractor`
+    (prompt = the scene's class names), each L2-normalised over channels, upsampled and concatenated."""
+    fx = difffeat.FeatureExtractor(backbone, features=names, t=t, seed=seed, batch_size=50)
+    feats = fx([s.image for s in scenes], prompts=[list_prompt(s.classes_present) for s in scenes])
+    maps = [F.normalize(F.interpolate(feats[n].float(), size=(64, 64), mode="bilinear", align_corners=False), dim=1)
+            for n in names]  # fmt: skip
+    return torch.cat(maps, 1)
 
 
 # --------------------------------------------------------------------------------- 3. cross-attention maps
@@ -398,26 +380,30 @@ def _cross_attention_style(pipe, cfg: BenchConfig, test: list[ShapeSample], styl
 
 
 def _probe_figures(pipe, cfg: BenchConfig, test: list[ShapeSample], results: dict) -> None:  # noqa: ANN001
-    from diffusers import UNet2DConditionModel
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextModel
 
-    # 2. per-pixel probe: trained vs random weights
+    # 2. per-pixel probe: trained vs random weights, for each feature selection
     tr = [sample("train", 1_000_000 + i) for i in range(cfg.probe_train)]  # beyond the training scenes' indices
     te = test[: cfg.probe_test]
     y_tr = torch.from_numpy(np.stack([s.mask for s in tr])).long()
     y_te = torch.from_numpy(np.stack([s.mask for s in te])).long()
-    probe = {}
     torch.manual_seed(cfg.seed)  # random-weight baseline: same architecture, fresh init (the VAE stays trained)
-    rand_unet = UNet2DConditionModel.from_config(pipe.unet.config)
-    rand_text = CLIPTextModel(pipe.text_encoder.config)
-    for label, (unet, text) in {"trained": (pipe.unet, pipe.text_encoder), "random": (rand_unet, rand_text)}.items():
-        f_tr = pixel_features(pipe, unet.eval(), text.eval(), tr, cfg.probe_t, cfg.seed)
-        f_te = pixel_features(pipe, unet.eval(), text.eval(), te, cfg.probe_t, cfg.seed + 1)
-        probe[label] = probe_score(f_tr, y_tr, f_te, y_te, num_classes=9, pixels_per_image=cfg.probe_pixels_per_image,
-                                   seed=cfg.seed).to_json()
-        del f_tr, f_te
-    results["probe"] = {**probe, "timestep": cfg.probe_t, "modules": FEATURE_MODULES,
-                        "train_scenes": len(tr), "test_scenes": len(te)}  # fmt: skip
+    random_pipe = StableDiffusionPipeline(**{**pipe.components, "unet": UNet2DConditionModel.from_config(pipe.unet.config),
+                                             "text_encoder": CLIPTextModel(pipe.text_encoder.config)})  # fmt: skip
+    backbones = {"trained": difffeat.load(pipe), "random": difffeat.load(random_pipe)}
+    by_set = {}
+    for set_name, names in FEATURE_SETS.items():
+        row = {}
+        for label, backbone in backbones.items():
+            f_tr = pixel_features(backbone, names, tr, cfg.probe_t, cfg.seed)
+            f_te = pixel_features(backbone, names, te, cfg.probe_t, cfg.seed + 1)
+            row[label] = probe_score(f_tr, y_tr, f_te, y_te, num_classes=9, pixels_per_image=cfg.probe_pixels_per_image,
+                                     seed=cfg.seed).to_json()  # fmt: skip
+            del f_tr, f_te
+        by_set[set_name] = {**row, "activations": names}
+        log.info("probe %s: %s", set_name, row)
+    results["probe"] = {"by_features": by_set, "timestep": cfg.probe_t, "train_scenes": len(tr), "test_scenes": len(te)}
 
 
 def _generation_figures(pipe, cfg: BenchConfig, results: dict) -> None:  # noqa: ANN001

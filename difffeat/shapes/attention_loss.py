@@ -4,8 +4,9 @@ Large text-to-image models learn, from web-scale data, cross-attention in which 
 object it names; GOCA and every training-free segmenter rely on that property. A 6M-parameter UNet trained
 for an hour on a CPU does not get there from the denoising loss alone (its attention stays nearly uniform
 over the 77 tokens and its text encoder maps every shape word to almost the same vector). This loss adds the
-missing pressure: for each shape word in a caption, the share of that token's spatial attention mass (head
-mean, per cross-attention layer) that falls on pixels of the class it names should be high.
+missing pressure: for each shape word in a caption, the token's spatial attention (head mean, per
+cross-attention layer) should lie on the pixels of the class it names ("mass") and, in the stricter "match"
+form, spread evenly over the whole object (KL from the class mask to the attention distribution).
 
 Only *training-split* masks are used; the quality benchmarks measure the property on held-out scenes. The
 shipped model's card says the model was trained with this loss. Training-only: the exported pipeline uses
