@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from difffeat.shapes.attention_loss import install_recorders, localisation_loss, word_class_lookup
+from difffeat.shapes.attention_loss import BACKGROUND, LOSS_KINDS, install_recorders, localisation_loss, word_class_lookup
 from difffeat.shapes.models import ModelConfig, build_unet
 from difffeat.shapes.train import TrainConfig, init_from_run, load_checkpoint, make_tokenizer, train
 from difffeat.shapes.world import SHAPE_CLASSES
@@ -44,11 +44,16 @@ def test_lookup_maps_singular_and_plural_shape_words() -> None:
         assert lookup[tok(name, add_special_tokens=False).input_ids[0]] == c
     assert lookup[tok("red", add_special_tokens=False).input_ids[0]] == -1
     assert int((lookup >= 0).sum()) == 2 * len(SHAPE_CLASSES)
+    with_bg = word_class_lookup(tok, "background")
+    assert with_bg[tok("background", add_special_tokens=False).input_ids[0]] == BACKGROUND
+    assert int((with_bg >= 0).sum()) == 2 * len(SHAPE_CLASSES) + 1
 
 
 def _loop_loss(store, ids, lookup, masks, keep, kind="mass") -> torch.Tensor:
     """Straightforward per-pair loops: the reference for the vectorised loss."""
     per_layer = []
+    background = (masks.amax(1, keepdim=True) == 0).float()  # pixels of no object
+    masks = torch.cat([masks, background], 1)
     for probs in store.values():
         res = int(math.isqrt(probs.shape[1]))
         terms = []
@@ -104,6 +109,16 @@ def test_localisation_loss_matches_loops_and_its_limits() -> None:
     assert localisation_loss({"a": uniform}, one_ids, lookup, masks[:1], keep[:1], "match").item() == pytest.approx(-math.log(0.25))
     with pytest.raises(ValueError, match="unknown localisation loss kind"):
         localisation_loss(store, ids, lookup, masks, keep, "l2")
+    # the background word (lookup value BACKGROUND) is scored against the pixels no object covers
+    lookup_bg = lookup.clone()
+    lookup_bg[8] = BACKGROUND
+    ids_bg = torch.tensor([[1, 5, 8, 2, 2], [1, 8, 7, 2, 2]])
+    for kind in LOSS_KINDS:
+        torch.testing.assert_close(localisation_loss(store, ids_bg, lookup_bg, masks, keep, kind),
+                                   _loop_loss(store, ids_bg, lookup_bg, masks, keep, kind))  # fmt: skip
+    on_bg = torch.full((1, 64, 2), 1e-9)
+    on_bg[0, :, 1] = 1 - masks[0:1, :2].sum(1).reshape(1, 8, 2, 8, 2).mean((2, 4)).flatten()
+    assert localisation_loss({"a": on_bg}, torch.tensor([[1, 8]]), lookup_bg, masks[:1], keep[:1], "match").item() == pytest.approx(0.0, abs=1e-5)
     # no shape word of the image in the prompt -> zero loss, no NaN
     assert localisation_loss(store, torch.tensor([[1, 2, 2, 2, 2], [1, 2, 2, 2, 2]]), lookup, masks, keep).item() == 0.0
 

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from difffeat.shapes.captions import plural
 from difffeat.shapes.world import SHAPE_CLASSES
 
-__all__ = ["AttentionRecorder", "install_recorders", "word_class_lookup", "localisation_loss", "LOSS_KINDS"]
+__all__ = ["AttentionRecorder", "install_recorders", "word_class_lookup", "localisation_loss", "LOSS_KINDS", "BACKGROUND"]
 
 LOSS_KINDS = ("mass", "match")
 
@@ -57,15 +57,24 @@ def install_recorders(unet: torch.nn.Module, store: dict[str, torch.Tensor]) -> 
     return original
 
 
-def word_class_lookup(tokenizer) -> torch.Tensor:  # noqa: ANN001 - CLIPTokenizer
-    """``[vocab]`` tensor: class index (0-based, into SHAPE_CLASSES) of each shape-word token id, else -1."""
+BACKGROUND = len(SHAPE_CLASSES)  # lookup value of the background word: the pixels no object covers
+
+
+def word_class_lookup(tokenizer, background_word: str | None = None) -> torch.Tensor:  # noqa: ANN001 - CLIPTokenizer
+    """``[vocab]`` tensor: class index (0-based, into SHAPE_CLASSES) of each shape-word token id, else -1.
+
+    With ``background_word`` (e.g. ``"background"``), that word's token maps to :data:`BACKGROUND`, so the
+    loss also teaches it to attend to the pixels no object covers (what a segmenter's background entity needs).
+    """
     lookup = torch.full((len(tokenizer),), -1, dtype=torch.long)
-    for c, name in enumerate(SHAPE_CLASSES):
-        for word in (name, plural(name)):
-            ids = tokenizer(word, add_special_tokens=False).input_ids
-            if len(ids) != 1:
-                raise ValueError(f"shape word {word!r} is not a single token ({ids}); rebuild the tokenizer")
-            lookup[ids[0]] = c
+    words = [(c, w) for c, name in enumerate(SHAPE_CLASSES) for w in (name, plural(name))]
+    if background_word:
+        words.append((BACKGROUND, background_word))
+    for c, word in words:
+        ids = tokenizer(word, add_special_tokens=False).input_ids
+        if len(ids) != 1:
+            raise ValueError(f"word {word!r} is not a single token ({ids}); rebuild the tokenizer")
+        lookup[ids[0]] = c
     return lookup
 
 
@@ -88,12 +97,14 @@ def localisation_loss(
         store: layer name -> head-mean probabilities ``[B, N, L]`` from :class:`AttentionRecorder`.
         ids: token ids ``[B, L]``.
         lookup: from :func:`word_class_lookup`.
-        masks: ``[B, 8, H, W]`` float one-hot class masks at image resolution.
+        masks: ``[B, 8, H, W]`` float one-hot class masks at image resolution; the background channel
+            (:data:`BACKGROUND`, pixels of no class) is derived from them.
         keep: ``[B]`` bool, which samples take part (e.g. not too noisy).
         kind: ``"mass"`` or ``"match"`` (see above).
     """
     if kind not in LOSS_KINDS:
         raise ValueError(f"unknown localisation loss kind {kind!r}; choose one of {', '.join(LOSS_KINDS)}")
+    masks = torch.cat([masks, 1 - masks.sum(1, keepdim=True).clamp(max=1)], 1)  # + background channel
     cls = lookup.to(ids.device)[ids]  # [B, L]
     present = masks.flatten(2).amax(-1) > 0  # [B, 8]
     pair = (cls >= 0) & keep[:, None]

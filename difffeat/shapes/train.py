@@ -77,6 +77,7 @@ class TrainConfig:
     # auxiliary cross-attention localisation loss (see difffeat.shapes.attention_loss); 0 disables it
     attn_loss_weight: float = 0.0
     attn_loss_kind: str = "mass"  # "mass" or "match" (see localisation_loss)
+    attn_loss_background: bool = False  # also supervise the word "background" with the pixels of no object
     attn_loss_max_t: int = 600  # only samples with t <= this take part (the scene is still visible)
     init_from: str | None = None  # UNet stage started from this run's weights (fresh optimizer and schedule)
     ema_decay: float = 0.999
@@ -382,7 +383,7 @@ def _train_unet(
     attn_store: dict[str, torch.Tensor] = {}
     if cfg.attn_loss_weight > 0:
         install_recorders(unet, attn_store)
-        lookup = word_class_lookup(tok).to(dev)
+        lookup = word_class_lookup(tok, "background" if cfg.attn_loss_background else None).to(dev)
     last_save, t_prev = time.time(), time.time()
     threads = AdaptiveThreads(cfg.threads)
     stop = StopFlag()
@@ -540,7 +541,8 @@ def init_from_run(source: str | Path, cfg: TrainConfig) -> dict:
                   "init": [*previous, {"run": str(src), "unet_steps": old["step"], "unet_batch": old["config"]["unet_batch"],
                                        "elapsed_s": old["elapsed_s"],
                                        "attn_loss_weight": old["config"].get("attn_loss_weight", 0.0),
-                                       "attn_loss_kind": old["config"].get("attn_loss_kind", "mass")}],
+                                       "attn_loss_kind": old["config"].get("attn_loss_kind", "mass"),
+                                       "attn_loss_background": old["config"].get("attn_loss_background", False)}],
                   "config": cfg.to_dict()})  # fmt: skip
     _atomic_save(state, run / CKPT_NAME)
     return state
@@ -611,6 +613,7 @@ def export(run: str | Path, target: str | Path, fp16: bool = True, use_ema: bool
     # fp16 check: the UNet+text noise prediction with fp16-rounded weights vs fp32 weights.
     report = {"step": ckpt["step"], "decoder_finetune": report_decoder, "init_from": ckpt.get("init"),
               "attn_loss_weight": cfg.attn_loss_weight, "attn_loss_kind": cfg.attn_loss_kind,
+              "attn_loss_background": cfg.attn_loss_background,
               "train_elapsed_s": ckpt.get("vae_elapsed_s", 0) + ckpt["elapsed_s"],
               "params": {"unet": count_params(unet), "text_encoder": count_params(text), "vae": count_params(vae)}}  # fmt: skip
     g = torch.Generator().manual_seed(0)
@@ -661,6 +664,8 @@ def _parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--decoder-steps", type=int)
     p.add_argument("--attn-loss", type=float, help="weight of the auxiliary cross-attention localisation loss")
     p.add_argument("--attn-loss-kind", choices=LOSS_KINDS, help="mass: share on the class; match: KL to the mask")
+    p.add_argument("--attn-loss-background", action="store_true",
+                   help="the localisation loss also teaches the word 'background' to attend to object-free pixels")
     p.add_argument("--init-from", help="start the UNet stage from this run's weights (new optimizer and schedule)")
     return p.parse_args(argv)
 
@@ -690,6 +695,8 @@ def main(argv: list[str] | None = None) -> None:
             cfg.attn_loss_weight = args.attn_loss
         if args.attn_loss_kind is not None:
             cfg.attn_loss_kind = args.attn_loss_kind
+        if args.attn_loss_background:
+            cfg.attn_loss_background = True
         resume = args.resume
         if args.init_from and not args.resume:
             cfg.init_from = args.init_from
