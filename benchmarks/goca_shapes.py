@@ -4,7 +4,7 @@
 
 Protocol (no tuning on the test split):
 1. t is chosen on the ``val`` split among ``--t-grid``, by the mean mIoU of all five configurations.
-2. tau is chosen per configuration on ``val`` (grid -0.4..0.4), from the same observations.
+2. tau is chosen per configuration on ``val`` (grid -0.4..1.0, step 0.05), from the same observations.
 3. The five configurations are evaluated on ``--n-test`` images of the ``test`` split. Each image costs two
    forwards (heads=mean and heads=goca); layer weighting, rescaling and tau are decided from them.
 Rows: vanilla (head mean, uniform layers, no rescaling), +heads, +layers, +rescaling, GOCA (all three).
@@ -34,7 +34,8 @@ CONFIGS = {
     "rescaling only": dict(heads="mean", layers="uniform", rescale="goca"),
     "GOCA (all three)": dict(heads="goca", layers="goca", rescale="goca"),
 }
-TAUS = tuple(float(x) for x in np.round(np.linspace(-0.4, 0.4, 17), 3))
+# the reference sweeps -0.4..0.4; extended upwards so that no row's choice sits on the edge of the grid
+TAUS = tuple(float(x) for x in np.round(np.linspace(-0.4, 1.0, 29), 3))
 
 
 def observations(backbone, data, t, overrides):

@@ -61,3 +61,27 @@ def test_export_is_a_loadable_pipeline(tmp_path: Path) -> None:
     assert pipe.scheduler.config.num_train_timesteps == 1000
     img = pipe("a red circle", num_inference_steps=2, height=64, width=64, output_type="np").images
     assert img.shape == (1, 64, 64, 3)
+
+
+def test_init_from_an_exported_pipeline_continues_its_weights(tmp_path: Path) -> None:
+    from difffeat.shapes.train import init_from_run
+
+    first = train(_tiny(tmp_path / "run", unet_steps=1))
+    export(tmp_path / "run", tmp_path / "pipe", fp16=False)
+    cfg = _tiny(tmp_path / "next", unet_steps=2)
+    state = init_from_run(tmp_path / "pipe", cfg)
+    assert state["step"] == 0 and state["init"][-1]["pipeline"] == str(tmp_path / "pipe")
+    # the continuation starts from the pipeline's (EMA) weights, with its VAE, scaling and tokenizer
+    for key, src in (("unet", "ema_unet"), ("ema_unet", "ema_unet"), ("text", "ema_text"), ("vae", "vae")):
+        for name, val in first[src].items():
+            if key == "vae" and name.startswith(("decoder.", "post_quant_conv.")):
+                continue  # the exported decoder is the stage-3 fine-tune
+            torch.testing.assert_close(state[key][name], val, msg=f"{key}.{name}")
+    assert state["scaling_factor"] == pytest.approx(first["scaling_factor"])
+    assert (tmp_path / "next" / "tokenizer" / "tokenizer_config.json").exists()
+    old_lat = torch.load(tmp_path / "run" / "latents.pt")
+    new_lat = torch.load(tmp_path / "next" / "latents.pt")
+    torch.testing.assert_close(new_lat["mean"].float(), old_lat["mean"].float(), atol=2e-3, rtol=1e-2)
+    done = train(cfg, resume=True)
+    assert done["step"] == 2
+    assert any(not torch.equal(done["unet"][k], state["unet"][k]) for k in state["unet"])

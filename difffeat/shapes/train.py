@@ -512,6 +512,48 @@ def finetune_decoder(cfg: TrainConfig, data: Dataset | None = None, resume: bool
     return {"step": max(start, cfg.decoder_steps), "elapsed_s": elapsed}
 
 
+def run_from_pipeline(pipeline: str | Path, out: str | Path, cfg: TrainConfig) -> Path:
+    """Turn an exported shapes pipeline folder into a finished UNet-stage run at ``out`` (for ``--init-from``).
+
+    The pipeline's UNet and text encoder become both the weights and their EMA, its VAE (with whatever decoder
+    it ships) the VAE; the latents of the ``cfg.n_train`` training scenes are recomputed with its encoder, and
+    its tokenizer is kept as is, so token ids stay those the text encoder learnt. Returns ``out``.
+    """
+    from diffusers import StableDiffusionPipeline
+    from transformers import CLIPTokenizer
+
+    pipeline, out = Path(pipeline), Path(out)
+    if load_checkpoint(out) is not None:
+        return out  # made by an earlier call (the conversion is deterministic)
+    pipe = StableDiffusionPipeline.from_pretrained(pipeline, torch_dtype=torch.float32, safety_checker=None)
+    m = cfg.model
+    unet, text, vae = build_unet(m), None, build_vae(m)
+    unet.load_state_dict(pipe.unet.float().state_dict())
+    vae.load_state_dict(pipe.vae.float().state_dict())
+    tok = CLIPTokenizer.from_pretrained(pipeline / "tokenizer")
+    text = build_text_encoder(m, len(tok), tok.bos_token_id, tok.eos_token_id, tok.pad_token_id)
+    text.load_state_dict(pipe.text_encoder.float().state_dict())
+    out.mkdir(parents=True, exist_ok=True)
+    if not (out / "tokenizer").exists():
+        tok.save_pretrained(out / "tokenizer")
+    data = Dataset(cfg.n_train, m.image_size)
+    means, stds = [], []
+    with torch.no_grad():
+        for i in range(0, len(data), 256):
+            post = vae.encode(data.pixels(np.arange(i, min(i + 256, len(data))))).latent_dist
+            means.append(post.mean)
+            stds.append(post.std)
+    _atomic_save({"mean": torch.cat(means).half(), "std": torch.cat(stds).half()}, out / "latents.pt")
+    src_cfg = dataclasses.replace(cfg, out=str(out), unet_steps=0, attn_loss_weight=0.0, init_from=None)
+    state = {"stage": "unet", "step": 0, "vae": vae.state_dict(),
+             "scaling_factor": float(pipe.vae.config.scaling_factor), "unet": unet.state_dict(),
+             "text": text.state_dict(), "ema_unet": copy.deepcopy(unet.state_dict()),
+             "ema_text": copy.deepcopy(text.state_dict()), "elapsed_s": 0.0, "vae_elapsed_s": 0.0,
+             "config": src_cfg.to_dict(), "pipeline": str(pipeline)}  # fmt: skip
+    _atomic_save(state, out / CKPT_NAME)
+    return out
+
+
 def init_from_run(source: str | Path, cfg: TrainConfig) -> dict:
     """Start ``cfg.out``'s UNet stage from the weights of another run's UNet-stage checkpoint.
 
@@ -524,6 +566,8 @@ def init_from_run(source: str | Path, cfg: TrainConfig) -> dict:
     src, run = Path(source), Path(cfg.out)
     if (run / CKPT_NAME).exists():
         raise FileExistsError(f"{run / CKPT_NAME} exists; pass --resume to continue it or choose another --out")
+    if (src / "model_index.json").exists():  # an exported pipeline (e.g. the shipped weights): make it a run
+        src = run_from_pipeline(src, run.with_name(run.name + ".source"), cfg)
     old = load_checkpoint(src)
     if old is None or old.get("stage") != "unet" or "unet" not in old:
         raise RuntimeError(f"{src} holds no UNet-stage checkpoint to start from")
@@ -538,7 +582,7 @@ def init_from_run(source: str | Path, cfg: TrainConfig) -> dict:
     state = {k: old[k] for k in ("vae", "scaling_factor", "unet", "text", "ema_unet", "ema_text")}
     previous = old.get("init") or []
     state.update({"stage": "unet", "step": 0, "elapsed_s": 0.0, "vae_elapsed_s": old.get("vae_elapsed_s", 0.0),
-                  "init": [*previous, {"run": str(src), "unet_steps": old["step"], "unet_batch": old["config"]["unet_batch"],
+                  "init": [*previous, {"run": str(src), "pipeline": old.get("pipeline"), "unet_steps": old["step"], "unet_batch": old["config"]["unet_batch"],
                                        "elapsed_s": old["elapsed_s"],
                                        "attn_loss_weight": old["config"].get("attn_loss_weight", 0.0),
                                        "attn_loss_kind": old["config"].get("attn_loss_kind", "mass"),
@@ -666,7 +710,8 @@ def _parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--attn-loss-kind", choices=LOSS_KINDS, help="mass: share on the class; match: KL to the mask")
     p.add_argument("--attn-loss-background", action="store_true",
                    help="the localisation loss also teaches the word 'background' to attend to object-free pixels")
-    p.add_argument("--init-from", help="start the UNet stage from this run's weights (new optimizer and schedule)")
+    p.add_argument("--init-from", help="start the UNet stage from this run's weights, or from an exported pipeline "
+                                       "folder such as difffeat/weights/shapes (new optimizer and schedule)")
     return p.parse_args(argv)
 
 
