@@ -12,7 +12,10 @@ Three measurements on held-out scenes of the shapes world (``test`` split; the p
    grow with t.
 2. **GATE score** of prompt techniques against a generic prompt ("a picture of shapes"), per activation:
    class-list prompts ("a photo of circle, star") and fine-grained captions naming colours, shapes and the
-   background ("a red circle and a blue star on a striped green background").
+   background ("a red circle and a blue star on a striped green background"). Two controls separate content
+   shift suppression from the prompt simply *telling* the features which classes are present:
+   ``fine_no_class`` ("a red shape and a blue shape on a striped green background": no class word) and
+   ``other_scene`` (the fine-grained caption of a different scene).
 3. **Does the suppression pay off?** A 9-way per-pixel linear probe on the concatenated features (upsampled to
    64x64) fit on ``val`` scenes, scored on ``test`` scenes, for each prompt condition and t.
 
@@ -37,7 +40,7 @@ from difffeat.evaluate.probe import probe_score
 from difffeat.features import upsample_concat
 from difffeat.io import write_json
 from difffeat.shapes.captions import list_prompt
-from difffeat.shapes.world import sample
+from difffeat.shapes.world import describe, sample
 from difffeat.shift import Prompt, gate_scores
 from difffeat.shift.gate import laplacian_diff, laplacian_norm
 
@@ -45,6 +48,12 @@ log = logging.getLogger("content_shift_shapes")
 
 FEATURES = ["up_blocks.0", "up_blocks.1", "up_blocks.2"]  # up-path level outputs: 8x8, 16x16, 16x16
 GENERIC_PROMPT = "a picture of shapes"
+
+
+def shapeless_caption(scene) -> str:  # noqa: ANN001 - ShapeSample
+    """The scene's full caption with every class word replaced by "shape": it describes the colours, the
+    number of objects and the background, but does not say which shapes are present."""
+    return describe([("shape", i.colour) for i in scene.instances], scene.background, scene.background_colour)
 
 
 def _extract(extractor: difffeat.FeatureExtractor, images: list, prompts: list[str], t: int) -> dict[str, torch.Tensor]:
@@ -95,6 +104,10 @@ def main(argv: list[str] | None = None) -> None:
         "generic": lambda scenes: [GENERIC_PROMPT] * len(scenes),
         "class_list": lambda scenes: [list_prompt(s.classes_present) for s in scenes],
         "fine_grained": lambda scenes: [s.caption for s in scenes],
+        # controls: a fine-grained caption that names no class (colours, layout, background only), and the
+        # fine-grained caption of another scene (right vocabulary, wrong content)
+        "fine_no_class": lambda scenes: [shapeless_caption(s) for s in scenes],
+        "other_scene": lambda scenes: [scenes[(i + 1) % len(scenes)].caption for i in range(len(scenes))],
     }
     gate_scenes = [sample("test", i) for i in range(args.n_gate)]
     gate_images = [s.image for s in gate_scenes]
@@ -110,7 +123,7 @@ def main(argv: list[str] | None = None) -> None:
     for t in ts:
         extractor.t = t
         scores = {}
-        for name in ("class_list", "fine_grained"):
+        for name in ("class_list", "fine_grained", "fine_no_class", "other_scene"):
             technique = Prompt(captions=conditions[name](gate_scenes), name=name)
             scores[name] = gate_scores(extractor, gate_images, GENERIC_PROMPT, [technique])
         results["gate"][str(t)] = scores

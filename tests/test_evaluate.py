@@ -34,6 +34,13 @@ def test_confusion_matrix_iou_matches_direct_count():
     other.update(gt[15:], pred[15:])
     np.testing.assert_array_equal(half.merge(other).counts, cm.counts)
 
+    # the two diagnostics against direct counts over the valid pixels
+    g, p = gt[valid], pred[valid]
+    assert cm.foreground_iou() == pytest.approx(((g > 0) & (p > 0)).sum() / ((g > 0) | (p > 0)).sum())
+    found = (g > 0) & (p > 0)
+    assert cm.class_accuracy_on_found() == pytest.approx((g[found] == p[found]).mean())
+    assert ConfusionMatrix(3).foreground_iou() != ConfusionMatrix(3).foreground_iou()  # NaN when empty
+
 
 def _write_coco(tmp_path):
     (tmp_path / "images").mkdir()

@@ -139,9 +139,46 @@ def test_laplacian_score_is_one_for_identical_and_zero_for_the_anchor():
     assert ((s > 0.5) & (s < 1)).all()
 
 
-def test_gate_scores_per_activation(fx):
-    scores = gate_scores(fx, [random_image(64, 64)], "a cat", [Prompt(quality="natural")])
-    assert set(scores) == {NAME, MAP} and all(np.isfinite(v) for v in scores.values())
+def _lap_norm_loops(f: np.ndarray) -> np.ndarray:
+    """||Lap(F)_ij|| over channels with replicate padding, written out pixel by pixel: [C, H, W] -> [H, W]."""
+    c, h, w = f.shape
+    out = np.zeros((h, w))
+    at = lambda y, x: f[:, min(max(y, 0), h - 1), min(max(x, 0), w - 1)]  # noqa: E731
+    for y in range(h):
+        for x in range(w):
+            lap = at(y - 1, x) + at(y + 1, x) + at(y, x - 1) + at(y, x + 1) - 4 * at(y, x)
+            out[y, x] = np.sqrt((lap.astype(np.float64) ** 2).sum())
+    return out
+
+
+@pytest.mark.parametrize("reference", ["plain", "treated"])
+def test_gate_scores_equal_the_formula_computed_by_hand(fx, reference):
+    images, technique = [random_image(64, 64, seed=3)], Prompt(quality="natural")
+    scores = gate_scores(fx, images, "a cat", [technique], reference=reference)
+    assert set(scores) == {NAME, MAP}
+    t = fx.t
+    anchor = fx(images, "a cat")[NAME][0].numpy()
+    fx.t = 0
+    plain_ref = fx(images, "a cat")[NAME][0].numpy()
+    fx.techniques = [technique]
+    treated_ref = fx(images, "a cat")[NAME][0].numpy()
+    fx.t = t
+    treated = fx(images, "a cat")[NAME][0].numpy()
+    fx.techniques = []
+    diff = lambda a, b: np.abs(_lap_norm_loops(a) - _lap_norm_loops(b)).sum()  # noqa: E731
+    own_ref = plain_ref if reference == "plain" else treated_ref
+    expected = (diff(plain_ref, anchor) - diff(own_ref, treated)) / diff(plain_ref, anchor)
+    assert scores[NAME] == pytest.approx(expected, rel=1e-3, abs=1e-4)
+    assert fx.t == t and fx.techniques == []  # gate_scores leaves the extractor as it was
+
+
+def test_gate_score_of_a_technique_that_changes_nothing_is_zero(fx):
+    same = Prompt(template="{}")  # the prompt unchanged: treated == anchor
+    for reference in ("plain", "treated"):
+        scores = gate_scores(fx, [random_image(64, 64)], "a cat", [same], reference=reference)
+        assert all(v == pytest.approx(0.0, abs=1e-5) for v in scores.values()), (reference, scores)
+    with pytest.raises(DifffeatError, match="unknown GATE reference"):
+        gate_scores(fx, [random_image(64, 64)], "a cat", [same], reference="clean")
 
 
 def test_img2img_comparison_returns_side_by_side_and_similarities(tiny_pipes):

@@ -52,3 +52,17 @@ class ConfusionMatrix:
     def pixel_accuracy(self) -> float:
         total = self.counts.sum()
         return float(np.trace(self.counts) / total) if total else float("nan")
+
+    def foreground_iou(self) -> float:
+        """IoU of "some object" vs background, whatever the class: how well objects are found at all."""
+        c = self.counts
+        fg_tp = c[1:, 1:].sum()
+        union = c[1:, :].sum() + c[:, 1:].sum() - fg_tp
+        return float(fg_tp / union) if union else float("nan")
+
+    def class_accuracy_on_found(self) -> float:
+        """Of the object pixels predicted as some object, the share given the right class: how well the
+        found objects are told apart (the part of the error a better localisation cannot fix)."""
+        c = self.counts
+        found = c[1:, 1:].sum()
+        return float(np.trace(c[1:, 1:]) / found) if found else float("nan")

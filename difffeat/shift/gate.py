@@ -19,11 +19,12 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from ..errors import ConfigError
 from ..features import FeatureExtractor
 from ..images import to_rgb
 from .techniques import ControlNet, Lora, Prompt, Technique, canny_edges
 
-__all__ = ["laplacian_norm", "laplacian_diff", "laplacian_score", "gate_scores", "Img2ImgComparison", "gate_img2img", "psnr"]
+__all__ = ["laplacian_norm", "laplacian_diff", "laplacian_score", "gate_scores", "GATE_REFERENCES", "Img2ImgComparison", "gate_img2img", "psnr"]
 
 _LAPLACE = torch.tensor([[0.0, 1.0, 0.0], [1.0, -4.0, 1.0], [0.0, 1.0, 0.0]])
 
@@ -48,26 +49,48 @@ def laplacian_score(f_ref: torch.Tensor, f_anchor: torch.Tensor, f: torch.Tensor
     return (anchor - laplacian_diff(f_ref, f)) / anchor.clamp_min(1e-12)
 
 
+GATE_REFERENCES = ("plain", "treated")
+
+
 def gate_scores(
-    extractor: FeatureExtractor, images: Sequence[Any], prompts: str | Sequence[str], techniques: Sequence[Technique], reference_t: int = 0
+    extractor: FeatureExtractor,
+    images: Sequence[Any],
+    prompts: str | Sequence[str],
+    techniques: Sequence[Technique],
+    reference_t: int = 0,
+    reference: str = "plain",
 ) -> dict[str, float]:
     """Mean GATE Laplacian score of ``techniques`` against plain extraction, per activation of ``extractor``.
 
-    The reference is plain extraction at ``reference_t`` (0: the cleanest reconstruction), the anchor plain
-    extraction at the extractor's t.
+    The anchor is plain extraction at the extractor's t. The reference is extraction at ``reference_t``
+    (0: the cleanest reconstruction): ``reference="plain"`` (the paper's form) uses plain extraction there, so
+    the score also counts how much the technique changes the features at all; ``reference="treated"`` compares
+    each side with its *own* clean version (plain at t vs plain at ``reference_t``, treated at t vs treated at
+    ``reference_t``), so it measures only how much noise-induced drift the technique removes.
     """
+    if reference not in GATE_REFERENCES:
+        raise ConfigError(f"unknown GATE reference {reference!r}; choose one of {', '.join(GATE_REFERENCES)}")
     saved_t, saved_tech = extractor.t, extractor.techniques
     try:
         extractor.techniques = []
         anchor = extractor(images, prompts)
         extractor.t = reference_t
-        reference = extractor(images, prompts)
-        extractor.t = saved_t
+        plain_ref = extractor(images, prompts)
         extractor.techniques = list(techniques)
+        treated_ref = extractor(images, prompts) if reference == "treated" else plain_ref
+        extractor.t = saved_t
         treated = extractor(images, prompts)
     finally:
         extractor.t, extractor.techniques = saved_t, saved_tech
-    return {name: float(laplacian_score(reference[name], anchor[name], treated[name]).mean()) for name in extractor.names}
+    scores = {}
+    for name in extractor.names:
+        if reference == "plain":
+            scores[name] = float(laplacian_score(plain_ref[name], anchor[name], treated[name]).mean())
+        else:
+            anchor_diff = laplacian_diff(plain_ref[name], anchor[name])
+            treated_diff = laplacian_diff(treated_ref[name], treated[name])
+            scores[name] = float(((anchor_diff - treated_diff) / anchor_diff.clamp_min(1e-12)).mean())
+    return scores
 
 
 def psnr(a: Image.Image, b: Image.Image) -> float:
