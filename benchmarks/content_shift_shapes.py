@@ -125,7 +125,8 @@ def main(argv: list[str] | None = None) -> None:
         scores = {}
         for name in ("class_list", "fine_grained", "fine_no_class", "other_scene"):
             technique = Prompt(captions=conditions[name](gate_scenes), name=name)
-            scores[name] = gate_scores(extractor, gate_images, GENERIC_PROMPT, [technique])
+            scores[name] = {ref: gate_scores(extractor, gate_images, GENERIC_PROMPT, [technique], reference=ref)
+                            for ref in ("plain", "treated")}  # fmt: skip
         results["gate"][str(t)] = scores
         log.info("GATE t=%d: %s", t, scores)
 
