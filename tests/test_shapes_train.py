@@ -85,3 +85,31 @@ def test_init_from_an_exported_pipeline_continues_its_weights(tmp_path: Path) ->
     done = train(cfg, resume=True)
     assert done["step"] == 2
     assert any(not torch.equal(done["unet"][k], state["unet"][k]) for k in state["unet"])
+
+
+def test_frozen_text_encoder_stays_at_its_initialisation_and_vae_only_init_starts_fresh(tmp_path: Path) -> None:
+    from difffeat.shapes.train import init_from_run
+
+    source = train(_tiny(tmp_path / "src", unet_steps=2))
+    cfg = _tiny(tmp_path / "frozen", unet_steps=3)
+    cfg.freeze_text, cfg.init_vae_only = True, True
+    state = init_from_run(tmp_path / "src", cfg)
+    assert "unet" not in state and "text" not in state  # only the VAE (and latents, tokenizer) came along
+    done = train(cfg, resume=True)
+    assert done["step"] == 3
+    from difffeat.shapes.models import build_text_encoder, build_unet
+    from difffeat.shapes.train import make_tokenizer
+
+    # the trainer's initialisation: seed + 1, UNet first, then the text encoder
+    tok = make_tokenizer(cfg.model, tmp_path / "frozen")
+    torch.manual_seed(cfg.seed + 1)
+    init_unet = build_unet(cfg.model)
+    init_text = build_text_encoder(cfg.model, len(tok), tok.bos_token_id, tok.eos_token_id, tok.pad_token_id)
+    for name, val in init_text.state_dict().items():
+        torch.testing.assert_close(done["text"][name], val, msg=name)  # frozen: not one step moved it
+        torch.testing.assert_close(done["ema_text"][name], val, msg=name)
+    moved = [k for k, v in init_unet.state_dict().items() if not torch.equal(done["unet"][k], v)]
+    assert moved  # the UNet trained from its fresh initialisation ...
+    assert any(not torch.equal(done["unet"][k], source["unet"][k]) for k in moved)  # ... not from the source's
+    for name, val in source["vae"].items():
+        torch.testing.assert_close(done["vae"][name], val, msg=name)

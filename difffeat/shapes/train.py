@@ -80,6 +80,10 @@ class TrainConfig:
     attn_loss_background: bool = False  # also supervise the word "background" with the pixels of no object
     attn_loss_max_t: int = 600  # only samples with t <= this take part (the scene is still visible)
     init_from: str | None = None  # UNet stage started from this run's weights (fresh optimizer and schedule)
+    init_vae_only: bool = False  # with init_from: take only the VAE, latents and tokenizer; fresh UNet + text encoder
+    # keep the text encoder at its (random) initialisation, as Stable Diffusion keeps CLIP frozen: trained
+    # jointly from scratch, the encoder collapses the 8 class words onto ~1 direction (see the model card)
+    freeze_text: bool = False
     ema_decay: float = 0.999
     grad_clip: float = 1.0
     # bookkeeping
@@ -352,6 +356,9 @@ def _train_unet(
     text = build_text_encoder(m, len(tok), tok.bos_token_id, tok.eos_token_id, tok.pad_token_id).to(dev)
     ddpm, _ = build_schedulers(m)
     params = [{"params": unet.parameters(), "lr": cfg.unet_lr}, {"params": text.parameters(), "lr": cfg.text_lr}]
+    if cfg.freeze_text:
+        text.requires_grad_(False)
+        params[1]["params"] = []
     opt = torch.optim.AdamW(params, weight_decay=cfg.weight_decay)
     ema_unet, ema_text = EMA(unet, cfg.ema_decay), EMA(text, cfg.ema_decay)
     start, elapsed = ckpt["step"], ckpt["elapsed_s"]
@@ -388,7 +395,7 @@ def _train_unet(
     threads = AdaptiveThreads(cfg.threads)
     stop = StopFlag()
     unet.train()
-    text.train()
+    text.train(not cfg.freeze_text)
     end = cfg.unet_steps if stop_at is None else min(cfg.unet_steps, stop_at)
     for step in range(start, end):
         threads.update()
@@ -415,7 +422,8 @@ def _train_unet(
             loss = mse + cfg.attn_loss_weight * aux
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        gnorm = torch.nn.utils.clip_grad_norm_([*unet.parameters(), *text.parameters()], cfg.grad_clip)
+        trained = [*unet.parameters(), *(text.parameters() if not cfg.freeze_text else ())]
+        gnorm = torch.nn.utils.clip_grad_norm_(trained, cfg.grad_clip)
         opt.step()
         ema_unet.update(unet, step)
         ema_text.update(text, step)
@@ -579,7 +587,8 @@ def init_from_run(source: str | Path, cfg: TrainConfig) -> dict:
         shutil.copy2(src / DECODER_NAME, run / DECODER_NAME)
     if not (run / "tokenizer").exists():
         shutil.copytree(src / "tokenizer", run / "tokenizer")
-    state = {k: old[k] for k in ("vae", "scaling_factor", "unet", "text", "ema_unet", "ema_text")}
+    keep = ("vae", "scaling_factor") if cfg.init_vae_only else ("vae", "scaling_factor", "unet", "text", "ema_unet", "ema_text")
+    state = {k: old[k] for k in keep}
     previous = old.get("init") or []
     state.update({"stage": "unet", "step": 0, "elapsed_s": 0.0, "vae_elapsed_s": old.get("vae_elapsed_s", 0.0),
                   "init": [*previous, {"run": str(src), "pipeline": old.get("pipeline"), "unet_steps": old["step"], "unet_batch": old["config"]["unet_batch"],
@@ -710,6 +719,9 @@ def _parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--attn-loss-kind", choices=LOSS_KINDS, help="mass: share on the class; match: KL to the mask")
     p.add_argument("--attn-loss-background", action="store_true",
                    help="the localisation loss also teaches the word 'background' to attend to object-free pixels")
+    p.add_argument("--init-vae-only", action="store_true",
+                   help="with --init-from: reuse only its VAE, latents and tokenizer; UNet and text encoder start fresh")
+    p.add_argument("--freeze-text", action="store_true", help="keep the text encoder at its initialisation (not trained)")
     p.add_argument("--init-from", help="start the UNet stage from this run's weights, or from an exported pipeline "
                                        "folder such as difffeat/weights/shapes (new optimizer and schedule)")
     return p.parse_args(argv)
@@ -742,6 +754,10 @@ def main(argv: list[str] | None = None) -> None:
             cfg.attn_loss_kind = args.attn_loss_kind
         if args.attn_loss_background:
             cfg.attn_loss_background = True
+        if args.freeze_text:
+            cfg.freeze_text = True
+        if args.init_vae_only:
+            cfg.init_vae_only = True
         resume = args.resume
         if args.init_from and not args.resume:
             cfg.init_from = args.init_from
