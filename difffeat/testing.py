@@ -172,26 +172,16 @@ def _seeded(seed: int) -> Iterator[None]:
         yield
 
 
-def _canonical_ids(vocab: dict[str, int], first: tuple[str, ...]) -> dict[str, int]:
-    """Renumber ``vocab`` independently of training order: ``first`` in order, then by (length, text)."""
-    rest = sorted((t for t in vocab if t not in first), key=lambda t: (len(t), t))
-    return {t: i for i, t in enumerate([*first, *rest])}
-
-
 @lru_cache(maxsize=None)
 def _clip_vocab_merges() -> tuple[tuple[tuple[str, int], ...], tuple[tuple[str, str], ...]]:
-    """The tiny CLIP tokenizer's (vocab, merges), trained once per process, with canonical ids.
-
-    BPE training breaks frequency ties differently on every run (the vocabulary and the set of merges are
-    the same, their numbering and order are not), so ids are renumbered canonically: every token, hence every
-    word of :data:`WORDS` (always one token) and every byte piece, gets the same id in every process.
-    """
-    from .tokenizers import BOS, EOS, build_clip_tokenizer
+    """The tiny CLIP tokenizer's (vocab, merges), trained once per process (ids are canonical: see
+    :func:`difffeat.tokenizers.build_clip_tokenizer`), so every word of :data:`WORDS` gets the same id
+    in every process."""
+    from .tokenizers import build_clip_tokenizer
 
     model = json.loads(build_clip_tokenizer(WORDS, model_max_length=77).backend_tokenizer.to_str())["model"]
-    vocab = _canonical_ids(model["vocab"], (BOS, EOS))
     merges = tuple(tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"])
-    return tuple(vocab.items()), merges
+    return tuple(model["vocab"].items()), merges
 
 
 def tiny_clip_tokenizer(model_max_length: int = 77):  # noqa: ANN201 - transformers.CLIPTokenizer

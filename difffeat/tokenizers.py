@@ -55,8 +55,8 @@ def build_clip_tokenizer(
         vocab_size: optional cap; by default merges continue until every word is a single token.
 
     Returns:
-        A :class:`transformers.CLIPTokenizer`. Its ids are dense from 0: ``<|startoftext|>`` = 0,
-        ``<|endoftext|>`` = 1, then the 256 byte symbols (each also with the ``</w>`` suffix), then merges.
+        A :class:`transformers.CLIPTokenizer`. Its ids are dense from 0 and the same on every call:
+        ``<|startoftext|>`` = 0, ``<|endoftext|>`` = 1, then every other token ordered by (length, text).
     """
     word_list = sorted({w.strip().lower() for w in words if w and w.strip()})
     if not word_list:
@@ -84,6 +84,9 @@ def build_clip_tokenizer(
         for piece in (ch, ch + "</w>"):
             if piece not in vocab:
                 vocab[piece] = len(vocab)
-    ordered = dict(sorted(vocab.items(), key=lambda kv: kv[1]))
+    # BPE training breaks frequency ties differently from run to run: the vocabulary is the same, its numbering
+    # is not. Renumber canonically so that every call gives every token the same id.
+    rest = sorted((t for t in vocab if t not in (BOS, EOS)), key=lambda t: (len(t), t))
+    ordered = {t: i for i, t in enumerate([BOS, EOS, *rest])}
     merge_pairs = [tuple(m.split(" ")) for m in merges]
     return CLIPTokenizer(vocab=ordered, merges=merge_pairs, model_max_length=model_max_length)

@@ -105,8 +105,8 @@ class TrainConfig:
 def make_tokenizer(cfg: ModelConfig, run: str | Path | None = None):  # noqa: ANN201 - CLIPTokenizer
     """The shapes tokenizer (every vocabulary word is one token), frozen per run in ``<run>/tokenizer``.
 
-    ``build_clip_tokenizer`` may number tokens differently from one call to the next (ties in BPE training),
-    so a run builds its tokenizer once, saves it, and every later use (resume, export) loads that copy.
+    A run builds its tokenizer once, saves it, and every later use (resume, export) loads that copy, so a run
+    keeps the numbering its text encoder learnt even if the builder changes.
     """
     from transformers import CLIPTokenizer
 
