@@ -152,17 +152,23 @@ class FeatureExtractor:
         if self.map_prompt is not None and any(i.is_map for i in self.infos):
             maps = [i for i in self.infos if i.is_map]
             rest = [i for i in self.infos if not i.is_map]
-            out = self._run(rgb, [self.map_prompt] * len(rgb), maps, rewrite_prompts=False)
+            out = self._run(rgb, [self.map_prompt] * len(rgb), maps)
             if rest:
                 out.update(self._run(rgb, prompts, rest))
             return {i.name: out[i.name] for i in self.infos}
         return self._run(rgb, prompts, self.infos)
 
-    def _run(self, rgb, prompts: list[str], infos: list[ActivationInfo], rewrite_prompts: bool = True) -> dict[str, torch.Tensor]:
-        """One forward with every technique applied; returns ``infos`` as ``[B, C, H, W]``."""
-        if rewrite_prompts:
-            for tech in self.techniques:
-                prompts = tech.prompts(list(prompts))
+    def _technique_prompts(self, prompts: list[str]) -> list[str]:
+        """The prompts after every technique's rewriting (templates, quality words, per-image captions).
+
+        Applied to the whole image list before it is cut into batches, so per-image captions stay aligned
+        with their images whatever the batch size or grouping."""
+        for tech in self.techniques:
+            prompts = tech.prompts(list(prompts))
+        return list(prompts)
+
+    def _run(self, rgb, prompts: list[str], infos: list[ActivationInfo]) -> dict[str, torch.Tensor]:
+        """One forward with every technique applied (prompts already rewritten); ``infos`` as ``[B, C, H, W]``."""
         with contextlib.ExitStack() as stack:
             for tech in self.techniques:
                 stack.enter_context(tech.active(self.backbone))
@@ -185,7 +191,7 @@ class FeatureExtractor:
     def extract_batch(self, images: Sequence[ImageInput], prompts: Sequence[str]) -> dict[str, torch.Tensor]:
         """One forward for images that resize to the same size: ``{name: [B, C, H, W]}`` (no batching or
         grouping; for data loaders that already form batches)."""
-        return self._forward(list(images), list(prompts))
+        return self._forward(list(images), self._technique_prompts(list(prompts)))
 
     @staticmethod
     def _prompt_list(prompts: str | Sequence[str], n: int) -> list[str]:
@@ -201,7 +207,7 @@ class FeatureExtractor:
         images = [images] if not isinstance(images, (list, tuple)) else list(images)
         if not images:
             raise InvalidImageError("no images given")
-        prompt_list = self._prompt_list(prompts, len(images))
+        prompt_list = self._technique_prompts(self._prompt_list(prompts, len(images)))
         rgb = [to_rgb(im) for im in images]
         sizes = {target_size(im.size, self.resolution, self.backbone.size_multiple, self.square) for im in rgb}
         if len(sizes) > 1:
@@ -222,7 +228,7 @@ class FeatureExtractor:
     ) -> Iterator[ExtractedItem]:
         """Per-image results for images of any sizes: batches are formed from images that resize alike."""
         images = list(images)
-        prompt_list = self._prompt_list(prompts, len(images))
+        prompt_list = self._technique_prompts(self._prompt_list(prompts, len(images)))
         groups: dict[tuple[int, int], list[int]] = {}
         rgb = {}
         for i, im in enumerate(images):

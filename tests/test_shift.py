@@ -185,3 +185,20 @@ def test_img2img_comparison_returns_side_by_side_and_similarities(tiny_pipes):
     result = gate_img2img(backbone_for(tiny_pipes, "sd"), random_image(64, 64), "a cat", ControlNet(tiny_controlnet()), steps=2)
     assert result.side_by_side().size == (3 * 64, 64)
     assert set(result.to_json()) >= {"psnr_reference", "psnr_treated", "technique_helps"}
+
+
+def test_per_image_captions_stay_with_their_images_across_batches(tiny_pipes):
+    """Prompt(captions=...) covers the whole image list; the extractor cuts it into batches (here 2+2+1) and
+    per-size groups, and every image must still get its own caption."""
+    backbone = backbone_for(tiny_pipes, "sd")
+    images = [random_image(64, 64, seed=i) for i in range(5)]
+    captions = ["a cat", "a dog on grass", "a red car", "two birds", "a house at night"]
+    fx = difffeat.FeatureExtractor(backbone, [NAME], batch_size=2, techniques=[Prompt(captions=captions)])
+    batched = fx(images, "ignored")[NAME]
+    items = {it.index: it for it in fx.iter_items(images, "ignored")}
+    plain = difffeat.FeatureExtractor(backbone, [NAME], batch_size=1)
+    for i, (image, caption) in enumerate(zip(images, captions)):
+        direct = plain([image], caption)[NAME][0]
+        torch.testing.assert_close(batched[i], direct, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(items[i].features[NAME], direct, rtol=1e-4, atol=1e-5)
+        assert items[i].prompt == caption
