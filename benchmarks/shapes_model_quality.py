@@ -25,7 +25,7 @@ import argparse
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -48,6 +48,7 @@ class BenchConfig:
     gen_per_class: int = 8
     gen_steps: int = 40
     gen_guidance: float = 3.0
+    gen_guidance_extra: tuple[float, ...] = ()  # further guidance scales reported beside the main one
     clf_train_scenes: int = 12_000  # train-split indices scanned for single-object scenes
     clf_steps: int = 1500
     probe_train: int = 200
@@ -414,6 +415,12 @@ def _generation_figures(pipe, cfg: BenchConfig, results: dict) -> None:  # noqa:
                              "per_class_samples": cfg.gen_per_class, "steps": cfg.gen_steps,
                              "guidance_scale": cfg.gen_guidance, "sampler": "DDIM"}  # fmt: skip
     results["_generation_examples"] = gen["examples"]
+    if cfg.gen_guidance_extra:  # same classifier, same seeds, other guidance scales
+        results["generation"]["rate_by_guidance"] = {str(cfg.gen_guidance): gen["rate"]}
+        for w in cfg.gen_guidance_extra:
+            other = generation_rate(pipe, clf, replace(cfg, gen_guidance=w))
+            results["generation"]["rate_by_guidance"][str(w)] = other["rate"]
+            log.info("generation rate at guidance %s: %.3f %s", w, other["rate"], other["per_class"])
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -424,6 +431,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--quick", action="store_true", help="small sizes for a smoke run")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--parts", default="attn,probe,gen", help="comma list of: attn, probe, gen")
+    p.add_argument("--gen-guidance", help="guidance scale(s) of the generation check, comma-separated; the first is "
+                                          "the headline figure (default 3.0)")
     p.add_argument("--save-grid", help="also write a PNG grid of one generated image per class")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -431,6 +440,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.quick:
         cfg = BenchConfig(gen_per_class=2, gen_steps=10, clf_train_scenes=1500, clf_steps=40, probe_train=20,
                           probe_test=20, attn_val=20, attn_test=20, attn_timesteps=(100,))  # fmt: skip
+    if args.gen_guidance:
+        scales = [float(x) for x in args.gen_guidance.split(",")]
+        cfg = replace(cfg, gen_guidance=scales[0], gen_guidance_extra=tuple(scales[1:]))
     res = run(args.model, cfg, tuple(args.parts.split(",")))
     examples = res.pop("_generation_examples", None)
     if args.save_grid and examples is not None:
