@@ -113,3 +113,17 @@ def test_frozen_text_encoder_stays_at_its_initialisation_and_vae_only_init_start
     assert any(not torch.equal(done["unet"][k], source["unet"][k]) for k in moved)  # ... not from the source's
     for name, val in source["vae"].items():
         torch.testing.assert_close(done["vae"][name], val, msg=name)
+
+
+def test_init_from_a_pipeline_of_another_architecture_is_a_clear_error(tmp_path: Path) -> None:
+    from difffeat.shapes.train import init_from_run, main
+
+    train(_tiny(tmp_path / "run", unet_steps=1))
+    export(tmp_path / "run", tmp_path / "pipe", fp16=False)
+    other = _tiny(tmp_path / "wider")
+    other.model = ModelConfig(vae_channels=(8, 16, 16), unet_channels=(16, 64, 64), norm_groups=8, text_hidden=32,
+                              text_intermediate=64)  # fmt: skip
+    with pytest.raises(ValueError, match="does not have the architecture"):
+        init_from_run(tmp_path / "pipe", other)
+    with pytest.raises(SystemExit, match="--init-vae-only needs --init-from"):
+        main(["--out", str(tmp_path / "x"), "--init-vae-only"])

@@ -535,12 +535,16 @@ def run_from_pipeline(pipeline: str | Path, out: str | Path, cfg: TrainConfig) -
         return out  # made by an earlier call (the conversion is deterministic)
     pipe = StableDiffusionPipeline.from_pretrained(pipeline, torch_dtype=torch.float32, safety_checker=None)
     m = cfg.model
-    unet, text, vae = build_unet(m), None, build_vae(m)
-    unet.load_state_dict(pipe.unet.float().state_dict())
-    vae.load_state_dict(pipe.vae.float().state_dict())
     tok = CLIPTokenizer.from_pretrained(pipeline / "tokenizer")
+    unet, vae = build_unet(m), build_vae(m)
     text = build_text_encoder(m, len(tok), tok.bos_token_id, tok.eos_token_id, tok.pad_token_id)
-    text.load_state_dict(pipe.text_encoder.float().state_dict())
+    for name, ours, theirs in (("unet", unet, pipe.unet), ("vae", vae, pipe.vae), ("text_encoder", text, pipe.text_encoder)):
+        try:
+            ours.load_state_dict(theirs.float().state_dict())
+        except RuntimeError as err:
+            first = str(err).strip().splitlines()[1:2] or [str(err)[:200]]
+            raise ValueError(f"the {name} of {pipeline} does not have the architecture of this run's ModelConfig "
+                             f"({first[0].strip()}); continue it with the ModelConfig it was trained with") from None
     out.mkdir(parents=True, exist_ok=True)
     if not (out / "tokenizer").exists():
         tok.save_pretrained(out / "tokenizer")
@@ -757,6 +761,8 @@ def main(argv: list[str] | None = None) -> None:
         if args.freeze_text:
             cfg.freeze_text = True
         if args.init_vae_only:
+            if not args.init_from:
+                raise SystemExit("--init-vae-only needs --init-from (the run or pipeline whose VAE to reuse)")
             cfg.init_vae_only = True
         resume = args.resume
         if args.init_from and not args.resume:
