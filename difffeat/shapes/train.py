@@ -277,6 +277,17 @@ def _restore_rng(state: dict) -> None:
 
 
 # ------------------------------------------------------------------------------------------------- stages
+@torch.no_grad()
+def _encode_latents(vae: torch.nn.Module, data: Dataset, dev: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Posterior mean and std of every training scene's latent, ``[N, C, h, w]`` each, on the CPU."""
+    means, stds = [], []
+    for i in range(0, len(data), 256):
+        post = vae.encode(data.pixels(np.arange(i, min(i + 256, len(data)))).to(dev)).latent_dist
+        means.append(post.mean.cpu())
+        stds.append(post.std.cpu())
+    return torch.cat(means), torch.cat(stds)
+
+
 def _train_vae(cfg: TrainConfig, data: Dataset, ckpt: dict | None, run: Path, dev: torch.device) -> dict:
     torch.manual_seed(cfg.seed)
     vae = build_vae(cfg.model).to(dev)
@@ -329,13 +340,7 @@ def _train_vae(cfg: TrainConfig, data: Dataset, ckpt: dict | None, run: Path, de
 
     # Latents of the whole training set (posterior mean and std) and the scaling factor 1/std(latents).
     vae.eval()
-    means, stds = [], []
-    with torch.no_grad():
-        for i in range(0, len(data), 256):
-            post = vae.encode(data.pixels(np.arange(i, min(i + 256, len(data)))).to(dev)).latent_dist
-            means.append(post.mean.cpu())
-            stds.append(post.std.cpu())
-    mean, std = torch.cat(means), torch.cat(stds)  # [N, 4, 16, 16]
+    mean, std = _encode_latents(vae, data, dev)  # [N, 4, 16, 16]
     scaling = float(1.0 / mean.std())
     log.info("VAE done; latent std %.4f -> scaling_factor %.4f", 1 / scaling, scaling)
     _log_line(run / "log.jsonl", {"stage": "vae_done", "scaling_factor": scaling, "elapsed_s": round(elapsed, 1)})
@@ -548,14 +553,8 @@ def run_from_pipeline(pipeline: str | Path, out: str | Path, cfg: TrainConfig) -
     out.mkdir(parents=True, exist_ok=True)
     if not (out / "tokenizer").exists():
         tok.save_pretrained(out / "tokenizer")
-    data = Dataset(cfg.n_train, m.image_size)
-    means, stds = [], []
-    with torch.no_grad():
-        for i in range(0, len(data), 256):
-            post = vae.encode(data.pixels(np.arange(i, min(i + 256, len(data))))).latent_dist
-            means.append(post.mean)
-            stds.append(post.std)
-    _atomic_save({"mean": torch.cat(means).half(), "std": torch.cat(stds).half()}, out / "latents.pt")
+    mean, std = _encode_latents(vae.eval(), Dataset(cfg.n_train, m.image_size), torch.device("cpu"))
+    _atomic_save({"mean": mean.half(), "std": std.half()}, out / "latents.pt")
     src_cfg = dataclasses.replace(cfg, out=str(out), unet_steps=0, attn_loss_weight=0.0, init_from=None)
     state = {"stage": "unet", "step": 0, "vae": vae.state_dict(),
              "scaling_factor": float(pipe.vae.config.scaling_factor), "unet": unet.state_dict(),
