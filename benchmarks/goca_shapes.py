@@ -106,8 +106,8 @@ def main(argv=None) -> None:
     rows = {}
     for name, cfg in CONFIGS.items():
         miou, cms = score(backbone, test_obs, cfg, t_best, (taus[name],), n_classes, overrides)
-        iou = cms[taus[name]].iou()
         cm = cms[taus[name]]
+        iou = cm.iou()
         rows[name] = {"miou": miou[taus[name]], "tau": taus[name], **cfg, "foreground_iou": cm.foreground_iou(),
                       "class_accuracy_on_found": cm.class_accuracy_on_found(),
                       "per_class_iou": {c: float(v) for c, v in zip(["background"] + test.classes, iou)}}

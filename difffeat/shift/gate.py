@@ -83,13 +83,10 @@ def gate_scores(
     finally:
         extractor.t, extractor.techniques = saved_t, saved_tech
     scores = {}
-    for name in extractor.names:
-        if reference == "plain":
-            scores[name] = float(laplacian_score(plain_ref[name], anchor[name], treated[name]).mean())
-        else:
-            anchor_diff = laplacian_diff(plain_ref[name], anchor[name])
-            treated_diff = laplacian_diff(treated_ref[name], treated[name])
-            scores[name] = float(((anchor_diff - treated_diff) / anchor_diff.clamp_min(1e-12)).mean())
+    for name in extractor.names:  # with reference="plain", treated_ref is plain_ref: laplacian_score's formula
+        anchor_diff = laplacian_diff(plain_ref[name], anchor[name])
+        treated_diff = laplacian_diff(treated_ref[name], treated[name])
+        scores[name] = float(((anchor_diff - treated_diff) / anchor_diff.clamp_min(1e-12)).mean())
     return scores
 
 
