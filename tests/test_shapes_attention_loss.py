@@ -113,7 +113,7 @@ def test_localisation_loss_matches_loops_and_its_limits() -> None:
     lookup_bg = lookup.clone()
     lookup_bg[8] = BACKGROUND
     ids_bg = torch.tensor([[1, 5, 8, 2, 2], [1, 8, 7, 2, 2]])
-    for kind in LOSS_KINDS:
+    for kind in ("mass", "match"):
         torch.testing.assert_close(localisation_loss(store, ids_bg, lookup_bg, masks, keep, kind),
                                    _loop_loss(store, ids_bg, lookup_bg, masks, keep, kind))  # fmt: skip
     on_bg = torch.full((1, 64, 2), 1e-9)
@@ -144,3 +144,54 @@ def test_init_from_continues_a_run_with_the_attention_loss(tmp_path: Path) -> No
     with pytest.raises(RuntimeError, match="no UNet-stage checkpoint"):
         init_from_run(tmp_path / "nowhere", TrainConfig(out=str(tmp_path / "c"), model=TOY))
     assert load_checkpoint(tmp_path / "b")["init"][0]["run"] == str(tmp_path / "a")
+
+
+def _loop_pixel_term(probs: torch.Tensor, ids: torch.Tensor, lookup: torch.Tensor, masks: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """Straightforward per-cell cross-entropy over the named classes (sum of each class's tokens)."""
+    full = torch.cat([masks, 1 - masks.sum(1, keepdim=True).clamp(max=1)], 1)
+    res = int(round(probs.shape[1] ** 0.5))
+    area = torch.nn.functional.adaptive_avg_pool2d(full, res).flatten(2)  # [B, C, N]
+    terms = []
+    for b in range(len(ids)):
+        if not keep[b]:
+            continue
+        toks = {}
+        for j, tid in enumerate(ids[b].tolist()):
+            c = int(lookup[tid])
+            if c >= 0 and full[b, c].max() > 0:
+                toks.setdefault(c, []).append(j)
+        if len(toks) < 2:
+            continue
+        classes = sorted(toks)
+        for n in range(probs.shape[1]):
+            fr = [float(area[b, c, n]) for c in classes]
+            if sum(fr) < 0.5:
+                continue
+            sc = [float(sum(probs[b, n, j] for j in toks[c])) for c in classes]
+            terms.append(-sum(f / sum(fr) * math.log(x / sum(sc)) for f, x in zip(fr, sc, strict=True)))
+    return torch.tensor(sum(terms) / len(terms)) if terms else torch.tensor(0.0)
+
+
+def test_match_pixel_adds_a_per_cell_class_cross_entropy() -> None:
+    g = torch.Generator().manual_seed(1)
+    lookup = torch.full((20,), -1)
+    lookup[5], lookup[6], lookup[7], lookup[8] = 0, 1, 2, BACKGROUND
+    masks = torch.zeros(2, 8, 16, 16)
+    masks[0, 0, :8, :8] = 1
+    masks[0, 1, 8:, 8:] = 1
+    masks[1, 2, 4:12, 4:12] = 1
+    ids = torch.tensor([[1, 5, 6, 5, 8], [1, 7, 8, 2, 2]])  # class 0 named twice; background word in both
+    keep = torch.tensor([True, True])
+    store = {f"l{r}": torch.rand(2, r * r, 5, generator=g).softmax(-1) for r in (8, 4)}
+    both = localisation_loss(store, ids, lookup, masks, keep, "match_pixel")
+    match = localisation_loss(store, ids, lookup, masks, keep, "match")
+    pixel = torch.stack([_loop_pixel_term(p, ids, lookup, masks, keep) for p in store.values()]).mean()
+    torch.testing.assert_close(both, match + pixel.float(), rtol=1e-4, atol=1e-5)
+    # a map that gives each cell to its own class beats the same maps with the two object tokens swapped
+    area = torch.cat([masks, 1 - masks.sum(1, keepdim=True)], 1)[:1].reshape(1, 9, 8, 2, 8, 2).mean((3, 5)).flatten(2)
+    right = torch.full((1, 64, 5), 1e-3)
+    right[0, :, 1], right[0, :, 2], right[0, :, 4] = area[0, 0], area[0, 1], area[0, 8]
+    wrong = right[:, :, [0, 2, 1, 3, 4]]
+    one = torch.tensor([[1, 5, 6, 3, 8]])
+    assert localisation_loss({"a": right}, one, lookup, masks[:1], keep[:1], "match_pixel") < 0.1
+    assert localisation_loss({"a": wrong}, one, lookup, masks[:1], keep[:1], "match_pixel") > 2.0

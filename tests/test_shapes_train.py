@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from difffeat.shapes.models import ModelConfig
-from difffeat.shapes.train import TrainConfig, export, load_checkpoint, train
+from difffeat.shapes.train import TrainConfig, export, load_checkpoint, min_snr_weights, train
 
 
 def _tiny(out: Path, unet_steps: int = 4) -> TrainConfig:
@@ -127,3 +127,21 @@ def test_init_from_a_pipeline_of_another_architecture_is_a_clear_error(tmp_path:
         init_from_run(tmp_path / "pipe", other)
     with pytest.raises(SystemExit, match="--init-vae-only needs --init-from"):
         main(["--out", str(tmp_path / "x"), "--init-vae-only"])
+
+
+def test_min_snr_weights_follow_the_formula_and_change_training(tmp_path: Path) -> None:
+    from diffusers import DDPMScheduler
+
+    a = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012).alphas_cumprod
+    w = min_snr_weights(a, 5.0)
+    for t in (0, 10, 100, 400, 999):
+        snr = float(a[t] / (1 - a[t]))
+        assert float(w[t]) == pytest.approx(1.0 if snr <= 5.0 else 5.0 / snr, rel=1e-5)
+    assert float(w[0]) < 0.01 and float(w[999]) == 1.0 and bool((w[1:] >= w[:-1]).all())  # rises with noise
+    # the weighting reaches the update: same seed and data, different weights after two steps
+    plain = train(_tiny(tmp_path / "plain", unet_steps=2))
+    shutil.copytree(tmp_path / "plain" / "tokenizer", tmp_path / "snr" / "tokenizer")
+    weighted_cfg = _tiny(tmp_path / "snr", unet_steps=2)
+    weighted_cfg.min_snr_gamma = 5.0
+    weighted = train(weighted_cfg)
+    assert not torch.allclose(weighted["unet"]["conv_out.weight"], plain["unet"]["conv_out.weight"])

@@ -23,7 +23,7 @@ from difffeat.shapes.world import SHAPE_CLASSES
 
 __all__ = ["AttentionRecorder", "install_recorders", "word_class_lookup", "localisation_loss", "LOSS_KINDS", "BACKGROUND"]
 
-LOSS_KINDS = ("mass", "match")
+LOSS_KINDS = ("mass", "match", "match_pixel")
 
 
 class AttentionRecorder:
@@ -92,6 +92,10 @@ def localisation_loss(
     is satisfied by a map peaked on a few pixels of the object. ``kind="match"``: KL divergence from the
     class mask, normalised to a distribution over cells, to the token's spatial attention distribution; zero
     only when the map covers the whole object evenly and nothing else, which is what a thresholded map needs.
+    ``kind="match_pixel"``: ``"match"`` plus, per layer, the cross-entropy at each cell between the cell's
+    class fractions and the caption's named classes' attention renormalised over those classes (a class's
+    score is the sum over its tokens), averaged over the cells that named classes cover for at least half and
+    over samples that name at least two classes.
 
     Args:
         store: layer name -> head-mean probabilities ``[B, N, L]`` from :class:`AttentionRecorder`.
@@ -127,4 +131,28 @@ def localisation_loss(
             target = own / own.sum(-1, keepdim=True).clamp_min(1e-12)
             kl = (target * (torch.log(target.clamp_min(1e-12)) - torch.log(spatial.clamp_min(1e-12)))).sum(-1)
             losses.append(kl.mean())
+        if kind == "match_pixel":
+            losses[-1] = losses[-1] + _pixel_loss(probs, cls, pair, area)
     return torch.stack(losses).mean()
+
+
+def _pixel_loss(probs: torch.Tensor, cls: torch.Tensor, pair: torch.Tensor, area: torch.Tensor) -> torch.Tensor:
+    """Per-cell cross-entropy over the named classes (see :func:`localisation_loss`, ``"match_pixel"``).
+
+    ``probs`` [B, N, L]; ``cls`` [B, L] class per token (-1 none); ``pair`` [B, L] tokens that take part;
+    ``area`` [B, C, N] class fraction per cell.
+    """
+    n_cls = area.shape[1]
+    onehot = F.one_hot(cls.clamp(min=0), n_cls).float() * pair[..., None]  # [B, L, C]
+    score = torch.bmm(probs, onehot)  # [B, N, C]: attention summed over each class's tokens
+    named = onehot.amax(1) > 0  # [B, C]
+    tgt = area.transpose(1, 2) * named[:, None, :]  # [B, N, C]
+    covered = tgt.sum(-1)  # [B, N]
+    cell = (covered >= 0.5) & (named.sum(-1) >= 2)[:, None]
+    if not cell.any():
+        return probs.new_zeros(())
+    tgt = tgt / covered.clamp_min(1e-12)[..., None]
+    norm = (score * named[:, None, :]).sum(-1, keepdim=True).clamp_min(1e-12)
+    logp = torch.log((score / norm).clamp_min(1e-12))
+    ce = -(tgt * logp * named[:, None, :]).sum(-1)  # [B, N]
+    return ce[cell].mean()

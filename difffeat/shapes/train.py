@@ -42,7 +42,7 @@ from difffeat.shapes.models import (
 from difffeat.shapes.world import sample
 from difffeat.tokenizers import build_clip_tokenizer
 
-__all__ = ["TrainConfig", "train", "export", "load_checkpoint", "make_tokenizer"]
+__all__ = ["TrainConfig", "train", "export", "load_checkpoint", "make_tokenizer", "min_snr_weights"]
 
 log = logging.getLogger("difffeat.shapes.train")
 CKPT_NAME = "checkpoint.pt"
@@ -76,9 +76,13 @@ class TrainConfig:
     p_empty: float = 0.1
     # auxiliary cross-attention localisation loss (see difffeat.shapes.attention_loss); 0 disables it
     attn_loss_weight: float = 0.0
-    attn_loss_kind: str = "mass"  # "mass" or "match" (see localisation_loss)
+    attn_loss_kind: str = "mass"  # "mass", "match" or "match_pixel" (see localisation_loss)
     attn_loss_background: bool = False  # also supervise the word "background" with the pixels of no object
     attn_loss_max_t: int = 600  # only samples with t <= this take part (the scene is still visible)
+    # Min-SNR-gamma loss weighting (Hang et al. 2023, "Efficient Diffusion Training via Min-SNR Weighting
+    # Strategy"): per-sample weight min(SNR, gamma) / SNR for epsilon prediction, so the nearly-clean steps,
+    # whose error is mostly unpredictable texture, stop dominating the gradient; None = plain MSE
+    min_snr_gamma: float | None = None
     init_from: str | None = None  # UNet stage started from this run's weights (fresh optimizer and schedule)
     init_vae_only: bool = False  # with init_from: take only the VAE, latents and tokenizer; fresh UNet + text encoder
     # keep the text encoder at its (random) initialisation, as Stable Diffusion keeps CLIP frozen: trained
@@ -132,6 +136,12 @@ def _lr_factor(step: int, total: int, warmup: int, min_frac: float) -> float:
         return (step + 1) / warmup
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
     return min_frac + (1 - min_frac) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def min_snr_weights(alphas_cumprod: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Min-SNR-gamma weights for epsilon prediction: ``min(SNR, gamma) / SNR`` with ``SNR = a / (1 - a)``."""
+    snr = alphas_cumprod / (1 - alphas_cumprod)
+    return snr.clamp(max=gamma) / snr
 
 
 def _step_rng(seed: int, stage: int, step: int) -> tuple[np.random.Generator, torch.Generator]:
@@ -419,12 +429,15 @@ def _train_unet(
         opt.param_groups[0]["lr"], opt.param_groups[1]["lr"] = cfg.unet_lr * f, cfg.text_lr * f
         attn_store.clear()
         pred = unet(zt, t, encoder_hidden_states=text(ids)[0]).sample
-        mse = F.mse_loss(pred, noise)
+        per_sample = F.mse_loss(pred, noise, reduction="none").mean((1, 2, 3))  # [B]
+        mse = per_sample.mean()  # logged unweighted, comparable across runs
         loss, aux = mse, None
+        if cfg.min_snr_gamma is not None:
+            loss = (per_sample * min_snr_weights(a.flatten(), cfg.min_snr_gamma)).mean()
         if cfg.attn_loss_weight > 0:
             masks = data.class_masks(idx).to(dev)
             aux = localisation_loss(attn_store, ids, lookup, masks, t <= cfg.attn_loss_max_t, cfg.attn_loss_kind)
-            loss = mse + cfg.attn_loss_weight * aux
+            loss = loss + cfg.attn_loss_weight * aux
         opt.zero_grad(set_to_none=True)
         loss.backward()
         trained = [*unet.parameters(), *(text.parameters() if not cfg.freeze_text else ())]
@@ -598,7 +611,8 @@ def init_from_run(source: str | Path, cfg: TrainConfig) -> dict:
                                        "elapsed_s": old["elapsed_s"],
                                        "attn_loss_weight": old["config"].get("attn_loss_weight", 0.0),
                                        "attn_loss_kind": old["config"].get("attn_loss_kind", "mass"),
-                                       "attn_loss_background": old["config"].get("attn_loss_background", False)}],
+                                       "attn_loss_background": old["config"].get("attn_loss_background", False),
+                                       "min_snr_gamma": old["config"].get("min_snr_gamma")}],
                   "config": cfg.to_dict()})  # fmt: skip
     _atomic_save(state, run / CKPT_NAME)
     return state
@@ -669,7 +683,7 @@ def export(run: str | Path, target: str | Path, fp16: bool = True, use_ema: bool
     # fp16 check: the UNet+text noise prediction with fp16-rounded weights vs fp32 weights.
     report = {"step": ckpt["step"], "decoder_finetune": report_decoder, "init_from": ckpt.get("init"),
               "attn_loss_weight": cfg.attn_loss_weight, "attn_loss_kind": cfg.attn_loss_kind,
-              "attn_loss_background": cfg.attn_loss_background,
+              "attn_loss_background": cfg.attn_loss_background, "min_snr_gamma": cfg.min_snr_gamma,
               "train_elapsed_s": ckpt.get("vae_elapsed_s", 0) + ckpt["elapsed_s"],
               "params": {"unet": count_params(unet), "text_encoder": count_params(text), "vae": count_params(vae)}}  # fmt: skip
     g = torch.Generator().manual_seed(0)
@@ -719,9 +733,10 @@ def _parse(argv: list[str] | None = None) -> argparse.Namespace:
                    help="run (or resume) only stage 3, the decoder fine-tune; may run beside the UNet stage")
     p.add_argument("--decoder-steps", type=int)
     p.add_argument("--attn-loss", type=float, help="weight of the auxiliary cross-attention localisation loss")
-    p.add_argument("--attn-loss-kind", choices=LOSS_KINDS, help="mass: share on the class; match: KL to the mask")
+    p.add_argument("--attn-loss-kind", choices=LOSS_KINDS, help="mass: share on the class; match: KL to the mask; match_pixel: match + per-pixel class cross-entropy")
     p.add_argument("--attn-loss-background", action="store_true",
                    help="the localisation loss also teaches the word 'background' to attend to object-free pixels")
+    p.add_argument("--min-snr-gamma", type=float, help="Min-SNR-gamma weighting of the denoising loss (e.g. 5)")
     p.add_argument("--init-vae-only", action="store_true",
                    help="with --init-from: reuse only its VAE, latents and tokenizer; UNet and text encoder start fresh")
     p.add_argument("--freeze-text", action="store_true", help="keep the text encoder at its initialisation (not trained)")
@@ -759,6 +774,8 @@ def main(argv: list[str] | None = None) -> None:
             cfg.attn_loss_background = True
         if args.freeze_text:
             cfg.freeze_text = True
+        if args.min_snr_gamma is not None:
+            cfg.min_snr_gamma = args.min_snr_gamma
         if args.init_vae_only:
             if not args.init_from:
                 raise SystemExit("--init-vae-only needs --init-from (the run or pipeline whose VAE to reuse)")
