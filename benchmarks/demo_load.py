@@ -22,6 +22,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from difffeat.io import write_json
+
 RESULTS = Path(__file__).resolve().parent / "results" / "demo_load.json"
 
 
@@ -116,7 +118,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                   fallback=bool(demo and demo.difffeat_cache.get(a.model).is_fallback),
                   time=time.strftime("%Y-%m-%dT%H:%M:%S"))
     a.out.parent.mkdir(parents=True, exist_ok=True)
-    a.out.write_text(json.dumps(report, indent=2) + "\n")
+    write_json(a.out, report)
     print(json.dumps(report, indent=2))
     return report
 

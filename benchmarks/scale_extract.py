@@ -78,7 +78,9 @@ def main() -> None:
     }
     print(json.dumps(figures, indent=2))
     a.out.parent.mkdir(parents=True, exist_ok=True)
-    a.out.write_text(json.dumps(figures, indent=2) + "\n")
+    from difffeat.io import write_json
+
+    write_json(a.out, figures)
     print(f"speed-up 2 vs 1 process: {figures['speedup_loop']:.2f}x (extraction loop), {figures['speedup_wall']:.2f}x (whole command)")
 
 

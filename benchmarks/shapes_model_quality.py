@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 import difffeat
+from difffeat.io import write_json
 
 from difffeat.evaluate.probe import probe_score
 from difffeat.shapes.captions import list_prompt
@@ -433,6 +434,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--parts", default="attn,probe,gen", help="comma list of: attn, probe, gen")
     p.add_argument("--gen-guidance", help="guidance scale(s) of the generation check, comma-separated; the first is "
                                           "the headline figure (default 3.0)")
+    p.add_argument("--gen-per-class", type=int, help="generated images per class (default 8)")
     p.add_argument("--save-grid", help="also write a PNG grid of one generated image per class")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -443,6 +445,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.gen_guidance:
         scales = [float(x) for x in args.gen_guidance.split(",")]
         cfg = replace(cfg, gen_guidance=scales[0], gen_guidance_extra=tuple(scales[1:]))
+    if args.gen_per_class:
+        cfg = replace(cfg, gen_per_class=args.gen_per_class)
     res = run(args.model, cfg, tuple(args.parts.split(",")))
     examples = res.pop("_generation_examples", None)
     if args.save_grid and examples is not None:
@@ -450,7 +454,7 @@ def main(argv: list[str] | None = None) -> None:
 
         grid = (examples.permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)  # [8, 64, 64, 3]
         Image.fromarray(np.concatenate(list(grid), axis=1)).save(args.save_grid)
-    Path(args.out).write_text(json.dumps(res, indent=2))
+    write_json(args.out, res)
     print(json.dumps({k: v for k, v in res.items() if k != "config"}, indent=2))
 
 
