@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from difffeat.shapes.models import ModelConfig
-from difffeat.shapes.train import TrainConfig, export, load_checkpoint, min_snr_weights, train
+from difffeat.shapes.train import TrainConfig, export, load_checkpoint, min_snr_weights, posterior_latents, train
 
 
 def _tiny(out: Path, unet_steps: int = 4) -> TrainConfig:
@@ -145,3 +145,13 @@ def test_min_snr_weights_follow_the_formula_and_change_training(tmp_path: Path) 
     weighted_cfg.min_snr_gamma = 5.0
     weighted = train(weighted_cfg)
     assert not torch.allclose(weighted["unet"]["conv_out.weight"], plain["unet"]["conv_out.weight"])
+
+
+def test_posterior_latents_mean_or_sample() -> None:
+    g = torch.Generator().manual_seed(0)
+    mean, std = torch.randn(64, 4, 16, 16, generator=g), torch.full((64, 4, 16, 16), 0.3)
+    assert torch.equal(posterior_latents(mean, std, "mean", g), mean)
+    drawn = posterior_latents(mean, std, "sample", g)
+    assert float((drawn - mean).std()) == pytest.approx(0.3, rel=0.03)
+    with pytest.raises(ValueError, match="unknown latent kind"):
+        posterior_latents(mean, std, "mode", g)

@@ -42,10 +42,11 @@ from difffeat.shapes.models import (
 from difffeat.shapes.world import sample
 from difffeat.tokenizers import build_clip_tokenizer
 
-__all__ = ["TrainConfig", "train", "export", "load_checkpoint", "make_tokenizer", "min_snr_weights"]
+__all__ = ["TrainConfig", "train", "export", "load_checkpoint", "make_tokenizer", "min_snr_weights", "posterior_latents"]
 
 log = logging.getLogger("difffeat.shapes.train")
 CKPT_NAME = "checkpoint.pt"
+LATENT_KINDS = ("sample", "mean")
 
 
 @dataclass
@@ -83,6 +84,11 @@ class TrainConfig:
     # Strategy"): per-sample weight min(SNR, gamma) / SNR for epsilon prediction, so the nearly-clean steps,
     # whose error is mostly unpredictable texture, stop dominating the gradient; None = plain MSE
     min_snr_gamma: float | None = None
+    # what the UNet and the decoder fine-tune see of the VAE posterior: "sample" (mean + std * noise, as
+    # Stable Diffusion trains) or "mean" (its mode, which is what difffeat's backbones encode images to; with
+    # this small VAE's posterior std of ~1/3 of the latent scale, samples blur the decoder and add noise the
+    # UNet cannot predict)
+    latents: str = "sample"
     init_from: str | None = None  # UNet stage started from this run's weights (fresh optimizer and schedule)
     init_vae_only: bool = False  # with init_from: take only the VAE, latents and tokenizer; fresh UNet + text encoder
     # keep the text encoder at its (random) initialisation, as Stable Diffusion keeps CLIP frozen: trained
@@ -142,6 +148,15 @@ def min_snr_weights(alphas_cumprod: torch.Tensor, gamma: float) -> torch.Tensor:
     """Min-SNR-gamma weights for epsilon prediction: ``min(SNR, gamma) / SNR`` with ``SNR = a / (1 - a)``."""
     snr = alphas_cumprod / (1 - alphas_cumprod)
     return snr.clamp(max=gamma) / snr
+
+
+def posterior_latents(mean: torch.Tensor, std: torch.Tensor, kind: str, generator: torch.Generator) -> torch.Tensor:
+    """The VAE latent a training step uses: the posterior ``mean`` (``kind="mean"``) or a sample of it."""
+    if kind not in LATENT_KINDS:
+        raise ValueError(f"unknown latent kind {kind!r}; choose one of {', '.join(LATENT_KINDS)}")
+    if kind == "mean":
+        return mean
+    return mean + std * torch.randn(mean.shape, generator=generator).to(mean.device)
 
 
 def _step_rng(seed: int, stage: int, step: int) -> tuple[np.random.Generator, torch.Generator]:
@@ -419,7 +434,7 @@ def _train_unet(
         ids = tok(data.prompts(idx, rng, cfg.p_empty), padding="max_length", max_length=m.max_length,
                   truncation=True, return_tensors="pt").input_ids.to(dev)  # [B, 77]  # fmt: skip
         mu, sd = lat_mean[idx].float(), lat_std[idx].float()
-        z0 = (mu + sd * torch.randn(mu.shape, generator=g)) * scaling  # [B, 4, 16, 16]
+        z0 = posterior_latents(mu, sd, cfg.latents, g) * scaling  # [B, 4, 16, 16]
         noise = torch.randn(z0.shape, generator=g)
         t = torch.randint(0, m.train_timesteps, (len(idx),), generator=g)
         z0, noise, t = z0.to(dev), noise.to(dev), t.to(dev)
@@ -515,7 +530,7 @@ def finetune_decoder(cfg: TrainConfig, data: Dataset | None = None, resume: bool
             pg["lr"] = cfg.decoder_lr * _lr_factor(step, cfg.decoder_steps, 20, cfg.min_lr_frac)
         with torch.no_grad():
             post = vae.encode(x).latent_dist
-            z = post.mean + post.std * torch.randn(post.mean.shape, generator=g).to(dev)
+            z = posterior_latents(post.mean, post.std, cfg.latents, g)
         rec = vae.decode(z).sample
         l1, l2 = (rec - x).abs().mean(), F.mse_loss(rec, x)
         loss = l1 + l2
@@ -612,7 +627,8 @@ def init_from_run(source: str | Path, cfg: TrainConfig) -> dict:
                                        "attn_loss_weight": old["config"].get("attn_loss_weight", 0.0),
                                        "attn_loss_kind": old["config"].get("attn_loss_kind", "mass"),
                                        "attn_loss_background": old["config"].get("attn_loss_background", False),
-                                       "min_snr_gamma": old["config"].get("min_snr_gamma")}],
+                                       "min_snr_gamma": old["config"].get("min_snr_gamma"),
+                                       "latents": old["config"].get("latents", "sample")}],
                   "config": cfg.to_dict()})  # fmt: skip
     _atomic_save(state, run / CKPT_NAME)
     return state
@@ -684,6 +700,7 @@ def export(run: str | Path, target: str | Path, fp16: bool = True, use_ema: bool
     report = {"step": ckpt["step"], "decoder_finetune": report_decoder, "init_from": ckpt.get("init"),
               "attn_loss_weight": cfg.attn_loss_weight, "attn_loss_kind": cfg.attn_loss_kind,
               "attn_loss_background": cfg.attn_loss_background, "min_snr_gamma": cfg.min_snr_gamma,
+              "latents": cfg.latents,
               "train_elapsed_s": ckpt.get("vae_elapsed_s", 0) + ckpt["elapsed_s"],
               "params": {"unet": count_params(unet), "text_encoder": count_params(text), "vae": count_params(vae)}}  # fmt: skip
     g = torch.Generator().manual_seed(0)
@@ -737,6 +754,7 @@ def _parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--attn-loss-background", action="store_true",
                    help="the localisation loss also teaches the word 'background' to attend to object-free pixels")
     p.add_argument("--min-snr-gamma", type=float, help="Min-SNR-gamma weighting of the denoising loss (e.g. 5)")
+    p.add_argument("--latents", choices=LATENT_KINDS, help="train on posterior samples (default) or posterior means")
     p.add_argument("--init-vae-only", action="store_true",
                    help="with --init-from: reuse only its VAE, latents and tokenizer; UNet and text encoder start fresh")
     p.add_argument("--freeze-text", action="store_true", help="keep the text encoder at its initialisation (not trained)")
@@ -755,6 +773,8 @@ def main(argv: list[str] | None = None) -> None:
         cfg = TrainConfig.from_dict(ck["config"])
         if args.decoder_steps is not None:
             cfg.decoder_steps = args.decoder_steps
+        if args.latents is not None:
+            cfg.latents = args.latents
         finetune_decoder(cfg, resume=True)
     elif not args.export_only:
         cfg = TrainConfig(out=args.out, seed=args.seed)
@@ -776,6 +796,8 @@ def main(argv: list[str] | None = None) -> None:
             cfg.freeze_text = True
         if args.min_snr_gamma is not None:
             cfg.min_snr_gamma = args.min_snr_gamma
+        if args.latents is not None:
+            cfg.latents = args.latents
         if args.init_vae_only:
             if not args.init_from:
                 raise SystemExit("--init-vae-only needs --init-from (the run or pipeline whose VAE to reuse)")
