@@ -4,7 +4,7 @@ Usage::
 
     python benchmarks/shapes_model_quality.py --model difffeat/weights/shapes --out results.json
 
-Three measurements, all on scenes the model never saw (``val``/``test`` splits of the shapes world):
+Four measurements, all on scenes the model never saw (``val``/``test`` splits of the shapes world):
 
 1. **Generation sanity** - for single-shape captions ("a red star on a white background") generate with DDIM
    and mild guidance; cut the object out by colour (pixels nearer the named object colour than the named,
@@ -17,6 +17,8 @@ Three measurements, all on scenes the model never saw (``val``/``test`` splits o
 3. **Cross-attention meaning** - softmax(QK^T/sqrt(d)) of every cross-attention layer, averaged over heads
    and layers, per shape-word token; min-max normalised per image, thresholded at a value chosen on ``val``,
    IoU against that shape's mask on ``test``.
+4. **Autoencoder** - mean absolute error (0-255 units) of decode(posterior mean) on the ``test`` scenes,
+   overall and on object pixels.
 """
 
 from __future__ import annotations
@@ -315,8 +317,20 @@ def attention_ious(maps: list[dict[str, torch.Tensor]], scenes: list[ShapeSample
     return np.asarray(rows)
 
 
+# ------------------------------------------------------------------------------------ 4. the autoencoder
+@torch.no_grad()
+def vae_reconstruction(pipe, scenes: list[ShapeSample]) -> dict:  # noqa: ANN001
+    """Decode(posterior mean of encode(image)) vs the image: mean absolute error in [0, 255] pixel units,
+    overall and on object pixels only (where colour shifts show)."""
+    x = _to_pixels([s.image for s in scenes])
+    rec = torch.cat([pipe.vae.decode(pipe.vae.encode(x[i : i + 32]).latent_dist.mean).sample for i in range(0, len(x), 32)])
+    err = (rec.clamp(-1, 1) - x).abs().mean(1) * 127.5  # [N, H, W]
+    objects = torch.from_numpy(np.stack([s.mask for s in scenes]) > 0)
+    return {"scenes": len(scenes), "mean_abs_error": float(err.mean()), "mean_abs_error_objects": float(err[objects].mean())}
+
+
 # ---------------------------------------------------------------------------------------------------- main
-def run(model: str | Path, cfg: BenchConfig, parts: tuple[str, ...] = ("attn", "probe", "gen")) -> dict:
+def run(model: str | Path, cfg: BenchConfig, parts: tuple[str, ...] = ("attn", "probe", "gen", "vae")) -> dict:
     from diffusers import StableDiffusionPipeline
 
     torch.manual_seed(cfg.seed)
@@ -333,6 +347,9 @@ def run(model: str | Path, cfg: BenchConfig, parts: tuple[str, ...] = ("attn", "
     if "probe" in parts:
         _probe_figures(pipe, cfg, test, results)
         log.info("probe: %s (%.0fs)", results["probe"], time.time() - t0)
+    if "vae" in parts:
+        results["vae_reconstruction"] = vae_reconstruction(pipe, test[: cfg.probe_test])
+        log.info("VAE reconstruction: %s", results["vae_reconstruction"])
     if "gen" in parts:
         _generation_figures(pipe, cfg, results)
         log.info("generation: %s (%.0fs)", results["generation"], time.time() - t0)
@@ -431,7 +448,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", default="results.json")
     p.add_argument("--quick", action="store_true", help="small sizes for a smoke run")
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--parts", default="attn,probe,gen", help="comma list of: attn, probe, gen")
+    p.add_argument("--parts", default="attn,probe,gen,vae", help="comma list of: attn, probe, gen, vae")
     p.add_argument("--gen-guidance", help="guidance scale(s) of the generation check, comma-separated; the first is "
                                           "the headline figure (default 3.0)")
     p.add_argument("--gen-per-class", type=int, help="generated images per class (default 8)")
