@@ -15,21 +15,22 @@ import argparse
 
 import numpy as np
 import torch
+from goca_shapes import TAUS, observations  # same folder: the ablation benchmark's grid and observation cache
 
 import difffeat
 from difffeat.evaluate import ConfusionMatrix, ShapesDataset
 from difffeat.evaluate.runner import _to_dataset_labels
 from difffeat.io import write_json
 
-TAUS = tuple(float(x) for x in np.round(np.linspace(-0.4, 1.0, 29), 3))
 
-
-def best_miou(seg: difffeat.Segmenter, observations: list, n_classes: int) -> tuple[float, float, list[float]]:
+def best_miou(seg: difffeat.Segmenter, obs: list, n_classes: int) -> tuple[float, float, list[float]]:
     """(best mIoU over TAUS, that tau, mean layer weights) of ``seg`` deciding cached observations."""
     cms = {tau: ConfusionMatrix(n_classes) for tau in TAUS}
     weights = []
-    for item, labels, obs in observations:
-        result = seg.decide(obs)
+    for item, labels, by_heads in obs:
+        if by_heads is None:  # no object in the scene: nothing prompted, nothing to decide
+            continue
+        result = seg.decide(by_heads[seg.settings.heads])
         weights.append(result.layer_weights)
         for tau, cm in cms.items():
             cm.update(item.gt, _to_dataset_labels(result.with_tau(tau), labels, item.gt.shape))
@@ -49,30 +50,23 @@ def main(argv: list[str] | None = None) -> None:
     backbone = difffeat.load(args.model)
     data = ShapesDataset("val", args.n)
     n_classes = len(data.classes) + 1
-    extra = {"t": args.t} if args.t else {}
-    observers = {h: difffeat.Segmenter(backbone, method="vanilla", heads=h, **extra) for h in ("mean", "goca")}
-    obs = {h: [] for h in observers}
-    for i in range(len(data)):
-        item = data[i]
-        labels = item.present()
-        if not labels:
-            continue
-        names = [data.classes[label - 1] for label in labels]
-        for h, seg in observers.items():
-            obs[h].append((item, labels, seg.observe(item.image, names, everything=True)))
-    report = {"model": args.model, "split": "val", "n": args.n, "t": observers["mean"].settings.t, "layers": {}, "settings": {}}
-    for block in observers["mean"].blocks:
+    default = difffeat.Segmenter(backbone)
+    t = args.t or default.settings.t
+    obs = observations(backbone, data, t, {})
+    report = {"model": args.model, "split": "val", "n": args.n, "t": t, "layers": {}, "settings": {}}
+    heads = ("mean", "goca")
+    for block in default.blocks:
         row = {}
-        for h in observers:
-            seg = difffeat.Segmenter(backbone, method="vanilla", heads=h, map_layers=[block], **extra)
-            row[f"miou_heads_{h}"], row[f"tau_heads_{h}"], _ = best_miou(seg, obs[h], n_classes)
+        for h in heads:
+            seg = difffeat.Segmenter(backbone, method="vanilla", heads=h, t=t, map_layers=[block])
+            row[f"miou_heads_{h}"], row[f"tau_heads_{h}"], _ = best_miou(seg, obs, n_classes)
         report["layers"][block] = row
         print(f"{block:48s} alone: head mean {row['miou_heads_mean']:.3f}, GOCA heads {row['miou_heads_goca']:.3f}", flush=True)
     for layers in ("uniform", "goca"):
         for rescale in ("none", "goca"):
-            for h in observers:
-                seg = difffeat.Segmenter(backbone, heads=h, layers=layers, rescale=rescale, **extra)
-                miou, tau, w = best_miou(seg, obs[h], n_classes)
+            for h in heads:
+                seg = difffeat.Segmenter(backbone, heads=h, layers=layers, rescale=rescale, t=t)
+                miou, tau, w = best_miou(seg, obs, n_classes)
                 key = f"heads={h} layers={layers} rescale={rescale}"
                 report["settings"][key] = {"miou": miou, "tau": tau, "mean_layer_weights": dict(zip(seg.blocks, w))}
                 print(f"{key:45s} {miou:.3f} (tau {tau:+.2f}); layer weights {np.round(w, 3).tolist()}", flush=True)

@@ -154,5 +154,5 @@ def _pixel_loss(probs: torch.Tensor, cls: torch.Tensor, pair: torch.Tensor, area
     tgt = tgt / covered.clamp_min(1e-12)[..., None]
     norm = (score * named[:, None, :]).sum(-1, keepdim=True).clamp_min(1e-12)
     logp = torch.log((score / norm).clamp_min(1e-12))
-    ce = -(tgt * logp * named[:, None, :]).sum(-1)  # [B, N]
+    ce = -(tgt * logp).sum(-1)  # [B, N]; tgt is 0 on classes the caption does not name
     return ce[cell].mean()

@@ -781,7 +781,8 @@ def main(argv: list[str] | None = None) -> None:
         if args.resume and (ck := load_checkpoint(args.out)) is not None:
             cfg = TrainConfig.from_dict(ck["config"])
         for name, val in (("unet_steps", args.steps), ("vae_steps", args.vae_steps), ("unet_batch", args.batch),
-                          ("n_train", args.n_train), ("decoder_steps", args.decoder_steps)):  # fmt: skip
+                          ("n_train", args.n_train), ("decoder_steps", args.decoder_steps),
+                          ("min_snr_gamma", args.min_snr_gamma), ("latents", args.latents)):  # fmt: skip
             if val is not None:
                 setattr(cfg, name, val)
         if args.lr is not None:
@@ -794,10 +795,6 @@ def main(argv: list[str] | None = None) -> None:
             cfg.attn_loss_background = True
         if args.freeze_text:
             cfg.freeze_text = True
-        if args.min_snr_gamma is not None:
-            cfg.min_snr_gamma = args.min_snr_gamma
-        if args.latents is not None:
-            cfg.latents = args.latents
         if args.init_vae_only:
             if not args.init_from:
                 raise SystemExit("--init-vae-only needs --init-from (the run or pipeline whose VAE to reuse)")
