@@ -321,12 +321,16 @@ def attention_ious(maps: list[dict[str, torch.Tensor]], scenes: list[ShapeSample
 @torch.no_grad()
 def vae_reconstruction(pipe, scenes: list[ShapeSample]) -> dict:  # noqa: ANN001
     """Decode(posterior mean of encode(image)) vs the image: mean absolute error in [0, 255] pixel units,
-    overall and on object pixels only (where colour shifts show)."""
+    overall and on object pixels only (where colour shifts show); plus the posterior's mean std next to its
+    mean |mean| (unscaled latents), i.e. how noisy a posterior sample is relative to the signal."""
     x = _to_pixels([s.image for s in scenes])
-    rec = torch.cat([pipe.vae.decode(pipe.vae.encode(x[i : i + 32]).latent_dist.mean).sample for i in range(0, len(x), 32)])
+    posts = [pipe.vae.encode(x[i : i + 32]).latent_dist for i in range(0, len(x), 32)]
+    rec = torch.cat([pipe.vae.decode(post.mean).sample for post in posts])
     err = (rec.clamp(-1, 1) - x).abs().mean(1) * 127.5  # [N, H, W]
     objects = torch.from_numpy(np.stack([s.mask for s in scenes]) > 0)
-    return {"scenes": len(scenes), "mean_abs_error": float(err.mean()), "mean_abs_error_objects": float(err[objects].mean())}
+    return {"scenes": len(scenes), "mean_abs_error": float(err.mean()), "mean_abs_error_objects": float(err[objects].mean()),
+            "posterior_std_mean": float(torch.cat([post.std for post in posts]).mean()),
+            "posterior_abs_mean_mean": float(torch.cat([post.mean for post in posts]).abs().mean())}  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------------- main

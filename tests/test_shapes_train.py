@@ -138,6 +138,8 @@ def test_min_snr_weights_follow_the_formula_and_change_training(tmp_path: Path) 
         snr = float(a[t] / (1 - a[t]))
         assert float(w[t]) == pytest.approx(1.0 if snr <= 5.0 else 5.0 / snr, rel=1e-5)
     assert float(w[0]) < 0.01 and float(w[999]) == 1.0 and bool((w[1:] >= w[:-1]).all())  # rises with noise
+    with pytest.raises(ValueError, match="gamma must be > 0"):
+        min_snr_weights(a, 0.0)
     # the weighting reaches the update: same seed and data, different weights after two steps
     plain = train(_tiny(tmp_path / "plain", unet_steps=2))
     shutil.copytree(tmp_path / "plain" / "tokenizer", tmp_path / "snr" / "tokenizer")

@@ -86,8 +86,8 @@ class TrainConfig:
     min_snr_gamma: float | None = None
     # what the UNet and the decoder fine-tune see of the VAE posterior: "sample" (mean + std * noise, as
     # Stable Diffusion trains) or "mean" (its mode, which is what difffeat's backbones encode images to; with
-    # this small VAE's posterior std of ~1/3 of the latent scale, samples blur the decoder and add noise the
-    # UNet cannot predict)
+    # this small VAE's wide posterior (mean std about a quarter of mean |mu|), samples blur the decoder and
+    # add noise the UNet cannot predict)
     latents: str = "sample"
     init_from: str | None = None  # UNet stage started from this run's weights (fresh optimizer and schedule)
     init_vae_only: bool = False  # with init_from: take only the VAE, latents and tokenizer; fresh UNet + text encoder
@@ -146,6 +146,8 @@ def _lr_factor(step: int, total: int, warmup: int, min_frac: float) -> float:
 
 def min_snr_weights(alphas_cumprod: torch.Tensor, gamma: float) -> torch.Tensor:
     """Min-SNR-gamma weights for epsilon prediction: ``min(SNR, gamma) / SNR`` with ``SNR = a / (1 - a)``."""
+    if not gamma > 0:
+        raise ValueError(f"min-SNR gamma must be > 0 (got {gamma}); 5 is the usual choice, None disables the weighting")
     snr = alphas_cumprod / (1 - alphas_cumprod)
     return snr.clamp(max=gamma) / snr
 
