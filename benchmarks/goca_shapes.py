@@ -75,6 +75,7 @@ def main(argv=None) -> None:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a segmentation setting in every row (e.g. refine_order=1); repeatable")
     p.add_argument("--out", default="benchmarks/results/goca_shapes.json")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (fp32 either way)")
     args = p.parse_args(argv)
     overrides = {}
     for item in args.set:
@@ -87,7 +88,7 @@ def main(argv=None) -> None:
     if args.entities is not None:
         overrides["background_entities"] = tuple(e.strip() for e in args.entities.split(",") if e.strip())
     start = time.perf_counter()
-    backbone = difffeat.load(args.model, device="cpu")
+    backbone = difffeat.load(args.model, device=args.device, dtype="fp32")
     val, test = ShapesDataset("val", args.n_val), ShapesDataset("test", args.n_test)
     n_classes = len(val.classes) + 1
 

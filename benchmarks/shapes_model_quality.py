@@ -74,7 +74,7 @@ def _to_pixels(images: list) -> torch.Tensor:
 @torch.no_grad()
 def _encode(pipe, pixels: torch.Tensor) -> torch.Tensor:  # noqa: ANN001 - StableDiffusionPipeline
     """Images -> scaled latents [B, 4, h, w] (posterior mean)."""
-    return pipe.vae.encode(pixels).latent_dist.mean * pipe.vae.config.scaling_factor
+    return pipe.vae.encode(pixels.to(pipe.device)).latent_dist.mean * pipe.vae.config.scaling_factor
 
 
 _LATENT_CACHE: dict[tuple[int, str, int], torch.Tensor] = {}
@@ -95,15 +95,15 @@ def _encode_scenes(pipe, scenes: list[ShapeSample]) -> torch.Tensor:  # noqa: AN
 @torch.no_grad()
 def _text(pipe, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:  # noqa: ANN001
     ids = pipe.tokenizer(prompts, padding="max_length", max_length=pipe.tokenizer.model_max_length,
-                         truncation=True, return_tensors="pt").input_ids  # fmt: skip
+                         truncation=True, return_tensors="pt").input_ids.to(pipe.device)  # fmt: skip
     return ids, pipe.text_encoder(ids)[0]
 
 
 def _noisy(pipe, z0: torch.Tensor, t: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:  # noqa: ANN001
     g = torch.Generator().manual_seed(seed)
-    noise = torch.randn(z0.shape, generator=g)
-    a = pipe.scheduler.alphas_cumprod[t]
-    return a.sqrt() * z0 + (1 - a).sqrt() * noise, torch.full((len(z0),), t, dtype=torch.long)
+    noise = torch.randn(z0.shape, generator=g).to(z0.device)  # drawn on the CPU: the same noise on any device
+    a = pipe.scheduler.alphas_cumprod[t].to(z0.device)
+    return a.sqrt() * z0 + (1 - a).sqrt() * noise, torch.full((len(z0),), t, dtype=torch.long, device=z0.device)
 
 
 # ------------------------------------------------------------------------------------ 1. generation check
@@ -183,7 +183,7 @@ def generation_rate(pipe, clf: TinyShapeClassifier, cfg: BenchConfig) -> dict:  
                    for i in range(cfg.gen_per_class)]  # fmt: skip
         g = torch.Generator().manual_seed(cfg.seed * 1000 + k)
         out = pipe(prompts, num_inference_steps=cfg.gen_steps, guidance_scale=cfg.gen_guidance, height=64,
-                   width=64, generator=g, output_type="pt").images  # [B, 3, 64, 64] in [0, 1]  # fmt: skip
+                   width=64, generator=g, output_type="pt").images.cpu()  # [B, 3, 64, 64] in [0, 1]  # fmt: skip
         masks = torch.cat([silhouette(out[i : i + 1], COLOURS[pairs[i % len(pairs)][0]], COLOURS[pairs[i % len(pairs)][1]])
                            for i in range(len(out))])  # fmt: skip
         pred = clf(masks).argmax(1)
@@ -286,7 +286,7 @@ def cross_attention_maps(
                         pos = [p for p, tok in enumerate(tokens) if tok == f"{cls}</w>"]
                         if not pos:
                             raise RuntimeError(f"token {cls!r} not found in {tokens}")
-                        maps[cls] = total[j, pos].mean(0)
+                        maps[cls] = total[j, pos].mean(0).cpu()
                     results[set_name].append(maps)
     finally:
         unet.set_attn_processor(original)
@@ -324,8 +324,8 @@ def vae_reconstruction(pipe, scenes: list[ShapeSample]) -> dict:  # noqa: ANN001
     overall and on object pixels only (where colour shifts show); plus the posterior's mean std next to its
     mean |mean| (unscaled latents), i.e. how noisy a posterior sample is relative to the signal."""
     x = _to_pixels([s.image for s in scenes])
-    posts = [pipe.vae.encode(x[i : i + 32]).latent_dist for i in range(0, len(x), 32)]
-    rec = torch.cat([pipe.vae.decode(post.mean).sample for post in posts])
+    posts = [pipe.vae.encode(x[i : i + 32].to(pipe.device)).latent_dist for i in range(0, len(x), 32)]
+    rec = torch.cat([pipe.vae.decode(post.mean).sample.cpu() for post in posts])
     err = (rec.clamp(-1, 1) - x).abs().mean(1) * 127.5  # [N, H, W]
     objects = torch.from_numpy(np.stack([s.mask for s in scenes]) > 0)
     return {"scenes": len(scenes), "mean_abs_error": float(err.mean()), "mean_abs_error_objects": float(err[objects].mean()),
@@ -334,11 +334,12 @@ def vae_reconstruction(pipe, scenes: list[ShapeSample]) -> dict:  # noqa: ANN001
 
 
 # ---------------------------------------------------------------------------------------------------- main
-def run(model: str | Path, cfg: BenchConfig, parts: tuple[str, ...] = ("attn", "probe", "gen", "vae")) -> dict:
+def run(model: str | Path, cfg: BenchConfig, parts: tuple[str, ...] = ("attn", "probe", "gen", "vae"),
+        device: str = "cpu") -> dict:
     from diffusers import StableDiffusionPipeline
 
     torch.manual_seed(cfg.seed)
-    pipe = StableDiffusionPipeline.from_pretrained(model, torch_dtype=torch.float32)
+    pipe = StableDiffusionPipeline.from_pretrained(model, torch_dtype=torch.float32).to(device)
     pipe.set_progress_bar_config(disable=True)
     results: dict = {"model": str(model), "config": asdict(cfg)}
     t0 = time.time()
@@ -414,6 +415,7 @@ def _probe_figures(pipe, cfg: BenchConfig, test: list[ShapeSample], results: dic
     torch.manual_seed(cfg.seed)  # random-weight baseline: same architecture, fresh init (the VAE stays trained)
     random_pipe = StableDiffusionPipeline(**{**pipe.components, "unet": UNet2DConditionModel.from_config(pipe.unet.config),
                                              "text_encoder": CLIPTextModel(pipe.text_encoder.config)})  # fmt: skip
+    random_pipe.to(pipe.device)
     backbones = {"trained": difffeat.load(pipe), "random": difffeat.load(random_pipe)}
     by_set = {}
     for set_name, names in FEATURE_SETS.items():
@@ -452,6 +454,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", default="results.json")
     p.add_argument("--quick", action="store_true", help="small sizes for a smoke run")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--device", default="cpu", help="cpu or cuda (fp32 either way; figures match to numerics)")
     p.add_argument("--parts", default="attn,probe,gen,vae", help="comma list of: attn, probe, gen, vae")
     p.add_argument("--gen-guidance", help="guidance scale(s) of the generation check, comma-separated; the first is "
                                           "the headline figure (default 3.0)")
@@ -468,7 +471,7 @@ def main(argv: list[str] | None = None) -> None:
         cfg = replace(cfg, gen_guidance=scales[0], gen_guidance_extra=tuple(scales[1:]))
     if args.gen_per_class:
         cfg = replace(cfg, gen_per_class=args.gen_per_class)
-    res = run(args.model, cfg, tuple(args.parts.split(",")))
+    res = run(args.model, cfg, tuple(args.parts.split(",")), device=args.device)
     examples = res.pop("_generation_examples", None)
     if args.save_grid and examples is not None:
         from PIL import Image

@@ -40,8 +40,19 @@ def _image(resolution: int):
     return Image.fromarray(rng.integers(0, 256, (resolution, resolution, 3), dtype=np.uint8))
 
 
-def _memory_child(mode: str, resolution: int) -> dict[str, float]:
-    """Run in a subprocess: bare forward, then one capture in ``mode``; report peak-RSS growth."""
+def _cuda_peak_mb(device: str) -> float:
+    import torch
+
+    torch.cuda.synchronize(device)
+    return torch.cuda.max_memory_allocated(device) / 2**20
+
+
+def _memory_child(mode: str, resolution: int, device: str = "cpu", dtype: str | None = None) -> dict[str, float]:
+    """Bare forward, then one capture in ``mode``; report the growth of the peak memory over the bare forward.
+
+    On the CPU this runs in a fresh subprocess and reads the process's peak RSS; on CUDA it reads the
+    allocator's peak (``torch.cuda.max_memory_allocated``), which is exact and per device, so it runs in-process.
+    """
     import torch
 
     from . import Capture, Segmenter, load
@@ -49,13 +60,19 @@ def _memory_child(mode: str, resolution: int) -> dict[str, float]:
     from .segment.aggregation import GocaHeadReducer
     from .testing import sd15_shaped_pipeline
 
-    torch.set_num_threads(1)
-    seg = Segmenter(load(sd15_shaped_pipeline(), device="cpu"), resolution=resolution)
+    cuda = device.startswith("cuda")
+    if not cuda:
+        torch.set_num_threads(1)
+    seg = Segmenter(load(sd15_shaped_pipeline(), device=device, dtype=dtype), resolution=resolution)
     backbone = seg.backbone
     layout_caption = "a photo of cat, dog, background"
     inputs = backbone.prepare([_image(resolution)], layout_caption, seg.settings.t, 0, resolution)
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
     backbone.denoise(inputs)
-    base = _peak_rss_mb()
+    base = _cuda_peak_mb(device) if cuda else _peak_rss_mb()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
     if mode == "observer":
         names = seg.activation_names()
         reducers = {n: GocaHeadReducer() for n in seg.cross_names}
@@ -66,7 +83,8 @@ def _memory_child(mode: str, resolution: int) -> dict[str, float]:
         with Capture(backbone, names, inputs, early_exit=False, map_reducer=per_head) as cap:
             backbone.denoise(inputs)
     kept = sum(t.numel() * t.element_size() for t in cap.activations.values()) / 2**20
-    return {"extra_peak_mb": _peak_rss_mb() - base, "kept_mb": kept}
+    peak = _cuda_peak_mb(device) if cuda else _peak_rss_mb()
+    return {"extra_peak_mb": peak - base, "kept_mb": kept}
 
 
 def _run_child(mode: str, resolution: int) -> dict[str, float]:
@@ -78,29 +96,49 @@ def _run_child(mode: str, resolution: int) -> dict[str, float]:
     raise RuntimeError(f"benchmark subprocess failed ({mode}):\n{proc.stderr[-2000:]}")
 
 
-def goca_benchmark(resolution: int = 512, repeats: int = 3) -> dict[str, Any]:
-    """Observer memory ratio and segment/forward time ratio (see module docstring)."""
+def goca_benchmark(resolution: int = 512, repeats: int = 3, device: str = "cpu", dtype: str | None = None) -> dict[str, Any]:
+    """Observer memory ratio and segment/forward time ratio (see module docstring).
+
+    ``device="cuda"`` measures GPU memory (allocator peak) and GPU time (synchronised); ``dtype`` as in
+    :func:`difffeat.load` (default fp16 on CUDA, fp32 on the CPU).
+    """
     import torch
 
     from . import Segmenter, load
     from .testing import sd15_shaped_pipeline
 
-    mem = {mode: _run_child(mode, resolution) for mode in ("reference", "observer")}
-    seg = Segmenter(load(sd15_shaped_pipeline(), device="cpu"), resolution=resolution)
+    cuda = device.startswith("cuda")
+    if cuda and not torch.cuda.is_available():
+        raise ValueError("device='cuda' but no CUDA device is available; use device='cpu'")
+    if cuda:
+        mem = {mode: _memory_child(mode, resolution, device, dtype) for mode in ("reference", "observer")}
+    else:
+        mem = {mode: _run_child(mode, resolution) for mode in ("reference", "observer")}
+    backbone = load(sd15_shaped_pipeline(), device=device, dtype=dtype)
+    seg = Segmenter(backbone, resolution=resolution)
     image = _image(resolution)
     inputs = seg.backbone.prepare([image], "a photo of cat, dog, background", seg.settings.t, 0, resolution)
     seg(image, ["cat", "dog"])  # warm-up
+
+    def timed(fn: Callable[[], Any]) -> float:
+        if cuda:
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        fn()
+        if cuda:
+            torch.cuda.synchronize(device)
+        return time.perf_counter() - start
+
     bare, full = [], []
     for _ in range(repeats):
-        start = time.perf_counter()
-        seg.backbone.denoise(inputs)
-        bare.append(time.perf_counter() - start)
-        start = time.perf_counter()
-        seg(image, ["cat", "dog"])
-        full.append(time.perf_counter() - start)
+        bare.append(timed(lambda: seg.backbone.denoise(inputs)))
+        full.append(timed(lambda: seg(image, ["cat", "dog"])))
     return {
         "model": "SD1.5-shaped small-channel UNet (16 cross-attention layers, 8 heads)",
         "resolution": resolution,
+        "device": torch.cuda.get_device_name(device) if cuda else "cpu",
+        "dtype": str(backbone.dtype).replace("torch.", ""),
+        "memory_measure": "CUDA allocator peak" if cuda else "process peak RSS (fresh subprocess per mode)",
         "threads": torch.get_num_threads(),
         "memory_reference_extra_peak_mb": round(mem["reference"]["extra_peak_mb"], 1),
         "memory_observer_extra_peak_mb": round(mem["observer"]["extra_peak_mb"], 1),

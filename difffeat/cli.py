@@ -313,6 +313,8 @@ def bench(
     resolution: int = typer.Option(512, help="Input resolution (px) of the SD1.5-shaped tiny model."),
     repeats: int = typer.Option(3, help="Timing repeats (median reported)."),
     out_file: Optional[Path] = typer.Option(None, "--out", help="Write the figures as JSON here."),
+    device: str = typer.Option("cpu", help="cpu or cuda (GPU memory is then the allocator's peak)."),
+    dtype: Optional[str] = typer.Option(None, help="fp16, bf16 or fp32; default fp16 on CUDA, fp32 on the CPU."),
 ) -> None:
     """Speed/memory benchmarks, reported as ratios against a baseline measured in the same run."""
     from .bench import BENCHMARKS
@@ -320,7 +322,10 @@ def bench(
 
     if what not in BENCHMARKS:
         _fail(ValueError(f"unknown benchmark {what!r}; choose one of {', '.join(BENCHMARKS)}"))
-    figures = BENCHMARKS[what](resolution=resolution, repeats=repeats)
+    try:
+        figures = BENCHMARKS[what](resolution=resolution, repeats=repeats, device=device, dtype=dtype)
+    except ValueError as exc:
+        _fail(exc)
     out.print_json(json.dumps(figures))
     if out_file:
         write_json(out_file, figures)

@@ -157,3 +157,38 @@ def test_posterior_latents_mean_or_sample() -> None:
     assert float((drawn - mean).std()) == pytest.approx(0.3, rel=0.03)
     with pytest.raises(ValueError, match="unknown latent kind"):
         posterior_latents(mean, std, "mode", g)
+
+
+def test_wall_clock_budget_ends_the_unet_stage_and_paces_the_decay(tmp_path: Path) -> None:
+    from difffeat.shapes.train import _lr_factor
+
+    # the schedule follows whichever of step count and time used is further along
+    assert _lr_factor(10, 1000, 2, 0.1) > 0.99
+    assert _lr_factor(10, 1000, 2, 0.1, time_progress=1.0) == pytest.approx(0.1)
+    assert _lr_factor(10, 1000, 2, 0.1, time_progress=0.5) == pytest.approx(0.55)
+    assert _lr_factor(1000, 1000, 2, 0.1, time_progress=0.2) == pytest.approx(0.1)
+
+    cfg = _tiny(tmp_path / "run", unet_steps=50)
+    cfg.unet_minutes = 1e-7  # used up by the first step
+    done = train(cfg)
+    assert done["step"] == 1 and done["stage"] == "unet"
+    assert (tmp_path / "run" / "decoder.pt").exists()  # the stage counts as finished: the decoder stage ran
+    steps = [r["step"] for r in map(json.loads, (tmp_path / "run" / "log.jsonl").read_text().splitlines())
+             if r["stage"] == "unet"]  # fmt: skip
+    assert steps == [0]
+    again = train(cfg, resume=True)  # resuming a run whose budget is spent trains no further
+    assert again["step"] == 1
+
+
+def test_ema_update_is_the_lerp_of_every_parameter() -> None:
+    from difffeat.shapes.train import EMA
+
+    live = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))
+    ema = EMA(live, decay=0.9)
+    before = [p.clone() for p in ema.shadow.parameters()]
+    with torch.no_grad():
+        for p in live.parameters():
+            p.add_(1.0)
+    ema.update(live, step=1000)  # decay capped at 0.9
+    for old, new, p in zip(before, ema.shadow.parameters(), live.parameters(), strict=True):
+        torch.testing.assert_close(new, 0.9 * old + 0.1 * p)

@@ -154,4 +154,13 @@ def _configure_attention(backbone: Backbone, device: torch.device, xformers: boo
         if xformers:
             raise ValueError("xformers=True but xformers is not installed: pip install 'difffeat[gpu]'") from None
         return
-    backbone.pipeline.enable_xformers_memory_efficient_attention()
+    try:
+        backbone.pipeline.enable_xformers_memory_efficient_attention()
+    except Exception as exc:  # installed but built for another torch/CUDA: its kernels fail to load or run
+        reason = f"{exc.__class__.__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        if xformers:
+            raise ValueError(
+                f"xformers=True but xformers does not run here ({reason}); install an xformers build that matches "
+                "this torch and CUDA, or pass xformers=False"
+            ) from None
+        warnings.warn(f"xformers is installed but does not run here ({reason}); using PyTorch attention", stacklevel=3)

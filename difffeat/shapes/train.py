@@ -94,6 +94,10 @@ class TrainConfig:
     # keep the text encoder at its (random) initialisation, as Stable Diffusion keeps CLIP frozen: trained
     # jointly from scratch, the encoder collapses the 8 class words onto ~1 direction (see the model card)
     freeze_text: bool = False
+    # wall-clock budget of the UNet stage in minutes (None: none): the stage ends at unet_steps or when its
+    # cumulative time reaches this, whichever comes first, and the learning-rate schedule follows whichever
+    # is further along, so a budget-bound run still decays to min_lr_frac (used for runs on a lent GPU)
+    unet_minutes: float | None = None
     ema_decay: float = 0.999
     grad_clip: float = 1.0
     # bookkeeping
@@ -136,11 +140,12 @@ def _device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def _lr_factor(step: int, total: int, warmup: int, min_frac: float) -> float:
-    """Linear warmup then cosine decay to ``min_frac``."""
+def _lr_factor(step: int, total: int, warmup: int, min_frac: float, time_progress: float = 0.0) -> float:
+    """Linear warmup then cosine decay to ``min_frac``; ``time_progress`` (share of a wall-clock budget
+    used) moves the decay on when it is further along than the step count."""
     if step < warmup:
         return (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    progress = min(1.0, max((step - warmup) / max(1, total - warmup), time_progress))
     return min_frac + (1 - min_frac) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
@@ -277,8 +282,10 @@ class EMA:
     @torch.no_grad()
     def update(self, module: torch.nn.Module, step: int) -> None:
         d = min(self.decay, (1 + step) / (10 + step))
-        for e, p in zip(self.shadow.parameters(), module.parameters(), strict=True):
-            e.lerp_(p.detach(), 1 - d)
+        shadow, live = list(self.shadow.parameters()), [p.detach() for p in module.parameters()]
+        if len(shadow) != len(live):
+            raise ValueError("EMA: the module's parameters differ from the shadow's")
+        torch._foreach_lerp_(shadow, live, 1 - d)  # one fused update instead of a kernel per tensor
 
 
 def _log_line(path: Path, record: dict) -> None:
@@ -429,7 +436,12 @@ def _train_unet(
     unet.train()
     text.train(not cfg.freeze_text)
     end = cfg.unet_steps if stop_at is None else min(cfg.unet_steps, stop_at)
+    budget_s = cfg.unet_minutes * 60 if cfg.unet_minutes is not None else None
     for step in range(start, end):
+        if budget_s is not None and elapsed >= budget_s:
+            log.info("UNet stage: wall-clock budget of %.1f min used up at step %d", cfg.unet_minutes, step)
+            end = step
+            break
         threads.update()
         rng, g = _step_rng(cfg.seed, 2, step)
         idx = rng.integers(len(data), size=cfg.unet_batch)
@@ -442,7 +454,7 @@ def _train_unet(
         z0, noise, t = z0.to(dev), noise.to(dev), t.to(dev)
         a = alphas[t].view(-1, 1, 1, 1)
         zt = a.sqrt() * z0 + (1 - a).sqrt() * noise
-        f = _lr_factor(step, cfg.unet_steps, cfg.warmup, cfg.min_lr_frac)
+        f = _lr_factor(step, cfg.unet_steps, cfg.warmup, cfg.min_lr_frac, elapsed / budget_s if budget_s else 0.0)
         opt.param_groups[0]["lr"], opt.param_groups[1]["lr"] = cfg.unet_lr * f, cfg.text_lr * f
         attn_store.clear()
         pred = unet(zt, t, encoder_hidden_states=text(ids)[0]).sample
@@ -480,6 +492,8 @@ def _train_unet(
             raise SystemExit(f"stopped by signal after UNet step {step + 1}; continue with --resume")
     stop.restore()
     save(max(start, end))
+    if budget_s is not None and end < cfg.unet_steps:
+        ckpt["budget_reached"] = True
     return ckpt
 
 
@@ -583,7 +597,9 @@ def run_from_pipeline(pipeline: str | Path, out: str | Path, cfg: TrainConfig) -
     out.mkdir(parents=True, exist_ok=True)
     if not (out / "tokenizer").exists():
         tok.save_pretrained(out / "tokenizer")
-    mean, std = _encode_latents(vae.eval(), Dataset(cfg.n_train, m.image_size), torch.device("cpu"))
+    dev = _device()
+    mean, std = _encode_latents(vae.to(dev).eval(), Dataset(cfg.n_train, m.image_size), dev)
+    vae.cpu()
     _atomic_save({"mean": mean.half(), "std": std.half()}, out / "latents.pt")
     src_cfg = dataclasses.replace(cfg, out=str(out), unet_steps=0, attn_loss_weight=0.0, init_from=None)
     state = {"stage": "unet", "step": 0, "vae": vae.state_dict(),
@@ -660,9 +676,13 @@ def _train(cfg: TrainConfig, resume: bool, stop_at: int | None) -> dict:
     data = Dataset(cfg.n_train, cfg.model.image_size)
     if ckpt is None or ckpt["stage"] == "vae":
         ckpt = _train_vae(cfg, data, ckpt, run, dev)
+    if dev.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
     if ckpt["step"] < cfg.unet_steps:
         ckpt = _train_unet(cfg, data, ckpt, run, dev, stop_at=stop_at)
-    if cfg.decoder_steps > 0 and (stop_at is None or stop_at >= cfg.unet_steps):
+    unet_done = ckpt["step"] >= cfg.unet_steps or ckpt.get("budget_reached", False)
+    if cfg.decoder_steps > 0 and unet_done and (stop_at is None or stop_at >= cfg.unet_steps):
         finetune_decoder(cfg, data, resume=True)
     return ckpt
 
@@ -742,6 +762,9 @@ def _parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, help="UNet-stage steps (default from TrainConfig)")
     p.add_argument("--vae-steps", type=int)
     p.add_argument("--batch", type=int, help="UNet-stage batch size")
+    p.add_argument("--minutes", type=float,
+                   help="wall-clock budget of the UNet stage: it ends at --steps or after this many minutes, "
+                        "whichever comes first, with the learning-rate decay paced to finish by then")
     p.add_argument("--n-train", type=int)
     p.add_argument("--lr", type=float, help="UNet-stage peak learning rate (UNet and text encoder)")
     p.add_argument("--seed", type=int, default=0)
@@ -784,6 +807,7 @@ def main(argv: list[str] | None = None) -> None:
             cfg = TrainConfig.from_dict(ck["config"])
         for name, val in (("unet_steps", args.steps), ("vae_steps", args.vae_steps), ("unet_batch", args.batch),
                           ("n_train", args.n_train), ("decoder_steps", args.decoder_steps),
+                          ("unet_minutes", args.minutes),
                           ("min_snr_gamma", args.min_snr_gamma), ("latents", args.latents)):  # fmt: skip
             if val is not None:
                 setattr(cfg, name, val)

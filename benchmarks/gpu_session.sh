@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# One session on a lent CUDA machine, as run for the figures in README "GPU" and the shapes model card:
+#   1. `difffeat bench goca --device cuda` at 512 and 768 px (GPU otherwise idle),
+#   2. three shapes-model training runs side by side on the one GPU, each bounded by a wall-clock budget
+#      (--minutes), each followed by the model-quality benchmark's attention and generation parts on CUDA,
+#   3. the `gpu`-marked tests (tests/test_gpu.py) while the runs train (they check agreement, not speed).
+# Usage: bash benchmarks/gpu_session.sh OUT_DIR [MINUTES_PER_RUN]
+# Writes OUT_DIR/<run>.tgz (the exported pipeline folder) and OUT_DIR/logs.tgz (logs, JSON, sample grids).
+set -uo pipefail
+OUT=${1:?usage: gpu_session.sh OUT_DIR [MINUTES]}
+MIN=${2:-5}
+W=runs/gpu
+mkdir -p "$W" "$OUT"
+export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
+py=python3
+
+{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+  $py -c "import torch, diffusers, transformers; print('torch', torch.__version__, 'diffusers', diffusers.__version__, 'transformers', transformers.__version__)"
+  $py -c "import xformers; print('xformers', xformers.__version__)" 2>&1 | tail -1; } > "$W/env.txt" 2>&1
+
+for res in 512 768; do
+  timeout 120 $py -m difffeat bench goca --device cuda --resolution "$res" --out "$W/bench_goca_cuda_$res.json" > "$W/bench_$res.log" 2>&1
+done
+
+common=(--steps 1000000 --minutes "$MIN" --batch 256 --decoder-steps 0 --min-snr-gamma 5 --latents mean)
+chain() {  # name, then trainer arguments
+  local name=$1; shift
+  $py -m difffeat.shapes.train --out "$W/$name" "${common[@]}" "$@" --export "$W/$name/shapes" > "$W/$name.log" 2>&1 &&
+    timeout 200 $py benchmarks/shapes_model_quality.py --model "$W/$name/shapes" --device cuda --threads 4 \
+      --parts attn,gen --gen-per-class 16 --out "$W/$name/quality.json" --save-grid "$W/$name/samples.png" >> "$W/$name.log" 2>&1
+}
+# A: continue the shipped model (v3) with its own objective
+chain A --init-from difffeat/weights/shapes --lr 4e-4 --attn-loss 0.25 --attn-loss-kind match_pixel --attn-loss-background &
+# B: fresh UNet on the shipped VAE, frozen random text encoder, no attention supervision
+chain B --init-from difffeat/weights/shapes --init-vae-only --freeze-text --lr 8e-4 &
+# C: as B, with the attention-localisation loss
+chain C --init-from difffeat/weights/shapes --init-vae-only --freeze-text --lr 8e-4 --attn-loss 0.25 --attn-loss-kind match --attn-loss-background &
+
+timeout 240 $py -m pytest -m gpu -q -p no:cacheprovider tests/test_gpu.py > "$W/gpu_tests.log" 2>&1
+wait
+
+for name in A B C; do
+  [ -d "$W/$name/shapes" ] && tar czf "$OUT/$name.tgz" -C "$W/$name" shapes
+done
+tar czf "$OUT/logs.tgz" "$W"/*.txt "$W"/*.log "$W"/*.json "$W"/*/quality.json "$W"/*/samples.png "$W"/*/log.jsonl \
+  "$W"/*/export_report.json 2>/dev/null
+ls -la "$OUT"
