@@ -112,7 +112,7 @@ def to_rgb(image: ImageInput) -> Image.Image:
         t = image.detach().cpu()
         if t.ndim == 3 and t.shape[0] in (1, 3, 4) and t.shape[-1] not in (3, 4):
             t = t.permute(1, 2, 0)
-        img = _array_to_pil(t.float().numpy() if t.is_floating_point() else t.numpy())
+        img = _array_to_pil(t.detach().cpu().float().numpy() if t.is_floating_point() else t.detach().cpu().numpy())
     else:
         raise InvalidImageError(f"unsupported image type {type(image).__name__}; {_ACCEPTED}")
     w, h = img.size

@@ -192,3 +192,15 @@ def test_ema_update_is_the_lerp_of_every_parameter() -> None:
     ema.update(live, step=1000)  # decay capped at 0.9
     for old, new, p in zip(before, ema.shadow.parameters(), live.parameters(), strict=True):
         torch.testing.assert_close(new, 0.9 * old + 0.1 * p)
+
+
+def test_prefetching_batches_trains_exactly_like_building_them_in_step(tmp_path: Path) -> None:
+    plain = _tiny(tmp_path / "plain", unet_steps=3)
+    plain.prefetch, plain.attn_loss_weight = False, 0.1  # the attention loss also uses the batch's masks
+    a = train(plain)
+    shutil.copytree(tmp_path / "plain" / "tokenizer", tmp_path / "pre" / "tokenizer")
+    pre = _tiny(tmp_path / "pre", unet_steps=3)
+    pre.prefetch, pre.attn_loss_weight = True, 0.1
+    b = train(pre)
+    for name, val in a["unet"].items():
+        torch.testing.assert_close(b["unet"][name], val, rtol=0, atol=0, msg=name)

@@ -101,7 +101,7 @@ class PixelProbe:
         _check(features, labels)
         pred = self.predict(features)
         cm = ConfusionMatrix(self.num_classes)
-        cm.update(labels.long().numpy(), pred.numpy())
+        cm.update(labels.long().cpu().numpy(), pred.cpu().numpy())
         return ProbeScore(pixel_accuracy=float((pred == labels.long()).float().mean()), miou=float(cm.miou()))
 
 

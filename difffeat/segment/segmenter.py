@@ -43,7 +43,7 @@ def decide(class_maps: torch.Tensor, background: torch.Tensor, size: tuple[int, 
     scores ``[B, n, h, w]`` and ``[B, h, w]`` to ``size`` (H, W)."""
     stack = torch.cat([background[:, None].float(), class_maps.float()], dim=1)
     full = F.interpolate(stack, size=tuple(size), mode="bilinear", align_corners=False)
-    return full.argmax(dim=1).to(torch.uint8).numpy()
+    return full.argmax(dim=1).to(torch.uint8).cpu().numpy()
 
 
 def grid_of(n_tokens: int, base: tuple[int, int]) -> tuple[int, int]:
@@ -111,7 +111,7 @@ class SegmentationResult:
         i = self.classes.index(cls)
         m = self.class_maps[i][None, None].float()
         h, w = size or self.labels.shape
-        return F.interpolate(m, size=(h, w), mode="bilinear", align_corners=False)[0, 0].clamp(0, 1).numpy()
+        return F.interpolate(m, size=(h, w), mode="bilinear", align_corners=False)[0, 0].clamp(0, 1).cpu().numpy()
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -257,7 +257,7 @@ class Segmenter:
             selfs = [acts[n].float() for n in self.self_names]
             weights = layer_weights(ref, selfs, [grid_of(x.shape[1], grid) for x in selfs])
         else:
-            weights = torch.full((b, len(maps)), 1.0 / len(maps))
+            weights = torch.full((b, len(maps)), 1.0 / len(maps), device=maps[0].device)
         a = combine_layers(maps, grids, weights, size)  # [B, T, H, W]
         groups = layout.class_tokens + layout.entity_tokens
         scores = class_scores(a, groups)

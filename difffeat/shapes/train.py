@@ -22,6 +22,7 @@ import math
 import os
 import signal
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -100,6 +101,9 @@ class TrainConfig:
     unet_minutes: float | None = None
     ema_decay: float = 0.999
     grad_clip: float = 1.0
+    # build the next UNet batch in a background thread while the current step runs; None: on CUDA only
+    # (each step draws from its own RNG, so the batches are the same either way)
+    prefetch: bool | None = None
     # bookkeeping
     ckpt_minutes: float = 6.0
     log_every: int = 10
@@ -202,9 +206,10 @@ class Dataset:
         x = torch.from_numpy(self.images[idx]).permute(0, 3, 1, 2).float()
         return x / 127.5 - 1.0
 
-    def class_masks(self, idx: np.ndarray, n_classes: int = 8) -> torch.Tensor:
-        """[B, n_classes, H, W] float one-hot masks of the shape classes."""
-        m = torch.from_numpy(self.masks[idx]).long()
+    def class_masks(self, idx: np.ndarray, n_classes: int = 8, device: torch.device | str = "cpu") -> torch.Tensor:
+        """[B, n_classes, H, W] float one-hot masks of the shape classes, built on ``device`` (the uint8 label
+        maps travel, not the 9x larger one-hot floats)."""
+        m = torch.from_numpy(self.masks[idx]).to(device).long()
         return F.one_hot(m, n_classes + 1)[..., 1:].permute(0, 3, 1, 2).float()
 
     def prompts(self, idx: np.ndarray, rng: np.random.Generator, p_empty: float) -> list[str]:
@@ -437,21 +442,35 @@ def _train_unet(
     text.train(not cfg.freeze_text)
     end = cfg.unet_steps if stop_at is None else min(cfg.unet_steps, stop_at)
     budget_s = cfg.unet_minutes * 60 if cfg.unet_minutes is not None else None
+
+    def make_batch(step: int) -> tuple[np.ndarray, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Everything step ``step`` draws, from its own RNG (so batches do not depend on order or threads)."""
+        rng, g = _step_rng(cfg.seed, 2, step)
+        idx = rng.integers(len(data), size=cfg.unet_batch)
+        ids = tok(data.prompts(idx, rng, cfg.p_empty), padding="max_length", max_length=m.max_length,
+                  truncation=True, return_tensors="pt").input_ids  # [B, 77]  # fmt: skip
+        mu, sd = lat_mean[idx].float(), lat_std[idx].float()
+        z0 = posterior_latents(mu, sd, cfg.latents, g) * scaling  # [B, 4, 16, 16]
+        noise = torch.randn(z0.shape, generator=g)
+        t = torch.randint(0, m.train_timesteps, (len(idx),), generator=g)
+        return idx, ids, z0, noise, t
+
+    # on a GPU the next batch is built on the CPU while this step runs; on the CPU that would only compete
+    prefetch = ThreadPoolExecutor(1) if (cfg.prefetch if cfg.prefetch is not None else dev.type == "cuda") else None
+    pending = prefetch.submit(make_batch, start) if prefetch and start < end else None
     for step in range(start, end):
         if budget_s is not None and elapsed >= budget_s:
             log.info("UNet stage: wall-clock budget of %.1f min used up at step %d", cfg.unet_minutes, step)
             end = step
             break
         threads.update()
-        rng, g = _step_rng(cfg.seed, 2, step)
-        idx = rng.integers(len(data), size=cfg.unet_batch)
-        ids = tok(data.prompts(idx, rng, cfg.p_empty), padding="max_length", max_length=m.max_length,
-                  truncation=True, return_tensors="pt").input_ids.to(dev)  # [B, 77]  # fmt: skip
-        mu, sd = lat_mean[idx].float(), lat_std[idx].float()
-        z0 = posterior_latents(mu, sd, cfg.latents, g) * scaling  # [B, 4, 16, 16]
-        noise = torch.randn(z0.shape, generator=g)
-        t = torch.randint(0, m.train_timesteps, (len(idx),), generator=g)
-        z0, noise, t = z0.to(dev), noise.to(dev), t.to(dev)
+        if pending is not None:
+            batch = pending.result()
+            pending = prefetch.submit(make_batch, step + 1) if step + 1 < end else None
+        else:
+            batch = make_batch(step)
+        idx, ids, z0, noise, t = batch
+        ids, z0, noise, t = ids.to(dev), z0.to(dev), noise.to(dev), t.to(dev)
         a = alphas[t].view(-1, 1, 1, 1)
         zt = a.sqrt() * z0 + (1 - a).sqrt() * noise
         f = _lr_factor(step, cfg.unet_steps, cfg.warmup, cfg.min_lr_frac, elapsed / budget_s if budget_s else 0.0)
@@ -464,7 +483,7 @@ def _train_unet(
         if cfg.min_snr_gamma is not None:
             loss = (per_sample * min_snr_weights(a.flatten(), cfg.min_snr_gamma)).mean()
         if cfg.attn_loss_weight > 0:
-            masks = data.class_masks(idx).to(dev)
+            masks = data.class_masks(idx, device=dev)
             aux = localisation_loss(attn_store, ids, lookup, masks, t <= cfg.attn_loss_max_t, cfg.attn_loss_kind)
             loss = loss + cfg.attn_loss_weight * aux
         opt.zero_grad(set_to_none=True)
@@ -490,6 +509,8 @@ def _train_unet(
             save(step + 1)
             stop.restore()
             raise SystemExit(f"stopped by signal after UNet step {step + 1}; continue with --resume")
+    if prefetch is not None:
+        prefetch.shutdown(wait=True, cancel_futures=True)
     stop.restore()
     save(max(start, end))
     if budget_s is not None and end < cfg.unet_steps:
