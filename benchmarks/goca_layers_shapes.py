@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--n", type=int, default=60, help="val scenes")
     p.add_argument("--t", type=int, help="timestep (default: the model's GOCA config)")
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--out", default="goca_layers.json")
+    p.add_argument("--out", default="benchmarks/results/goca_layers_shapes.json")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     backbone = difffeat.load(args.model)

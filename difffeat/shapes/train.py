@@ -458,59 +458,61 @@ def _train_unet(
     # on a GPU the next batch is built on the CPU while this step runs; on the CPU that would only compete
     prefetch = ThreadPoolExecutor(1) if (cfg.prefetch if cfg.prefetch is not None else dev.type == "cuda") else None
     pending = prefetch.submit(make_batch, start) if prefetch and start < end else None
-    for step in range(start, end):
-        if budget_s is not None and elapsed >= budget_s:
-            log.info("UNet stage: wall-clock budget of %.1f min used up at step %d", cfg.unet_minutes, step)
-            end = step
-            break
-        threads.update()
-        if pending is not None:
-            batch = pending.result()
-            pending = prefetch.submit(make_batch, step + 1) if step + 1 < end else None
-        else:
-            batch = make_batch(step)
-        idx, ids, z0, noise, t = batch
-        ids, z0, noise, t = ids.to(dev), z0.to(dev), noise.to(dev), t.to(dev)
-        a = alphas[t].view(-1, 1, 1, 1)
-        zt = a.sqrt() * z0 + (1 - a).sqrt() * noise
-        f = _lr_factor(step, cfg.unet_steps, cfg.warmup, cfg.min_lr_frac, elapsed / budget_s if budget_s else 0.0)
-        opt.param_groups[0]["lr"], opt.param_groups[1]["lr"] = cfg.unet_lr * f, cfg.text_lr * f
-        attn_store.clear()
-        pred = unet(zt, t, encoder_hidden_states=text(ids)[0]).sample
-        per_sample = F.mse_loss(pred, noise, reduction="none").mean((1, 2, 3))  # [B]
-        mse = per_sample.mean()  # logged unweighted, comparable across runs
-        loss, aux = mse, None
-        if cfg.min_snr_gamma is not None:
-            loss = (per_sample * min_snr_weights(a.flatten(), cfg.min_snr_gamma)).mean()
-        if cfg.attn_loss_weight > 0:
-            masks = data.class_masks(idx, device=dev)
-            aux = localisation_loss(attn_store, ids, lookup, masks, t <= cfg.attn_loss_max_t, cfg.attn_loss_kind)
-            loss = loss + cfg.attn_loss_weight * aux
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        trained = [*unet.parameters(), *(text.parameters() if not cfg.freeze_text else ())]
-        gnorm = torch.nn.utils.clip_grad_norm_(trained, cfg.grad_clip)
-        opt.step()
-        ema_unet.update(unet, step)
-        ema_text.update(text, step)
-        now = time.time()
-        elapsed += now - t_prev
-        t_prev = now
-        if step % cfg.log_every == 0 or step == cfg.unet_steps - 1:
-            rec_ = {"stage": "unet", "step": step, "loss": mse.item(), "grad_norm": float(gnorm),
-                    **({"attn_loss": aux.item()} if aux is not None else {}),
-                    "lr": opt.param_groups[0]["lr"], "elapsed_s": round(elapsed, 1)}  # fmt: skip
-            _log_line(run / "log.jsonl", rec_)
-            log.info("unet %s", rec_)
-        if now - last_save > cfg.ckpt_minutes * 60:
-            save(step + 1)
-            last_save = time.time()
-        if stop.requested:
-            save(step + 1)
-            stop.restore()
-            raise SystemExit(f"stopped by signal after UNet step {step + 1}; continue with --resume")
-    if prefetch is not None:
-        prefetch.shutdown(wait=True, cancel_futures=True)
+    try:
+        for step in range(start, end):
+            if budget_s is not None and elapsed >= budget_s:
+                log.info("UNet stage: wall-clock budget of %.1f min used up at step %d", cfg.unet_minutes, step)
+                end = step
+                break
+            threads.update()
+            if pending is not None:
+                batch = pending.result()
+                pending = prefetch.submit(make_batch, step + 1) if step + 1 < end else None
+            else:
+                batch = make_batch(step)
+            idx, ids, z0, noise, t = batch
+            ids, z0, noise, t = ids.to(dev), z0.to(dev), noise.to(dev), t.to(dev)
+            a = alphas[t].view(-1, 1, 1, 1)
+            zt = a.sqrt() * z0 + (1 - a).sqrt() * noise
+            f = _lr_factor(step, cfg.unet_steps, cfg.warmup, cfg.min_lr_frac, elapsed / budget_s if budget_s else 0.0)
+            opt.param_groups[0]["lr"], opt.param_groups[1]["lr"] = cfg.unet_lr * f, cfg.text_lr * f
+            attn_store.clear()
+            pred = unet(zt, t, encoder_hidden_states=text(ids)[0]).sample
+            per_sample = F.mse_loss(pred, noise, reduction="none").mean((1, 2, 3))  # [B]
+            mse = per_sample.mean()  # logged unweighted, comparable across runs
+            loss, aux = mse, None
+            if cfg.min_snr_gamma is not None:
+                loss = (per_sample * min_snr_weights(a.flatten(), cfg.min_snr_gamma)).mean()
+            if cfg.attn_loss_weight > 0:
+                masks = data.class_masks(idx, device=dev)
+                aux = localisation_loss(attn_store, ids, lookup, masks, t <= cfg.attn_loss_max_t, cfg.attn_loss_kind)
+                loss = loss + cfg.attn_loss_weight * aux
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            trained = [*unet.parameters(), *(text.parameters() if not cfg.freeze_text else ())]
+            gnorm = torch.nn.utils.clip_grad_norm_(trained, cfg.grad_clip)
+            opt.step()
+            ema_unet.update(unet, step)
+            ema_text.update(text, step)
+            now = time.time()
+            elapsed += now - t_prev
+            t_prev = now
+            if step % cfg.log_every == 0 or step == cfg.unet_steps - 1:
+                rec_ = {"stage": "unet", "step": step, "loss": mse.item(), "grad_norm": float(gnorm),
+                        **({"attn_loss": aux.item()} if aux is not None else {}),
+                        "lr": opt.param_groups[0]["lr"], "elapsed_s": round(elapsed, 1)}  # fmt: skip
+                _log_line(run / "log.jsonl", rec_)
+                log.info("unet %s", rec_)
+            if now - last_save > cfg.ckpt_minutes * 60:
+                save(step + 1)
+                last_save = time.time()
+            if stop.requested:
+                save(step + 1)
+                stop.restore()
+                raise SystemExit(f"stopped by signal after UNet step {step + 1}; continue with --resume")
+    finally:
+        if prefetch is not None:
+            prefetch.shutdown(wait=True, cancel_futures=True)
     stop.restore()
     save(max(start, end))
     if budget_s is not None and end < cfg.unet_steps:
