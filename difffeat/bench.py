@@ -87,8 +87,9 @@ def _memory_child(mode: str, resolution: int, device: str = "cpu", dtype: str | 
     return {"extra_peak_mb": peak - base, "kept_mb": kept}
 
 
-def _run_child(mode: str, resolution: int) -> dict[str, float]:
-    code = f"import json; from difffeat.bench import _memory_child; print('RESULT', json.dumps(_memory_child({mode!r}, {resolution})))"
+def _run_child(mode: str, resolution: int, dtype: str | None = None) -> dict[str, float]:
+    code = (f"import json; from difffeat.bench import _memory_child; "
+            f"print('RESULT', json.dumps(_memory_child({mode!r}, {resolution}, 'cpu', {dtype!r})))")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     for line in proc.stdout.splitlines():
         if line.startswith("RESULT "):
@@ -108,12 +109,14 @@ def goca_benchmark(resolution: int = 512, repeats: int = 3, device: str = "cpu",
     from .testing import sd15_shaped_pipeline
 
     cuda = device.startswith("cuda")
+    if device != "cpu" and not cuda:
+        raise ValueError(f"unknown device {device!r}; use 'cpu' or 'cuda' (or 'cuda:N')")
     if cuda and not torch.cuda.is_available():
         raise ValueError("device='cuda' but no CUDA device is available; use device='cpu'")
     if cuda:
         mem = {mode: _memory_child(mode, resolution, device, dtype) for mode in ("reference", "observer")}
     else:
-        mem = {mode: _run_child(mode, resolution) for mode in ("reference", "observer")}
+        mem = {mode: _run_child(mode, resolution, dtype) for mode in ("reference", "observer")}
     backbone = load(sd15_shaped_pipeline(), device=device, dtype=dtype)
     seg = Segmenter(backbone, resolution=resolution)
     image = _image(resolution)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from safetensors import safe_open
 from typer.testing import CliRunner
 
@@ -73,3 +74,11 @@ def test_missing_model_folder_is_a_clear_error(tmp_path):
 def test_presets_command_lists_the_paper_presets():
     result = runner.invoke(app, ["presets"])
     assert result.exit_code == 0 and "sd15-practical" in result.stdout and "sdxl-legacy" in result.stdout
+
+
+def test_bench_on_a_missing_or_unknown_device_is_a_one_line_error():
+    result = runner.invoke(app, ["bench", "goca", "--device", "gpu"])
+    assert result.exit_code == 2 and "unknown device 'gpu'" in result.output and "Traceback" not in result.output
+    if not torch.cuda.is_available():
+        result = runner.invoke(app, ["bench", "goca", "--device", "cuda"])
+        assert result.exit_code == 2 and "no CUDA device is available" in result.output
