@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # One session on a lent CUDA machine, as run for the figures in README "GPU" and the shapes model card:
 #   1. `difffeat bench goca --device cuda` at 512 and 768 px (GPU otherwise idle),
-#   2. three shapes-model training runs side by side on the one GPU, each bounded by a wall-clock budget
-#      (--minutes), each followed by the model-quality benchmark's attention and generation parts on CUDA,
+#   2. shapes-model training runs (RUNS, default "A B C"; recipes below) side by side on the one GPU, each
+#      bounded by a wall-clock budget (--minutes) and exported, then scored by the model-quality benchmark's
+#      attention and generation parts on CUDA (EVAL_S seconds at most; 0 skips it),
 #   3. the `gpu`-marked tests (tests/test_gpu.py) while the runs train (they check agreement, not speed).
 # Usage: [RUNS="A B C"] [FROM=pipeline-folder] [BATCH=256] [EVAL_S=200 (0: no evaluation)] [CHECKS=1] bash benchmarks/gpu_session.sh OUT_DIR [MINUTES_PER_RUN]
 # Writes OUT_DIR/<run>.tgz (the exported pipeline folder) and OUT_DIR/logs.tgz (logs, JSON, sample grids).
