@@ -15,6 +15,7 @@ import numpy as np
 from PIL import Image
 
 import difffeat
+from difffeat.evaluate import ConfusionMatrix
 from difffeat.io import write_json
 from difffeat.resources import package_dir
 from difffeat.shapes.world import SHAPE_CLASSES
@@ -28,13 +29,12 @@ def score_examples(model: str = "shapes") -> list[dict]:
         gt = np.asarray(Image.open(folder / entry["mask"]))  # shape-world class ids, 0 = background
         classes = entry["classes_present"]
         labels = seg(Image.open(folder / entry["file"]), classes).labels  # 0 = background, i = classes[i-1]
-        world_ids = np.array([0] + [SHAPE_CLASSES.index(c) + 1 for c in classes])[labels]
-        iou = {}
-        for i, cls in enumerate(classes, 1):
-            g, p = gt == SHAPE_CLASSES.index(cls) + 1, labels == i
-            iou[cls] = round(float((g & p).sum() / max(1, (g | p).sum())), 3)
-        rows.append({"file": entry["file"], "classes": classes, "pixel_accuracy": round(float((world_ids == gt).mean()), 3),
-                     "iou": iou})  # fmt: skip
+        ids = [SHAPE_CLASSES.index(c) + 1 for c in classes]
+        cm = ConfusionMatrix(len(SHAPE_CLASSES) + 1)
+        cm.update(gt, np.array([0, *ids])[labels])
+        iou = cm.iou()
+        rows.append({"file": entry["file"], "classes": classes, "pixel_accuracy": round(cm.pixel_accuracy(), 3),
+                     "iou": {c: round(float(iou[i]), 3) for c, i in zip(classes, ids)}})  # fmt: skip
     return rows
 
 
