@@ -153,6 +153,11 @@ def _lr_factor(step: int, total: int, warmup: int, min_frac: float, time_progres
     return min_frac + (1 - min_frac) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+def _budget_spent(cfg: TrainConfig, elapsed_s: float) -> bool:
+    """Whether the UNet stage has used its wall-clock budget (``cfg.unet_minutes``; never without one)."""
+    return cfg.unet_minutes is not None and elapsed_s >= cfg.unet_minutes * 60
+
+
 def min_snr_weights(alphas_cumprod: torch.Tensor, gamma: float) -> torch.Tensor:
     """Min-SNR-gamma weights for epsilon prediction: ``min(SNR, gamma) / SNR`` with ``SNR = a / (1 - a)``."""
     if not gamma > 0:
@@ -460,7 +465,7 @@ def _train_unet(
     pending = prefetch.submit(make_batch, start) if prefetch and start < end else None
     try:
         for step in range(start, end):
-            if budget_s is not None and elapsed >= budget_s:
+            if _budget_spent(cfg, elapsed):
                 log.info("UNet stage: wall-clock budget of %.1f min used up at step %d", cfg.unet_minutes, step)
                 end = step
                 break
@@ -515,8 +520,6 @@ def _train_unet(
             prefetch.shutdown(wait=True, cancel_futures=True)
     stop.restore()
     save(max(start, end))
-    if budget_s is not None and end < cfg.unet_steps:
-        ckpt["budget_reached"] = True
     return ckpt
 
 
@@ -704,7 +707,7 @@ def _train(cfg: TrainConfig, resume: bool, stop_at: int | None) -> dict:
         torch.backends.cudnn.allow_tf32 = True
     if ckpt["step"] < cfg.unet_steps:
         ckpt = _train_unet(cfg, data, ckpt, run, dev, stop_at=stop_at)
-    unet_done = ckpt["step"] >= cfg.unet_steps or ckpt.get("budget_reached", False)
+    unet_done = ckpt["step"] >= cfg.unet_steps or _budget_spent(cfg, ckpt["elapsed_s"])
     if cfg.decoder_steps > 0 and unet_done and (stop_at is None or stop_at >= cfg.unet_steps):
         finetune_decoder(cfg, data, resume=True)
     return ckpt
