@@ -9,7 +9,6 @@ where the README's remark about the quick-start image and the other examples com
 from __future__ import annotations
 
 import argparse
-import json
 
 import numpy as np
 from PIL import Image
@@ -17,18 +16,17 @@ from PIL import Image
 import difffeat
 from difffeat.evaluate import ConfusionMatrix
 from difffeat.io import write_json
-from difffeat.resources import package_dir
+from difffeat.shapes.examples import read_examples
 from difffeat.shapes.world import SHAPE_CLASSES
 
 
 def score_examples(model: str = "shapes") -> list[dict]:
-    folder = package_dir() / "examples"
     seg = difffeat.Segmenter(model)
     rows = []
-    for entry in json.loads((folder / "examples.json").read_text()):
-        gt = np.asarray(Image.open(folder / entry["mask"]))  # shape-world class ids, 0 = background
+    for entry in read_examples():
+        gt = np.asarray(Image.open(entry["mask_path"]))  # shape-world class ids, 0 = background
         classes = entry["classes_present"]
-        labels = seg(Image.open(folder / entry["file"]), classes).labels  # 0 = background, i = classes[i-1]
+        labels = seg(Image.open(entry["path"]), classes).labels  # 0 = background, i = classes[i-1]
         ids = [SHAPE_CLASSES.index(c) + 1 for c in classes]
         cm = ConfusionMatrix(len(SHAPE_CLASSES) + 1)
         cm.update(gt, np.array([0, *ids])[labels])

@@ -272,10 +272,9 @@ def gate_available() -> bool:
 # --------------------------------------------------------------------------- UI
 def bundled_examples() -> list[tuple[str, str]]:
     """(image path, "class, class") for every bundled example."""
-    import json
+    from .shapes.examples import read_examples
 
-    index = json.loads((EXAMPLES_DIR / "examples.json").read_text())
-    return [(str(EXAMPLES_DIR / e["file"]), ", ".join(e["classes_present"])) for e in index]
+    return [(str(e["path"]), ", ".join(e["classes_present"])) for e in read_examples(EXAMPLES_DIR)]
 
 
 def _user_error(exc: Exception):

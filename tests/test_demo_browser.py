@@ -7,7 +7,6 @@ browser download is not used). A screenshot is written to ``artifacts/demo_brows
 from __future__ import annotations
 
 import io
-import json
 import os
 import shutil
 import socket
@@ -29,6 +28,7 @@ from playwright.sync_api import sync_playwright  # noqa: E402
 from difffeat.demo import FALLBACK_NOTE, launch  # noqa: E402
 from difffeat.resources import package_dir  # noqa: E402
 from difffeat.segment.outputs import palette  # noqa: E402
+from difffeat.shapes.examples import read_examples  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 ARTIFACTS = ROOT / "artifacts"
@@ -63,8 +63,8 @@ EXAMPLE_FILE = "shapes_test_0006.png"
 
 
 def _example() -> tuple[Path, Path, list[str]]:
-    entry = next(e for e in json.loads((EXAMPLES / "examples.json").read_text()) if e["file"] == EXAMPLE_FILE)
-    return EXAMPLES / entry["file"], EXAMPLES / entry["mask"], list(entry["classes_present"])
+    entry = next(e for e in read_examples(EXAMPLES) if e["file"] == EXAMPLE_FILE)
+    return entry["path"], entry["mask_path"], list(entry["classes_present"])
 
 
 def test_segment_in_headless_chromium(served, tmp_path):

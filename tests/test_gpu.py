@@ -7,15 +7,13 @@ kernels move the library's outputs, not that they ran.
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
 from difffeat import Capture, FeatureExtractor, Segmenter, load
-from difffeat.resources import package_dir
+from difffeat.shapes.examples import read_examples
 
 from _helpers import FAMILIES, random_image
 
@@ -25,9 +23,7 @@ FEATURES = ["up_blocks.0", "up_blocks.1", "up_blocks.2"]
 
 
 def _examples() -> list[tuple[Image.Image, list[str]]]:
-    folder = package_dir() / "examples"
-    entries = json.loads((folder / "examples.json").read_text())
-    return [(Image.open(folder / e["file"]).convert("RGB"), e["classes_present"]) for e in entries]
+    return [(Image.open(e["path"]).convert("RGB"), e["classes_present"]) for e in read_examples()]
 
 
 def _labels(backbone) -> list[np.ndarray]:

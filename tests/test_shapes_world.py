@@ -99,3 +99,19 @@ def test_prompt_variants_use_vocabulary() -> None:
         assert set(re.findall(r"[a-z]+|,", p)) <= vocab, p
         assert _caption_classes(p) <= set(s.classes_present)
     assert list_prompt(["circle", "star"]) == "a photo of circle, star"
+
+
+def test_bundled_examples_are_the_held_out_scenes_they_claim_to_be(tmp_path) -> None:
+    from PIL import Image
+
+    from difffeat.shapes.examples import read_examples, write_examples
+
+    written = write_examples(tmp_path, indices=(1, 3))
+    read = read_examples(tmp_path)
+    assert [e["file"] for e in read] == [e["file"] for e in written]
+    for entry in read:
+        scene = sample(entry["split"], entry["index"])
+        assert np.array_equal(np.asarray(Image.open(entry["path"])), np.asarray(scene.image))
+        assert np.array_equal(np.asarray(Image.open(entry["mask_path"])), scene.mask)
+    shipped = read_examples()  # the package's own folder
+    assert shipped and all(e["path"].is_file() and e["mask_path"].is_file() for e in shipped)

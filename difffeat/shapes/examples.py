@@ -12,9 +12,10 @@ from pathlib import Path
 
 from PIL import Image
 
+from difffeat.resources import package_dir
 from difffeat.shapes.world import sample
 
-__all__ = ["write_examples", "DEFAULT_INDICES"]
+__all__ = ["write_examples", "read_examples", "DEFAULT_INDICES"]
 
 #: Test-split scenes chosen for variety (1-4 objects, all background kinds).
 DEFAULT_INDICES: tuple[int, ...] = (1, 3, 4, 6, 9, 11)
@@ -36,6 +37,14 @@ def write_examples(out: str | Path, indices: tuple[int, ...] = DEFAULT_INDICES, 
     tmp.write_text(json.dumps(entries, indent=2) + "\n")
     os.replace(tmp, out / "examples.json")
     return entries
+
+
+def read_examples(folder: str | Path | None = None) -> list[dict]:
+    """The entries of ``examples.json`` in ``folder`` (default: the examples shipped in the package), each with
+    ``path`` and ``mask_path`` added: the full paths of its image and its mask."""
+    folder = Path(folder) if folder is not None else package_dir() / "examples"
+    entries = json.loads((folder / "examples.json").read_text())
+    return [{**e, "path": folder / e["file"], "mask_path": folder / e["mask"]} for e in entries]
 
 
 def main(argv: list[str] | None = None) -> None:
