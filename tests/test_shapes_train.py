@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -178,6 +179,10 @@ def test_wall_clock_budget_ends_the_unet_stage_and_paces_the_decay(tmp_path: Pat
     assert steps == [0]
     again = train(cfg, resume=True)  # resuming a run whose budget is spent trains no further
     assert again["step"] == 1
+
+    with pytest.raises(ValueError, match="budget must be > 0 minutes"):
+        train(dataclasses.replace(cfg, out=str(tmp_path / "other"), unet_minutes=0.0))
+    assert not (tmp_path / "other").exists()  # refused before anything was written
 
 
 def test_ema_update_is_the_lerp_of_every_parameter() -> None:

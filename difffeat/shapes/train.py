@@ -691,6 +691,9 @@ def train(cfg: TrainConfig, resume: bool = False, stop_at: int | None = None) ->
 
 
 def _train(cfg: TrainConfig, resume: bool, stop_at: int | None) -> dict:
+    if cfg.unet_minutes is not None and not cfg.unet_minutes > 0:
+        raise ValueError(f"the UNet stage's wall-clock budget must be > 0 minutes (got {cfg.unet_minutes}); "
+                         "leave it unset (no --minutes) for a run bounded by --steps alone")
     torch.set_num_threads(cfg.threads)
     run = Path(cfg.out)
     run.mkdir(parents=True, exist_ok=True)
