@@ -95,6 +95,11 @@ class TrainConfig:
     # keep the text encoder at its (random) initialisation, as Stable Diffusion keeps CLIP frozen: trained
     # jointly from scratch, the encoder collapses the 8 class words onto ~1 direction (see the model card)
     freeze_text: bool = False
+    # re-initialise the query and key projections of every cross-attention layer (attn2.to_q / to_k) and train
+    # only those, from the denoising loss, with the rest of the UNet and the text encoder frozen: with
+    # init_from a supervised run, the maps are then relearned without attention supervision (emergent, as in
+    # large models) over a backbone that already uses text (see the model card)
+    relearn_cross_qk: bool = False
     # wall-clock budget of the UNet stage in minutes (None: none): the stage ends at unet_steps or when its
     # cumulative time reaches this, whichever comes first, and the learning-rate schedule follows whichever
     # is further along, so a budget-bound run still decays to min_lr_frac (used for runs on a lent GPU)
@@ -395,6 +400,11 @@ def _train_vae(cfg: TrainConfig, data: Dataset, ckpt: dict | None, run: Path, de
     return state
 
 
+def cross_qk_projections(unet: torch.nn.Module) -> list[torch.nn.Linear]:
+    """The query and key projections of every cross-attention (``attn2``) of a UNet, in module order."""
+    return [mod for name, mod in unet.named_modules() if name.endswith((".attn2.to_q", ".attn2.to_k"))]
+
+
 def _train_unet(
     cfg: TrainConfig, data: Dataset, ckpt: dict, run: Path, dev: torch.device, stop_at: int | None = None
 ) -> dict:
@@ -404,10 +414,15 @@ def _train_unet(
     unet = build_unet(m).to(dev)
     text = build_text_encoder(m, len(tok), tok.bos_token_id, tok.eos_token_id, tok.pad_token_id).to(dev)
     ddpm, _ = build_schedulers(m)
-    params = [{"params": unet.parameters(), "lr": cfg.unet_lr}, {"params": text.parameters(), "lr": cfg.text_lr}]
-    if cfg.freeze_text:
+    freeze_text = cfg.freeze_text or cfg.relearn_cross_qk
+    if cfg.relearn_cross_qk:
+        unet.requires_grad_(False)
+        for qk in cross_qk_projections(unet):
+            qk.requires_grad_(True)
+    if freeze_text:
         text.requires_grad_(False)
-        params[1]["params"] = []
+    params = [{"params": [q for q in unet.parameters() if q.requires_grad], "lr": cfg.unet_lr},
+              {"params": [q for q in text.parameters() if q.requires_grad], "lr": cfg.text_lr}]  # fmt: skip
     opt = torch.optim.AdamW(params, weight_decay=cfg.weight_decay)
     ema_unet, ema_text = EMA(unet, cfg.ema_decay), EMA(text, cfg.ema_decay)
     start, elapsed = ckpt["step"], ckpt["elapsed_s"]
@@ -416,6 +431,12 @@ def _train_unet(
         text.load_state_dict(ckpt["text"])
         ema_unet.shadow.load_state_dict(ckpt["ema_unet"])
         ema_text.shadow.load_state_dict(ckpt["ema_text"])
+        if cfg.relearn_cross_qk and "opt" not in ckpt:  # first step of a relearning run: fresh query/key maps
+            torch.manual_seed(cfg.seed + 2)
+            for qk, shadow in zip(cross_qk_projections(unet), cross_qk_projections(ema_unet.shadow)):
+                qk.reset_parameters()
+                shadow.load_state_dict(qk.state_dict())
+            log.info("cross-attention query/key projections re-initialised; training only those")
         if "opt" in ckpt:  # absent right after --init-from: fresh optimizer and schedule
             opt.load_state_dict(ckpt["opt"])
             _restore_rng(ckpt["rng"])
@@ -444,7 +465,7 @@ def _train_unet(
     threads = AdaptiveThreads(cfg.threads)
     stop = StopFlag()
     unet.train()
-    text.train(not cfg.freeze_text)
+    text.train(not freeze_text)
     end = cfg.unet_steps if stop_at is None else min(cfg.unet_steps, stop_at)
     budget_s = cfg.unet_minutes * 60 if cfg.unet_minutes is not None else None
 
@@ -494,7 +515,7 @@ def _train_unet(
                 loss = loss + cfg.attn_loss_weight * aux
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            trained = [*unet.parameters(), *(text.parameters() if not cfg.freeze_text else ())]
+            trained = [q for group in opt.param_groups for q in group["params"]]
             gnorm = torch.nn.utils.clip_grad_norm_(trained, cfg.grad_clip)
             opt.step()
             ema_unet.update(unet, step)
@@ -812,6 +833,9 @@ def _parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--init-vae-only", action="store_true",
                    help="with --init-from: reuse only its VAE, latents and tokenizer; UNet and text encoder start fresh")
     p.add_argument("--freeze-text", action="store_true", help="keep the text encoder at its initialisation (not trained)")
+    p.add_argument("--relearn-cross-qk", action="store_true",
+                   help="with --init-from: re-initialise the cross-attention query/key projections and train only "
+                        "those, from the denoising loss (attention maps relearned without supervision)")
     p.add_argument("--init-from", help="start the UNet stage from this run's weights, or from an exported pipeline "
                                        "folder such as difffeat/weights/shapes (new optimizer and schedule)")
     return p.parse_args(argv)
@@ -850,6 +874,10 @@ def main(argv: list[str] | None = None) -> None:
             cfg.attn_loss_background = True
         if args.freeze_text:
             cfg.freeze_text = True
+        if args.relearn_cross_qk:
+            if not args.init_from and not args.resume:
+                raise SystemExit("--relearn-cross-qk needs --init-from (the trained run or pipeline whose maps to relearn)")
+            cfg.relearn_cross_qk = True
         if args.init_vae_only:
             if not args.init_from:
                 raise SystemExit("--init-vae-only needs --init-from (the run or pipeline whose VAE to reuse)")
