@@ -211,36 +211,39 @@ def test_prefetching_batches_trains_exactly_like_building_them_in_step(tmp_path:
         torch.testing.assert_close(b["unet"][name], val, rtol=0, atol=0, msg=name)
 
 
-def test_relearning_cross_attention_resets_and_trains_only_its_query_and_key(tmp_path: Path) -> None:
-    from difffeat.shapes.train import cross_qk_projections, init_from_run
+@pytest.mark.parametrize("kind", ["qk", "qkvo"])
+def test_relearning_cross_attention_resets_and_trains_only_those_projections(tmp_path: Path, kind: str) -> None:
+    from difffeat.shapes.models import build_unet
+    from difffeat.shapes.train import RELEARN_KINDS, cross_projections, init_from_run
 
     source = train(_tiny(tmp_path / "src", unet_steps=2))
     cfg = _tiny(tmp_path / "relearn", unet_steps=3)
-    cfg.relearn_cross_qk = True
+    cfg.relearn_cross = kind
     init_from_run(tmp_path / "src", cfg)
     done = train(cfg, resume=True)
-    from difffeat.shapes.models import build_unet
 
     unet = build_unet(cfg.model)
-    projections = cross_qk_projections(unet)
-    qk = {f"{n}.{p}" for n, mod in unet.named_modules() if any(mod is q for q in projections) for p in ("weight", "bias")}
-    qk = {k for k in qk if k in done["unet"]}
-    assert qk and all(".attn2.to_q." in k or ".attn2.to_k." in k for k in qk)
-    assert len({k.rsplit(".", 1)[0] for k in qk}) == 2 * sum(".attn2" in n and n.endswith("attn2") for n, _ in unet.named_modules())
+    projections = cross_projections(unet, kind)
+    relearned = {f"{n}.{p}" for n, mod in unet.named_modules() if any(mod is q for q in projections) for p in ("weight", "bias")}
+    relearned &= set(done["unet"])
+    n_cross = sum(n.endswith("attn2") for n, _ in unet.named_modules())
+    assert len({k.rsplit(".", 1)[0] for k in relearned}) == len(RELEARN_KINDS[kind]) * n_cross
+    assert all(any(f".attn2.{p}." in k for p in RELEARN_KINDS[kind]) for k in relearned)
     for name, val in source["unet"].items():
-        if name in qk:  # re-initialised and trained: far from the source's projections
+        if name in relearned:  # re-initialised and trained: far from the source's projections
             assert not torch.allclose(done["unet"][name], val, atol=1e-3), name
+            # the EMA of a re-initialised projection starts from its new value, not from the source's
+            assert not torch.allclose(done["ema_unet"][name], source["ema_unet"][name], atol=1e-3), name
         else:  # everything else frozen, to the bit
             assert torch.equal(done["unet"][name], val), name
     for name, val in source["text"].items():
         assert torch.equal(done["text"][name], val), name
-    # the EMA of a re-initialised projection starts from its new value, not from the source's
-    for name in qk:
-        assert not torch.allclose(done["ema_unet"][name], source["ema_unet"][name], atol=1e-3), name
 
 
 def test_relearning_without_a_source_is_a_clear_error(tmp_path: Path) -> None:
-    from difffeat.shapes.train import main
+    from difffeat.shapes.train import cross_projections, main
 
-    with pytest.raises(SystemExit, match="--relearn-cross-qk needs --init-from"):
-        main(["--out", str(tmp_path / "r"), "--relearn-cross-qk"])
+    with pytest.raises(SystemExit, match="--relearn-cross needs --init-from"):
+        main(["--out", str(tmp_path / "r"), "--relearn-cross", "qk"])
+    with pytest.raises(ValueError, match="unknown relearn kind 'v'; choose one of qk, qkvo"):
+        cross_projections(torch.nn.Module(), "v")

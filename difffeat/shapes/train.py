@@ -95,11 +95,12 @@ class TrainConfig:
     # keep the text encoder at its (random) initialisation, as Stable Diffusion keeps CLIP frozen: trained
     # jointly from scratch, the encoder collapses the 8 class words onto ~1 direction (see the model card)
     freeze_text: bool = False
-    # re-initialise the query and key projections of every cross-attention layer (attn2.to_q / to_k) and train
-    # only those, from the denoising loss, with the rest of the UNet and the text encoder frozen: with
-    # init_from a supervised run, the maps are then relearned without attention supervision (emergent, as in
-    # large models) over a backbone that already uses text (see the model card)
-    relearn_cross_qk: bool = False
+    # relearn cross-attention from the denoising loss alone over an already trained backbone (with init_from):
+    # "qk" re-initialises the query and key projections of every cross-attention layer (attn2), "qkvo" also
+    # its value projection and (zero-initialised) output projection; only those train, the rest of the UNet
+    # and the text encoder stay frozen. The maps (and with "qkvo" what each head carries) are then emergent,
+    # as in large models, instead of supervised (see the model card); None: off
+    relearn_cross: str | None = None
     # wall-clock budget of the UNet stage in minutes (None: none): the stage ends at unet_steps or when its
     # cumulative time reaches this, whichever comes first, and the learning-rate schedule follows whichever
     # is further along, so a budget-bound run still decays to min_lr_frac (used for runs on a lent GPU)
@@ -400,9 +401,31 @@ def _train_vae(cfg: TrainConfig, data: Dataset, ckpt: dict | None, run: Path, de
     return state
 
 
-def cross_qk_projections(unet: torch.nn.Module) -> list[torch.nn.Linear]:
-    """The query and key projections of every cross-attention (``attn2``) of a UNet, in module order."""
-    return [mod for name, mod in unet.named_modules() if name.endswith((".attn2.to_q", ".attn2.to_k"))]
+RELEARN_KINDS = {"qk": ("to_q", "to_k"), "qkvo": ("to_q", "to_k", "to_v", "to_out.0")}
+
+
+def cross_projections(unet: torch.nn.Module, kind: str) -> list[torch.nn.Linear]:
+    """The projections that ``relearn_cross=kind`` re-learns in every cross-attention (``attn2``), in module order."""
+    if kind not in RELEARN_KINDS:
+        raise ValueError(f"unknown relearn kind {kind!r}; choose one of {', '.join(RELEARN_KINDS)}")
+    ends = tuple(f".attn2.{p}" for p in RELEARN_KINDS[kind])
+    return [mod for name, mod in unet.named_modules() if name.endswith(ends)]
+
+
+def _reinit_cross(unet: torch.nn.Module, shadow: torch.nn.Module, kind: str) -> None:
+    """Fresh projections for :func:`cross_projections`; output projections start at zero so the frozen backbone
+    first sees no cross-attention at all instead of random noise. The EMA copy starts from the same values."""
+    for (name, mod), twin in zip(
+        [(n, m) for n, m in unet.named_modules() if any(m is q for q in cross_projections(unet, kind))],
+        cross_projections(shadow, kind),
+    ):
+        if name.endswith(".to_out.0"):
+            torch.nn.init.zeros_(mod.weight)
+            if mod.bias is not None:
+                torch.nn.init.zeros_(mod.bias)
+        else:
+            mod.reset_parameters()
+        twin.load_state_dict(mod.state_dict())
 
 
 def _train_unet(
@@ -414,11 +437,11 @@ def _train_unet(
     unet = build_unet(m).to(dev)
     text = build_text_encoder(m, len(tok), tok.bos_token_id, tok.eos_token_id, tok.pad_token_id).to(dev)
     ddpm, _ = build_schedulers(m)
-    freeze_text = cfg.freeze_text or cfg.relearn_cross_qk
-    if cfg.relearn_cross_qk:
+    freeze_text = cfg.freeze_text or cfg.relearn_cross is not None
+    if cfg.relearn_cross is not None:
         unet.requires_grad_(False)
-        for qk in cross_qk_projections(unet):
-            qk.requires_grad_(True)
+        for proj in cross_projections(unet, cfg.relearn_cross):
+            proj.requires_grad_(True)
     if freeze_text:
         text.requires_grad_(False)
     params = [{"params": [q for q in unet.parameters() if q.requires_grad], "lr": cfg.unet_lr},
@@ -431,12 +454,10 @@ def _train_unet(
         text.load_state_dict(ckpt["text"])
         ema_unet.shadow.load_state_dict(ckpt["ema_unet"])
         ema_text.shadow.load_state_dict(ckpt["ema_text"])
-        if cfg.relearn_cross_qk and "opt" not in ckpt:  # first step of a relearning run: fresh query/key maps
+        if cfg.relearn_cross is not None and "opt" not in ckpt:  # first step of a relearning run
             torch.manual_seed(cfg.seed + 2)
-            for qk, shadow in zip(cross_qk_projections(unet), cross_qk_projections(ema_unet.shadow)):
-                qk.reset_parameters()
-                shadow.load_state_dict(qk.state_dict())
-            log.info("cross-attention query/key projections re-initialised; training only those")
+            _reinit_cross(unet, ema_unet.shadow, cfg.relearn_cross)
+            log.info("cross-attention projections %s re-initialised; training only those", RELEARN_KINDS[cfg.relearn_cross])
         if "opt" in ckpt:  # absent right after --init-from: fresh optimizer and schedule
             opt.load_state_dict(ckpt["opt"])
             _restore_rng(ckpt["rng"])
@@ -833,9 +854,9 @@ def _parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--init-vae-only", action="store_true",
                    help="with --init-from: reuse only its VAE, latents and tokenizer; UNet and text encoder start fresh")
     p.add_argument("--freeze-text", action="store_true", help="keep the text encoder at its initialisation (not trained)")
-    p.add_argument("--relearn-cross-qk", action="store_true",
-                   help="with --init-from: re-initialise the cross-attention query/key projections and train only "
-                        "those, from the denoising loss (attention maps relearned without supervision)")
+    p.add_argument("--relearn-cross", choices=tuple(RELEARN_KINDS),
+                   help="with --init-from: re-initialise the cross-attention query/key (qk) or also value/output (qkvo) "
+                        "projections and train only those, from the denoising loss (maps relearned without supervision)")
     p.add_argument("--init-from", help="start the UNet stage from this run's weights, or from an exported pipeline "
                                        "folder such as difffeat/weights/shapes (new optimizer and schedule)")
     return p.parse_args(argv)
@@ -874,10 +895,10 @@ def main(argv: list[str] | None = None) -> None:
             cfg.attn_loss_background = True
         if args.freeze_text:
             cfg.freeze_text = True
-        if args.relearn_cross_qk:
+        if args.relearn_cross is not None:
             if not args.init_from and not args.resume:
-                raise SystemExit("--relearn-cross-qk needs --init-from (the trained run or pipeline whose maps to relearn)")
-            cfg.relearn_cross_qk = True
+                raise SystemExit("--relearn-cross needs --init-from (the trained run or pipeline whose maps to relearn)")
+            cfg.relearn_cross = args.relearn_cross
         if args.init_vae_only:
             if not args.init_from:
                 raise SystemExit("--init-vae-only needs --init-from (the run or pipeline whose VAE to reuse)")
