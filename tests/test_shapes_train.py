@@ -238,6 +238,10 @@ def test_relearning_cross_attention_resets_and_trains_only_those_projections(tmp
             assert torch.equal(done["unet"][name], val), name
     for name, val in source["text"].items():
         assert torch.equal(done["text"][name], val), name
+    # the VAE is the source's: its fine-tuned decoder is carried over unchanged and no decoder stage runs
+    assert (tmp_path / "relearn" / "decoder.pt").read_bytes() == (tmp_path / "src" / "decoder.pt").read_bytes()
+    stages = {json.loads(line)["stage"] for line in (tmp_path / "relearn" / "log.jsonl").read_text().splitlines()}
+    assert "decoder" not in stages
 
 
 def test_relearning_without_a_source_is_a_clear_error(tmp_path: Path) -> None:

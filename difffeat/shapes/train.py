@@ -753,7 +753,10 @@ def _train(cfg: TrainConfig, resume: bool, stop_at: int | None) -> dict:
     if ckpt["step"] < cfg.unet_steps:
         ckpt = _train_unet(cfg, data, ckpt, run, dev, stop_at=stop_at)
     unet_done = ckpt["step"] >= cfg.unet_steps or _budget_spent(cfg, ckpt["elapsed_s"])
-    if cfg.decoder_steps > 0 and unet_done and (stop_at is None or stop_at >= cfg.unet_steps):
+    # A relearning run changes only cross-attention projections; its VAE (decoder included) is the source's.
+    if cfg.relearn_cross is not None:
+        log.info("relearning run: decoder fine-tune skipped (the VAE is the source's, unchanged)")
+    elif cfg.decoder_steps > 0 and unet_done and (stop_at is None or stop_at >= cfg.unet_steps):
         finetune_decoder(cfg, data, resume=True)
     return ckpt
 
