@@ -16,6 +16,12 @@ heads of all layers the Pearson correlation between a head's IoU and its weight.
 ``o_n`` are computed here from the captured per-head probabilities and the layer's own ``to_v`` and ``to_out``,
 independently of the observer that computes them inside the attention. Output:
 ``benchmarks/results/goca_heads_shapes.json``.
+
+With ``--n-test N`` it also asks how much head weighting *could* gain if it picked the good heads: the same
+segmentation (decision code unchanged, tau chosen on ``val``) is run on N ``test`` images with four head
+reductions: the head mean (vanilla), GOCA's per-pixel weights, and two fixed weightings chosen from the
+``val`` head IoUs above: weights proportional to each head's IoU, and the best head of each layer alone.
+The last two use ground-truth masks, so they are not training-free; they bound, they do not compete.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -30,11 +37,16 @@ import torch
 import torch.nn.functional as F
 
 import difffeat
-from difffeat.evaluate import ShapesDataset
+from difffeat.capture import head_mean
+from difffeat.evaluate import ConfusionMatrix, ShapesDataset
+from difffeat.evaluate.runner import _to_dataset_labels
 from difffeat.io import write_json
-from difffeat.segment.aggregation import goca_head_weights
+from difffeat.segment.aggregation import GocaHeadReducer, goca_head_weights
 from difffeat.segment.prompts import build_layout
-from difffeat.segment.segmenter import grid_of
+from difffeat.segment.segmenter import Observation, grid_of
+
+TAUS = tuple(float(x) for x in np.round(np.linspace(-0.4, 1.0, 29), 3))
+DECISIONS = {"vanilla decision": dict(layers="uniform", rescale="none"), "GOCA layers + rescaling": dict(layers="goca", rescale="goca")}
 
 
 def head_contributions(attn: torch.nn.Module, probs_hqt: torch.Tensor, text_bd: torch.Tensor) -> torch.Tensor:
@@ -59,10 +71,71 @@ def map_iou(map_gg: torch.Tensor, mask: np.ndarray) -> float:
     return float((pred & gt).sum() / max((pred | gt).sum(), 1))
 
 
+class FixedHeadWeights:
+    """Map reducer with one fixed weight per head, the same at every pixel: ``sum_n w_n A_n``."""
+
+    def __init__(self, weights: list[float]) -> None:
+        self.weights = torch.tensor(weights, dtype=torch.float32)
+
+    def __call__(self, probs_bhqk: torch.Tensor, **_) -> torch.Tensor:
+        return torch.einsum("h,bhqk->bqk", self.weights.to(probs_bhqk), probs_bhqk)
+
+
+def observe(seg: difffeat.Segmenter, image, classes: list[str], reducers: dict[str, Callable]) -> Observation:
+    """:meth:`Segmenter.observe` with the cross-attention head reduction given per layer (``reducers``)."""
+    s, backbone = seg.settings, seg.backbone
+    layout = build_layout(classes, backbone.text_segments(), s.template, list(s.background_entities))
+    inputs = backbone.prepare([image], layout.caption, s.t, s.seed, s.resolution)
+    with difffeat.Capture(backbone, seg.activation_names(everything=True), inputs, early_exit=True, map_reducer=head_mean,
+                          map_reducers=reducers) as cap:  # fmt: skip
+        backbone.denoise(inputs)
+    return Observation(image, layout, cap.activations, tuple(inputs.grid), "mean")
+
+
+def head_weighting_gain(seg: difffeat.Segmenter, layers: dict, n_val: int, n_test: int) -> list[dict]:
+    """mIoU on ``test`` of four head reductions x two decisions, tau chosen per row on ``val``."""
+    names = list(seg.cross_names)
+    goca = GocaHeadReducer(seg._output_weights())
+    schemes = {
+        "head mean (vanilla)": {},
+        "GOCA head weights": dict.fromkeys(names, goca),
+        "fixed, proportional to val head IoU (supervised)": {
+            n: FixedHeadWeights((np.array(layers[n]["head_iou"]) / np.sum(layers[n]["head_iou"])).tolist()) for n in names},
+        "fixed, best val head per layer (supervised)": {
+            n: FixedHeadWeights(np.eye(len(layers[n]["head_iou"]))[int(np.argmax(layers[n]["head_iou"]))].tolist()) for n in names},
+    }  # fmt: skip
+    deciders = {d: difffeat.Segmenter(seg.backbone, heads="mean", **cfg) for d, cfg in DECISIONS.items()}
+    splits = {"val": ShapesDataset("val", n_val), "test": ShapesDataset("test", n_test)}
+    n_classes = len(splits["val"].classes) + 1
+    cms = {sp: {(h, d): {tau: ConfusionMatrix(n_classes) for tau in TAUS} for h in schemes for d in deciders} for sp in splits}
+    for split, data in splits.items():
+        for i in range(len(data)):
+            item = data[i]
+            labels = item.present()
+            if not labels:
+                continue
+            classes = [data.classes[lab - 1] for lab in labels]
+            for scheme, reducers in schemes.items():
+                obs = observe(seg, item.image, classes, reducers)
+                for dname, dec in deciders.items():
+                    result = dec.decide(obs)
+                    for tau, cm in cms[split][(scheme, dname)].items():
+                        cm.update(item.gt, _to_dataset_labels(result.with_tau(tau), labels, item.gt.shape))
+    rows = []
+    for key in cms["test"]:
+        by_tau = {tau: cm.miou() for tau, cm in cms["val"][key].items()}
+        tau = max(by_tau, key=lambda x: (by_tau[x], -abs(x)))
+        cm = cms["test"][key][tau]
+        rows.append({"heads": key[0], "decision": key[1], "miou": round(cm.miou(), 4), "tau": tau,
+                     "foreground_iou": round(cm.foreground_iou(), 4), "class_accuracy_on_found": round(cm.class_accuracy_on_found(), 4)})  # fmt: skip
+    return rows
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="shapes")
     p.add_argument("--n", type=int, default=100, help="val scenes")
+    p.add_argument("--n-test", type=int, default=0, help="test images for the head-weighting segmentation rows (0: skip)")
     p.add_argument("--out", default="benchmarks/results/goca_heads_shapes.json")
     args = p.parse_args(argv)
     torch.set_grad_enabled(False)
@@ -109,8 +182,11 @@ def main(argv=None) -> None:
     ious = np.concatenate([v["head_iou"] for v in layers.values()])
     wts = np.concatenate([v["head_weight_on_object"] for v in layers.values()])
     report = {"model": args.model, "split": "val", "n": args.n, "t": s.t, "layers": layers,
-              "pearson_head_iou_vs_weight": round(float(np.corrcoef(ious, wts)[0, 1]), 4),
-              "seconds": round(time.perf_counter() - start, 1)}  # fmt: skip
+              "pearson_head_iou_vs_weight": round(float(np.corrcoef(ious, wts)[0, 1]), 4)}  # fmt: skip
+    if args.n_test:
+        report["segmentation"] = {"n_val": args.n, "n_test": args.n_test, "setting": "oracle image labels",
+                                  "rows": head_weighting_gain(seg, layers, args.n, args.n_test)}  # fmt: skip
+    report["seconds"] = round(time.perf_counter() - start, 1)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     write_json(args.out, report)
     print("| layer | map IoU per head | GOCA weight on the object per head | head-mean map IoU | GOCA map IoU |")
@@ -119,7 +195,14 @@ def main(argv=None) -> None:
         short = name.split(".transformer_blocks")[0]
         print(f"| {short} | {' / '.join(f'{x:.2f}' for x in v['head_iou'])} | {' / '.join(f'{x:.2f}' for x in v['head_weight_on_object'])} "
               f"| {v['head_mean_map_iou']:.3f} | {v['goca_map_iou']:.3f} |")  # fmt: skip
-    print(f"Pearson(head IoU, head weight) over all heads: {report['pearson_head_iou_vs_weight']:+.2f}; {report['seconds']} s")
+    print(f"Pearson(head IoU, head weight) over all heads: {report['pearson_head_iou_vs_weight']:+.2f}")
+    if args.n_test:
+        print(f"\n| heads | decision | mIoU (test, n={args.n_test}) | tau (val) | object-vs-background IoU | right class on found object pixels |")
+        print("|---|---|---|---|---|---|")
+        for r in report["segmentation"]["rows"]:
+            print(f"| {r['heads']} | {r['decision']} | {100 * r['miou']:.1f} | {r['tau']:+.2f} | {100 * r['foreground_iou']:.1f} "
+                  f"| {100 * r['class_accuracy_on_found']:.1f} |")  # fmt: skip
+    print(f"{report['seconds']} s")
 
 
 if __name__ == "__main__":

@@ -67,3 +67,24 @@ def test_map_iou_thresholds_the_normalised_map() -> None:
     assert map_iou(m, mask) == 1.0
     coarse = torch.tensor([[1.0, 0.0], [0.0, 0.0]])  # a 2x2 map is upsampled to the mask's size first
     assert 0.8 < map_iou(coarse, mask) < 1.0
+
+
+def test_fixed_head_weights_select_or_average_heads_inside_the_observer() -> None:
+    mod = _module()
+    backbone = difffeat.load("shapes", device="cpu", dtype="fp32")
+    seg = difffeat.Segmenter(backbone, heads="mean")
+    scene = world.sample("val", 5)
+    classes = list(dict.fromkeys(scene.classes_present))
+    names = list(seg.cross_names)
+    reference = seg.observe(scene.image, classes, everything=True)
+    n_heads = backbone.denoiser.get_submodule(names[0].rsplit(".", 1)[0]).heads
+    uniform = mod.observe(seg, scene.image, classes, {n: mod.FixedHeadWeights([1.0 / n_heads] * n_heads) for n in names})
+    for name in reference.activations:  # every capture, cross maps included, equals the head-mean observation
+        torch.testing.assert_close(uniform.activations[name], reference.activations[name], rtol=1e-5, atol=1e-6)
+    inputs = backbone.prepare([reference.image], reference.layout.caption, seg.settings.t, seg.settings.seed, seg.settings.resolution)
+    with torch.no_grad(), difffeat.Capture(backbone, names, inputs) as cap:
+        backbone.denoise(inputs)
+    second = mod.observe(seg, scene.image, classes, {n: mod.FixedHeadWeights([0.0, 1.0] + [0.0] * (n_heads - 2)) for n in names})
+    for name in names:  # a one-hot weighting returns that head's own map
+        torch.testing.assert_close(second.activations[name].reshape(cap.activations[name][0, 1].shape), cap.activations[name][0, 1].float(), rtol=1e-4, atol=1e-6)
+    assert seg.decide(second).labels.shape == (64, 64)  # the unchanged decision code accepts the observation
