@@ -31,8 +31,7 @@ import torch
 import torch.nn.functional as F
 
 import difffeat
-from difffeat.evaluate import ConfusionMatrix, ShapesDataset
-from difffeat.evaluate.runner import _to_dataset_labels
+from difffeat.evaluate import ShapesDataset, TauSweep, labelled_items
 from difffeat.io import write_json
 from difffeat.segment.segmenter import grid_of
 
@@ -77,31 +76,18 @@ def main(argv=None) -> None:
     observer = difffeat.Segmenter(backbone, heads="mean", **extra)
     deciders = {name: difffeat.Segmenter(backbone, heads="mean", **cfg, **extra) for name, cfg in DECISIONS.items()}
     splits = {"val": ShapesDataset("val", args.n_val), "test": ShapesDataset("test", args.n_test)}
-    n_classes = len(splits["val"].classes) + 1
     sources = ("observed", "oracle, own resolution", "oracle, finest resolution")
-    cms = {split: {(s, d): {tau: ConfusionMatrix(n_classes) for tau in TAUS} for s in sources for d in DECISIONS} for split in splits}
+    sweep = TauSweep(len(splits["val"].classes) + 1, TAUS)
     for split, data in splits.items():
-        for i in range(len(data)):
-            item = data[i]
-            labels = item.present()
-            if not labels:
-                continue
+        for item, labels in labelled_items(data):
             obs = observer.observe(item.image, [data.classes[lab - 1] for lab in labels], everything=True)
-            variants = {"observed": obs, "oracle, own resolution": with_oracle(obs, observer, item, labels, False),
-                        "oracle, finest resolution": with_oracle(obs, observer, item, labels, True)}  # fmt: skip
+            variants = {"observed": obs, sources[1]: with_oracle(obs, observer, item, labels, False),
+                        sources[2]: with_oracle(obs, observer, item, labels, True)}  # fmt: skip
             for source, ob in variants.items():
                 for dname, dec in deciders.items():
-                    result = dec.decide(ob)
-                    for tau, cm in cms[split][(source, dname)].items():
-                        cm.update(item.gt, _to_dataset_labels(result.with_tau(tau), labels, item.gt.shape))
+                    sweep.update(split, (source, dname), dec.decide(ob), labels, item.gt)
         print(f"{split}: {len(data)} images, {time.perf_counter() - start:.0f} s", file=sys.stderr)
-    rows = []
-    for key in cms["test"]:
-        by_tau = {tau: cm.miou() for tau, cm in cms["val"][key].items()}
-        tau = max(by_tau, key=lambda x: (by_tau[x], -abs(x)))
-        cm = cms["test"][key][tau]
-        rows.append({"maps": key[0], "decision": key[1], "miou": cm.miou(), "tau": tau,
-                     "foreground_iou": cm.foreground_iou(), "class_accuracy_on_found": cm.class_accuracy_on_found()})  # fmt: skip
+    rows = [{"maps": r["row"][0], "decision": r["row"][1], **{k: v for k, v in r.items() if k != "row"}} for r in sweep.rows()]
     report = {"model": args.model, "setting": "oracle image labels", "t": observer.settings.t, "n_val": args.n_val,
               "n_test": args.n_test, "rows": rows, "seconds": round(time.perf_counter() - start, 1)}  # fmt: skip
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -38,8 +38,7 @@ import torch.nn.functional as F
 
 import difffeat
 from difffeat.capture import head_mean
-from difffeat.evaluate import ConfusionMatrix, ShapesDataset
-from difffeat.evaluate.runner import _to_dataset_labels
+from difffeat.evaluate import ShapesDataset, TauSweep, labelled_items
 from difffeat.io import write_json
 from difffeat.segment.aggregation import GocaHeadReducer, goca_head_weights
 from difffeat.segment.prompts import build_layout
@@ -106,28 +105,16 @@ def head_weighting_gain(seg: difffeat.Segmenter, layers: dict, n_val: int, n_tes
     }  # fmt: skip
     deciders = {d: difffeat.Segmenter(seg.backbone, heads="mean", **cfg) for d, cfg in DECISIONS.items()}
     splits = {"val": ShapesDataset("val", n_val), "test": ShapesDataset("test", n_test)}
-    n_classes = len(splits["val"].classes) + 1
-    cms = {sp: {(h, d): {tau: ConfusionMatrix(n_classes) for tau in TAUS} for h in schemes for d in deciders} for sp in splits}
+    sweep = TauSweep(len(splits["val"].classes) + 1, TAUS)
     for split, data in splits.items():
-        for i in range(len(data)):
-            item = data[i]
-            labels = item.present()
-            if not labels:
-                continue
+        for item, labels in labelled_items(data):
             classes = [data.classes[lab - 1] for lab in labels]
             for scheme, reducers in schemes.items():
                 obs = observe(seg, item.image, classes, reducers)
                 for dname, dec in deciders.items():
-                    result = dec.decide(obs)
-                    for tau, cm in cms[split][(scheme, dname)].items():
-                        cm.update(item.gt, _to_dataset_labels(result.with_tau(tau), labels, item.gt.shape))
-    rows = []
-    for key in cms["test"]:
-        by_tau = {tau: cm.miou() for tau, cm in cms["val"][key].items()}
-        tau = max(by_tau, key=lambda x: (by_tau[x], -abs(x)))
-        cm = cms["test"][key][tau]
-        rows.append({"heads": key[0], "decision": key[1], "miou": round(cm.miou(), 4), "tau": tau,
-                     "foreground_iou": round(cm.foreground_iou(), 4), "class_accuracy_on_found": round(cm.class_accuracy_on_found(), 4)})  # fmt: skip
+                    sweep.update(split, (scheme, dname), dec.decide(obs), labels, item.gt)
+    rows = [{"heads": r["row"][0], "decision": r["row"][1], **{k: round(v, 4) for k, v in r.items() if k not in ("row", "tau")}, "tau": r["tau"]}
+            for r in sweep.rows()]  # fmt: skip
     return rows
 
 
@@ -146,11 +133,7 @@ def main(argv=None) -> None:
     names = list(seg.cross_names)
     data = ShapesDataset("val", args.n)
     per = {n: {"head_iou": [], "head_weight": [], "mean_iou": [], "goca_iou": []} for n in names}
-    for i in range(len(data)):
-        item = data[i]
-        labels = item.present()
-        if not labels:
-            continue
+    for item, labels in labelled_items(data):
         classes = [data.classes[lab - 1] for lab in labels]
         layout = build_layout(classes, backbone.text_segments(), s.template, list(s.background_entities))
         inputs = backbone.prepare([item.image], layout.caption, s.t, s.seed, s.resolution)

@@ -21,6 +21,18 @@ def backbone_for(tiny_pipes, family: str) -> difffeat.Backbone:
     return _BACKBONES[family]
 
 
+def load_benchmark(name: str):
+    """Import ``benchmarks/<name>.py`` (scripts, not a package) as a module."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def random_image(h: int, w: int, seed: int = 0) -> Image.Image:
     rng = np.random.default_rng(seed)
     return Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))

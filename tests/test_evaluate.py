@@ -131,3 +131,52 @@ def test_pixel_probe_learns_a_linearly_decodable_label_and_not_noise() -> None:
         PixelProbe(3).predict(feats)
     with pytest.raises(DifffeatError, match=r"labels must lie in \[0, 1\]"):
         PixelProbe(2).fit(feats, labels)
+
+
+class _ThresholdResult:
+    """Stands in for a SegmentationResult: one class score map, label 1 where score > tau."""
+
+    def __init__(self, score: np.ndarray) -> None:
+        self.score = score
+
+    def with_tau(self, tau: float):
+        return type("Decided", (), {"labels": (self.score > tau).astype(np.uint8)})()
+
+
+def test_tau_sweep_chooses_tau_on_the_tuning_split_and_scores_the_test_split_there():
+    from difffeat.evaluate import TauSweep
+
+    ramp = np.linspace(0.0, 1.0, 100).reshape(10, 10)  # score of class 1 at every pixel
+    gt_val = (ramp > 0.5).astype(np.uint8) * 3  # dataset label 3 where score > 0.5: val's best tau is 0.5
+    gt_test = (ramp > 0.2).astype(np.uint8) * 3  # the test split alone would prefer tau = 0.2
+    sweep = TauSweep(n_classes=4, taus=[0.0, 0.2, 0.5, 0.8])
+    sweep.update("val", "row", _ThresholdResult(ramp), [3], gt_val)
+    sweep.update("test", "row", _ThresholdResult(ramp), [3], gt_test)
+    (row,) = sweep.rows()
+    assert row["row"] == "row" and row["tau"] == 0.5 and row["tune_miou"] == 1.0
+    expected = ConfusionMatrix(4)
+    expected.update(gt_test, (ramp > 0.5).astype(np.uint8) * 3)  # scored at val's tau, not at test's best
+    assert row["miou"] == pytest.approx(expected.miou()) and row["miou"] < 1.0
+    with pytest.raises(ValueError, match="unknown split 'train'"):
+        sweep.update("train", "row", _ThresholdResult(ramp), [3], gt_val)
+    sweep.update("test", "other", _ThresholdResult(ramp), [3], gt_test)
+    with pytest.raises(ValueError, match="row 'other' has no 'val' results"):
+        sweep.rows()
+
+
+def test_labelled_items_skips_images_with_no_class_present():
+    from difffeat.evaluate import EvalItem, labelled_items
+
+    gts = [np.zeros((4, 4), np.uint8), np.array([[0, 2], [255, 5]], np.uint8), np.full((2, 2), 255, np.uint8)]
+
+    class Listed:
+        classes = ["a", "b", "c", "d", "e"]
+
+        def __len__(self):
+            return len(gts)
+
+        def __getitem__(self, i):
+            return EvalItem(f"im{i}", Image.new("RGB", gts[i].shape[::-1]), gts[i])
+
+    out = list(labelled_items(Listed()))
+    assert [(item.name, labels) for item, labels in out] == [("im1", [2, 5])]  # background and ignore are not classes

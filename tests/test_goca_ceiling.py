@@ -2,22 +2,16 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import numpy as np
 import torch
 
 from difffeat.segment.prompts import PromptLayout
 
-ROOT = Path(__file__).resolve().parents[1]
+from _helpers import load_benchmark
 
 
 def _module():
-    spec = importlib.util.spec_from_file_location("goca_ceiling_shapes", ROOT / "benchmarks" / "goca_ceiling_shapes.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark("goca_ceiling_shapes")
 
 
 def test_oracle_map_puts_each_cells_class_fractions_on_its_tokens() -> None:

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import numpy as np
 import torch
 
@@ -12,36 +9,41 @@ import difffeat
 from difffeat.segment.aggregation import goca_head_weights
 from difffeat.shapes import world
 
-ROOT = Path(__file__).resolve().parents[1]
+from _helpers import load_benchmark
 
 
 def _module():
-    spec = importlib.util.spec_from_file_location("goca_heads_shapes", ROOT / "benchmarks" / "goca_heads_shapes.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark("goca_heads_shapes")
+
+
+def _setup(heads: str, scene_index: int):
+    """The benchmark module, a Segmenter on the shipped model, and one val scene's image and classes."""
+    seg = difffeat.Segmenter(difffeat.load("shapes", device="cpu", dtype="fp32"), heads=heads)
+    scene = world.sample("val", scene_index)
+    return _module(), seg, scene.image, list(dict.fromkeys(scene.classes_present))
+
+
+def _every_head(seg: difffeat.Segmenter, obs) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Per-head cross-attention maps ``{name: [heads, HW, T]}`` of the forward ``obs`` was made from, and
+    the text states the layers attended to."""
+    s, backbone = seg.settings, seg.backbone
+    inputs = backbone.prepare([obs.image], obs.layout.caption, s.t, s.seed, s.resolution)
+    with torch.no_grad(), difffeat.Capture(backbone, list(seg.cross_names), inputs) as cap:
+        backbone.denoise(inputs)
+    return {n: a[0] for n, a in cap.activations.items()}, inputs.kwargs["encoder_hidden_states"][0]
 
 
 def test_head_contributions_reproduce_the_observers_goca_maps() -> None:
-    mod = _module()
-    backbone = difffeat.load("shapes", device="cpu", dtype="fp32")
-    seg = difffeat.Segmenter(backbone, heads="goca")
-    scene = world.sample("val", 3)
-    classes = list(dict.fromkeys(scene.classes_present))
-    obs = seg.observe(scene.image, classes)
-    s = seg.settings
-    inputs = backbone.prepare([obs.image], obs.layout.caption, s.t, s.seed, s.resolution)
-    names = list(seg.cross_names)
-    with torch.no_grad(), difffeat.Capture(backbone, names, inputs) as cap:
-        backbone.denoise(inputs)
-    text = inputs.kwargs["encoder_hidden_states"][0]
-    for name in names:
+    mod, seg, image, classes = _setup("goca", 3)
+    backbone = seg.backbone
+    obs = seg.observe(image, classes)
+    heads, text = _every_head(seg, obs)
+    for name, probs in heads.items():  # every head: [heads, HW, T]
         attn = backbone.denoiser.get_submodule(name.rsplit(".", 1)[0])
-        probs = cap.activations[name][0]  # every head: [heads, HW, T]
         with torch.no_grad():
             o = mod.head_contributions(attn, probs, text)
         # the heads' contributions add up to the layer's output before the bias (independent check of o_n)
-        out = backbone.denoiser.get_submodule(name.rsplit(".", 1)[0]).to_out[0]
+        out = attn.to_out[0]
         with torch.no_grad():
             v = attn.to_v(text)
             full = torch.einsum("hqt,thd->qhd", probs, v.view(v.shape[0], probs.shape[0], -1)).reshape(probs.shape[1], -1)
@@ -70,21 +72,16 @@ def test_map_iou_thresholds_the_normalised_map() -> None:
 
 
 def test_fixed_head_weights_select_or_average_heads_inside_the_observer() -> None:
-    mod = _module()
-    backbone = difffeat.load("shapes", device="cpu", dtype="fp32")
-    seg = difffeat.Segmenter(backbone, heads="mean")
-    scene = world.sample("val", 5)
-    classes = list(dict.fromkeys(scene.classes_present))
+    mod, seg, image, classes = _setup("mean", 5)
+    backbone = seg.backbone
     names = list(seg.cross_names)
-    reference = seg.observe(scene.image, classes, everything=True)
+    reference = seg.observe(image, classes, everything=True)
     n_heads = backbone.denoiser.get_submodule(names[0].rsplit(".", 1)[0]).heads
-    uniform = mod.observe(seg, scene.image, classes, {n: mod.FixedHeadWeights([1.0 / n_heads] * n_heads) for n in names})
+    uniform = mod.observe(seg, image, classes, {n: mod.FixedHeadWeights([1.0 / n_heads] * n_heads) for n in names})
     for name in reference.activations:  # every capture, cross maps included, equals the head-mean observation
         torch.testing.assert_close(uniform.activations[name], reference.activations[name], rtol=1e-5, atol=1e-6)
-    inputs = backbone.prepare([reference.image], reference.layout.caption, seg.settings.t, seg.settings.seed, seg.settings.resolution)
-    with torch.no_grad(), difffeat.Capture(backbone, names, inputs) as cap:
-        backbone.denoise(inputs)
-    second = mod.observe(seg, scene.image, classes, {n: mod.FixedHeadWeights([0.0, 1.0] + [0.0] * (n_heads - 2)) for n in names})
+    heads, _ = _every_head(seg, reference)
+    second = mod.observe(seg, image, classes, {n: mod.FixedHeadWeights([0.0, 1.0] + [0.0] * (n_heads - 2)) for n in names})
     for name in names:  # a one-hot weighting returns that head's own map
-        torch.testing.assert_close(second.activations[name].reshape(cap.activations[name][0, 1].shape), cap.activations[name][0, 1].float(), rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(second.activations[name].reshape(heads[name][1].shape), heads[name][1].float(), rtol=1e-4, atol=1e-6)
     assert seg.decide(second).labels.shape == (64, 64)  # the unchanged decision code accepts the observation

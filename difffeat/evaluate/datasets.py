@@ -5,7 +5,7 @@ shapes world. Each yields images with semantic ground truth: 0 = background, i =
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -35,6 +35,16 @@ class SegDataset(Protocol):
     def __len__(self) -> int: ...
 
     def __getitem__(self, i: int) -> EvalItem: ...
+
+
+def labelled_items(dataset: SegDataset) -> Iterator[tuple[EvalItem, list[int]]]:
+    """``(item, labels present)`` for every item whose ground truth holds at least one class (oracle-label
+    protocols skip the others: their prompt would be empty)."""
+    for i in range(len(dataset)):
+        item = dataset[i]
+        labels = item.present()
+        if labels:
+            yield item, labels
 
 
 class CocoDataset:

@@ -23,7 +23,7 @@ from ..segment.segmenter import SegmentationResult, Segmenter
 from .datasets import EvalItem, SegDataset
 from .metrics import ConfusionMatrix
 
-__all__ = ["EvalReport", "evaluate", "tune_tau", "SETTINGS", "segment_item"]
+__all__ = ["EvalReport", "evaluate", "tune_tau", "TauSweep", "SETTINGS", "segment_item"]
 
 SETTINGS = {
     "oracle": "oracle image labels (prompt names the classes present in the ground truth; as in the papers)",
@@ -143,3 +143,38 @@ def tune_tau(
     scores = {tau: cm.miou() for tau, cm in cms.items()}
     best = max(scores, key=lambda t: (scores[t], -abs(t)))
     return best, scores
+
+
+class TauSweep:
+    """Confusion matrices of several decision rows at every tau, on a tuning split and a test split.
+
+    Each row's tau is chosen by its mIoU on the tuning split (ties: the tau nearest 0) and the row is scored on
+    the test split at that tau, so the test split never picks tau. Rows are any hashable keys (for example
+    ``(head setting, decision)``); one segmentation result serves every tau (:meth:`SegmentationResult.with_tau`).
+    """
+
+    def __init__(self, n_classes: int, taus: Sequence[float], tune: str = "val", test: str = "test") -> None:
+        self.n_classes, self.taus, self.tune, self.test = n_classes, tuple(float(t) for t in taus), tune, test
+        self._cms: dict[str, dict[Any, dict[float, ConfusionMatrix]]] = {tune: {}, test: {}}
+
+    def update(self, split: str, row: Any, result: SegmentationResult | None, labels: list[int], gt: np.ndarray) -> None:
+        """Add one image's result (its class ``labels`` are dataset labels) to ``row`` on ``split``, at every tau."""
+        if split not in self._cms:
+            raise ValueError(f"unknown split {split!r}; this sweep has {self.tune!r} (tuning) and {self.test!r} (test)")
+        cms = self._cms[split].setdefault(row, {tau: ConfusionMatrix(self.n_classes) for tau in self.taus})
+        for tau, cm in cms.items():
+            cm.update(gt, _to_dataset_labels(result.with_tau(tau) if result is not None else None, labels, gt.shape))
+
+    def rows(self) -> list[dict[str, Any]]:
+        """Per row (in first-seen test order): ``row``, test ``miou`` at the tuned ``tau``, ``foreground_iou``,
+        ``class_accuracy_on_found`` and the row's ``tune_miou``."""
+        out = []
+        for row, test_cms in self._cms[self.test].items():
+            if row not in self._cms[self.tune]:
+                raise ValueError(f"row {row!r} has no {self.tune!r} results to choose tau from")
+            by_tau = {tau: cm.miou() for tau, cm in self._cms[self.tune][row].items()}
+            tau = max(by_tau, key=lambda x: (by_tau[x], -abs(x)))
+            cm = test_cms[tau]
+            out.append({"row": row, "miou": cm.miou(), "tau": tau, "foreground_iou": cm.foreground_iou(),
+                        "class_accuracy_on_found": cm.class_accuracy_on_found(), "tune_miou": by_tau[tau]})  # fmt: skip
+        return out
