@@ -94,7 +94,7 @@ def observe(seg: difffeat.Segmenter, image, classes: list[str], reducers: dict[s
 def head_weighting_gain(seg: difffeat.Segmenter, layers: dict, n_val: int, n_test: int) -> list[dict]:
     """mIoU on ``test`` of four head reductions x two decisions, tau chosen per row on ``val``."""
     names = list(seg.cross_names)
-    goca = GocaHeadReducer(seg._output_weights())
+    goca = GocaHeadReducer()  # the shapes model's cross-attention modules all have to_out
     schemes = {
         "head mean (vanilla)": {},
         "GOCA head weights": dict.fromkeys(names, goca),
