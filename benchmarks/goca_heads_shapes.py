@@ -80,14 +80,27 @@ class FixedHeadWeights:
         return torch.einsum("h,bhqk->bqk", self.weights.to(probs_bhqk), probs_bhqk)
 
 
-def observe(seg: difffeat.Segmenter, image, classes: list[str], reducers: dict[str, Callable]) -> Observation:
-    """:meth:`Segmenter.observe` with the cross-attention head reduction given per layer (``reducers``)."""
+def prepared(seg: difffeat.Segmenter, image, classes: list[str]):
+    """The caption layout and denoiser inputs :meth:`Segmenter.observe` would use for this image."""
     s, backbone = seg.settings, seg.backbone
     layout = build_layout(classes, backbone.text_segments(), s.template, list(s.background_entities))
-    inputs = backbone.prepare([image], layout.caption, s.t, s.seed, s.resolution)
-    with difffeat.Capture(backbone, seg.activation_names(everything=True), inputs, early_exit=True, map_reducer=head_mean,
+    return layout, backbone.prepare([image], layout.caption, s.t, s.seed, s.resolution)
+
+
+def per_head_maps(seg: difffeat.Segmenter, image, classes: list[str]):
+    """``(layout, inputs, {cross name: [heads, HW, T]}, text states [T, D])`` of one segmentation forward."""
+    layout, inputs = prepared(seg, image, classes)
+    with torch.no_grad(), difffeat.Capture(seg.backbone, list(seg.cross_names), inputs) as cap:
+        seg.backbone.denoise(inputs)
+    return layout, inputs, {n: a[0] for n, a in cap.activations.items()}, inputs.kwargs["encoder_hidden_states"][0]
+
+
+def observe(seg: difffeat.Segmenter, image, classes: list[str], reducers: dict[str, Callable]) -> Observation:
+    """:meth:`Segmenter.observe` with the cross-attention head reduction given per layer (``reducers``)."""
+    layout, inputs = prepared(seg, image, classes)
+    with difffeat.Capture(seg.backbone, seg.activation_names(everything=True), inputs, early_exit=True, map_reducer=head_mean,
                           map_reducers=reducers) as cap:  # fmt: skip
-        backbone.denoise(inputs)
+        seg.backbone.denoise(inputs)
     return Observation(image, layout, cap.activations, tuple(inputs.grid), "mean")
 
 
@@ -129,20 +142,12 @@ def main(argv=None) -> None:
     start = time.perf_counter()
     backbone = difffeat.load(args.model, device="cpu", dtype="fp32")
     seg = difffeat.Segmenter(backbone)
-    s = seg.settings
-    names = list(seg.cross_names)
     data = ShapesDataset("val", args.n)
-    per = {n: {"head_iou": [], "head_weight": [], "mean_iou": [], "goca_iou": []} for n in names}
+    per = {n: {"head_iou": [], "head_weight": [], "mean_iou": [], "goca_iou": []} for n in seg.cross_names}
     for item, labels in labelled_items(data):
-        classes = [data.classes[lab - 1] for lab in labels]
-        layout = build_layout(classes, backbone.text_segments(), s.template, list(s.background_entities))
-        inputs = backbone.prepare([item.image], layout.caption, s.t, s.seed, s.resolution)
-        with difffeat.Capture(backbone, names, inputs) as cap:
-            backbone.denoise(inputs)
-        text = inputs.kwargs["encoder_hidden_states"][0]
-        for name in names:
+        layout, inputs, heads, text = per_head_maps(seg, item.image, [data.classes[lab - 1] for lab in labels])
+        for name, probs in heads.items():  # [heads, HW, T]
             attn = backbone.denoiser.get_submodule(name.rsplit(".", 1)[0])
-            probs = cap.activations[name][0]  # [heads, HW, T]
             weights = goca_head_weights(head_contributions(attn, probs, text)[None])[0]  # [heads, HW]
             goca_map = torch.einsum("hq,hqt->qt", weights, probs.float())
             gh, gw = grid_of(probs.shape[1], tuple(inputs.grid))
@@ -164,7 +169,7 @@ def main(argv=None) -> None:
                         "goca_map_iou": round(float(np.mean(rec["goca_iou"])), 4), "pairs": len(rec["mean_iou"])}  # fmt: skip
     ious = np.concatenate([v["head_iou"] for v in layers.values()])
     wts = np.concatenate([v["head_weight_on_object"] for v in layers.values()])
-    report = {"model": args.model, "split": "val", "n": args.n, "t": s.t, "layers": layers,
+    report = {"model": args.model, "split": "val", "n": args.n, "t": seg.settings.t, "layers": layers,
               "pearson_head_iou_vs_weight": round(float(np.corrcoef(ious, wts)[0, 1]), 4)}  # fmt: skip
     if args.n_test:
         report["segmentation"] = {"n_val": args.n, "n_test": args.n_test, "setting": "oracle image labels",

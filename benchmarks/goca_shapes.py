@@ -24,7 +24,7 @@ import yaml
 
 import difffeat
 from difffeat.evaluate import ConfusionMatrix, ShapesDataset
-from difffeat.evaluate.runner import _to_dataset_labels
+from difffeat.evaluate.runner import _add_at_every_tau, best_tau
 from difffeat.io import write_json
 
 CONFIGS = {
@@ -58,9 +58,7 @@ def score(backbone, obs, config, t, tau_grid, n_classes, overrides):
     seg = difffeat.Segmenter(backbone, t=t, **config, **overrides)
     cms = {tau: ConfusionMatrix(n_classes) for tau in tau_grid}
     for item, labels, ob in obs:
-        result = seg.decide(ob[config["heads"]]) if ob else None
-        for tau, cm in cms.items():
-            cm.update(item.gt, _to_dataset_labels(result.with_tau(tau) if result else None, labels, item.gt.shape))
+        _add_at_every_tau(cms, seg.decide(ob[config["heads"]]) if ob else None, labels, item.gt)
     return {tau: cm.miou() for tau, cm in cms.items()}, cms
 
 
@@ -102,7 +100,7 @@ def main(argv=None) -> None:
     taus = {}
     for name, cfg in CONFIGS.items():
         by_tau = score(backbone, val_obs[t_best], cfg, t_best, TAUS, n_classes, overrides)[0]
-        taus[name] = max(by_tau, key=lambda tau: (by_tau[tau], -abs(tau)))
+        taus[name] = best_tau(by_tau)
     test_obs = observations(backbone, test, t_best, overrides)
     rows = {}
     for name, cfg in CONFIGS.items():

@@ -180,3 +180,17 @@ def test_labelled_items_skips_images_with_no_class_present():
 
     out = list(labelled_items(Listed()))
     assert [(item.name, labels) for item, labels in out] == [("im1", [2, 5])]  # background and ignore are not classes
+
+
+def test_tune_tau_distributed_on_one_process_gives_tune_taus_answer():
+    import difffeat
+    from difffeat.scale import init_state, tune_tau_distributed
+
+    seg = Segmenter(difffeat.load("shapes", device="cpu", dtype="fp32"))
+    data = ShapesDataset("val", 4)
+    taus = (-0.2, 0.0, 0.1, 0.3)
+    expected = tune_tau(seg, data, taus=taus)
+    got = tune_tau_distributed(seg, data, "oracle", 4, init_state("cpu"), taus=taus)
+    assert got == expected
+    assert len(set(expected[1].values())) > 1  # the candidates really differ, so the choice is tested
+

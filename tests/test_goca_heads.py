@@ -23,21 +23,11 @@ def _setup(heads: str, scene_index: int):
     return _module(), seg, scene.image, list(dict.fromkeys(scene.classes_present))
 
 
-def _every_head(seg: difffeat.Segmenter, obs) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    """Per-head cross-attention maps ``{name: [heads, HW, T]}`` of the forward ``obs`` was made from, and
-    the text states the layers attended to."""
-    s, backbone = seg.settings, seg.backbone
-    inputs = backbone.prepare([obs.image], obs.layout.caption, s.t, s.seed, s.resolution)
-    with torch.no_grad(), difffeat.Capture(backbone, list(seg.cross_names), inputs) as cap:
-        backbone.denoise(inputs)
-    return {n: a[0] for n, a in cap.activations.items()}, inputs.kwargs["encoder_hidden_states"][0]
-
-
 def test_head_contributions_reproduce_the_observers_goca_maps() -> None:
     mod, seg, image, classes = _setup("goca", 3)
     backbone = seg.backbone
     obs = seg.observe(image, classes)
-    heads, text = _every_head(seg, obs)
+    _, _, heads, text = mod.per_head_maps(seg, image, classes)
     for name, probs in heads.items():  # every head: [heads, HW, T]
         attn = backbone.denoiser.get_submodule(name.rsplit(".", 1)[0])
         with torch.no_grad():
@@ -80,7 +70,7 @@ def test_fixed_head_weights_select_or_average_heads_inside_the_observer() -> Non
     uniform = mod.observe(seg, image, classes, {n: mod.FixedHeadWeights([1.0 / n_heads] * n_heads) for n in names})
     for name in reference.activations:  # every capture, cross maps included, equals the head-mean observation
         torch.testing.assert_close(uniform.activations[name], reference.activations[name], rtol=1e-5, atol=1e-6)
-    heads, _ = _every_head(seg, reference)
+    _, _, heads, _ = mod.per_head_maps(seg, image, classes)
     second = mod.observe(seg, image, classes, {n: mod.FixedHeadWeights([0.0, 1.0] + [0.0] * (n_heads - 2)) for n in names})
     for name in names:  # a one-hot weighting returns that head's own map
         torch.testing.assert_close(second.activations[name].reshape(heads[name][1].shape), heads[name][1].float(), rtol=1e-4, atol=1e-6)

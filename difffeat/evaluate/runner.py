@@ -23,7 +23,7 @@ from ..segment.segmenter import SegmentationResult, Segmenter
 from .datasets import EvalItem, SegDataset
 from .metrics import ConfusionMatrix
 
-__all__ = ["EvalReport", "evaluate", "tune_tau", "TauSweep", "SETTINGS", "segment_item"]
+__all__ = ["EvalReport", "evaluate", "tune_tau", "best_tau", "TauSweep", "SETTINGS", "segment_item"]
 
 SETTINGS = {
     "oracle": "oracle image labels (prompt names the classes present in the ground truth; as in the papers)",
@@ -137,12 +137,20 @@ def tune_tau(
     for i in tqdm(range(n), desc="tune tau", unit="img", disable=not progress):
         item = dataset[i]
         result, labels = segment_item(segmenter, item, classes, setting)
-        for tau, cm in cms.items():
-            relabeled = result.with_tau(tau) if result is not None else None
-            cm.update(item.gt, _to_dataset_labels(relabeled, labels, item.gt.shape))
+        _add_at_every_tau(cms, result, labels, item.gt)
     scores = {tau: cm.miou() for tau, cm in cms.items()}
-    best = max(scores, key=lambda t: (scores[t], -abs(t)))
-    return best, scores
+    return best_tau(scores), scores
+
+
+def best_tau(scores: dict[float, float]) -> float:
+    """The tau with the best score; ties go to the tau nearest 0."""
+    return max(scores, key=lambda t: (scores[t], -abs(t)))
+
+
+def _add_at_every_tau(cms: dict[float, ConfusionMatrix], result: SegmentationResult | None, labels: list[int], gt: np.ndarray) -> None:
+    """Add one image's result, decided at each tau of ``cms`` (no new forward), to that tau's matrix."""
+    for tau, cm in cms.items():
+        cm.update(gt, _to_dataset_labels(result.with_tau(tau) if result is not None else None, labels, gt.shape))
 
 
 class TauSweep:
@@ -162,8 +170,7 @@ class TauSweep:
         if split not in self._cms:
             raise ValueError(f"unknown split {split!r}; this sweep has {self.tune!r} (tuning) and {self.test!r} (test)")
         cms = self._cms[split].setdefault(row, {tau: ConfusionMatrix(self.n_classes) for tau in self.taus})
-        for tau, cm in cms.items():
-            cm.update(gt, _to_dataset_labels(result.with_tau(tau) if result is not None else None, labels, gt.shape))
+        _add_at_every_tau(cms, result, labels, gt)
 
     def rows(self) -> list[dict[str, Any]]:
         """Per row (in first-seen test order): ``row``, test ``miou`` at the tuned ``tau``, ``foreground_iou``,
@@ -173,7 +180,7 @@ class TauSweep:
             if row not in self._cms[self.tune]:
                 raise ValueError(f"row {row!r} has no {self.tune!r} results to choose tau from")
             by_tau = {tau: cm.miou() for tau, cm in self._cms[self.tune][row].items()}
-            tau = max(by_tau, key=lambda x: (by_tau[x], -abs(x)))
+            tau = best_tau(by_tau)
             cm = test_cms[tau]
             out.append({"row": row, "miou": cm.miou(), "tau": tau, "foreground_iou": cm.foreground_iou(),
                         "class_accuracy_on_found": cm.class_accuracy_on_found(), "tune_miou": by_tau[tau]})  # fmt: skip

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from ..evaluate.metrics import ConfusionMatrix
-from ..evaluate.runner import EvalReport, _report, _to_dataset_labels, segment_item
+from ..evaluate.runner import EvalReport, _add_at_every_tau, _report, _to_dataset_labels, best_tau, segment_item
 from ..io import write_bytes, write_json
 from ..segment.segmenter import Segmenter
 from .data import eval_loader
@@ -150,18 +150,15 @@ def tune_tau_distributed(segmenter: Segmenter, dataset, setting: str, n: int, st
     state = state or init_state()
     classes = list(dataset.classes)
     k = len(classes) + 1
-    cms = [ConfusionMatrix(k) for _ in taus]
+    cms = {float(t): ConfusionMatrix(k) for t in taus}
     mine = shard(range(min(n, len(dataset))), state.process_index, state.num_processes)
     for i, item in tqdm(eval_loader(dataset, mine, num_workers), total=len(mine), desc="tune tau", unit="img",
                         disable=not (progress and state.is_main_process)):
         result, labels = segment_item(segmenter, item, classes, setting)
-        for tau, cm in zip(taus, cms):
-            relabeled = result.with_tau(float(tau)) if result is not None else None
-            cm.update(item.gt, _to_dataset_labels(relabeled, labels, item.gt.shape))
-    stacked = reduce_sum(state, torch.from_numpy(np.stack([cm.counts for cm in cms])))
-    scores = {float(t): ConfusionMatrix(k, c.numpy()).miou() for t, c in zip(taus, stacked)}
-    best = max(scores, key=lambda t: (scores[t], -abs(t)))
-    return best, scores
+        _add_at_every_tau(cms, result, labels, item.gt)
+    stacked = reduce_sum(state, torch.from_numpy(np.stack([cm.counts for cm in cms.values()])))
+    scores = {t: ConfusionMatrix(k, c.numpy()).miou() for t, c in zip(cms, stacked)}
+    return best_tau(scores), scores
 
 
 def write_report(path: Path, report: EvalReport, state) -> None:
