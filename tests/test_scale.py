@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -24,6 +25,17 @@ def _env() -> dict[str, str]:
             "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
 
 
+def _free_port() -> int:
+    """A TCP port nothing listens on now, chosen by the OS.
+
+    The port used to be fixed per test process, and test_two_processes_match_one_process starts two launches
+    at once: both rendezvous servers asked for the same port, and CI failed with EADDRINUSE when their starts
+    overlapped. Each launch now gets its own port."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def _cmd(processes: int, *args: str) -> list[str]:
     """`difffeat ARGS` under `accelerate launch` with `processes` CPU processes (1: a plain run).
 
@@ -33,7 +45,7 @@ def _cmd(processes: int, *args: str) -> list[str]:
         return [sys.executable, "-m", "difffeat.cli", *args]
     return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
             "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
-            str(29500 + os.getpid() % 1000), "-m", "difffeat.cli", *args]
+            str(_free_port()), "-m", "difffeat.cli", *args]
 
 
 def _start(processes: int, *args: str) -> subprocess.Popen:
