@@ -30,12 +30,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from goca_shapes import TAUS  # same folder: the ablation benchmark's tau grid
+
 import difffeat
 from difffeat.evaluate import ShapesDataset, TauSweep, labelled_items
 from difffeat.io import write_json
 from difffeat.segment.segmenter import grid_of
 
-TAUS = tuple(float(x) for x in np.round(np.linspace(-0.4, 1.0, 29), 3))
 DECISIONS = {"vanilla": dict(layers="uniform", rescale="none"), "GOCA layers + rescaling": dict(layers="goca", rescale="goca")}
 
 

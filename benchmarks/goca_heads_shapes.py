@@ -36,6 +36,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from goca_shapes import TAUS  # same folder: the ablation benchmark's tau grid
+
 import difffeat
 from difffeat.capture import head_mean
 from difffeat.evaluate import ShapesDataset, TauSweep, labelled_items
@@ -44,7 +46,6 @@ from difffeat.segment.aggregation import GocaHeadReducer, goca_head_weights
 from difffeat.segment.prompts import build_layout
 from difffeat.segment.segmenter import Observation, grid_of
 
-TAUS = tuple(float(x) for x in np.round(np.linspace(-0.4, 1.0, 29), 3))
 DECISIONS = {"vanilla decision": dict(layers="uniform", rescale="none"), "GOCA layers + rescaling": dict(layers="goca", rescale="goca")}
 
 
