@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -39,12 +38,11 @@ import torch.nn.functional as F
 from goca_shapes import TAUS  # same folder: the ablation benchmark's tau grid
 
 import difffeat
-from difffeat.capture import head_mean
 from difffeat.evaluate import ShapesDataset, TauSweep, labelled_items
 from difffeat.io import write_json
-from difffeat.segment.aggregation import GocaHeadReducer, goca_head_weights
+from difffeat.segment.aggregation import FixedHeadWeights, GocaHeadReducer, goca_head_weights
 from difffeat.segment.prompts import build_layout
-from difffeat.segment.segmenter import Observation, grid_of
+from difffeat.segment.segmenter import grid_of
 
 DECISIONS = {"vanilla decision": dict(layers="uniform", rescale="none"), "GOCA layers + rescaling": dict(layers="goca", rescale="goca")}
 
@@ -71,16 +69,6 @@ def map_iou(map_gg: torch.Tensor, mask: np.ndarray) -> float:
     return float((pred & gt).sum() / max((pred | gt).sum(), 1))
 
 
-class FixedHeadWeights:
-    """Map reducer with one fixed weight per head, the same at every pixel: ``sum_n w_n A_n``."""
-
-    def __init__(self, weights: list[float]) -> None:
-        self.weights = torch.tensor(weights, dtype=torch.float32)
-
-    def __call__(self, probs_bhqk: torch.Tensor, **_) -> torch.Tensor:
-        return torch.einsum("h,bhqk->bqk", self.weights.to(probs_bhqk), probs_bhqk)
-
-
 def prepared(seg: difffeat.Segmenter, image, classes: list[str]):
     """The caption layout and denoiser inputs :meth:`Segmenter.observe` would use for this image."""
     s, backbone = seg.settings, seg.backbone
@@ -96,15 +84,6 @@ def per_head_maps(seg: difffeat.Segmenter, image, classes: list[str]):
     return layout, inputs, {n: a[0] for n, a in cap.activations.items()}, inputs.kwargs["encoder_hidden_states"][0]
 
 
-def observe(seg: difffeat.Segmenter, image, classes: list[str], reducers: dict[str, Callable]) -> Observation:
-    """:meth:`Segmenter.observe` with the cross-attention head reduction given per layer (``reducers``)."""
-    layout, inputs = prepared(seg, image, classes)
-    with difffeat.Capture(seg.backbone, seg.activation_names(everything=True), inputs, early_exit=True, map_reducer=head_mean,
-                          map_reducers=reducers) as cap:  # fmt: skip
-        seg.backbone.denoise(inputs)
-    return Observation(image, layout, cap.activations, tuple(inputs.grid), "mean")
-
-
 def head_weighting_gain(seg: difffeat.Segmenter, layers: dict, n_val: int, n_test: int) -> list[dict]:
     """mIoU on ``test`` of four head reductions x two decisions, tau chosen per row on ``val``."""
     names = list(seg.cross_names)
@@ -117,6 +96,7 @@ def head_weighting_gain(seg: difffeat.Segmenter, layers: dict, n_val: int, n_tes
         "fixed, best val head per layer (supervised)": {
             n: FixedHeadWeights(np.eye(len(layers[n]["head_iou"]))[int(np.argmax(layers[n]["head_iou"]))].tolist()) for n in names},
     }  # fmt: skip
+    observer = difffeat.Segmenter(seg.backbone, heads="mean")  # heads the schemes do not name: head mean
     deciders = {d: difffeat.Segmenter(seg.backbone, heads="mean", **cfg) for d, cfg in DECISIONS.items()}
     splits = {"val": ShapesDataset("val", n_val), "test": ShapesDataset("test", n_test)}
     sweep = TauSweep(len(splits["val"].classes) + 1, TAUS)
@@ -124,7 +104,7 @@ def head_weighting_gain(seg: difffeat.Segmenter, layers: dict, n_val: int, n_tes
         for item, labels in labelled_items(data):
             classes = [data.classes[lab - 1] for lab in labels]
             for scheme, reducers in schemes.items():
-                obs = observe(seg, item.image, classes, reducers)
+                obs = observer.observe(item.image, classes, everything=True, head_reducers=reducers)
                 for dname, dec in deciders.items():
                     sweep.update(split, (scheme, dname), dec.decide(obs), labels, item.gt)
     rows = [{"heads": r["row"][0], "decision": r["row"][1], **{k: round(v, 4) for k, v in r.items() if k not in ("row", "tau")}, "tau": r["tau"]}

@@ -147,6 +147,30 @@ def test_folder_without_model_index_is_a_clear_error(tmp_path):
         difffeat.load(tmp_path, device="cpu")
 
 
+def test_local_folder_loads_with_pipeline_kwargs_and_names_a_missing_variant(tiny_pipes, tmp_path):
+    """``variant=`` reaches from_pretrained for local folders too; without it, the error says what to pass."""
+    tiny_pipes("sd").save_pretrained(tmp_path, variant="fp16")
+    backbone = difffeat.load(tmp_path, device="cpu", dtype="fp32", variant="fp16")
+    assert backbone.family == "sd"
+    with pytest.raises(ModelNotFoundError, match=r"variant\(s\) \['fp16'\]: pass variant='fp16'"):
+        difffeat.load(tmp_path, device="cpu", dtype="fp32")
+
+
+def test_loading_prints_no_torchvision_fallback_notice(tmp_path):
+    """diffusers' pipeline modules import CLIPImageProcessor; without torchvision transformers printed a notice
+    on every load. Fresh process: the notice is printed once per process."""
+    import subprocess
+    import sys
+
+    code = "import difffeat, logging; difffeat.load('shapes', device='cpu'); " \
+           "print(logging.getLogger('transformers.utils.import_utils').filters)"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "falling back to" not in proc.stderr
+    assert proc.stdout.strip() == "[]"  # the filter is removed after loading
+
+
 def test_unsupported_pipeline_class_names_supported_ones():
     from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 

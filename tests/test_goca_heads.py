@@ -62,16 +62,24 @@ def test_map_iou_thresholds_the_normalised_map() -> None:
 
 
 def test_fixed_head_weights_select_or_average_heads_inside_the_observer() -> None:
+    """The public ``head_reducers`` option (used by the benchmark's supervised rows) against the per-head maps."""
+    from difffeat.segment import FixedHeadWeights
+
     mod, seg, image, classes = _setup("mean", 5)
     backbone = seg.backbone
     names = list(seg.cross_names)
     reference = seg.observe(image, classes, everything=True)
     n_heads = backbone.denoiser.get_submodule(names[0].rsplit(".", 1)[0]).heads
-    uniform = mod.observe(seg, image, classes, {n: mod.FixedHeadWeights([1.0 / n_heads] * n_heads) for n in names})
+    uniform = seg.observe(image, classes, everything=True, head_reducers={n: FixedHeadWeights([1.0 / n_heads] * n_heads) for n in names})
+    assert uniform.heads == "custom" and reference.heads == "mean"
     for name in reference.activations:  # every capture, cross maps included, equals the head-mean observation
         torch.testing.assert_close(uniform.activations[name], reference.activations[name], rtol=1e-5, atol=1e-6)
     _, _, heads, _ = mod.per_head_maps(seg, image, classes)
-    second = mod.observe(seg, image, classes, {n: mod.FixedHeadWeights([0.0, 1.0] + [0.0] * (n_heads - 2)) for n in names})
+    second = seg.observe(image, classes, head_reducers={n: FixedHeadWeights([0.0, 1.0] + [0.0] * (n_heads - 2)) for n in names})
     for name in names:  # a one-hot weighting returns that head's own map
         torch.testing.assert_close(second.activations[name].reshape(heads[name][1].shape), heads[name][1].float(), rtol=1e-4, atol=1e-6)
-    assert seg.decide(second).labels.shape == (64, 64)  # the unchanged decision code accepts the observation
+    goca = difffeat.Segmenter(backbone, heads="goca")
+    assert goca.decide(second).labels.shape == (64, 64)  # a custom observation is decided under any heads setting
+    one = seg.observe(image, classes, head_reducers={names[0]: FixedHeadWeights([0.0, 1.0] + [0.0] * (n_heads - 2))})
+    torch.testing.assert_close(one.activations[names[0]], second.activations[names[0]])  # only the named layer changes
+    torch.testing.assert_close(one.activations[names[1]], reference.activations[names[1]], rtol=1e-5, atol=1e-6)

@@ -152,3 +152,27 @@ def test_huge_image_is_downscaled_with_a_warning_not_an_oom(tiny_pipes):
     with pytest.warns(UserWarning, match="downscaled"):
         result = Segmenter(backbone_for(tiny_pipes, "sd"))(big, ["cat"])
     assert result.labels.shape == (4096, 4096)
+
+
+def test_bad_head_reducers_are_clear_errors_and_leave_no_hooks(tiny_pipes):
+    from difffeat.errors import ConfigError, UnknownActivationError
+    from difffeat.segment import FixedHeadWeights
+
+    backbone = backbone_for(tiny_pipes, "sd")
+    seg = Segmenter(backbone, heads="mean")
+    image = random_image(64, 64)
+    name = seg.cross_names[0]
+    with pytest.raises(UnknownActivationError) as err:  # a typo: the message lists the close matches
+        seg.observe(image, ["cat"], head_reducers={name.replace("attn2", "attn3"): FixedHeadWeights([1.0])})
+    assert name in str(err.value) and "cross_names" in str(err.value)
+    with pytest.raises(ConfigError, match="not a map reducer"):
+        seg.observe(image, ["cat"], head_reducers={name: [0.5, 0.5]})
+    heads = backbone.denoiser.get_submodule(name.rsplit(".", 1)[0]).heads
+    processors = dict(backbone.denoiser.attn_processors)
+    with pytest.raises(ConfigError, match=f"1 weight\\(s\\) but the layer has {heads} heads"):
+        seg.observe(image, ["cat"], head_reducers={name: FixedHeadWeights([1.0])})  # raised inside the forward
+    assert dict(backbone.denoiser.attn_processors) == processors  # observers removed after the error
+    assert not any(m._forward_hooks for m in backbone.denoiser.modules())
+    goca_obs = Segmenter(backbone, heads="goca").observe(image, ["cat"])
+    with pytest.raises(ConfigError, match="cannot be decided with heads='mean'"):
+        seg.decide(goca_obs)  # only custom observations cross head settings

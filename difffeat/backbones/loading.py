@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 import os
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -57,15 +59,58 @@ def wrap_pipeline(pipeline: DiffusionPipeline, name: str | None = None) -> Backb
 
 
 
-def _from_folder(path: Path, dtype: torch.dtype) -> DiffusionPipeline:
+class _DropTorchvisionFallbackNotice(logging.Filter):
+    """Drops transformers' notice that an image processor falls back to its PIL version without torchvision.
+
+    diffusers' pipeline modules import ``CLIPImageProcessor`` (used only by safety checkers and IP-adapters,
+    never by difffeat), so without torchvision every load printed two such lines. torchvision cannot be
+    installed beside the CPU torch wheel here, and the fallback changes nothing difffeat does."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "requires torchvision (not installed); falling back to" not in record.getMessage()
+
+
+@contextmanager
+def _quiet_loading() -> Iterator[None]:
+    """Silence library warnings that concern components difffeat does not use, while a pipeline loads."""
+    notice_logger = logging.getLogger("transformers.utils.import_utils")
+    notice_filter = _DropTorchvisionFallbackNotice()
+    notice_logger.addFilter(notice_filter)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        notice_logger.removeFilter(notice_filter)
+
+
+def _from_folder(path: Path, dtype: torch.dtype, **pipeline_kwargs: Any) -> DiffusionPipeline:
     if not (path / "model_index.json").is_file():
         raise ModelNotFoundError(
             f"{str(path)!r} is not a diffusers pipeline folder (no model_index.json). Pass a folder saved with "
             "`pipeline.save_pretrained(...)` or downloaded with `huggingface-cli download REPO_ID --local-dir DIR`."
         )
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return DiffusionPipeline.from_pretrained(str(path), torch_dtype=dtype, local_files_only=True)
+    try:
+        with _quiet_loading():
+            return DiffusionPipeline.from_pretrained(str(path), torch_dtype=dtype, local_files_only=True, **pipeline_kwargs)
+    except (OSError, ValueError) as exc:  # missing or mismatched weight files, raised deep inside diffusers
+        first = (str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__).rstrip(".")
+        variants = _weight_variants(path)
+        hint = ""
+        if variants and pipeline_kwargs.get("variant") not in variants:
+            hint = f" The folder's weights are saved as variant(s) {sorted(variants)}: pass variant={sorted(variants)[0]!r}."
+        raise ModelNotFoundError(f"could not load the diffusers folder {str(path)!r}: {first}.{hint}") from None
+
+
+def _weight_variants(path: Path) -> set[str]:
+    """Variant tags of the weight files in a pipeline folder (``unet/diffusion_pytorch_model.fp16.safetensors``
+    -> ``fp16``)."""
+    variants = set()
+    for file in path.glob("*/*.safetensors"):
+        parts = file.name.split(".")
+        if len(parts) == 3:  # name.variant.safetensors, or name.variant-00001-of-00002.safetensors when sharded
+            variants.add(parts[1].split("-")[0])
+    return variants
 
 
 def embedded_model_path(name: str) -> Path:
@@ -115,7 +160,7 @@ def load(
         if name in EMBEDDED_MODELS:
             pipe = _from_folder(embedded_model_path(name), torch_dtype)
         elif Path(name).expanduser().exists():
-            pipe = _from_folder(Path(name).expanduser(), torch_dtype)
+            pipe = _from_folder(Path(name).expanduser(), torch_dtype, **pipeline_kwargs)
         elif name.startswith((".", "/", "~")) or name.count("/") != 1 or name.endswith("/"):
             raise ModelNotFoundError(
                 f"model folder {name!r} does not exist. Pass an existing diffusers folder, a hub id like "
@@ -123,8 +168,7 @@ def load(
             )
         else:
             try:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")
+                with _quiet_loading():
                     pipe = DiffusionPipeline.from_pretrained(name, torch_dtype=torch_dtype, **pipeline_kwargs)
             except Exception as exc:  # hub errors come in many types (OSError, HTTP, offline mode...)
                 offline = os.environ.get("HF_HUB_OFFLINE") == "1"

@@ -1,7 +1,19 @@
 """GOCA training-free segmentation from cross-attention maps."""
 
+from .aggregation import FixedHeadWeights, GocaHeadReducer
 from .prompts import PromptLayout, TextSegment, build_layout
-from .segmenter import SegmentationResult, Segmenter
+from .segmenter import Observation, SegmentationResult, Segmenter
 from .settings import SegmentSettings, settings_for
 
-__all__ = ["Segmenter", "SegmentationResult", "SegmentSettings", "settings_for", "PromptLayout", "TextSegment", "build_layout"]
+__all__ = [
+    "Segmenter",
+    "SegmentationResult",
+    "Observation",
+    "FixedHeadWeights",
+    "GocaHeadReducer",
+    "SegmentSettings",
+    "settings_for",
+    "PromptLayout",
+    "TextSegment",
+    "build_layout",
+]

@@ -6,16 +6,19 @@ Shapes: B batch, h heads, q query pixels of a chunk, K keys, T text tokens, C ou
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from ..capture.observer import AttentionTensors
+from ..errors import ConfigError
 
 __all__ = [
     "goca_head_weights",
     "GocaHeadReducer",
+    "FixedHeadWeights",
     "layer_weights",
     "resize_self_map",
     "combine_layers",
@@ -36,6 +39,31 @@ def goca_head_weights(o_bhqc: torch.Tensor) -> torch.Tensor:
     o_bqc = o_bhqc.sum(dim=1)
     dots = torch.einsum("bhqc,bqc->bhq", o_bhqc, o_bqc)
     return dots / o_bqc.pow(2).sum(-1).clamp_min(_EPS).unsqueeze(1)
+
+
+class FixedHeadWeights:
+    """Map reducer with one fixed weight per head, the same at every pixel: ``A_m = sum_n w_n A_n``.
+
+    Not part of GOCA (its weights vary per pixel); for experiments with head weights chosen some other way,
+    through ``Segmenter.observe(..., head_reducers=...)``. ``[1/heads] * heads`` reproduces the head mean and a
+    one-hot vector one head's own map.
+
+    Args:
+        weights: one weight per head of the layer it is used on.
+    """
+
+    def __init__(self, weights: Sequence[float]) -> None:
+        self.weights = torch.as_tensor(list(weights), dtype=torch.float32)
+        if self.weights.ndim != 1 or len(self.weights) == 0:
+            raise ValueError(f"FixedHeadWeights needs a flat list of one weight per head, got {list(weights)!r}")
+
+    def __call__(self, probs_bhqk: torch.Tensor, **_: Any) -> torch.Tensor:
+        if probs_bhqk.shape[1] != len(self.weights):
+            raise ConfigError(
+                f"FixedHeadWeights has {len(self.weights)} weight(s) but the layer has {probs_bhqk.shape[1]} heads; "
+                "give one weight per head"
+            )
+        return torch.einsum("h,bhqk->bqk", self.weights.to(probs_bhqk), probs_bhqk)
 
 
 def head_output_weight(attn: Any, fallback: torch.Tensor | None = None) -> torch.Tensor:

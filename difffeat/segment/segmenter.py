@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 import os
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -26,8 +26,8 @@ from PIL import Image
 
 from ..backbones.base import Backbone, check_timestep
 from ..backbones.loading import load
-from ..capture import Capture, head_mean
-from ..errors import ConfigError
+from ..capture import Capture, MapReducer, head_mean
+from ..errors import ConfigError, UnknownActivationError
 from ..hookpoints import load_table
 from ..images import ImageInput, to_rgb
 from .aggregation import GocaHeadReducer, combine_layers, layer_weights, resize_self_map
@@ -208,9 +208,20 @@ class Segmenter:
         entities: Sequence[str] | None = None,
         caption: str | None = None,
         everything: bool = False,
+        head_reducers: Mapping[str, MapReducer] | None = None,
     ) -> "Observation":
-        """The forward half: caption, token alignment, one denoiser forward with the observers installed."""
+        """The forward half: caption, token alignment, one denoiser forward with the observers installed.
+
+        Args:
+            everything: capture what any layer/refinement setting needs, so that one observation can be
+                decided under every ablation.
+            head_reducers: for experiments, ``{cross-attention name: reducer}`` replacing the ``heads``
+                setting's reduction on those layers (the others keep it), e.g.
+                ``{name: FixedHeadWeights([...])}`` with names from :attr:`cross_names`. The observation is
+                then marked ``heads="custom"`` and can be decided under any ``heads`` setting.
+        """
         s = self.settings
+        custom = self._check_head_reducers(head_reducers)
         rgb = to_rgb(image)
         ents = list(s.background_entities) + list(entities or [])
         layout = build_layout(classes, self.backbone.text_segments(), s.template, ents, caption)
@@ -219,14 +230,30 @@ class Segmenter:
         if s.heads == "goca":
             reducer = GocaHeadReducer(self._output_weights())  # stateless: one instance serves every layer
             reducers = dict.fromkeys(self.cross_names, reducer)
+        reducers.update(custom)
         with Capture(self.backbone, self.activation_names(everything), inputs, early_exit=True, map_reducer=head_mean, map_reducers=reducers) as cap:
             self.backbone.denoise(inputs)
-        return Observation(rgb, layout, cap.activations, tuple(inputs.grid), s.heads)
+        return Observation(rgb, layout, cap.activations, tuple(inputs.grid), "custom" if custom else s.heads)
+
+    def _check_head_reducers(self, head_reducers: Mapping[str, MapReducer] | None) -> dict[str, MapReducer]:
+        """``head_reducers`` keyed by canonical cross-attention names; a clear error for any other key."""
+        out = {}
+        for name, reducer in (head_reducers or {}).items():
+            canonical = name if name in self.cross_names else self.backbone.catalog().canonical(name)  # paper aliases too
+            if canonical not in self.cross_names:
+                raise UnknownActivationError(
+                    name, self.cross_names, hint="head_reducers keys must be this segmenter's cross-attention maps (Segmenter.cross_names)."
+                )
+            if not callable(reducer):
+                raise ConfigError(f"head_reducers[{name!r}] is {reducer!r}, not a map reducer (e.g. FixedHeadWeights([...]))")
+            out[canonical] = reducer
+        return out
 
     def decide(self, obs: "Observation") -> SegmentationResult:
         """The decision half: layer weights, global map, rescaling, refinement, background, argmax. An
-        observation made with the same head setting can be decided under other layer/rescale/tau settings."""
-        if obs.heads != self.settings.heads:
+        observation made with the same head setting (or with custom ``head_reducers``) can be decided under
+        other layer/rescale/tau settings."""
+        if obs.heads not in (self.settings.heads, "custom"):
             raise ConfigError(f"observation made with heads={obs.heads!r} cannot be decided with heads={self.settings.heads!r}")
         return self._decide(obs.image, obs.layout, obs.activations, obs.grid)
 
