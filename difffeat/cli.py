@@ -353,7 +353,7 @@ def demo(
     host: str = typer.Option("127.0.0.1", help="Interface to bind (0.0.0.0 to expose it)."),
     concurrency: int = typer.Option(1, help="Requests processed at once (the queue holds the rest)."),
 ) -> None:
-    """Start the Gradio demo (segment, features, content shift); needs `pip install difffeat[demo]`."""
+    """Start the Gradio demo (segment, features, content shift); needs the demo extra: `pip install "difffeat\\[demo]"`."""
     try:
         from .demo import launch
     except ImportError as exc:  # gradio missing
