@@ -16,9 +16,23 @@ from safetensors.torch import load_file, save_file
 __all__ = ["atomic_path", "save_features", "load_features", "write_json", "write_bytes"]
 
 
+def _process_umask() -> int:
+    """The process umask (read once, at import: ``os.umask`` can only be read by setting it, which is not
+    safe while writer threads create files)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _process_umask()
+
+
 @contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path next to ``path``; on success it is renamed over ``path``, on error removed."""
+    """Yield a temporary path next to ``path``; on success it is renamed over ``path``, on error removed.
+
+    The file ends up with the permissions an ordinary ``open(path, "w")`` would give it (``0o666`` less the
+    umask), not the owner-only mode of the temporary file."""
     final = Path(path)
     final.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".part", dir=final.parent)
@@ -26,6 +40,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        os.chmod(tmp_path, 0o666 & ~_UMASK)
         os.replace(tmp_path, final)
     except BaseException:
         tmp_path.unlink(missing_ok=True)

@@ -20,8 +20,16 @@ ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
 
 
-def test_the_three_notebooks_exist():
+def test_the_three_notebooks_exist_and_are_stored_executed():
+    """Stored with their outputs (``python notebooks/execute.py``), so they read as walkthroughs on GitHub."""
     assert [p.name for p in NOTEBOOKS] == ["01_features.ipynb", "02_goca.ipynb", "03_content_shift.ipynb"]
+    for path in NOTEBOOKS:
+        code = [c for c in nbformat.read(path, as_version=4).cells if c.cell_type == "code"]
+        counts = [c.execution_count for c in code]
+        assert counts == list(range(1, len(code) + 1)), f"{path.name}: not executed top to bottom ({counts})"
+        outputs = [o for c in code for o in c.outputs]
+        assert any("image/png" in o.get("data", {}) for o in outputs), path.name
+        assert not [o for o in outputs if o.output_type == "error" or o.get("name") == "stderr"], path.name
 
 
 @pytest.mark.timeout(900)  # ~9 s each on a quiet 2-core CPU: part of the default suite, so they cannot rot
