@@ -99,6 +99,7 @@ def extract(
     batch_size: int = typer.Option(8, help="Images per forward (images of one size share a batch)."),
     num_workers: int = typer.Option(2, help="DataLoader workers decoding/resizing ahead of the model (0 = inline)."),
     overwrite: bool = typer.Option(False, help="Recompute every image, replacing outputs of other settings."),
+    skip_unreadable: bool = typer.Option(False, help="Skip images that cannot be read and list them in OUT/unreadable.json (default: stop at the first)."),
     device: Optional[str] = typer.Option(None, help="cpu, cuda, ... (default: the process's accelerate device)."),
     dtype: Optional[str] = typer.Option(None, help="fp32, fp16, bf16 (default: fp16 on CUDA, fp32 on CPU)."),
 ) -> None:
@@ -126,13 +127,15 @@ def extract(
         state = init_state(device)
         backbone = load(model, device=device, dtype=dtype)
         fx = FeatureExtractor(backbone, names or None, preset=preset, t=t, resolution=resolution, square=square, seed=seed, batch_size=batch_size)
-        job = ExtractJob(out_dir, prompt=prompt, num_workers=num_workers, overwrite=overwrite, dataset=desc)
+        job = ExtractJob(out_dir, prompt=prompt, num_workers=num_workers, overwrite=overwrite, dataset=desc, skip_unreadable=skip_unreadable)
         summary = run_extract(fx, refs, job, state)
     except (DifffeatError, ValueError) as exc:
         _fail(exc)
     if state.is_main_process:
         console.print(f"wrote {summary.written} feature files to {out_dir} ({', '.join(fx.names)}); "
                       f"{summary.skipped} already done; {summary.processes} process(es), {summary.seconds:.1f} s")
+        if summary.unreadable:
+            console.print(f"[yellow]{summary.unreadable} unreadable image(s) skipped, listed in {out_dir / 'unreadable.json'}[/yellow]")
 
 
 def _segment_overrides(heads, layers, rescale, tau, t, refine_order) -> dict:

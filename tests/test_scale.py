@@ -222,3 +222,65 @@ def test_truncated_feature_file_is_not_finished(tmp_path):
     assert not feature_file_ok(p, ["x"], {"t": "60"}) and not feature_file_ok(p, ["y"], {})
     p.write_bytes(p.read_bytes()[:-4])
     assert not feature_file_ok(p, ["x"], {})
+
+
+def _with_broken_images(data: Path, folder: Path) -> list[str]:
+    """``folder``: 4 of the shapes images plus two files that are not images; returns the broken paths."""
+    import shutil
+
+    folder.mkdir()
+    for p in sorted((data / "coco" / "images").glob("*.png"))[:4]:
+        shutil.copy(p, folder / p.name)
+    (folder / "broken_a.png").write_bytes(b"not a png")
+    (folder / "broken_b.jpg").write_bytes(b"")
+    return sorted(str(folder / n) for n in ("broken_a.png", "broken_b.jpg"))
+
+
+@pytest.mark.parametrize("num_workers", [0, 1])
+def test_unreadable_image_is_a_clear_error_or_skipped_and_listed(data, tmp_path, num_workers):
+    """Without the option the run stops with the image's own error (not a DataLoader worker traceback);
+    with it the others are written and the bad ones listed in unreadable.json."""
+    from difffeat import FeatureExtractor, load
+    from difffeat.errors import InvalidImageError
+    from difffeat.scale import ExtractJob, collect_images, run_extract
+
+    broken = _with_broken_images(data, tmp_path / "in")
+    refs = collect_images([tmp_path / "in"])
+    fx = FeatureExtractor(load(data / "model", device="cpu", dtype="fp32"), FEATURES.split(","), batch_size=2)
+    with pytest.raises(InvalidImageError, match="broken_a.png.*--skip-unreadable") as err:
+        run_extract(fx, refs, ExtractJob(tmp_path / "stop", num_workers=num_workers, progress=False))
+    assert "Traceback" not in str(err.value) and "worker" not in str(err.value)
+    summary = run_extract(fx, refs, ExtractJob(tmp_path / "skip", num_workers=num_workers, progress=False, skip_unreadable=True))
+    assert (summary.written, summary.unreadable, summary.total) == (4, 2, 6)
+    listed = json.loads((tmp_path / "skip" / "unreadable.json").read_text())
+    assert [d["path"] for d in listed] == broken and all("broken" in d["error"] for d in listed)
+    assert len(list((tmp_path / "skip").glob("*.safetensors"))) == 4
+
+
+def test_two_processes_gather_the_unreadable_list(data, tmp_path):
+    broken = _with_broken_images(data, tmp_path / "in")
+    out = _finish(_start(2, "extract", str(data / "model"), str(tmp_path / "in"), "--features", FEATURES, "--out",
+                         str(tmp_path / "x"), "--batch-size", "2", "--num-workers", "0", "--skip-unreadable"))
+    assert "2 unreadable image(s) skipped" in out
+    assert [d["path"] for d in json.loads((tmp_path / "x" / "unreadable.json").read_text())] == broken
+    summary = json.loads((tmp_path / "x" / "extract_summary.json").read_text())
+    assert (summary["written"], summary["unreadable"], summary["processes"]) == (4, 2, 2)
+
+
+@pytest.mark.parametrize("num_workers", [0, 1])
+def test_eval_with_a_corrupt_image_stops_with_its_own_error(data, tmp_path, num_workers):
+    import shutil
+
+    from difffeat import Segmenter, load
+    from difffeat.errors import InvalidImageError
+    from difffeat.evaluate import CocoDataset
+    from difffeat.scale import EvalJob, run_eval
+
+    images = tmp_path / "images"
+    shutil.copytree(data / "coco" / "images", images)
+    ds = CocoDataset(data / "coco" / "annotations.json", images)
+    (images / ds.coco.loadImgs(ds.ids[1])[0]["file_name"]).write_bytes(b"\x89PNG\r\n\x1a\ntruncated")
+    seg = Segmenter(load(data / "model", device="cpu", dtype="fp32"))
+    with pytest.raises(InvalidImageError, match="corrupt or not an image") as err:
+        run_eval(seg, ds, EvalJob(tmp_path / "run", limit=3, chunk_size=1, num_workers=num_workers, progress=False))
+    assert "Traceback" not in str(err.value)

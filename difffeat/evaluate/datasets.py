@@ -14,6 +14,7 @@ import numpy as np
 from PIL import Image
 
 from ..errors import DifffeatError
+from ..images import to_rgb
 
 __all__ = ["EvalItem", "SegDataset", "CocoDataset", "VocDataset", "ShapesDataset"]
 
@@ -83,7 +84,7 @@ class CocoDataset:
         path = self.images / info["file_name"]
         if not path.is_file():
             raise DifffeatError(f"image {info['file_name']!r} of the annotations is missing from {str(self.images)!r}")
-        return EvalItem(info["file_name"], Image.open(path).convert("RGB"), gt)
+        return EvalItem(info["file_name"], to_rgb(path), gt)  # a corrupt file: InvalidImageError naming it
 
 
 class VocDataset:
@@ -110,7 +111,7 @@ class VocDataset:
     def __getitem__(self, i: int) -> EvalItem:
         stem = self.stems[i]
         gt = np.asarray(Image.open(self.labels / f"{stem}.png"), dtype=np.uint8)
-        return EvalItem(stem, Image.open(self._image_of[stem]).convert("RGB"), gt)
+        return EvalItem(stem, to_rgb(self._image_of[stem]), gt)
 
 
 class ShapesDataset:

@@ -22,11 +22,11 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from ..errors import DifffeatError
+from ..errors import DifffeatError, InvalidImageError
 from ..images import MAX_PIXELS, MIN_SIDE, resize_to_multiple, target_size, to_rgb
 
 __all__ = [
-    "ImageRef", "IMAGE_SUFFIXES", "collect_images", "coco_images", "voc_images", "check_unique_stems",
+    "ImageRef", "LoadFailure", "IMAGE_SUFFIXES", "collect_images", "coco_images", "voc_images", "check_unique_stems",
     "ResizedImages", "SizeBucketSampler", "image_loader", "EvalItems", "eval_loader",
 ]
 
@@ -127,8 +127,22 @@ def probe_target_size(path: str, resolution: int, multiple: int, square: bool) -
     return target_size((w, h), resolution, multiple, square)
 
 
+@dataclass(frozen=True)
+class LoadFailure:
+    """An input that could not be read, handed from a DataLoader worker to the main process as data.
+
+    Raised inside a worker, the error would reach the user wrapped in the worker's traceback; returned, the
+    main process raises it cleanly (or skips the item when asked to)."""
+
+    message: str
+
+    def error(self) -> InvalidImageError:
+        return InvalidImageError(self.message)
+
+
 class ResizedImages(Dataset):
-    """``refs[i]`` -> ``(i, uint8 array [H, W, 3])`` resized like :meth:`Backbone.preprocess`."""
+    """``refs[i]`` -> ``(i, uint8 array [H, W, 3])`` resized like :meth:`Backbone.preprocess`, or
+    ``(i, LoadFailure)`` for a file that cannot be used as an image."""
 
     def __init__(self, refs: Sequence[ImageRef], resolution: int, multiple: int, square: bool = False) -> None:
         self.refs, self.resolution, self.multiple, self.square = list(refs), resolution, multiple, square
@@ -136,8 +150,11 @@ class ResizedImages(Dataset):
     def __len__(self) -> int:
         return len(self.refs)
 
-    def __getitem__(self, i: int) -> tuple[int, np.ndarray]:
-        img = resize_to_multiple(to_rgb(self.refs[i].path), self.resolution, self.multiple, self.square)
+    def __getitem__(self, i: int) -> tuple[int, np.ndarray | LoadFailure]:
+        try:
+            img = resize_to_multiple(to_rgb(self.refs[i].path), self.resolution, self.multiple, self.square)
+        except DifffeatError as exc:
+            return i, LoadFailure(str(exc))
         return i, np.asarray(img, dtype=np.uint8)
 
     def target_size(self, i: int) -> tuple[int, int]:
@@ -200,7 +217,10 @@ class EvalItems(Dataset):
 
     def __getitem__(self, pos: int):
         i = self.indices[pos]
-        return i, self.dataset[i]
+        try:
+            return i, self.dataset[i]
+        except DifffeatError as exc:  # raised again in the main process, without the worker's traceback
+            return i, LoadFailure(str(exc))
 
 
 def _first(batch):

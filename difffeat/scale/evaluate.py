@@ -24,7 +24,7 @@ from ..evaluate.metrics import ConfusionMatrix
 from ..evaluate.runner import EvalReport, _add_at_every_tau, _report, _to_dataset_labels, best_tau, segment_item
 from ..io import write_bytes, write_json
 from ..segment.segmenter import Segmenter
-from .data import eval_loader
+from .data import LoadFailure, eval_loader
 from .extract import remove_stale_parts
 from .manifest import Manifest, check_manifest, write_manifest
 from .state import init_state, reduce_max, reduce_sum, shard
@@ -123,6 +123,8 @@ def run_eval(segmenter: Segmenter, dataset, job: EvalJob, state=None, extra_mani
         cm = ConfusionMatrix(k)
         for _ in range(start, stop):
             i, item = next(loader)
+            if isinstance(item, LoadFailure):
+                raise item.error()
             result, labels = segment_item(segmenter, item, classes, job.setting)
             cm.update(item.gt, _to_dataset_labels(result, labels, item.gt.shape))
             bar.update(1)
@@ -154,6 +156,8 @@ def tune_tau_distributed(segmenter: Segmenter, dataset, setting: str, n: int, st
     mine = shard(range(min(n, len(dataset))), state.process_index, state.num_processes)
     for i, item in tqdm(eval_loader(dataset, mine, num_workers), total=len(mine), desc="tune tau", unit="img",
                         disable=not (progress and state.is_main_process)):
+        if isinstance(item, LoadFailure):
+            raise item.error()
         result, labels = segment_item(segmenter, item, classes, setting)
         _add_at_every_tau(cms, result, labels, item.gt)
     stacked = reduce_sum(state, torch.from_numpy(np.stack([cm.counts for cm in cms.values()])))

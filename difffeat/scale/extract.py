@@ -21,11 +21,15 @@ import torch
 
 from ..features import FeatureExtractor
 from ..io import save_features, write_json
-from .data import ImageRef, ResizedImages, check_unique_stems, image_loader, to_pil
+from ..errors import InvalidImageError
+from .data import ImageRef, LoadFailure, ResizedImages, check_unique_stems, image_loader, to_pil
 from .manifest import Manifest, check_manifest, write_manifest
-from .state import init_state, reduce_max, reduce_sum, shard
+from .state import gather_list, init_state, reduce_max, reduce_sum, shard
 
-__all__ = ["ExtractJob", "ExtractSummary", "run_extract", "feature_file_ok", "remove_stale_parts"]
+#: file in the output folder listing the images a ``skip_unreadable`` run could not read
+UNREADABLE = "unreadable.json"
+
+__all__ = ["UNREADABLE", "ExtractJob", "ExtractSummary", "run_extract", "feature_file_ok", "remove_stale_parts"]
 
 
 @dataclass
@@ -38,6 +42,7 @@ class ExtractJob:
     overwrite: bool = False
     progress: bool = True
     dataset: dict[str, Any] = field(default_factory=dict)  # description stored in the manifest
+    skip_unreadable: bool = False  # list unusable images in out_dir/unreadable.json instead of stopping
 
 
 @dataclass
@@ -47,6 +52,7 @@ class ExtractSummary:
     skipped: int
     processes: int
     seconds: float
+    unreadable: int = 0
 
     def to_json(self) -> dict[str, Any]:
         return {**self.__dict__, "items_per_second": self.written / self.seconds if self.seconds > 0 else None}
@@ -122,10 +128,17 @@ def run_extract(fx: FeatureExtractor, refs: list[ImageRef], job: ExtractJob, sta
                disable=not (job.progress and state.is_main_process), smoothing=0.1)
     start = time.perf_counter()
     pending: deque[Future] = deque()
+    unreadable: list[dict[str, str]] = []
     with ThreadPoolExecutor(max_workers=1) as writer:
         for batch in image_loader(data, fx.batch_size, job.num_workers):
             by_size: dict[tuple, list] = {}
             for pos, arr in batch:  # normally one group; two only if a header lied about the size
+                if isinstance(arr, LoadFailure):
+                    if not job.skip_unreadable:
+                        raise InvalidImageError(f"{arr.message.rstrip('.')}. To skip such images and list them in "
+                                                f"{out_dir / UNREADABLE}, pass --skip-unreadable (skip_unreadable=True).")
+                    unreadable.append({"path": refs[todo[pos]].path, "error": arr.message})
+                    continue
                 by_size.setdefault(arr.shape, []).append((pos, arr))
             for group in by_size.values():
                 feats = fx.extract_batch([to_pil(a) for _, a in group], [job.prompt] * len(group))
@@ -142,10 +155,15 @@ def run_extract(fx: FeatureExtractor, refs: list[ImageRef], job: ExtractJob, sta
     bar.close()
     seconds = time.perf_counter() - start
 
-    counts = reduce_sum(state, torch.tensor([len(todo), skipped], dtype=torch.int64))
+    counts = reduce_sum(state, torch.tensor([len(todo) - len(unreadable), skipped], dtype=torch.int64))
     wall = float(reduce_max(state, torch.tensor([seconds], dtype=torch.float64))[0])
-    summary = ExtractSummary(len(refs), int(counts[0]), int(counts[1]), state.num_processes, wall)
+    failed = gather_list(state, unreadable)
+    summary = ExtractSummary(len(refs), int(counts[0]), int(counts[1]), state.num_processes, wall, len(failed))
     if state.is_main_process:
+        if failed:
+            write_json(out_dir / UNREADABLE, sorted(failed, key=lambda d: d["path"]))
+        else:
+            (out_dir / UNREADABLE).unlink(missing_ok=True)  # from an earlier run whose failures are now fixed
         write_json(out_dir / "extract_summary.json", summary.to_json())
     state.wait_for_everyone()
     return summary

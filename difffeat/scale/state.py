@@ -12,7 +12,7 @@ from typing import TypeVar
 
 import torch
 
-__all__ = ["init_state", "shard", "reduce_sum", "reduce_max"]
+__all__ = ["init_state", "shard", "reduce_sum", "reduce_max", "gather_list"]
 
 T = TypeVar("T")
 
@@ -67,3 +67,12 @@ def reduce_sum(state, tensor: torch.Tensor) -> torch.Tensor:
 def reduce_max(state, tensor: torch.Tensor) -> torch.Tensor:
     """Element-wise maximum over all processes."""
     return _reduce(state, tensor, "max")
+
+
+def gather_list(state, items: list[T]) -> list[T]:
+    """The concatenation of every process's ``items`` (picklable), in rank order, on every process."""
+    if state.num_processes == 1:
+        return list(items)
+    from accelerate.utils import gather_object
+
+    return list(gather_object(list(items)))
