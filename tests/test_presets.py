@@ -150,3 +150,23 @@ def test_sdxl_recommendation_survives_the_filtering():
     practical = {cat.canonical(n) for n in load_preset("sdxl-practical").features}
     assert practical <= {a.name for a in cat.candidates()}
     assert "late-block" in cat["up-level0-repeat0-vit-block9-out"].flags
+
+
+def test_shapes_presets_resolve_on_the_shipped_model_and_match_the_benchmark():
+    """shapes-practical is the greedy selection benchmarks/features_shapes.py measured, shapes-legacy its
+    conventional baseline; both name activations of the shipped model with the channels their files state."""
+    import json
+    from pathlib import Path
+
+    import difffeat
+
+    results = json.loads((Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "features_shapes.json").read_text())
+    sel = results["selections"]
+    assert list(load_preset("shapes-practical").features) == sel["greedy selection (val)"]["features"]
+    assert list(load_preset("shapes-legacy").features) == sel["conventional: upsampler outputs + last up ViT output"]["features"]
+    assert sel["greedy selection (val)"]["test_miou"] > sel["conventional: upsampler outputs + last up ViT output"]["test_miou"]
+    cat = difffeat.load("shapes", device="cpu").catalog()
+    for name, channels in (("shapes-practical", 192), ("shapes-legacy", 320)):
+        preset = load_preset(name)
+        assert preset.family == "sd" and preset.models == ("shapes",) and preset.resolution == 64
+        assert sum(cat[n].channels for n in preset.features) == channels
