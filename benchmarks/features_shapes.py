@@ -4,8 +4,9 @@ The generic-diffusion-feature paper's claim, measured on the model difffeat ship
 as features, and the conventional picks (block and upsampler outputs) are not the best ones. For every
 capturable activation except attention maps, at one timestep:
 
-1. features of ``--n-train`` val-split scenes train a per-pixel linear classifier (multinomial logistic
-   regression on standardised features, bilinearly upsampled to 64x64; background + 8 shapes);
+1. features of ``--n-train`` val-split scenes, bilinearly upsampled to 64x64, train difffeat's per-pixel
+   linear probe (:class:`difffeat.evaluate.PixelProbe`: softmax regression on standardised features,
+   L-BFGS; background + 8 shapes);
 2. ``--n-select`` further val scenes score it (mIoU) -- used to rank activations and to pick a selection;
 3. ``--n-test`` test-split scenes give the reported mIoU.
 
@@ -26,10 +27,9 @@ import time
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 import difffeat
-from difffeat.evaluate import ConfusionMatrix
+from difffeat.evaluate import probe_score
 from difffeat.io import write_json
 from difffeat.shapes import world
 
@@ -51,85 +51,16 @@ def extract(fx: difffeat.FeatureExtractor, images: list, batch: int = 32) -> dic
     return {k: torch.cat(v) for k, v in parts.items()}
 
 
-class ProbeData:
-    """Per-activation training pixels, cached: ``[n * pixels_per_image, C]`` sampled from the features
-    upsampled (bilinearly) to 64x64 at fixed random pixels, and their labels."""
-
-    def __init__(self, feats: dict[str, torch.Tensor], y_nHW: np.ndarray, pixels_per_image: int = 256, seed: int = 0) -> None:
-        self.feats, n = feats, len(y_nHW)
-        g = torch.Generator().manual_seed(seed)
-        self.idx = torch.randint(0, SIZE * SIZE, (n, pixels_per_image), generator=g)
-        self.y = torch.from_numpy(y_nHW.reshape(n, -1)).long().gather(1, self.idx).reshape(-1)
-        self._x: dict[str, torch.Tensor] = {}
-
-    def x(self, name: str) -> torch.Tensor:
-        if name not in self._x:
-            parts = []
-            for i in range(0, len(self.idx), 32):
-                f = upsample(self.feats[name][i : i + 32].float())
-                c = f.shape[1]
-                parts.append(f.flatten(2).gather(2, self.idx[i : i + 32, None, :].expand(-1, c, -1)).transpose(1, 2).reshape(-1, c))
-            self._x[name] = torch.cat(parts).to(torch.float16)
-        return self._x[name]
+def dense(feats: dict[str, torch.Tensor], names: list[str]) -> torch.Tensor:
+    """``[n, sum C, 64, 64]``: the named features upsampled to the masks' size and concatenated."""
+    return difffeat.upsample_concat({n: feats[n].float() for n in names}, size=(SIZE, SIZE))
 
 
-def upsample(x_nchw: torch.Tensor) -> torch.Tensor:
-    """Bilinear upsampling to 64x64, as :func:`difffeat.upsample_concat` does."""
-    if tuple(x_nchw.shape[-2:]) == (SIZE, SIZE):
-        return x_nchw
-    return F.interpolate(x_nchw, size=(SIZE, SIZE), mode="bilinear", align_corners=False)
-
-
-class LinearProbe:
-    """Per-pixel multinomial logistic regression on standardised, concatenated features (full-batch Adam).
-
-    Prediction needs no 64x64 feature tensor: bilinear upsampling is linear and keeps constants, so the
-    logits of the upsampled features equal the upsampled logits computed at each feature's own resolution.
-    """
-
-    def __init__(self, n_classes: int, steps: int = 300, lr: float = 0.05, weight_decay: float = 1e-4, seed: int = 0) -> None:
-        self.n_classes, self.steps, self.lr, self.weight_decay, self.seed = n_classes, steps, lr, weight_decay, seed
-
-    def fit(self, data: ProbeData, names: list[str]) -> "LinearProbe":
-        self.names = list(names)
-        x = torch.cat([data.x(n).float() for n in names], dim=1)
-        self.mean, self.std = x.mean(0), x.std(0).clamp_min(1e-6)
-        x = (x - self.mean) / self.std
-        torch.manual_seed(self.seed)
-        self.linear = torch.nn.Linear(x.shape[1], self.n_classes)
-        opt = torch.optim.Adam(self.linear.parameters(), lr=self.lr, weight_decay=self.weight_decay)
-        for _ in range(self.steps):
-            opt.zero_grad()
-            F.cross_entropy(self.linear(x), data.y).backward()
-            opt.step()
-        return self
-
-    @torch.no_grad()
-    def logits(self, feats: dict[str, torch.Tensor], rows: slice) -> torch.Tensor:
-        """``[n, classes, 64, 64]`` logits of images ``rows``."""
-        w = self.linear.weight / self.std  # standardisation folded into the weights
-        b = self.linear.bias - w @ self.mean
-        out, c0 = b[None, :, None, None], 0
-        for name in self.names:
-            f = feats[name][rows].float()
-            c = f.shape[1]
-            out = out + upsample(torch.einsum("kc,nchw->nkhw", w[:, c0 : c0 + c], f))
-            c0 += c
-        return out
-
-    def predict(self, feats: dict[str, torch.Tensor], rows: slice) -> np.ndarray:
-        """``[n, 64, 64]`` uint8 labels."""
-        return self.logits(feats, rows).argmax(1).to(torch.uint8).numpy()
-
-
-def probe_miou(train: ProbeData, names: list[str], feats: dict[str, torch.Tensor], y_nHW: np.ndarray, n_classes: int) -> float:
-    """mIoU (%) on ``feats``/``y_nHW`` of a linear probe on ``names`` trained on ``train``."""
-    probe = LinearProbe(n_classes).fit(train, names)
-    cm = ConfusionMatrix(n_classes)
-    for i in range(0, len(y_nHW), 64):
-        for p, gt in zip(probe.predict(feats, slice(i, i + 64)), y_nHW[i : i + 64]):
-            cm.update(gt, p)
-    return 100.0 * cm.miou()
+def probe_miou(train: dict[str, torch.Tensor], train_y: np.ndarray, test: dict[str, torch.Tensor], test_y: np.ndarray,
+               names: list[str], n_classes: int) -> float:  # fmt: skip
+    """mIoU (%) on ``test`` of difffeat's linear probe on ``names``, fitted on ``train``."""
+    score = probe_score(dense(train, names), torch.from_numpy(train_y), dense(test, names), torch.from_numpy(test_y), n_classes)
+    return 100.0 * score.miou
 
 
 def greedy_selection(score, candidates: list[str], max_picks: int, min_gain: float) -> list[tuple[list[str], float]]:
@@ -176,14 +107,13 @@ def main(argv=None) -> None:
     (tr_img, tr_y), (se_img, se_y), (te_img, te_y) = (
         scenes("val", 0, args.n_train), scenes("val", args.n_train, args.n_select), scenes("test", 0, args.n_test))
     tr, se, te = extract(fx, tr_img), extract(fx, se_img), extract(fx, te_img)
-    train = ProbeData(tr, tr_y)
     info = {a.name: a for a in catalog}
 
     def val_score(selection: list[str]) -> float:
-        return probe_miou(train, selection, se, se_y, n_classes)
+        return probe_miou(tr, tr_y, se, se_y, selection, n_classes)
 
     def test_score(selection: list[str]) -> float:
-        return probe_miou(train, selection, te, te_y, n_classes)
+        return probe_miou(tr, tr_y, te, te_y, selection, n_classes)
 
     singles = {n: val_score([n]) for n in names}
     ranked = sorted(names, key=lambda n: -singles[n])

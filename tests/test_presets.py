@@ -166,7 +166,7 @@ def test_shapes_presets_resolve_on_the_shipped_model_and_match_the_benchmark():
     assert list(load_preset("shapes-legacy").features) == sel["conventional: upsampler outputs + last up ViT output"]["features"]
     assert sel["greedy selection (val)"]["test_miou"] > sel["conventional: upsampler outputs + last up ViT output"]["test_miou"]
     cat = difffeat.load("shapes", device="cpu").catalog()
-    for name, channels in (("shapes-practical", 192), ("shapes-legacy", 320)):
+    for name, channels in (("shapes-practical", 256), ("shapes-legacy", 320)):
         preset = load_preset(name)
         assert preset.family == "sd" and preset.models == ("shapes",) and preset.resolution == 64
         assert sum(cat[n].channels for n in preset.features) == channels
