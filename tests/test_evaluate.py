@@ -194,3 +194,26 @@ def test_tune_tau_distributed_on_one_process_gives_tune_taus_answer():
     assert got == expected
     assert len(set(expected[1].values())) > 1  # the candidates really differ, so the choice is tested
 
+
+
+def test_image_above_the_pixel_cap_is_scored_on_the_full_size_annotation(tiny_pipes, tmp_path):
+    """Segmenter downscales images above MAX_PIXELS; eval brings its labels back to the annotation's grid
+    instead of failing on mismatched shapes."""
+    from difffeat.images import MAX_PIXELS
+
+    (tmp_path / "images").mkdir()
+    (tmp_path / "labels").mkdir()
+    w, h = 4500, 4000
+    assert w * h > MAX_PIXELS
+    img = np.zeros((h, w, 3), np.uint8)
+    img[:, w // 2 :] = 255
+    gt = np.zeros((h, w), np.uint8)
+    gt[:, w // 2 :] = 1
+    Image.fromarray(img).save(tmp_path / "images" / "big.png", compress_level=1)
+    Image.fromarray(gt).save(tmp_path / "labels" / "big.png", compress_level=1)
+    seg = Segmenter(backbone_for(tiny_pipes, "sd"))
+    with pytest.warns(UserWarning, match="downscal"):
+        report = evaluate(seg, VocDataset(tmp_path / "images", tmp_path / "labels", ["cat"]))
+    assert report.n_images == 1
+    counts = np.array(report.extra["confusion_matrix"])
+    assert counts.sum() == w * h  # every annotated pixel was scored

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+from PIL import Image
 
 from .. import __version__
 from ..segment.segmenter import SegmentationResult, Segmenter
@@ -76,10 +77,17 @@ def segment_item(segmenter: Segmenter, item: EvalItem, classes: Sequence[str], s
 
 
 def _to_dataset_labels(result: SegmentationResult | None, labels: list[int], shape: tuple[int, int]) -> np.ndarray:
+    """The result as dataset labels on the ground truth's grid ``shape``.
+
+    Results come at the segmented image's size, which is smaller than the annotation when the image was
+    downscaled on input (above ``difffeat.images.MAX_PIXELS``); they are then resized (nearest neighbour)."""
     if result is None:
         return np.zeros(shape, np.uint8)
     lut = np.array([0] + labels, dtype=np.uint8)
-    return lut[result.labels]
+    pred = lut[result.labels]
+    if pred.shape != tuple(shape):
+        pred = np.asarray(Image.fromarray(pred).resize((shape[1], shape[0]), Image.NEAREST))
+    return pred
 
 
 def _report(cm: ConfusionMatrix, classes: Sequence[str], setting: str, n: int, seconds: float, settings: dict) -> EvalReport:
