@@ -41,6 +41,8 @@ __all__ = [
     "catalog_rows",
     "pca_rgb",
     "run_features",
+    "preset_choices",
+    "PRESET_PREFIX",
     "gate_available",
     "bundled_examples",
     "build_demo",
@@ -241,19 +243,45 @@ def pca_rgb(feature: torch.Tensor, size: tuple[int, int] | None = None) -> Image
     return img.resize(size, Image.NEAREST) if size else img
 
 
-def run_features(model: LoadedModel, image: Any, name: str, prompt: str = "", t: int | None = None) -> tuple[Image.Image, torch.Tensor, dict]:
-    """Extract activation ``name`` of ``image``: (PCA picture at the image size, tensor ``[C, H, W]``, settings)."""
-    from . import FeatureExtractor
+#: activation-dropdown entries that name a feature preset instead of one activation
+PRESET_PREFIX = "preset:"
+
+
+def preset_choices(backbone: Backbone) -> list[str]:
+    """``preset:NAME`` for every feature preset whose activations all exist in ``backbone`` (same family)."""
+    from .presets import list_presets, load_preset
+
+    cat = backbone.catalog()
+    out = []
+    for name in list_presets():
+        preset = load_preset(name)
+        if preset.family == backbone.family and all(f in cat for f in preset.features):
+            out.append(PRESET_PREFIX + name)
+    return out
+
+
+def run_features(
+    model: LoadedModel, image: Any, name: str, prompt: str = "", t: int | None = None
+) -> tuple[Image.Image, dict[str, torch.Tensor], dict]:
+    """Extract activation ``name`` (or every activation of ``preset:NAME``) of ``image``.
+
+    Returns the PCA picture at the image size (of the activations upsampled to the largest map and
+    concatenated, for a preset), ``{activation: [C, H, W]}`` and the extraction settings."""
+    from . import FeatureExtractor, upsample_concat
     from .images import to_rgb
 
     if not name:
-        raise InvalidPromptError("pick an activation from the catalog first")
+        raise InvalidPromptError("pick an activation (or a preset:NAME entry) from the list first")
     rgb = to_rgb(image)
-    fx = FeatureExtractor(model.backbone, [name], t=None if t is None else int(t))
+    t = None if t is None else int(t)
+    if name.startswith(PRESET_PREFIX):
+        fx = FeatureExtractor(model.backbone, preset=name[len(PRESET_PREFIX) :], t=t)
+    else:
+        fx = FeatureExtractor(model.backbone, [name], t=t)
     with model.lock:
         feats = fx(rgb, prompt or "")
-    tensor = feats[fx.names[0]][0]
-    return pca_rgb(tensor, rgb.size), tensor, fx.settings()
+    tensors = {n: v[0] for n, v in feats.items()}
+    return pca_rgb(upsample_concat(feats)[0], rgb.size), tensors, fx.settings()
 
 
 # --------------------------------------------------------------------------- content shift
@@ -376,7 +404,7 @@ def build_demo(
             gr.update(value=rows),
             gr.update(choices=kind_choices),
             gr.update(choices=res_choices),
-            gr.update(choices=names, value=names[0] if names else None),
+            gr.update(choices=names + preset_choices(m.backbone), value=names[0] if names else None),
             cache.describe(model_name),
         )
 
@@ -386,15 +414,16 @@ def build_demo(
                 raise gr.Error("upload an image or pick a bundled example first", print_exception=False)
             m = get_model(model_name, progress)
             try:
-                pic, tensor, settings = run_features(m, image, name, prompt, _opt_int(t))
+                pic, tensors, settings = run_features(m, image, name, prompt, _opt_int(t))
             except (DifffeatError, ValueError) as exc:
                 raise _user_error(exc) from None
             from .io import save_features
 
             fd, path = tempfile.mkstemp(prefix="feature-", suffix=".safetensors", dir=outdir)
             os.close(fd)
-            save_features(path, {name: tensor}, metadata=settings)
-            info = f"`{name}`: tensor {tuple(tensor.shape)} (C, H, W) at t={settings['t']}"
+            save_features(path, tensors, metadata=settings)
+            shapes = "; ".join(f"`{n}`: {tuple(v.shape)}" for n, v in tensors.items())
+            info = f"{name if name.startswith(PRESET_PREFIX) else 'activation'} at t={settings['t']}: {shapes} (C, H, W)"
             return pic, path, info
 
     def gate(image, model_name, prompt, technique, strength, steps, progress=gr.Progress()):
@@ -460,7 +489,7 @@ def build_demo(
             with gr.Row():
                 with gr.Column():
                     f_image = UploadImage(type="pil", label="image", sources=["upload", "clipboard"])
-                    act = gr.Dropdown([], label="activation", allow_custom_value=True)
+                    act = gr.Dropdown([], label="activation (or preset:NAME)", allow_custom_value=True)
                     prompt = gr.Textbox(label="prompt", value="")
                     f_t = gr.Number(value=None, label="timestep t (blank: the model's default)", precision=0)
                     f_btn = gr.Button("Extract", variant="primary")

@@ -145,6 +145,31 @@ def test_features_endpoint_returns_pca_picture_and_safetensors(server, client):
     assert name in info
 
 
+def test_features_endpoint_extracts_a_whole_preset(server, client):
+    """``preset:NAME`` entries: every activation of the preset in the file, PCA of their concatenation."""
+    from safetensors.torch import load_file
+
+    from difffeat.demo import preset_choices
+
+    if not SHAPES_INSTALLED:
+        pytest.skip("the random fallback model matches no preset")
+    demo, _, model = server
+    backbone = demo.difffeat_cache.get(model).backbone
+    choices = preset_choices(backbone)  # the shipped model's presets, not those of other architectures
+    assert {"preset:shapes-practical", "preset:shapes-legacy"} <= set(choices) and "preset:sd15-practical" not in choices
+    choice = choices[0]
+    from difffeat.presets import load_preset
+
+    names = [backbone.catalog()[f].name for f in load_preset(choice.split(":", 1)[1]).features]
+    image, _ = _example()
+    pic, tensor_file, info = client.predict(handle_file(image), model, choice, "", None, api_name="/features")
+    assert Image.open(pic).size == Image.open(image).size
+    tensors = load_file(tensor_file)
+    assert list(tensors) == names and choice in info
+    for n in names:
+        assert tensors[n].shape == tuple(backbone.catalog()[n].shape)
+
+
 @pytest.mark.slow
 def test_gate_endpoint_compares_img2img(server, client):
     from difffeat.demo import gate_available
