@@ -248,16 +248,10 @@ PRESET_PREFIX = "preset:"
 
 
 def preset_choices(backbone: Backbone) -> list[str]:
-    """``preset:NAME`` for every feature preset whose activations all exist in ``backbone`` (same family)."""
-    from .presets import list_presets, load_preset
+    """``preset:NAME`` for every feature preset that fits ``backbone`` (:func:`difffeat.presets.presets_for`)."""
+    from .presets import presets_for
 
-    cat = backbone.catalog()
-    out = []
-    for name in list_presets():
-        preset = load_preset(name)
-        if preset.family == backbone.family and all(f in cat for f in preset.features):
-            out.append(PRESET_PREFIX + name)
-    return out
+    return [PRESET_PREFIX + name for name in presets_for(backbone)]
 
 
 def run_features(

@@ -21,7 +21,7 @@ from .backbones.base import Backbone, check_timestep
 from .backbones.loading import load
 from .capture import Capture, head_mean, sequence_to_spatial
 from .catalog import ActivationInfo
-from .errors import InvalidImageError, InvalidPromptError
+from .errors import ConfigError, InvalidImageError, InvalidPromptError
 from .images import ImageInput, target_size, to_rgb
 from .io import save_features
 from .presets import FeaturePreset, load_preset
@@ -106,6 +106,19 @@ class FeatureExtractor:
                 raise ValueError(
                     f"preset {self.preset.name!r} is for the {self.preset.family!r} family but the model is "
                     f"{self.backbone.family!r}; pick a {self.backbone.family} preset (`difffeat presets`)"
+                )
+            cat = self.backbone.catalog()
+            missing = [f for f in self.preset.features if f not in cat]
+            if missing:
+                from .presets import presets_for
+
+                fitting = presets_for(self.backbone)
+                raise ConfigError(
+                    f"preset {self.preset.name!r} is for {', '.join(self.preset.models) or 'another architecture'}; "
+                    f"this model ({self.backbone.name}) has no {missing[0]!r}"
+                    + (f" (and {len(missing) - 1} more of its activations)" if len(missing) > 1 else "")
+                    + ". "
+                    + (f"Presets that fit it: {', '.join(fitting)}." if fitting else "No preset fits it; pass features=[...] (see `difffeat catalog MODEL`).")
                 )
             features = list(self.preset.features)
         if not features:

@@ -10,7 +10,7 @@ import yaml
 from .errors import ConfigError, close_matches
 from .resources import data_dir
 
-__all__ = ["FeaturePreset", "load_preset", "list_presets"]
+__all__ = ["FeaturePreset", "load_preset", "list_presets", "presets_for"]
 
 
 @dataclass(frozen=True)
@@ -67,3 +67,12 @@ def load_preset(name: str) -> FeaturePreset:
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise ConfigError(f"malformed preset file {path}: {exc}") from None
+
+
+def presets_for(backbone) -> list[str]:
+    """Names of the presets that fit ``backbone``: its family, and every activation present in its catalog."""
+    cat = backbone.catalog()
+    return [
+        name for name in list_presets()
+        if (p := load_preset(name)).family == backbone.family and all(f in cat for f in p.features)
+    ]  # fmt: skip

@@ -170,3 +170,17 @@ def test_shapes_presets_resolve_on_the_shipped_model_and_match_the_benchmark():
         preset = load_preset(name)
         assert preset.family == "sd" and preset.models == ("shapes",) and preset.resolution == 64
         assert sum(cat[n].channels for n in preset.features) == channels
+
+
+def test_preset_for_another_architecture_names_the_presets_that_fit():
+    import difffeat
+    from difffeat.presets import presets_for
+
+    backbone = difffeat.load("shapes", device="cpu")
+    assert presets_for(backbone) == ["shapes-legacy", "shapes-practical"]
+    with pytest.raises(ConfigError) as err:  # same family (sd), other architecture: activations missing
+        difffeat.FeatureExtractor(backbone, preset="sd15-practical")
+    msg = str(err.value)
+    assert "stable-diffusion-v1-5" in msg and "up-level1-repeat2-res-out" in msg and "shapes-legacy, shapes-practical" in msg
+    fx = difffeat.FeatureExtractor(backbone, preset="shapes-practical")  # a fitting one loads
+    assert fx.names == [backbone.catalog()[f].name for f in load_preset("shapes-practical").features]
