@@ -107,8 +107,7 @@ class FeatureExtractor:
                     f"preset {self.preset.name!r} is for the {self.preset.family!r} family but the model is "
                     f"{self.backbone.family!r}; pick a {self.backbone.family} preset (`difffeat presets`)"
                 )
-            cat = self.backbone.catalog()
-            missing = [f for f in self.preset.features if f not in cat]
+            missing = self.preset.missing_in(self.backbone.catalog())
             if missing:
                 from .presets import presets_for
 

@@ -35,6 +35,10 @@ class FeaturePreset:
     source: str = ""
     models: tuple[str, ...] = field(default_factory=tuple)
 
+    def missing_in(self, catalog) -> list[str]:
+        """This preset's activations that ``catalog`` (a model's :class:`~difffeat.catalog.Catalog`) lacks."""
+        return [f for f in self.features if f not in catalog]
+
 
 def list_presets() -> list[str]:
     return sorted(p.stem for p in (data_dir("configs") / "features").glob("*.yaml"))
@@ -74,5 +78,5 @@ def presets_for(backbone) -> list[str]:
     cat = backbone.catalog()
     return [
         name for name in list_presets()
-        if (p := load_preset(name)).family == backbone.family and all(f in cat for f in p.features)
+        if (p := load_preset(name)).family == backbone.family and not p.missing_in(cat)
     ]  # fmt: skip

@@ -136,8 +136,9 @@ class LoadFailure:
 
     message: str
 
-    def error(self) -> InvalidImageError:
-        return InvalidImageError(self.message)
+    def error(self, hint: str = "") -> InvalidImageError:
+        """The error to raise in the main process, with an optional sentence on what to do."""
+        return InvalidImageError(f"{self.message.rstrip('.')}. {hint}" if hint else self.message)
 
 
 class ResizedImages(Dataset):

@@ -21,7 +21,6 @@ import torch
 
 from ..features import FeatureExtractor
 from ..io import save_features, write_json
-from ..errors import InvalidImageError
 from .data import ImageRef, LoadFailure, ResizedImages, check_unique_stems, image_loader, to_pil
 from .manifest import Manifest, check_manifest, write_manifest
 from .state import gather_list, init_state, reduce_max, reduce_sum, shard
@@ -135,8 +134,8 @@ def run_extract(fx: FeatureExtractor, refs: list[ImageRef], job: ExtractJob, sta
             for pos, arr in batch:  # normally one group; two only if a header lied about the size
                 if isinstance(arr, LoadFailure):
                     if not job.skip_unreadable:
-                        raise InvalidImageError(f"{arr.message.rstrip('.')}. To skip such images and list them in "
-                                                f"{out_dir / UNREADABLE}, pass --skip-unreadable (skip_unreadable=True).")
+                        raise arr.error(f"To skip such images and list them in {out_dir / UNREADABLE}, "
+                                        "pass --skip-unreadable (skip_unreadable=True).")
                     unreadable.append({"path": refs[todo[pos]].path, "error": arr.message})
                     continue
                 by_size.setdefault(arr.shape, []).append((pos, arr))

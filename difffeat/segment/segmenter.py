@@ -239,7 +239,7 @@ class Segmenter:
         """``head_reducers`` keyed by canonical cross-attention names; a clear error for any other key."""
         out = {}
         for name, reducer in (head_reducers or {}).items():
-            canonical = name if name in self.cross_names else self.backbone.catalog().canonical(name)  # paper aliases too
+            canonical = self.backbone.catalog().canonical(name)  # paper aliases too
             if canonical not in self.cross_names:
                 raise UnknownActivationError(
                     name, self.cross_names, hint="head_reducers keys must be this segmenter's cross-attention maps (Segmenter.cross_names)."
