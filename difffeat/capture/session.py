@@ -109,7 +109,7 @@ class Capture:
         if all(isinstance(a, ActivationInfo) for a in names):
             self.infos = list(dict.fromkeys(names))
         else:
-            self.infos = backbone.catalog().resolve([a.name if isinstance(a, ActivationInfo) else a for a in names])
+            self.infos = _catalog_of(backbone).resolve([a.name if isinstance(a, ActivationInfo) else a for a in names])
         self.early_exit = early_exit
         self.map_reducer = map_reducer
         self.map_reducers = dict(map_reducers or {})
@@ -219,5 +219,11 @@ class Capture:
         return [i.name for i in self.infos if i.name not in self.shapes]
 
     def __getitem__(self, name: str) -> torch.Tensor:
-        canonical = self.backbone.catalog().canonical(name) if name not in self.activations else name
+        canonical = _catalog_of(self.backbone).canonical(name) if name not in self.activations else name
         return self.activations[canonical]
+
+
+def _catalog_of(backbone: "Backbone"):
+    from .probe import catalog_of  # probe builds on Capture
+
+    return catalog_of(backbone)

@@ -26,7 +26,7 @@ from PIL import Image
 
 from ..backbones.base import Backbone, check_timestep
 from ..backbones.loading import load
-from ..capture import Capture, MapReducer, head_mean
+from ..capture import Capture, MapReducer, catalog_of, head_mean
 from ..errors import ConfigError, UnknownActivationError
 from ..hookpoints import load_table
 from ..images import ImageInput, to_rgb
@@ -151,7 +151,7 @@ class Segmenter:
 
     # ------------------------------------------------------------------ which activations
     def _plan(self) -> None:
-        cat = self.backbone.catalog()
+        cat = catalog_of(self.backbone)
         suffix = load_table(self.backbone.hook_table).goca
         cross_all = [a for a in cat if a.name.endswith("." + suffix["cross"]) and a.kind == "cross-map"]
         if not cross_all:
@@ -239,7 +239,7 @@ class Segmenter:
         """``head_reducers`` keyed by canonical cross-attention names; a clear error for any other key."""
         out = {}
         for name, reducer in (head_reducers or {}).items():
-            canonical = self.backbone.catalog().canonical(name)  # paper aliases too
+            canonical = catalog_of(self.backbone).canonical(name)  # paper aliases too
             if canonical not in self.cross_names:
                 raise UnknownActivationError(
                     name, self.cross_names, hint="head_reducers keys must be this segmenter's cross-attention maps (Segmenter.cross_names)."
