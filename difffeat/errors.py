@@ -15,6 +15,7 @@ __all__ = [
     "ModelNotFoundError",
     "InvalidPromptError",
     "ConfigError",
+    "AttentionBackendError",
     "close_matches",
 ]
 
@@ -64,6 +65,11 @@ class InvalidPromptError(DifffeatError, ValueError):
 
 class ConfigError(DifffeatError, ValueError):
     """A preset or settings file that is missing or malformed."""
+
+
+class AttentionBackendError(DifffeatError, RuntimeError):
+    """Attention maps were asked of a layer whose attention backend cannot return them (flash, sage,
+    xformers...): the message names the layer, its backend and how to switch to one that can."""
 
 
 def close_matches(name: str, known: Iterable[str], n: int = 5) -> list[str]:
