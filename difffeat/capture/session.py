@@ -22,7 +22,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ..catalog import ActivationInfo
-from .observer import DEFAULT_CHUNK_ELEMENTS, AttentionTensors, MapReducer, attention_probs, observer_for, per_head
+from ..hookpoints import load_table
+from .observer import DEFAULT_CHUNK_ELEMENTS, AttentionTensors, MapReducer, attention_probs, install_observer, per_head
 
 if TYPE_CHECKING:
     from ..backbones.base import Backbone, DenoiserInputs
@@ -122,7 +123,7 @@ class Capture:
         self.shapes: dict[str, tuple[int, ...]] = {}
         self._pending: set[str] = set()
         self._handles: list[Any] = []
-        self._processors: list[tuple[Any, Any]] = []
+        self._observers: list[Any] = []
         self._active = False
 
     # ------------------------------------------------------------------ storing
@@ -190,11 +191,9 @@ class Capture:
             if maps_by_module:
                 n_image = self.grid[0] * self.grid[1]
                 sink = self._map_sink(maps_by_module)
+                text_first = load_table(self.backbone.hook_table).token_order == "text-first"
                 for path in maps_by_module:
-                    attn = denoiser.get_submodule(path)
-                    stock = attn.processor
-                    attn.set_processor(observer_for(stock, path, sink, n_image))
-                    self._processors.append((attn, stock))
+                    self._observers.append(install_observer(denoiser.get_submodule(path), path, sink, n_image, text_first))
         except BaseException:
             self._remove()
             raise
@@ -204,9 +203,9 @@ class Capture:
         for handle in self._handles:
             handle.remove()
         self._handles = []
-        for attn, stock in reversed(self._processors):
-            attn.set_processor(stock)
-        self._processors = []
+        for observer in reversed(self._observers):
+            observer.remove()
+        self._observers = []
         self._active = False
 
     def __exit__(self, exc_type, exc, tb) -> bool:
