@@ -32,6 +32,7 @@ from ..hookpoints import load_table
 from ..images import ImageInput, to_rgb
 from .aggregation import GocaHeadReducer, combine_layers, layer_weights, resize_self_map
 from .prompts import PromptLayout, build_layout
+from .vocabulary import class_words
 from .rescale import class_scores, gaussian_blur, minmax, propagate, rescale_by_content
 from .settings import DEFAULT_CONFIG, SegmentSettings, settings_for
 
@@ -302,6 +303,7 @@ class Segmenter:
         custom = self._check_head_reducers(head_reducers)
         rgb = to_rgb(image)
         ents = list(s.background_entities) + list(entities or [])
+        classes = classes if caption is not None else class_words(classes, self.backbone)  # case, plurals, unknown words
         layout = build_layout(classes, self.backbone.text_segments(), s.template, ents, caption)
         inputs = self.backbone.prepare([rgb], layout.caption, s.t, s.seed, s.resolution)
         reducers = {}
