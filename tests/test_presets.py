@@ -5,6 +5,8 @@ a fake-tensor forward."""
 from __future__ import annotations
 
 import pytest
+
+import difffeat
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
@@ -151,7 +153,7 @@ def test_shapes_presets_resolve_on_the_shipped_model_and_match_the_benchmark():
     assert list(load_preset("shapes-practical").features) == sel["greedy selection (val)"]["features"]
     assert list(load_preset("shapes-legacy").features) == sel["conventional: upsampler outputs + last up ViT output"]["features"]
     assert sel["greedy selection (val)"]["test_miou"] > sel["conventional: upsampler outputs + last up ViT output"]["test_miou"]
-    cat = difffeat.load("shapes", device="cpu").catalog()
+    cat = difffeat.list_activations(difffeat.load("shapes", device="cpu"))
     for name, channels in (("shapes-practical", 256), ("shapes-legacy", 320)):
         preset = load_preset(name)
         assert preset.family == "sd" and preset.models == ("shapes",) and preset.resolution == 64
@@ -169,4 +171,4 @@ def test_preset_for_another_architecture_names_the_presets_that_fit():
     msg = str(err.value)
     assert "stable-diffusion-v1-5" in msg and "up-level1-repeat2-res-out" in msg and "shapes-legacy, shapes-practical" in msg
     fx = difffeat.FeatureExtractor(backbone, preset="shapes-practical")  # a fitting one loads
-    assert fx.names == [backbone.catalog()[f].name for f in load_preset("shapes-practical").features]
+    assert fx.names == [difffeat.list_activations(backbone)[f].name for f in load_preset("shapes-practical").features]
