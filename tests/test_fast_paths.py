@@ -103,3 +103,68 @@ def test_accumulated_refinement_mean_equals_the_stacked_mean():
     before = acts["a"].clone()
     mean_self_map(acts, ["a", "b"], (8, 8), (8, 8), True)
     assert torch.equal(acts["a"], before)  # the captured map is not modified in place
+
+
+class _CountingEncode:
+    """Wraps a VAE's ``encode`` and counts the images it encodes (calls x batch)."""
+
+    def __init__(self, vae):
+        self.vae, self.stock, self.images, self.calls = vae, vae.encode, 0, 0
+
+    def __enter__(self):
+        def encode(x, *a, **k):
+            self.images += x.shape[0]
+            self.calls += 1
+            return self.stock(x, *a, **k)
+
+        self.vae.encode = encode
+        return self
+
+    def __exit__(self, *exc):
+        del self.vae.encode  # back to the class's method
+
+
+def test_map_prompt_extraction_encodes_each_image_once(tiny_pipes):
+    backbone = backbone_for(tiny_pipes, "sd")
+    cat = difffeat.list_activations(backbone)
+    names = [next(a.name for a in cat if a.kind == "block-out"), next(a.name for a in cat if a.is_map)]
+    images = [random_image(64, 64, seed=s) for s in (1, 2)]
+    fx = difffeat.FeatureExtractor(backbone, names, resolution=64, map_prompt="a photo of a cat")
+    with _CountingEncode(backbone.pipeline.vae) as count:
+        got = fx.extract_batch(images, ["a dog", "a cat"])
+    assert count.images == 2 and count.calls == 1  # was 4 images in 2 calls (one per pass)
+    # the same features as passes that each encode
+    plain_fx = difffeat.FeatureExtractor(backbone, names[:1], resolution=64)
+    torch.testing.assert_close(got[names[0]], plain_fx.extract_batch(images, ["a dog", "a cat"])[names[0]])
+    assert backbone.latent_cache is None  # the call-scoped cache is gone
+
+
+def test_several_observations_of_one_image_encode_it_once(tiny_pipes):
+    backbone = backbone_for(tiny_pipes, "sd")
+    segs = [difffeat.Segmenter(backbone, method=m, resolution=64) for m in ("goca", "vanilla")]
+    image = random_image(64, 64, seed=4)
+    separate = [s.observe(image, ["cat", "dog"]).activations for s in segs]
+    with _CountingEncode(backbone.pipeline.vae) as count, backbone.reusing_latents() as cache:
+        shared = [s.observe(image, ["cat", "dog"]).activations for s in segs]
+    assert count.images == 1 and (cache.hits, cache.misses) == (1, 1)
+    for a, b in zip(shared, separate):
+        for name in a:
+            torch.testing.assert_close(a[name], b[name], rtol=0, atol=0)
+
+
+def test_a_persistent_latent_cache_skips_the_vae_on_repeated_runs(tiny_pipes):
+    from difffeat.backbones.latents import LatentCache
+
+    backbone = backbone_for(tiny_pipes, "sd")
+    cache = LatentCache(max_items=2)
+    images = [random_image(64, 64, seed=s) for s in (5, 6, 7)]
+    with _CountingEncode(backbone.pipeline.vae) as count:
+        for _ in range(2):
+            with backbone.reusing_latents(cache):
+                backbone.prepare(images[:2], "a cat", t=100)
+        assert count.images == 2  # the second run encoded nothing
+        with backbone.reusing_latents(cache):
+            backbone.prepare([images[2], images[2]], "a cat", t=100)  # a duplicate in one batch: one encode
+        assert count.images == 3 and len(cache) == 2  # least recently used dropped
+    with pytest.raises(ValueError, match="max_items"):
+        LatentCache(max_items=0)
