@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["BENCHMARKS", "goca_benchmark"]
+__all__ = ["BENCHMARKS", "goca_benchmark", "run_benchmark"]
 
 
 def _peak_rss_mb() -> float:
@@ -158,3 +158,15 @@ def goca_benchmark(resolution: int = 512, repeats: int = 3, device: str = "cpu",
 
 
 BENCHMARKS: dict[str, Callable[..., dict[str, Any]]] = {"goca": goca_benchmark}
+
+
+def run_benchmark(what: str, arch: str = "tiny", *, text_layers: int | None = None, **kwargs: Any) -> dict[str, Any]:
+    """``difffeat bench WHAT --arch ARCH``: the tiny-model benchmarks (:data:`BENCHMARKS`) for ``arch="tiny"``,
+    else a suite on a real-size architecture (:mod:`difffeat.bench_real`)."""
+    if arch != "tiny":
+        from .bench_real import real_benchmark
+
+        return real_benchmark(what, arch, text_layers=text_layers, **kwargs)
+    if what not in BENCHMARKS:
+        raise ValueError(f"unknown benchmark {what!r} for --arch tiny; choose one of {', '.join(BENCHMARKS)}")
+    return BENCHMARKS[what](**kwargs)

@@ -318,16 +318,16 @@ def bench(
     out_file: Optional[Path] = typer.Option(None, "--out", help="Write the figures as JSON here."),
     device: str = typer.Option("cpu", help="cpu or cuda (GPU memory is then the allocator's peak)."),
     dtype: Optional[str] = typer.Option(None, help="fp16, bf16 or fp32; default fp16 on CUDA, fp32 on the CPU."),
+    arch: str = typer.Option("tiny", help="tiny (the quick SD1.5-shaped model) or a real-size architecture with random weights: sd15, sd21, sdxl, pixart, sd3, flux (suites goca, features, vae)."),
+    text_layers: Optional[int] = typer.Option(None, help="Cap on text-encoder depth for --arch (leaves the denoiser and VAE unchanged)."),
 ) -> None:
     """Speed/memory benchmarks, reported as ratios against a baseline measured in the same run."""
-    from .bench import BENCHMARKS
+    from .bench import run_benchmark
     from .io import write_json
 
-    if what not in BENCHMARKS:
-        _fail(ValueError(f"unknown benchmark {what!r}; choose one of {', '.join(BENCHMARKS)}"))
     try:
-        figures = BENCHMARKS[what](resolution=resolution, repeats=repeats, device=device, dtype=dtype)
-    except ValueError as exc:
+        figures = run_benchmark(what, arch, resolution=resolution, repeats=repeats, device=device, dtype=dtype, text_layers=text_layers)
+    except (ValueError, DifffeatError) as exc:
         _fail(exc)
     out.print_json(json.dumps(figures))
     if out_file:
