@@ -11,7 +11,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from .errors import DifffeatError
+from .errors import DifffeatError, InvalidOptionError
 
 app = typer.Typer(
     name="difffeat",
@@ -142,6 +142,11 @@ def _segment_overrides(heads, layers, rescale, tau, t, refine_order) -> dict:
     return {k: v for k, v in dict(heads=heads, layers=layers, rescale=rescale, tau=tau, t=t, refine_order=refine_order).items() if v is not None}
 
 
+def _check_batch_size(batch_size: int) -> None:
+    if batch_size < 1:
+        raise InvalidOptionError(f"--batch-size must be >= 1, got {batch_size}")
+
+
 @app.command()
 def segment(
     images: list[Path] = typer.Argument(..., help="Image files."),
@@ -159,16 +164,16 @@ def segment(
     coco_results: Optional[Path] = typer.Option(None, help="Also write COCO results JSON (RLE) here."),
     device: Optional[str] = typer.Option(None, help="cpu, cuda, ..."),
     dtype: Optional[str] = typer.Option(None, help="fp32, fp16, bf16."),
+    batch_size: int = typer.Option(1, help="Images per forward (consecutive images of one input size share it; same results)."),
 ) -> None:
     """Segment IMAGES into CLASSES: OUT/<stem>_labels.png (0 = background, i = i-th class), _overlay.png, .json."""
-    from tqdm.auto import tqdm
-
     from . import Segmenter, load
     from .io import write_json
     from .segment.outputs import save_result, to_coco_results
     from .segment.prompts import check_classes
 
     try:
+        _check_batch_size(batch_size)
         names = check_classes(_split(classes))
         seg = Segmenter(load(model, device=device, dtype=dtype), method=method,
                         **_segment_overrides(heads, layers, rescale, tau, t, refine_order))
@@ -177,8 +182,7 @@ def segment(
             raise ValueError("several images share a file stem; their outputs would overwrite each other")
         coco = []
         cat_ids = {c: i + 1 for i, c in enumerate(names)}
-        for i, path in enumerate(tqdm(images, desc="segment", unit="img")):
-            result = seg(path, names)
+        for i, (path, result) in enumerate(zip(images, seg.segment(images, names, progress=True, batch_size=batch_size))):
             save_result(result, path, out_dir, path.stem, heatmaps=heatmaps)
             coco += to_coco_results(result, i + 1, cat_ids)
         if coco_results:
@@ -208,6 +212,7 @@ def evaluate_cmd(
     report: Path = typer.Option(Path("eval_report.json"), help="Where to write the JSON report."),
     run_dir: Optional[Path] = typer.Option(None, "--out", help="Run folder (manifest, per-chunk confusion counts for resuming); default: <report>_run/."),
     chunk_size: int = typer.Option(8, help="Images per resumable chunk."),
+    batch_size: int = typer.Option(1, help="Images per forward within a chunk (same results)."),
     num_workers: int = typer.Option(2, help="DataLoader workers preparing images ahead of the model (0 = inline)."),
     overwrite: bool = typer.Option(False, help="Recompute everything in --out, replacing results of other settings."),
     device: Optional[str] = typer.Option(None), dtype: Optional[str] = typer.Option(None),
@@ -223,6 +228,7 @@ def evaluate_cmd(
     from .scale import EvalJob, init_state, run_eval, tune_tau_distributed
 
     try:
+        _check_batch_size(batch_size)
         if coco:
             data = CocoDataset(coco, images or coco.parent / "images")
             desc = {"coco": str(coco.resolve()), "images": str(data.images.resolve())}
@@ -247,7 +253,7 @@ def evaluate_cmd(
             seg.settings = seg.settings.update(tau=best)
             tuned = {"split": tune_shapes_split, "n": tune_n, "tau": best, "miou_by_tau": scores}
         run_dir = run_dir or report.with_name(report.stem + "_run")
-        job = EvalJob(run_dir, setting=setting, limit=limit, chunk_size=chunk_size, num_workers=num_workers,
+        job = EvalJob(run_dir, setting=setting, limit=limit, chunk_size=chunk_size, batch_size=batch_size, num_workers=num_workers,
                       overwrite=overwrite, dataset=desc)
         result = run_eval(seg, data, job, state, extra_manifest={"tau_tuning": {k: v for k, v in (tuned or {}).items() if k != "miou_by_tau"}})
         if tuned:

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from ..evaluate.metrics import ConfusionMatrix
-from ..evaluate.runner import EvalReport, _add_at_every_tau, _report, _to_dataset_labels, best_tau, segment_item
+from ..evaluate.runner import EvalReport, _add_at_every_tau, _report, _to_dataset_labels, best_tau, segment_item, segment_items
 from ..io import write_bytes, write_json
 from ..segment.segmenter import Segmenter
 from .data import LoadFailure, eval_loader
@@ -40,6 +40,8 @@ class EvalJob:
     setting: str = "oracle"
     limit: int | None = None
     chunk_size: int = 8
+    #: images per forward within a chunk (same results as 1)
+    batch_size: int = 1
     num_workers: int = 2
     overwrite: bool = False
     progress: bool = True
@@ -121,11 +123,13 @@ def run_eval(segmenter: Segmenter, dataset, job: EvalJob, state=None, extra_mani
     loader = iter(eval_loader(dataset, indices, job.num_workers))
     for start, stop in todo:
         cm = ConfusionMatrix(k)
+        items = []
         for _ in range(start, stop):
             i, item = next(loader)
             if isinstance(item, LoadFailure):
                 raise item.error()
-            result, labels = segment_item(segmenter, item, classes, job.setting)
+            items.append(item)
+        for item, (result, labels) in zip(items, segment_items(segmenter, items, classes, job.setting, job.batch_size)):
             cm.update(item.gt, _to_dataset_labels(result, labels, item.gt.shape))
             bar.update(1)
         _save_part(_part_path(parts, start, stop), cm.counts, stop - start, fingerprint)
