@@ -12,6 +12,7 @@ Suites:
   vs what storing every head's map would keep (sizes from the captured shapes); the extra peak memory of
   a segmentation over a bare forward, in a fresh subprocess (peak RSS on the CPU, allocator peak on CUDA).
 * ``features`` — a feature preset's extraction (forward part and end to end) with and without early exit.
+* ``throughput`` — images/s of batched segmentation (``Segmenter.segment``) at batch 1, 4 and 8.
 * ``vae`` — the VAE encode in bf16 (and fp16 on CUDA) vs fp32: time ratio and the relative error of the
   latents and of the preset's features.
 """
@@ -30,7 +31,7 @@ from typing import Any
 
 from .errors import InvalidOptionError
 
-__all__ = ["REAL_SUITES", "real_benchmark", "goca_real", "features_real", "vae_real"]
+__all__ = ["REAL_SUITES", "real_benchmark", "goca_real", "features_real", "vae_real", "throughput_real"]
 
 _CAPTION_CLASSES = ["cat", "dog"]
 _DEFAULT_PRESET = {"sd15": "sd15-practical", "sd21": "sd21-practical", "sdxl": "sdxl-practical",
@@ -171,8 +172,14 @@ def goca_real(arch: str, resolution: int, repeats: int = 3, device: str = "cpu",
     mem = None
     if memory:  # first, so that the subprocess and this process never hold a model at the same time
         _progress(f"{arch} {resolution}px: peak memory in a fresh process")
-        mem = (memory_child(arch, resolution, device, dtype, text_layers) if device.startswith("cuda")
-               else _memory_in_subprocess(arch, resolution, dtype, text_layers))
+        if device.startswith("cuda"):  # the allocator's peak is per process and exact: measured here
+            import gc
+
+            mem = memory_child(arch, resolution, device, dtype, text_layers)
+            gc.collect()
+            torch.cuda.empty_cache()
+        else:
+            mem = _memory_in_subprocess(arch, resolution, dtype, text_layers)
     _progress(f"{arch}: building the real-size pipeline (random weights)")
     seg = Segmenter(_backbone(arch, device, dtype, text_layers), resolution=resolution)
     backbone, s = seg.backbone, seg.settings
@@ -300,7 +307,40 @@ def vae_real(arch: str, resolution: int, repeats: int = 3, device: str = "cpu", 
     return out
 
 
-REAL_SUITES: dict[str, Callable[..., dict[str, Any]]] = {"goca": goca_real, "features": features_real, "vae": vae_real}
+# ------------------------------------------------------------------------------------------------ throughput
+def throughput_real(arch: str, resolution: int, repeats: int = 3, device: str = "cpu", dtype: str | None = None,
+                    text_layers: int | None = None, batch_sizes: tuple[int, ...] = (1, 4, 8)) -> dict[str, Any]:
+    """Images/s of ``Segmenter.segment`` (what ``segment``/``eval`` run) at each batch size, on
+    ``max(batch_sizes)`` distinct images of one size; each batch size timed in turn per repeat."""
+    from . import Segmenter
+
+    _progress(f"{arch}: building the real-size pipeline (random weights)")
+    seg = Segmenter(_backbone(arch, device, dtype, text_layers), resolution=resolution)
+    n = max(batch_sizes)
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(1)
+    images = [Image.fromarray(rng.integers(0, 256, (resolution, resolution, 3), dtype=np.uint8)) for _ in range(n)]
+    list(seg.segment(images[:1], _CAPTION_CLASSES))  # warm-up
+    timed = _timer(device)
+    t = {b: [] for b in batch_sizes}
+    for i in range(repeats):
+        for b in batch_sizes:
+            _progress(f"{arch} throughput: repeat {i + 1}/{repeats}, batch {b}")
+            t[b].append(timed(lambda: list(seg.segment(images, _CAPTION_CLASSES, batch_size=b))))
+    ips = {b: n / statistics.median(v) for b, v in t.items()}
+    return {
+        "suite": "throughput", "arch": arch, "resolution": resolution, "repeats": repeats, "images": n,
+        **_environment(device, seg.backbone),
+        "images_per_s": {str(b): round(v, 3) for b, v in ips.items()},
+        "vs_batch_1": {str(b): round(v / ips[batch_sizes[0]], 3) for b, v in ips.items()},
+    }
+
+
+REAL_SUITES: dict[str, Callable[..., dict[str, Any]]] = {
+    "goca": goca_real, "features": features_real, "vae": vae_real, "throughput": throughput_real,
+}
 
 
 def real_benchmark(suite: str, arch: str, **kwargs: Any) -> dict[str, Any]:
