@@ -82,3 +82,12 @@ def presets_for(backbone) -> list[str]:
         name for name in list_presets()
         if (p := load_preset(name)).family == backbone.family and not p.missing_in(cat)
     ]  # fmt: skip
+
+
+def preset_rows() -> list[list[str]]:
+    """``[name, family, t, resolution, validated, features (one per line)]`` for every preset (``difffeat presets``)."""
+    rows = []
+    for name in list_presets():
+        p = load_preset(name)
+        rows.append([name, p.family, str(p.t), str(p.resolution), "yes" if p.validated else "NO", "\n".join(p.features)])
+    return rows
