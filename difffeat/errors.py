@@ -20,6 +20,7 @@ __all__ = [
     "DatasetError",
     "DeviceError",
     "ManifestMismatchError",
+    "AttentionBackendError",
     "close_matches",
 ]
 
@@ -89,6 +90,11 @@ class DeviceError(DifffeatError, RuntimeError):
 
 class ManifestMismatchError(DifffeatError):
     """The output folder holds results made with different settings."""
+
+
+class AttentionBackendError(DifffeatError, RuntimeError):
+    """Attention maps were asked of a layer whose attention backend cannot return them (flash, sage,
+    xformers...): the message names the layer, its backend and how to switch to one that can."""
 
 
 def close_matches(name: str, known: Iterable[str], n: int = 5) -> list[str]:

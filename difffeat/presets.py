@@ -10,7 +10,7 @@ import yaml
 from .errors import ConfigError, close_matches
 from .resources import data_dir
 
-__all__ = ["FeaturePreset", "load_preset", "list_presets", "presets_for"]
+__all__ = ["FeaturePreset", "load_preset", "list_presets", "presets_for", "recommended_preset"]
 
 
 @dataclass(frozen=True)
@@ -91,3 +91,11 @@ def preset_rows() -> list[list[str]]:
         p = load_preset(name)
         rows.append([name, p.family, str(p.t), str(p.resolution), "yes" if p.validated else "NO", "\n".join(p.features)])
     return rows
+
+
+def recommended_preset(backbone) -> str | None:
+    """The preset to start from on ``backbone``: among :func:`presets_for`, one made for this model
+    (``models`` names it) before one for its family, a ``*-practical`` one before the others; None if none fits."""
+    fits = presets_for(backbone)
+    name = str(getattr(backbone, "name", ""))
+    return min(fits, key=lambda p: (name not in load_preset(p).models, not p.endswith("-practical")), default=None)

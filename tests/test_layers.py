@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1] / "difffeat"
 #: unit (top-level module or subpackage of difffeat) -> layer; a unit may import its own layer or lower ones
 LAYERS = [
     {"errors", "version", "checks", "resources", "images", "io", "hookpoints", "tokenizers"},
-    {"shapes", "testing"},  # the synthetic data world and tiny offline models: diffusers + the basics only
+    {"shapes", "testing", "architectures"},  # synthetic data world, tiny offline models, real-size configs: diffusers + basics
     {"backbones"},
     {"catalog"},
     {"capture"},
