@@ -200,9 +200,19 @@ def test_images_between_the_bomb_limit_and_twice_it_are_read_and_larger_ones_nam
         images.to_rgb(tmp_path / "huge.png")
 
 
-def test_numeric_checks_run_before_the_model_loads(monkeypatch, world):
-    import difffeat.backbones.loading as loading
+@pytest.mark.parametrize("args", [["--help"], ["segment", "--help"], ["eval", "--help"],
+                                  ["segment", "x.png", "-c", "cat", "-o", "{tmp}/o", "--tau", "nan"],
+                                  ["eval", "--shapes-split", "test", "--n", "0", "--out", "{tmp}/e"],
+                                  ["extract", "m", "x.png", "-f", "a", "-o", "{tmp}/o", "--resolution", "7"]])
+def test_help_and_argument_errors_import_neither_torch_nor_diffusers(args, tmp_path):
+    """What makes `--help` and argument errors answer at once (benchmarks/startup.py times it): the checks
+    run before any heavy import, so no model can load before them either."""
+    import subprocess
+    import sys
 
-    monkeypatch.setattr(loading, "load", lambda *a, **k: pytest.fail("a model was loaded"))
-    result = runner.invoke(app, _fill(CASES["tau-nan"][0], world))
-    assert result.exit_code == 2
+    code = ("import sys; from typer.testing import CliRunner; from difffeat.cli import app; "
+            f"r = CliRunner().invoke(app, {[a.format(tmp=tmp_path) for a in args]!r}); "
+            "print(r.exit_code, sorted(m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules))")
+    env = {**__import__("os").environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120).stdout
+    assert out.split(maxsplit=1) == [("0" if args[-1] == "--help" else "2"), "[]\n"], out

@@ -9,16 +9,27 @@ mixing outputs of different settings. One process is a world of one: the Python 
     accelerate launch --multi_gpu --num_processes 4 -m difffeat.cli extract MODEL imgs/ --preset P --out feats/
 """
 
-from .engine import UNREADABLE, Run, RunSummary
-from .evaluation import EvalJob, evaluate, run_eval, tune_tau
-from .extract import ExtractJob, ExtractSummary, feature_file_ok, run_extract
-from .manifest import Manifest
-from .processes import init_state, shard
-from .segment import SegmentJob, run_segment
-from .sources import ImageRef, coco_images, collect_images, voc_images
+import importlib
+from typing import Any
 
-__all__ = [
-    "Run", "RunSummary", "UNREADABLE", "ImageRef", "collect_images", "coco_images", "voc_images", "ExtractJob",
-    "ExtractSummary", "run_extract", "feature_file_ok", "SegmentJob", "run_segment", "EvalJob", "run_eval",
-    "evaluate", "tune_tau", "Manifest", "init_state", "shard",
-]
+#: public name -> module of this package that defines it (imported on first use: ``difffeat.runs.commands``,
+#: which the CLI calls, checks its inputs before torch or diffusers are imported)
+_API = {
+    "Run": "engine", "RunSummary": "engine", "UNREADABLE": "engine",
+    "EvalJob": "evaluation", "evaluate": "evaluation", "run_eval": "evaluation", "tune_tau": "evaluation",
+    "ExtractJob": "extract", "ExtractSummary": "extract", "feature_file_ok": "extract", "run_extract": "extract",
+    "Manifest": "manifest", "init_state": "processes", "shard": "processes",
+    "SegmentJob": "segment", "run_segment": "segment",
+    "ImageRef": "sources", "coco_images": "sources", "collect_images": "sources", "voc_images": "sources",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _API:
+        raise AttributeError(f"module 'difffeat.runs' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_API[name]}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+__all__ = list(_API)

@@ -9,18 +9,26 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from typing import TYPE_CHECKING
+
 from ..checks import check_device, check_number, check_out_dir, check_out_file, check_resolution, split_names
 from ..errors import InvalidOptionError
-from .engine import RunSummary
-from .sources import ImageRef, coco_images, collect_images, voc_images
+
+if TYPE_CHECKING:
+    from .engine import RunSummary
+    from .sources import ImageRef
+
+# Only the checks are imported at the top: a bad option is reported before torch or diffusers load.
 
 __all__ = ["split_names", "image_sources", "extract", "segment", "evaluate_dataset", "EvalOutcome", "segmenter_overrides"]
 
 
 def image_sources(images: Sequence[str | os.PathLike] | None = None, coco: str | os.PathLike | None = None,
                   coco_images_dir: str | os.PathLike | None = None, voc: str | os.PathLike | None = None,
-                  voc_split: str | None = None) -> tuple[list[ImageRef], dict[str, Any]]:
+                  voc_split: str | None = None) -> "tuple[list[ImageRef], dict[str, Any]]":
     """The images of exactly one source (files/folders/globs, a COCO file, a VOC folder) and its description."""
+    from .sources import coco_images, collect_images, voc_images
+
     if sum(bool(x) for x in (images, coco, voc)) != 1:
         raise InvalidOptionError("give the images one way: IMAGE... (files, folders, globs), --coco ANN, or --voc DIR")
     if coco:
@@ -47,20 +55,21 @@ def extract(model: str, images: Sequence[str | os.PathLike] | None = None, *, ou
             voc: str | os.PathLike | None = None, voc_split: str | None = None, prompt: str = "",
             resolution: int | None = None, square: bool = False, seed: int = 0, batch_size: int = 8,
             num_workers: int = 2, overwrite: bool = False, skip_unreadable: bool = False, device: str | None = None,
-            dtype: str | None = None) -> tuple[RunSummary, list[str]]:
+            dtype: str | None = None) -> "tuple[RunSummary, list[str]]":
     """``difffeat extract``: features of every image into ``out_dir`` (see :func:`run_extract`); returns the
     summary and the feature names."""
-    from ..backbones import load
-    from ..features import FeatureExtractor
-    from .extract import ExtractJob, run_extract
-    from .processes import init_state
-
     names = split_names(features)
     if not names and not preset:
         raise InvalidOptionError("name the features with --features a,b or pick --preset (see `difffeat presets`)")
     _check_run_options(batch_size, num_workers, seed, t)
     check_resolution("--resolution", resolution)
     check_out_dir(out_dir, "--out folder")
+
+    from ..backbones import load
+    from ..features import FeatureExtractor
+    from .extract import ExtractJob, run_extract
+    from .processes import init_state
+
     refs, desc = image_sources(images, coco, coco_images_dir, voc, voc_split)
     check_device(device)
     state = init_state(device)
@@ -84,9 +93,16 @@ def segment(images: Sequence[str | os.PathLike], classes: str | Sequence[str], *
             model: str = "shapes", method: str = "goca", heatmaps: bool = False,
             coco_results: str | os.PathLike | None = None, num_workers: int = 2, overwrite: bool = False,
             skip_unreadable: bool = False, device: str | None = None, dtype: str | None = None,
-            **overrides: Any) -> tuple[RunSummary, list[str]]:
+            **overrides: Any) -> "tuple[RunSummary, list[str]]":
     """``difffeat segment``: label maps of every image into ``out_dir`` (see :func:`run_segment`), resumable and
     sharded over processes; ``overrides`` are :class:`SegmentSettings` fields (heads, layers, tau, ...)."""
+    if method not in ("goca", "vanilla"):
+        raise InvalidOptionError(f"--method must be goca or vanilla, got {method!r}")
+    settings = segmenter_overrides(**{k: overrides.pop(k) for k in ("heads", "layers", "rescale", "tau", "t", "refine_order") if k in overrides})
+    check_number("--num-workers", num_workers, 0, 256, integer=True)
+    check_out_dir(out_dir, "--out folder")
+    check_out_file(coco_results, "--coco-results file")
+
     from ..backbones import load
     from ..segment.prompts import check_classes
     from ..segment.segmenter import Segmenter
@@ -94,12 +110,6 @@ def segment(images: Sequence[str | os.PathLike], classes: str | Sequence[str], *
     from .segment import SegmentJob, run_segment
 
     names = check_classes(split_names(classes))
-    if method not in ("goca", "vanilla"):
-        raise InvalidOptionError(f"--method must be goca or vanilla, got {method!r}")
-    settings = segmenter_overrides(**{k: overrides.pop(k) for k in ("heads", "layers", "rescale", "tau", "t", "refine_order") if k in overrides})
-    check_number("--num-workers", num_workers, 0, 256, integer=True)
-    check_out_dir(out_dir, "--out folder")
-    check_out_file(coco_results, "--coco-results file")
     refs, desc = image_sources(images)
     check_device(device)
     state = init_state(device)
@@ -131,15 +141,8 @@ def evaluate_dataset(model: str = "shapes", *, coco: str | os.PathLike | None = 
     """``difffeat eval``: mIoU of a dataset (COCO, VOC-style or generated shapes), tau optionally tuned on a
     separate shapes split first; the run folder ``out_dir`` holds the resumable parts and, by default, the
     report (``out_dir/report.json``)."""
-    from ..backbones import load
-    from ..evaluate import SETTINGS, CocoDataset, ShapesDataset, VocDataset
-    from ..io import write_json
-    from ..segment.segmenter import Segmenter
-    from .evaluation import EvalJob, run_eval, tune_tau
-    from .processes import init_state
-
-    if setting not in SETTINGS:
-        raise InvalidOptionError(f"--setting must be one of {', '.join(SETTINGS)}, got {setting!r}")
+    if setting not in ("oracle", "all"):  # difffeat.evaluate.SETTINGS
+        raise InvalidOptionError(f"--setting must be oracle or all, got {setting!r}")
     if method not in ("goca", "vanilla"):
         raise InvalidOptionError(f"--method must be goca or vanilla, got {method!r}")
     check_number("--n", n, 1, 10**7, integer=True)
@@ -152,6 +155,14 @@ def evaluate_dataset(model: str = "shapes", *, coco: str | os.PathLike | None = 
         raise InvalidOptionError("tau must be chosen on a different split than the one evaluated")
     out_dir = check_out_dir(out_dir, "--out folder")
     report_path = check_out_file(Path(report) if report else out_dir / "report.json", "--report file")
+
+    from ..backbones import load
+    from ..evaluate import CocoDataset, ShapesDataset, VocDataset
+    from ..io import write_json
+    from ..segment.segmenter import Segmenter
+    from .evaluation import EvalJob, run_eval, tune_tau
+    from .processes import init_state
+
     if coco:
         data = CocoDataset(coco, images or Path(coco).parent / "images")
         desc = {"coco": str(Path(coco).resolve()), "images": str(data.images.resolve())}
