@@ -148,7 +148,8 @@ def segment(
     classes: str = typer.Option(..., "--classes", "-c", help="Comma-separated class names, e.g. cat,dog,grass."),
     model: str = typer.Option("shapes", "--model", "-m", help=MODEL_HELP),
     out_dir: Path = typer.Option(..., "--out", "-o", help="Output folder."),
-    method: str = typer.Option("goca", help="goca or vanilla (then --heads/--layers/--rescale override)."),
+    method: Optional[str] = typer.Option(None, help="goca or vanilla (then --heads/--layers/--rescale override); default: the config's (GOCA in every shipped default config)."),
+    config: str = typer.Option("default", "--config", help="Segmentation config: default (configs/goca/<model or family>.yaml) | goca-reference (the published pipeline of the model's family)."),
     heads: Optional[str] = typer.Option(None, help="Head aggregation: goca | mean."),
     layers: Optional[str] = typer.Option(None, help="Layer aggregation: goca | uniform."),
     rescale: Optional[str] = typer.Option(None, help="Per-pixel rescaling: goca | none."),
@@ -170,7 +171,7 @@ def segment(
 
     try:
         names = check_classes(_split(classes))
-        seg = Segmenter(load(model, device=device, dtype=dtype), method=method,
+        seg = Segmenter(load(model, device=device, dtype=dtype), method=method, config=config,
                         **_segment_overrides(heads, layers, rescale, tau, t, refine_order))
         stems = [p.stem for p in images]
         if len(set(stems)) != len(stems):
