@@ -161,14 +161,15 @@ LAYOUT = PromptLayout("a photo of cat, potted plant, background", ["cat", "potte
 @pytest.mark.parametrize(
     "family, blocks, ref_channels, image",
     [
-        ("sd", sd15_blocks(), 640, 512),
+        ("sd", sd15_blocks(), 640, 512),  # ~9 s
         pytest.param("sdxl", sdxl_blocks(), 640, 1024, marks=pytest.mark.slow),  # 70 layers: ~50 s on one core
     ],
     ids=["sd15-512", "sdxl-1024"],
 )
 def test_goca_reference_equals_the_published_transcription_at_every_tau(family, blocks, ref_channels, image):
     """Same labels at every tau of the reference's grid. The transcription runs in float64, difffeat in float32:
-    a pixel may differ only where the exact scores tie to within float32 resolution (margin < 1e-5)."""
+    a pixel may differ only where the exact scores tie to within float32 round-off, which after 70 layers,
+    two 4096-term propagations and min-max reaches ~1e-5 (margin < 1e-4), and such pixels are rare."""
     s = settings_for("x", family, "goca-reference")
     acts = random_observation(blocks, s.ref_block, ref_channels, seed=3)
     names = [b for b, _ in blocks]
@@ -189,7 +190,7 @@ def test_goca_reference_equals_the_published_transcription_at_every_tau(family, 
         got = torch.from_numpy(decide(cls_maps, tau + support, (image, image))[0]).long()
         want, margin = expected[tau]
         differ = got != want
-        assert bool((margin[differ] < 1e-5).all()), f"tau={tau}: a pixel with a clear decision differs"
+        assert bool((margin[differ] < 1e-4).all()), f"tau={tau}: a pixel with a clear decision differs"
         assert int(differ.sum()) <= image * image // 10_000, f"tau={tau}: {int(differ.sum())} pixels differ"
         labels_seen |= set(want.unique().tolist())
     assert labels_seen == {0, 1, 2}  # the decisions are not trivially one label
@@ -367,6 +368,14 @@ def test_segmenter_resolves_goca_reference_to_the_family_file(tiny_pipes):
     assert seg.settings == settings_for("x", "sdxl", "goca-reference")
     result = seg(random_image(32, 32), ["cat", "dog"])
     assert result.settings["ref_channels"] == "first"
+
+
+def test_reference_feature_can_be_a_full_activation_name(tiny_pipes):
+    """FLUX's published reference feature is a single-stream block's attention output, not a query."""
+    seg = Segmenter(backbone_for(tiny_pipes, "flux"), ref_block="single_transformer_blocks.0.attn.out")
+    assert seg.ref_name == "single_transformer_blocks.0.attn.out"
+    assert "single_transformer_blocks.0.attn.out" in seg.activation_names()
+    assert len(seg(random_image(32, 32), ["cat", "dog"]).layer_weights) == len(seg.cross_names)
 
 
 def test_unknown_config_lists_the_available_ones(tiny_pipes):
