@@ -26,12 +26,13 @@ from PIL import Image
 
 from ..backbones.base import Backbone, check_timestep
 from ..backbones.loading import load
-from ..capture import Capture, MapReducer, head_mean
+from ..capture import Capture, MapReducer, catalog_of, head_mean
 from ..errors import ConfigError, UnknownActivationError
 from ..hookpoints import load_table
 from ..images import ImageInput, to_rgb
 from .aggregation import GocaHeadReducer, combine_layers, layer_weights, resize_self_map
 from .prompts import PromptLayout, build_layout
+from .vocabulary import class_words
 from .rescale import class_scores, gaussian_blur, minmax, propagate, rescale_by_content
 from .settings import DEFAULT_CONFIG, SegmentSettings, settings_for
 
@@ -219,7 +220,7 @@ class Segmenter:
 
     # ------------------------------------------------------------------ which activations
     def _plan(self) -> None:
-        cat = self.backbone.catalog()
+        cat = catalog_of(self.backbone)
         suffix = load_table(self.backbone.hook_table).goca
         cross_all = [a for a in cat if a.name.endswith("." + suffix["cross"]) and a.kind == "cross-map"]
         if not cross_all:
@@ -305,6 +306,7 @@ class Segmenter:
         custom = self._check_head_reducers(head_reducers)
         rgb = to_rgb(image)
         ents = list(s.background_entities) + list(entities or [])
+        classes = classes if caption is not None else class_words(classes, self.backbone)  # case, plurals, unknown words
         layout = build_layout(classes, self.backbone.text_segments(), s.template, ents, caption)
         inputs = self.backbone.prepare([rgb], layout.caption, s.t, s.seed, s.resolution)
         reducers = {}
@@ -320,7 +322,7 @@ class Segmenter:
         """``head_reducers`` keyed by canonical cross-attention names; a clear error for any other key."""
         out = {}
         for name, reducer in (head_reducers or {}).items():
-            canonical = self.backbone.catalog().canonical(name)  # paper aliases too
+            canonical = catalog_of(self.backbone).canonical(name)  # paper aliases too
             if canonical not in self.cross_names:
                 raise UnknownActivationError(
                     name, self.cross_names, hint="head_reducers keys must be this segmenter's cross-attention maps (Segmenter.cross_names)."
