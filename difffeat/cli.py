@@ -176,11 +176,10 @@ def segment(
         if len(set(stems)) != len(stems):
             raise ValueError("several images share a file stem; their outputs would overwrite each other")
         coco = []
-        cat_ids = {c: i + 1 for i, c in enumerate(names)}
         for i, path in enumerate(tqdm(images, desc="segment", unit="img")):
             result = seg(path, names)
             save_result(result, path, out_dir, path.stem, heatmaps=heatmaps)
-            coco += to_coco_results(result, i + 1, cat_ids)
+            coco += to_coco_results(result, i + 1, result.class_index)  # classes as normalised (Circles -> circle)
         if coco_results:
             write_json(coco_results, coco)
     except (DifffeatError, ValueError) as exc:

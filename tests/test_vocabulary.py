@@ -93,3 +93,20 @@ def test_open_vocabulary_keeps_names_and_has_no_word_list(tiny_pipes):
     with pytest.raises(InvalidPromptError) as err:
         check_class_words([], backbone)
     assert "cat, dog" in str(err.value)
+
+
+@needs_shapes
+def test_segment_cli_normalises_and_warns(tmp_path):
+    from typer.testing import CliRunner
+
+    from difffeat.cli import app
+
+    image = package_dir() / "examples" / "shapes_test_0006.png"  # a cross and a square
+    coco = tmp_path / "coco.json"
+    with pytest.warns(ClassVocabularyWarning, match="banana"):
+        res = CliRunner().invoke(app, ["segment", str(image), "--classes", "Crosses, banana", "-o", str(tmp_path),
+                                       "--coco-results", str(coco)])
+    assert res.exit_code == 0, res.output
+    entries = json.loads(coco.read_text())
+    assert 1 in {e["category_id"] for e in entries}  # "Crosses" segmented as the class word "cross", id 1
+    assert json.loads((tmp_path / "shapes_test_0006.json").read_text())["classes"] == {"background": 0, "cross": 1, "banana": 2}
