@@ -550,7 +550,7 @@ def build_demo(
             cache.describe(model) if cache.loaded(model) else "Loading the model ...", elem_id="model-status"
         )
         load_msg = gr.Markdown(elem_id="load-message")
-        load_btn.click(load_model, [model_box], [status], api_name="load_model", show_progress_on=[load_msg])
+        loaded = load_btn.click(load_model, [model_box], [status], api_name="load_model", show_progress_on=[load_msg])
 
         with gr.Tab("Segment"):
             with gr.Row():
@@ -576,7 +576,7 @@ def build_demo(
                     file_out = gr.File(label="label PNG at the image size (pixel value = class index, 0 = background)",
                                        elem_id="seg-file")
             gr.Examples([list(e) for e in examples], [image, classes], label="bundled examples", elem_id="seg-examples")
-            offer.input(lambda picked: ", ".join(picked), [offer], [classes], api_name=False, show_progress="hidden")
+            offer.input(None, [offer], [classes], js="(picked) => picked.join(', ')", api_name=False, show_progress="hidden")
             image.upload(lambda img: "", [image], [seg_msg], api_name=False, show_progress_on=[seg_msg])
             seg_btn.click(
                 segment,
@@ -650,8 +650,10 @@ def build_demo(
                     elem_id="shift-unavailable",
                 )
 
-        demo.load(page_state, [model_box], [status, known, offer, t_box, tau], api_name=False,
-                  show_progress_on=[load_msg])
+        page_outputs = [status, known, offer, t_box, tau]
+        demo.load(page_state, [model_box], page_outputs, api_name=False, show_progress_on=[load_msg])
+        loaded.success(page_state, [model_box], page_outputs, api_name=False, show_progress_on=[load_msg]).success(
+            catalog_view, view_inputs, view_outputs, api_name=False, show_progress_on=[load_msg])
 
     demo.difffeat_cache = cache  # for tests and scripts
     demo.difffeat_meter = meter

@@ -177,6 +177,32 @@ def test_unknown_class_word_gives_a_visible_warning(served, browser):
     assert "star" in _pixels(out["legend"])
 
 
+def test_bad_upload_is_refused_at_upload_with_one_message_and_offered_classes_fill_the_box(served, browser, tmp_path):
+    url, _ = served
+    fake = tmp_path / "holiday.png"
+    fake.write_text("this is a text file, not a PNG")
+    page = _open(browser, url, 1280)
+    try:
+        page.locator("#seg-image input[type=file]").set_input_files(str(fake))
+        toast = page.locator(".toast-body").filter(has_text="cannot read")
+        toast.first.wait_for(timeout=TIMEOUT)  # refused at upload, before any Segment click
+        message = toast.first.inner_text()
+        assert "Error" in page.locator("#seg-message").inner_text()  # the badge sits on the message line ...
+        badges = [page.locator(f"{panel}").inner_text() for panel in ("#seg-overlay", "#seg-labels", "#seg-legend")]
+        if SHAPES_INSTALLED:
+            page.locator("#seg-offer").get_by_text("star", exact=True).click()
+            page.locator("#seg-offer").get_by_text("heart", exact=True).click()
+            box = page.locator("#seg-classes textarea, #seg-classes input").first
+            page.wait_for_function("e => e.value.includes('heart')", arg=box.element_handle(), timeout=TIMEOUT)
+            typed = box.input_value()
+    finally:
+        page.close()
+    assert "'holiday.png'" in message and "/tmp" not in message and "numpy" not in message
+    assert not any("Error" in b for b in badges), "an output panel shows an error badge"  # ... and only there
+    if SHAPES_INSTALLED:
+        assert typed == "star, heart"
+
+
 def test_features_tab_extracts_the_recommended_preset_at_its_t_without_extra_clicks(served, browser):
     from safetensors import safe_open
 
