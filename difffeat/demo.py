@@ -25,6 +25,7 @@ import torch
 from PIL import Image
 
 from .backbones.base import Backbone
+from .capture import catalog_of
 from .errors import DifffeatError, InvalidImageError, InvalidPromptError, ModelNotFoundError
 from .resources import package_dir
 
@@ -104,7 +105,7 @@ class ModelCache:
                 loaded = LoadedModel(load(tiny_pipeline("sd"), device=self.device), note=FALLBACK_NOTE)
             if progress:
                 progress(0.8, "building the activation catalog ...")
-            loaded.backbone.catalog()
+            catalog_of(loaded.backbone)
             self._models[name] = loaded
             return loaded
 
@@ -248,7 +249,7 @@ def catalog_rows(backbone: Backbone, kinds: Sequence[str] = (), resolution: str 
     """Catalog rows ``[name, kind, shape, resolution, flags]``, optionally filtered by kinds and by a
     resolution written ``"HxW"`` (attention maps have none: "map")."""
     rows = []
-    for a in backbone.catalog():
+    for a in catalog_of(backbone):
         res = "x".join(map(str, a.resolution)) if a.resolution else "map"
         if kinds and a.kind not in kinds:
             continue

@@ -75,7 +75,9 @@ def load_preset(name: str) -> FeaturePreset:
 
 def presets_for(backbone) -> list[str]:
     """Names of the presets that fit ``backbone``: its family, and every activation present in its catalog."""
-    cat = backbone.catalog()
+    from .capture import catalog_of
+
+    cat = catalog_of(backbone)
     return [
         name for name in list_presets()
         if (p := load_preset(name)).family == backbone.family and not p.missing_in(cat)
