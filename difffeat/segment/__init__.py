@@ -4,6 +4,7 @@ from .aggregation import FixedHeadWeights, GocaHeadReducer
 from .prompts import PromptLayout, TextSegment, build_layout
 from .segmenter import Observation, SegmentationResult, Segmenter
 from .settings import SegmentSettings, config_names, settings_for
+from .vocabulary import ClassCheck, ClassVocabularyWarning, check_class_words, model_vocabulary
 
 __all__ = [
     "Segmenter",
@@ -17,4 +18,8 @@ __all__ = [
     "PromptLayout",
     "TextSegment",
     "build_layout",
+    "check_class_words",
+    "model_vocabulary",
+    "ClassCheck",
+    "ClassVocabularyWarning",
 ]
