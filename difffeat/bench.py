@@ -111,11 +111,12 @@ def goca_benchmark(resolution: int = 512, repeats: int = 3, device: str = "cpu",
     from .segment import Segmenter
     from .testing import sd15_shaped_pipeline
 
+    from .checks import check_device
+
+    check_device(device)
     cuda = device.startswith("cuda")
     if device != "cpu" and not cuda:
         raise ValueError(f"unknown device {device!r}; use 'cpu' or 'cuda' (or 'cuda:N')")
-    if cuda and not torch.cuda.is_available():
-        raise ValueError("device='cuda' but no CUDA device is available; use device='cpu'")
     if cuda:
         mem = {mode: _memory_child(mode, resolution, device, dtype) for mode in ("reference", "observer")}
     else:
@@ -160,13 +161,29 @@ def goca_benchmark(resolution: int = 512, repeats: int = 3, device: str = "cpu",
 BENCHMARKS: dict[str, Callable[..., dict[str, Any]]] = {"goca": goca_benchmark}
 
 
-def run_benchmark(what: str, arch: str = "tiny", *, text_layers: int | None = None, **kwargs: Any) -> dict[str, Any]:
-    """``difffeat bench WHAT --arch ARCH``: the tiny-model benchmarks (:data:`BENCHMARKS`) for ``arch="tiny"``,
-    else a suite on a real-size architecture (:mod:`difffeat.bench_real`)."""
-    if arch != "tiny":
+def run_benchmark(what: str = "goca", resolution: int = 512, repeats: int = 3, device: str = "cpu",
+                  dtype: str | None = None, out_file: str | None = None, arch: str = "tiny",
+                  text_layers: int | None = None) -> dict[str, Any]:
+    """``difffeat bench``: run one benchmark after checking its options; the figures are also written to
+    ``out_file`` (JSON) when given. ``arch="tiny"``: :data:`BENCHMARKS` on the quick SD1.5-shaped model; a
+    real-size architecture name (``sd15``, ``sdxl`` ...): a suite of :mod:`difffeat.bench_real`."""
+    from .checks import check_device, check_number, check_out_file, check_resolution
+    from .errors import InvalidOptionError
+    from .io import write_json
+
+    if arch == "tiny" and what not in BENCHMARKS:
+        raise InvalidOptionError(f"unknown benchmark {what!r}; choose one of {', '.join(BENCHMARKS)}")
+    check_resolution("--resolution", resolution)
+    check_number("--repeats", repeats, 1, 1000, integer=True)
+    check_out_file(out_file, "--out file")
+    check_device(device)
+    if arch == "tiny":
+        figures = BENCHMARKS[what](resolution=resolution, repeats=repeats, device=device, dtype=dtype)
+    else:
         from .bench_real import real_benchmark
 
-        return real_benchmark(what, arch, text_layers=text_layers, **kwargs)
-    if what not in BENCHMARKS:
-        raise ValueError(f"unknown benchmark {what!r} for --arch tiny; choose one of {', '.join(BENCHMARKS)}")
-    return BENCHMARKS[what](**kwargs)
+        figures = real_benchmark(what, arch, resolution=resolution, repeats=repeats, device=device, dtype=dtype,
+                                 text_layers=text_layers)
+    if out_file:
+        write_json(out_file, figures)
+    return figures

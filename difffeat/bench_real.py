@@ -347,8 +347,6 @@ def real_benchmark(suite: str, arch: str, **kwargs: Any) -> dict[str, Any]:
     """Run one suite on a real-size architecture (see the module docstring)."""
     from .architectures import architecture_names
 
-    if kwargs.get("repeats", 3) < 1:
-        raise InvalidOptionError(f"repeats must be >= 1, got {kwargs['repeats']}")
     if suite not in REAL_SUITES:
         raise InvalidOptionError(f"unknown suite {suite!r} for --arch {arch}; choose one of {', '.join(REAL_SUITES)}")
     if arch not in architecture_names():

@@ -81,7 +81,7 @@ def test_bench_on_a_missing_or_unknown_device_is_a_one_line_error():
     assert result.exit_code == 2 and "unknown device 'gpu'" in result.output and "Traceback" not in result.output
     if not torch.cuda.is_available():
         result = runner.invoke(app, ["bench", "goca", "--device", "cuda"])
-        assert result.exit_code == 2 and "no CUDA device is available" in result.output
+        assert result.exit_code == 2 and "no usable CUDA GPU" in result.output
 
 
 def test_segment_batch_size_gives_the_outputs_of_batch_one(sd_folder, tmp_path):
@@ -96,13 +96,13 @@ def test_segment_batch_size_gives_the_outputs_of_batch_one(sd_folder, tmp_path):
     for b in (1, 3):
         out = tmp_path / f"out{b}"
         result = runner.invoke(app, ["segment", *map(str, paths), "-c", "cat,dog", "-m", str(sd_folder), "-o", str(out),
-                                     "--batch-size", str(b), "--device", "cpu"])
+                                     "--batch-size", str(b), "--device", "cpu", "--num-workers", "0"])
         assert result.exit_code == 0, result.output
         outs[b] = [np.asarray(Image.open(out / f"im{s}_labels.png")) for s in range(3)]
     for one, many in zip(outs[1], outs[3]):
         assert (one == many).mean() > 0.99
     bad = runner.invoke(app, ["segment", str(paths[0]), "-c", "cat", "-m", str(sd_folder), "-o", str(tmp_path / "x"), "--batch-size", "0"])
-    assert bad.exit_code == 2 and "--batch-size must be >= 1" in bad.output and "Traceback" not in bad.output
+    assert bad.exit_code == 2 and "--batch-size must be between 1 and 4096" in bad.output and "Traceback" not in bad.output
 
 
 def test_bench_arch_errors_are_one_line():
@@ -110,5 +110,3 @@ def test_bench_arch_errors_are_one_line():
     assert result.exit_code == 2 and "unknown architecture 'sd99'" in result.output and "Traceback" not in result.output
     result = runner.invoke(app, ["bench", "throughput-x", "--arch", "sd15"])
     assert result.exit_code == 2 and "unknown suite" in result.output
-    result = runner.invoke(app, ["bench", "goca", "--arch", "sd15", "--repeats", "0"])
-    assert result.exit_code == 2 and "repeats must be >= 1" in result.output

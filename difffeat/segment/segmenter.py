@@ -224,6 +224,8 @@ class Segmenter:
         if method is not None:
             base = base.with_method(method)
         self.settings = base.update(**overrides)
+        # refinement blocks a config file lists for the family may be absent from a model of another layout
+        self._config_refine = settings is None and overrides.get("refine_blocks") is None
         check_timestep(self.settings.t)
         self._plan()
 
@@ -259,11 +261,11 @@ class Segmenter:
             self.ref_name = f"{ref}.{suffix['query']}"
         refine = [f"{b}.{suffix['self']}" for b in self.settings.refine_blocks]
         present = [name for name in refine if name in cat]
-        if len(present) < len(refine):
-            # a family's published list on a model of another layout (e.g. a tiny test model)
+        if len(present) < len(refine) and self._config_refine:
+            # the family's published list on a model of another layout (e.g. a tiny test model)
             missing = [b for b, name in zip(self.settings.refine_blocks, refine) if name not in cat]
             warnings.warn(
-                f"{self.backbone.name} has no refinement block {missing}; "
+                f"{self.backbone.name} lacks the configured refinement block(s) {missing}; "
                 + ("using the others" if present else "using every block at the largest attention grid"),
                 stacklevel=3,
             )
