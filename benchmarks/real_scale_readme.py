@@ -19,7 +19,7 @@ BEGIN, END = "<!-- real-scale:begin -->", "<!-- real-scale:end -->"
 
 def _command(r: dict) -> str:
     cmd = f"difffeat bench {r['suite']} --arch {r['arch']} --resolution {r['resolution']} --repeats {r['repeats']}"
-    if r.get("device", "cpu") != "cpu":
+    if r.get("device", "cpu") not in ("cpu", "meta"):
         cmd += f" --device cuda --dtype {r['dtype']}"
     return f"`{cmd}`"
 
@@ -27,6 +27,8 @@ def _command(r: dict) -> str:
 def _where(r: dict) -> str:
     load = r.get("load_average_1_5_15")
     dev = r.get("device", "cpu")
+    if dev == "meta":
+        return "meta device (no forward)"
     return f"{dev}, {r['dtype']}, {r['threads']} threads" + (f", load {load[0]}" if load else "")
 
 
@@ -53,6 +55,9 @@ def _rows(r: dict) -> list[tuple[str, str]]:
     if r["suite"] == "throughput":
         return [("segment images/s by batch size (vs batch 1)",
                  ", ".join(f"{b}: {ips} ({r['vs_batch_1'][b]}x)" for b, ips in r["images_per_s"].items()))]
+    if r["suite"] == "accounting":
+        return [("maps kept (fp32 head-mean self + cross maps) vs every head's maps; cross maps alone",
+                 f"{r['kept_maps_mb'] / 1024:.2f} GiB vs {r['kept_maps_every_head_mb'] / 1024:.1f} GiB; {r['cross_maps_only_mb']:.0f} MiB")]
     if r["suite"] == "vae":
         return [(f"VAE encode in {dt} vs fp32: time, latent / worst feature relative error",
                  f"{e['time_vs_fp32']}x, {e['latent_relative_error']} / {max(e['feature_relative_error'].values())}")

@@ -13,6 +13,7 @@ Suites:
   a segmentation over a bare forward, in a fresh subprocess (peak RSS on the CPU, allocator peak on CUDA).
 * ``features`` — a feature preset's extraction (forward part and end to end) with and without early exit.
 * ``throughput`` — images/s of batched segmentation (``Segmenter.segment``) at batch 1, 4 and 8.
+* ``accounting`` — the maps a segmentation keeps at any resolution, from the meta-device denoiser (no forward).
 * ``vae`` — the VAE encode in bf16 (and fp16 on CUDA) vs fp32: time ratio and the relative error of the
   latents and of the preset's features.
 """
@@ -338,7 +339,42 @@ def throughput_real(arch: str, resolution: int, repeats: int = 3, device: str = 
     }
 
 
+# ------------------------------------------------------------------------------------------------ accounting
+def accounting_real(arch: str, resolution: int, repeats: int = 1, device: str = "cpu", dtype: str | None = None,
+                    text_layers: int | None = None) -> dict[str, Any]:
+    """Memory accounting without a forward (the denoiser on the meta device; any resolution, any size):
+    the fp32 maps one GOCA segmentation keeps (a ``[HW, T]`` cross map and a head-mean ``[HW, HW]`` self map
+    per attention block) vs storing every head's self map, per attention grid. UNet architectures only
+    (their blocks' grids follow from the block names)."""
+    from .architectures import architecture, build_denoiser
+
+    if "unet" not in architecture(arch)["components"]:
+        raise InvalidOptionError(f"the accounting suite covers UNet architectures (sd15, sd21, sdxl), not {arch!r}")
+    unet = build_denoiser(arch)
+    levels = len(unet.config.block_out_channels)
+    latent = resolution // 8
+    grids: dict[int, dict[str, int]] = {}
+    for name, module in unet.named_modules():
+        if not name.endswith("attn1"):
+            continue
+        kind, index = name.split(".")[:2]
+        factor = 2 ** (int(index) if kind == "down_blocks" else levels - 1 - int(index) if kind == "up_blocks" else levels - 1)
+        entry = grids.setdefault(-(-latent // factor), {"blocks": 0, "heads": module.heads})
+        entry["blocks"] += 1
+    text = 77
+    mib = lambda n: round(n * 4 / 2**20, 1)  # noqa: E731 - fp32 elements -> MiB
+    per_grid = {f"{side}x{side}": {**g, "self_map_mb": mib((side * side) ** 2), "cross_map_mb": mib(side * side * text)}
+                for side, g in sorted(grids.items(), reverse=True)}
+    kept = sum(g["blocks"] * (g["self_map_mb"] + g["cross_map_mb"]) for g in per_grid.values())
+    every = sum(g["blocks"] * g["heads"] * (g["self_map_mb"] + g["cross_map_mb"]) for g in per_grid.values())
+    return {"suite": "accounting", "arch": arch, "resolution": resolution, "repeats": 1, "device": "meta",
+            "dtype": "float32", "threads": 0, "per_grid": per_grid, "kept_maps_mb": round(kept, 1),
+            "kept_maps_every_head_mb": round(every, 1),
+            "cross_maps_only_mb": round(sum(g["blocks"] * g["cross_map_mb"] for g in per_grid.values()), 1)}
+
+
 REAL_SUITES: dict[str, Callable[..., dict[str, Any]]] = {
+    "accounting": accounting_real,
     "goca": goca_real, "features": features_real, "vae": vae_real, "throughput": throughput_real,
 }
 

@@ -33,3 +33,12 @@ def test_features_throughput_and_vae_suites_run(shapes_backbone):
     vae = bench_real.vae_real("sd15", resolution=64, repeats=1, preset="shapes-practical")
     bf16 = vae["encode_dtype"]["bfloat16"]
     assert 0 < bf16["latent_relative_error"] < 0.1  # reduced precision changes the latents, a little
+
+
+def test_accounting_counts_sd15_blocks_and_map_sizes():
+    out = bench_real.accounting_real("sd15", resolution=512)
+    grids = out["per_grid"]
+    # SD1.5: 16 transformer blocks, 5 at 64x64 (8 heads), 5 at 32x32, 5 at 16x16, 1 (mid) at 8x8
+    assert {g: v["blocks"] for g, v in grids.items()} == {"64x64": 5, "32x32": 5, "16x16": 5, "8x8": 1}
+    assert grids["64x64"]["self_map_mb"] == 4096**2 * 4 / 2**20 and grids["64x64"]["heads"] == 8
+    assert out["kept_maps_every_head_mb"] == pytest.approx(8 * out["kept_maps_mb"])  # 8 heads everywhere
