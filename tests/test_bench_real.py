@@ -42,3 +42,9 @@ def test_accounting_counts_sd15_blocks_and_map_sizes():
     assert {g: v["blocks"] for g, v in grids.items()} == {"64x64": 5, "32x32": 5, "16x16": 5, "8x8": 1}
     assert grids["64x64"]["self_map_mb"] == 4096**2 * 4 / 2**20 and grids["64x64"]["heads"] == 8
     assert out["kept_maps_every_head_mb"] == pytest.approx(8 * out["kept_maps_mb"])  # 8 heads everywhere
+
+
+def test_readme_real_scale_table_is_rendered_from_the_committed_json():
+    from _helpers import load_benchmark
+
+    assert load_benchmark("real_scale_readme").main(["--check"]) == 0, "run python benchmarks/real_scale_readme.py"
