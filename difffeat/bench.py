@@ -34,10 +34,9 @@ def _peak_rss_mb() -> float:
 
 
 def _image(resolution: int):
-    from PIL import Image
+    from .bench_real import benchmark_image
 
-    rng = np.random.default_rng(0)
-    return Image.fromarray(rng.integers(0, 256, (resolution, resolution, 3), dtype=np.uint8))
+    return benchmark_image(resolution)
 
 
 def _cuda_peak_mb(device: str) -> float:

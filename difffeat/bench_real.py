@@ -46,7 +46,7 @@ def _progress(msg: str) -> None:
 def _backbone(arch: str, device: str, dtype: str | None, text_layers: int | None):
     import torch
 
-    from . import load
+    from .backbones import load
     from .architectures import build_pipeline
 
     dtypes = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, None: None}
@@ -57,10 +57,16 @@ def _backbone(arch: str, device: str, dtype: str | None, text_layers: int | None
     return load(pipe, device=device, dtype=torch_dtype)
 
 
-def _image(resolution: int):
-    from .bench import _image as image
+def benchmark_image(resolution: int):
+    """The benchmarks' input: a fixed random RGB image of ``resolution`` px square."""
+    import numpy as np
+    from PIL import Image
 
-    return image(resolution)
+    rng = np.random.default_rng(0)
+    return Image.fromarray(rng.integers(0, 256, (resolution, resolution, 3), dtype=np.uint8))
+
+
+_image = benchmark_image
 
 
 def _timer(device: str) -> Callable[[Callable[[], Any]], float]:
@@ -117,12 +123,33 @@ def _reference_kept_mb(seg, acts) -> float:
     return total / 2**20
 
 
+def _reset_peak_rss() -> None:
+    """Reset the process's peak RSS (Linux: ``VmHWM`` via ``/proc/self/clear_refs``); a no-op elsewhere."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+def _peak_rss_mb() -> float:
+    """Peak RSS since the last reset (``VmHWM``), else since the start (``ru_maxrss``)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
 def memory_child(arch: str, resolution: int, device: str, dtype: str | None, text_layers: int | None) -> dict[str, float]:
     """In a fresh process: peak memory of a bare forward, then the growth of the peak over it during one
     GOCA segmentation of the same prepared image (observe + decide)."""
     import torch
 
-    from . import Segmenter
+    from .segment import Segmenter
     from .segment.segmenter import Observation
 
     cuda = device.startswith("cuda")
@@ -133,15 +160,14 @@ def memory_child(arch: str, resolution: int, device: str, dtype: str | None, tex
     layout = build_layout(_CAPTION_CLASSES, seg.backbone.text_segments(), seg.settings.template,
                           list(seg.settings.background_entities), None)
     inputs = seg.backbone.prepare([image], layout.caption, seg.settings.t, seg.settings.seed, resolution)
-    peak = (lambda: torch.cuda.max_memory_allocated(device) / 2**20) if cuda else (
-        lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0)
+    peak = (lambda: torch.cuda.max_memory_allocated(device) / 2**20) if cuda else _peak_rss_mb
+    reset = (lambda: torch.cuda.reset_peak_memory_stats(device)) if cuda else _reset_peak_rss
     if cuda:
         torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
+    reset()  # the peak of building the model is not the forward's
     seg.backbone.denoise(inputs)
     base = peak()
-    if cuda:
-        torch.cuda.reset_peak_memory_stats(device)
+    reset()
     acts = _observe_forward(seg, inputs)
     after_observe = peak()
     seg.decide(Observation(image, layout, acts, tuple(inputs.grid), seg.settings.heads))
@@ -166,7 +192,7 @@ def goca_real(arch: str, resolution: int, repeats: int = 3, device: str = "cpu",
     """See the module docstring (suite ``goca``)."""
     import torch
 
-    from . import Segmenter
+    from .segment import Segmenter
     from .segment.prompts import build_layout
     from .segment.segmenter import Observation
 
@@ -222,7 +248,8 @@ def goca_real(arch: str, resolution: int, repeats: int = 3, device: str = "cpu",
 def features_real(arch: str, resolution: int, repeats: int = 3, device: str = "cpu", dtype: str | None = None,
                   text_layers: int | None = None, preset: str | None = None) -> dict[str, Any]:
     """See the module docstring (suite ``features``)."""
-    from . import Capture, FeatureExtractor
+    from .capture import Capture
+    from .features import FeatureExtractor
     from .presets import load_preset
 
     preset = preset or _DEFAULT_PRESET[arch]
@@ -265,7 +292,7 @@ def vae_real(arch: str, resolution: int, repeats: int = 3, device: str = "cpu", 
     """See the module docstring (suite ``vae``)."""
     import torch
 
-    from . import Capture
+    from .capture import Capture
     from .presets import load_preset
 
     backbone = _backbone(arch, device, dtype, text_layers)
@@ -313,7 +340,7 @@ def throughput_real(arch: str, resolution: int, repeats: int = 3, device: str = 
                     text_layers: int | None = None, batch_sizes: tuple[int, ...] = (1, 4, 8)) -> dict[str, Any]:
     """Images/s of ``Segmenter.segment`` (what ``segment``/``eval`` run) at each batch size, on
     ``max(batch_sizes)`` distinct images of one size; each batch size timed in turn per repeat."""
-    from . import Segmenter
+    from .segment import Segmenter
 
     _progress(f"{arch}: building the real-size pipeline (random weights)")
     seg = Segmenter(_backbone(arch, device, dtype, text_layers), resolution=resolution)
