@@ -572,7 +572,7 @@ def build_demo(
                     overlay_out = gr.Image(type="pil", label="overlay", elem_id="seg-overlay", format="png")
                     labels_out = gr.Image(type="pil", label="label map", elem_id="seg-labels", format="png")
                     legend_out = gr.HTML(elem_id="seg-legend")
-                    heat_out = gr.Gallery(label="class scores (0-1) at the attention maps' resolution", columns=4,
+                    heat_out = gr.Gallery(label="class scores (0-1) at the attention maps' resolution", columns=4, height="auto",
                                           elem_id="seg-heat", format="png")
                     file_out = gr.File(label="label PNG at the image size (pixel value = class index, 0 = background)",
                                        elem_id="seg-file")
@@ -637,7 +637,7 @@ def build_demo(
                         g_btn = gr.Button("Compare", variant="primary", elem_id="g-run")
                         g_msg = gr.HTML(elem_id="g-message")
                     with gr.Column():
-                        g_out = gr.Gallery(label="input | without | with the technique", columns=3, format="png",
+                        g_out = gr.Gallery(label="input | without | with the technique", columns=3, format="png", height="auto",
                                            elem_id="g-panels")
                         g_json = gr.JSON(label="similarity to the input", elem_id="g-json")
                 gr.Examples([[e[0]] for e in examples], [g_image], label="bundled examples")
