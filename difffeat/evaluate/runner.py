@@ -24,10 +24,12 @@ from ..segment.segmenter import SegmentationResult, Segmenter
 from .datasets import EvalItem
 from .metrics import ConfusionMatrix
 
-__all__ = ["EvalReport", "best_tau", "TauSweep", "SETTINGS", "TAU_GRID", "segment_item", "to_dataset_labels", "add_at_every_tau", "build_report"]
+__all__ = ["EvalReport", "best_tau", "TauSweep", "SETTINGS", "TAU_GRID", "WIDE_TAU_GRID", "observe_items", "segment_item", "to_dataset_labels", "add_at_every_tau", "build_report"]
 
-#: the background offsets tried when tau is tuned
+#: the background offsets tried when tau is tuned (the reference code's sweep)
 TAU_GRID = tuple(float(t) for t in np.round(np.linspace(-0.4, 0.4, 17), 3))
+#: the ablation benchmarks' grid: extended upwards so that no row's choice sits on the edge of the grid
+WIDE_TAU_GRID = tuple(float(t) for t in np.round(np.linspace(-0.4, 1.0, 29), 3))
 
 SETTINGS = {
     "oracle": "oracle image labels (prompt names the classes present in the ground truth; as in the papers)",
@@ -151,3 +153,17 @@ class TauSweep:
             out.append({"row": row, "miou": cm.miou(), "tau": tau, "foreground_iou": cm.foreground_iou(),
                         "class_accuracy_on_found": cm.class_accuracy_on_found(), "tune_miou": by_tau[tau]})  # fmt: skip
         return out
+
+
+def observe_items(backbone, dataset, t: int, heads: Sequence[str] = ("mean", "goca"), **overrides: Any) -> list:
+    """Per dataset item ``(item, dataset labels present, {heads setting: Observation} or None)``: one observed
+    forward per heads setting with everything any decision needs (``everything=True``), so one pass serves
+    every layer/rescale/tau ablation; None when the item holds no class (oracle prompt would be empty)."""
+    segs = {h: Segmenter(backbone, method="vanilla", heads=h, t=t, **overrides) for h in heads}
+    out = []
+    for i in range(len(dataset)):
+        item = dataset[i]
+        labels = item.present()
+        names = [dataset.classes[label - 1] for label in labels]
+        out.append((item, labels, {h: s.observe(item.image, names, everything=True) for h, s in segs.items()} if labels else None))
+    return out

@@ -280,6 +280,21 @@ class Segmenter:
         """Segment one image into ``classes`` (+ background)."""
         return self.decide(self.observe(image, classes, entities, caption))
 
+    def prepare(
+        self,
+        image: ImageInput,
+        classes: Sequence[str] | str,
+        entities: Sequence[str] | None = None,
+        caption: str | None = None,
+    ) -> "tuple[PromptLayout, Any]":
+        """The caption layout and the denoiser inputs (noised latents at ``t``, prompt conditioning) of one
+        segmentation forward: what :meth:`observe` runs the denoiser on."""
+        s = self.settings
+        ents = list(s.background_entities) + list(entities or [])
+        classes = classes if caption is not None else class_words(classes, self.backbone)  # case, plurals, unknown words
+        layout = build_layout(classes, self.backbone.text_segments(), s.template, ents, caption)
+        return layout, self.backbone.prepare([to_rgb(image)], layout.caption, s.t, s.seed, s.resolution)
+
     def observe(
         self,
         image: ImageInput,
@@ -302,10 +317,7 @@ class Segmenter:
         s = self.settings
         custom = self._check_head_reducers(head_reducers)
         rgb = to_rgb(image)
-        ents = list(s.background_entities) + list(entities or [])
-        classes = classes if caption is not None else class_words(classes, self.backbone)  # case, plurals, unknown words
-        layout = build_layout(classes, self.backbone.text_segments(), s.template, ents, caption)
-        inputs = self.backbone.prepare([rgb], layout.caption, s.t, s.seed, s.resolution)
+        layout, inputs = self.prepare(rgb, classes, entities, caption)
         reducers = {}
         if s.heads == "goca":
             reducer = GocaHeadReducer(self._output_weights())  # stateless: one instance serves every layer
