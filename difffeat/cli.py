@@ -143,7 +143,8 @@ def segment(
     classes: str = typer.Option(..., "--classes", "-c", help="Comma-separated class names, e.g. cat,dog,grass."),
     model: str = typer.Option("shapes", "--model", "-m", help=MODEL_HELP),
     out_dir: Path = typer.Option(..., "--out", "-o", help="Output folder."),
-    method: str = typer.Option("goca", help="goca or vanilla (then --heads/--layers/--rescale override)."),
+    method: Optional[str] = typer.Option(None, help="goca or vanilla (then --heads/--layers/--rescale override); default: the config's (GOCA in every shipped default config)."),
+    config: str = typer.Option("default", "--config", help="Segmentation config: default (configs/goca/<model or family>.yaml) | goca-reference (the published pipeline of the model's family)."),
     heads: Optional[str] = typer.Option(None, help="Head aggregation: goca | mean."),
     layers: Optional[str] = typer.Option(None, help="Layer aggregation: goca | uniform."),
     rescale: Optional[str] = typer.Option(None, help="Per-pixel rescaling: goca | none."),
@@ -164,7 +165,8 @@ def segment(
     """
     from .runs.commands import segment as run
 
-    summary, names = _call(run, images, classes, out_dir=out_dir, model=model, method=method, heatmaps=heatmaps,
+    summary, names = _call(run, images, classes, out_dir=out_dir, model=model, method=method, config=config,
+                           heatmaps=heatmaps,
                            coco_results=coco_results, num_workers=num_workers, overwrite=overwrite,
                            skip_unreadable=skip_unreadable, device=device, dtype=dtype, heads=heads, layers=layers,
                            rescale=rescale, tau=tau, t=t, refine_order=refine_order)
@@ -184,6 +186,7 @@ def evaluate_cmd(
     n: int = typer.Option(300, help="Number of generated shapes images (>= 1)."),
     setting: str = typer.Option("oracle", help="oracle (prompt = classes present, as in the papers) | all."),
     method: str = typer.Option("goca", help="goca or vanilla."),
+    config: str = typer.Option("default", "--config", help="Segmentation config: default (configs/goca/<model or family>.yaml) | goca-reference (the published pipeline of the model's family)."),
     heads: Optional[str] = typer.Option(None, help="Head aggregation: goca | mean (default: --method's)."),
     layers: Optional[str] = typer.Option(None, help="Layer aggregation: goca | uniform (default: --method's)."),
     rescale: Optional[str] = typer.Option(None, help="Per-pixel rescaling: goca | none (default: --method's)."),
@@ -208,7 +211,7 @@ def evaluate_cmd(
     from .runs.commands import evaluate_dataset
 
     res = _call(evaluate_dataset, model, coco=coco, images=images, voc_labels=voc_labels, class_names=class_names,
-                shapes_split=shapes_split, n=n, setting=setting, method=method, tune_shapes_split=tune_shapes_split,
+                shapes_split=shapes_split, n=n, setting=setting, method=method, config=config, tune_shapes_split=tune_shapes_split,
                 tune_n=tune_n, limit=limit, out_dir=run_dir, report=report, chunk_size=chunk_size,
                 num_workers=num_workers, overwrite=overwrite, device=device, dtype=dtype, heads=heads, layers=layers,
                 rescale=rescale, tau=tau, t=t)

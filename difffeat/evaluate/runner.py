@@ -165,5 +165,9 @@ def observe_items(backbone, dataset, t: int, heads: Sequence[str] = ("mean", "go
         item = dataset[i]
         labels = item.present()
         names = [dataset.classes[label - 1] for label in labels]
-        out.append((item, labels, {h: s.observe(item.image, names, everything=True) for h, s in segs.items()} if labels else None))
+        if not labels:
+            out.append((item, labels, None))
+            continue
+        with backbone.reusing_latents():  # one VAE encode for every head setting
+            out.append((item, labels, {h: s.observe(item.image, names, everything=True) for h, s in segs.items()}))
     return out

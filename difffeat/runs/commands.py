@@ -90,13 +90,13 @@ def segmenter_overrides(heads=None, layers=None, rescale=None, tau=None, t=None,
 
 
 def segment(images: Sequence[str | os.PathLike], classes: str | Sequence[str], *, out_dir: str | os.PathLike,
-            model: str = "shapes", method: str = "goca", heatmaps: bool = False,
+            model: str = "shapes", method: str | None = None, config: str = "default", heatmaps: bool = False,
             coco_results: str | os.PathLike | None = None, num_workers: int = 2, overwrite: bool = False,
             skip_unreadable: bool = False, device: str | None = None, dtype: str | None = None,
             **overrides: Any) -> "tuple[RunSummary, list[str]]":
     """``difffeat segment``: label maps of every image into ``out_dir`` (see :func:`run_segment`), resumable and
     sharded over processes; ``overrides`` are :class:`SegmentSettings` fields (heads, layers, tau, ...)."""
-    if method not in ("goca", "vanilla"):
+    if method not in (None, "goca", "vanilla"):
         raise InvalidOptionError(f"--method must be goca or vanilla, got {method!r}")
     settings = segmenter_overrides(**{k: overrides.pop(k) for k in ("heads", "layers", "rescale", "tau", "t", "refine_order") if k in overrides})
     check_number("--num-workers", num_workers, 0, 256, integer=True)
@@ -113,7 +113,7 @@ def segment(images: Sequence[str | os.PathLike], classes: str | Sequence[str], *
     refs, desc = image_sources(images)
     check_device(device)
     state = init_state(device)
-    seg = Segmenter(load(model, device=device, dtype=dtype), method=method, **settings, **overrides)
+    seg = Segmenter(load(model, device=device, dtype=dtype), method=method, config=config, **settings, **overrides)
     job = SegmentJob(Path(out_dir), names, heatmaps=heatmaps, coco_results=Path(coco_results) if coco_results else None,
                      num_workers=num_workers, overwrite=overwrite, skip_unreadable=skip_unreadable, dataset=desc)
     return run_segment(seg, refs, job, state), names
@@ -133,7 +133,7 @@ class EvalOutcome:
 def evaluate_dataset(model: str = "shapes", *, coco: str | os.PathLike | None = None,
                      images: str | os.PathLike | None = None, voc_labels: str | os.PathLike | None = None,
                      class_names: str | Sequence[str] | None = None, shapes_split: str | None = None, n: int = 300,
-                     setting: str = "oracle", method: str = "goca", tune_shapes_split: str | None = None,
+                     setting: str = "oracle", method: str = "goca", config: str = "default", tune_shapes_split: str | None = None,
                      tune_n: int = 100, limit: int | None = None, out_dir: str | os.PathLike = "eval_out",
                      report: str | os.PathLike | None = None, chunk_size: int = 8, num_workers: int = 2,
                      overwrite: bool = False, device: str | None = None, dtype: str | None = None,
@@ -180,7 +180,7 @@ def evaluate_dataset(model: str = "shapes", *, coco: str | os.PathLike | None = 
     tune_data = ShapesDataset(tune_shapes_split, tune_n) if tune_shapes_split else None
     check_device(device)
     state = init_state(device)
-    seg = Segmenter(load(model, device=device, dtype=dtype), method=method, **settings, **overrides)
+    seg = Segmenter(load(model, device=device, dtype=dtype), method=method, config=config, **settings, **overrides)
     tuned = None
     if tune_data is not None:
         best, scores = tune_tau(seg, tune_data, setting, limit=tune_n, progress=True, out_dir=out_dir / "tune_tau",
