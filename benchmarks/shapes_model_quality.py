@@ -66,13 +66,6 @@ class BenchConfig:
     seed: int = 0
 
 
-# ------------------------------------------------------------------------------------------------ helpers
-def _to_pixels(images: list) -> torch.Tensor:
-    """PIL list -> [B, 3, H, W] in [-1, 1]."""
-    arr = np.stack([np.asarray(im.convert("RGB")) for im in images]).astype(np.float32)
-    return torch.from_numpy(arr).permute(0, 3, 1, 2) / 127.5 - 1.0
-
-
 # ------------------------------------------------------------------------------------ 1. generation check
 class TinyShapeClassifier(torch.nn.Module):
     """A small CNN on binary silhouettes: [B, 1, 64, 64] -> 8 shape classes (max-pooled, so position-free)."""
@@ -249,7 +242,7 @@ def vae_reconstruction(pipe, scenes: list[ShapeSample]) -> dict:  # noqa: ANN001
     """Decode(posterior mean of encode(image)) vs the image: mean absolute error in [0, 255] pixel units,
     overall and on object pixels only (where colour shifts show); plus the posterior's mean std next to its
     mean |mean| (unscaled latents), i.e. how noisy a posterior sample is relative to the signal."""
-    x = _to_pixels([s.image for s in scenes])
+    x = difffeat.load(pipe).preprocess([s.image for s in scenes], resolution=64)  # [N, 3, 64, 64] in [-1, 1], the library's preprocessing
     posts = [pipe.vae.encode(x[i : i + 32].to(pipe.device)).latent_dist for i in range(0, len(x), 32)]
     rec = torch.cat([pipe.vae.decode(post.mean).sample.cpu() for post in posts])
     err = (rec.clamp(-1, 1) - x).abs().mean(1) * 127.5  # [N, H, W]
