@@ -22,17 +22,12 @@ def backbone_for(tiny_pipes, family: str) -> difffeat.Backbone:
 
 
 def load_benchmark(name: str):
-    """Import ``benchmarks/<name>.py`` (scripts, not a package) as a module.
-
-    The folder goes on ``sys.path`` as it does when a script is run, so scripts can share each other's
-    definitions (``from goca_shapes import TAUS``)."""
+    """Import ``benchmarks/<name>.py`` (scripts, not a package) as a module. The scripts share nothing but
+    the library (none imports another), so no folder goes on ``sys.path``."""
     import importlib.util
-    import sys
     from pathlib import Path
 
     folder = Path(__file__).resolve().parents[1] / "benchmarks"
-    if str(folder) not in sys.path:
-        sys.path.insert(0, str(folder))
     path = folder / f"{name}.py"
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
