@@ -50,8 +50,8 @@ class EvalReport:
 
     def to_json(self) -> dict[str, Any]:
         return {
-            "miou": self.miou,
-            "pixel_accuracy": self.pixel_accuracy,
+            "miou": None if np.isnan(self.miou) else self.miou,  # no NaN token in the JSON (nothing to score)
+            "pixel_accuracy": None if np.isnan(self.pixel_accuracy) else self.pixel_accuracy,
             "setting": self.setting,
             "setting_description": SETTINGS[self.setting],
             "n_images": self.n_images,
