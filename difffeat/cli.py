@@ -138,8 +138,12 @@ def extract(
             console.print(f"[yellow]{summary.unreadable} unreadable image(s) skipped, listed in {out_dir / 'unreadable.json'}[/yellow]")
 
 
-def _segment_overrides(heads, layers, rescale, tau, t, refine_order) -> dict:
-    return {k: v for k, v in dict(heads=heads, layers=layers, rescale=rescale, tau=tau, t=t, refine_order=refine_order).items() if v is not None}
+def _segment_overrides(heads, layers, rescale, tau, t, refine_order, postprocess=None) -> dict:
+    given = dict(heads=heads, layers=layers, rescale=rescale, tau=tau, t=t, refine_order=refine_order, postprocess=postprocess)
+    return {k: v for k, v in given.items() if v is not None}
+
+
+POSTPROCESS_HELP = "Refine the decision at image resolution: none | pamr | crf (dense CRF: pip install 'difffeat[crf]')."
 
 
 @app.command()
@@ -155,6 +159,7 @@ def segment(
     tau: Optional[float] = typer.Option(None, help="Background offset (default: the model's config)."),
     t: Optional[int] = typer.Option(None, "--t", help="Timestep (default: the model's config)."),
     refine_order: Optional[int] = typer.Option(None, help="Self-attention propagation order (0 = off)."),
+    postprocess: Optional[str] = typer.Option(None, help=POSTPROCESS_HELP),
     heatmaps: bool = typer.Option(False, help="Also write <stem>_heat_<class>.png per class."),
     coco_results: Optional[Path] = typer.Option(None, help="Also write COCO results JSON (RLE) here."),
     device: Optional[str] = typer.Option(None, help="cpu, cuda, ..."),
@@ -171,7 +176,7 @@ def segment(
     try:
         names = check_classes(_split(classes))
         seg = Segmenter(load(model, device=device, dtype=dtype), method=method,
-                        **_segment_overrides(heads, layers, rescale, tau, t, refine_order))
+                        **_segment_overrides(heads, layers, rescale, tau, t, refine_order, postprocess))
         stems = [p.stem for p in images]
         if len(set(stems)) != len(stems):
             raise ValueError("several images share a file stem; their outputs would overwrite each other")
@@ -204,6 +209,7 @@ def evaluate_cmd(
     tune_shapes_split: Optional[str] = typer.Option(None, help="Choose tau on this generated split first (e.g. val)."),
     tune_n: int = typer.Option(100, help="Images used to choose tau."),
     t: Optional[int] = typer.Option(None, "--t"),
+    postprocess: Optional[str] = typer.Option(None, help=POSTPROCESS_HELP),
     limit: Optional[int] = typer.Option(None, help="Evaluate only the first N images."),
     report: Path = typer.Option(Path("eval_report.json"), help="Where to write the JSON report."),
     run_dir: Optional[Path] = typer.Option(None, "--out", help="Run folder (manifest, per-chunk confusion counts for resuming); default: <report>_run/."),
@@ -238,7 +244,7 @@ def evaluate_cmd(
             raise ValueError("name a dataset: --coco FILE [--images DIR], --voc-labels DIR --images DIR --class-names a,b, or --shapes-split test")
         state = init_state(device)
         seg = Segmenter(load(model, device=device, dtype=dtype), method=method,
-                        **_segment_overrides(heads, layers, rescale, tau, t, None))
+                        **_segment_overrides(heads, layers, rescale, tau, t, None, postprocess))
         tuned = None
         if tune_shapes_split:
             if shapes_split == tune_shapes_split:

@@ -15,6 +15,8 @@ __all__ = [
     "ModelNotFoundError",
     "InvalidPromptError",
     "ConfigError",
+    "LabelFileError",
+    "MissingExtraError",
     "close_matches",
 ]
 
@@ -64,6 +66,14 @@ class InvalidPromptError(DifffeatError, ValueError):
 
 class ConfigError(DifffeatError, ValueError):
     """A preset or settings file that is missing or malformed."""
+
+
+class LabelFileError(ConfigError):
+    """A per-image label or caption file that is malformed, misses an image, or names an unknown class."""
+
+
+class MissingExtraError(DifffeatError, ImportError):
+    """An optional feature whose package is not installed; the message names the pip extra to install."""
 
 
 def close_matches(name: str, known: Iterable[str], n: int = 5) -> list[str]:

@@ -1,6 +1,7 @@
 """GOCA training-free segmentation from cross-attention maps."""
 
 from .aggregation import FixedHeadWeights, GocaHeadReducer
+from .postprocess import POSTPROCESS, CrfParams, PamrParams
 from .prompts import PromptLayout, TextSegment, build_layout
 from .segmenter import Observation, SegmentationResult, Segmenter
 from .settings import SegmentSettings, settings_for
@@ -16,4 +17,7 @@ __all__ = [
     "PromptLayout",
     "TextSegment",
     "build_layout",
+    "POSTPROCESS",
+    "PamrParams",
+    "CrfParams",
 ]

@@ -41,6 +41,9 @@ class SegmentSettings:
         background_entities: extra caption nouns whose maps form the supporting (background) map.
         resolution: input long side in px (None = the model's native resolution).
         seed: noise seed.
+        postprocess: refinement of the decision at image resolution: "none", "pamr" or "crf" (dense CRF,
+            the ``difffeat[crf]`` extra); see :mod:`difffeat.segment.postprocess`. The published configs
+            use none.
     """
 
     t: int = 100
@@ -58,8 +61,12 @@ class SegmentSettings:
     background_entities: tuple[str, ...] = ("background",)
     resolution: int | None = None
     seed: int = 0
+    postprocess: str = "none"
 
     def __post_init__(self) -> None:
+        from .postprocess import check_postprocess
+
+        check_postprocess(self.postprocess)
         for name, allowed in (("heads", HEADS), ("layers", LAYERS), ("rescale", RESCALE)):
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{name}={getattr(self, name)!r} is not one of {allowed}")
