@@ -143,6 +143,8 @@ def _segment_overrides(heads, layers, rescale, tau, t, refine_order, postprocess
     return {k: v for k, v in given.items() if v is not None}
 
 
+CAPTION_HELP = ("Per-image noun lists, JSON {image: \"cat, (person, clothes), grass\"}, made into captions as the "
+                "published GOCA pipeline (nouns that are not classes become background entities).")
 POSTPROCESS_HELP = "Refine the decision at image resolution: none | pamr | crf (dense CRF: pip install 'difffeat[crf]')."
 
 
@@ -160,6 +162,8 @@ def segment(
     t: Optional[int] = typer.Option(None, "--t", help="Timestep (default: the model's config)."),
     refine_order: Optional[int] = typer.Option(None, help="Self-attention propagation order (0 = off)."),
     postprocess: Optional[str] = typer.Option(None, help=POSTPROCESS_HELP),
+    label_file: Optional[Path] = typer.Option(None, help="Per-image classes: JSON {image file name or stem: [class, ...]} (classes among --classes)."),
+    caption_file: Optional[Path] = typer.Option(None, help=CAPTION_HELP),
     heatmaps: bool = typer.Option(False, help="Also write <stem>_heat_<class>.png per class."),
     coco_results: Optional[Path] = typer.Option(None, help="Also write COCO results JSON (RLE) here."),
     device: Optional[str] = typer.Option(None, help="cpu, cuda, ..."),
@@ -170,11 +174,16 @@ def segment(
 
     from . import Segmenter, load
     from .io import write_json
+    from .evaluate.label_sources import ImageFiles, label_source, source_spec
+    from .evaluate.runner import segment_prompt
     from .segment.outputs import save_result, to_coco_results
     from .segment.prompts import check_classes
 
     try:
         names = check_classes(_split(classes))
+        files = ImageFiles(images, names)
+        source = label_source(source_spec("all", label_file, caption_file))
+        source.check(files)
         seg = Segmenter(load(model, device=device, dtype=dtype), method=method,
                         **_segment_overrides(heads, layers, rescale, tau, t, refine_order, postprocess))
         stems = [p.stem for p in images]
@@ -183,7 +192,10 @@ def segment(
         coco = []
         cat_ids = {c: i + 1 for i, c in enumerate(names)}
         for i, path in enumerate(tqdm(images, desc="segment", unit="img")):
-            result = seg(path, names)
+            result = segment_prompt(seg, path, names, source.prompt(files[i], names))
+            if result is None:
+                console.print(f"[yellow]{path.name}: the label file names no class for it; skipped[/yellow]")
+                continue
             save_result(result, path, out_dir, path.stem, heatmaps=heatmaps)
             coco += to_coco_results(result, i + 1, cat_ids)
         if coco_results:
@@ -203,6 +215,10 @@ def evaluate_cmd(
     shapes_split: Optional[str] = typer.Option(None, help="Evaluate on generated shapes: train | val | test."),
     n: int = typer.Option(300, help="Number of generated shapes images."),
     setting: str = typer.Option("oracle", help="oracle (prompt = classes present, as in the papers) | all."),
+    label_file: Optional[Path] = typer.Option(None, help="Per-image classes instead of --setting: JSON {image file name or id: [class, ...]}."),
+    caption_file: Optional[Path] = typer.Option(None, help=CAPTION_HELP + " Classes from --setting or --label-file."),
+    void: str = typer.Option("ignore", help="255 (VOC boundary / crowd) pixels: ignore (difffeat) | background (published GOCA)."),
+    tau_grid: bool = typer.Option(False, help="Also report mIoU at each tau of the published grid -0.4..0.4 ON THE EVALUATED SPLIT (as the published code prints it; optimistic)."),
     method: str = typer.Option("goca", help="goca or vanilla."),
     heads: Optional[str] = typer.Option(None), layers: Optional[str] = typer.Option(None), rescale: Optional[str] = typer.Option(None),
     tau: Optional[float] = typer.Option(None, help="Fixed background offset (default: the model's config)."),
@@ -224,7 +240,9 @@ def evaluate_cmd(
     across processes; the result equals one process's); a restart with the same command resumes.
     """
     from . import Segmenter, load
-    from .evaluate import CocoDataset, ShapesDataset, VocDataset
+    from .evaluate import CocoDataset, ShapesDataset, VocDataset, with_void
+    from .evaluate.label_sources import label_source, source_spec
+    from .evaluate.runner import PUBLISHED_TAU_GRID
     from .io import write_json
     from .scale import EvalJob, init_state, run_eval, tune_tau_distributed
 
@@ -242,6 +260,9 @@ def evaluate_cmd(
             desc = {"shapes_split": shapes_split, "shapes_n": n}
         else:
             raise ValueError("name a dataset: --coco FILE [--images DIR], --voc-labels DIR --images DIR --class-names a,b, or --shapes-split test")
+        data, desc["void"] = with_void(data, void), void
+        setting = source_spec(setting, label_file, caption_file)
+        label_source(setting).check(data, limit)  # a bad label/caption file fails before any forward
         state = init_state(device)
         seg = Segmenter(load(model, device=device, dtype=dtype), method=method,
                         **_segment_overrides(heads, layers, rescale, tau, t, None, postprocess))
@@ -254,7 +275,7 @@ def evaluate_cmd(
             tuned = {"split": tune_shapes_split, "n": tune_n, "tau": best, "miou_by_tau": scores}
         run_dir = run_dir or report.with_name(report.stem + "_run")
         job = EvalJob(run_dir, setting=setting, limit=limit, chunk_size=chunk_size, num_workers=num_workers,
-                      overwrite=overwrite, dataset=desc)
+                      overwrite=overwrite, dataset=desc, tau_grid=PUBLISHED_TAU_GRID if tau_grid else ())
         result = run_eval(seg, data, job, state, extra_manifest={"tau_tuning": {k: v for k, v in (tuned or {}).items() if k != "miou_by_tau"}})
         if tuned:
             result.extra["tau_tuning"] = tuned
@@ -264,6 +285,10 @@ def evaluate_cmd(
         _fail(exc)
     if state.is_main_process:
         out.print(f"mIoU {result.miou:.4f} ({setting}: {result.n_images} images, method {seg.settings.method}, tau {seg.settings.tau})")
+        if "evaluated_split_tau_grid" in result.extra:
+            g = result.extra["evaluated_split_tau_grid"]
+            out.print(f"published-style (tau chosen ON THE EVALUATED SPLIT, optimistic): best mIoU {g['best_miou_on_evaluated_split']:.4f} "
+                      f"at tau {g['best_tau_on_evaluated_split']:+.2f}; every tau in the report")
         console.print(f"report: {report}")
 
 

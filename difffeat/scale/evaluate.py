@@ -21,7 +21,8 @@ import numpy as np
 import torch
 
 from ..evaluate.metrics import ConfusionMatrix
-from ..evaluate.runner import EvalReport, _add_at_every_tau, _report, _to_dataset_labels, best_tau, segment_item
+from ..evaluate.runner import EvalReport, _add_at_every_tau, _report, _to_dataset_labels, best_tau, segment_item, tau_grid_report
+from ..evaluate.label_sources import label_source
 from ..io import write_bytes, write_json
 from ..segment.segmenter import Segmenter
 from .data import LoadFailure, eval_loader
@@ -44,6 +45,8 @@ class EvalJob:
     overwrite: bool = False
     progress: bool = True
     dataset: dict[str, Any] = field(default_factory=dict)
+    #: also count mIoU at each of these taus on the evaluated split (as the published code prints it)
+    tau_grid: tuple[float, ...] = ()
 
 
 def chunks_of(n: int, size: int) -> list[tuple[int, int]]:
@@ -59,21 +62,26 @@ def _fingerprint(manifest: Manifest) -> str:
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _load_part(path: Path, num_classes: int, fingerprint: str) -> tuple[np.ndarray, int] | None:
-    """A finished chunk's ``(counts, n_images)``, or None if missing, unreadable or from other settings."""
+def _load_part(path: Path, num_classes: int, fingerprint: str, n_grid: int = 0) -> tuple[np.ndarray, int, np.ndarray] | None:
+    """A finished chunk's ``(counts, n_images, grid counts [n_grid, k, k])``, or None if missing, unreadable
+    or from other settings."""
     try:
         with np.load(path) as z:
             if str(z["fingerprint"]) != fingerprint or z["counts"].shape != (num_classes, num_classes):
                 return None
-            return z["counts"].astype(np.int64), int(z["n_images"])
+            grid = z["grid_counts"].astype(np.int64) if n_grid else np.zeros((0, num_classes, num_classes), np.int64)
+            if grid.shape[0] != n_grid:
+                return None
+            return z["counts"].astype(np.int64), int(z["n_images"]), grid
     except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile):
         return None
 
 
-def _save_part(path: Path, counts: np.ndarray, n_images: int, fingerprint: str) -> None:
+def _save_part(path: Path, counts: np.ndarray, n_images: int, fingerprint: str, grid: np.ndarray | None = None) -> None:
     def write(tmp: Path) -> None:
         with open(tmp, "wb") as f:
-            np.savez(f, counts=counts, n_images=np.int64(n_images), fingerprint=np.str_(fingerprint))
+            extra = {"grid_counts": grid} if grid is not None and len(grid) else {}
+            np.savez(f, counts=counts, n_images=np.int64(n_images), fingerprint=np.str_(fingerprint), **extra)
 
     write_bytes(path, write)
 
@@ -90,7 +98,10 @@ def run_eval(segmenter: Segmenter, dataset, job: EvalJob, state=None, extra_mani
     parts = out_dir / "parts"
     classes = list(dataset.classes)
     n = len(dataset) if job.limit is None else min(job.limit, len(dataset))
-    settings = {**segmenter.settings.to_dict(), "setting": job.setting, **(extra_manifest or {})}
+    label_source(job.setting).check(dataset, n)  # a bad label/caption file fails here, before any forward
+    settings = {**segmenter.settings.to_dict(), "setting": str(job.setting), **(extra_manifest or {})}
+    if job.tau_grid:
+        settings["tau_grid"] = [float(t) for t in job.tau_grid]
     manifest = Manifest("eval", str(segmenter.backbone.name), settings, {**job.dataset, "n": n, "classes": classes})
     fingerprint = _fingerprint(manifest)
     check_manifest(out_dir, manifest, job.overwrite)
@@ -101,16 +112,19 @@ def run_eval(segmenter: Segmenter, dataset, job: EvalJob, state=None, extra_mani
     state.wait_for_everyone()
 
     k = len(classes) + 1
+    taus = tuple(float(t) for t in job.tau_grid)
     total = np.zeros((k, k), np.int64)
+    grid_total = np.zeros((len(taus), k, k), np.int64)
     images = 0
     todo: list[tuple[int, int]] = []
     for start, stop in shard(chunks_of(n, job.chunk_size), state.process_index, state.num_processes):
-        done = None if job.overwrite else _load_part(_part_path(parts, start, stop), k, fingerprint)
+        done = None if job.overwrite else _load_part(_part_path(parts, start, stop), k, fingerprint, len(taus))
         if done is None:
             todo.append((start, stop))
         else:
             total += done[0]
             images += done[1]
+            grid_total += done[2]
 
     from tqdm.auto import tqdm
 
@@ -121,23 +135,31 @@ def run_eval(segmenter: Segmenter, dataset, job: EvalJob, state=None, extra_mani
     loader = iter(eval_loader(dataset, indices, job.num_workers))
     for start, stop in todo:
         cm = ConfusionMatrix(k)
+        grid = {t: ConfusionMatrix(k) for t in taus}
         for _ in range(start, stop):
             i, item = next(loader)
             if isinstance(item, LoadFailure):
                 raise item.error()
             result, labels = segment_item(segmenter, item, classes, job.setting)
             cm.update(item.gt, _to_dataset_labels(result, labels, item.gt.shape))
+            _add_at_every_tau(grid, result, labels, item.gt)
             bar.update(1)
-        _save_part(_part_path(parts, start, stop), cm.counts, stop - start, fingerprint)
+        grid_counts = np.stack([c.counts for c in grid.values()]) if taus else None
+        _save_part(_part_path(parts, start, stop), cm.counts, stop - start, fingerprint, grid_counts)
         total += cm.counts
         images += stop - start
+        if taus:
+            grid_total += grid_counts
     bar.close()
     seconds = time.perf_counter() - t0
 
-    summed = reduce_sum(state, torch.from_numpy(np.append(total.ravel(), images)))
+    summed = reduce_sum(state, torch.from_numpy(np.concatenate([total.ravel(), grid_total.ravel(), [images]])))
     wall = float(reduce_max(state, torch.tensor([seconds], dtype=torch.float64))[0])
-    cm = ConfusionMatrix(k, summed[:-1].numpy().reshape(k, k).astype(np.int64))
-    report = _report(cm, classes, job.setting, int(summed[-1]), wall, segmenter.settings.to_dict())
+    cm = ConfusionMatrix(k, summed[: k * k].numpy().reshape(k, k).astype(np.int64))
+    report = _report(cm, classes, str(job.setting), int(summed[-1]), wall, segmenter.settings.to_dict())
+    if taus:
+        grid_cms = summed[k * k : -1].numpy().reshape(len(taus), k, k).astype(np.int64)
+        report.extra["evaluated_split_tau_grid"] = tau_grid_report({t: ConfusionMatrix(k, c) for t, c in zip(taus, grid_cms)})
     report.extra["confusion_matrix"] = cm.counts.tolist()
     report.extra["processes"] = state.num_processes
     report.extra["run_folder"] = str(out_dir)
@@ -153,6 +175,7 @@ def tune_tau_distributed(segmenter: Segmenter, dataset, setting: str, n: int, st
     classes = list(dataset.classes)
     k = len(classes) + 1
     cms = {float(t): ConfusionMatrix(k) for t in taus}
+    label_source(setting).check(dataset, n)
     mine = shard(range(min(n, len(dataset))), state.process_index, state.num_processes)
     for i, item in tqdm(eval_loader(dataset, mine, num_workers), total=len(mine), desc="tune tau", unit="img",
                         disable=not (progress and state.is_main_process)):

@@ -32,7 +32,7 @@ from ..hookpoints import load_table
 from ..images import ImageInput, to_rgb
 from .aggregation import GocaHeadReducer, combine_layers, layer_weights, resize_self_map
 from .postprocess import postprocess_labels
-from .prompts import PromptLayout, build_layout
+from .prompts import FILLERS, PromptLayout, build_layout
 from .rescale import class_scores, gaussian_blur, minmax, propagate, rescale_by_content
 from .settings import SegmentSettings, settings_for
 
@@ -206,9 +206,12 @@ class Segmenter:
         classes: Sequence[str] | str,
         entities: Sequence[str] | None = None,
         caption: str | None = None,
+        class_phrases: Sequence[Sequence[str]] | None = None,
     ) -> SegmentationResult:
-        """Segment one image into ``classes`` (+ background)."""
-        return self.decide(self.observe(image, classes, entities, caption))
+        """Segment one image into ``classes`` (+ background). ``entities``: extra background entities;
+        ``caption``: the prompt (instead of the template), which must contain every class and entity;
+        ``class_phrases``: per class, the caption phrases that are its tokens (default: its name)."""
+        return self.decide(self.observe(image, classes, entities, caption, class_phrases=class_phrases))
 
     def observe(
         self,
@@ -218,6 +221,7 @@ class Segmenter:
         caption: str | None = None,
         everything: bool = False,
         head_reducers: Mapping[str, MapReducer] | None = None,
+        class_phrases: Sequence[Sequence[str]] | None = None,
     ) -> "Observation":
         """The forward half: caption, token alignment, one denoiser forward with the observers installed.
 
@@ -233,7 +237,7 @@ class Segmenter:
         custom = self._check_head_reducers(head_reducers)
         rgb = to_rgb(image)
         ents = list(s.background_entities) + list(entities or [])
-        layout = build_layout(classes, self.backbone.text_segments(), s.template, ents, caption)
+        layout = build_layout(classes, self.backbone.text_segments(), s.template, ents, caption, class_phrases, FILLERS[s.filler_words])
         inputs = self.backbone.prepare([rgb], layout.caption, s.t, s.seed, s.resolution)
         reducers = {}
         if s.heads == "goca":

@@ -44,6 +44,8 @@ class SegmentSettings:
         postprocess: refinement of the decision at image resolution: "none", "pamr" or "crf" (dense CRF,
             the ``difffeat[crf]`` extra); see :mod:`difffeat.segment.postprocess`. The published configs
             use none.
+        filler_words: words of a class or entity phrase never counted as its tokens: "difffeat" (a, an,
+            the, and, of, on, in, with, punctuation) or "published" (the GOCA code's list: no of/on/in/with).
     """
 
     t: int = 100
@@ -62,11 +64,16 @@ class SegmentSettings:
     resolution: int | None = None
     seed: int = 0
     postprocess: str = "none"
+    filler_words: str = "difffeat"
 
     def __post_init__(self) -> None:
         from .postprocess import check_postprocess
 
+        from .prompts import FILLERS
+
         check_postprocess(self.postprocess)
+        if self.filler_words not in FILLERS:
+            raise ConfigError(f"filler_words={self.filler_words!r} is not one of {tuple(FILLERS)}")
         for name, allowed in (("heads", HEADS), ("layers", LAYERS), ("rescale", RESCALE)):
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{name}={getattr(self, name)!r} is not one of {allowed}")
