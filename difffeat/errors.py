@@ -17,6 +17,12 @@ __all__ = [
     "ConfigError",
     "LabelFileError",
     "MissingExtraError",
+    "InvalidOptionError",
+    "OutputPathError",
+    "DatasetError",
+    "DeviceError",
+    "ManifestMismatchError",
+    "AttentionBackendError",
     "close_matches",
 ]
 
@@ -33,7 +39,7 @@ class UnknownActivationError(DifffeatError, KeyError):
         msg = f"unknown activation name {name!r}."
         if matches:
             msg += " Closest valid names: " + ", ".join(matches) + "."
-        msg += " List every name with `difffeat catalog MODEL` or `difffeat.catalog(backbone)`."
+        msg += " List every name with `difffeat catalog MODEL` or `difffeat.list_activations(model)`."
         if hint:
             msg += " " + hint
         self.name = name
@@ -74,6 +80,30 @@ class LabelFileError(ConfigError):
 
 class MissingExtraError(DifffeatError, ImportError):
     """An optional feature whose package is not installed; the message names the pip extra to install."""
+
+class InvalidOptionError(DifffeatError, ValueError):
+    """A numeric or named option outside its valid range (checked before any model loads)."""
+
+
+class OutputPathError(DifffeatError, OSError):
+    """An output path that cannot be written (an existing file where a folder is needed, no permission...)."""
+
+
+class DatasetError(DifffeatError, ValueError):
+    """An annotation file, label image or dataset folder that cannot be used (names the file and entry)."""
+
+
+class DeviceError(DifffeatError, RuntimeError):
+    """A device that this machine does not have (e.g. ``cuda`` without CUDA)."""
+
+
+class ManifestMismatchError(DifffeatError):
+    """The output folder holds results made with different settings."""
+
+
+class AttentionBackendError(DifffeatError, RuntimeError):
+    """Attention maps were asked of a layer whose attention backend cannot return them (flash, sage,
+    xformers...): the message names the layer, its backend and how to switch to one that can."""
 
 
 def close_matches(name: str, known: Iterable[str], n: int = 5) -> list[str]:

@@ -43,6 +43,8 @@ class HookTable:
     default_flags: tuple[str, ...] = field(default_factory=tuple)
     #: GOCA suffixes within a block: {"cross": ..., "self": ..., "query": ...}
     goca: dict = field(default_factory=dict)
+    #: where the image tokens sit in a joint [image, text] sequence: "image-first" or "text-first"
+    token_order: str = "image-first"
 
     def rules_for(self, module_path: str) -> list[ActivationRule]:
         """Every activation rule whose pattern fully matches ``module_path``."""
@@ -98,4 +100,11 @@ def load_table(name: str) -> HookTable:
         stage_rule=raw.get("stage_rule", "none"),
         default_flags=tuple(raw.get("default_flags", ())),
         goca=dict(raw.get("goca", {})),
+        token_order=_token_order(raw.get("token_order", "image-first"), path),
     )
+
+
+def _token_order(value: str, path) -> str:
+    if value not in ("image-first", "text-first"):
+        raise ConfigError(f"bad token_order {value!r} in {path}: use image-first or text-first")
+    return value

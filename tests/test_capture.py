@@ -23,7 +23,7 @@ def _inputs(backbone, size=(64, 64), prompt="a photo of a cat", seed=0):
 
 def test_every_catalog_name_is_capturable_alone_and_matches_a_full_capture(backbone):
     inputs = _inputs(backbone)
-    cat = backbone.catalog()
+    cat = difffeat.list_activations(backbone)
     with Capture(backbone, cat.names(), inputs, early_exit=False) as full:
         backbone.denoise(inputs)
     assert full.missing == []
@@ -35,7 +35,7 @@ def test_every_catalog_name_is_capturable_alone_and_matches_a_full_capture(backb
 
 
 def test_catalog_shapes_match_captured_shapes_at_probe_resolution(backbone):
-    cat = backbone.catalog()
+    cat = difffeat.list_activations(backbone)
     h, w = cat.probe_size
     inputs = _inputs(backbone, size=(h, w))
     with Capture(backbone, cat.names(), inputs, early_exit=False) as cap:
@@ -48,7 +48,7 @@ def test_non_square_images_reshape_on_the_true_grid(backbone):
     inputs = _inputs(backbone, size=(48, 96))
     gh, gw = inputs.grid
     assert gw == 2 * gh
-    names = [a.name for a in backbone.catalog() if a.kind in ("block-out", "cross-q", "joint-q")][:3]
+    names = [a.name for a in difffeat.list_activations(backbone) if a.kind in ("block-out", "cross-q", "joint-q")][:3]
     with Capture(backbone, names, inputs) as cap:
         backbone.denoise(inputs)
     for name in names:
@@ -65,7 +65,7 @@ def _pre_hook_store(store, key):
 
 def test_captured_qkv_equal_recomputation_from_module_input(backbone):
     inputs = _inputs(backbone)
-    cat = backbone.catalog()
+    cat = difffeat.list_activations(backbone)
     qkv = [a for a in cat if a.kind in ("self-q", "self-k", "self-v", "cross-q", "joint-q", "joint-k", "joint-v")]
     assert qkv
     den = backbone.denoiser
@@ -95,7 +95,7 @@ def test_cross_attention_map_times_v_reproduces_attention_output(backbone):
     """Standard attention: P @ V == the input of to_out. Joint attention: [P_self | P_cross] @ [V_img | V_txt]
     == the image rows of the attention output. Maps sum to one over all keys."""
     inputs = _inputs(backbone)
-    cat = backbone.catalog()
+    cat = difffeat.list_activations(backbone)
     maps = [a for a in cat if a.kind == "cross-map"]
     assert maps
     den = backbone.denoiser
@@ -152,7 +152,7 @@ def test_cross_attention_map_times_v_reproduces_attention_output(backbone):
 
 def test_self_attention_maps_sum_to_one_over_keys(backbone):
     inputs = _inputs(backbone)
-    maps = [a for a in backbone.catalog() if a.kind == "self-map" and not a.name.endswith("self_map")]
+    maps = [a for a in difffeat.list_activations(backbone) if a.kind == "self-map" and not a.name.endswith("self_map")]
     if not maps:
         pytest.skip("this family's self maps are joint (checked with the cross maps)")
     with Capture(backbone, [a.name for a in maps], inputs, early_exit=False) as cap:
@@ -164,7 +164,7 @@ def test_self_attention_maps_sum_to_one_over_keys(backbone):
 
 def test_early_exit_skips_every_module_after_the_last_needed_one(backbone):
     inputs = _inputs(backbone)
-    cat = backbone.catalog()
+    cat = difffeat.list_activations(backbone)
     first = next(a for a in cat if a.kind == "block-out")
     calls = []
     out_module = backbone.denoiser.get_submodule({"unet": "conv_out"}.get(backbone.hook_table, "proj_out"))
@@ -189,7 +189,7 @@ def test_a_forward_that_raises_leaves_no_hooks_and_original_processors(backbone)
     den = backbone.denoiser
     before_hooks = _hook_count(den)
     before_procs = {n: m.processor for n, m in attention_modules(den)}
-    names = [a.name for a in backbone.catalog() if a.kind in ("cross-map", "self-map", "block-out")]
+    names = [a.name for a in difffeat.list_activations(backbone) if a.kind in ("cross-map", "self-map", "block-out")]
 
     class Boom(RuntimeError):
         pass
@@ -199,7 +199,7 @@ def test_a_forward_that_raises_leaves_no_hooks_and_original_processors(backbone)
     try:
         with pytest.raises(Boom, match="injected failure"):
             with Capture(backbone, names, inputs, early_exit=False):
-                assert any(type(m.processor).__name__.endswith("Observer") for _, m in attention_modules(den))
+                assert _hook_count(den) > before_hooks  # observers and feature hooks are installed
                 # make sure the failure happens inside the forward: run until the bomb goes off
                 backbone.denoise(inputs)
                 raise Boom("forward finished without reaching the injected failure")
@@ -211,7 +211,7 @@ def test_a_forward_that_raises_leaves_no_hooks_and_original_processors(backbone)
 
 def test_stop_forward_is_swallowed_only_inside_capture(backbone):
     inputs = _inputs(backbone)
-    name = backbone.catalog().names()[1]
+    name = difffeat.list_activations(backbone).names()[1]
     with Capture(backbone, [name], inputs) as cap:
         backbone.denoise(inputs)
         pytest.fail("early exit should have left the block")  # pragma: no cover

@@ -1,11 +1,22 @@
-"""Attention observers: processors installed through diffusers' processor mechanism on the selected
-attention modules only. Each computes the attention probabilities of the *image queries* (what was asked:
-per-head maps, head-mean maps, or a custom reduction), hands them to the capture session, and delegates
-the layer's real output to the stock processor it replaced. Diffusers source is never modified.
+"""Attention observers: on the selected attention modules only, they compute the attention probabilities
+of the *image queries* (what was asked: per-head maps, head-mean maps, or a custom reduction) and hand
+them to the capture session. The layer's real output is always computed by diffusers itself.
 
-A *layout* knows how one family of stock processors forms queries and keys (projections, q/k norms,
-RoPE, the order of image and text tokens in joint attention); layouts are registered by the stock
-processor's class name.
+One mechanism serves every family whose attention reaches torch's ``scaled_dot_product_attention``: the
+stock processors of diffusers (``AttnProcessor2_0``, ``JointAttnProcessor2_0``, and every new-style
+processor that calls ``dispatch_attention_fn`` with one of the native backends) hand it queries, keys and
+values exactly as attended: projected, q/k-normed, rotated, ``[B, heads, N, d]``. While an observed module
+runs, a :class:`torch.overrides.TorchFunctionMode` sees that call (the mechanism diffusers' own
+skip-layer guidance uses, ``diffusers.hooks.layer_skip``), so a new family needs no copy of its processor's
+math: only where its image tokens sit in a joint sequence (the hook table's ``token_order``). Fused
+projections (``fuse_qkv_projections()``, FLUX.2's fused single blocks) change nothing.
+
+Backends that do not run torch SDPA (flash, sage, xformers, flex, NPU/XLA kernels) cannot return maps:
+:func:`check_observable` raises :class:`~difffeat.errors.AttentionBackendError` naming the fix before the
+forward, and an observed layer that finishes without an SDPA call raises it after.
+
+Legacy processors that compute attention without SDPA (``AttnProcessor``, ``SlicedAttnProcessor``,
+``XFormersAttnProcessor``) keep a processor-level observer (a *layout*) registered by class name.
 """
 
 from __future__ import annotations
@@ -16,20 +27,30 @@ from typing import Any, Protocol
 
 import torch
 
-from ..errors import DifffeatError
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+
+from ..errors import AttentionBackendError, DifffeatError
 
 __all__ = [
+    "DEFAULT_CHUNK_ELEMENTS",
     "AttentionTensors",
     "MapReducer",
-    "observer_for",
     "register_layout",
     "head_mean",
     "per_head",
     "attention_probs",
+    "SDPA_BACKENDS",
+    "check_observable",
+    "install_observer",
+    "dispatched_tensors",
 ]
 
-#: query rows per chunk when computing probabilities (bounds the temporary [B, heads, chunk, keys] tensor)
-DEFAULT_CHUNK_ELEMENTS = 2**23
+#: elements of the temporary ``[B, heads, rows, keys]`` logits/probabilities tensor of one chunk of query rows.
+#: 2**20 floats (4 MiB) stays below glibc's mmap threshold (which grows to at most 32 MiB = 2**23 floats), so
+#: chunk buffers are reused from the heap instead of being fresh mmaps zeroed page by page on first touch
+#: (at 2**23 a full-size SD1.5 observed forward spent more time in page faults than in the extra softmax).
+DEFAULT_CHUNK_ELEMENTS = 2**20
 
 
 @dataclass
@@ -164,34 +185,6 @@ def _joint_image_first(attn, hidden_states, encoder_hidden_states=None, attentio
     return AttentionTensors(q, k, v, None, attn.scale, image_keys=slice(0, n_img), text_keys=text)
 
 
-def _flux(attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None, n_image=None, **_) -> AttentionTensors:
-    """FLUX ``FluxAttnProcessor``: keys are [text, image]; RoPE over the whole sequence. Single-stream blocks
-    pass the concatenated [text, image] sequence as ``hidden_states``; the last ``n_image`` tokens are image."""
-    from diffusers.models.embeddings import apply_rotary_emb
-
-    d = attn.head_dim
-    q = attn.norm_q(attn.to_q(hidden_states).unflatten(-1, (-1, d)))
-    k = attn.norm_k(attn.to_k(hidden_states).unflatten(-1, (-1, d)))
-    v = attn.to_v(hidden_states).unflatten(-1, (-1, d))
-    if encoder_hidden_states is not None:
-        tq = attn.norm_added_q(attn.add_q_proj(encoder_hidden_states).unflatten(-1, (-1, d)))
-        tk = attn.norm_added_k(attn.add_k_proj(encoder_hidden_states).unflatten(-1, (-1, d)))
-        tv = attn.add_v_proj(encoder_hidden_states).unflatten(-1, (-1, d))
-        q, k, v = torch.cat([tq, q], dim=1), torch.cat([tk, k], dim=1), torch.cat([tv, v], dim=1)
-    if image_rotary_emb is not None:
-        q = apply_rotary_emb(q, image_rotary_emb, sequence_dim=1)
-        k = apply_rotary_emb(k, image_rotary_emb, sequence_dim=1)
-    total = k.shape[1]
-    n_img = n_image if n_image is not None else hidden_states.shape[1]
-    n_txt = total - n_img
-    q, k, v = q[:, n_txt:].transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-    bias = None
-    if attention_mask is not None:
-        bias = attention_mask if attention_mask.dtype != torch.bool else torch.zeros_like(attention_mask, dtype=q.dtype).masked_fill(~attention_mask, float("-inf"))
-        bias = bias[..., n_txt:, :] if bias.shape[-2] == total else bias
-    return AttentionTensors(q, k, v, bias, d**-0.5, image_keys=slice(n_txt, total), text_keys=slice(0, n_txt) if n_txt else None)
-
-
 # --------------------------------------------------------------------------- observers
 MapSink = Callable[[str, Any, AttentionTensors], None]
 
@@ -233,15 +226,6 @@ class JointObserver(_Observer):
         return out
 
 
-class FluxObserver(_Observer):
-    layout = staticmethod(_flux)
-
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
-        out = self.stock(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
-        self._observe(attn, hidden_states, encoder_hidden_states, attention_mask, {"image_rotary_emb": image_rotary_emb})
-        return out
-
-
 _OBSERVERS: dict[str, type[_Observer]] = {}
 
 
@@ -251,19 +235,201 @@ def register_layout(observer_cls: type[_Observer], *stock_processor_names: str) 
         _OBSERVERS[name] = observer_cls
 
 
-register_layout(StandardObserver, "AttnProcessor", "AttnProcessor2_0", "XFormersAttnProcessor", "SlicedAttnProcessor", "AttnProcessorNPU")
-register_layout(JointObserver, "JointAttnProcessor2_0", "XFormersJointAttnProcessor")
-register_layout(FluxObserver, "FluxAttnProcessor", "FluxAttnProcessor2_0")
+register_layout(StandardObserver, "AttnProcessor", "XFormersAttnProcessor", "SlicedAttnProcessor", "AttnProcessorNPU")
+register_layout(JointObserver, "XFormersJointAttnProcessor")
 
 
-def observer_for(stock: Any, module_path: str, sink: MapSink, n_image: int | None) -> _Observer:
-    """An observer wrapping the stock processor of one attention module."""
-    name = type(stock).__name__
-    cls = _OBSERVERS.get(name)
-    if cls is None:
-        raise DifffeatError(
-            f"attention maps cannot be captured at {module_path!r}: its processor {name} is not supported "
-            f"(supported: {', '.join(sorted(_OBSERVERS))}). Reset it with `denoiser.set_default_attn_processor()` "
-            "or capture q/k/v instead of maps."
-        )
-    return cls(stock, module_path, sink, n_image)
+
+# --------------------------------------------------------------------------- dispatcher observation
+#: diffusers attention backends that run torch's ``scaled_dot_product_attention`` (their maps are observable)
+SDPA_BACKENDS = frozenset({"native", "_native_math", "_native_efficient", "_native_flash", "_native_cudnn"})
+
+_SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+
+
+def _backend_name(backend: Any) -> str:
+    return str(getattr(backend, "value", backend))
+
+
+def dispatcher_backend(attn: Any) -> str | None:
+    """The dispatcher backend an attention module will use: its processor's own
+    (``set_attention_backend``), else the globally active one (``attention_backend()`` context,
+    ``DIFFUSERS_ATTN_BACKEND``). None for processors that do not call the dispatcher."""
+    processor = getattr(attn, "processor", None)
+    if processor is None or not hasattr(processor, "_attention_backend"):
+        return None
+    if processor._attention_backend is not None:
+        return _backend_name(processor._attention_backend)
+    from diffusers.models import attention_dispatch
+
+    registry = getattr(attention_dispatch, "_AttentionBackendRegistry", None)
+    active = getattr(registry, "_active_backend", None)
+    return _backend_name(active) if active is not None else None
+
+
+def _backend_error(module_path: str, attn: Any, backend: str | None) -> AttentionBackendError:
+    processor = type(getattr(attn, "processor", None)).__name__
+    what = f"attention backend {backend!r}" if backend else f"processor {processor}"
+    return AttentionBackendError(
+        f"attention maps cannot be captured at {module_path!r}: its {what} does not compute attention with "
+        f"torch's scaled_dot_product_attention, so the probabilities never exist. Use a backend that does "
+        f"({', '.join(sorted(SDPA_BACKENDS))}): `denoiser.set_attention_backend('native')`, or run inside "
+        "`with diffusers.attention_backend('native'):`, or unset DIFFUSERS_ATTN_BACKEND; or capture q/k/v "
+        "activations instead of maps."
+    )
+
+
+def check_observable(attn: Any, module_path: str) -> None:
+    """Raise :class:`AttentionBackendError` when the module's dispatcher backend cannot return maps."""
+    backend = dispatcher_backend(attn)
+    if backend is not None and backend not in SDPA_BACKENDS:
+        raise _backend_error(module_path, attn, backend)
+
+
+def _sdpa_arguments(args: tuple, kwargs: dict) -> dict[str, Any]:
+    bound = dict(zip(_SDPA_ARGS, args))
+    bound.update(kwargs)
+    return bound
+
+
+def _additive_bias(mask: torch.Tensor | None, rows: slice, nq: int) -> torch.Tensor | None:
+    """An SDPA ``attn_mask`` (bool: True = attend, or additive) -> additive bias ``[B|1, H|1, q|1, Nk]``
+    restricted to the image query ``rows``."""
+    if mask is None:
+        return None
+    if mask.dtype == torch.bool:
+        mask = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device).masked_fill(~mask, float("-inf"))
+    while mask.ndim < 4:
+        mask = mask.unsqueeze(0)
+    return mask[..., rows, :] if mask.shape[-2] == nq and nq > 1 else mask
+
+
+def dispatched_tensors(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attn_mask: torch.Tensor | None,
+    scale: float | None,
+    n_image: int,
+    text_first: bool,
+    cross: bool = False,
+) -> AttentionTensors:
+    """The :class:`AttentionTensors` of one SDPA call (``[B, heads, N, d]`` each), image queries only.
+
+    Which tokens are the image's follows from the lengths: as many queries as keys, at most ``n_image``
+    (the input grid's tokens; a UNet's lower levels have fewer), is self-attention, unless the module is a
+    cross-attention (``cross``); a different number of keys is cross-attention (all keys are text); a
+    sequence longer than ``n_image`` is joint attention over image and text tokens, the image tokens last
+    (``text_first``) or first. Grouped-query keys/values are repeated to the query heads."""
+    nq, nk, heads = query.shape[-2], key.shape[-2], query.shape[1]
+    if key.shape[1] != heads:  # grouped-query attention (enable_gqa)
+        key = key.repeat_interleave(heads // key.shape[1], dim=1)
+        value = value.repeat_interleave(heads // value.shape[1], dim=1)
+    if nq != nk or (nq <= n_image and cross):
+        rows, image, text = slice(0, nq), None, slice(0, nk)
+    elif nq <= n_image:  # self-attention (a UNet's lower levels have fewer tokens than the input grid)
+        rows, image, text = slice(0, nq), slice(0, nk), None
+    else:
+        n_text = nk - n_image
+        if text_first:
+            rows = image = slice(n_text, nk)
+            text = slice(0, n_text)
+        else:
+            rows = image = slice(0, n_image)
+            text = slice(n_image, nk)
+    q = query[:, :, rows]
+    d = q.shape[-1]
+    return AttentionTensors(
+        q, key, value, _additive_bias(attn_mask, rows, nq), float(scale) if scale is not None else d**-0.5,
+        image_keys=image, text_keys=text,
+    )
+
+
+class _SDPAWatch(TorchFunctionMode):
+    """Active only while one observed attention module runs: reports its first SDPA call."""
+
+    def __init__(self, observer: "DispatchObserver") -> None:
+        super().__init__()
+        self.observer = observer
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.scaled_dot_product_attention:
+            self.observer.saw(_sdpa_arguments(args, kwargs))
+        return func(*args, **kwargs)
+
+
+class DispatchObserver:
+    """Observes one attention module's SDPA call through forward hooks (always removed by :meth:`remove`)."""
+
+    def __init__(self, attn: torch.nn.Module, module_path: str, sink: MapSink, n_image: int, text_first: bool) -> None:
+        self.attn, self.module_path, self.sink = attn, module_path, sink
+        self.n_image, self.text_first = n_image, text_first
+        self._watch: _SDPAWatch | None = None
+        self._seen = False
+        self._handles = [
+            attn.register_forward_pre_hook(self._enter),
+            attn.register_forward_hook(self._exit, always_call=True),
+        ]
+
+    def _enter(self, module, args) -> None:
+        check_observable(self.attn, self.module_path)
+        self._seen = False
+        self._watch = _SDPAWatch(self)
+        self._watch.__enter__()
+
+    def _exit(self, module, args, output) -> None:
+        watch, self._watch = self._watch, None
+        if watch is not None:
+            watch.__exit__(None, None, None)
+        if output is not None and not self._seen:
+            raise _backend_error(self.module_path, self.attn, dispatcher_backend(self.attn))
+
+    def saw(self, sdpa: dict[str, Any]) -> None:
+        if self._seen:  # a second call within the same forward (e.g. FLUX.2 reference-token attention)
+            return
+        self._seen = True
+        if sdpa.get("is_causal"):
+            raise DifffeatError(f"attention maps of causal attention are not supported ({self.module_path!r})")
+        with torch.no_grad():
+            tensors = dispatched_tensors(
+                sdpa["query"], sdpa["key"], sdpa["value"], sdpa.get("attn_mask"), sdpa.get("scale"),
+                self.n_image, self.text_first, bool(getattr(self.attn, "is_cross_attention", False)),
+            )
+        self.sink(self.module_path, self.attn, tensors)
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        if self._watch is not None:
+            self._watch.__exit__(None, None, None)
+            self._watch = None
+
+
+class _ProcessorSwap:
+    """A legacy processor observer in place of the stock processor until :meth:`remove`."""
+
+    def __init__(self, attn: Any, observer: _Observer) -> None:
+        self.attn, self.stock = attn, attn.processor
+        attn.set_processor(observer)
+
+    def remove(self) -> None:
+        self.attn.set_processor(self.stock)
+
+
+def install_observer(
+    attn: torch.nn.Module, module_path: str, sink: MapSink, n_image: int, text_first: bool = False
+) -> DispatchObserver | _ProcessorSwap:
+    """Observe one attention module: at its SDPA call, or by a legacy processor layout for processors that
+    compute attention themselves. Returns a handle whose ``remove()`` restores the module.
+
+    Raises:
+        AttentionBackendError: the module's attention backend cannot return maps.
+    """
+    stock = getattr(attn, "processor", None)
+    legacy = _OBSERVERS.get(type(stock).__name__)
+    if legacy is not None:
+        return _ProcessorSwap(attn, legacy(stock, module_path, sink, n_image))
+    check_observable(attn, module_path)
+    return DispatchObserver(attn, module_path, sink, n_image, text_first)

@@ -22,7 +22,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ..catalog import ActivationInfo
-from .observer import AttentionTensors, MapReducer, attention_probs, observer_for, per_head
+from ..hookpoints import load_table
+from .observer import DEFAULT_CHUNK_ELEMENTS, AttentionTensors, MapReducer, attention_probs, install_observer, per_head
 
 if TYPE_CHECKING:
     from ..backbones.base import Backbone, DenoiserInputs
@@ -78,6 +79,8 @@ class Capture:
         map_reducers: per-name overrides of ``map_reducer`` (canonical names).
         to_cpu: move captured tensors to the CPU as they arrive (saves accelerator memory).
         shapes_only: record shapes only (used with fake tensors by the catalog).
+        chunk_elements: size of the temporary per-chunk probabilities tensor when computing maps (query rows
+            are processed in chunks of ``chunk_elements // (B * heads * keys)``); results do not depend on it.
 
     After the block: ``activations`` maps each requested canonical name to a tensor: ``[B, C, H, W]`` for
     features, the reducer's output for maps; ``shapes`` maps names to shapes.
@@ -95,6 +98,7 @@ class Capture:
         map_reducers: dict[str, MapReducer] | None = None,
         to_cpu: bool = False,
         shapes_only: bool = False,
+        chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
     ) -> None:
         if inputs is None and grid is None:
             raise ValueError("Capture needs the forward's inputs (DenoiserInputs) or the token grid")
@@ -106,17 +110,20 @@ class Capture:
         if all(isinstance(a, ActivationInfo) for a in names):
             self.infos = list(dict.fromkeys(names))
         else:
-            self.infos = backbone.catalog().resolve([a.name if isinstance(a, ActivationInfo) else a for a in names])
+            self.infos = _catalog_of(backbone).resolve([a.name if isinstance(a, ActivationInfo) else a for a in names])
         self.early_exit = early_exit
         self.map_reducer = map_reducer
         self.map_reducers = dict(map_reducers or {})
         self.to_cpu = to_cpu
         self.shapes_only = shapes_only
+        if int(chunk_elements) < 1:
+            raise ValueError(f"chunk_elements must be >= 1, got {chunk_elements}")
+        self.chunk_elements = int(chunk_elements)
         self.activations: dict[str, torch.Tensor] = {}
         self.shapes: dict[str, tuple[int, ...]] = {}
         self._pending: set[str] = set()
         self._handles: list[Any] = []
-        self._processors: list[tuple[Any, Any]] = []
+        self._observers: list[Any] = []
         self._active = False
 
     # ------------------------------------------------------------------ storing
@@ -156,7 +163,7 @@ class Capture:
                     self._store(info, torch.empty(b, h, nq, keys.stop - keys.start, device="meta"))
                 else:
                     reducer = self.map_reducers.get(info.name, self.map_reducer)
-                    self._store(info, attention_probs(tensors, info.observe, reducer, attn))
+                    self._store(info, attention_probs(tensors, info.observe, reducer, attn, self.chunk_elements))
 
         return sink
 
@@ -184,11 +191,9 @@ class Capture:
             if maps_by_module:
                 n_image = self.grid[0] * self.grid[1]
                 sink = self._map_sink(maps_by_module)
+                text_first = load_table(self.backbone.hook_table).token_order == "text-first"
                 for path in maps_by_module:
-                    attn = denoiser.get_submodule(path)
-                    stock = attn.processor
-                    attn.set_processor(observer_for(stock, path, sink, n_image))
-                    self._processors.append((attn, stock))
+                    self._observers.append(install_observer(denoiser.get_submodule(path), path, sink, n_image, text_first))
         except BaseException:
             self._remove()
             raise
@@ -198,9 +203,9 @@ class Capture:
         for handle in self._handles:
             handle.remove()
         self._handles = []
-        for attn, stock in reversed(self._processors):
-            attn.set_processor(stock)
-        self._processors = []
+        for observer in reversed(self._observers):
+            observer.remove()
+        self._observers = []
         self._active = False
 
     def __exit__(self, exc_type, exc, tb) -> bool:
@@ -213,5 +218,11 @@ class Capture:
         return [i.name for i in self.infos if i.name not in self.shapes]
 
     def __getitem__(self, name: str) -> torch.Tensor:
-        canonical = self.backbone.catalog().canonical(name) if name not in self.activations else name
+        canonical = _catalog_of(self.backbone).canonical(name) if name not in self.activations else name
         return self.activations[canonical]
+
+
+def _catalog_of(backbone: "Backbone"):
+    from .probe import catalog_of  # probe builds on Capture
+
+    return catalog_of(backbone)

@@ -10,8 +10,8 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
+from ..backbones.base import TextSegment
 from ..errors import InvalidPromptError
 
 __all__ = ["TextSegment", "PromptLayout", "build_layout", "FILLER_WORDS", "PUBLISHED_FILLER_WORDS", "FILLERS", "check_classes"]
@@ -22,16 +22,6 @@ FILLER_WORDS = frozenset({"a", "an", "the", "and", ",", ".", "-", "of", "on", "i
 PUBLISHED_FILLER_WORDS = frozenset({"a", "an", "the", "and", ",", ".", "-"})
 #: ``SegmentSettings.filler_words`` -> the list
 FILLERS = {"difffeat": FILLER_WORDS, "published": PUBLISHED_FILLER_WORDS}
-
-
-@dataclass(frozen=True)
-class TextSegment:
-    """One tokenizer's part of the denoiser's text sequence: its tokens occupy positions
-    ``offset .. offset + max_length - 1`` (SD3 concatenates CLIP then T5 tokens)."""
-
-    tokenizer: Any
-    offset: int
-    max_length: int
 
 
 @dataclass
