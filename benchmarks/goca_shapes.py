@@ -24,7 +24,7 @@ import yaml
 
 import difffeat
 from difffeat.evaluate import ConfusionMatrix, ShapesDataset
-from difffeat.evaluate.runner import _add_at_every_tau, best_tau
+from difffeat.evaluate.runner import add_at_every_tau, best_tau
 from difffeat.io import write_json
 
 CONFIGS = {
@@ -58,7 +58,7 @@ def score(backbone, obs, config, t, tau_grid, n_classes, overrides):
     seg = difffeat.Segmenter(backbone, t=t, **config, **overrides)
     cms = {tau: ConfusionMatrix(n_classes) for tau in tau_grid}
     for item, labels, ob in obs:
-        _add_at_every_tau(cms, seg.decide(ob[config["heads"]]) if ob else None, labels, item.gt)
+        add_at_every_tau(cms, seg.decide(ob[config["heads"]]) if ob else None, labels, item.gt)
     return {tau: cm.miou() for tau, cm in cms.items()}, cms
 
 

@@ -77,7 +77,7 @@ def segment_item(segmenter: Segmenter, item: EvalItem, classes: Sequence[str], s
     return segment_prompt(segmenter, item.image, classes, prompt), prompt.labels
 
 
-def _to_dataset_labels(result: SegmentationResult | None, labels: list[int], shape: tuple[int, int]) -> np.ndarray:
+def to_dataset_labels(result: SegmentationResult | None, labels: list[int], shape: tuple[int, int]) -> np.ndarray:
     """The result as dataset labels on the ground truth's grid ``shape``.
 
     Results come at the segmented image's size, which is smaller than the annotation when the image was
@@ -91,7 +91,7 @@ def _to_dataset_labels(result: SegmentationResult | None, labels: list[int], sha
     return pred
 
 
-def _report(cm: ConfusionMatrix, classes: Sequence[str], setting: str, n: int, seconds: float, settings: dict) -> EvalReport:
+def build_report(cm: ConfusionMatrix, classes: Sequence[str], setting: str, n: int, seconds: float, settings: dict) -> EvalReport:
     iou = cm.iou()
     names = ["background"] + list(classes)
     return EvalReport(
@@ -124,8 +124,8 @@ def evaluate(
     for i in tqdm(idx, desc=f"eval ({setting})", unit="img", disable=not progress):
         item = dataset[i]
         result, labels = segment_item(segmenter, item, classes, setting)
-        cm.update(item.gt, _to_dataset_labels(result, labels, item.gt.shape))
-    report = _report(cm, classes, str(setting), len(idx), time.perf_counter() - start, segmenter.settings.to_dict())
+        cm.update(item.gt, to_dataset_labels(result, labels, item.gt.shape))
+    report = build_report(cm, classes, str(setting), len(idx), time.perf_counter() - start, segmenter.settings.to_dict())
     report.extra["confusion_matrix"] = cm.counts.tolist()
     return report
 
@@ -148,7 +148,7 @@ def tune_tau(
     for i in tqdm(range(n), desc="tune tau", unit="img", disable=not progress):
         item = dataset[i]
         result, labels = segment_item(segmenter, item, classes, setting)
-        _add_at_every_tau(cms, result, labels, item.gt)
+        add_at_every_tau(cms, result, labels, item.gt)
     scores = {tau: cm.miou() for tau, cm in cms.items()}
     return best_tau(scores), scores
 
@@ -177,10 +177,10 @@ def best_tau(scores: dict[float, float]) -> float:
     return max(scores, key=lambda t: (scores[t], -abs(t)))
 
 
-def _add_at_every_tau(cms: dict[float, ConfusionMatrix], result: SegmentationResult | None, labels: list[int], gt: np.ndarray) -> None:
+def add_at_every_tau(cms: dict[float, ConfusionMatrix], result: SegmentationResult | None, labels: list[int], gt: np.ndarray) -> None:
     """Add one image's result, decided at each tau of ``cms`` (no new forward), to that tau's matrix."""
     for tau, cm in cms.items():
-        cm.update(gt, _to_dataset_labels(result.with_tau(tau) if result is not None else None, labels, gt.shape))
+        cm.update(gt, to_dataset_labels(result.with_tau(tau) if result is not None else None, labels, gt.shape))
 
 
 class TauSweep:
@@ -200,7 +200,7 @@ class TauSweep:
         if split not in self._cms:
             raise ValueError(f"unknown split {split!r}; this sweep has {self.tune!r} (tuning) and {self.test!r} (test)")
         cms = self._cms[split].setdefault(row, {tau: ConfusionMatrix(self.n_classes) for tau in self.taus})
-        _add_at_every_tau(cms, result, labels, gt)
+        add_at_every_tau(cms, result, labels, gt)
 
     def rows(self) -> list[dict[str, Any]]:
         """Per row (in first-seen test order): ``row``, test ``miou`` at the tuned ``tau``, ``foreground_iou``,

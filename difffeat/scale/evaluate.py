@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from ..evaluate.metrics import ConfusionMatrix
-from ..evaluate.runner import EvalReport, _add_at_every_tau, _report, _to_dataset_labels, best_tau, segment_item, tau_grid_report
+from ..evaluate.runner import EvalReport, add_at_every_tau, build_report, to_dataset_labels, best_tau, segment_item, tau_grid_report
 from ..evaluate.label_sources import label_source
 from ..io import write_bytes, write_json
 from ..segment.segmenter import Segmenter
@@ -141,8 +141,8 @@ def run_eval(segmenter: Segmenter, dataset, job: EvalJob, state=None, extra_mani
             if isinstance(item, LoadFailure):
                 raise item.error()
             result, labels = segment_item(segmenter, item, classes, job.setting)
-            cm.update(item.gt, _to_dataset_labels(result, labels, item.gt.shape))
-            _add_at_every_tau(grid, result, labels, item.gt)
+            cm.update(item.gt, to_dataset_labels(result, labels, item.gt.shape))
+            add_at_every_tau(grid, result, labels, item.gt)
             bar.update(1)
         grid_counts = np.stack([c.counts for c in grid.values()]) if taus else None
         _save_part(_part_path(parts, start, stop), cm.counts, stop - start, fingerprint, grid_counts)
@@ -156,7 +156,7 @@ def run_eval(segmenter: Segmenter, dataset, job: EvalJob, state=None, extra_mani
     summed = reduce_sum(state, torch.from_numpy(np.concatenate([total.ravel(), grid_total.ravel(), [images]])))
     wall = float(reduce_max(state, torch.tensor([seconds], dtype=torch.float64))[0])
     cm = ConfusionMatrix(k, summed[: k * k].numpy().reshape(k, k).astype(np.int64))
-    report = _report(cm, classes, str(job.setting), int(summed[-1]), wall, segmenter.settings.to_dict())
+    report = build_report(cm, classes, str(job.setting), int(summed[-1]), wall, segmenter.settings.to_dict())
     if taus:
         grid_cms = summed[k * k : -1].numpy().reshape(len(taus), k, k).astype(np.int64)
         report.extra["evaluated_split_tau_grid"] = tau_grid_report({t: ConfusionMatrix(k, c) for t, c in zip(taus, grid_cms)})
@@ -182,7 +182,7 @@ def tune_tau_distributed(segmenter: Segmenter, dataset, setting: str, n: int, st
         if isinstance(item, LoadFailure):
             raise item.error()
         result, labels = segment_item(segmenter, item, classes, setting)
-        _add_at_every_tau(cms, result, labels, item.gt)
+        add_at_every_tau(cms, result, labels, item.gt)
     stacked = reduce_sum(state, torch.from_numpy(np.stack([cm.counts for cm in cms.values()])))
     scores = {t: ConfusionMatrix(k, c.numpy()).miou() for t, c in zip(cms, stacked)}
     return best_tau(scores), scores
