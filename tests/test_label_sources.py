@@ -162,7 +162,7 @@ def test_eval_tau_grid_on_the_evaluated_split_is_labelled_and_agrees_at_the_fixe
     assert "ON THE EVALUATED SPLIT" in grid["note"] and len(grid["miou_by_tau"]) == 9
     assert grid["miou_by_tau"]["+0.10"] == pytest.approx(d["miou"])  # same decision, counted twice
     assert grid["best_miou_on_evaluated_split"] == max(grid["miou_by_tau"].values())
-    assert "published-style" in res.output
+    assert "published-style" in res.output and d["dataset"]["void"] == "background"
 
 
 def test_segment_cli_with_a_label_file(tmp_path):

@@ -163,6 +163,7 @@ def run_eval(segmenter: Segmenter, dataset, job: EvalJob, state=None, extra_mani
     report.extra["confusion_matrix"] = cm.counts.tolist()
     report.extra["processes"] = state.num_processes
     report.extra["run_folder"] = str(out_dir)
+    report.extra["dataset"] = dict(job.dataset)  # incl. "void": what 255 pixels counted as
     return report
 
 
