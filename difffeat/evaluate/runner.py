@@ -44,13 +44,14 @@ class EvalReport:
     seconds: float
     settings: dict[str, Any] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
+    setting_description: str = ""
 
     def to_json(self) -> dict[str, Any]:
         return {
             "miou": self.miou,
             "pixel_accuracy": self.pixel_accuracy,
             "setting": self.setting,
-            "setting_description": label_source(self.setting).description,
+            "setting_description": self.setting_description or label_source(self.setting).description,
             "n_images": self.n_images,
             "per_class_iou": self.per_class_iou,
             "seconds": round(self.seconds, 2),
@@ -102,6 +103,7 @@ def build_report(cm: ConfusionMatrix, classes: Sequence[str], setting: str, n: i
         n_images=n,
         seconds=seconds,
         settings=settings,
+        setting_description=label_source(setting).description,
     )
 
 
