@@ -21,6 +21,7 @@ from .backbones.base import Backbone, check_timestep
 from .backbones.loading import load
 from .capture import Capture, catalog_of, head_mean, sequence_to_spatial
 from .catalog import ActivationInfo
+from .checks import check_resolution
 from .errors import ConfigError, InvalidImageError, InvalidPromptError
 from .images import ImageInput, target_size, to_rgb
 from .io import save_features
@@ -97,6 +98,7 @@ class FeatureExtractor:
         techniques: Sequence = (),
         map_prompt: str | None = None,
     ) -> None:
+        check_resolution("resolution", resolution)
         self.backbone = load(backbone)
         if preset is not None and features:
             raise ValueError("pass either features or preset, not both")

@@ -45,4 +45,4 @@ def test_chunk_size_leaves_every_map_unchanged(tiny_pipes, family):
 def test_bad_chunk_size_is_rejected(tiny_pipes):
     backbone = backbone_for(tiny_pipes, "sd")
     with pytest.raises(ValueError, match="chunk_elements must be >= 1"):
-        Capture(backbone, [backbone.catalog().names()[0]], grid=(8, 8), chunk_elements=0)
+        Capture(backbone, [difffeat.list_activations(backbone).names()[0]], grid=(8, 8), chunk_elements=0)

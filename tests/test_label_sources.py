@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from difffeat.errors import LabelFileError
-from difffeat.evaluate import ShapesDataset, evaluate, label_source, with_void
+from difffeat.evaluate import ShapesDataset, label_source, with_void
+from difffeat.runs import evaluate
 from difffeat.evaluate.datasets import EvalItem
 from difffeat.evaluate.label_sources import CaptionFile, LabelFile, source_spec
 from difffeat.segment.captions import published_caption, split_phrases
@@ -67,7 +68,7 @@ def test_cli_eval_with_a_bad_label_file_fails_cleanly(tmp_path):
     from difffeat.cli import app
 
     path = _write(tmp_path, {"test-000000": ["circle"]})
-    res = CliRunner().invoke(app, ["eval", "--shapes-split", "test", "--n", "2", "--label-file", str(path), "--report", str(tmp_path / "r.json")])
+    res = CliRunner().invoke(app, ["eval", "--shapes-split", "test", "--n", "2", "--label-file", str(path), "--out", str(tmp_path / "run")])
     assert res.exit_code != 0 and "no entry for image 'test-000001'" in res.output and "Traceback" not in res.output
 
 
@@ -155,7 +156,7 @@ def test_eval_tau_grid_on_the_evaluated_split_is_labelled_and_agrees_at_the_fixe
 
     report = tmp_path / "r.json"
     res = CliRunner().invoke(app, ["eval", "--shapes-split", "test", "--n", "3", "--tau", "0.1", "--tau-grid", "--void", "background",
-                                   "--report", str(report), "--num-workers", "0"])  # fmt: skip
+                                   "--report", str(report), "--out", str(tmp_path / "run"), "--num-workers", "0"])  # fmt: skip
     assert res.exit_code == 0, res.output
     d = json.loads(report.read_text())
     grid = d["evaluated_split_tau_grid"]

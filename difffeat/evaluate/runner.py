@@ -1,18 +1,18 @@
-"""Dataset evaluation of a Segmenter: mIoU and per-class IoU in a stated setting.
+"""Scoring a Segmenter on dataset items: mIoU and per-class IoU in a stated setting (the per-item steps and the
+report; the dataset loop, sharded and resumable, is :func:`difffeat.runs.run_eval`).
 
 Settings:
 * ``oracle`` — "oracle image labels": each prompt names only the classes present in that image's ground
   truth (what the GOCA paper and its reference code do; comparable to their numbers).
 * ``all`` — "all dataset classes": every prompt names every class (open-vocabulary, harder).
 
-The background offset tau is chosen on a *separate* split (:func:`tune_tau`), never on the test split.
+The background offset tau is chosen on a *separate* split (:func:`difffeat.runs.tune_tau`), never on the test split.
 """
 
 from __future__ import annotations
 
 import platform
-import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,12 +21,15 @@ from PIL import Image
 
 from ..version import __version__
 from ..segment.segmenter import SegmentationResult, Segmenter
-from .datasets import EvalItem, SegDataset
+from .datasets import EvalItem
 from .label_sources import ImagePrompt, label_source
 from .metrics import ConfusionMatrix
 
-__all__ = ["EvalReport", "evaluate", "tune_tau", "best_tau", "TauSweep", "SETTINGS", "segment_item", "segment_prompt",
-           "tau_grid_report", "PUBLISHED_TAU_GRID"]
+__all__ = ["EvalReport", "best_tau", "TauSweep", "SETTINGS", "TAU_GRID", "segment_item", "segment_prompt", "to_dataset_labels",
+           "add_at_every_tau", "build_report", "tau_grid_report", "PUBLISHED_TAU_GRID"]  # fmt: skip
+
+#: the background offsets tried when tau is tuned
+TAU_GRID = tuple(float(t) for t in np.round(np.linspace(-0.4, 0.4, 17), 3))
 
 SETTINGS = {
     "oracle": "oracle image labels (prompt names the classes present in the ground truth; as in the papers)",
@@ -93,6 +96,7 @@ def to_dataset_labels(result: SegmentationResult | None, labels: list[int], shap
 
 
 def build_report(cm: ConfusionMatrix, classes: Sequence[str], setting: str, n: int, seconds: float, settings: dict) -> EvalReport:
+    """The report of a summed confusion matrix (background = class 0, then ``classes``)."""
     iou = cm.iou()
     names = ["background"] + list(classes)
     return EvalReport(
@@ -105,54 +109,6 @@ def build_report(cm: ConfusionMatrix, classes: Sequence[str], setting: str, n: i
         settings=settings,
         setting_description=label_source(setting).description,
     )
-
-
-def evaluate(
-    segmenter: Segmenter,
-    dataset: SegDataset,
-    setting: str = "oracle",
-    limit: int | None = None,
-    progress: bool = False,
-    indices: Iterable[int] | None = None,
-) -> EvalReport:
-    """Accumulate a confusion matrix over the dataset (background = class 0) and report mIoU."""
-    from tqdm.auto import tqdm
-
-    classes = list(dataset.classes)
-    cm = ConfusionMatrix(len(classes) + 1)
-    idx = list(indices) if indices is not None else list(range(len(dataset) if limit is None else min(limit, len(dataset))))
-    label_source(setting).check(dataset, max(idx) + 1 if idx else 0)
-    start = time.perf_counter()
-    for i in tqdm(idx, desc=f"eval ({setting})", unit="img", disable=not progress):
-        item = dataset[i]
-        result, labels = segment_item(segmenter, item, classes, setting)
-        cm.update(item.gt, to_dataset_labels(result, labels, item.gt.shape))
-    report = build_report(cm, classes, str(setting), len(idx), time.perf_counter() - start, segmenter.settings.to_dict())
-    report.extra["confusion_matrix"] = cm.counts.tolist()
-    return report
-
-
-def tune_tau(
-    segmenter: Segmenter,
-    dataset: SegDataset,
-    setting: str = "oracle",
-    taus: Sequence[float] = tuple(np.round(np.linspace(-0.4, 0.4, 17), 3)),
-    limit: int | None = None,
-    progress: bool = False,
-) -> tuple[float, dict[float, float]]:
-    """Choose tau by mIoU on a tuning split: one forward per image, every tau decided from the same maps."""
-    from tqdm.auto import tqdm
-
-    classes = list(dataset.classes)
-    cms = {float(t): ConfusionMatrix(len(classes) + 1) for t in taus}
-    n = len(dataset) if limit is None else min(limit, len(dataset))
-    label_source(setting).check(dataset, n)
-    for i in tqdm(range(n), desc="tune tau", unit="img", disable=not progress):
-        item = dataset[i]
-        result, labels = segment_item(segmenter, item, classes, setting)
-        add_at_every_tau(cms, result, labels, item.gt)
-    scores = {tau: cm.miou() for tau, cm in cms.items()}
-    return best_tau(scores), scores
 
 
 #: the tau grid the published GOCA code prints mIoU for

@@ -4,7 +4,7 @@ from .aggregation import FixedHeadWeights, GocaHeadReducer
 from .postprocess import POSTPROCESS, CrfParams, PamrParams
 from .prompts import PromptLayout, TextSegment, build_layout
 from .segmenter import Observation, SegmentationResult, Segmenter
-from .settings import SegmentSettings, settings_for
+from .settings import SegmentSettings, config_names, settings_for
 
 __all__ = [
     "Segmenter",
@@ -14,6 +14,7 @@ __all__ = [
     "GocaHeadReducer",
     "SegmentSettings",
     "settings_for",
+    "config_names",
     "PromptLayout",
     "TextSegment",
     "build_layout",

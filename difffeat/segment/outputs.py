@@ -23,6 +23,7 @@ __all__ = [
     "heatmap_image",
     "save_result",
     "to_coco_results",
+    "coco_entries",
 ]
 
 
@@ -125,17 +126,26 @@ def save_result(
             heat = (result.heatmap(cls) * 255).astype(np.uint8)
             paths[f"heat_{cls}"] = out / f"{stem}_heat_{safe}.png"
             _save_png(paths[f"heat_{cls}"], Image.fromarray(heat, mode="L"))
-    write_json(paths["json"], result.to_json())
+    scores = {cls: float(result.class_maps[label - 1].max()) for cls, label in result.class_index.items()}
+    write_json(paths["json"], {**result.to_json(), "class_scores": scores})  # last: its presence marks the image done
     return paths
 
 
 def to_coco_results(result: SegmentationResult, image_id: int, category_ids: dict[str, int]) -> list[dict[str, Any]]:
     """COCO results entries (one per predicted class, RLE segmentation via pycocotools)."""
+    scores = {cls: float(result.class_maps[label - 1].max()) for cls, label in result.class_index.items()}
+    return coco_entries(result.labels, result.class_index, scores, image_id, category_ids)
+
+
+def coco_entries(labels: np.ndarray, class_index: dict[str, int], class_scores: dict[str, float], image_id: int,
+                 category_ids: dict[str, int]) -> list[dict[str, Any]]:
+    """COCO results entries of a label map ``uint8 [H, W]``: one per class present (RLE via pycocotools),
+    scored by the class's best map value."""
     from pycocotools import mask as mask_utils
 
     entries = []
-    for cls, label in result.class_index.items():
-        binary = np.asfortranarray((result.labels == label).astype(np.uint8))
+    for cls, label in class_index.items():
+        binary = np.asfortranarray((labels == label).astype(np.uint8))
         if not binary.any() or cls not in category_ids:
             continue
         rle = mask_utils.encode(binary)
@@ -144,6 +154,6 @@ def to_coco_results(result: SegmentationResult, image_id: int, category_ids: dic
             "image_id": int(image_id),
             "category_id": int(category_ids[cls]),
             "segmentation": rle,
-            "score": float(result.class_maps[label - 1].max()),
+            "score": float(class_scores[cls]),
         })
     return entries

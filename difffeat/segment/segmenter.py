@@ -222,6 +222,8 @@ class Segmenter:
         if method is not None:
             base = base.with_method(method)
         self.settings = base.update(**overrides)
+        # refinement blocks a config file lists for the family may be absent from a model of another layout
+        self._config_refine = settings is None and overrides.get("refine_blocks") is None
         check_timestep(self.settings.t)
         self._plan()
 
@@ -256,10 +258,11 @@ class Segmenter:
             self.ref_block = ref
             self.ref_name = f"{ref}.{suffix['query']}"
         refine = [f"{b}.{suffix['self']}" for b in self.settings.refine_blocks]
-        if refine and not any(name in cat for name in refine):
-            # a family's published list on a model of another layout (e.g. a tiny test model)
+        missing = [name for name in refine if name not in cat]
+        if missing and self._config_refine:
+            # the family's published list on a model of another layout (e.g. a tiny test model)
             warnings.warn(
-                f"{self.backbone.name} has none of the refinement blocks {list(self.settings.refine_blocks)}; "
+                f"{self.backbone.name} lacks the configured refinement block(s) {missing}; "
                 "using every block at the largest attention grid",
                 stacklevel=3,
             )
