@@ -49,7 +49,8 @@ def observations(backbone, data, t, overrides):
             out.append((item, labels, None))
             continue
         names = [data.classes[l - 1] for l in labels]
-        out.append((item, labels, {h: s.observe(item.image, names, everything=True) for h, s in segs.items()}))
+        with backbone.reusing_latents():  # one VAE encode for both head settings
+            out.append((item, labels, {h: s.observe(item.image, names, everything=True) for h, s in segs.items()}))
     return out
 
 

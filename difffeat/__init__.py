@@ -46,6 +46,8 @@ _API = {
     "Segmenter": "segment",
     "SegmentationResult": "segment",
     "SegmentSettings": "segment",
+    "check_class_words": "segment",
+    "ClassVocabularyWarning": "segment",
 }
 #: subpackages reachable as attributes (``difffeat.testing.tiny_pipeline`` after ``import difffeat``)
 _SUBMODULES = {"shift", "segment", "evaluate", "runs", "testing", "capture", "catalog", "backbones", "features",
@@ -58,7 +60,7 @@ if TYPE_CHECKING:
     from .catalog import ActivationInfo, Catalog
     from .features import ExtractedItem, FeatureExtractor, upsample_concat
     from .presets import FeaturePreset, list_presets, load_preset
-    from .segment import SegmentationResult, SegmentSettings, Segmenter
+    from .segment import ClassVocabularyWarning, SegmentationResult, SegmentSettings, Segmenter, check_class_words
 
 
 def __getattr__(name: str) -> Any:

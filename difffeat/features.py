@@ -166,9 +166,10 @@ class FeatureExtractor:
         if self.map_prompt is not None and any(i.is_map for i in self.infos):
             maps = [i for i in self.infos if i.is_map]
             rest = [i for i in self.infos if not i.is_map]
-            out = self._run(rgb, [self.map_prompt] * len(rgb), maps)
-            if rest:
-                out.update(self._run(rgb, prompts, rest))
+            with self.backbone.reusing_latents():  # both passes see the same images: encode them once
+                out = self._run(rgb, [self.map_prompt] * len(rgb), maps)
+                if rest:
+                    out.update(self._run(rgb, prompts, rest))
             return {i.name: out[i.name] for i in self.infos}
         return self._run(rgb, prompts, self.infos)
 

@@ -58,8 +58,9 @@ def segment_done(out_dir: Path, stem: str) -> dict[str, Any] | None:
     return meta
 
 
-def _coco_results(out_dir: Path, refs: list[ImageRef], classes: list[str]) -> list[dict[str, Any]]:
-    cat_ids = {c: i + 1 for i, c in enumerate(classes)}
+def _coco_results(out_dir: Path, refs: list[ImageRef]) -> list[dict[str, Any]]:
+    """COCO results of every finished image; category id i = the i-th class as segmented (class words as
+    normalised by the segmenter, e.g. 'Crosses' -> 'cross', so none is dropped)."""
     entries: list[dict[str, Any]] = []
     for image_id, ref in enumerate(refs, start=1):
         meta = segment_done(out_dir, ref.stem)
@@ -67,7 +68,7 @@ def _coco_results(out_dir: Path, refs: list[ImageRef], classes: list[str]) -> li
             continue
         labels = np.asarray(Image.open(out_dir / f"{ref.stem}_labels.png"))
         index = {c: i for c, i in meta["classes"].items() if c != "background"}
-        entries += coco_entries(labels, index, meta["class_scores"], image_id, cat_ids)
+        entries += coco_entries(labels, index, meta["class_scores"], image_id, index)
     return entries
 
 
@@ -98,6 +99,6 @@ def run_segment(segmenter: Segmenter, refs: list[ImageRef], job: SegmentJob, sta
     bar.close()
     summary = run.finish(len(refs), len(todo) - len(run.unreadable), len(done), "segment_summary.json")
     if job.coco_results and run.is_main_process:
-        write_json(job.coco_results, _coco_results(out_dir, refs, list(job.classes)))
+        write_json(job.coco_results, _coco_results(out_dir, refs))
     run.state.wait_for_everyone()
     return summary

@@ -5,6 +5,7 @@ from .postprocess import POSTPROCESS, CrfParams, PamrParams
 from .prompts import PromptLayout, TextSegment, build_layout
 from .segmenter import Observation, SegmentationResult, Segmenter
 from .settings import SegmentSettings, config_names, settings_for
+from .vocabulary import ClassCheck, ClassVocabularyWarning, check_class_words, model_vocabulary
 
 __all__ = [
     "Segmenter",
@@ -21,4 +22,8 @@ __all__ = [
     "POSTPROCESS",
     "PamrParams",
     "CrfParams",
+    "check_class_words",
+    "model_vocabulary",
+    "ClassCheck",
+    "ClassVocabularyWarning",
 ]

@@ -67,21 +67,20 @@ def enlarge(img: Image.Image, factor: int) -> Image.Image:
 
 
 def overlay(image: ImageInput, labels: np.ndarray, alpha: float = 0.5, scale: int = 1) -> Image.Image:
-    """The image (nearest-enlarged ``scale`` times) with each class colour blended at ``alpha`` over its
-    pixels and drawn unblended on the region's boundary, so the boundary matches the legend exactly."""
-    lab = np.asarray(enlarge(Image.fromarray(labels.astype(np.uint8)), scale))
+    """The image with each class colour blended at ``alpha`` over its pixels and drawn unblended on the
+    region's boundary pixels (so the outline matches the legend exactly), nearest-enlarged ``scale`` times."""
+    lab = labels.astype(np.uint8)
     rgb = np.asarray(to_rgb(image).convert("RGB").resize(lab.shape[::-1], Image.NEAREST), dtype=np.float32)
     colors = palette()[lab].astype(np.float32)
-    mask = (lab > 0)[..., None]
-    out = np.where(mask, (1 - alpha) * rgb + alpha * colors, rgb)
-    edge = np.zeros(lab.shape, dtype=bool)
+    out = np.where((lab > 0)[..., None], (1 - alpha) * rgb + alpha * colors, rgb)
+    edge = np.zeros(lab.shape, dtype=bool)  # a labelled pixel with a differently labelled 4-neighbour
     edge[:-1] |= lab[:-1] != lab[1:]
     edge[1:] |= lab[1:] != lab[:-1]
     edge[:, :-1] |= lab[:, :-1] != lab[:, 1:]
     edge[:, 1:] |= lab[:, 1:] != lab[:, :-1]
     edge &= lab > 0
     out[edge] = colors[edge]
-    return Image.fromarray(out.round().clip(0, 255).astype(np.uint8))
+    return enlarge(Image.fromarray(out.round().clip(0, 255).astype(np.uint8)), scale)
 
 
 def heatmap_image(scores: np.ndarray, scale: int = 1, bar: bool = True) -> Image.Image:
