@@ -134,3 +134,15 @@ def test_cli_segment_postprocess_option(tmp_path):
     assert json.loads((tmp_path / "shapes_test_0001.json").read_text())["settings"]["postprocess"] == "pamr"
     bad = runner.invoke(app, ["segment", str(image), "--classes", "circle", "--out", str(tmp_path), "--postprocess", "blur"])
     assert bad.exit_code != 0 and "postprocess='blur' is not one of" in bad.output
+
+
+def test_postprocess_benchmark_runs_and_reports_every_row(tmp_path):
+    import json
+
+    from _helpers import load_benchmark
+
+    out = tmp_path / "pp.json"
+    load_benchmark("postprocess_shapes").main(["--n-val", "2", "--n-test", "2", "--methods", "none,pamr", "--out", str(out)])
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["postprocess"] for r in rows] == ["none", "pamr"]
+    assert all(0 <= r["miou"] <= 1 for r in rows) and rows[0]["decision_time_vs_none"] == 1.0
