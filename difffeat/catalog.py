@@ -26,6 +26,10 @@ if TYPE_CHECKING:
 
 __all__ = ["ActivationInfo", "Catalog", "build_catalog", "NOISY_FLAGS"]
 
+#: ``observe`` values that are attention probabilities; ``q``/``k``/``v`` are the image tokens' queries, keys
+#: and values as attended (after q/k norms and RoPE), observed at the same call
+MAP_OBSERVATIONS = frozenset({"self", "cross", "all"})
+
 #: flags that mark an activation as noisy (dropped by :meth:`Catalog.candidates`)
 NOISY_FLAGS = frozenset({"noisy-kind", "down-stage-noise", "up-late-noise", "late-block"})
 
@@ -58,7 +62,7 @@ class ActivationInfo:
 
     @property
     def is_map(self) -> bool:
-        return self.observe is not None
+        return self.observe in MAP_OBSERVATIONS
 
     @property
     def channels(self) -> int | None:
@@ -261,10 +265,8 @@ def probe_shapes(
     """Per-image shapes of ``infos`` at pixel ``size`` (H, W), from one forward on fake tensors."""
     from .capture.session import Capture  # local: capture depends on catalog
 
-    vae = backbone.pipeline.vae
-    lat_h, lat_w = size[0] // backbone.vae_scale_factor, size[1] // backbone.vae_scale_factor
     with FakeTensorMode(allow_non_fake_inputs=True):
-        latents = torch.zeros(1, vae.config.latent_channels, lat_h, lat_w, dtype=backbone.dtype, device=backbone.device)
+        latents = torch.zeros(1, *backbone.latent_shape(*size), dtype=backbone.dtype, device=backbone.device)
         cond = backbone.encode_prompt([""])
         inputs = backbone.denoiser_inputs(latents, 1, cond, size)
         with Capture(backbone, infos, inputs, early_exit=False, shapes_only=True) as cap:

@@ -44,6 +44,8 @@ __all__ = [
     "tiny_controlnet",
     "tiny_pipeline",
     "tiny_t5_tokenizer",
+    "tiny_chat_tokenizer",
+    "CHAT_TEMPLATE",
 ]
 
 # ------------------------------------------------------------------------------------------------ vocabulary
@@ -148,6 +150,23 @@ FLUX_SCHEDULER_CONFIG: dict[str, Any] = dict(
     shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
     max_image_seq_len=4096,
 )  # fmt: skip
+#: FLUX.2: in_channels = 4 VAE channels x 4 (2x2 patchified latents), RoPE over 4 axes (T, H, W, L) summing to
+#: the head dim, joint_attention_dim = 3 stacked text-encoder layers x its hidden size.
+FLUX2_TRANSFORMER_CONFIG: dict[str, Any] = dict(
+    patch_size=1, in_channels=16, num_layers=1, num_single_layers=2, attention_head_dim=16, num_attention_heads=2,
+    joint_attention_dim=48, timestep_guidance_channels=32, axes_dims_rope=[4, 4, 4, 4], guidance_embeds=False,
+)  # fmt: skip
+#: the FLUX.2 VAE (32 latent channels and batch-norm statistics over the 2x2 patchified latents at real size).
+FLUX2_VAE_CONFIG: dict[str, Any] = dict(
+    block_out_channels=[32, 64], down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2,
+    latent_channels=4, norm_num_groups=16, sample_size=64,
+)  # fmt: skip
+#: Qwen3 text encoders (``vocab_size`` from the tokenizer). FLUX.2 [klein] stacks hidden layers 9, 18 and 27,
+#: so the encoder keeps 28 (tiny) layers.
+QWEN3_TEXT_CONFIG: dict[str, Any] = dict(
+    hidden_size=16, intermediate_size=32, num_hidden_layers=28, num_attention_heads=2, num_key_value_heads=1,
+    head_dim=8, max_position_embeddings=1024, tie_word_embeddings=True,
+)  # fmt: skip
 #: ControlNets, by the family whose UNet they match (keys shared with that UNet's config are copied from it).
 CONTROLNET_CONFIGS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "sd": (SD_UNET_CONFIG, dict(conditioning_embedding_out_channels=(16, 32))),
@@ -229,6 +248,55 @@ def tiny_t5_tokenizer(model_max_length: int = 512):  # noqa: ANN201 - transforme
     for ch in _T5_CHARS:
         pieces.setdefault(ch, _T5_SCORES["char"])
     return T5Tokenizer(vocab=list(pieces.items()), extra_ids=0, model_max_length=model_max_length)
+
+
+#: The chat markup of Qwen-family tokenizers (one user turn; generation prompt; Qwen3's empty think block
+#: when ``enable_thinking`` is False), written as a Jinja chat template.
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n"
+    "{% if enable_thinking is defined and not enable_thinking %}<think>\n\n</think>\n\n{% endif %}{% endif %}"
+)
+_CHAT_SPECIAL = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>")
+
+
+@lru_cache(maxsize=None)
+def _chat_vocab() -> tuple[str, ...]:
+    punctuation = tuple(".,;:!?'\"()[]-_/&+%#*@<>|{}=")
+    lowercase = tuple(dict.fromkeys(w.lower() for w in WORDS))
+    chars = tuple("abcdefghijklmnopqrstuvwxyz0123456789")
+    pieces = lowercase + chars + tuple("##" + c for c in chars) + punctuation
+    return _CHAT_SPECIAL + ("<unk>",) + tuple(dict.fromkeys(pieces))
+
+
+def tiny_chat_tokenizer(model_max_length: int = 1024):  # noqa: ANN201 - transformers.PreTrainedTokenizerFast
+    """A word-level tokenizer with Qwen's chat markup (``<|im_start|>``, ``<|im_end|>``, think tags) and chat
+    template, for the LLM-encoded families (FLUX.2 [klein], Qwen-Image, Z-Image).
+
+    Words of :data:`WORDS` (lower-cased) are one token each, punctuation one token per character; any other
+    word splits into single-character word pieces (never ``<unk>``). Padding (``<|endoftext|>`` = 0) is on the right. Offsets are returned, so prompt
+    token positions are found exactly as with the real tokenizers."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {piece: i for i, piece in enumerate(_chat_vocab())}
+    tok = Tokenizer(models.WordPiece(vocab, unk_token="<unk>", continuing_subword_prefix="##"))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="<unk>", pad_token="<|endoftext|>", eos_token="<|im_end|>",
+        additional_special_tokens=list(_CHAT_SPECIAL[1:]), model_max_length=model_max_length, padding_side="right",
+    )  # fmt: skip
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def _qwen3(seed: int, **overrides: Any):  # noqa: ANN202
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    cfg = Qwen3Config(vocab_size=len(_chat_vocab()), pad_token_id=0, **{**QWEN3_TEXT_CONFIG, **overrides})
+    with _seeded(seed):
+        return Qwen3ForCausalLM(cfg).eval()
 
 
 def _clip_text(seed: int, *, projection: bool = False, **overrides: Any):  # noqa: ANN202
@@ -348,6 +416,23 @@ def _build_flux(seed: int):  # noqa: ANN202 - FluxPipeline
         scheduler=FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULER_CONFIG),
     )
     pipe.default_sample_size = 32  # default image 64 px (FluxPipeline hard-codes 128, i.e. 256 px here)
+    return pipe
+
+
+@_register("flux2")
+def _build_flux2(seed: int):  # noqa: ANN202 - Flux2KleinPipeline
+    """FLUX.2 [klein] (Qwen3 text encoder): FLUX.2 [dev]'s Mistral-3 encoder comes with a Pixtral processor
+    (tokenizer + image processor) that cannot be built offline without its files; both share the transformer."""
+    from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline, Flux2Transformer2DModel
+
+    pipe = Flux2KleinPipeline(
+        transformer=_model(Flux2Transformer2DModel, FLUX2_TRANSFORMER_CONFIG, seed),
+        vae=_model(AutoencoderKLFlux2, FLUX2_VAE_CONFIG, seed + 1),
+        text_encoder=_qwen3(seed + 2),
+        tokenizer=tiny_chat_tokenizer(),
+        scheduler=FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULER_CONFIG),
+    )
+    pipe.default_sample_size = 32  # default image 64 px
     return pipe
 
 

@@ -23,6 +23,7 @@ PIPELINE_CLASS = {
     "pixart": "PixArtSigmaPipeline",
     "sd3": "StableDiffusion3Pipeline",
     "flux": "FluxPipeline",
+    "flux2": "Flux2KleinPipeline",
 }
 CAPTION = "A photo of a cat, a dog and a zebra-crossing!"  # in-vocabulary, upper case, punctuation, unknown word
 

@@ -140,6 +140,11 @@ class Backbone(ABC):
         one = torch.randn(latents.shape[1:], generator=gen, dtype=torch.float32)
         return one.unsqueeze(0).expand_as(latents).to(device=latents.device, dtype=latents.dtype).contiguous()
 
+    def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
+        """``(C, h, w)`` of one image's latents (what :meth:`encode_image` returns) at ``height x width`` px."""
+        f = self.vae_scale_factor
+        return int(self.pipeline.vae.config.latent_channels), height // f, width // f
+
     @abstractmethod
     def add_noise(self, latents: torch.Tensor, t: int, noise: torch.Tensor) -> torch.Tensor:
         """Noise clean latents to timestep ``t`` with the family's training rule."""

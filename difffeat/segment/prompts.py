@@ -23,11 +23,17 @@ FILLER_WORDS = frozenset({"a", "an", "the", "and", ",", ".", "-", "of", "on", "i
 @dataclass(frozen=True)
 class TextSegment:
     """One tokenizer's part of the denoiser's text sequence: its tokens occupy positions
-    ``offset .. offset + max_length - 1`` (SD3 concatenates CLIP then T5 tokens)."""
+    ``offset .. offset + max_length - 1`` (SD3 concatenates CLIP then T5 tokens).
+
+    ``template`` is the text the pipeline really tokenizes, with ``{}`` for the prompt (a chat template for
+    LLM text encoders); ``drop`` is how many leading tokens the pipeline removes before the denoiser sees
+    the sequence (Qwen-Image drops its system prompt)."""
 
     tokenizer: Any
     offset: int
     max_length: int
+    template: str = "{}"
+    drop: int = 0
 
 
 @dataclass
@@ -77,7 +83,9 @@ def _is_content_piece(token: str) -> bool:
 
 def _positions(segment: TextSegment, caption: str, spans: list[tuple[int, int]], names: list[str]) -> list[list[int]]:
     tok = segment.tokenizer
-    enc = tok(caption, return_offsets_mapping=True, add_special_tokens=True, truncation=False)
+    prefix, _, suffix = segment.template.partition("{}")
+    spans = [(a + len(prefix), b + len(prefix)) for a, b in spans]
+    enc = tok(prefix + caption + suffix, return_offsets_mapping=True, add_special_tokens=True, truncation=False)
     ids, offsets = enc["input_ids"], enc["offset_mapping"]
     pieces = tok.convert_ids_to_tokens(ids)
     special = set(getattr(tok, "all_special_ids", []))
@@ -90,6 +98,7 @@ def _positions(segment: TextSegment, caption: str, spans: list[tuple[int, int]],
         ]
         if not pos:
             raise InvalidPromptError(f"class name {name!r} produced no content tokens with this model's tokenizer")
+        pos = [j - segment.drop for j in pos]
         if max(pos) >= segment.max_length - 1:  # the last slot holds the end token
             raise InvalidPromptError(
                 f"class {name!r} falls past the tokenizer's {segment.max_length}-token limit (the caption has "
