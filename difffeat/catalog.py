@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING
 
 import torch
-from torch._subclasses.fake_tensor import FakeTensorMode
+from torch._subclasses.fake_tensor import DynamicOutputShapeException, FakeTensorMode
 
 from .errors import UnknownActivationError
 from .hookpoints import ActivationRule, HookTable, load_table
@@ -265,10 +265,28 @@ def probe_shapes(
     """Per-image shapes of ``infos`` at pixel ``size`` (H, W), from one forward on fake tensors."""
     from .capture.session import Capture  # local: capture depends on catalog
 
+    try:
+        with FakeTensorMode(allow_non_fake_inputs=True):
+            cond = backbone.encode_prompt([""])
+    except DynamicOutputShapeException:  # text encoders whose output length depends on the data (masks)
+        cond = backbone.encode_prompt([""])
     with FakeTensorMode(allow_non_fake_inputs=True):
         latents = torch.zeros(1, *backbone.latent_shape(*size), dtype=backbone.dtype, device=backbone.device)
-        cond = backbone.encode_prompt([""])
         inputs = backbone.denoiser_inputs(latents, 1, cond, size)
-        with Capture(backbone, infos, inputs, early_exit=False, shapes_only=True) as cap:
-            backbone.denoise(inputs)
+        try:
+            with Capture(backbone, infos, inputs, early_exit=False, shapes_only=True) as cap:
+                backbone.denoise(inputs)
+        finally:
+            _clear_method_caches(backbone.denoiser)
         return {name: tuple(int(s) for s in shape[1:]) for name, shape in cap.shapes.items()}
+
+
+def _clear_method_caches(denoiser: torch.nn.Module) -> None:
+    """Empty the ``functools.lru_cache`` of every method of the denoiser's module classes (directly or inside
+    diffusers' ``lru_cache_unless_export`` wrapper): a fake-tensor forward would otherwise leave fake tensors
+    there (Qwen-Image caches its RoPE frequencies per grid size) for the next real forward to find."""
+    for cls in {type(m) for m in denoiser.modules()}:
+        for fn in vars(cls).values():
+            for obj in (fn, *(c.cell_contents for c in (getattr(fn, "__closure__", None) or ()))):
+                if callable(getattr(obj, "cache_clear", None)):
+                    obj.cache_clear()

@@ -167,6 +167,24 @@ QWEN3_TEXT_CONFIG: dict[str, Any] = dict(
     hidden_size=16, intermediate_size=32, num_hidden_layers=28, num_attention_heads=2, num_key_value_heads=1,
     head_dim=8, max_position_embeddings=1024, tie_word_embeddings=True,
 )  # fmt: skip
+#: Qwen-Image: in_channels = 4 VAE channels x 4 (2x2 packing); RoPE axes sum to the head dim.
+QWENIMAGE_TRANSFORMER_CONFIG: dict[str, Any] = dict(
+    patch_size=2, in_channels=16, out_channels=4, num_layers=2, attention_head_dim=16, num_attention_heads=2,
+    joint_attention_dim=16, axes_dims_rope=(4, 6, 6),
+)  # fmt: skip
+#: Qwen-Image's causal video VAE, one spatial downsampling (factor 2), 4 latent channels with per-channel stats.
+QWENIMAGE_VAE_CONFIG: dict[str, Any] = dict(
+    base_dim=16, z_dim=4, dim_mult=[1, 2], num_res_blocks=1, temperal_downsample=[False],
+    latents_mean=[0.1, -0.2, 0.3, 0.0], latents_std=[1.5, 2.0, 1.2, 0.8],
+)  # fmt: skip
+#: Qwen2.5-VL (text tower used; a one-layer vision tower completes the class).
+QWEN25VL_CONFIG: dict[str, Any] = dict(
+    text_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                     num_key_value_heads=1, max_position_embeddings=1024, rope_theta=1e6,
+                     rope_scaling={"type": "mrope", "mrope_section": [1, 1, 2]}),
+    vision_config=dict(depth=1, hidden_size=16, intermediate_size=16, num_heads=2, out_hidden_size=16, patch_size=2,
+                       spatial_merge_size=1, temporal_patch_size=1, fullatt_block_indexes=[0], window_size=4),
+)  # fmt: skip
 #: ControlNets, by the family whose UNet they match (keys shared with that UNet's config are copied from it).
 CONTROLNET_CONFIGS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "sd": (SD_UNET_CONFIG, dict(conditioning_embedding_out_channels=(16, 32))),
@@ -258,31 +276,38 @@ CHAT_TEMPLATE = (
     "{% if enable_thinking is defined and not enable_thinking %}<think>\n\n</think>\n\n{% endif %}{% endif %}"
 )
 _CHAT_SPECIAL = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>")
+#: words of the chat roles and of Qwen-Image's system prompt, so templates tokenize to whole words
+_CHAT_WORDS = (
+    "system", "user", "assistant", "describe", "detailing", "color", "size", "texture", "quantity", "text", "spatial",
+    "relationships",
+)  # fmt: skip
 
 
 @lru_cache(maxsize=None)
 def _chat_vocab() -> tuple[str, ...]:
     punctuation = tuple(".,;:!?'\"()[]-_/&+%#*@<>|{}=")
-    lowercase = tuple(dict.fromkeys(w.lower() for w in WORDS))
+    lowercase = tuple(dict.fromkeys(w.lower() for w in WORDS + _CHAT_WORDS))
     chars = tuple("abcdefghijklmnopqrstuvwxyz0123456789")
     pieces = lowercase + chars + tuple("##" + c for c in chars) + punctuation
-    return _CHAT_SPECIAL + ("<unk>",) + tuple(dict.fromkeys(pieces))
+    return _CHAT_SPECIAL + ("<unk>", "\n") + tuple(dict.fromkeys(pieces))
 
 
 def tiny_chat_tokenizer(model_max_length: int = 1024):  # noqa: ANN201 - transformers.PreTrainedTokenizerFast
     """A word-level tokenizer with Qwen's chat markup (``<|im_start|>``, ``<|im_end|>``, think tags) and chat
     template, for the LLM-encoded families (FLUX.2 [klein], Qwen-Image, Z-Image).
 
-    Words of :data:`WORDS` (lower-cased) are one token each, punctuation one token per character; any other
+    Words of :data:`WORDS` (lower-cased) are one token each, so are newlines (as in Qwen's tokenizer),
+    punctuation one token per character; any other
     word splits into single-character word pieces (never ``<unk>``). Padding (``<|endoftext|>`` = 0) is on the right. Offsets are returned, so prompt
     token positions are found exactly as with the real tokenizers."""
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
+    from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     vocab = {piece: i for i, piece in enumerate(_chat_vocab())}
     tok = Tokenizer(models.WordPiece(vocab, unk_token="<unk>", continuing_subword_prefix="##"))
     tok.normalizer = normalizers.Lowercase()
-    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
+    # pieces: a newline, a word, or one punctuation character (other whitespace separates and is dropped)
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"\n|\w+|[^\w\s]"), behavior="removed", invert=True)
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok, unk_token="<unk>", pad_token="<|endoftext|>", eos_token="<|im_end|>",
         additional_special_tokens=list(_CHAT_SPECIAL[1:]), model_max_length=model_max_length, padding_side="right",
@@ -297,6 +322,18 @@ def _qwen3(seed: int, **overrides: Any):  # noqa: ANN202
     cfg = Qwen3Config(vocab_size=len(_chat_vocab()), pad_token_id=0, **{**QWEN3_TEXT_CONFIG, **overrides})
     with _seeded(seed):
         return Qwen3ForCausalLM(cfg).eval()
+
+
+def _qwen25vl(seed: int):  # noqa: ANN202
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    n = len(_chat_vocab())
+    text = {**QWEN25VL_CONFIG["text_config"], "vocab_size": n, "bos_token_id": 0, "eos_token_id": 2, "pad_token_id": 0}
+    cfg = Qwen2_5_VLConfig(text_config=text, vision_config=QWEN25VL_CONFIG["vision_config"], vocab_size=n,
+                           bos_token_id=0, eos_token_id=2, image_token_id=n - 1, video_token_id=n - 2,
+                           vision_start_token_id=n - 3)  # fmt: skip
+    with _seeded(seed):
+        return Qwen2_5_VLForConditionalGeneration(cfg).eval()
 
 
 def _clip_text(seed: int, *, projection: bool = False, **overrides: Any):  # noqa: ANN202
@@ -432,6 +469,25 @@ def _build_flux2(seed: int):  # noqa: ANN202 - Flux2KleinPipeline
         tokenizer=tiny_chat_tokenizer(),
         scheduler=FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULER_CONFIG),
     )
+    pipe.default_sample_size = 32  # default image 64 px
+    return pipe
+
+
+@_register("qwenimage")
+def _build_qwenimage(seed: int):  # noqa: ANN202 - QwenImagePipeline
+    from diffusers import AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImagePipeline, QwenImageTransformer2DModel
+
+    tokenizer = tiny_chat_tokenizer()
+    pipe = QwenImagePipeline(
+        transformer=_model(QwenImageTransformer2DModel, QWENIMAGE_TRANSFORMER_CONFIG, seed),
+        vae=_model(AutoencoderKLQwenImage, QWENIMAGE_VAE_CONFIG, seed + 1),
+        text_encoder=_qwen25vl(seed + 2),
+        tokenizer=tokenizer,
+        scheduler=FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULER_CONFIG),
+    )
+    # the pipeline drops the system prompt's tokens (34 with Qwen's tokenizer): count them with this tokenizer
+    prefix = pipe.prompt_template_encode.split("{}")[0]
+    pipe.prompt_template_encode_start_idx = len(tokenizer(prefix)["input_ids"])
     pipe.default_sample_size = 32  # default image 64 px
     return pipe
 

@@ -35,12 +35,20 @@ def _flux2_condition(pipe, denoiser):
     return {"encoder_hidden_states": embeds, "txt_ids": pipe._prepare_text_ids(embeds).to("meta")}
 
 
+def _qwenimage_condition(pipe, denoiser):
+    return {"encoder_hidden_states": torch.zeros(1, TEXT_LEN, denoiser.config.joint_attention_dim, device="meta"),
+            "encoder_hidden_states_mask": None}  # fmt: skip
+
+
 #: architecture -> (tiny family whose pipeline carries the real components, text conditioning of the probe,
 #: published numbers: blocks per kind, heads, head dim)
 CASES = {
     "flux2-dev": ("flux2", _flux2_condition, {"transformer_blocks": 8, "single_transformer_blocks": 48}, 48, 128),
     "flux2-klein-4b": ("flux2", _flux2_condition, {"transformer_blocks": 5, "single_transformer_blocks": 20}, 24, 128),
+    "qwen-image": ("qwenimage", _qwenimage_condition, {"transformer_blocks": 60}, 24, 128),
 }
+#: published transformer sizes, billions of parameters (+-2%)
+PUBLISHED_B = {"flux2-dev": 32.2, "flux2-klein-4b": 3.9, "qwen-image": 20.4}
 
 
 def real_size_catalog(tiny_pipes, name: str) -> tuple[Catalog, dict, tuple[int, int]]:
@@ -75,3 +83,9 @@ def test_real_size_catalog_has_the_published_blocks_heads_and_widths(tiny_pipes,
         cross = [a for a in cat if a.kind == "cross-map" and a.name.startswith(prefix + ".")]
         assert len(cross) == count
         assert {shapes[a.name] for a in cross} == {(heads, gh * gw, TEXT_LEN)}
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED_B))
+def test_real_size_transformers_have_the_published_parameter_counts(name):
+    model = _meta(_arch(name)["components"]["transformer"])
+    assert sum(p.numel() for p in model.parameters()) / 1e9 == pytest.approx(PUBLISHED_B[name], rel=0.02)

@@ -24,6 +24,7 @@ PIPELINE_CLASS = {
     "sd3": "StableDiffusion3Pipeline",
     "flux": "FluxPipeline",
     "flux2": "Flux2KleinPipeline",
+    "qwenimage": "QwenImagePipeline",
 }
 CAPTION = "A photo of a cat, a dog and a zebra-crossing!"  # in-vocabulary, upper case, punctuation, unknown word
 
@@ -175,7 +176,7 @@ def test_denoisers_have_every_kind_of_attention_capture_tests_need(tiny_pipes, f
         assert any(n.startswith("up_blocks.") and n.endswith("attn2") for n in names)
     elif family == "sdxl":
         assert any(".transformer_blocks.1." in n for n in names)
-    elif family in ("pixart", "sd3"):
+    elif family in ("pixart", "sd3", "qwenimage"):
         assert len(denoiser.transformer_blocks) >= 2
     else:
         assert len(denoiser.transformer_blocks) >= 1 and len(denoiser.single_transformer_blocks) >= 1
