@@ -139,6 +139,8 @@ SD3_TRANSFORMER_CONFIG: dict[str, Any] = dict(
     caption_projection_dim=32, joint_attention_dim=64, pooled_projection_dim=64, out_channels=4,
 )  # fmt: skip
 SD3_T5_OVERRIDES: dict[str, Any] = dict(d_model=64)
+#: SD3.5 (Medium-style): q/k RMS norms, and block 0 a dual-attention block (a second, image-only attention attn2).
+SD35_TRANSFORMER_CONFIG: dict[str, Any] = dict(SD3_TRANSFORMER_CONFIG, qk_norm="rms_norm", dual_attention_layers=(0,))
 #: FLUX: 1 double-stream + 2 single-stream blocks, 2 heads of 16 (RoPE axes 4+4+8 = 16). The latents are
 #: packed 2x2, so ``in_channels`` = 4 VAE channels x 4.
 FLUX_TRANSFORMER_CONFIG: dict[str, Any] = dict(
@@ -423,11 +425,11 @@ def _build_pixart(seed: int):  # noqa: ANN202 - PixArtSigmaPipeline
 
 
 @_register("sd3")
-def _build_sd3(seed: int):  # noqa: ANN202 - StableDiffusion3Pipeline
+def _build_sd3(seed: int, transformer_config: dict[str, Any] = SD3_TRANSFORMER_CONFIG):  # noqa: ANN202
     from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
 
     return StableDiffusion3Pipeline(
-        transformer=_model(SD3Transformer2DModel, SD3_TRANSFORMER_CONFIG, seed),
+        transformer=_model(SD3Transformer2DModel, transformer_config, seed),
         vae=_vae(seed + 1, **FLOW_VAE_OVERRIDES),
         text_encoder=_clip_text(seed + 2, projection=True),
         text_encoder_2=_clip_text(seed + 3, projection=True),
@@ -437,6 +439,11 @@ def _build_sd3(seed: int):  # noqa: ANN202 - StableDiffusion3Pipeline
         tokenizer_3=tiny_t5_tokenizer(),
         scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
     )
+
+
+@_register("sd35")
+def _build_sd35(seed: int):  # noqa: ANN202 - StableDiffusion3Pipeline (SD3.5 transformer)
+    return _build_sd3(seed, SD35_TRANSFORMER_CONFIG)
 
 
 @_register("flux")
