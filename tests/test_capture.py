@@ -143,9 +143,12 @@ def test_attended_qkv_are_the_image_rows_the_kernel_got(backbone):
     finally:
         recorder.remove()
     n_img = inputs.grid[0] * inputs.grid[1]
+    from difffeat.hookpoints import load_table
+
+    image = slice(-n_img, None) if load_table(backbone.hook_table).token_order == "text-first" else slice(0, n_img)
     for a in attended:
         q, k, v, _, _ = recorder.calls[a.module]
-        x = {"attended-q": q, "attended-k": k, "attended-v": v}[a.kind][:, :, -n_img:]  # text-first families
+        x = {"attended-q": q, "attended-k": k, "attended-v": v}[a.kind][:, :, image]
         expected = x.transpose(1, 2).flatten(2).transpose(1, 2).reshape(x.shape[0], -1, *inputs.grid)
         torch.testing.assert_close(cap.activations[a.name], expected, rtol=0, atol=0, msg=a.name)
 
