@@ -100,7 +100,7 @@ def main(argv=None) -> None:
     t0 = time.perf_counter()
 
     backbone = difffeat.load(args.model, device="cpu", dtype="fp32")
-    catalog = backbone.catalog()
+    catalog = difffeat.list_activations(backbone)
     names = [a.name for a in catalog if not a.kind.endswith("-map")]
     fx = difffeat.FeatureExtractor(backbone, names, t=args.t, batch_size=32)
     n_classes = len(world.SHAPE_CLASSES) + 1

@@ -1,62 +1,105 @@
-"""difffeat: pretrained diffusion models as feature extractors and training-free segmenters."""
+"""difffeat: pretrained diffusion models as feature extractors and training-free segmenters.
+
+The public API is imported lazily (PEP 562): ``import difffeat`` costs no torch/diffusers import until a name
+that needs them is used, so ``difffeat --help`` answers at once.
+"""
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
+import importlib
+from typing import TYPE_CHECKING, Any
 
-from .backbones import Backbone, DenoiserInputs, load, register_backbone
-from .capture import Capture
-from .catalog import ActivationInfo, Catalog
-from .features import ExtractedItem, FeatureExtractor, upsample_concat
-from .presets import FeaturePreset, list_presets, load_preset
-from .segment import SegmentationResult, Segmenter, SegmentSettings
-from . import shift
 from .errors import (
+    ConfigError,
+    DatasetError,
+    DeviceError,
     DifffeatError,
     InvalidImageError,
+    InvalidOptionError,
     InvalidPromptError,
     InvalidTimestepError,
+    ManifestMismatchError,
     ModelNotFoundError,
+    OutputPathError,
     UnknownActivationError,
     UnsupportedBackboneError,
 )
+from .version import __version__
+
+#: public name -> module that defines it
+_API = {
+    "load": "backbones",
+    "Backbone": "backbones",
+    "DenoiserInputs": "backbones",
+    "TextSegment": "backbones",
+    "register_backbone": "backbones",
+    "Capture": "capture",
+    "catalog_of": "capture",
+    "ActivationInfo": "catalog",
+    "Catalog": "catalog",
+    "FeatureExtractor": "features",
+    "ExtractedItem": "features",
+    "upsample_concat": "features",
+    "FeaturePreset": "presets",
+    "list_presets": "presets",
+    "load_preset": "presets",
+    "Segmenter": "segment",
+    "SegmentationResult": "segment",
+    "SegmentSettings": "segment",
+}
+#: subpackages reachable as attributes (``difffeat.testing.tiny_pipeline`` after ``import difffeat``)
+_SUBMODULES = {"shift", "segment", "evaluate", "runs", "testing", "capture", "catalog", "backbones", "features",
+               "presets", "images", "io", "shapes", "demo", "bench"}
+
+if TYPE_CHECKING:
+    from . import evaluate, runs, segment, shift, testing  # noqa: F401
+    from .backbones import Backbone, DenoiserInputs, TextSegment, load, register_backbone
+    from .capture import Capture, catalog_of
+    from .catalog import ActivationInfo, Catalog
+    from .features import ExtractedItem, FeatureExtractor, upsample_concat
+    from .presets import FeaturePreset, list_presets, load_preset
+    from .segment import SegmentationResult, SegmentSettings, Segmenter
 
 
-def list_activations(model="shapes", probe_resolution: int | None = None) -> Catalog:
+def __getattr__(name: str) -> Any:
+    if name in _API:
+        value = getattr(importlib.import_module(f".{_API[name]}", __name__), name)
+    elif name in _SUBMODULES:
+        value = importlib.import_module(f".{name}", __name__)
+    else:
+        raise AttributeError(f"module 'difffeat' has no attribute {name!r}")
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_API) | _SUBMODULES)
+
+
+def list_activations(model: Any = "shapes", probe_resolution: int | None = None) -> "Catalog":
     """The :class:`Catalog` of every capturable activation of ``model`` (a Backbone or anything :func:`load`
     accepts), with shapes at ``probe_resolution`` (default: the model's native resolution)."""
-    backbone = load(model)
-    if probe_resolution is None:
-        return backbone.catalog()
-    from .catalog import build_catalog
+    from .backbones import load
+    from .capture import catalog_of
 
-    return build_catalog(backbone, probe_resolution)
+    return catalog_of(load(model), probe_resolution)
 
 
 __all__ = [
     "__version__",
-    "load",
     "list_activations",
-    "Backbone",
-    "DenoiserInputs",
-    "register_backbone",
-    "Capture",
-    "ActivationInfo",
-    "Catalog",
-    "FeatureExtractor",
-    "ExtractedItem",
-    "upsample_concat",
-    "FeaturePreset",
-    "Segmenter",
-    "SegmentationResult",
-    "SegmentSettings",
-    "list_presets",
-    "load_preset",
+    *_API,
     "DifffeatError",
+    "ConfigError",
+    "DatasetError",
+    "DeviceError",
     "InvalidImageError",
+    "InvalidOptionError",
     "InvalidPromptError",
     "InvalidTimestepError",
+    "ManifestMismatchError",
     "ModelNotFoundError",
+    "OutputPathError",
     "UnknownActivationError",
     "UnsupportedBackboneError",
 ]

@@ -55,7 +55,9 @@ def _memory_child(mode: str, resolution: int, device: str = "cpu", dtype: str | 
     """
     import torch
 
-    from . import Capture, Segmenter, load
+    from .backbones import load
+    from .capture import Capture
+    from .segment import Segmenter
     from .capture import head_mean, per_head
     from .segment.aggregation import GocaHeadReducer
     from .testing import sd15_shaped_pipeline
@@ -105,7 +107,8 @@ def goca_benchmark(resolution: int = 512, repeats: int = 3, device: str = "cpu",
     """
     import torch
 
-    from . import Segmenter, load
+    from .backbones import load
+    from .segment import Segmenter
     from .testing import sd15_shaped_pipeline
 
     cuda = device.startswith("cuda")

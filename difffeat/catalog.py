@@ -2,9 +2,9 @@
 property flags of the generic-diffusion-feature paper.
 
 Names come from the diffusers module tree matched against the family's hook table (``hooks/<family>.yaml``),
-so any checkpoint of a supported family is covered without a hand-written list. Shapes are computed without
-real compute: one denoiser forward under :class:`torch._subclasses.fake_tensor.FakeTensorMode` at the
-probe resolution.
+so any checkpoint of a supported family is covered without a hand-written list. Shapes are filled in by
+:func:`difffeat.capture.catalog_of` (one fake-tensor forward through :class:`~difffeat.capture.Capture`), the
+layer above, so this module needs no hooks.
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING
 
 import torch
-from torch._subclasses.fake_tensor import DynamicOutputShapeException, FakeTensorMode
 
 from .errors import UnknownActivationError
 from .hookpoints import ActivationRule, HookTable, load_table
@@ -250,52 +249,19 @@ def enumerate_activations(denoiser: torch.nn.Module, table: HookTable) -> list[A
     return infos
 
 
-def build_catalog(backbone: "Backbone", probe_resolution: int | None = None, shapes: bool = True) -> Catalog:
-    """The catalog of a backbone. ``shapes=True`` fills shapes by a fake-tensor forward at
-    ``probe_resolution`` (default: the model's native resolution, square)."""
+def build_catalog(
+    backbone: "Backbone", shape_of: dict[str, tuple[int, ...]] | None = None, probe_size: tuple[int, int] | None = None
+) -> Catalog:
+    """The catalog of a backbone's activations from its hook table and module tree.
+
+    ``shape_of`` (per-image shapes at pixel ``probe_size``, in forward order, e.g. from
+    :func:`difffeat.capture.probe_shapes`) fills the shapes and orders the activations by execution."""
     table = load_table(backbone.hook_table)
     infos = enumerate_activations(backbone.denoiser, table)
-    probe_size = None
-    if shapes:
-        res = probe_resolution or backbone.native_resolution
-        probe_size = (res, res)
-        shape_of = probe_shapes(backbone, infos, probe_size)
+    if shape_of is not None:
         # forward (execution) order reads better than registration order (UNets register mid after up)
         rank = {name: i for i, name in enumerate(shape_of)}
         infos = sorted(
             (replace(a, shape=shape_of.get(a.name)) for a in infos), key=lambda a: rank.get(a.name, len(rank))
         )
     return Catalog(backbone.family, table, infos, probe_size)
-
-
-def probe_shapes(
-    backbone: "Backbone", infos: list[ActivationInfo], size: tuple[int, int]
-) -> dict[str, tuple[int, ...]]:
-    """Per-image shapes of ``infos`` at pixel ``size`` (H, W), from one forward on fake tensors."""
-    from .capture.session import Capture  # local: capture depends on catalog
-
-    try:
-        with FakeTensorMode(allow_non_fake_inputs=True):
-            cond = backbone.encode_prompt([""])
-    except DynamicOutputShapeException:  # text encoders whose output length depends on the data (masks)
-        cond = backbone.encode_prompt([""])
-    with FakeTensorMode(allow_non_fake_inputs=True):
-        latents = torch.zeros(1, *backbone.latent_shape(*size), dtype=backbone.dtype, device=backbone.device)
-        inputs = backbone.denoiser_inputs(latents, 1, cond, size)
-        try:
-            with Capture(backbone, infos, inputs, early_exit=False, shapes_only=True) as cap:
-                backbone.denoise(inputs)
-        finally:
-            _clear_method_caches(backbone.denoiser)
-        return {name: tuple(int(s) for s in shape[1:]) for name, shape in cap.shapes.items()}
-
-
-def _clear_method_caches(denoiser: torch.nn.Module) -> None:
-    """Empty the ``functools.lru_cache`` of every method of the denoiser's module classes (directly or inside
-    diffusers' ``lru_cache_unless_export`` wrapper): a fake-tensor forward would otherwise leave fake tensors
-    there (Qwen-Image caches its RoPE frequencies per grid size) for the next real forward to find."""
-    for cls in {type(m) for m in denoiser.modules()}:
-        for fn in vars(cls).values():
-            for obj in (fn, *(c.cell_contents for c in (getattr(fn, "__closure__", None) or ()))):
-                if callable(getattr(obj, "cache_clear", None)):
-                    obj.cache_clear()

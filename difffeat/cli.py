@@ -276,14 +276,14 @@ def gate(
     device: Optional[str] = typer.Option(None), dtype: Optional[str] = typer.Option(None),
 ) -> None:
     """Score content-shift suppression techniques (GATE): Laplacian score per activation, img2img comparisons."""
-    from . import FeatureExtractor, load
+    from . import FeatureExtractor, list_activations, load
     from .io import write_bytes, write_json
     from .shift import gate_img2img, gate_scores, parse_technique
 
     try:
         techs = [parse_technique(spec) for spec in technique]
         backbone = load(model, device=device, dtype=dtype)
-        cat = backbone.catalog()
+        cat = list_activations(backbone)
         queries = [a.name for a in cat.candidates() if a.kind in ("cross-q", "joint-q")] or [a.name for a in cat if a.kind in ("cross-q", "joint-q")]
         names = _split(features) or queries[:1]
         fx = FeatureExtractor(backbone, names, t=t)

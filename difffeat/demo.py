@@ -25,6 +25,7 @@ import torch
 from PIL import Image
 
 from .backbones.base import Backbone
+from .capture import catalog_of
 from .errors import DifffeatError, InvalidImageError, InvalidPromptError, ModelNotFoundError
 from .resources import package_dir
 
@@ -104,9 +105,13 @@ class ModelCache:
                 loaded = LoadedModel(load(tiny_pipeline("sd"), device=self.device), note=FALLBACK_NOTE)
             if progress:
                 progress(0.8, "building the activation catalog ...")
-            loaded.backbone.catalog()
+            catalog_of(loaded.backbone)
             self._models[name] = loaded
             return loaded
+
+    def loaded(self, name: str) -> bool:
+        """Whether ``name`` is loaded already."""
+        return ((name or "").strip() or DEFAULT_MODEL) in self._models
 
     def describe(self, name: str) -> str:
         """One Markdown line about a loaded model (family, native resolution, fallback warning)."""
@@ -150,13 +155,17 @@ def parse_classes(text: str | Sequence[str] | None) -> list[str]:
 
 @dataclass
 class SegmentOutput:
-    """What the Segment tab shows for one image."""
+    """What the Segment tab shows for one image: pictures enlarged to a readable size (nearest, so label
+    colours stay exact), the label map at the image's size for download, and the class-word check."""
 
     overlay: Image.Image
-    labels: Image.Image  # palette PNG (pixel value = label)
+    labels_view: Image.Image  # RGB, enlarged ``scale`` times (nearest)
+    labels: Image.Image  # palette PNG at the image size (pixel value = label)
     legend: list[tuple[str, tuple[int, int, int]]]
     heatmaps: list[tuple[Image.Image, str]]
     result: Any  # SegmentationResult
+    check: Any  # ClassCheck
+    scale: int = 1
 
 
 def run_segment(
@@ -170,28 +179,33 @@ def run_segment(
     rescale: str | None = None,
     tau: float | None = None,
 ) -> SegmentOutput:
-    """Segment ``image`` into ``classes`` with :class:`difffeat.Segmenter` (GOCA switches as given)."""
+    """Segment ``image`` into ``classes`` with :class:`difffeat.Segmenter` (GOCA switches as given; None =
+    the model's default), after :func:`~difffeat.segment.vocabulary.check_class_words`."""
     from . import Segmenter
     from .images import to_rgb
-    from .segment.outputs import colorize, overlay, palette
-    from .segment.prompts import check_classes
+    from .segment.outputs import colorize, display_scale, enlarge, heatmap_image, overlay, palette
+    from .segment.vocabulary import check_class_words
 
-    names = check_classes(parse_classes(classes))
+    check = check_class_words(parse_classes(classes), model.backbone)
     rgb = to_rgb(image)
-    overrides = dict(t=None if t is None else int(t), heads=heads, layers=layers, rescale=rescale,
-                     tau=None if tau is None else float(tau))
+    overrides = dict(t=t, heads=heads, layers=layers, rescale=rescale, tau=tau)
     seg = Segmenter(model.backbone, **{k: v for k, v in overrides.items() if v is not None})
-    with model.lock:
-        result = seg(rgb, names)
+    with model.lock:  # names already checked: the Segmenter re-warns (server log) only about unknown words
+        result = seg(rgb, check.names)
     colors = palette()
     legend = [("background", tuple(int(c) for c in colors[0]))]
     legend += [(c, tuple(int(x) for x in colors[i])) for c, i in result.class_index.items()]
-    heat = [(Image.fromarray((result.heatmap(c) * 255).astype(np.uint8), mode="L"), c) for c in result.classes]
-    return SegmentOutput(overlay(rgb, result.labels), colorize(result.labels), legend, heat, result)
+    scale = display_scale(rgb.size)
+    maps = result.class_maps.float().numpy()  # [n_classes, h, w] at map resolution
+    heat = [(heatmap_image(m, display_scale(m.shape[::-1], 256)), c) for m, c in zip(maps, result.classes)]
+    labels = colorize(result.labels)
+    return SegmentOutput(overlay(rgb, result.labels, scale=scale), enlarge(labels.convert("RGB"), scale), labels,
+                         legend, heat, result, check, scale)
 
 
 def legend_html(legend: Sequence[tuple[str, tuple[int, int, int]]], pixels: dict[str, int] | None = None) -> str:
-    """An HTML legend: a colour swatch per class (and its pixel count)."""
+    """An HTML legend: the exact label colour of each class (as in the label map and the overlay's outlines)
+    and its pixel count."""
     items = []
     for name, (r, g, b) in legend:
         count = f" ({pixels.get(name, 0)} px)" if pixels is not None else ""
@@ -201,7 +215,26 @@ def legend_html(legend: Sequence[tuple[str, tuple[int, int, int]]], pixels: dict
             f'<span style="width:1em;height:1em;background:rgb({r},{g},{b});border:1px solid #888;'
             f'display:inline-block;margin-right:.3em"></span>{_esc(name)}{count}</span>'
         )
-    return '<div class="difffeat-legend">' + "".join(items) + "</div>"
+    note = ('<div style="font-size:.85em;opacity:.8">label map: these colours exactly; overlay: tinted at 50% '
+            "inside, outlined in the exact colour</div>")
+    return '<div class="difffeat-legend">' + "".join(items) + note + "</div>"
+
+
+def check_html(check: Any) -> str:
+    """The class-word check as HTML: renamed names and one warning line per unknown word (``""`` if none)."""
+    lines = [f"“{_esc(a)}” was read as “{_esc(b)}”" for a, b in check.renamed.items()]
+    lines += [f"⚠️ {_esc(w)}" for w in check.warnings]
+    return "".join(f'<div class="difffeat-warning">{x}</div>' for x in lines)
+
+
+def known_classes_text(backbone: Backbone) -> str:
+    """One Markdown line naming the class words of a closed-vocabulary model (``""`` for open vocabularies)."""
+    from .segment.vocabulary import model_vocabulary
+
+    vocab = model_vocabulary(backbone)
+    if vocab is None:
+        return ""
+    return f"This model knows {len(vocab.classes)} classes: " + ", ".join(f"`{c}`" for c in vocab.classes)
 
 
 def _esc(s: str) -> str:
@@ -216,7 +249,7 @@ def catalog_rows(backbone: Backbone, kinds: Sequence[str] = (), resolution: str 
     """Catalog rows ``[name, kind, shape, resolution, flags]``, optionally filtered by kinds and by a
     resolution written ``"HxW"`` (attention maps have none: "map")."""
     rows = []
-    for a in backbone.catalog():
+    for a in catalog_of(backbone):
         res = "x".join(map(str, a.resolution)) if a.resolution else "map"
         if kinds and a.kind not in kinds:
             continue
@@ -248,10 +281,13 @@ PRESET_PREFIX = "preset:"
 
 
 def preset_choices(backbone: Backbone) -> list[str]:
-    """``preset:NAME`` for every feature preset that fits ``backbone`` (:func:`difffeat.presets.presets_for`)."""
-    from .presets import presets_for
+    """``preset:NAME`` for every feature preset that fits ``backbone`` (:func:`difffeat.presets.presets_for`),
+    the recommended one (:func:`difffeat.presets.recommended_preset`) first."""
+    from .presets import presets_for, recommended_preset
 
-    return [PRESET_PREFIX + name for name in presets_for(backbone)]
+    first = recommended_preset(backbone)
+    names = sorted(presets_for(backbone), key=lambda n: n != first)
+    return [PRESET_PREFIX + name for name in names]
 
 
 def run_features(
@@ -259,13 +295,15 @@ def run_features(
 ) -> tuple[Image.Image, dict[str, torch.Tensor], dict]:
     """Extract activation ``name`` (or every activation of ``preset:NAME``) of ``image``.
 
-    Returns the PCA picture at the image size (of the activations upsampled to the largest map and
-    concatenated, for a preset), ``{activation: [C, H, W]}`` and the extraction settings."""
+    Returns the PCA picture (of the activations upsampled to the largest map and concatenated, for a preset)
+    at the image size enlarged to a readable size (nearest), ``{activation: [C, H, W]}`` and the extraction
+    settings. ``t=None``: the preset's timestep, else the model's feature default."""
     from . import FeatureExtractor, upsample_concat
     from .images import to_rgb
+    from .segment.outputs import display_scale
 
     if not name:
-        raise InvalidPromptError("pick an activation (or a preset:NAME entry) from the list first")
+        raise InvalidPromptError("no activation chosen: pick a preset:NAME entry (a tested selection) or one activation")
     rgb = to_rgb(image)
     t = None if t is None else int(t)
     if name.startswith(PRESET_PREFIX):
@@ -275,7 +313,8 @@ def run_features(
     with model.lock:
         feats = fx(rgb, prompt or "")
     tensors = {n: v[0] for n, v in feats.items()}
-    return pca_rgb(upsample_concat(feats)[0], rgb.size), tensors, fx.settings()
+    k = display_scale(rgb.size)
+    return pca_rgb(upsample_concat(feats)[0], (rgb.width * k, rgb.height * k)), tensors, fx.settings()
 
 
 # --------------------------------------------------------------------------- content shift
@@ -289,6 +328,22 @@ def gate_available() -> bool:
         return callable(getattr(shift, "gate_img2img", None))
     except Exception:  # noqa: BLE001 - a half-installed module means "not available"
         return False
+
+
+# --------------------------------------------------------------------------- UI
+def gate_panels(cmp: Any) -> list[tuple[Image.Image, str]]:
+    """The three captioned pictures of an img2img comparison, nearest-enlarged to a readable size."""
+    from .segment.outputs import display_scale, enlarge
+
+    k = display_scale(cmp.input.size)
+    w, h = cmp.input.size
+    captions = (f"input, as the model saw it ({w}x{h} px)", "img2img without the technique", "img2img with the technique")
+    return [(enlarge(img.convert("RGB").resize((w, h)), k), c) for img, c in zip((cmp.input, cmp.reference, cmp.treated), captions)]
+
+
+def rounded(figures: dict[str, Any], digits: int = 3) -> dict[str, Any]:
+    """``figures`` with floats rounded to ``digits`` decimals (for display)."""
+    return {k: round(v, digits) if isinstance(v, float) else v for k, v in figures.items()}
 
 
 # --------------------------------------------------------------------------- UI
@@ -306,8 +361,9 @@ def _user_error(exc: Exception):
 
 
 def _image_component():
-    """``gr.Image`` whose unreadable uploads raise the library's :class:`InvalidImageError` message as a
-    ``gr.Error`` (stock ``gr.Image`` fails in preprocessing with a PIL traceback)."""
+    """``gr.Image`` whose unreadable uploads raise a short :class:`InvalidImageError` message (naming the
+    uploaded file, not the server's temporary copy) as a ``gr.Error``; stock ``gr.Image`` fails in
+    preprocessing with a PIL traceback."""
     import gradio as gr
 
     class CheckedImage(gr.Image):
@@ -318,16 +374,34 @@ def _image_component():
                 return super().preprocess(payload)
             except gr.Error:
                 raise
-            except Exception as exc:  # noqa: BLE001 - any decoding failure is a user error here
-                from .images import to_rgb
-
-                try:
-                    to_rgb(payload.path)
-                except DifffeatError as lib_exc:
-                    raise _user_error(lib_exc) from None
-                raise _user_error(InvalidImageError(f"could not read the upload as an image: {exc}")) from None
+            except Exception:  # noqa: BLE001 - any decoding failure is a user error here
+                name = getattr(payload, "orig_name", None) or Path(getattr(payload, "path", "") or "upload").name
+                err = InvalidImageError(
+                    f"cannot read image file {name!r}: it is not a PNG, JPEG, WebP or other image file that PIL can "
+                    "open; upload an image or pick a bundled example"
+                )
+                raise _user_error(err) from None
 
     return CheckedImage
+
+
+def _number(text: Any, kind: type, what: str) -> int | float | None:
+    """A number typed into a text box (blank = None, the model's default)."""
+    if text is None or str(text).strip() == "":
+        return None
+    try:
+        value = float(str(text).strip())
+    except ValueError:
+        raise _user_error(InvalidPromptError(f"{what} must be a number, got {text!r}; leave it blank for the model's default")) from None
+    if kind is int and not value.is_integer():
+        raise _user_error(InvalidPromptError(f"{what} must be a whole number, got {text!r}; leave it blank for the model's default"))
+    return kind(value)
+
+
+CSS = """
+#seg-image img, #f-image img, #g-image img { image-rendering: pixelated; }
+.difffeat-warning { color: #a15c00; font-weight: 600; }
+"""
 
 
 def build_demo(
@@ -348,8 +422,10 @@ def build_demo(
         cache / meter: shared :class:`ModelCache` / :class:`ActivityMeter` (tests inspect them).
         preload: load ``model`` now rather than on the first request.
 
-    The ``segment`` API endpoint takes (image, classes, model, t, heads, layers, rescale, tau) and
-    returns (overlay, labels, legend HTML, heat maps, label PNG file, status).
+    Endpoints: ``segment`` (image, classes, model, t, heads, layers, rescale, tau; blank t/tau = the model's
+    default) -> (overlay, labels view, legend HTML, heat maps, label PNG file, status, message);
+    ``features`` (image, model, activation or preset:NAME, prompt, t) -> (PCA picture, .safetensors, info,
+    status); ``gate`` (image, model, prompt, technique, strength, steps) -> (panels, figures, status).
     """
     import gradio as gr
 
@@ -359,6 +435,7 @@ def build_demo(
     outdir = Path(tempfile.mkdtemp(prefix="difffeat-demo-"))
     if preload:
         cache.get(model)
+    examples = bundled_examples()
 
     def get_model(name: str, progress: gr.Progress) -> LoadedModel:
         try:
@@ -366,26 +443,53 @@ def build_demo(
         except (DifffeatError, ValueError, OSError) as exc:
             raise _user_error(exc) from None
 
+    def need_image(image) -> None:
+        if image is None:
+            raise gr.Error("no image: upload one or pick a bundled example first", print_exception=False)
+
     def load_model(name: str, progress=gr.Progress()):
         get_model(name, progress)
         return cache.describe(name)
 
+    def page_state(name: str, progress=gr.Progress()):
+        """On page load: status line, the classes a closed-vocabulary model knows, t/tau placeholders."""
+        from .segment.settings import settings_for
+        from .segment.vocabulary import model_vocabulary
+
+        b = get_model(name, progress).backbone
+        known = known_classes_text(b)
+        vocab = model_vocabulary(b)
+        seg_defaults = settings_for(str(b.name), b.family)
+        return (
+            cache.describe(name),
+            gr.update(value=known, visible=bool(known)),
+            gr.update(choices=list(vocab.classes) if vocab else [], value=[], visible=vocab is not None),
+            gr.update(placeholder=f"blank = the model's default ({seg_defaults.t})"),
+            gr.update(placeholder=f"blank = the model's default ({seg_defaults.tau:g})"),
+        )
+
     def segment(image, classes, model_name, t, heads, layers, rescale, tau, progress=gr.Progress()):
         with meter:
-            if image is None:
-                raise gr.Error("upload an image or pick a bundled example first", print_exception=False)
+            need_image(image)
+            t, tau = _number(t, int, "timestep t"), _number(tau, float, "background tau")
             m = get_model(model_name, progress)
-            progress(0.9, desc="segmenting ...")
+            progress(None, desc="segmenting (one denoiser forward) ...")
             try:
-                out = run_segment(m, image, classes, t=_opt_int(t), heads=heads, layers=layers, rescale=rescale, tau=_opt_float(tau))
+                out = run_segment(m, image, classes, t=t, heads=heads, layers=layers, rescale=rescale, tau=tau)
             except (DifffeatError, ValueError) as exc:
                 raise _user_error(exc) from None
+            for w in out.check.warnings:
+                gr.Warning(w)
             fd, path = tempfile.mkstemp(prefix="labels-", suffix=".png", dir=outdir)
             os.close(fd)
             out.labels.save(path, format="PNG")
             pixels = out.result.to_json()["pixels_per_class"]
-            return (out.overlay, out.labels.convert("RGB"), legend_html(out.legend, pixels), out.heatmaps, path,
-                    cache.describe(model_name))
+            w, h = out.labels.size
+            done = f"segmented {w}x{h} px at t={out.result.settings['t']}, tau={out.result.settings['tau']:g}"
+            if out.scale > 1:
+                done += f"; shown {out.scale}x enlarged (nearest), the download is {w}x{h}"
+            return (out.overlay, out.labels_view, legend_html(out.legend, pixels), out.heatmaps, path,
+                    cache.describe(model_name), check_html(out.check) + f"<div>{_esc(done)}</div>")
 
     def catalog_view(model_name, kinds, resolution, progress=gr.Progress()):
         m = get_model(model_name, progress)
@@ -393,22 +497,23 @@ def build_demo(
         all_rows = catalog_rows(m.backbone)
         kind_choices = sorted({r[1] for r in all_rows})
         res_choices = ["any"] + sorted({r[3] for r in all_rows}, key=lambda s: (s == "map", s))
-        names = [r[0] for r in rows]
+        presets = preset_choices(m.backbone)
+        names = presets + [r[0] for r in rows]
         return (
             gr.update(value=rows),
             gr.update(choices=kind_choices),
             gr.update(choices=res_choices),
-            gr.update(choices=names + preset_choices(m.backbone), value=names[0] if names else None),
-            cache.describe(model_name),
+            gr.update(choices=names, value=names[0] if names else None),
         )
 
     def features(image, model_name, name, prompt, t, progress=gr.Progress()):
         with meter:
-            if image is None:
-                raise gr.Error("upload an image or pick a bundled example first", print_exception=False)
+            need_image(image)
+            t = _number(t, int, "timestep t")
             m = get_model(model_name, progress)
+            progress(None, desc="extracting (one denoiser forward) ...")
             try:
-                pic, tensors, settings = run_features(m, image, name, prompt, _opt_int(t))
+                pic, tensors, settings = run_features(m, image, name, prompt, t)
             except (DifffeatError, ValueError) as exc:
                 raise _user_error(exc) from None
             from .io import save_features
@@ -417,23 +522,25 @@ def build_demo(
             os.close(fd)
             save_features(path, tensors, metadata=settings)
             shapes = "; ".join(f"`{n}`: {tuple(v.shape)}" for n, v in tensors.items())
-            info = f"{name if name.startswith(PRESET_PREFIX) else 'activation'} at t={settings['t']}: {shapes} (C, H, W)"
-            return pic, path, info
+            source = "given" if t is not None else "the preset's" if name.startswith(PRESET_PREFIX) else "the model's default"
+            what = name if name.startswith(PRESET_PREFIX) else "activation"
+            info = f"{what} at t={settings['t']} ({source}): {shapes} (C, H, W)"
+            return pic, path, info, cache.describe(model_name)
 
     def gate(image, model_name, prompt, technique, strength, steps, progress=gr.Progress()):
         with meter:
-            if image is None:
-                raise gr.Error("upload an image or pick a bundled example first", print_exception=False)
+            need_image(image)
             m = get_model(model_name, progress)
             from .shift import gate_img2img, parse_technique
 
+            progress(None, desc="two img2img runs ...")
             try:
                 with m.lock:
                     cmp = gate_img2img(m.backbone, image, prompt or "", parse_technique(technique or "prompt"),
                                        strength=float(strength), steps=int(steps))
             except (DifffeatError, ValueError, TypeError) as exc:
                 raise _user_error(exc) from None
-            return cmp.side_by_side(), cmp.to_json()
+            return gate_panels(cmp), rounded(cmp.to_json()), cache.describe(model_name)
 
     with gr.Blocks(title="difffeat demo") as demo:
         gr.Markdown("# difffeat\nDiffusion models as feature extractors and training-free segmenters (GOCA).")
@@ -441,85 +548,102 @@ def build_demo(
             model_box = gr.Textbox(value=model, label="model (\"shapes\", a hub id or a local diffusers folder)", scale=4)
             load_btn = gr.Button("Load model", scale=1)
         status = gr.Markdown(
-            "Model not loaded yet: it loads on the first request (or press *Load model*)."
-            + (f" If the trained shapes model is not installed, a tiny model with **{FALLBACK_NOTE}** is used."
-               if fallback else ""),
-            elem_id="model-status",
+            cache.describe(model) if cache.loaded(model) else "Loading the model ...", elem_id="model-status"
         )
-        load_btn.click(load_model, [model_box], [status], api_name="load_model")
+        load_msg = gr.Markdown(elem_id="load-message")
+        load_btn.click(load_model, [model_box], [status], api_name="load_model", show_progress_on=[load_msg])
 
         with gr.Tab("Segment"):
             with gr.Row():
                 with gr.Column():
                     image = UploadImage(type="pil", label="image", elem_id="seg-image", sources=["upload", "clipboard"])
                     classes = gr.Textbox(label="classes (comma-separated)", placeholder="circle, star", elem_id="seg-classes")
-                    with gr.Accordion("Advanced", open=False):
-                        t_box = gr.Number(value=None, label="timestep t (blank: the model's default)", precision=0)
+                    known = gr.Markdown(visible=False, elem_id="seg-known")
+                    offer = gr.CheckboxGroup([], label="add classes this model knows", visible=False, elem_id="seg-offer")
+                    with gr.Accordion("Advanced", open=False, elem_id="seg-advanced"):
+                        t_box = gr.Textbox(label="timestep t (0-999)", placeholder="blank = the model's default", elem_id="seg-t")
                         heads = gr.Radio(["goca", "mean"], value="goca", label="head aggregation")
                         layers = gr.Radio(["goca", "uniform"], value="goca", label="layer aggregation")
                         rescale = gr.Radio(["goca", "none"], value="goca", label="per-pixel rescaling")
-                        tau = gr.Number(value=None, label="background tau (blank: the model's default)")
+                        tau = gr.Textbox(label="background tau", placeholder="blank = the model's default", elem_id="seg-tau")
                     seg_btn = gr.Button("Segment", variant="primary", elem_id="seg-run")
-                    gr.Examples([list(e) for e in bundled_examples()], [image, classes], label="bundled examples")
+                    seg_msg = gr.HTML(elem_id="seg-message")
                 with gr.Column():
                     overlay_out = gr.Image(type="pil", label="overlay", elem_id="seg-overlay", format="png")
-                    labels_out = gr.Image(type="pil", label="labels", elem_id="seg-labels", format="png")
+                    labels_out = gr.Image(type="pil", label="label map", elem_id="seg-labels", format="png")
                     legend_out = gr.HTML(elem_id="seg-legend")
-                    heat_out = gr.Gallery(label="class heat maps", columns=4, elem_id="seg-heat")
-                    file_out = gr.File(label="label PNG (pixel value = class index, 0 = background)", elem_id="seg-file")
+                    heat_out = gr.Gallery(label="class scores (0-1) at the attention maps' resolution", columns=4,
+                                          elem_id="seg-heat", format="png")
+                    file_out = gr.File(label="label PNG at the image size (pixel value = class index, 0 = background)",
+                                       elem_id="seg-file")
+            gr.Examples([list(e) for e in examples], [image, classes], label="bundled examples")
+            offer.input(lambda picked: ", ".join(picked), [offer], [classes], api_name=False, show_progress="hidden")
+            image.upload(lambda img: "", [image], [seg_msg], api_name=False, show_progress_on=[seg_msg])
             seg_btn.click(
                 segment,
                 [image, classes, model_box, t_box, heads, layers, rescale, tau],
-                [overlay_out, labels_out, legend_out, heat_out, file_out, status],
+                [overlay_out, labels_out, legend_out, heat_out, file_out, status, seg_msg],
                 api_name="segment",
+                show_progress_on=[seg_msg],
             )
 
         with gr.Tab("Features"):
             with gr.Row():
-                kind_filter = gr.Dropdown([], multiselect=True, label="filter: kind")
-                res_filter = gr.Dropdown(["any"], value="any", label="filter: resolution (HxW)")
-                browse_btn = gr.Button("Show catalog")
-            table = gr.Dataframe(headers=CATALOG_COLUMNS, label="activations", interactive=False, wrap=True)
-            with gr.Row():
                 with gr.Column():
-                    f_image = UploadImage(type="pil", label="image", sources=["upload", "clipboard"])
-                    act = gr.Dropdown([], label="activation (or preset:NAME)", allow_custom_value=True)
+                    f_image = UploadImage(type="pil", label="image", sources=["upload", "clipboard"], elem_id="f-image")
+                    act = gr.Dropdown([], label="activation (preset:NAME = a tested selection)", allow_custom_value=True,
+                                      elem_id="f-act")
                     prompt = gr.Textbox(label="prompt", value="")
-                    f_t = gr.Number(value=None, label="timestep t (blank: the model's default)", precision=0)
-                    f_btn = gr.Button("Extract", variant="primary")
-                    gr.Examples([[e[0]] for e in bundled_examples()], [f_image], label="bundled examples")
+                    f_t = gr.Textbox(label="timestep t (0-999)", placeholder="blank = the preset's or the model's default",
+                                     elem_id="f-t")
+                    f_btn = gr.Button("Extract", variant="primary", elem_id="f-run")
+                    f_msg = gr.HTML(elem_id="f-message")
                 with gr.Column():
-                    pca_out = gr.Image(type="pil", label="PCA of the activation (top-3 components as RGB)", format="png")
-                    f_info = gr.Markdown()
-                    f_file = gr.File(label="tensor (.safetensors)")
+                    gr.Markdown("**PCA of the activation** (top-3 components as RGB)")
+                    pca_out = gr.Image(type="pil", show_label=False, format="png", elem_id="f-pca")
+                    f_info = gr.Markdown(elem_id="f-info")
+                    f_file = gr.File(label="tensor (.safetensors)", elem_id="f-file")
+            gr.Examples([[e[0]] for e in examples], [f_image], label="bundled examples")
+            with gr.Accordion("Activation catalog", open=False):
+                with gr.Row():
+                    kind_filter = gr.Dropdown([], multiselect=True, label="filter: kind")
+                    res_filter = gr.Dropdown(["any"], value="any", label="filter: resolution (HxW)")
+                table = gr.Dataframe(headers=CATALOG_COLUMNS, label="activations", interactive=False, wrap=True)
             view_inputs = [model_box, kind_filter, res_filter]
-            view_outputs = [table, kind_filter, res_filter, act, status]
-            browse_btn.click(catalog_view, view_inputs, view_outputs, api_name="catalog")
-            kind_filter.change(catalog_view, view_inputs, view_outputs, api_name=False)
-            res_filter.change(catalog_view, view_inputs, view_outputs, api_name=False)
-            f_btn.click(features, [f_image, model_box, act, prompt, f_t], [pca_out, f_file, f_info], api_name="features")
+            view_outputs = [table, kind_filter, res_filter, act]
+            kind_filter.input(catalog_view, view_inputs, view_outputs, api_name=False, show_progress_on=[f_msg])
+            res_filter.input(catalog_view, view_inputs, view_outputs, api_name=False, show_progress_on=[f_msg])
+            f_image.upload(lambda img: "", [f_image], [f_msg], api_name=False, show_progress_on=[f_msg])
+            f_btn.click(features, [f_image, model_box, act, prompt, f_t], [pca_out, f_file, f_info, status],
+                        api_name="features", show_progress_on=[f_msg])
+            demo.load(lambda name, k, r, progress=gr.Progress(): catalog_view(name, k, r, progress),
+                      view_inputs, view_outputs, api_name="catalog", show_progress_on=[f_msg])
 
         with gr.Tab("Content shift"):
             if gate_available():
                 gr.Markdown(
                     "GATE img2img test: img2img at high strength without and with a generation technique; "
                     "the output closer to the input (higher PSNR / edge IoU) suppresses content shift better. "
-                    "Panels: input | without | with the technique."
+                    "Runs at the model's native resolution; pictures are shown enlarged (nearest)."
                 )
                 with gr.Row():
                     with gr.Column():
-                        g_image = UploadImage(type="pil", label="image", sources=["upload", "clipboard"])
+                        g_image = UploadImage(type="pil", label="image", sources=["upload", "clipboard"], elem_id="g-image")
                         g_prompt = gr.Textbox(label="prompt", value="a photo of shapes")
                         g_tech = gr.Textbox(label="technique", value="prompt:quality=natural",
                                             info="prompt:quality=natural | controlnet:MODEL | lora:PATH")
                         g_strength = gr.Slider(0.1, 1.0, value=0.75, step=0.05, label="strength")
                         g_steps = gr.Slider(1, 50, value=10, step=1, label="steps")
-                        g_btn = gr.Button("Compare", variant="primary")
-                        gr.Examples([[e[0]] for e in bundled_examples()], [g_image], label="bundled examples")
+                        g_btn = gr.Button("Compare", variant="primary", elem_id="g-run")
+                        g_msg = gr.HTML(elem_id="g-message")
                     with gr.Column():
-                        g_out = gr.Image(type="pil", label="input | without | with", format="png")
+                        g_out = gr.Gallery(label="input | without | with the technique", columns=3, format="png",
+                                           elem_id="g-panels")
                         g_json = gr.JSON(label="similarity to the input")
-                g_btn.click(gate, [g_image, model_box, g_prompt, g_tech, g_strength, g_steps], [g_out, g_json], api_name="gate")
+                gr.Examples([[e[0]] for e in examples], [g_image], label="bundled examples")
+                g_image.upload(lambda img: "", [g_image], [g_msg], api_name=False, show_progress_on=[g_msg])
+                g_btn.click(gate, [g_image, model_box, g_prompt, g_tech, g_strength, g_steps], [g_out, g_json, status],
+                            api_name="gate", show_progress_on=[g_msg])
             else:
                 gr.Markdown(
                     "### Not available in this version\nThe GATE content-shift module (`difffeat.shift`) is not "
@@ -527,17 +651,12 @@ def build_demo(
                     elem_id="shift-unavailable",
                 )
 
+        demo.load(page_state, [model_box], [status, known, offer, t_box, tau], api_name=False,
+                  show_progress_on=[load_msg])
+
     demo.difffeat_cache = cache  # for tests and scripts
     demo.difffeat_meter = meter
     return demo
-
-
-def _opt_int(x: Any) -> int | None:
-    return None if x is None or x == "" else int(x)
-
-
-def _opt_float(x: Any) -> float | None:
-    return None if x is None or x == "" else float(x)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -558,7 +677,7 @@ def launch(model: str = DEFAULT_MODEL, *, port: int = 7860, host: str = "127.0.0
     """Build, queue (``default_concurrency_limit=concurrency``) and launch the demo; returns the Blocks."""
     demo = build_demo(model, **kwargs)
     demo.queue(default_concurrency_limit=concurrency)
-    demo.launch(server_name=host, server_port=port, prevent_thread_lock=not block, show_error=True)
+    demo.launch(server_name=host, server_port=port, prevent_thread_lock=not block, show_error=True, css=CSS)
     return demo
 
 

@@ -15,6 +15,11 @@ __all__ = [
     "ModelNotFoundError",
     "InvalidPromptError",
     "ConfigError",
+    "InvalidOptionError",
+    "OutputPathError",
+    "DatasetError",
+    "DeviceError",
+    "ManifestMismatchError",
     "AttentionBackendError",
     "close_matches",
 ]
@@ -32,7 +37,7 @@ class UnknownActivationError(DifffeatError, KeyError):
         msg = f"unknown activation name {name!r}."
         if matches:
             msg += " Closest valid names: " + ", ".join(matches) + "."
-        msg += " List every name with `difffeat catalog MODEL` or `difffeat.catalog(backbone)`."
+        msg += " List every name with `difffeat catalog MODEL` or `difffeat.list_activations(model)`."
         if hint:
             msg += " " + hint
         self.name = name
@@ -65,6 +70,26 @@ class InvalidPromptError(DifffeatError, ValueError):
 
 class ConfigError(DifffeatError, ValueError):
     """A preset or settings file that is missing or malformed."""
+
+
+class InvalidOptionError(DifffeatError, ValueError):
+    """A numeric or named option outside its valid range (checked before any model loads)."""
+
+
+class OutputPathError(DifffeatError, OSError):
+    """An output path that cannot be written (an existing file where a folder is needed, no permission...)."""
+
+
+class DatasetError(DifffeatError, ValueError):
+    """An annotation file, label image or dataset folder that cannot be used (names the file and entry)."""
+
+
+class DeviceError(DifffeatError, RuntimeError):
+    """A device that this machine does not have (e.g. ``cuda`` without CUDA)."""
+
+
+class ManifestMismatchError(DifffeatError):
+    """The output folder holds results made with different settings."""
 
 
 class AttentionBackendError(DifffeatError, RuntimeError):

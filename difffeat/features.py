@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from .backbones.base import Backbone, check_timestep
 from .backbones.loading import load
-from .capture import Capture, head_mean, sequence_to_spatial
+from .capture import Capture, catalog_of, head_mean, sequence_to_spatial
 from .catalog import ActivationInfo
 from .errors import ConfigError, InvalidImageError, InvalidPromptError
 from .images import ImageInput, target_size, to_rgb
@@ -107,7 +107,7 @@ class FeatureExtractor:
                     f"preset {self.preset.name!r} is for the {self.preset.family!r} family but the model is "
                     f"{self.backbone.family!r}; pick a {self.backbone.family} preset (`difffeat presets`)"
                 )
-            missing = self.preset.missing_in(self.backbone.catalog())
+            missing = self.preset.missing_in(catalog_of(self.backbone))
             if missing:
                 from .presets import presets_for
 
@@ -124,7 +124,7 @@ class FeatureExtractor:
             raise ValueError(
                 "empty feature list: pass features=[...] or preset=...; list names with `difffeat catalog MODEL`"
             )
-        self.infos: list[ActivationInfo] = self.backbone.catalog().resolve(features)
+        self.infos: list[ActivationInfo] = catalog_of(self.backbone).resolve(features)
         self.t = check_timestep(t if t is not None else (self.preset.t if self.preset else self.backbone.default_feature_t))
         self.resolution = resolution or (self.preset.resolution if self.preset else None) or self.backbone.native_resolution
         self.square = square

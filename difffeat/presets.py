@@ -10,7 +10,7 @@ import yaml
 from .errors import ConfigError, close_matches
 from .resources import data_dir
 
-__all__ = ["FeaturePreset", "load_preset", "list_presets", "presets_for"]
+__all__ = ["FeaturePreset", "load_preset", "list_presets", "presets_for", "recommended_preset"]
 
 
 @dataclass(frozen=True)
@@ -75,8 +75,18 @@ def load_preset(name: str) -> FeaturePreset:
 
 def presets_for(backbone) -> list[str]:
     """Names of the presets that fit ``backbone``: its family, and every activation present in its catalog."""
-    cat = backbone.catalog()
+    from .capture import catalog_of
+
+    cat = catalog_of(backbone)
     return [
         name for name in list_presets()
         if (p := load_preset(name)).family == backbone.family and not p.missing_in(cat)
     ]  # fmt: skip
+
+
+def recommended_preset(backbone) -> str | None:
+    """The preset to start from on ``backbone``: among :func:`presets_for`, one made for this model
+    (``models`` names it) before one for its family, a ``*-practical`` one before the others; None if none fits."""
+    fits = presets_for(backbone)
+    name = str(getattr(backbone, "name", ""))
+    return min(fits, key=lambda p: (name not in load_preset(p).models, not p.endswith("-practical")), default=None)

@@ -18,7 +18,7 @@ from _helpers import attention_modules, backbone_for, random_image
 
 
 def _maps(backbone, inputs, kinds=("cross-map", "self-map")):
-    names = [a.name for a in backbone.catalog() if a.kind in kinds]
+    names = [a.name for a in difffeat.list_activations(backbone) if a.kind in kinds]
     with Capture(backbone, names, inputs, early_exit=False) as cap:
         backbone.denoise(inputs)
     return cap.activations
@@ -58,8 +58,8 @@ def test_maps_are_the_same_with_fused_qkv_projections(family):
     for b in (plain, fused):
         b.max_sequence_length = 32
     assert any(hasattr(m, "to_qkv") for _, m in fused.denoiser.named_modules())
-    assert not any(a.name.endswith(".attn.q") for a in fused.catalog())  # its to_q no longer runs
-    assert any(a.name.endswith(".attn.attended_q") for a in fused.catalog())  # the attended query still exists
+    assert not any(a.name.endswith(".attn.q") for a in difffeat.list_activations(fused))  # its to_q no longer runs
+    assert any(a.name.endswith(".attn.attended_q") for a in difffeat.list_activations(fused))  # the attended query still exists
     inputs = _inputs(plain)
     _assert_same(_maps(fused, inputs), _maps(plain, inputs))
 
@@ -82,7 +82,7 @@ def test_a_backend_without_sdpa_is_a_clear_error_naming_the_fix(tiny_pipes, fami
     inputs = _inputs(backbone)
     den = backbone.denoiser
     hooks = sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in den.modules())
-    name = next(a.name for a in backbone.catalog() if a.kind == "cross-map")
+    name = next(a.name for a in difffeat.list_activations(backbone) if a.kind == "cross-map")
     with attention_backend("native"):  # set_attention_backend also changes the global default: restore it after
         den.set_attention_backend("flex")
         try:

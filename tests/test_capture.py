@@ -23,7 +23,7 @@ def _inputs(backbone, size=(64, 64), prompt="a photo of a cat", seed=0):
 
 def test_every_catalog_name_is_capturable_alone_and_matches_a_full_capture(backbone):
     inputs = _inputs(backbone)
-    cat = backbone.catalog()
+    cat = difffeat.list_activations(backbone)
     with Capture(backbone, cat.names(), inputs, early_exit=False) as full:
         backbone.denoise(inputs)
     assert full.missing == []
@@ -35,7 +35,7 @@ def test_every_catalog_name_is_capturable_alone_and_matches_a_full_capture(backb
 
 
 def test_catalog_shapes_match_captured_shapes_at_probe_resolution(backbone):
-    cat = backbone.catalog()
+    cat = difffeat.list_activations(backbone)
     h, w = cat.probe_size
     inputs = _inputs(backbone, size=(h, w))
     with Capture(backbone, cat.names(), inputs, early_exit=False) as cap:
@@ -48,7 +48,7 @@ def test_non_square_images_reshape_on_the_true_grid(backbone):
     inputs = _inputs(backbone, size=(48, 96))
     gh, gw = inputs.grid
     assert gw == 2 * gh
-    names = [a.name for a in backbone.catalog() if a.kind in ("block-out", "cross-q", "joint-q")][:3]
+    names = [a.name for a in difffeat.list_activations(backbone) if a.kind in ("block-out", "cross-q", "joint-q")][:3]
     with Capture(backbone, names, inputs) as cap:
         backbone.denoise(inputs)
     for name in names:
@@ -65,7 +65,7 @@ def _pre_hook_store(store, key):
 
 def test_captured_qkv_equal_recomputation_from_module_input(backbone):
     inputs = _inputs(backbone)
-    cat = backbone.catalog()
+    cat = difffeat.list_activations(backbone)
     qkv = [a for a in cat if a.kind in ("self-q", "self-k", "self-v", "cross-q", "joint-q", "joint-k", "joint-v")]
     assert qkv
     den = backbone.denoiser
@@ -98,7 +98,7 @@ def test_cross_attention_map_times_v_reproduces_attention_output(backbone):
     from difffeat.hookpoints import load_table
 
     inputs = _inputs(backbone)
-    cat = backbone.catalog()
+    cat = difffeat.list_activations(backbone)
     maps = [a for a in cat if a.kind == "cross-map"]
     assert maps
     text_first = load_table(backbone.hook_table).token_order == "text-first"
@@ -131,7 +131,7 @@ def test_cross_attention_map_times_v_reproduces_attention_output(backbone):
 
 
 def test_attended_qkv_are_the_image_rows_the_kernel_got(backbone):
-    cat = backbone.catalog()
+    cat = difffeat.list_activations(backbone)
     attended = [a for a in cat if a.kind.startswith("attended-")]
     if not attended:
         pytest.skip("this family lists no attended q/k/v")
@@ -155,7 +155,7 @@ def test_attended_qkv_are_the_image_rows_the_kernel_got(backbone):
 
 def test_self_attention_maps_sum_to_one_over_keys(backbone):
     inputs = _inputs(backbone)
-    maps = [a for a in backbone.catalog() if a.kind == "self-map" and not a.name.endswith("self_map")]
+    maps = [a for a in difffeat.list_activations(backbone) if a.kind == "self-map" and not a.name.endswith("self_map")]
     if not maps:
         pytest.skip("this family's self maps are joint (checked with the cross maps)")
     with Capture(backbone, [a.name for a in maps], inputs, early_exit=False) as cap:
@@ -167,7 +167,7 @@ def test_self_attention_maps_sum_to_one_over_keys(backbone):
 
 def test_early_exit_skips_every_module_after_the_last_needed_one(backbone):
     inputs = _inputs(backbone)
-    cat = backbone.catalog()
+    cat = difffeat.list_activations(backbone)
     first = next(a for a in cat if a.kind == "block-out")
     calls = []
     out_module = backbone.denoiser.get_submodule({"unet": "conv_out"}.get(backbone.hook_table, "proj_out"))
@@ -192,7 +192,7 @@ def test_a_forward_that_raises_leaves_no_hooks_and_original_processors(backbone)
     den = backbone.denoiser
     before_hooks = _hook_count(den)
     before_procs = {n: m.processor for n, m in attention_modules(den)}
-    names = [a.name for a in backbone.catalog() if a.kind in ("cross-map", "self-map", "block-out")]
+    names = [a.name for a in difffeat.list_activations(backbone) if a.kind in ("cross-map", "self-map", "block-out")]
 
     class Boom(RuntimeError):
         pass
@@ -214,7 +214,7 @@ def test_a_forward_that_raises_leaves_no_hooks_and_original_processors(backbone)
 
 def test_stop_forward_is_swallowed_only_inside_capture(backbone):
     inputs = _inputs(backbone)
-    name = backbone.catalog().names()[1]
+    name = difffeat.list_activations(backbone).names()[1]
     with Capture(backbone, [name], inputs) as cap:
         backbone.denoise(inputs)
         pytest.fail("early exit should have left the block")  # pragma: no cover

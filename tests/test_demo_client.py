@@ -13,6 +13,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+import difffeat
 from PIL import Image
 
 pytest.importorskip("gradio", reason="the demo needs gradio (pip install 'difffeat[demo]')")
@@ -136,12 +138,12 @@ def test_features_endpoint_returns_pca_picture_and_safetensors(server, client):
 
     demo, _, model = server
     backbone = demo.difffeat_cache.get(model).backbone
-    name = next(a.name for a in backbone.catalog() if a.kind == "resnet-out")
+    name = next(a.name for a in difffeat.list_activations(backbone) if a.kind == "resnet-out")
     image, _ = _example()
     pic, tensor_file, info = client.predict(handle_file(image), model, name, "", None, api_name="/features")
     assert Image.open(pic).size == Image.open(image).size
     tensors = load_file(tensor_file)
-    assert list(tensors) == [name] and tensors[name].shape == tuple(backbone.catalog()[name].shape)
+    assert list(tensors) == [name] and tensors[name].shape == tuple(difffeat.list_activations(backbone)[name].shape)
     assert name in info
 
 
@@ -160,14 +162,14 @@ def test_features_endpoint_extracts_a_whole_preset(server, client):
     choice = choices[0]
     from difffeat.presets import load_preset
 
-    names = [backbone.catalog()[f].name for f in load_preset(choice.split(":", 1)[1]).features]
+    names = [difffeat.list_activations(backbone)[f].name for f in load_preset(choice.split(":", 1)[1]).features]
     image, _ = _example()
     pic, tensor_file, info = client.predict(handle_file(image), model, choice, "", None, api_name="/features")
     assert Image.open(pic).size == Image.open(image).size
     tensors = load_file(tensor_file)
     assert list(tensors) == names and choice in info
     for n in names:
-        assert tensors[n].shape == tuple(backbone.catalog()[n].shape)
+        assert tensors[n].shape == tuple(difffeat.list_activations(backbone)[n].shape)
 
 
 @pytest.mark.slow
@@ -237,7 +239,7 @@ def test_catalog_rows_filter_by_kind_and_resolution(server):
     demo, _, model = server
     backbone = demo.difffeat_cache.get(model).backbone  # already loaded by the server
     rows = catalog_rows(backbone)
-    assert len(rows) == len(backbone.catalog())
+    assert len(rows) == len(difffeat.list_activations(backbone))
     picked = catalog_rows(backbone, kinds=["resnet-out"], resolution=rows[1][3])
     assert picked and all(r[1] == "resnet-out" and r[3] == rows[1][3] for r in picked)
     assert all(r[3] == "map" for r in catalog_rows(backbone, kinds=["cross-map"]))

@@ -26,7 +26,7 @@ def backbone(request, tiny_pipes):
 
 
 def _some_features(backbone, n=3):
-    cat = backbone.catalog()
+    cat = difffeat.list_activations(backbone)
     kinds = ("block-out", "cross-q", "joint-q", "cross-map", "resnet-out")
     return [a.name for a in cat if a.kind in kinds][:n]
 
@@ -53,14 +53,14 @@ def test_same_seed_same_features_and_other_seed_differs(backbone):
 
 
 def test_prompt_changes_cross_attention_features(backbone):
-    name = next(a.name for a in backbone.catalog() if a.kind == "cross-map")
+    name = next(a.name for a in difffeat.list_activations(backbone) if a.kind == "cross-map")
     fx = FeatureExtractor(backbone, [name])
     image = random_image(64, 64)
     assert not torch.allclose(fx(image, "a cat")[name], fx(image, "a dog on a sofa")[name])
 
 
 def test_maps_come_back_head_averaged_as_key_channels(backbone):
-    info = next(a for a in backbone.catalog() if a.kind == "cross-map")
+    info = next(a for a in difffeat.list_activations(backbone) if a.kind == "cross-map")
     feats = FeatureExtractor(backbone, [info.name])(random_image(64, 64), "a cat")[info.name]
     heads, hw, keys = info.shape
     assert feats.shape[1] == keys and feats.shape[2] * feats.shape[3] == hw

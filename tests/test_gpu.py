@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+
+import difffeat
 import torch
 from PIL import Image
 
@@ -104,14 +106,14 @@ def test_xformers_processors_are_observed_and_restored(fp32_cuda_labels):
     # a capture swaps observers in and gives the xformers processors back, also when the forward raises
     image, _ = _examples()[0]
     inputs = backbone.prepare([image], "a photo of circle, square", t=50, seed=0)
-    names = [a.name for a in backbone.catalog() if a.kind == "cross-map"]
+    names = [a.name for a in difffeat.list_activations(backbone) if a.kind == "cross-map"]
     with pytest.raises(RuntimeError, match="boom"):
         with Capture(backbone, names, inputs, early_exit=False):
             raise RuntimeError("boom")
     assert {type(p).__name__ for p in backbone.denoiser.attn_processors.values()} == {"XFormersAttnProcessor"}
 
     # the observed probabilities reproduce the layer's output that xformers computed: P @ V == to_out's input
-    module = backbone.catalog().resolve([names[0]])[0].module
+    module = difffeat.list_activations(backbone).resolve([names[0]])[0].module
     attn = backbone.denoiser.get_submodule(module)
     seen: dict[str, object] = {}
     h1 = attn.register_forward_pre_hook(lambda m, a, k: seen.__setitem__("ctx", k["encoder_hidden_states"]), with_kwargs=True)
@@ -139,7 +141,7 @@ def test_every_family_segments_and_extracts_in_fp16_on_cuda(family):
     result = Segmenter(backbone)(random_image(48, 80), ["cat", "dog"])
     assert result.labels.shape == (48, 80)
     assert torch.isfinite(result.class_maps).all()
-    names = [a.name for a in backbone.catalog()][:6]
+    names = [a.name for a in difffeat.list_activations(backbone)][:6]
     feats = FeatureExtractor(backbone, names)(random_image(64, 64))
     for name, value in feats.items():
         assert torch.isfinite(value).all(), name

@@ -5,41 +5,29 @@ a fake-tensor forward."""
 from __future__ import annotations
 
 import pytest
+
+import difffeat
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
+from difffeat.architectures import architecture
 from difffeat.catalog import Catalog, enumerate_activations
 from difffeat.errors import ConfigError
 from difffeat.hookpoints import load_table
 from difffeat.presets import list_presets, load_preset
 
-SD15_UNET = dict(
-    sample_size=64, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280, 1280),
-    down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-    up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3, cross_attention_dim=768, attention_head_dim=8,
-)
-SDXL_UNET = dict(
-    sample_size=128, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280),
-    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"), transformer_layers_per_block=(1, 2, 10),
-    attention_head_dim=(5, 10, 20), cross_attention_dim=2048, use_linear_projection=True,
-    addition_embed_type="text_time", addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816,
-)
-PIXART_SIGMA = dict(
-    sample_size=128, num_layers=28, attention_head_dim=72, num_attention_heads=16, in_channels=4, out_channels=8,
-    patch_size=2, cross_attention_dim=1152, caption_channels=4096, norm_type="ada_norm_single",
-    num_embeds_ada_norm=1000, norm_elementwise_affine=False, norm_eps=1e-6, attention_bias=True,
-    activation_fn="gelu-approximate", use_additional_conditions=False,
-)
-SD3_MEDIUM = dict(
-    sample_size=128, patch_size=2, in_channels=16, num_layers=24, attention_head_dim=64, num_attention_heads=24,
-    joint_attention_dim=4096, caption_projection_dim=1536, pooled_projection_dim=2048, out_channels=16,
-    pos_embed_max_size=192,
-)
-FLUX_DEV = dict(
-    patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128, num_attention_heads=24,
-    joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True, axes_dims_rope=[16, 56, 56],
-)
+def _config(arch: str) -> dict:
+    """The real-size denoiser config shipped in configs/architectures (the source the benchmarks use too)."""
+    comps = architecture(arch)["components"]
+    return next(comps[k]["config"] for k in ("unet", "transformer") if k in comps)
+
+
+SD15_UNET = _config("sd15")
+SD21_UNET = _config("sd21")
+SDXL_UNET = _config("sdxl")
+PIXART_SIGMA = _config("pixart")
+SD3_MEDIUM = _config("sd3")
+FLUX_DEV = _config("flux")
 
 
 def _meta(cls_name: str, config: dict):
@@ -106,7 +94,7 @@ def test_legacy_presets_have_the_reference_channel_totals():
 @pytest.mark.parametrize(
     "preset, cls_name, config, table",
     [
-        ("sd21-practical", "UNet2DConditionModel", SD15_UNET, "unet"),
+        ("sd21-practical", "UNet2DConditionModel", SD21_UNET, "unet"),
         ("pixart-practical", "PixArtTransformer2DModel", PIXART_SIGMA, "pixart"),
         ("sd3-practical", "SD3Transformer2DModel", SD3_MEDIUM, "sd3"),
         ("flux-practical", "FluxTransformer2DModel", FLUX_DEV, "flux"),
@@ -165,7 +153,7 @@ def test_shapes_presets_resolve_on_the_shipped_model_and_match_the_benchmark():
     assert list(load_preset("shapes-practical").features) == sel["greedy selection (val)"]["features"]
     assert list(load_preset("shapes-legacy").features) == sel["conventional: upsampler outputs + last up ViT output"]["features"]
     assert sel["greedy selection (val)"]["test_miou"] > sel["conventional: upsampler outputs + last up ViT output"]["test_miou"]
-    cat = difffeat.load("shapes", device="cpu").catalog()
+    cat = difffeat.list_activations(difffeat.load("shapes", device="cpu"))
     for name, channels in (("shapes-practical", 256), ("shapes-legacy", 320)):
         preset = load_preset(name)
         assert preset.family == "sd" and preset.models == ("shapes",) and preset.resolution == 64
@@ -183,4 +171,4 @@ def test_preset_for_another_architecture_names_the_presets_that_fit():
     msg = str(err.value)
     assert "stable-diffusion-v1-5" in msg and "up-level1-repeat2-res-out" in msg and "shapes-legacy, shapes-practical" in msg
     fx = difffeat.FeatureExtractor(backbone, preset="shapes-practical")  # a fitting one loads
-    assert fx.names == [backbone.catalog()[f].name for f in load_preset("shapes-practical").features]
+    assert fx.names == [difffeat.list_activations(backbone)[f].name for f in load_preset("shapes-practical").features]

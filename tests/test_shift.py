@@ -202,3 +202,81 @@ def test_per_image_captions_stay_with_their_images_across_batches(tiny_pipes):
         torch.testing.assert_close(batched[i], direct, rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(items[i].features[NAME], direct, rtol=1e-4, atol=1e-5)
         assert items[i].prompt == caption
+
+
+# ---------------------------------------------------------------- issue 17: fixes found against the reference
+def test_canny_runs_on_the_rgb_image_so_equal_grey_edges_survive():
+    """The reference runs OpenCV's Canny on the RGB array; on greyscale the shapes example's edges (colours of
+    equal grey level) vanish."""
+    import cv2
+    from PIL import Image
+
+    from difffeat.resources import package_dir
+    from difffeat.shift import canny_edges
+
+    image = Image.open(package_dir() / "examples" / "shapes_test_0001.png").convert("RGB").resize((512, 512))
+    edges = np.asarray(canny_edges(image))
+    assert edges.shape == (512, 512, 3) and (edges[..., 0] == edges[..., 2]).all()
+    rgb_edges = int((edges[..., 0] > 0).sum())
+    grey = cv2.cvtColor(np.asarray(image), cv2.COLOR_RGB2GRAY)
+    assert int((cv2.Canny(grey, 100, 200) > 0).sum()) == 0  # what greyscale Canny finds
+    assert rgb_edges == int((cv2.Canny(np.asarray(image), 100, 200) > 0).sum())
+    assert 2000 < rgb_edges < 2400  # the reference finds 2,176 on this image
+
+
+def _sd_alphas_cumprod(config) -> np.ndarray:
+    """Independent: the scaled-linear beta schedule of the config, as DDPM defines it."""
+    betas = np.linspace(config["beta_start"] ** 0.5, config["beta_end"] ** 0.5, config["num_train_timesteps"], dtype=np.float64) ** 2
+    return np.cumprod(1.0 - betas)
+
+
+@pytest.mark.parametrize("prediction_type", ["v_prediction", "epsilon"])
+def test_multi_step_start_reads_the_output_with_the_models_prediction_type(tiny_pipes, prediction_type):
+    from diffusers import DDIMScheduler
+
+    backbone = backbone_for(tiny_pipes, "sd")
+    pipe = backbone.pipeline
+    original = pipe.scheduler
+    pipe.scheduler = DDIMScheduler.from_config(original.config, prediction_type=prediction_type)
+    assert pipe.scheduler.config.beta_schedule == "scaled_linear"
+    seen = []
+    pre = backbone.denoiser.register_forward_pre_hook(lambda m, a, kw: seen.append(("in", kw["sample"].detach().clone())), with_kwargs=True)
+    post = backbone.denoiser.register_forward_hook(lambda m, a, kw, out: seen.append(("out", out[0].detach().clone())), with_kwargs=True)
+    try:
+        fx = difffeat.FeatureExtractor(backbone, [NAME], techniques=[ControlNet(tiny_controlnet(), start_t=60, steps=1)], t=50)
+        fx.early_exit = False
+        fx(random_image(64, 64), "a cat")
+    finally:
+        pre.remove(), post.remove()
+        pipe.scheduler = original
+    (_, x_t), (_, model_out), (_, x_prev) = seen[0], seen[1], seen[2]
+    ac = _sd_alphas_cumprod(dict(original.config))
+    a_t, a_prev = float(ac[60]), float(ac[50])
+    if prediction_type == "v_prediction":  # v = sqrt(a) eps - sqrt(1 - a) x0
+        x0 = a_t**0.5 * x_t - (1 - a_t) ** 0.5 * model_out
+        eps = a_t**0.5 * model_out + (1 - a_t) ** 0.5 * x_t
+    else:
+        eps = model_out
+        x0 = (x_t - (1 - a_t) ** 0.5 * eps) / a_t**0.5
+    expected = a_prev**0.5 * x0 + (1 - a_prev) ** 0.5 * eps
+    torch.testing.assert_close(x_prev, expected, atol=1e-4, rtol=1e-4)
+    if prediction_type == "v_prediction":  # reading v as epsilon (the old code) gives something else
+        wrong = a_prev**0.5 * (x_t - (1 - a_t) ** 0.5 * model_out) / a_t**0.5 + (1 - a_prev) ** 0.5 * model_out
+        assert not torch.allclose(x_prev, wrong, atol=1e-3)
+
+
+def test_multi_step_stride_that_is_no_ddim_step_is_a_clear_error(fx):
+    fx.techniques = [ControlNet(tiny_controlnet(), start_t=350, steps=1)]  # stride 300: DDIM would step 333
+    with pytest.raises(DifffeatError, match="not a DDIM step size"):
+        fx(random_image(64, 64), "a cat")
+
+
+def test_reference_quality_words_and_task_prompts():
+    from difffeat.shift import QUALITY_WORDS, TASK_PROMPTS
+
+    assert "masterpiece" in QUALITY_WORDS["label-scarce"] and QUALITY_WORDS["correspondence"].endswith("masterpiece, high resolution")
+    assert Prompt(quality="label-scarce").prompts(["a horse"]) == ["a horse, high quality, best quality, highly realistic, masterpiece"]
+    assert Prompt(task="ade20k").prompts(["x", "y"]) == [TASK_PROMPTS["ade20k"]] * 2
+    assert parse_technique("prompt:task=horse21").prompts(["?"]) == [TASK_PROMPTS["horse21"]]
+    with pytest.raises(DifffeatError, match="unknown prompt task 'voc'.*ade20k"):
+        Prompt(task="voc")

@@ -1,13 +1,14 @@
 """Backbone adapters, one per model family, and :func:`load`."""
 
 from . import dit, flux2, qwenimage, unet  # noqa: F401  (registers the adapters)
-from .base import Backbone, DenoiserInputs, check_timestep
+from .base import Backbone, DenoiserInputs, TextSegment, check_timestep
 from .loading import load, wrap_pipeline
 from .registry import FAMILIES, adapter_for, register_backbone, registered_pipelines
 
 __all__ = [
     "Backbone",
     "DenoiserInputs",
+    "TextSegment",
     "check_timestep",
     "load",
     "wrap_pipeline",

@@ -15,7 +15,7 @@ from diffusers import DiffusionPipeline
 from ..errors import InvalidPromptError, InvalidTimestepError
 from ..images import ImageInput, resize_to_multiple, to_rgb, to_tensor
 
-__all__ = ["Backbone", "DenoiserInputs", "check_timestep", "NUM_TRAIN_TIMESTEPS"]
+__all__ = ["Backbone", "DenoiserInputs", "TextSegment", "check_timestep", "NUM_TRAIN_TIMESTEPS"]
 
 NUM_TRAIN_TIMESTEPS = 1000
 
@@ -62,6 +62,22 @@ def check_timestep(t: int) -> int:
     return t
 
 
+@dataclass(frozen=True)
+class TextSegment:
+    """One tokenizer's part of the denoiser's text sequence: its tokens occupy positions
+    ``offset .. offset + max_length - 1`` (SD3 concatenates CLIP then T5 tokens).
+
+    ``template`` is the text the pipeline really tokenizes, with ``{}`` for the prompt (a chat template for
+    LLM text encoders); ``drop`` is how many leading tokens the pipeline removes before the denoiser sees
+    the sequence (Qwen-Image drops its system prompt)."""
+
+    tokenizer: Any
+    offset: int
+    max_length: int
+    template: str = "{}"
+    drop: int = 0
+
+
 class Backbone(ABC):
     """A loaded diffusion pipeline seen as a feature extractor.
 
@@ -79,7 +95,6 @@ class Backbone(ABC):
     def __init__(self, pipeline: DiffusionPipeline, name: str | None = None) -> None:
         self.pipeline = pipeline
         self.name = name or getattr(pipeline, "name_or_path", None) or pipeline.__class__.__name__
-        self._catalog = None
 
     # ----------------------------------------------------------------- properties
     @property
@@ -155,10 +170,8 @@ class Backbone(ABC):
         """Prompts -> the conditioning keyword arguments of the denoiser (and ``text_len``)."""
 
     def text_segments(self) -> list:
-        """How the denoiser's text sequence is made: a list of
-        :class:`~difffeat.segment.prompts.TextSegment` (tokenizer, first position, length)."""
-        from ..segment.prompts import TextSegment
-
+        """How the denoiser's text sequence is made: a list of :class:`TextSegment` (tokenizer, first
+        position, length)."""
         tok = self.pipeline.tokenizer
         return [TextSegment(tok, 0, tok.model_max_length)]
 
@@ -204,14 +217,6 @@ class Backbone(ABC):
             return self.denoiser(**inputs.kwargs, return_dict=False)
 
     # ----------------------------------------------------------------- misc
-    def catalog(self):
-        """The :class:`~difffeat.catalog.Catalog` of this backbone's activations (cached)."""
-        if self._catalog is None:
-            from ..catalog import build_catalog
-
-            self._catalog = build_catalog(self)
-        return self._catalog
-
     def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> "Backbone":
         self.pipeline.to(device=device, dtype=dtype) if dtype is not None else self.pipeline.to(device)
         return self

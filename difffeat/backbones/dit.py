@@ -8,7 +8,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from .base import Backbone, DenoiserInputs
+from .base import Backbone, DenoiserInputs, TextSegment
 from .registry import register_backbone
 from .unet import _DDPMNoising
 
@@ -45,8 +45,6 @@ class PixArtBackbone(_DDPMNoising, Backbone):
         return self.vae_scale_factor * self.denoiser.config.patch_size
 
     def text_segments(self) -> list:
-        from ..segment.prompts import TextSegment
-
         return [TextSegment(self.pipeline.tokenizer, 0, _default_max_length(self))]
 
     def encode_prompt(self, prompts: list[str]) -> dict[str, Any]:
@@ -93,8 +91,6 @@ class SD3Backbone(_FlowMatchNoising, Backbone):
 
     def text_segments(self) -> list:
         """CLIP tokens (77) first, then T5 tokens (when the T5 encoder is loaded)."""
-        from ..segment.prompts import TextSegment
-
         clip = self.pipeline.tokenizer
         segments = [TextSegment(clip, 0, clip.model_max_length)]
         if getattr(self.pipeline, "text_encoder_3", None) is not None:
@@ -142,8 +138,6 @@ class FluxBackbone(_FlowMatchNoising, Backbone):
 
     def text_segments(self) -> list:
         """FLUX attends to T5 tokens only (CLIP gives the pooled vector)."""
-        from ..segment.prompts import TextSegment
-
         return [TextSegment(self.pipeline.tokenizer_2, 0, _default_max_length(self))]
 
     def encode_prompt(self, prompts: list[str]) -> dict[str, Any]:

@@ -60,7 +60,7 @@ class QwenImageBackbone(_FlowMatchNoising, Backbone):
     def text_segments(self) -> list:
         """The prompt sits in the pipeline's template; the system prompt's tokens are dropped before the
         denoiser sees the sequence."""
-        from ..segment.prompts import TextSegment
+        from .base import TextSegment
 
         pipe = self.pipeline
         return [TextSegment(pipe.tokenizer, 0, self._text_length(), pipe.prompt_template_encode, pipe.prompt_template_encode_start_idx)]

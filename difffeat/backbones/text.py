@@ -13,7 +13,7 @@ _SLOT = "\x00PROMPT\x00"
 def chat_template_segment(tokenizer: Any, max_length: int, drop: int = 0, **template_kwargs: Any):
     """A :class:`~difffeat.segment.prompts.TextSegment` whose template is the tokenizer's chat template around
     one user message, as the FLUX.2 [klein] / Z-Image pipelines apply it (``add_generation_prompt=True``)."""
-    from ..segment.prompts import TextSegment
+    from .base import TextSegment
 
     text = tokenizer.apply_chat_template(
         [{"role": "user", "content": _SLOT}], tokenize=False, add_generation_prompt=True, **template_kwargs

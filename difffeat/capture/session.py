@@ -23,7 +23,7 @@ import torch
 
 from ..catalog import ActivationInfo
 from ..hookpoints import load_table
-from .observer import AttentionTensors, MapReducer, attention_probs, install_observer, per_head
+from .observer import DEFAULT_CHUNK_ELEMENTS, AttentionTensors, MapReducer, attention_probs, install_observer, per_head
 
 if TYPE_CHECKING:
     from ..backbones.base import Backbone, DenoiserInputs
@@ -85,6 +85,8 @@ class Capture:
         map_reducers: per-name overrides of ``map_reducer`` (canonical names).
         to_cpu: move captured tensors to the CPU as they arrive (saves accelerator memory).
         shapes_only: record shapes only (used with fake tensors by the catalog).
+        chunk_elements: size of the temporary per-chunk probabilities tensor when computing maps (query rows
+            are processed in chunks of ``chunk_elements // (B * heads * keys)``); results do not depend on it.
 
     After the block: ``activations`` maps each requested canonical name to a tensor: ``[B, C, H, W]`` for
     features, the reducer's output for maps; ``shapes`` maps names to shapes.
@@ -102,6 +104,7 @@ class Capture:
         map_reducers: dict[str, MapReducer] | None = None,
         to_cpu: bool = False,
         shapes_only: bool = False,
+        chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
     ) -> None:
         if inputs is None and grid is None:
             raise ValueError("Capture needs the forward's inputs (DenoiserInputs) or the token grid")
@@ -113,12 +116,15 @@ class Capture:
         if all(isinstance(a, ActivationInfo) for a in names):
             self.infos = list(dict.fromkeys(names))
         else:
-            self.infos = backbone.catalog().resolve([a.name if isinstance(a, ActivationInfo) else a for a in names])
+            self.infos = _catalog_of(backbone).resolve([a.name if isinstance(a, ActivationInfo) else a for a in names])
         self.early_exit = early_exit
         self.map_reducer = map_reducer
         self.map_reducers = dict(map_reducers or {})
         self.to_cpu = to_cpu
         self.shapes_only = shapes_only
+        if int(chunk_elements) < 1:
+            raise ValueError(f"chunk_elements must be >= 1, got {chunk_elements}")
+        self.chunk_elements = int(chunk_elements)
         self.activations: dict[str, torch.Tensor] = {}
         self.shapes: dict[str, tuple[int, ...]] = {}
         self._pending: set[str] = set()
@@ -165,7 +171,7 @@ class Capture:
                     self._store(info, torch.empty(b, h, nq, keys.stop - keys.start, device="meta"))
                 else:
                     reducer = self.map_reducers.get(info.name, self.map_reducer)
-                    self._store(info, attention_probs(tensors, info.observe, reducer, attn))
+                    self._store(info, attention_probs(tensors, info.observe, reducer, attn, self.chunk_elements))
 
         return sink
 
@@ -220,5 +226,11 @@ class Capture:
         return [i.name for i in self.infos if i.name not in self.shapes]
 
     def __getitem__(self, name: str) -> torch.Tensor:
-        canonical = self.backbone.catalog().canonical(name) if name not in self.activations else name
+        canonical = _catalog_of(self.backbone).canonical(name) if name not in self.activations else name
         return self.activations[canonical]
+
+
+def _catalog_of(backbone: "Backbone"):
+    from .probe import catalog_of  # probe builds on Capture
+
+    return catalog_of(backbone)

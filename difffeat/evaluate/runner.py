@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from .. import __version__
+from ..version import __version__
 from ..segment.segmenter import SegmentationResult, Segmenter
 from .datasets import EvalItem, SegDataset
 from .metrics import ConfusionMatrix

@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import DifffeatError
+from ..errors import ManifestMismatchError
 from ..io import write_json
 
 __all__ = ["Manifest", "ManifestMismatchError", "MANIFEST", "check_manifest", "write_manifest", "versions", "diff_keys"]
@@ -22,15 +22,11 @@ MANIFEST = "manifest.json"
 COMPARED = ("kind", "model", "settings", "dataset")
 
 
-class ManifestMismatchError(DifffeatError):
-    """The output folder holds results made with different settings."""
-
-
 def versions() -> dict[str, str]:
     import diffusers
     import torch
 
-    from .. import __version__
+    from ..version import __version__
 
     return {"difffeat": __version__, "torch": torch.__version__, "diffusers": diffusers.__version__,
             "python": platform.python_version()}

@@ -108,38 +108,60 @@ class GocaHeadReducer:
         return torch.einsum("bhq,bhqk->bqk", w_bhq, probs_bhqk)
 
 
-def resize_self_map(s_bqk: torch.Tensor, grid: tuple[int, int], target: tuple[int, int]) -> torch.Tensor:
+def resize_self_map(
+    s_bqk: torch.Tensor, grid: tuple[int, int], target: tuple[int, int], mass_preserving: bool = True
+) -> torch.Tensor:
     """Resize a self-attention map ``[B, HW, HW]`` from ``grid`` to ``target``: bilinear over key pixels,
-    nearest over query pixels. Returns ``[B, Ht*Wt, Ht*Wt]``."""
+    nearest over query pixels. Returns ``[B, Ht*Wt, Ht*Wt]``.
+
+    ``mass_preserving`` (difffeat's variant, setting ``self_map_resize="mass-preserving"``) multiplies every
+    row by ``(h*w) / (Ht*Wt)`` so it keeps summing to 1; the published code does not (``"plain"``), so a map
+    resized from h*w to Ht*Wt pixels carries a factor ``(Ht*Wt) / (h*w)``.
+    """
     b = s_bqk.shape[0]
     (h, w), (th, tw) = grid, target
     if (h, w) == (th, tw):
         return s_bqk
     keys = s_bqk.reshape(b * h * w, 1, h, w)
-    keys = F.interpolate(keys, size=(th, tw), mode="bilinear", align_corners=False) * (h * w) / (th * tw)
+    keys = F.interpolate(keys, size=(th, tw), mode="bilinear", align_corners=False)
+    if mass_preserving:
+        keys = keys * (h * w) / (th * tw)
     keys = keys.reshape(b, h, w, th * tw).permute(0, 3, 1, 2)  # [B, K', h, w] with queries spatial
     queries = F.interpolate(keys, size=(th, tw), mode="nearest")
     return queries.reshape(b, th * tw, th * tw).transpose(1, 2).contiguous()
 
 
-def layer_weights(ref_bchw: torch.Tensor, self_maps: list[torch.Tensor], grids: list[tuple[int, int]]) -> torch.Tensor:
+def layer_weights(
+    ref_bchw: torch.Tensor,
+    self_maps: list[torch.Tensor],
+    grids: list[tuple[int, int]],
+    first_channel: bool = False,
+    mass_preserving: bool = True,
+) -> torch.Tensor:
     """GOCA layer weights ``s_m = sum_ij P_ij S_m,ij``, clamped at 0 and normalised to sum 1.
 
     ``P = softmax(F F^T / sqrt(C))`` over pixels is the pseudo self-attention of the reference feature
-    ``F`` (all channels; the reference script's channel-0 shortcut is a bug). ``S_m`` is layer m's
-    head-averaged self-attention, resized to the reference grid (:func:`resize_self_map`).
+    ``F`` at its own grid. ``S_m`` is layer m's head-averaged self-attention, resized to the reference grid
+    (:func:`resize_self_map`).
 
     Args:
         ref_bchw: reference dense feature ``[B, C, H, W]``.
         self_maps: per layer ``[B, HW_m, HW_m]``.
         grids: per layer (h_m, w_m).
+        first_channel: use channel 0 only (``C = 1``, scale 1), as the published code does (setting
+            ``ref_channels="first"``); False (``"all"``) is difffeat's variant.
+        mass_preserving: passed to :func:`resize_self_map` (published: False).
     Returns:
         ``[B, M]`` (uniform where every score is <= 0).
     """
+    if first_channel:
+        ref_bchw = ref_bchw[:, :1]
     b, c, h, w = ref_bchw.shape
     f = ref_bchw.float().flatten(2).transpose(1, 2)  # [B, HW, C]
     p = torch.softmax(torch.matmul(f, f.transpose(1, 2)) / c**0.5, dim=-1)
-    scores = torch.stack([(p * resize_self_map(s.float(), g, (h, w))).sum(dim=(1, 2)) for s, g in zip(self_maps, grids)], dim=1)
+    scores = torch.stack(
+        [(p * resize_self_map(s.float(), g, (h, w), mass_preserving)).sum(dim=(1, 2)) for s, g in zip(self_maps, grids)], dim=1
+    )
     scores = scores.clamp_min(0)
     total = scores.sum(dim=1, keepdim=True)
     uniform = torch.full_like(scores, 1.0 / scores.shape[1])

@@ -13,20 +13,37 @@ from ..images import ImageInput, to_rgb
 from ..io import write_bytes, write_json
 from .segmenter import SegmentationResult
 
-__all__ = ["palette", "colorize", "overlay", "save_result", "to_coco_results"]
+__all__ = [
+    "CLASS_COLORS",
+    "palette",
+    "colorize",
+    "display_scale",
+    "enlarge",
+    "overlay",
+    "heatmap_image",
+    "save_result",
+    "to_coco_results",
+]
+
+
+#: class colours (label 1, 2, ...): Sasha Trubetskoy's "20 simple, distinct colors" without the dark ones
+#: (maroon, navy, olive, teal, brown, grey), so that every colour still shows when blended over an image
+CLASS_COLORS: tuple[tuple[int, int, int], ...] = (
+    (230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48), (145, 30, 180), (70, 240, 240),
+    (240, 50, 230), (210, 245, 60), (250, 190, 212), (220, 190, 255), (255, 250, 200), (170, 255, 195),
+    (255, 215, 180),
+)  # fmt: skip
+#: viridis sampled at 0, 1/4, 1/2, 3/4, 1 (heat-map colour scale)
+VIRIDIS: tuple[tuple[int, int, int], ...] = ((68, 1, 84), (59, 82, 139), (33, 145, 140), (94, 201, 98), (253, 231, 37))
 
 
 def palette(n: int = 256) -> np.ndarray:
-    """The PASCAL VOC colour map ``[n, 3]`` uint8 (0 = black background, 255 = white 'ignore')."""
-    colors = np.zeros((n, 3), dtype=np.uint8)
-    for i in range(n):
-        c, r, g, b = i, 0, 0, 0
-        for j in range(8):
-            r |= ((c >> 0) & 1) << (7 - j)
-            g |= ((c >> 1) & 1) << (7 - j)
-            b |= ((c >> 2) & 1) << (7 - j)
-            c >>= 3
-        colors[i] = (r, g, b)
+    """Label colours ``[n, 3]`` uint8: 0 = black background, 1.. = :data:`CLASS_COLORS` (repeating after
+    14 classes), 255 = white 'ignore'."""
+    colors = np.array([CLASS_COLORS[(i - 1) % len(CLASS_COLORS)] for i in range(n)], dtype=np.uint8)
+    colors[0] = 0
+    if n > 255:
+        colors[255] = 255
     return colors
 
 
@@ -37,13 +54,56 @@ def colorize(labels: np.ndarray) -> Image.Image:
     return img
 
 
-def overlay(image: ImageInput, labels: np.ndarray, alpha: float = 0.55) -> Image.Image:
-    """The image with class colours blended over labelled (non-background) pixels."""
-    rgb = np.asarray(to_rgb(image).convert("RGB").resize(labels.shape[::-1]), dtype=np.float32)
-    colors = palette()[labels].astype(np.float32)
-    mask = (labels > 0)[..., None]
+def display_scale(size: tuple[int, int], target: int = 512) -> int:
+    """Integer enlargement factor that brings the long side of ``size`` (W, H) to about ``target`` px (1 for
+    images already that large); an integer factor keeps every source pixel a square block."""
+    return max(1, round(target / max(size)))
+
+
+def enlarge(img: Image.Image, factor: int) -> Image.Image:
+    """``img`` enlarged ``factor`` times with nearest-neighbour sampling (no new pixel values)."""
+    return img if factor == 1 else img.resize((img.width * factor, img.height * factor), Image.NEAREST)
+
+
+def overlay(image: ImageInput, labels: np.ndarray, alpha: float = 0.5, scale: int = 1) -> Image.Image:
+    """The image (nearest-enlarged ``scale`` times) with each class colour blended at ``alpha`` over its
+    pixels and drawn unblended on the region's boundary, so the boundary matches the legend exactly."""
+    lab = np.asarray(enlarge(Image.fromarray(labels.astype(np.uint8)), scale))
+    rgb = np.asarray(to_rgb(image).convert("RGB").resize(lab.shape[::-1], Image.NEAREST), dtype=np.float32)
+    colors = palette()[lab].astype(np.float32)
+    mask = (lab > 0)[..., None]
     out = np.where(mask, (1 - alpha) * rgb + alpha * colors, rgb)
-    return Image.fromarray(out.clip(0, 255).astype(np.uint8))
+    edge = np.zeros(lab.shape, dtype=bool)
+    edge[:-1] |= lab[:-1] != lab[1:]
+    edge[1:] |= lab[1:] != lab[:-1]
+    edge[:, :-1] |= lab[:, :-1] != lab[:, 1:]
+    edge[:, 1:] |= lab[:, 1:] != lab[:, :-1]
+    edge &= lab > 0
+    out[edge] = colors[edge]
+    return Image.fromarray(out.round().clip(0, 255).astype(np.uint8))
+
+
+def heatmap_image(scores: np.ndarray, scale: int = 1, bar: bool = True) -> Image.Image:
+    """A score map ``[h, w]`` in [0, 1] coloured with :data:`VIRIDIS`, nearest-enlarged ``scale`` times, with a
+    colour bar labelled 0 and 1 on the right when ``bar``."""
+    x = np.clip(np.asarray(scores, dtype=np.float64), 0, 1) * (len(VIRIDIS) - 1)
+    lo = np.minimum(x.astype(int), len(VIRIDIS) - 2)
+    frac = (x - lo)[..., None]
+    stops = np.asarray(VIRIDIS, dtype=np.float64)
+    img = enlarge(Image.fromarray(((1 - frac) * stops[lo] + frac * stops[lo + 1]).round().astype(np.uint8)), scale)
+    if not bar:
+        return img
+    from PIL import ImageDraw
+
+    w, h = img.size
+    ramp = heatmap_image(np.linspace(1, 0, h)[:, None].repeat(12, 1), bar=False)
+    canvas = Image.new("RGB", (w + 44, h), "white")
+    canvas.paste(img, (0, 0))
+    canvas.paste(ramp, (w + 6, 0))
+    draw = ImageDraw.Draw(canvas)
+    draw.text((w + 21, 0), "1", fill="black")
+    draw.text((w + 21, h - 11), "0", fill="black")
+    return canvas
 
 
 def _save_png(path: Path, img: Image.Image) -> None:

@@ -10,30 +10,14 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
+from ..backbones.base import TextSegment
 from ..errors import InvalidPromptError
 
 __all__ = ["TextSegment", "PromptLayout", "build_layout", "FILLER_WORDS", "check_classes"]
 
 #: words that are never content (besides special tokens and bare sentencepiece "▁")
 FILLER_WORDS = frozenset({"a", "an", "the", "and", ",", ".", "-", "of", "on", "in", "with"})
-
-
-@dataclass(frozen=True)
-class TextSegment:
-    """One tokenizer's part of the denoiser's text sequence: its tokens occupy positions
-    ``offset .. offset + max_length - 1`` (SD3 concatenates CLIP then T5 tokens).
-
-    ``template`` is the text the pipeline really tokenizes, with ``{}`` for the prompt (a chat template for
-    LLM text encoders); ``drop`` is how many leading tokens the pipeline removes before the denoiser sees
-    the sequence (Qwen-Image drops its system prompt)."""
-
-    tokenizer: Any
-    offset: int
-    max_length: int
-    template: str = "{}"
-    drop: int = 0
 
 
 @dataclass

@@ -26,16 +26,17 @@ from PIL import Image
 
 from ..backbones.base import Backbone, check_timestep
 from ..backbones.loading import load
-from ..capture import Capture, MapReducer, head_mean
+from ..capture import Capture, MapReducer, catalog_of, head_mean
 from ..errors import ConfigError, UnknownActivationError
 from ..hookpoints import load_table
 from ..images import ImageInput, to_rgb
 from .aggregation import GocaHeadReducer, combine_layers, layer_weights, resize_self_map
 from .prompts import PromptLayout, build_layout
+from .vocabulary import class_words
 from .rescale import class_scores, gaussian_blur, minmax, propagate, rescale_by_content
-from .settings import SegmentSettings, settings_for
+from .settings import DEFAULT_CONFIG, SegmentSettings, settings_for
 
-__all__ = ["Segmenter", "SegmentationResult", "Observation", "grid_of", "decide"]
+__all__ = ["Segmenter", "SegmentationResult", "Observation", "grid_of", "decide", "goca_scores"]
 
 
 def decide(class_maps: torch.Tensor, background: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
@@ -54,6 +55,68 @@ def grid_of(n_tokens: int, base: tuple[int, int]) -> tuple[int, int]:
         if gh * gw == n_tokens:
             return gh, gw
     raise ValueError(f"{n_tokens} tokens do not fit the grid {h}x{w}")
+
+
+def goca_scores(
+    s: SegmentSettings,
+    layout: PromptLayout,
+    acts: Mapping[str, torch.Tensor],
+    grid: tuple[int, int],
+    cross_names: Sequence[str],
+    self_names: Sequence[str],
+    ref_name: str,
+    refine_names: Sequence[str],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """GOCA's decision maths on captured activations: layer weights, global map, rescaling, blur + min-max,
+    background entities, refinement.
+
+    Args:
+        s: the settings (layers, rescale, the departure settings, refine_order, blur).
+        layout: caption token bookkeeping (class, entity and content token positions).
+        acts: head-aggregated cross maps ``[B, HW_m, T]`` at ``cross_names``, head-averaged self maps
+            ``[B, HW_m, HW_m]`` at ``self_names`` / ``refine_names``, the reference feature ``[B, C, h, w]`` at
+            ``ref_name``.
+        grid: the input grid (h, w) the token counts are measured against (:func:`grid_of`).
+    Returns:
+        class maps ``[B, n_classes, H, W]``, supporting map ``[B, H, W]`` (zeros without entities), layer
+        weights ``[B, M]``; (H, W) is the largest map grid.
+    """
+    maps = [acts[n].float() for n in cross_names]  # [B, HW_m, T]
+    grids = [grid_of(m.shape[1], grid) for m in maps]
+    size = max(grids, key=lambda g: g[0] * g[1])
+    b = maps[0].shape[0]
+    mass = s.self_map_resize == "mass-preserving"
+    if s.layers == "goca":
+        ref = acts[ref_name].float()
+        if s.pseudo_grid == "map" and tuple(ref.shape[-2:]) != size:
+            ref = F.interpolate(ref, size=size, mode="bilinear", align_corners=False)
+        selfs = [acts[n].float() for n in self_names]
+        weights = layer_weights(ref, selfs, [grid_of(x.shape[1], grid) for x in selfs], s.ref_channels == "first", mass)
+    else:
+        weights = torch.full((b, len(maps)), 1.0 / len(maps), device=maps[0].device)
+    a = combine_layers(maps, grids, weights, size)  # [B, T, H, W]
+    groups = layout.class_tokens + layout.entity_tokens
+    scores = class_scores(a, groups)
+    if s.rescale == "goca":
+        if len(groups) > 1:
+            scores = rescale_by_content(scores, a, layout.content_tokens)
+        else:  # one content group: its share of content attention is 1 at every pixel -> no information
+            warnings.warn(
+                "per-pixel rescaling needs at least two content groups (classes or background entities); "
+                "with one class and no background entity it is skipped",
+                stacklevel=3,
+            )
+    scores = minmax(gaussian_blur(scores, s.blur_kernel, s.blur_sigma))
+    n_cls = len(layout.classes)
+    has_entities = scores.shape[1] > n_cls
+    if has_entities and s.entity_merge == "before-refine":
+        scores = torch.cat([scores[:, :n_cls], scores[:, n_cls:].amax(dim=1, keepdim=True)], dim=1)
+    if s.refine_order > 0:
+        refine = [resize_self_map(acts[n].float(), grid_of(acts[n].shape[1], grid), size, mass) for n in refine_names]
+        scores = propagate(scores, torch.stack(refine).mean(0), s.refine_order)
+    cls_maps, ent_maps = scores[:, :n_cls], scores[:, n_cls:]
+    support = ent_maps.amax(dim=1) if has_entities else torch.zeros_like(cls_maps[:, 0])
+    return cls_maps, support, weights
 
 
 @dataclass
@@ -129,7 +192,10 @@ class Segmenter:
 
     Args:
         model: a :class:`Backbone` or anything :func:`difffeat.load` accepts (default: the embedded model).
-        settings: a :class:`SegmentSettings`; default: ``configs/goca/<model or family>.yaml``.
+        settings: a :class:`SegmentSettings`; default: the named ``config``.
+        config: ``"default"`` (``configs/goca/<model or family>.yaml``) or ``"goca-reference"`` (the published
+            pipeline of Darkbblue/goca for the model's family, ``configs/goca/goca-reference/<family>.yaml``);
+            :func:`difffeat.segment.settings.config_names` lists them. Ignored when ``settings`` is given.
         method: "goca" or "vanilla" (shortcut for the three switches).
         **overrides: any :class:`SegmentSettings` field (``heads="mean"``, ``tau=0.1``, ``t=200`` ...).
     """
@@ -139,10 +205,11 @@ class Segmenter:
         model: Backbone | str | os.PathLike = "shapes",
         settings: SegmentSettings | None = None,
         method: str | None = None,
+        config: str = DEFAULT_CONFIG,
         **overrides: Any,
     ) -> None:
         self.backbone = load(model)
-        base = settings or settings_for(os.path.basename(str(self.backbone.name)).lower(), self.backbone.family)
+        base = settings or settings_for(os.path.basename(str(self.backbone.name)).lower(), self.backbone.family, config)
         if method is not None:
             base = base.with_method(method)
         self.settings = base.update(**overrides)
@@ -151,7 +218,7 @@ class Segmenter:
 
     # ------------------------------------------------------------------ which activations
     def _plan(self) -> None:
-        cat = self.backbone.catalog()
+        cat = catalog_of(self.backbone)
         suffix = load_table(self.backbone.hook_table).goca
         cross_all = [a for a in cat if a.name.endswith("." + suffix["cross"]) and a.kind == "cross-map"]
         if not cross_all:
@@ -170,13 +237,25 @@ class Segmenter:
         largest = max(hw.values())
         at_largest = [b for b in blocks if hw[b] == largest]
         ref = self.settings.ref_block
-        if ref == "auto" or f"{ref}.{suffix['query']}" not in cat:
-            up = [b for b in at_largest if b.startswith("up_blocks")]
-            ref = up[0] if up else at_largest[len(at_largest) // 2]
-        self.ref_block = ref
-        self.ref_name = f"{ref}.{suffix['query']}"
-        refine = list(self.settings.refine_blocks) or at_largest
-        self.refine_names = [f"{b}.{suffix['self']}" for b in refine]
+        if f"{ref}.{suffix['query']}" not in cat and ref != "auto" and ref in cat:
+            # a full activation name (FLUX's published reference feature is an attention output)
+            self.ref_block, self.ref_name = ref, ref
+        else:
+            if ref == "auto" or f"{ref}.{suffix['query']}" not in cat:
+                up = [b for b in at_largest if b.startswith("up_blocks")]
+                ref = up[0] if up else at_largest[len(at_largest) // 2]
+            self.ref_block = ref
+            self.ref_name = f"{ref}.{suffix['query']}"
+        refine = [f"{b}.{suffix['self']}" for b in self.settings.refine_blocks]
+        if refine and not any(name in cat for name in refine):
+            # a family's published list on a model of another layout (e.g. a tiny test model)
+            warnings.warn(
+                f"{self.backbone.name} has none of the refinement blocks {list(self.settings.refine_blocks)}; "
+                "using every block at the largest attention grid",
+                stacklevel=3,
+            )
+            refine = []
+        self.refine_names = refine or [f"{b}.{suffix['self']}" for b in at_largest]
         for name in self.refine_names:
             cat[name]  # clear error for a bad configured block
 
@@ -224,6 +303,7 @@ class Segmenter:
         custom = self._check_head_reducers(head_reducers)
         rgb = to_rgb(image)
         ents = list(s.background_entities) + list(entities or [])
+        classes = classes if caption is not None else class_words(classes, self.backbone)  # case, plurals, unknown words
         layout = build_layout(classes, self.backbone.text_segments(), s.template, ents, caption)
         inputs = self.backbone.prepare([rgb], layout.caption, s.t, s.seed, s.resolution)
         reducers = {}
@@ -239,7 +319,7 @@ class Segmenter:
         """``head_reducers`` keyed by canonical cross-attention names; a clear error for any other key."""
         out = {}
         for name, reducer in (head_reducers or {}).items():
-            canonical = self.backbone.catalog().canonical(name)  # paper aliases too
+            canonical = catalog_of(self.backbone).canonical(name)  # paper aliases too
             if canonical not in self.cross_names:
                 raise UnknownActivationError(
                     name, self.cross_names, hint="head_reducers keys must be this segmenter's cross-attention maps (Segmenter.cross_names)."
@@ -274,36 +354,9 @@ class Segmenter:
 
     def _decide(self, rgb: Image.Image, layout: PromptLayout, acts: dict[str, torch.Tensor], grid: tuple[int, int]) -> SegmentationResult:
         s = self.settings
-        maps = [acts[n].float() for n in self.cross_names]  # [B, HW_m, T]
-        grids = [grid_of(m.shape[1], grid) for m in maps]
-        size = max(grids, key=lambda g: g[0] * g[1])
-        b = maps[0].shape[0]
-        if s.layers == "goca":
-            ref = acts[self.ref_name].float()
-            ref = F.interpolate(ref, size=size, mode="bilinear", align_corners=False) if tuple(ref.shape[-2:]) != size else ref
-            selfs = [acts[n].float() for n in self.self_names]
-            weights = layer_weights(ref, selfs, [grid_of(x.shape[1], grid) for x in selfs])
-        else:
-            weights = torch.full((b, len(maps)), 1.0 / len(maps), device=maps[0].device)
-        a = combine_layers(maps, grids, weights, size)  # [B, T, H, W]
-        groups = layout.class_tokens + layout.entity_tokens
-        scores = class_scores(a, groups)
-        if s.rescale == "goca":
-            if len(groups) > 1:
-                scores = rescale_by_content(scores, a, layout.content_tokens)
-            else:  # one content group: its share of content attention is 1 at every pixel -> no information
-                warnings.warn(
-                    "per-pixel rescaling needs at least two content groups (classes or background entities); "
-                    "with one class and no background entity it is skipped",
-                    stacklevel=3,
-                )
-        scores = minmax(gaussian_blur(scores, s.blur_kernel, s.blur_sigma))
-        if s.refine_order > 0:
-            refine = [resize_self_map(acts[n].float(), grid_of(acts[n].shape[1], grid), size) for n in self.refine_names]
-            scores = propagate(scores, torch.stack(refine).mean(0), s.refine_order)
-        n_cls = len(layout.classes)
-        cls_maps, ent_maps = scores[:, :n_cls], scores[:, n_cls:]
-        support = ent_maps.amax(dim=1) if ent_maps.shape[1] else torch.zeros_like(cls_maps[:, 0])
+        cls_maps, support, weights = goca_scores(
+            s, layout, acts, grid, self.cross_names, self.self_names, self.ref_name, self.refine_names
+        )
         background = s.tau + support  # [B, H, W]
         w0, h0 = rgb.size
         labels = decide(cls_maps, background, (h0, w0))[0]

@@ -10,11 +10,30 @@ import yaml
 from ..errors import ConfigError
 from ..resources import data_dir
 
-__all__ = ["SegmentSettings", "settings_for", "HEADS", "LAYERS", "RESCALE"]
+__all__ = [
+    "SegmentSettings",
+    "settings_for",
+    "config_names",
+    "DEFAULT_CONFIG",
+    "HEADS",
+    "LAYERS",
+    "RESCALE",
+    "SELF_MAP_RESIZE",
+    "REF_CHANNELS",
+    "PSEUDO_GRID",
+    "ENTITY_MERGE",
+]
 
 HEADS = ("mean", "goca")
 LAYERS = ("uniform", "goca")
 RESCALE = ("none", "goca")
+# Departures from the published code (Darkbblue/goca); the first value of each is the published behaviour.
+SELF_MAP_RESIZE = ("plain", "mass-preserving")
+REF_CHANNELS = ("first", "all")
+PSEUDO_GRID = ("reference", "map")
+ENTITY_MERGE = ("before-refine", "after-refine")
+#: the config every model gets unless another is named: ``configs/goca/<model or family>.yaml``
+DEFAULT_CONFIG = "default"
 
 
 @dataclass(frozen=True)
@@ -32,8 +51,10 @@ class SegmentSettings:
         ref_block: transformer block whose cross-attention query is the reference feature; "auto" picks a
             block at the largest attention resolution.
         map_layers: blocks whose cross maps are combined; empty = every block with cross-attention.
-        refine_blocks: blocks whose head-averaged self maps are averaged for refinement; empty = those at
-            the largest attention resolution.
+        refine_blocks: blocks whose head-averaged self maps are averaged for refinement. The published
+            configs list specific blocks per model (SD1.5: 3, SDXL: 7, PixArt: 8, FLUX: 2; the family files
+            in ``configs/goca/`` carry them); empty = difffeat's variant, every block at the largest attention
+            resolution. A family list the model lacks entirely (e.g. a tiny test model) falls back to it.
         refine_order: k of ``X <- S^k X`` (0 disables refinement).
         tau: background offset: background score = tau + supporting map.
         blur_kernel / blur_sigma: Gaussian blur of class maps.
@@ -41,6 +62,22 @@ class SegmentSettings:
         background_entities: extra caption nouns whose maps form the supporting (background) map.
         resolution: input long side in px (None = the model's native resolution).
         seed: noise seed.
+        self_map_resize: how a block's self-attention map ``[HW, HW]`` is resized to another grid (layer
+            weights and refinement), bilinear over keys and nearest over queries either way.
+            "plain" (published): the resized rows are not rescaled, so a map taken from a grid of h*w pixels
+            to one of H*W carries a factor (H*W)/(h*w) in its layer score. "mass-preserving" (difffeat's
+            variant): each row is multiplied by (h*w)/(H*W) so it keeps summing to 1.
+        ref_channels: channels of the reference query used for the pseudo self-attention P.
+            "first" (published): channel 0 only, ``P = softmax(f f^T)`` with scalar f (the reference code
+            indexes the feature ``[C, h, w]`` once more; a bug, but it produced the paper's numbers).
+            "all" (difffeat's variant): every channel, ``P = softmax(F F^T / sqrt(C))``.
+        pseudo_grid: where P and the layer scores are computed. "reference" (published): at the reference
+            block's own grid, every self map resized to it. "map" (difffeat's variant): the reference
+            feature is first upsampled (bilinear) to the map grid (the largest attention grid).
+        entity_merge: when several background entities' maps become the one supporting map.
+            "before-refine" (published): max-merged after min-max, then propagated with the class maps.
+            "after-refine" (difffeat's variant): each entity's map is propagated, then they are max-merged.
+            Identical with a single entity.
     """
 
     t: int = 100
@@ -58,9 +95,21 @@ class SegmentSettings:
     background_entities: tuple[str, ...] = ("background",)
     resolution: int | None = None
     seed: int = 0
+    self_map_resize: str = "plain"
+    ref_channels: str = "first"
+    pseudo_grid: str = "reference"
+    entity_merge: str = "before-refine"
 
     def __post_init__(self) -> None:
-        for name, allowed in (("heads", HEADS), ("layers", LAYERS), ("rescale", RESCALE)):
+        for name, allowed in (
+            ("heads", HEADS),
+            ("layers", LAYERS),
+            ("rescale", RESCALE),
+            ("self_map_resize", SELF_MAP_RESIZE),
+            ("ref_channels", REF_CHANNELS),
+            ("pseudo_grid", PSEUDO_GRID),
+            ("entity_merge", ENTITY_MERGE),
+        ):
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{name}={getattr(self, name)!r} is not one of {allowed}")
         if "{}" not in self.template:
@@ -96,17 +145,52 @@ class SegmentSettings:
         return d
 
 
-def settings_for(model_name: str, family: str) -> SegmentSettings:
-    """Defaults for a model: ``configs/goca/<model>.yaml`` if it exists (e.g. ``shapes``), else the
-    family's file, else the built-in defaults."""
+def _config_folder(config: str):
+    """The folder holding a named config's files: ``configs/goca`` itself for the default config,
+    ``configs/goca/<config>/`` for the others (e.g. ``goca-reference``)."""
     folder = data_dir("configs") / "goca"
-    for key in (model_name, family):
+    return folder if config == DEFAULT_CONFIG else folder / config
+
+
+def config_names() -> list[str]:
+    """Every selectable config: ``default`` and each folder of ``configs/goca/`` (e.g. ``goca-reference``)."""
+    folder = data_dir("configs") / "goca"
+    return [DEFAULT_CONFIG] + sorted(p.name for p in folder.iterdir() if p.is_dir() and any(p.glob("*.yaml")))
+
+
+def settings_for(model_name: str, family: str, config: str = DEFAULT_CONFIG) -> SegmentSettings:
+    """Settings of a model under a named config.
+
+    ``default``: ``configs/goca/<model>.yaml`` if it exists (e.g. ``shapes``), else the family's file, else
+    the built-in defaults. Any other name (e.g. ``goca-reference``, the published configs of
+    Darkbblue/goca): ``configs/goca/<config>/<family>.yaml``; a family the config has no file for is an error.
+
+    Raises:
+        ConfigError: unknown config name (the message lists the available ones), a family the config does not
+            cover, or a file with unknown settings.
+    """
+    names = config_names()
+    if config not in names:
+        raise ConfigError(f"unknown segmentation config {config!r}; available: {', '.join(names)}")
+    folder = _config_folder(config)
+    keys = (model_name, family) if config == DEFAULT_CONFIG else (family,)
+    for key in keys:
         path = folder / f"{key}.yaml"
         if key and path.is_file():
-            raw = yaml.safe_load(path.read_text()) or {}
-            known = {f.name for f in fields(SegmentSettings)}
-            unknown = set(raw) - known - {"description", "source"}
-            if unknown:
-                raise ConfigError(f"{path}: unknown settings {sorted(unknown)}; known: {sorted(known)}")
-            return SegmentSettings().update(**{k: v for k, v in raw.items() if k in known})
+            return _load_settings(path)
+    if config != DEFAULT_CONFIG:
+        have = sorted(p.stem for p in folder.glob("*.yaml"))
+        raise ConfigError(
+            f"config {config!r} has no settings for the {family!r} family (it covers: {', '.join(have)}); "
+            f"use config={DEFAULT_CONFIG!r} for this model"
+        )
     return SegmentSettings()
+
+
+def _load_settings(path) -> SegmentSettings:
+    raw = yaml.safe_load(path.read_text()) or {}
+    known = {f.name for f in fields(SegmentSettings)}
+    unknown = set(raw) - known - {"description", "source"}
+    if unknown:
+        raise ConfigError(f"{path}: unknown settings {sorted(unknown)}; known: {sorted(known)}")
+    return SegmentSettings().update(**{k: v for k, v in raw.items() if k in known})

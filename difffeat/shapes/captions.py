@@ -13,7 +13,7 @@ import numpy as np
 
 from difffeat.shapes.world import BACKGROUND_WORDS, COLOURS, SHAPE_CLASSES, describe
 
-__all__ = ["vocabulary", "plural", "random_prompt", "list_prompt", "PROMPT_PREFIXES"]
+__all__ = ["vocabulary", "vocabulary_file", "plural", "random_prompt", "list_prompt", "PROMPT_PREFIXES"]
 
 PROMPT_PREFIXES: tuple[str, ...] = ("a photo of", "a picture of", "an image of")
 NUMBER_WORDS: tuple[str, ...] = ("one", "two", "three", "four")
@@ -34,6 +34,17 @@ def vocabulary() -> list[str]:
     words = set(SHAPE_CLASSES) | {plural(c) for c in SHAPE_CLASSES} | set(COLOURS)
     words |= {w for w in BACKGROUND_WORDS.values() if w} | set(NUMBER_WORDS) | set(COMMON_WORDS)
     return sorted(words)
+
+
+def vocabulary_file() -> dict:
+    """The exported model's ``vocabulary.json`` (read by :func:`difffeat.segment.vocabulary.model_vocabulary`):
+    the class words it segments and every word of its captions."""
+    return {
+        "description": "closed vocabulary of the shapes model (difffeat/shapes/captions.py): classes = the words "
+        "it segments, words = every word of its captions",
+        "classes": list(SHAPE_CLASSES),
+        "words": [w for w in vocabulary() if w.isalpha()],
+    }
 
 
 def _join(parts: Sequence[str], rng: np.random.Generator) -> str:

@@ -30,8 +30,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from difffeat.io import write_json
 from difffeat.shapes.attention_loss import LOSS_KINDS, install_recorders, localisation_loss, word_class_lookup
-from difffeat.shapes.captions import random_prompt, vocabulary
+from difffeat.shapes.captions import random_prompt, vocabulary, vocabulary_file
 from difffeat.shapes.models import (
     ModelConfig,
     build_schedulers,
@@ -824,6 +825,7 @@ def export(run: str | Path, target: str | Path, fp16: bool = True, use_ema: bool
     target = Path(target)
     target.mkdir(parents=True, exist_ok=True)
     pipe.save_pretrained(target, safe_serialization=True)
+    write_json(target / "vocabulary.json", vocabulary_file())  # the closed vocabulary, for the class-word check
     report["size_bytes"] = sum(p.stat().st_size for p in target.rglob("*") if p.is_file() and p.name != "README.md")
     (Path(run) / "export_report.json").write_text(json.dumps(report, indent=2))
     return report

@@ -19,13 +19,31 @@ from PIL import Image
 
 from ..errors import DifffeatError
 
-__all__ = ["Technique", "Prompt", "ControlNet", "Lora", "canny_edges", "QUALITY_WORDS", "parse_technique", "TECHNIQUES"]
+__all__ = [
+    "Technique", "Prompt", "ControlNet", "Lora", "canny_edges", "QUALITY_WORDS", "TASK_PROMPTS", "parse_technique",
+    "TECHNIQUES",
+]
 
-#: quality-word presets (appended to prompts). "natural" is the paper's choice for natural images; it hurts
-#: where "quality" changes meaning (e.g. bedrooms), so it is opt-in.
+#: quality-word presets (appended to prompts). "natural" is the paper's text for natural images; it hurts
+#: where "quality" changes meaning (e.g. bedrooms), so it is opt-in. "correspondence" and "label-scarce" are
+#: the words the reference code (Darkbblue/diffusion-content-shift) appends for SPair-71k and Horse-21.
 QUALITY_WORDS = {
     "natural": "high quality, best quality, highly realistic",
     "detailed": "highly detailed, sharp focus",
+    "correspondence": "high quality, best quality, highly realistic, masterpiece, high resolution",
+    "label-scarce": "high quality, best quality, highly realistic, masterpiece",
+}
+
+#: whole prompts the reference code uses per task/dataset (they replace every image's prompt)
+TASK_PROMPTS = {
+    "spair": "a photo of aeroplane, bicycle, bird, boat, bottle, bus, car, cat, chair, cow, dog, horse, motorbike, "
+    "person, potted plant, sheep, train, tv monitor, " + QUALITY_WORDS["correspondence"],
+    "horse21": "a horse, " + QUALITY_WORDS["label-scarce"],
+    "bedroom28": "a photo of a tidy and well-designed bedroom",
+    "ade20k": "a highly realistic photo of the real world. It can be an indoor scene, or an outdoor scene, or a "
+    "photo of nature. high quality.",
+    "cityscapes": "An urban street scene with multiple lanes, various buildings, traffic lights, cars in the lanes, "
+    "and pedestrians, highly realistic.",
 }
 
 
@@ -52,15 +70,25 @@ class Technique:
 class Prompt(Technique):
     """Fine-grained prompts. ``template`` formats each prompt ("a photo of {}"), ``quality`` appends a
     quality-word preset (see :data:`QUALITY_WORDS`) or literal words, ``captions`` replaces the prompts by
-    per-image captions (same order as the images)."""
+    per-image captions (same order as the images), ``task`` replaces every prompt by the reference code's
+    prompt for that task (see :data:`TASK_PROMPTS`)."""
 
     template: str | None = None
     quality: str | None = None
     captions: Sequence[str] | None = None
+    task: str | None = None
     name: str = "prompt"
+
+    def __post_init__(self) -> None:
+        if self.task is not None and self.task not in TASK_PROMPTS:
+            raise DifffeatError(f"unknown prompt task {self.task!r}; the reference's tasks are {', '.join(TASK_PROMPTS)}")
+        if self.task is not None and self.captions is not None:
+            raise DifffeatError("give either per-image captions or a task prompt, not both")
 
     def prompts(self, prompts: list[str]) -> list[str]:
         out = list(self.captions) if self.captions is not None else list(prompts)
+        if self.task is not None:
+            out = [TASK_PROMPTS[self.task]] * len(prompts)
         if len(out) != len(prompts):
             raise DifffeatError(f"{len(out)} captions for {len(prompts)} images; give one caption per image")
         if self.template:
@@ -73,15 +101,19 @@ class Prompt(Technique):
         return out
 
     def describe(self) -> dict[str, Any]:
-        return {"technique": self.name, "template": self.template, "quality": self.quality, "captions": self.captions is not None}
+        return {"technique": self.name, "template": self.template, "quality": self.quality, "task": self.task,
+                "captions": self.captions is not None}
 
 
 def canny_edges(image: Image.Image, low: int = 100, high: int = 200) -> Image.Image:
-    """Canny edges (OpenCV) of an image as a 3-channel control image, white edges on black."""
+    """Canny edges (OpenCV) of an image as a 3-channel control image, white edges on black.
+
+    Runs on the RGB array as the reference code does: OpenCV's Canny takes, per pixel, the gradient of the
+    channel where it is strongest, so an edge between two colours of equal grey level is kept (on greyscale
+    it would vanish)."""
     import cv2
 
-    gray = cv2.cvtColor(np.asarray(image.convert("RGB")), cv2.COLOR_RGB2GRAY)
-    edges = cv2.Canny(gray, low, high)
+    edges = cv2.Canny(np.ascontiguousarray(np.asarray(image.convert("RGB"))), low, high)
     return Image.fromarray(np.stack([edges] * 3, axis=-1))
 
 
@@ -149,7 +181,10 @@ class ControlNet(Technique):
         return inputs
 
     def _multi_step(self, backbone: Any, inputs: Any, kwargs: dict, cond: torch.Tensor) -> torch.Tensor:
-        """Noise to ``start_t`` and run ``steps`` DDIM steps (UNet + ControlNet) down to the extraction t."""
+        """Noise to ``start_t`` and run ``steps`` DDIM steps (UNet + ControlNet) down to the extraction t.
+
+        Each step is the DDIM scheduler's own ``step`` (eta 0), built from the model's scheduler config, so the
+        denoiser output is read with the model's ``prediction_type`` (epsilon, v-prediction or sample)."""
         from diffusers import DDIMScheduler
 
         t_end, t_start = int(inputs.timestep), int(self.start_t)
@@ -159,8 +194,11 @@ class ControlNet(Technique):
             raise DifffeatError("the multi-step start needs the clean latents; prepare inputs with Backbone.prepare")
         stride = (t_start - t_end) // self.steps
         sched = DDIMScheduler.from_config(backbone.pipeline.scheduler.config)
-        sched.set_timesteps(max(1, 1000 // stride))
-        sched.num_inference_steps = 1000 // stride
+        n_train = int(sched.config.num_train_timesteps)
+        sched.set_timesteps(max(1, n_train // stride))
+        if n_train // sched.num_inference_steps != stride:  # DDIM's step goes back num_train // num_inference
+            raise DifffeatError(f"a multi-step stride of {stride} timesteps is not a DDIM step size for {n_train} "
+                                "training timesteps; choose start_t and steps so that (start_t - t) / steps divides it")
         sample = backbone.add_noise(inputs.latents, t_start, inputs.noise)
         b = sample.shape[0]
         for i in range(self.steps):
@@ -168,12 +206,8 @@ class ControlNet(Technique):
             ts = torch.full((b,), t_cur, dtype=torch.long, device=sample.device)
             step_kwargs = {**kwargs, "sample": sample, "timestep": ts}
             step_kwargs.update(self._residuals(backbone, sample, ts, kwargs, cond))
-            eps = backbone.denoiser(**step_kwargs, return_dict=False)[0]
-            # DDIM: x_{t - stride} from x_t and the predicted noise
-            a_t = sched.alphas_cumprod[t_cur].to(sample)
-            a_prev = sched.alphas_cumprod[t_cur - stride].to(sample)
-            x0 = (sample - (1 - a_t).sqrt() * eps) / a_t.sqrt()
-            sample = a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps
+            prediction = backbone.denoiser(**step_kwargs, return_dict=False)[0]
+            sample = sched.step(prediction, t_cur, sample, eta=0.0, return_dict=False)[0]
         return sample
 
     def describe(self) -> dict[str, Any]:
@@ -229,7 +263,7 @@ TECHNIQUES = {"prompt": Prompt, "controlnet": ControlNet, "lora": Lora}
 
 
 def parse_technique(spec: str) -> Technique:
-    """CLI form: ``prompt:quality=natural``, ``prompt:template=a photo of {}``, ``controlnet:MODEL[,scale=1][,start_t=60,steps=2]``,
+    """CLI form: ``prompt:quality=natural``, ``prompt:template=a photo of {}``, ``prompt:task=ade20k``, ``controlnet:MODEL[,scale=1][,start_t=60,steps=2]``,
     ``lora:PATH[,scale=0.8]``."""
     kind, _, rest = spec.partition(":")
     if kind not in TECHNIQUES:
