@@ -4,8 +4,6 @@ fake-tensor forward through the family's own adapter at native resolution."""
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
@@ -15,20 +13,17 @@ from difffeat.backbones.registry import adapter_named
 from difffeat.capture import Capture
 from difffeat.catalog import Catalog, enumerate_activations
 from difffeat.hookpoints import load_table
-from difffeat.resources import data_dir
+from difffeat.architectures import architecture, build_component
 
 TEXT_LEN = 16  # text tokens of the probe forward (any length works; shorter is faster)
 
 
 def _arch(name: str) -> dict:
-    return json.loads((data_dir("configs") / "architectures" / f"{name}.json").read_text())
+    return architecture(name)
 
 
-def _meta(spec: dict):
-    import diffusers
-
-    with torch.device("meta"):
-        return getattr(diffusers, spec["class"])(**spec["config"])
+def _meta(name: str, component: str):
+    return build_component(name, component, device="meta")
 
 
 def _flux2_condition(pipe, denoiser):
@@ -73,7 +68,7 @@ def real_size_catalog(tiny_pipes, name: str) -> tuple[Catalog, dict, tuple[int, 
 def _real_size_catalog(tiny_pipes, name: str) -> tuple[Catalog, dict, tuple[int, int]]:
     family, condition, *_ = CASES[name]
     arch = _arch(name)
-    pipe = tiny_pipes(family).__class__(**{**tiny_pipes(family).components, **{k: _meta(v) for k, v in arch["components"].items()}})
+    pipe = tiny_pipes(family).__class__(**{**tiny_pipes(family).components, **{k: _meta(name, k) for k in arch["components"]}})
     backbone = wrap_pipeline(pipe)
     table = load_table(backbone.hook_table)
     infos = enumerate_activations(backbone.denoiser, table)
@@ -95,7 +90,7 @@ _HEAVY = {"flux2-dev", "qwen-image", "sd35-large"}
 def test_real_size_catalog_enumerates_the_published_number_of_blocks(name):
     _, _, blocks, _, _ = CASES[name]
     arch = _arch(name)
-    model = _meta(arch["components"]["transformer"])
+    model = _meta(name, "transformer")
     table = load_table(adapter_named(arch["pipeline"]).hook_table)
     cat = Catalog(table.family, table, enumerate_activations(model, table))
     for prefix, count in blocks.items():
@@ -120,7 +115,7 @@ def test_real_size_catalog_has_the_published_blocks_heads_and_widths(tiny_pipes,
 
 @pytest.mark.parametrize("name", sorted(PUBLISHED_B))
 def test_real_size_transformers_have_the_published_parameter_counts(name):
-    model = _meta(_arch(name)["components"]["transformer"])
+    model = _meta(name, "transformer")
     assert sum(p.numel() for p in model.parameters()) / 1e9 == pytest.approx(PUBLISHED_B[name], rel=0.02)
 
 
@@ -142,5 +137,5 @@ def test_unvalidated_presets_of_the_new_families_name_real_size_activations(pres
     assert p.validated is False
     arch = _arch(name)
     table = load_table(adapter_named(arch["pipeline"]).hook_table)
-    names = {a.name for a in enumerate_activations(_meta(arch["components"]["transformer"]), table)}
+    names = {a.name for a in enumerate_activations(_meta(name, "transformer"), table)}
     assert set(p.features) <= names
