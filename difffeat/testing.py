@@ -187,6 +187,12 @@ QWEN25VL_CONFIG: dict[str, Any] = dict(
     vision_config=dict(depth=1, hidden_size=16, intermediate_size=16, num_heads=2, out_hidden_size=16, patch_size=2,
                        spatial_merge_size=1, temporal_patch_size=1, fullatt_block_indexes=[0], window_size=4),
 )  # fmt: skip
+#: Chroma: FLUX's tiny layout (no pooled projection, no guidance) plus a small modulation approximator.
+CHROMA_TRANSFORMER_CONFIG: dict[str, Any] = dict(
+    patch_size=1, in_channels=16, num_layers=1, num_single_layers=2, attention_head_dim=16, num_attention_heads=2,
+    joint_attention_dim=32, axes_dims_rope=[4, 4, 8], approximator_num_channels=8, approximator_hidden_dim=32,
+    approximator_layers=1,
+)  # fmt: skip
 #: ControlNets, by the family whose UNet they match (keys shared with that UNet's config are copied from it).
 CONTROLNET_CONFIGS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "sd": (SD_UNET_CONFIG, dict(conditioning_embedding_out_channels=(16, 32))),
@@ -495,6 +501,21 @@ def _build_qwenimage(seed: int):  # noqa: ANN202 - QwenImagePipeline
     # the pipeline drops the system prompt's tokens (34 with Qwen's tokenizer): count them with this tokenizer
     prefix = pipe.prompt_template_encode.split("{}")[0]
     pipe.prompt_template_encode_start_idx = len(tokenizer(prefix)["input_ids"])
+    pipe.default_sample_size = 32  # default image 64 px
+    return pipe
+
+
+@_register("chroma")
+def _build_chroma(seed: int):  # noqa: ANN202 - ChromaPipeline
+    from diffusers import ChromaPipeline, ChromaTransformer2DModel, FlowMatchEulerDiscreteScheduler
+
+    pipe = ChromaPipeline(
+        transformer=_model(ChromaTransformer2DModel, CHROMA_TRANSFORMER_CONFIG, seed),
+        vae=_vae(seed + 1, **FLOW_VAE_OVERRIDES),
+        text_encoder=_t5(seed + 2),
+        tokenizer=tiny_t5_tokenizer(),
+        scheduler=FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULER_CONFIG),
+    )
     pipe.default_sample_size = 32  # default image 64 px
     return pipe
 

@@ -7,7 +7,7 @@ from PIL import Image
 
 import difffeat
 
-FAMILIES = ("sd", "sdxl", "pixart", "sd3", "sd35", "flux", "flux2", "qwenimage")
+FAMILIES = ("sd", "sdxl", "pixart", "sd3", "sd35", "flux", "flux2", "qwenimage", "chroma")
 _BACKBONES: dict[str, difffeat.Backbone] = {}
 
 

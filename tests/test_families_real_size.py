@@ -42,6 +42,11 @@ def _sd3_condition(pipe, denoiser):
             "pooled_projections": torch.zeros(1, cfg.pooled_projection_dim, device="meta")}  # fmt: skip
 
 
+def _chroma_condition(pipe, denoiser):
+    embeds = torch.zeros(1, TEXT_LEN, denoiser.config.joint_attention_dim, device="meta")
+    return {"encoder_hidden_states": embeds, "txt_ids": torch.zeros(TEXT_LEN, 3, device="meta"), "text_mask": None}
+
+
 #: architecture -> (tiny family whose pipeline carries the real components, text conditioning of the probe,
 #: published numbers: blocks per kind, heads, head dim)
 CASES = {
@@ -49,10 +54,11 @@ CASES = {
     "flux2-klein-4b": ("flux2", _flux2_condition, {"transformer_blocks": 5, "single_transformer_blocks": 20}, 24, 128),
     "sd35-large": ("sd35", _sd3_condition, {"transformer_blocks": 38}, 38, 64),
     "sd35-medium": ("sd35", _sd3_condition, {"transformer_blocks": 24}, 24, 64),
+    "chroma1-hd": ("chroma", _chroma_condition, {"transformer_blocks": 19, "single_transformer_blocks": 38}, 24, 128),
     "qwen-image": ("qwenimage", _qwenimage_condition, {"transformer_blocks": 60}, 24, 128),
 }
 #: published transformer sizes, billions of parameters (+-2%)
-PUBLISHED_B = {"flux2-dev": 32.2, "flux2-klein-4b": 3.9, "qwen-image": 20.4, "sd35-large": 8.1}
+PUBLISHED_B = {"flux2-dev": 32.2, "flux2-klein-4b": 3.9, "qwen-image": 20.4, "sd35-large": 8.1, "chroma1-hd": 8.9}
 
 
 _CATALOGS: dict[str, tuple[Catalog, dict, tuple[int, int]]] = {}
@@ -83,7 +89,7 @@ def _real_size_catalog(tiny_pipes, name: str) -> tuple[Catalog, dict, tuple[int,
 
 
 #: fake-tensor forwards of the largest models take 5-10 s each on a loaded 2-core machine
-_HEAVY = {"flux2-dev", "qwen-image", "sd35-large"}
+_HEAVY = {"flux2-dev", "qwen-image", "sd35-large", "chroma1-hd"}
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
@@ -128,7 +134,7 @@ def test_sd35_medium_lists_the_image_only_attention_of_its_13_dual_attention_blo
 
 @pytest.mark.parametrize(
     "preset, name",
-    [("flux2-practical", "flux2-dev"), ("qwenimage-practical", "qwen-image"), ("sd35-large-practical", "sd35-large")],
+    [("chroma-practical", "chroma1-hd"), ("flux2-practical", "flux2-dev"), ("qwenimage-practical", "qwen-image"), ("sd35-large-practical", "sd35-large")],
 )
 def test_unvalidated_presets_of_the_new_families_name_real_size_activations(preset, name):
     from difffeat.presets import load_preset

@@ -26,6 +26,7 @@ PIPELINE_CLASS = {
     "sd35": "StableDiffusion3Pipeline",
     "flux2": "Flux2KleinPipeline",
     "qwenimage": "QwenImagePipeline",
+    "chroma": "ChromaPipeline",
 }
 CAPTION = "A photo of a cat, a dog and a zebra-crossing!"  # in-vocabulary, upper case, punctuation, unknown word
 

@@ -12,7 +12,7 @@ from .base import Backbone, DenoiserInputs, TextSegment
 from .registry import register_backbone
 from .unet import _DDPMNoising
 
-__all__ = ["PixArtBackbone", "SD3Backbone", "FluxBackbone"]
+__all__ = ["PixArtBackbone", "SD3Backbone", "FluxBackbone", "ChromaBackbone"]
 
 
 def _default_max_length(backbone: Backbone) -> int:
@@ -173,3 +173,30 @@ class FluxBackbone(_FlowMatchNoising, Backbone):
         if getattr(self.denoiser.config, "guidance_embeds", False):
             kwargs["guidance"] = torch.full((b,), float(self.guidance), dtype=torch.float32, device=dev)
         return DenoiserInputs(kwargs, (gh, gw), cond["encoder_hidden_states"].shape[1], t, image_size)
+
+
+@register_backbone("ChromaPipeline", "ChromaImg2ImgPipeline")
+class ChromaBackbone(FluxBackbone):
+    """Chroma: FLUX.1-schnell's architecture de-distilled, T5 only (no pooled CLIP vector, no guidance input),
+    the prompt's padding masked in joint attention."""
+
+    family: ClassVar[str] = "chroma"
+    hook_table: ClassVar[str] = "chroma"
+
+    def text_segments(self) -> list:
+        return [TextSegment(self.pipeline.tokenizer, 0, _default_max_length(self))]
+
+    def encode_prompt(self, prompts: list[str]) -> dict[str, Any]:
+        extra = {"max_sequence_length": self.max_sequence_length} if self.max_sequence_length else {}
+        embeds, text_ids, mask, *_ = self.pipeline.encode_prompt(
+            prompt=prompts, device=self.device, do_classifier_free_guidance=False, **extra
+        )
+        return {"encoder_hidden_states": embeds.to(self.dtype), "txt_ids": text_ids, "text_mask": mask}
+
+    def denoiser_inputs(self, noisy_latents, t, cond, image_size) -> DenoiserInputs:
+        cond = dict(cond)
+        text_mask = cond.pop("text_mask")
+        inputs = super().denoiser_inputs(noisy_latents, t, cond, image_size)
+        b, n_image = noisy_latents.shape[0], inputs.grid[0] * inputs.grid[1]
+        inputs.kwargs["attention_mask"] = self.pipeline._prepare_attention_mask(b, n_image, self.dtype, text_mask)
+        return inputs
