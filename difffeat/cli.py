@@ -67,6 +67,14 @@ def catalog(
 
 
 @app.command()
+def families() -> None:
+    """Print the supported model families as the README's Markdown table (generated from the registry)."""
+    from .families import families_markdown
+
+    print(families_markdown(), end="")
+
+
+@app.command()
 def presets() -> None:
     """List the feature presets in configs/features."""
     from .presets import list_presets, load_preset
