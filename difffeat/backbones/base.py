@@ -99,8 +99,10 @@ class Backbone(ABC):
     # ----------------------------------------------------------------- properties
     @property
     def denoiser(self) -> torch.nn.Module:
-        """The UNet or transformer that capture hooks attach to."""
-        return getattr(self.pipeline, self.denoiser_attr)
+        """The UNet or transformer that capture hooks attach to (the original module when the pipeline holds
+        ``torch.compile(module)``: activation names are its module paths)."""
+        module = getattr(self.pipeline, self.denoiser_attr)
+        return getattr(module, "_orig_mod", module)
 
     @property
     def device(self) -> torch.device:
@@ -212,9 +214,13 @@ class Backbone(ABC):
         return inputs
 
     def denoise(self, inputs: DenoiserInputs) -> Any:
-        """Run the denoiser once (no gradient)."""
+        """Run the denoiser once (no gradient), compiled when the pipeline holds a compiled one.
+
+        ``torch.compile`` works with capture whether hooks are installed before or after compiling
+        (``module.compile()`` in place, or ``torch.compile(module)`` assigned to the pipeline): dynamo
+        re-traces when hooks change and runs difffeat's hooks and attention observers as graph breaks."""
         with torch.no_grad():
-            return self.denoiser(**inputs.kwargs, return_dict=False)
+            return getattr(self.pipeline, self.denoiser_attr)(**inputs.kwargs, return_dict=False)
 
     # ----------------------------------------------------------------- misc
     def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> "Backbone":
