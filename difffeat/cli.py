@@ -23,7 +23,11 @@ app = typer.Typer(
 console = Console(stderr=True, soft_wrap=True)
 out = Console()
 
-MODEL_HELP = "Hub id, local diffusers folder, or 'shapes' (the embedded model, no download)."
+MODEL_HELP = "Hub id, local diffusers folder, single-file checkpoint (with --config), or 'shapes' (embedded, no download)."
+CONFIG_HELP = (
+    "For a single-file checkpoint (--model file.safetensors in the original key layout): a hub id or local "
+    "diffusers folder of the same architecture (offline: a local folder)."
+)
 
 
 def _fail(exc: Exception) -> None:
@@ -38,6 +42,7 @@ def _split(csv: Optional[str]) -> list[str]:
 @app.command()
 def catalog(
     model: str = typer.Argument("shapes", help=MODEL_HELP),
+    config: Optional[str] = typer.Option(None, "--config", help=CONFIG_HELP),
     as_json: bool = typer.Option(False, "--json", help="Print a JSON list of {name, kind, shape, flags, ...}."),
     kind: Optional[str] = typer.Option(None, help="Only these kinds (comma-separated), e.g. cross-q,resnet-out."),
     candidates: bool = typer.Option(False, help="Only the paper's filtered candidates (no noisy kinds/stages, no maps)."),
@@ -48,7 +53,7 @@ def catalog(
     from . import list_activations, load
 
     try:
-        cat = list_activations(load(model, device=device), probe_resolution=resolution)
+        cat = list_activations(load(model, device=device, config=config), probe_resolution=resolution)
         items = cat.candidates() if candidates else list(cat)
         if kind:
             kinds = set(_split(kind))
@@ -91,6 +96,7 @@ def presets() -> None:
 @app.command()
 def extract(
     model: str = typer.Argument(..., help=MODEL_HELP),
+    config: Optional[str] = typer.Option(None, "--config", help=CONFIG_HELP),
     images: Optional[list[Path]] = typer.Argument(None, help="Image files, folders or quoted glob patterns ('data/**/*.jpg')."),
     features: Optional[str] = typer.Option(None, "--features", "-f", help="Comma-separated activation names."),
     preset: Optional[str] = typer.Option(None, help="A feature preset (see `difffeat presets`)."),
@@ -133,7 +139,7 @@ def extract(
             refs, desc = collect_images(images), {"sources": [str(p) for p in images]}
         desc["n"] = len(refs)
         state = init_state(device)
-        backbone = load(model, device=device, dtype=dtype)
+        backbone = load(model, device=device, dtype=dtype, config=config)
         fx = FeatureExtractor(backbone, names or None, preset=preset, t=t, resolution=resolution, square=square, seed=seed, batch_size=batch_size)
         job = ExtractJob(out_dir, prompt=prompt, num_workers=num_workers, overwrite=overwrite, dataset=desc, skip_unreadable=skip_unreadable)
         summary = run_extract(fx, refs, job, state)
@@ -155,6 +161,7 @@ def segment(
     images: list[Path] = typer.Argument(..., help="Image files."),
     classes: str = typer.Option(..., "--classes", "-c", help="Comma-separated class names, e.g. cat,dog,grass."),
     model: str = typer.Option("shapes", "--model", "-m", help=MODEL_HELP),
+    config: Optional[str] = typer.Option(None, "--config", help=CONFIG_HELP),
     out_dir: Path = typer.Option(..., "--out", "-o", help="Output folder."),
     method: str = typer.Option("goca", help="goca or vanilla (then --heads/--layers/--rescale override)."),
     heads: Optional[str] = typer.Option(None, help="Head aggregation: goca | mean."),
@@ -178,7 +185,7 @@ def segment(
 
     try:
         names = check_classes(_split(classes))
-        seg = Segmenter(load(model, device=device, dtype=dtype), method=method,
+        seg = Segmenter(load(model, device=device, dtype=dtype, config=config), method=method,
                         **_segment_overrides(heads, layers, rescale, tau, t, refine_order))
         stems = [p.stem for p in images]
         if len(set(stems)) != len(stems):
@@ -199,6 +206,7 @@ def segment(
 @app.command("eval")
 def evaluate_cmd(
     model: str = typer.Option("shapes", "--model", "-m", help=MODEL_HELP),
+    config: Optional[str] = typer.Option(None, "--config", help=CONFIG_HELP),
     coco: Optional[Path] = typer.Option(None, help="COCO instances annotation JSON."),
     images: Optional[Path] = typer.Option(None, help="Image folder (COCO or VOC-style)."),
     voc_labels: Optional[Path] = typer.Option(None, help="VOC-style label PNG folder (with --images, --class-names)."),
@@ -245,7 +253,7 @@ def evaluate_cmd(
         else:
             raise ValueError("name a dataset: --coco FILE [--images DIR], --voc-labels DIR --images DIR --class-names a,b, or --shapes-split test")
         state = init_state(device)
-        seg = Segmenter(load(model, device=device, dtype=dtype), method=method,
+        seg = Segmenter(load(model, device=device, dtype=dtype, config=config), method=method,
                         **_segment_overrides(heads, layers, rescale, tau, t, None))
         tuned = None
         if tune_shapes_split:
@@ -272,6 +280,7 @@ def evaluate_cmd(
 @app.command()
 def gate(
     model: str = typer.Argument(..., help=MODEL_HELP),
+    config: Optional[str] = typer.Option(None, "--config", help=CONFIG_HELP),
     images: list[Path] = typer.Argument(..., help="Image files."),
     technique: list[str] = typer.Option(..., "--technique", help="prompt:quality=natural | prompt:template=a photo of {} | controlnet:ID[,scale=1,start_t=60,steps=2] | lora:PATH[,scale=1] (repeatable)."),
     features: Optional[str] = typer.Option(None, "--features", "-f", help="Activations to score (default: the model's practical preset or the first cross-attention q)."),
@@ -290,7 +299,7 @@ def gate(
 
     try:
         techs = [parse_technique(spec) for spec in technique]
-        backbone = load(model, device=device, dtype=dtype)
+        backbone = load(model, device=device, dtype=dtype, config=config)
         cat = list_activations(backbone)
         queries = [a.name for a in cat.candidates() if a.kind in ("cross-q", "joint-q")] or [a.name for a in cat if a.kind in ("cross-q", "joint-q")]
         names = _split(features) or queries[:1]

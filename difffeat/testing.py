@@ -46,6 +46,8 @@ __all__ = [
     "tiny_t5_tokenizer",
     "tiny_chat_tokenizer",
     "CHAT_TEMPLATE",
+    "sd_original_state_dict",
+    "save_single_file",
 ]
 
 # ------------------------------------------------------------------------------------------------ vocabulary
@@ -639,3 +641,112 @@ def sd15_shaped_pipeline(seed: int = 0):  # noqa: ANN201 - StableDiffusionPipeli
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+# ------------------------------------------------------------------------------------------------ single files
+def _unet_to_original(unet) -> dict[str, str]:
+    """diffusers -> original (CompVis ``model.diffusion_model``) prefixes of a UNet2DConditionModel."""
+    cfg = unet.config
+    n, per = len(cfg.block_out_channels), cfg.layers_per_block
+    pairs = {
+        "time_embedding.linear_1.": "time_embed.0.", "time_embedding.linear_2.": "time_embed.2.",
+        "conv_in.": "input_blocks.0.0.", "conv_norm_out.": "out.0.", "conv_out.": "out.2.",
+        "mid_block.attentions.0.": "middle_block.1.",
+    }  # fmt: skip
+    for j in range(2):
+        pairs[f"mid_block.resnets.{j}."] = f"middle_block.{2 * j}."
+    for i in range(n):
+        for j in range(per):
+            pairs[f"down_blocks.{i}.resnets.{j}."] = f"input_blocks.{(per + 1) * i + j + 1}.0."
+            pairs[f"down_blocks.{i}.attentions.{j}."] = f"input_blocks.{(per + 1) * i + j + 1}.1."
+        if i < n - 1:
+            pairs[f"down_blocks.{i}.downsamplers.0.conv."] = f"input_blocks.{(per + 1) * (i + 1)}.0.op."
+        for j in range(per + 1):
+            pairs[f"up_blocks.{i}.resnets.{j}."] = f"output_blocks.{(per + 1) * i + j}.0."
+            pairs[f"up_blocks.{i}.attentions.{j}."] = f"output_blocks.{(per + 1) * i + j}.1."
+        if i < n - 1:
+            has_attn = "CrossAttn" in cfg.up_block_types[i]
+            pairs[f"up_blocks.{i}.upsamplers.0."] = f"output_blocks.{(per + 1) * i + per}.{2 if has_attn else 1}."
+    return pairs
+
+
+_RESNET_TO_ORIGINAL = {"norm1": "in_layers.0", "conv1": "in_layers.2", "norm2": "out_layers.0", "conv2": "out_layers.3",
+                       "time_emb_proj": "emb_layers.1", "conv_shortcut": "skip_connection"}  # fmt: skip
+
+
+def _vae_to_original(vae) -> dict[str, str]:
+    n = len(vae.config.block_out_channels)
+    per = vae.config.layers_per_block
+    pairs = {"encoder.mid_block.attentions.0.": "encoder.mid.attn_1.", "decoder.mid_block.attentions.0.": "decoder.mid.attn_1.",
+             "encoder.conv_norm_out.": "encoder.norm_out.", "decoder.conv_norm_out.": "decoder.norm_out."}  # fmt: skip
+    for part in ("encoder", "decoder"):
+        for j in range(2):
+            pairs[f"{part}.mid_block.resnets.{j}."] = f"{part}.mid.block_{j + 1}."
+    for i in range(n):
+        for j in range(per):
+            pairs[f"encoder.down_blocks.{i}.resnets.{j}."] = f"encoder.down.{i}.block.{j}."
+        if i < n - 1:
+            pairs[f"encoder.down_blocks.{i}.downsamplers.0."] = f"encoder.down.{i}.downsample."
+            pairs[f"decoder.up_blocks.{i}.upsamplers.0."] = f"decoder.up.{n - 1 - i}.upsample."
+        for j in range(per + 1):
+            pairs[f"decoder.up_blocks.{i}.resnets.{j}."] = f"decoder.up.{n - 1 - i}.block.{j}."
+    return pairs
+
+
+_VAE_ATTN_TO_ORIGINAL = {"group_norm.": "norm.", "to_q.": "q.", "to_k.": "k.", "to_v.": "v.", "to_out.0.": "proj_out."}
+
+
+def _rename(key: str, prefixes: dict[str, str]) -> str:
+    for new, old in sorted(prefixes.items(), key=lambda kv: -len(kv[0])):
+        if key.startswith(new):
+            return old + key[len(new):]
+    return key
+
+
+def sd_original_state_dict(pipe) -> dict[str, torch.Tensor]:  # noqa: ANN001 - StableDiffusionPipeline
+    """The weights of a Stable Diffusion 1.x pipeline in the original CompVis single-file layout
+    (``model.diffusion_model.*``, ``first_stage_model.*``, ``cond_stage_model.transformer.*``), as the released
+    ``v1-5-pruned.safetensors`` files hold them: the inverse of diffusers' single-file conversion."""
+    out: dict[str, torch.Tensor] = {}
+    unet_prefixes = _unet_to_original(pipe.unet)
+    for key, value in pipe.unet.state_dict().items():
+        key = _rename(key, unet_prefixes)
+        if ".0." in key and key.split(".")[0] in ("input_blocks", "output_blocks", "middle_block"):
+            head, _, tail = key.rpartition(".")
+            parts = key.split(".")
+            resnet_part = parts[3] if parts[0] != "middle_block" else parts[2]
+            if resnet_part in _RESNET_TO_ORIGINAL:
+                key = key.replace(f".{resnet_part}.", f".{_RESNET_TO_ORIGINAL[resnet_part]}.", 1)
+        elif key.startswith("middle_block."):
+            parts = key.split(".")
+            if parts[2] in _RESNET_TO_ORIGINAL:
+                key = key.replace(f".{parts[2]}.", f".{_RESNET_TO_ORIGINAL[parts[2]]}.", 1)
+        out["model.diffusion_model." + key] = value
+    vae_prefixes = _vae_to_original(pipe.vae)
+    for key, value in pipe.vae.state_dict().items():
+        key = _rename(key, vae_prefixes).replace("conv_shortcut.", "nin_shortcut.")
+        if ".mid.attn_1." in key:
+            key = _rename(key.replace(".mid.attn_1.", ".mid.attn_1.#"), {}).replace("#", "")
+            for new, old in _VAE_ATTN_TO_ORIGINAL.items():
+                key = key.replace(".attn_1." + new, ".attn_1." + old)
+            if value.ndim == 2:  # linear attention projections are 1x1 convolutions in the original
+                value = value[:, :, None, None]
+        out["first_stage_model." + key] = value
+    for key, value in pipe.text_encoder.state_dict().items():
+        out["cond_stage_model.transformer.text_model." + key.removeprefix("text_model.")] = value
+    return {k: v.contiguous() for k, v in out.items()}
+
+
+def save_single_file(family: str, path: str | os.PathLike, *, seed: int = 0) -> Path:
+    """Write the tiny pipeline of ``family`` as one ``.safetensors`` file in the original key layout.
+
+    Only ``"sd"`` (CompVis layout) is written: diffusers' FLUX and SD3 single-file converters hard-code the
+    released models' widths (FLUX's ``inner_dim = 3072``), so a tiny checkpoint of those cannot be read back.
+    """
+    from safetensors.torch import save_file
+
+    if family != "sd":
+        raise ValueError(f"no original-layout writer for family {family!r}; only 'sd' is supported")
+    path = Path(path)
+    save_file(sd_original_state_dict(tiny_pipeline(family, seed=seed)), str(path))
+    return path
