@@ -7,14 +7,15 @@ Usage::
     python benchmarks/demo_load.py --url http://127.0.0.1:7860/   # an already running demo
 
 Writes ``benchmarks/results/demo_load.json``: p50/p95/max latency (s, submit -> result, so queue wait
-included), wall time, throughput, failures, and (self-started demo only) the peak number of handlers
-running at once, which must not exceed the queue's concurrency limit.
+included), wall time, throughput, failures, the machine's load average before and after, and (self-started
+demo only) the peak number of handlers running at once, which must not exceed the queue's concurrency limit.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import socket
 import threading
 import time
@@ -107,6 +108,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if url is None:
         demo = launch(a.model, port=free_port(), concurrency=a.concurrency, block=False, preload=True)
         url = demo.local_url
+    load_before = os.getloadavg()  # the machine may be shared: say how busy it was
     try:
         report = run_load(url, segment_args(image, classes, a.model, a.fast), a.requests)
     finally:
@@ -116,6 +118,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                   concurrency_limit=a.concurrency if demo else None,
                   peak_in_flight=demo.difffeat_meter.peak if demo else None,
                   fallback=bool(demo and demo.difffeat_cache.get(a.model).is_fallback),
+                  load_average_before=[round(x, 2) for x in load_before],
+                  load_average_after=[round(x, 2) for x in os.getloadavg()], cpu_count=os.cpu_count(),
                   time=time.strftime("%Y-%m-%dT%H:%M:%S"))
     a.out.parent.mkdir(parents=True, exist_ok=True)
     write_json(a.out, report)

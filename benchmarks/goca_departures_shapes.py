@@ -69,10 +69,11 @@ def run_split(backbone, data, split, sweep, segs, observers):
         names = [data.classes[l - 1] for l in labels]
         colour = data.world.sample(data.split, data.start + i).background_colour
         obs = {}
-        for key, seg in observers.items():
-            if labels:
-                entities = [colour] if key == "two_entities" else None
-                obs[key] = seg.observe(item.image, names, entities=entities, everything=True)
+        with backbone.reusing_latents():  # one VAE encode for every observer
+            for key, seg in observers.items():
+                if labels:
+                    entities = [colour] if key == "two_entities" else None
+                    obs[key] = seg.observe(item.image, names, entities=entities, everything=True)
         for row, (key, _) in ROWS.items():
             sweep.update(split, row, segs[row].decide(obs[key]) if labels else None, labels, item.gt)
 

@@ -19,7 +19,7 @@ from goca_shapes import TAUS, observations  # same folder: the ablation benchmar
 
 import difffeat
 from difffeat.evaluate import ConfusionMatrix, ShapesDataset
-from difffeat.evaluate.runner import _to_dataset_labels
+from difffeat.evaluate.runner import to_dataset_labels
 from difffeat.io import write_json
 
 
@@ -33,7 +33,7 @@ def best_miou(seg: difffeat.Segmenter, obs: list, n_classes: int) -> tuple[float
         result = seg.decide(by_heads[seg.settings.heads])
         weights.append(result.layer_weights)
         for tau, cm in cms.items():
-            cm.update(item.gt, _to_dataset_labels(result.with_tau(tau), labels, item.gt.shape))
+            cm.update(item.gt, to_dataset_labels(result.with_tau(tau), labels, item.gt.shape))
     tau = max(TAUS, key=lambda x: cms[x].miou())
     return cms[tau].miou(), tau, np.mean(weights, 0).tolist()
 

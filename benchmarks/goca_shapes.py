@@ -24,7 +24,7 @@ import yaml
 
 import difffeat
 from difffeat.evaluate import ConfusionMatrix, ShapesDataset
-from difffeat.evaluate.runner import _add_at_every_tau, best_tau
+from difffeat.evaluate.runner import add_at_every_tau, best_tau
 from difffeat.io import write_json
 
 CONFIGS = {
@@ -49,7 +49,8 @@ def observations(backbone, data, t, overrides):
             out.append((item, labels, None))
             continue
         names = [data.classes[l - 1] for l in labels]
-        out.append((item, labels, {h: s.observe(item.image, names, everything=True) for h, s in segs.items()}))
+        with backbone.reusing_latents():  # one VAE encode for both head settings
+            out.append((item, labels, {h: s.observe(item.image, names, everything=True) for h, s in segs.items()}))
     return out
 
 
@@ -58,7 +59,7 @@ def score(backbone, obs, config, t, tau_grid, n_classes, overrides):
     seg = difffeat.Segmenter(backbone, t=t, **config, **overrides)
     cms = {tau: ConfusionMatrix(n_classes) for tau in tau_grid}
     for item, labels, ob in obs:
-        _add_at_every_tau(cms, seg.decide(ob[config["heads"]]) if ob else None, labels, item.gt)
+        add_at_every_tau(cms, seg.decide(ob[config["heads"]]) if ob else None, labels, item.gt)
     return {tau: cm.miou() for tau, cm in cms.items()}, cms
 
 

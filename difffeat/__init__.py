@@ -46,6 +46,8 @@ _API = {
     "Segmenter": "segment",
     "SegmentationResult": "segment",
     "SegmentSettings": "segment",
+    "check_class_words": "segment",
+    "ClassVocabularyWarning": "segment",
 }
 #: subpackages reachable as attributes (``difffeat.testing.tiny_pipeline`` after ``import difffeat``)
 _SUBMODULES = {"shift", "segment", "evaluate", "runs", "testing", "capture", "catalog", "backbones", "features",
@@ -58,7 +60,7 @@ if TYPE_CHECKING:
     from .catalog import ActivationInfo, Catalog
     from .features import ExtractedItem, FeatureExtractor, upsample_concat
     from .presets import FeaturePreset, list_presets, load_preset
-    from .segment import SegmentationResult, SegmentSettings, Segmenter
+    from .segment import ClassVocabularyWarning, SegmentationResult, SegmentSettings, Segmenter, check_class_words
 
 
 def __getattr__(name: str) -> Any:
@@ -76,13 +78,18 @@ def __dir__() -> list[str]:
     return sorted(set(globals()) | set(_API) | _SUBMODULES)
 
 
-def list_activations(model: Any = "shapes", probe_resolution: int | None = None) -> "Catalog":
+def list_activations(
+    model: Any = "shapes", probe_resolution: int | None = None, device: str | None = None, config: str | None = None
+) -> "Catalog":
     """The :class:`Catalog` of every capturable activation of ``model`` (a Backbone or anything :func:`load`
-    accepts), with shapes at ``probe_resolution`` (default: the model's native resolution)."""
+    accepts), with shapes at ``probe_resolution`` px (default: the model's native resolution). ``config``: the
+    architecture of a single-file checkpoint (see :func:`load`)."""
     from .backbones import load
     from .capture import catalog_of
+    from .checks import check_resolution
 
-    return catalog_of(load(model), probe_resolution)
+    check_resolution("probe resolution", probe_resolution)
+    return catalog_of(load(model, device=device, config=config), probe_resolution)
 
 
 __all__ = [

@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["BENCHMARKS", "goca_benchmark"]
+__all__ = ["BENCHMARKS", "goca_benchmark", "run_benchmark"]
 
 
 def _peak_rss_mb() -> float:
@@ -111,11 +111,12 @@ def goca_benchmark(resolution: int = 512, repeats: int = 3, device: str = "cpu",
     from .segment import Segmenter
     from .testing import sd15_shaped_pipeline
 
+    from .checks import check_device
+
+    check_device(device)
     cuda = device.startswith("cuda")
     if device != "cpu" and not cuda:
         raise ValueError(f"unknown device {device!r}; use 'cpu' or 'cuda' (or 'cuda:N')")
-    if cuda and not torch.cuda.is_available():
-        raise ValueError("device='cuda' but no CUDA device is available; use device='cpu'")
     if cuda:
         mem = {mode: _memory_child(mode, resolution, device, dtype) for mode in ("reference", "observer")}
     else:
@@ -158,3 +159,23 @@ def goca_benchmark(resolution: int = 512, repeats: int = 3, device: str = "cpu",
 
 
 BENCHMARKS: dict[str, Callable[..., dict[str, Any]]] = {"goca": goca_benchmark}
+
+
+def run_benchmark(what: str = "goca", resolution: int = 512, repeats: int = 3, device: str = "cpu",
+                  dtype: str | None = None, out_file: str | None = None) -> dict[str, Any]:
+    """``difffeat bench``: run one benchmark of :data:`BENCHMARKS` after checking its options; the figures are
+    also written to ``out_file`` (JSON) when given."""
+    from .checks import check_device, check_number, check_out_file, check_resolution
+    from .errors import InvalidOptionError
+    from .io import write_json
+
+    if what not in BENCHMARKS:
+        raise InvalidOptionError(f"unknown benchmark {what!r}; choose one of {', '.join(BENCHMARKS)}")
+    check_resolution("--resolution", resolution)
+    check_number("--repeats", repeats, 1, 1000, integer=True)
+    check_out_file(out_file, "--out file")
+    check_device(device)
+    figures = BENCHMARKS[what](resolution=resolution, repeats=repeats, device=device, dtype=dtype)
+    if out_file:
+        write_json(out_file, figures)
+    return figures

@@ -170,6 +170,15 @@ class Catalog:
             if a.kind not in {"input", "output", "conv-in", "patch-embed", "level-out"}
         ]
 
+    def select(self, kinds: str | Iterable[str] | None = None, candidates: bool = False) -> list[ActivationInfo]:
+        """What ``difffeat catalog`` lists: the candidates or everything, restricted to ``kinds`` (a list or a
+        comma-separated string) when given."""
+        items = self.candidates() if candidates else list(self.activations)
+        if isinstance(kinds, str):
+            kinds = [k.strip() for k in kinds.split(",") if k.strip()]
+        wanted = set(kinds or ())
+        return [a for a in items if a.kind in wanted] if wanted else items
+
     def to_json(self, indent: int | None = 2) -> str:
         return json.dumps([a.to_dict() for a in self.activations], indent=indent)
 

@@ -399,7 +399,7 @@ def _number(text: Any, kind: type, what: str) -> int | float | None:
 
 
 CSS = """
-#seg-image img, #f-image img, #g-image img { image-rendering: pixelated; }
+#seg-image img, #f-image img, #g-image img { image-rendering: pixelated; width: 100%; height: 100%; object-fit: contain; }
 .difffeat-warning { color: #a15c00; font-weight: 600; }
 """
 
@@ -551,12 +551,12 @@ def build_demo(
             cache.describe(model) if cache.loaded(model) else "Loading the model ...", elem_id="model-status"
         )
         load_msg = gr.Markdown(elem_id="load-message")
-        load_btn.click(load_model, [model_box], [status], api_name="load_model", show_progress_on=[load_msg])
+        loaded = load_btn.click(load_model, [model_box], [status], api_name="load_model", show_progress_on=[load_msg])
 
         with gr.Tab("Segment"):
             with gr.Row():
                 with gr.Column():
-                    image = UploadImage(type="pil", label="image", elem_id="seg-image", sources=["upload", "clipboard"])
+                    image = UploadImage(type="pil", label="image", elem_id="seg-image", height=320, sources=["upload", "clipboard"])
                     classes = gr.Textbox(label="classes (comma-separated)", placeholder="circle, star", elem_id="seg-classes")
                     known = gr.Markdown(visible=False, elem_id="seg-known")
                     offer = gr.CheckboxGroup([], label="add classes this model knows", visible=False, elem_id="seg-offer")
@@ -576,8 +576,8 @@ def build_demo(
                                           elem_id="seg-heat", format="png")
                     file_out = gr.File(label="label PNG at the image size (pixel value = class index, 0 = background)",
                                        elem_id="seg-file")
-            gr.Examples([list(e) for e in examples], [image, classes], label="bundled examples")
-            offer.input(lambda picked: ", ".join(picked), [offer], [classes], api_name=False, show_progress="hidden")
+            gr.Examples([list(e) for e in examples], [image, classes], label="bundled examples", elem_id="seg-examples")
+            offer.input(None, [offer], [classes], js="(picked) => picked.join(', ')", api_name=False, show_progress="hidden")
             image.upload(lambda img: "", [image], [seg_msg], api_name=False, show_progress_on=[seg_msg])
             seg_btn.click(
                 segment,
@@ -590,7 +590,7 @@ def build_demo(
         with gr.Tab("Features"):
             with gr.Row():
                 with gr.Column():
-                    f_image = UploadImage(type="pil", label="image", sources=["upload", "clipboard"], elem_id="f-image")
+                    f_image = UploadImage(type="pil", label="image", sources=["upload", "clipboard"], elem_id="f-image", height=320)
                     act = gr.Dropdown([], label="activation (preset:NAME = a tested selection)", allow_custom_value=True,
                                       elem_id="f-act")
                     prompt = gr.Textbox(label="prompt", value="")
@@ -628,7 +628,7 @@ def build_demo(
                 )
                 with gr.Row():
                     with gr.Column():
-                        g_image = UploadImage(type="pil", label="image", sources=["upload", "clipboard"], elem_id="g-image")
+                        g_image = UploadImage(type="pil", label="image", sources=["upload", "clipboard"], elem_id="g-image", height=320)
                         g_prompt = gr.Textbox(label="prompt", value="a photo of shapes")
                         g_tech = gr.Textbox(label="technique", value="prompt:quality=natural",
                                             info="prompt:quality=natural | controlnet:MODEL | lora:PATH")
@@ -651,8 +651,10 @@ def build_demo(
                     elem_id="shift-unavailable",
                 )
 
-        demo.load(page_state, [model_box], [status, known, offer, t_box, tau], api_name=False,
-                  show_progress_on=[load_msg])
+        page_outputs = [status, known, offer, t_box, tau]
+        demo.load(page_state, [model_box], page_outputs, api_name=False, show_progress_on=[load_msg])
+        loaded.success(page_state, [model_box], page_outputs, api_name=False, show_progress_on=[load_msg]).success(
+            catalog_view, view_inputs, view_outputs, api_name=False, show_progress_on=[load_msg])
 
     demo.difffeat_cache = cache  # for tests and scripts
     demo.difffeat_meter = meter

@@ -21,6 +21,7 @@ from .backbones.base import Backbone, check_timestep
 from .backbones.loading import load
 from .capture import Capture, catalog_of, head_mean, sequence_to_spatial
 from .catalog import ActivationInfo
+from .checks import check_resolution
 from .errors import ConfigError, InvalidImageError, InvalidPromptError
 from .images import ImageInput, target_size, to_rgb
 from .io import save_features
@@ -97,6 +98,7 @@ class FeatureExtractor:
         techniques: Sequence = (),
         map_prompt: str | None = None,
     ) -> None:
+        check_resolution("resolution", resolution)
         self.backbone = load(backbone)
         if preset is not None and features:
             raise ValueError("pass either features or preset, not both")
@@ -164,9 +166,10 @@ class FeatureExtractor:
         if self.map_prompt is not None and any(i.is_map for i in self.infos):
             maps = [i for i in self.infos if i.is_map]
             rest = [i for i in self.infos if not i.is_map]
-            out = self._run(rgb, [self.map_prompt] * len(rgb), maps)
-            if rest:
-                out.update(self._run(rgb, prompts, rest))
+            with self.backbone.reusing_latents():  # both passes see the same images: encode them once
+                out = self._run(rgb, [self.map_prompt] * len(rgb), maps)
+                if rest:
+                    out.update(self._run(rgb, prompts, rest))
             return {i.name: out[i.name] for i in self.infos}
         return self._run(rgb, prompts, self.infos)
 

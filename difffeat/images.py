@@ -29,6 +29,8 @@ ImageInput = Union[str, os.PathLike, Image.Image, np.ndarray, torch.Tensor]
 MIN_SIDE = 8
 #: Inputs with more pixels than this are downscaled on load (with a warning) before anything else.
 MAX_PIXELS = 4096 * 4096
+#: the largest image decoded at all (PIL's decompression-bomb error threshold, about 179 MP)
+MAX_DECODE_PIXELS = 2 * Image.MAX_IMAGE_PIXELS
 
 _ACCEPTED = (
     "accepted inputs: an image file (PNG, JPEG, WebP, BMP, TIFF...), a PIL image, a numpy array [H, W] or "
@@ -46,10 +48,19 @@ def _open_file(path: str | os.PathLike) -> Image.Image:
         raise InvalidImageError(f"image file {str(p)!r} is empty (0 bytes)")
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            # PIL warns between its bomb limit and twice it; inputs that large are downscaled by to_rgb
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             img = Image.open(p)
+            if img.width * img.height > MAX_PIXELS:
+                img.draft("RGB", (img.width // 2, img.height // 2))  # JPEG: decode at a reduced scale
             img.load()
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombWarning) as exc:
+    except Image.DecompressionBombError as exc:
+        raise InvalidImageError(
+            f"image file {str(p)!r} is too large to decode ({exc}); difffeat reads images up to "
+            f"{MAX_DECODE_PIXELS / 1e6:.0f} megapixels and downscales anything above {MAX_PIXELS / 1e6:.0f} MP. "
+            "Downscale the file first"
+        ) from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise InvalidImageError(
             f"cannot read image file {str(p)!r} ({exc.__class__.__name__}: {exc}); the file is corrupt or not an "
             f"image. {_ACCEPTED}"

@@ -84,6 +84,15 @@ def presets_for(backbone) -> list[str]:
     ]  # fmt: skip
 
 
+def preset_rows() -> list[list[str]]:
+    """``[name, family, t, resolution, validated, features (one per line)]`` for every preset (``difffeat presets``)."""
+    rows = []
+    for name in list_presets():
+        p = load_preset(name)
+        rows.append([name, p.family, str(p.t), str(p.resolution), "yes" if p.validated else "NO", "\n".join(p.features)])
+    return rows
+
+
 def recommended_preset(backbone) -> str | None:
     """The preset to start from on ``backbone``: among :func:`presets_for`, one made for this model
     (``models`` names it) before one for its family, a ``*-practical`` one before the others; None if none fits."""

@@ -81,4 +81,4 @@ def test_bench_on_a_missing_or_unknown_device_is_a_one_line_error():
     assert result.exit_code == 2 and "unknown device 'gpu'" in result.output and "Traceback" not in result.output
     if not torch.cuda.is_available():
         result = runner.invoke(app, ["bench", "goca", "--device", "cuda"])
-        assert result.exit_code == 2 and "no CUDA device is available" in result.output
+        assert result.exit_code == 2 and "no usable CUDA GPU" in result.output

@@ -75,24 +75,51 @@ def test_segment_endpoint_returns_label_png_of_image_size(server, client):
     image, classes = _example()
     with pytest.raises(Exception):
         _segment(client, model, image, "")
-    overlay, labels, legend, heat, label_file, status = _segment(client, model, image, classes, fast=False)
+    overlay, labels, legend, heat, label_file, status, message = _segment(client, model, image, classes, fast=False)
     size = Image.open(image).size
     n = len(classes.split(","))
     lab = Image.open(label_file)
-    assert lab.mode == "P" and lab.size == size
+    assert lab.mode == "P" and lab.size == size  # the download keeps the image size
     values = np.asarray(lab)
     assert values.max() <= n  # 0 = background, 1..n = classes
-    assert Image.open(overlay).size == size
+    k = Image.open(overlay).size[0] // size[0]  # the pictures are shown enlarged by an integer factor
+    assert k > 1 and Image.open(overlay).size == Image.open(labels).size == (size[0] * k, size[1] * k)
+    shown = np.asarray(Image.open(labels).convert("RGB"))[::k, ::k]
+    from difffeat.segment.outputs import palette
+
+    assert np.array_equal(shown, palette()[values])  # nearest: the view is the label map, pixel for pixel
+    assert f"segmented {size[0]}x{size[1]} px" in message
     assert len(heat) == n and [h["caption"] for h in heat] == [c.strip() for c in classes.split(",")]
     for cls in ["background", *[c.strip() for c in classes.split(",")]]:
         assert f'data-class="{cls}"' in legend
     assert ("random weights, for testing" in status) == (not SHAPES_INSTALLED and model == "shapes")
 
 
+def test_blank_t_and_tau_are_the_model_defaults(server, client):
+    """Blank boxes (what the page sends whether or not *Advanced* was opened) = the model's defaults."""
+    demo, _, model = server
+    from difffeat.segment.settings import settings_for
+
+    backbone = demo.difffeat_cache.get(model).backbone
+    defaults = settings_for(str(backbone.name), backbone.family)
+    image, classes = _example()
+    args = list(bench.segment_args(image, classes, model, fast=True))
+    blank = client.predict(*args[:3], "", *args[4:7], "", api_name="/segment")
+    args[3], args[7] = str(defaults.t), str(defaults.tau)
+    explicit = client.predict(*args, api_name="/segment")
+    assert blank[2] == explicit[2]  # legend with pixel counts
+    assert np.array_equal(np.asarray(Image.open(blank[4])), np.asarray(Image.open(explicit[4])))
+    assert f"t={defaults.t}," in blank[6]
+
+
 @pytest.mark.parametrize(
     "bad, message",
     [
         ({"classes": ""}, "empty class list"),
+        ({"classes": " , "}, "empty class list"),
+        ({"t": "abc"}, "timestep t must be a number"),
+        ({"t": "2.5"}, "timestep t must be a whole number"),
+        ({"t": "1000"}, "outside [0, 999]"),
         ({"classes": "star, Star"}, "duplicate class names"),
         ({"image": "not-an-image"}, "cannot read image file"),
     ],
@@ -104,10 +131,15 @@ def test_bad_input_gives_readable_error_and_server_keeps_serving(server, client,
         fake = tmp_path / "fake.png"
         fake.write_text("this is not a PNG")
         image = str(fake)
+    args = list(bench.segment_args(image, bad.get("classes", classes), model, fast=True))
+    args[3] = bad.get("t")
     with pytest.raises(Exception) as info:
-        _segment(client, model, image, bad.get("classes", classes))
+        client.predict(*args, api_name="/segment")
     assert message in str(info.value)
     assert "Traceback" not in str(info.value)
+    assert "/tmp/" not in str(info.value) and "numpy" not in str(info.value)  # no server paths, no API types
+    if bad.get("classes") == "":
+        assert "--classes" not in str(info.value)  # a CLI flag means nothing on the page
 
 
 def test_unknown_model_is_a_readable_error(client):
@@ -140,11 +172,13 @@ def test_features_endpoint_returns_pca_picture_and_safetensors(server, client):
     backbone = demo.difffeat_cache.get(model).backbone
     name = next(a.name for a in difffeat.list_activations(backbone) if a.kind == "resnet-out")
     image, _ = _example()
-    pic, tensor_file, info = client.predict(handle_file(image), model, name, "", None, api_name="/features")
-    assert Image.open(pic).size == Image.open(image).size
+    pic, tensor_file, info, _ = client.predict(handle_file(image), model, name, "", None, api_name="/features")
+    w, h = Image.open(image).size
+    k = Image.open(pic).size[0] // w
+    assert k >= 1 and Image.open(pic).size == (w * k, h * k)
     tensors = load_file(tensor_file)
     assert list(tensors) == [name] and tensors[name].shape == tuple(difffeat.list_activations(backbone)[name].shape)
-    assert name in info
+    assert f"at t={backbone.default_feature_t} (the model's default)" in info
 
 
 def test_features_endpoint_extracts_a_whole_preset(server, client):
@@ -159,15 +193,15 @@ def test_features_endpoint_extracts_a_whole_preset(server, client):
     backbone = demo.difffeat_cache.get(model).backbone
     choices = preset_choices(backbone)  # the shipped model's presets, not those of other architectures
     assert {"preset:shapes-practical", "preset:shapes-legacy"} <= set(choices) and "preset:sd15-practical" not in choices
+    assert choices[0] == "preset:shapes-practical"  # the recommended preset comes first (the default)
     choice = choices[0]
     from difffeat.presets import load_preset
 
     names = [difffeat.list_activations(backbone)[f].name for f in load_preset(choice.split(":", 1)[1]).features]
     image, _ = _example()
-    pic, tensor_file, info = client.predict(handle_file(image), model, choice, "", None, api_name="/features")
-    assert Image.open(pic).size == Image.open(image).size
+    pic, tensor_file, info, _ = client.predict(handle_file(image), model, choice, "", None, api_name="/features")
     tensors = load_file(tensor_file)
-    assert list(tensors) == names and choice in info
+    assert sorted(tensors) == sorted(names) and choice in info
     for n in names:
         assert tensors[n].shape == tuple(difffeat.list_activations(backbone)[n].shape)
 
@@ -180,10 +214,14 @@ def test_gate_endpoint_compares_img2img(server, client):
         pytest.skip("difffeat.shift.gate_img2img is not in this version")
     _, _, model = server
     image, _ = _example()
-    side, figures = client.predict(handle_file(image), model, "a photo of shapes", "prompt:quality=natural", 0.75, 2, api_name="/gate")
-    w, h = Image.open(image).size
-    assert Image.open(side).size[0] == 3 * Image.open(side).size[1]  # input | without | with
+    panels, figures, status = client.predict(handle_file(image), model, "a photo of shapes", "prompt:quality=natural", 0.75, 2,
+                                             api_name="/gate")
+    assert [p["caption"].split(",")[0].split(" (")[0] for p in panels] == [
+        "input", "img2img without the technique", "img2img with the technique"]
+    assert all(min(Image.open(p["image"]).size) >= 256 for p in panels)  # readable, not 64 px
     assert {"psnr_reference", "psnr_treated", "technique_helps"} <= set(figures)
+    assert all(len(repr(v).split(".")[-1]) <= 3 for v in figures.values() if isinstance(v, float))
+    assert "family" in status
     with pytest.raises(Exception) as info:
         client.predict(handle_file(image), model, "x", "bogus:1", 0.75, 2, api_name="/gate")
     assert "unknown technique" in str(info.value)

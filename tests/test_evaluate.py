@@ -11,7 +11,8 @@ from pycocotools import mask as mask_utils
 
 from difffeat import Segmenter
 from difffeat.errors import DifffeatError
-from difffeat.evaluate import CocoDataset, ConfusionMatrix, ShapesDataset, VocDataset, evaluate, tune_tau
+from difffeat.evaluate import CocoDataset, ConfusionMatrix, ShapesDataset, VocDataset
+from difffeat.runs import evaluate, tune_tau
 
 from _helpers import backbone_for, random_image
 
@@ -182,18 +183,20 @@ def test_labelled_items_skips_images_with_no_class_present():
     assert [(item.name, labels) for item, labels in out] == [("im1", [2, 5])]  # background and ignore are not classes
 
 
-def test_tune_tau_distributed_on_one_process_gives_tune_taus_answer():
+def test_tune_tau_scores_equal_an_evaluation_at_each_tau():
+    """The tuner decides every tau from one forward per image; each score must equal a separate evaluation
+    with the segmenter set to that tau (a different path through the same loop: the segmenter decides)."""
     import difffeat
-    from difffeat.scale import init_state, tune_tau_distributed
 
     seg = Segmenter(difffeat.load("shapes", device="cpu", dtype="fp32"))
-    data = ShapesDataset("val", 4)
-    taus = (-0.2, 0.0, 0.1, 0.3)
-    expected = tune_tau(seg, data, taus=taus)
-    got = tune_tau_distributed(seg, data, "oracle", 4, init_state("cpu"), taus=taus)
-    assert got == expected
-    assert len(set(expected[1].values())) > 1  # the candidates really differ, so the choice is tested
-
+    data = ShapesDataset("val", 3)
+    taus = (-0.2, 0.1, 0.3)
+    best, scores = tune_tau(seg, data, taus=taus)
+    for tau in taus:
+        at_tau = Segmenter(seg.backbone, seg.settings.update(tau=tau))
+        assert evaluate(at_tau, data).miou == pytest.approx(scores[tau], abs=1e-12)
+    assert best == max(scores, key=lambda t: (scores[t], -abs(t)))
+    assert len(set(scores.values())) > 1  # the candidates really differ, so the choice is tested
 
 
 def test_image_above_the_pixel_cap_is_scored_on_the_full_size_annotation(tiny_pipes, tmp_path):

@@ -45,4 +45,126 @@ def test_chunk_size_leaves_every_map_unchanged(tiny_pipes, family):
 def test_bad_chunk_size_is_rejected(tiny_pipes):
     backbone = backbone_for(tiny_pipes, "sd")
     with pytest.raises(ValueError, match="chunk_elements must be >= 1"):
-        Capture(backbone, [backbone.catalog().names()[0]], grid=(8, 8), chunk_elements=0)
+        Capture(backbone, [difffeat.list_activations(backbone).names()[0]], grid=(8, 8), chunk_elements=0)
+
+
+def _explicit_layer_weights(ref, selfs, grids, first_channel, mass):
+    """GOCA's layer weights the direct way: every self map resized to the reference grid, then <P, U(S)>."""
+    from difffeat.segment.aggregation import resize_self_map
+
+    ref = ref[:, :1] if first_channel else ref
+    b, c, h, w = ref.shape
+    f = ref.flatten(2).transpose(1, 2)
+    p = torch.softmax(f @ f.transpose(1, 2) / c**0.5, dim=-1)
+    scores = torch.stack([(p * resize_self_map(s, g, (h, w), mass)).sum(dim=(1, 2)) for s, g in zip(selfs, grids)], 1)
+    scores = scores.clamp_min(0)
+    return scores / scores.sum(1, keepdim=True)
+
+
+def _row_stochastic(b, n, gen):
+    return torch.rand(b, n, n, generator=gen).softmax(-1)
+
+
+@pytest.mark.parametrize("ref_grid", [(8, 8), (6, 10), (16, 16)])
+@pytest.mark.parametrize("first_channel, mass", [(True, False), (False, True), (False, False)])
+def test_adjoint_layer_weights_equal_the_explicit_resize(ref_grid, first_channel, mass):
+    from difffeat.segment.aggregation import layer_weights
+
+    gen = torch.Generator().manual_seed(0)
+    grids = [(16, 16), (8, 8), (4, 4), (8, 8), (3, 5), (6, 10), (12, 20)]
+    selfs = [_row_stochastic(2, gh * gw, gen) for gh, gw in grids]
+    ref = torch.randn(2, 7, *ref_grid, generator=gen)
+    got = layer_weights(ref, selfs, grids, first_channel, mass)
+    want = _explicit_layer_weights(ref, selfs, grids, first_channel, mass)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+
+
+def test_adjoint_is_the_transpose_of_the_resize():
+    from difffeat.segment.aggregation import resize_self_map, resize_self_map_adjoint
+
+    gen = torch.Generator().manual_seed(1)
+    for grid, target in [((4, 6), (8, 12)), ((8, 8), (5, 3)), ((7, 7), (7, 7))]:
+        s = torch.randn(1, grid[0] * grid[1], grid[0] * grid[1], generator=gen)
+        p = torch.randn(1, target[0] * target[1], target[0] * target[1], generator=gen)
+        lhs = (p * resize_self_map(s, grid, target, True)).sum()
+        rhs = (resize_self_map_adjoint(p, grid, target, True) * s).sum()
+        torch.testing.assert_close(lhs, rhs, rtol=1e-5, atol=1e-5)
+
+
+def test_accumulated_refinement_mean_equals_the_stacked_mean():
+    from difffeat.segment.aggregation import resize_self_map
+    from difffeat.segment.segmenter import mean_self_map
+
+    gen = torch.Generator().manual_seed(2)
+    acts = {"a": _row_stochastic(1, 64, gen), "b": _row_stochastic(1, 64, gen), "c": _row_stochastic(1, 16, gen)}
+    for mass in (True, False):
+        want = torch.stack([resize_self_map(acts[n], (int(acts[n].shape[1] ** 0.5),) * 2, (8, 8), mass) for n in acts]).mean(0)
+        torch.testing.assert_close(mean_self_map(acts, list(acts), (8, 8), (8, 8), mass), want)
+    before = acts["a"].clone()
+    mean_self_map(acts, ["a", "b"], (8, 8), (8, 8), True)
+    assert torch.equal(acts["a"], before)  # the captured map is not modified in place
+
+
+class _CountingEncode:
+    """Wraps a VAE's ``encode`` and counts the images it encodes (calls x batch)."""
+
+    def __init__(self, vae):
+        self.vae, self.stock, self.images, self.calls = vae, vae.encode, 0, 0
+
+    def __enter__(self):
+        def encode(x, *a, **k):
+            self.images += x.shape[0]
+            self.calls += 1
+            return self.stock(x, *a, **k)
+
+        self.vae.encode = encode
+        return self
+
+    def __exit__(self, *exc):
+        del self.vae.encode  # back to the class's method
+
+
+def test_map_prompt_extraction_encodes_each_image_once(tiny_pipes):
+    backbone = backbone_for(tiny_pipes, "sd")
+    cat = difffeat.list_activations(backbone)
+    names = [next(a.name for a in cat if a.kind == "block-out"), next(a.name for a in cat if a.is_map)]
+    images = [random_image(64, 64, seed=s) for s in (1, 2)]
+    fx = difffeat.FeatureExtractor(backbone, names, resolution=64, map_prompt="a photo of a cat")
+    with _CountingEncode(backbone.pipeline.vae) as count:
+        got = fx.extract_batch(images, ["a dog", "a cat"])
+    assert count.images == 2 and count.calls == 1  # was 4 images in 2 calls (one per pass)
+    # the same features as passes that each encode
+    plain_fx = difffeat.FeatureExtractor(backbone, names[:1], resolution=64)
+    torch.testing.assert_close(got[names[0]], plain_fx.extract_batch(images, ["a dog", "a cat"])[names[0]])
+    assert backbone.latent_cache is None  # the call-scoped cache is gone
+
+
+def test_several_observations_of_one_image_encode_it_once(tiny_pipes):
+    backbone = backbone_for(tiny_pipes, "sd")
+    segs = [difffeat.Segmenter(backbone, method=m, resolution=64) for m in ("goca", "vanilla")]
+    image = random_image(64, 64, seed=4)
+    separate = [s.observe(image, ["cat", "dog"]).activations for s in segs]
+    with _CountingEncode(backbone.pipeline.vae) as count, backbone.reusing_latents() as cache:
+        shared = [s.observe(image, ["cat", "dog"]).activations for s in segs]
+    assert count.images == 1 and (cache.hits, cache.misses) == (1, 1)
+    for a, b in zip(shared, separate):
+        for name in a:
+            torch.testing.assert_close(a[name], b[name], rtol=0, atol=0)
+
+
+def test_a_persistent_latent_cache_skips_the_vae_on_repeated_runs(tiny_pipes):
+    from difffeat.backbones.latents import LatentCache
+
+    backbone = backbone_for(tiny_pipes, "sd")
+    cache = LatentCache(max_items=2)
+    images = [random_image(64, 64, seed=s) for s in (5, 6, 7)]
+    with _CountingEncode(backbone.pipeline.vae) as count:
+        for _ in range(2):
+            with backbone.reusing_latents(cache):
+                backbone.prepare(images[:2], "a cat", t=100)
+        assert count.images == 2  # the second run encoded nothing
+        with backbone.reusing_latents(cache):
+            backbone.prepare([images[2], images[2]], "a cat", t=100)  # a duplicate in one batch: one encode
+        assert count.images == 3 and len(cache) == 2  # least recently used dropped
+    with pytest.raises(ValueError, match="max_items"):
+        LatentCache(max_items=0)

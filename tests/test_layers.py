@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1] / "difffeat"
 
 #: unit (top-level module or subpackage of difffeat) -> layer; a unit may import its own layer or lower ones
 LAYERS = [
-    {"errors", "version", "resources", "images", "io", "hookpoints", "tokenizers"},
+    {"errors", "version", "checks", "resources", "images", "io", "hookpoints", "tokenizers"},
     {"shapes", "testing", "architectures"},  # synthetic data world, tiny offline models, real-size configs: diffusers + basics
     {"backbones"},
     {"catalog"},
@@ -24,8 +24,8 @@ LAYERS = [
     {"presets", "features", "families"},
     {"shift", "segment"},
     {"evaluate", "bench"},
-    {"runs", "scale"},
-    {"cli", "demo", "__main__", "__init__"},
+    {"runs"},
+    {"cli", "demo", "serve", "__main__", "__init__"},
 ]
 LAYER = {unit: i for i, units in enumerate(LAYERS) for unit in units}
 

@@ -172,3 +172,10 @@ def test_preset_for_another_architecture_names_the_presets_that_fit():
     assert "stable-diffusion-v1-5" in msg and "up-level1-repeat2-res-out" in msg and "shapes-legacy, shapes-practical" in msg
     fx = difffeat.FeatureExtractor(backbone, preset="shapes-practical")  # a fitting one loads
     assert fx.names == [difffeat.list_activations(backbone)[f].name for f in load_preset("shapes-practical").features]
+
+
+def test_recommended_preset_is_the_models_own_practical_one():
+    import difffeat
+    from difffeat.presets import recommended_preset
+
+    assert recommended_preset(difffeat.load("shapes", device="cpu")) == "shapes-practical"

@@ -1,4 +1,4 @@
-"""Dataset-scale runs (difffeat.scale): N processes under `accelerate launch` give one process's results,
+"""Dataset-scale runs (difffeat.runs): N processes under `accelerate launch` give one process's results,
 killed runs resume without duplicates or corrupt files, and a restart with other settings is refused."""
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file
 
 FEATURES = "down_blocks.1.resnets.0,up_blocks.1.attentions.0"
@@ -73,7 +74,7 @@ def data(tmp_path_factory):
 
 def _reference_features(data: Path, out: Path, batch_size: int = 4) -> None:
     from difffeat import FeatureExtractor, load
-    from difffeat.scale import ExtractJob, collect_images, run_extract
+    from difffeat.runs import ExtractJob, collect_images, run_extract
 
     fx = FeatureExtractor(load(data / "model", device="cpu", dtype="fp32"), FEATURES.split(","), batch_size=batch_size)
     refs = collect_images([data / "coco" / "images"])
@@ -98,10 +99,11 @@ def test_two_processes_match_one_process(data, tmp_path):
     ext = _start(2, "extract", str(data / "model"), str(data / "coco" / "images"), "--features", FEATURES,
                  "--out", str(tmp_path / "x2"), "--batch-size", "2", "--num-workers", "1")
     ev = _start(2, "eval", "--model", str(data / "model"), "--coco", ann, "--limit", "4", "--chunk-size", "1",
-                "--num-workers", "1", "--report", str(tmp_path / "r2.json"))
+                "--num-workers", "1", "--out", str(tmp_path / "r2_run"))
 
     from difffeat import Segmenter, load
-    from difffeat.evaluate import CocoDataset, evaluate
+    from difffeat.evaluate import CocoDataset
+    from difffeat.runs import evaluate
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as in the launched processes: float sums depend on the thread split
@@ -122,7 +124,7 @@ def test_two_processes_match_one_process(data, tmp_path):
     assert {"difffeat", "torch", "diffusers"} <= set(manifest["versions"])
 
     _finish(ev)
-    two = json.loads((tmp_path / "r2.json").read_text())
+    two = json.loads((tmp_path / "r2_run" / "report.json").read_text())
     assert two["processes"] == 2 and two["n_images"] == 4
     assert two["confusion_matrix"] == one.extra["confusion_matrix"]
     assert two["miou"] == one.miou
@@ -184,7 +186,8 @@ def test_eval_resume_skips_finished_chunks(data, tmp_path, monkeypatch):
     """A second run reuses the chunk files; a tampered (truncated) chunk is recomputed."""
     from difffeat import Segmenter, load
     from difffeat.evaluate import ShapesDataset
-    from difffeat.scale import EvalJob, evaluate as scale_eval, run_eval
+    from difffeat.runs import EvalJob, run_eval
+    from difffeat.runs import evaluation as scale_eval
 
     seg = Segmenter(load(data / "model", device="cpu", dtype="fp32"))
     job = EvalJob(tmp_path, limit=2, chunk_size=1, num_workers=0, progress=False, dataset={"shapes": "val"})
@@ -201,8 +204,8 @@ def test_eval_resume_skips_finished_chunks(data, tmp_path, monkeypatch):
 
 
 def test_size_buckets_and_shards():
-    from difffeat.scale.data import SizeBucketSampler
-    from difffeat.scale.state import shard
+    from difffeat.runs.sources import SizeBucketSampler
+    from difffeat.runs.processes import shard
 
     sizes = [(64, 32), (32, 64), (64, 32), (64, 32), (32, 64)]
     batches = list(SizeBucketSampler(sizes, 2))
@@ -214,7 +217,7 @@ def test_size_buckets_and_shards():
 
 def test_truncated_feature_file_is_not_finished(tmp_path):
     from difffeat.io import save_features
-    from difffeat.scale import feature_file_ok
+    from difffeat.runs import feature_file_ok
 
     p = tmp_path / "a.safetensors"
     save_features(p, {"x": torch.ones(2, 3, 3)}, {"t": 50})
@@ -242,7 +245,7 @@ def test_unreadable_image_is_a_clear_error_or_skipped_and_listed(data, tmp_path,
     with it the others are written and the bad ones listed in unreadable.json."""
     from difffeat import FeatureExtractor, load
     from difffeat.errors import InvalidImageError
-    from difffeat.scale import ExtractJob, collect_images, run_extract
+    from difffeat.runs import ExtractJob, collect_images, run_extract
 
     broken = _with_broken_images(data, tmp_path / "in")
     refs = collect_images([tmp_path / "in"])
@@ -274,7 +277,7 @@ def test_eval_with_a_corrupt_image_stops_with_its_own_error(data, tmp_path, num_
     from difffeat import Segmenter, load
     from difffeat.errors import InvalidImageError
     from difffeat.evaluate import CocoDataset
-    from difffeat.scale import EvalJob, run_eval
+    from difffeat.runs import EvalJob, run_eval
 
     images = tmp_path / "images"
     shutil.copytree(data / "coco" / "images", images)
@@ -284,3 +287,58 @@ def test_eval_with_a_corrupt_image_stops_with_its_own_error(data, tmp_path, num_
     with pytest.raises(InvalidImageError, match="corrupt or not an image") as err:
         run_eval(seg, ds, EvalJob(tmp_path / "run", limit=3, chunk_size=1, num_workers=num_workers, progress=False))
     assert "Traceback" not in str(err.value)
+
+
+def _segment_args(data: Path, out: Path) -> tuple[str, ...]:
+    return ("segment", str(data / "coco" / "images"), "--classes", "circle,square,triangle", "--model", "shapes",
+            "--out", str(out), "--num-workers", "0", "--device", "cpu", "--coco-results", str(out / "coco.json"))
+
+
+def _segment_outputs(folder: Path) -> dict[str, bytes]:
+    return {p.name: np.asarray(Image.open(p)).tobytes() for p in sorted(folder.glob("*_labels.png"))}
+
+
+@pytest.mark.parametrize("processes", [1, pytest.param(2, marks=pytest.mark.slow)])
+def test_killed_segment_run_resumes_without_missing_duplicated_or_partial_outputs(data, tmp_path, processes):
+    """`segment` on a folder, killed mid-run (SIGKILL to the whole process group), then run again: every image
+    has exactly its three outputs, equal to an uninterrupted run's, and nothing half-written is left."""
+    out = tmp_path / "seg"
+    proc = _start(processes, *_segment_args(data, out))
+    deadline = time.time() + 240
+    while len(list(out.glob("*.json"))) < 4 and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.02)  # manifest.json + 3 images
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done_before = len(list(out.glob("test_*.json")))
+    assert 3 <= done_before < 10, "the run finished (or never started) before it could be killed"
+
+    second = _finish(_start(processes, *_segment_args(data, out)))
+    assert f"({done_before} already done)" in second or processes > 1
+    summary = json.loads((out / "segment_summary.json").read_text())
+    assert summary["written"] + summary["skipped"] == 10 and summary["skipped"] >= done_before - processes
+
+    ref = tmp_path / "ref"
+    _finish(_start(1, *_segment_args(data, ref)))
+    stems = sorted(p.stem for p in (data / "coco" / "images").glob("*.png"))
+    for folder in (out, ref):
+        assert sorted(p.name for p in folder.glob("test_*")) == sorted(
+            f"{s}{suffix}" for s in stems for suffix in (".json", "_labels.png", "_overlay.png"))
+        assert not list(folder.glob(".*.part")) and not list(folder.glob("*.part"))
+    assert _segment_outputs(out) == _segment_outputs(ref)
+    coco, coco_ref = (json.loads((f / "coco.json").read_text()) for f in (out, ref))
+    assert coco == coco_ref and {e["image_id"] for e in coco} <= set(range(1, 11))
+
+
+def test_segment_restart_with_other_settings_is_refused(data, tmp_path):
+    from typer.testing import CliRunner
+
+    from difffeat.cli import app
+
+    img = str(data / "coco" / "images" / "test_000000.png")
+    base = ["segment", img, "-c", "circle", "-o", str(tmp_path), "--num-workers", "0", "--device", "cpu"]
+    runner = CliRunner()
+    assert runner.invoke(app, base).exit_code == 0
+    again = runner.invoke(app, base)
+    assert again.exit_code == 0 and "(1 already done)" in again.output
+    bad = runner.invoke(app, base + ["--tau", "0.3"])
+    assert bad.exit_code == 2 and "settings.tau" in " ".join(bad.output.split()) and "--overwrite" in bad.output

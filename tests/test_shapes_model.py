@@ -89,7 +89,8 @@ def test_shipped_model_segments_held_out_scenes() -> None:
     labels on 40 held-out test scenes (the README's full table uses 300). A broken export, tokenizer or
     attention path drops this to chance (~0.1)."""
     import difffeat
-    from difffeat.evaluate import ShapesDataset, evaluate
+    from difffeat.evaluate import ShapesDataset
+    from difffeat.runs import evaluate
 
     report = evaluate(difffeat.Segmenter("shapes"), ShapesDataset("test", 40), setting="oracle")
     assert report.miou >= MIN_SHIPPED_MIOU, report.per_class_iou

@@ -46,14 +46,14 @@ def test_load_single_file_takes_the_weights_from_the_file_and_the_architecture_f
 
 def test_cli_reads_a_single_file_with_config(checkpoint):
     file, config = checkpoint
-    result = CliRunner().invoke(app, ["catalog", str(file), "--config", str(config), "--json"])
+    result = CliRunner().invoke(app, ["catalog", str(file), "--model-config", str(config), "--json"])
     assert result.exit_code == 0, result.output
     names = {a["name"] for a in json.loads(result.stdout)}
     assert "up_blocks.1.attentions.0.transformer_blocks.0.attn2.map" in names
 
 
 def test_a_single_file_without_config_says_how_to_pass_it(checkpoint, tmp_path):
-    with pytest.raises(ModelNotFoundError, match=r"config=.*--config"):
+    with pytest.raises(ModelNotFoundError, match=r"config=.*--model-config"):
         difffeat.load(checkpoint[0], device="cpu")
     with pytest.raises(ModelNotFoundError, match="model_index.json"):
         difffeat.load(checkpoint[0], config=tmp_path, device="cpu")  # a folder that is no diffusers pipeline

@@ -5,15 +5,19 @@ noising rule) lives in the adapters; everything else in difffeat talks to this i
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from contextlib import contextmanager
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from diffusers import DiffusionPipeline
 
 from ..errors import InvalidPromptError, InvalidTimestepError
 from ..images import ImageInput, resize_to_multiple, to_rgb, to_tensor
+
+if TYPE_CHECKING:
+    from .latents import LatentCache
 
 __all__ = ["Backbone", "DenoiserInputs", "TextSegment", "check_timestep", "NUM_TRAIN_TIMESTEPS"]
 
@@ -150,6 +154,36 @@ class Backbone(ABC):
         shift = getattr(vae.config, "shift_factor", None) or 0.0
         return (latents - shift) * vae.config.scaling_factor
 
+    #: an active :class:`~difffeat.backbones.latents.LatentCache`, or None (every prepare encodes)
+    latent_cache: "LatentCache | None" = None
+
+    def encode_latents(self, pixels: torch.Tensor) -> torch.Tensor:
+        """:meth:`encode_image` through :attr:`latent_cache` when one is set (images seen before are not
+        encoded again)."""
+        if self.latent_cache is None:
+            return self.encode_image(pixels)
+        vae = self.pipeline.vae
+        return self.latent_cache.encode(pixels, (id(vae), str(vae.dtype), str(vae.device)), self.encode_image)
+
+    @contextmanager
+    def reusing_latents(self, cache: "LatentCache | None" = None) -> Iterator["LatentCache"]:
+        """Within the block every image is encoded once: through ``cache``, else the cache already set,
+        else a fresh one dropped at the end."""
+        from .latents import LatentCache
+
+        before = self.latent_cache
+        self.latent_cache = cache if cache is not None else before if before is not None else LatentCache()
+        try:
+            yield self.latent_cache
+        finally:
+            self.latent_cache = before
+
+    def set_vae_dtype(self, dtype: torch.dtype) -> "Backbone":
+        """Encode images in ``dtype`` (e.g. ``torch.bfloat16``; the latents are cast back to the denoiser's
+        dtype). The VAE serves only encoding here; the error this costs is measured by ``difffeat bench``."""
+        self.pipeline.vae.to(dtype=dtype)
+        return self
+
     def make_noise(self, latents: torch.Tensor, seed: int) -> torch.Tensor:
         """Gaussian noise shaped like one latent, drawn from ``seed`` on the CPU (device independent) and
         repeated over the batch, so an image's features never depend on what else is in its batch."""
@@ -205,7 +239,7 @@ class Backbone(ABC):
             )
         pixels = self.preprocess(images, resolution, square)
         with torch.no_grad():
-            latents = self.encode_image(pixels).to(self.dtype)
+            latents = self.encode_latents(pixels).to(self.dtype)
             noise = self.make_noise(latents, seed)
             noisy = self.add_noise(latents, t, noise)
             cond = self.encode_prompt(prompt_list)

@@ -13,13 +13,14 @@ from typing import Any
 import torch
 from diffusers import DiffusionPipeline
 
-from ..errors import ModelNotFoundError
+from ..checks import check_device
+from ..errors import InvalidOptionError, ModelNotFoundError
 from ..resources import package_dir
 from .base import Backbone
 from .single_file import from_single_file, is_single_file
 from .registry import adapter_for
 
-__all__ = ["load", "wrap_pipeline", "resolve_dtype", "default_device", "EMBEDDED_MODELS"]
+__all__ = ["load", "check_model", "wrap_pipeline", "resolve_dtype", "default_device", "EMBEDDED_MODELS"]
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +50,7 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
     try:
         return _DTYPES[str(dtype).lower()]
     except KeyError:
-        raise ValueError(f"unknown dtype {dtype!r}; use one of {sorted(_DTYPES)}") from None
+        raise InvalidOptionError(f"unknown dtype {dtype!r}; use one of {', '.join(sorted(_DTYPES))}") from None
 
 
 def wrap_pipeline(pipeline: DiffusionPipeline, name: str | None = None) -> Backbone:
@@ -91,16 +92,37 @@ def _from_folder(path: Path, dtype: torch.dtype, **pipeline_kwargs: Any) -> Diff
             f"{str(path)!r} is not a diffusers pipeline folder (no model_index.json). Pass a folder saved with "
             "`pipeline.save_pretrained(...)` or downloaded with `huggingface-cli download REPO_ID --local-dir DIR`."
         )
+    _check_model_index(path)
     try:
         with _quiet_loading():
             return DiffusionPipeline.from_pretrained(str(path), torch_dtype=dtype, local_files_only=True, **pipeline_kwargs)
-    except (OSError, ValueError) as exc:  # missing or mismatched weight files, raised deep inside diffusers
+    except (OSError, ValueError, AttributeError, KeyError, TypeError) as exc:  # missing or mismatched weight files, raised deep inside diffusers
         first = (str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__).rstrip(".")
         variants = _weight_variants(path)
         hint = ""
         if variants and pipeline_kwargs.get("variant") not in variants:
             hint = f" The folder's weights are saved as variant(s) {sorted(variants)}: pass variant={sorted(variants)[0]!r}."
         raise ModelNotFoundError(f"could not load the diffusers folder {str(path)!r}: {first}.{hint}") from None
+
+
+def _check_model_index(path: Path) -> None:
+    """``model_index.json`` names a pipeline class and every component it lists has its subfolder."""
+    import json
+
+    index_file = path / "model_index.json"
+    try:
+        index = json.loads(index_file.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ModelNotFoundError(f"{str(index_file)!r} is not valid JSON ({exc}); the folder is not a diffusers pipeline") from None
+    if not isinstance(index, dict) or not isinstance(index.get("_class_name"), str):
+        raise ModelNotFoundError(f"{str(index_file)!r} names no pipeline class ('_class_name'); save the folder with "
+                                 "`pipeline.save_pretrained(...)`")
+    components = [k for k, v in index.items() if not k.startswith("_") and isinstance(v, list) and len(v) == 2 and v[0]]
+    missing = [k for k in components if not (path / k).is_dir()]
+    if missing:
+        raise ModelNotFoundError(f"the pipeline folder {str(path)!r} lacks the component folder(s) "
+                                 f"{', '.join(m + '/' for m in missing)} that its model_index.json lists; copy the "
+                                 "complete pipeline (every subfolder)")
 
 
 def _weight_variants(path: Path) -> set[str]:
@@ -122,6 +144,32 @@ def embedded_model_path(name: str) -> Path:
             f"the embedded {name!r} model is missing from this installation (expected at {path}); reinstall difffeat"
         )
     return path
+
+
+def check_model(model: Any) -> None:
+    """Fail early, without loading weights, for a model that cannot load: a missing or incomplete folder, a
+    ``model_index.json`` naming no pipeline, or (offline) a hub id that is not in the local cache."""
+    if isinstance(model, (Backbone, DiffusionPipeline)):
+        return
+    name = os.fspath(model)
+    if name in EMBEDDED_MODELS:
+        embedded_model_path(name)
+    elif Path(name).expanduser().exists():
+        path = Path(name).expanduser()
+        if not (path / "model_index.json").is_file():
+            _from_folder(path, torch.float32)  # raises the not-a-pipeline-folder error
+        _check_model_index(path)
+    elif name.startswith((".", "/", "~")) or name.count("/") != 1 or name.endswith("/"):
+        raise ModelNotFoundError(
+            f"model folder {name!r} does not exist. Pass an existing diffusers folder, a hub id like "
+            "'stable-diffusion-v1-5/stable-diffusion-v1-5', or 'shapes' for the embedded model."
+        )
+    elif os.environ.get("HF_HUB_OFFLINE") == "1":
+        from huggingface_hub import try_to_load_from_cache
+
+        if not isinstance(try_to_load_from_cache(name, "model_index.json"), str):
+            raise ModelNotFoundError(f"{name!r} is not in the local Hugging Face cache and HF_HUB_OFFLINE=1 is set; "
+                                     "download it elsewhere (`huggingface-cli download ID --local-dir DIR`) and pass the folder")
 
 
 def load(
@@ -154,7 +202,7 @@ def load(
     """
     if isinstance(model, Backbone):
         return model
-    dev = torch.device(device) if device is not None else default_device()
+    dev = torch.device(check_device(str(device))) if device is not None else default_device()
     torch_dtype = resolve_dtype(dtype, dev)
     if isinstance(model, DiffusionPipeline):
         backbone = wrap_pipeline(model)
@@ -169,12 +217,8 @@ def load(
                 pipe = from_single_file(name, config, torch_dtype, **pipeline_kwargs)
         elif Path(name).expanduser().exists():
             pipe = _from_folder(Path(name).expanduser(), torch_dtype, **pipeline_kwargs)
-        elif name.startswith((".", "/", "~")) or name.count("/") != 1 or name.endswith("/"):
-            raise ModelNotFoundError(
-                f"model folder {name!r} does not exist. Pass an existing diffusers folder, a hub id like "
-                "'stable-diffusion-v1-5/stable-diffusion-v1-5', or 'shapes' for the embedded model."
-            )
         else:
+            check_model(name)
             try:
                 with _quiet_loading():
                     pipe = DiffusionPipeline.from_pretrained(name, torch_dtype=torch_dtype, **pipeline_kwargs)

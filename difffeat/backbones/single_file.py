@@ -60,8 +60,9 @@ def from_single_file(
         raise ModelNotFoundError(f"checkpoint file {str(file)!r} does not exist")
     if config is None:
         raise ModelNotFoundError(
-            f"{file.name} is a single-file checkpoint: difffeat needs its architecture. Pass config= (CLI: --config) "
-            "naming a diffusers folder or hub id of the same model, e.g. load('model.safetensors', "
+            f"{file.name} is a single-file checkpoint: difffeat needs its architecture. Pass config= (CLI: "
+            "`difffeat catalog FILE --model-config DIR`) naming a diffusers folder or hub id of the same model, e.g. "
+            "load('model.safetensors', "
             "config='stable-diffusion-v1-5/stable-diffusion-v1-5'); offline, a local folder such as one saved with "
             "`pipeline.save_pretrained(DIR)`."
         )

@@ -116,19 +116,23 @@ def attention_probs(
     if cols is None:
         raise DifffeatError(f"this attention layer has no {keys} keys")
     rows_per_chunk = max(1, chunk_elements // max(1, b * h * nk))
+    q_scaled = q.float() * tensors.scale  # scaling the [.., d] queries, not the [.., keys] logits
     kt = k.float().transpose(-1, -2)
-    out = []
+    out = None  # [..., nq, K] filled chunk by chunk: no list of pieces and no concatenated copy
     for start in range(0, nq, rows_per_chunk):
         rows = slice(start, min(nq, start + rows_per_chunk))
-        logits = torch.matmul(q[:, :, rows].float(), kt) * tensors.scale
+        logits = torch.matmul(q_scaled[:, :, rows], kt)
         if tensors.bias is not None:
             bias = tensors.bias
             if bias.shape[-2] != 1:
                 bias = bias[..., rows, :]
             logits = logits + bias.float()
         full = logits.softmax(dim=-1)
-        out.append(reducer(full[..., cols], attn=attn, tensors=tensors, rows=rows, full_probs_bhqk=full))
-    return torch.cat(out, dim=-2)
+        reduced = reducer(full[..., cols], attn=attn, tensors=tensors, rows=rows, full_probs_bhqk=full)
+        if out is None:
+            out = reduced.new_empty((*reduced.shape[:-2], nq, reduced.shape[-1]))
+        out[..., rows, :] = reduced
+    return out
 
 
 # --------------------------------------------------------------------------- layouts

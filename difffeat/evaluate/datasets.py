@@ -13,10 +13,10 @@ from typing import Protocol
 import numpy as np
 from PIL import Image
 
-from ..errors import DifffeatError
+from ..errors import DatasetError
 from ..images import to_rgb
 
-__all__ = ["EvalItem", "SegDataset", "CocoDataset", "VocDataset", "ShapesDataset"]
+__all__ = ["EvalItem", "SegDataset", "CocoDataset", "VocDataset", "ShapesDataset", "read_coco"]
 
 
 @dataclass
@@ -48,6 +48,54 @@ def labelled_items(dataset: SegDataset) -> Iterator[tuple[EvalItem, list[int]]]:
             yield item, labels
 
 
+def read_coco(annotations: str | os.PathLike) -> dict:
+    """A COCO instances file, checked: a JSON object with ``images`` (each with ``id``, ``file_name``,
+    ``height``, ``width``), ``categories`` (each with ``id``, ``name``) and ``annotations`` whose
+    ``image_id``/``category_id`` exist. Errors name the file and the entry."""
+    import json
+
+    ann = Path(annotations)
+    if not ann.is_file():
+        raise DatasetError(f"COCO annotation file not found: {str(ann)!r}")
+    try:
+        data = json.loads(ann.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise DatasetError(f"{str(ann)!r} is not valid JSON ({exc}); pass a COCO instances annotation file") from None
+    if not isinstance(data, dict):
+        raise DatasetError(f"{str(ann)!r} holds a JSON {type(data).__name__}, not a COCO object with "
+                           "'images', 'annotations' and 'categories'")
+    for key in ("images", "categories"):
+        if not isinstance(data.get(key), list):
+            raise DatasetError(f"{str(ann)!r} has no {key!r} list; a COCO instances file needs 'images', "
+                               "'annotations' and 'categories'")
+    data.setdefault("annotations", [])
+
+    def entry(key: str, i: int, d, fields: dict[str, type]) -> None:
+        where = f"{str(ann)!r}: {key}[{i}]" + (f" (id {d.get('id')!r})" if isinstance(d, dict) and "id" in d else "")
+        if not isinstance(d, dict):
+            raise DatasetError(f"{where} is not an object")
+        for f, typ in fields.items():
+            if not isinstance(d.get(f), typ) or isinstance(d.get(f), bool):
+                raise DatasetError(f"{where} has no valid {f!r} ({typ.__name__} expected, got {d.get(f)!r})")
+
+    for i, d in enumerate(data["images"]):
+        entry("images", i, d, {"id": int, "file_name": str, "height": int, "width": int})
+    for i, d in enumerate(data["categories"]):
+        entry("categories", i, d, {"id": int, "name": str})
+    if not data["categories"]:
+        raise DatasetError(f"{str(ann)!r} has an empty 'categories' list: nothing to segment")
+    cats, imgs = {d["id"] for d in data["categories"]}, {d["id"] for d in data["images"]}
+    for i, d in enumerate(data["annotations"]):
+        entry("annotations", i, d, {"id": int, "image_id": int, "category_id": int})
+        if d["category_id"] not in cats:
+            raise DatasetError(f"{str(ann)!r}: annotations[{i}] (id {d['id']}) has category_id {d['category_id']}, "
+                               f"which 'categories' does not define (known: {sorted(cats)[:10]})")
+        if d["image_id"] not in imgs:
+            raise DatasetError(f"{str(ann)!r}: annotations[{i}] (id {d['id']}) has image_id {d['image_id']}, "
+                               "which 'images' does not define")
+    return data
+
+
 class CocoDataset:
     """COCO instances annotations -> semantic masks. Labels are contiguous in category-id order; later
     annotations overwrite earlier ones where they overlap; crowd regions are ignored (255)."""
@@ -55,22 +103,26 @@ class CocoDataset:
     def __init__(self, annotations: str | os.PathLike, images: str | os.PathLike) -> None:
         from pycocotools.coco import COCO
 
-        ann = Path(annotations)
-        if not ann.is_file():
-            raise DifffeatError(f"COCO annotation file not found: {str(ann)!r}")
+        data = read_coco(annotations)
         self.images = Path(images)
         if not self.images.is_dir():
-            raise DifffeatError(f"image folder not found: {str(self.images)!r}")
+            raise DatasetError(f"image folder not found: {str(self.images)!r}")
         import contextlib
         import io
 
         with contextlib.redirect_stdout(io.StringIO()):
-            self.coco = COCO(str(ann))
+            self.coco = COCO()
+            self.coco.dataset = data
+            self.coco.createIndex()
         cats = sorted(self.coco.loadCats(self.coco.getCatIds()), key=lambda c: c["id"])
         self.classes = [c["name"] for c in cats]
         self.category_ids = {c["name"]: c["id"] for c in cats}
         self._label_of = {c["id"]: i + 1 for i, c in enumerate(cats)}
         self.ids = sorted(self.coco.getImgIds())
+        missing = [d["file_name"] for d in data["images"] if not (self.images / d["file_name"]).is_file()]
+        if missing:
+            raise DatasetError(f"{len(missing)} image(s) of {str(annotations)!r} missing from {str(self.images)!r}, "
+                               f"e.g. {missing[0]!r}; pass the folder holding them with --images")
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -81,10 +133,7 @@ class CocoDataset:
         for ann in sorted(self.coco.loadAnns(self.coco.getAnnIds(imgIds=info["id"])), key=lambda a: a["id"]):
             m = self.coco.annToMask(ann) > 0
             gt[m] = 255 if ann.get("iscrowd", 0) else self._label_of[ann["category_id"]]
-        path = self.images / info["file_name"]
-        if not path.is_file():
-            raise DifffeatError(f"image {info['file_name']!r} of the annotations is missing from {str(self.images)!r}")
-        return EvalItem(info["file_name"], to_rgb(path), gt)  # a corrupt file: InvalidImageError naming it
+        return EvalItem(info["file_name"], to_rgb(self.images / info["file_name"]), gt)  # a corrupt file: InvalidImageError naming it
 
 
 class VocDataset:
@@ -93,17 +142,45 @@ class VocDataset:
     def __init__(self, images: str | os.PathLike, labels: str | os.PathLike, classes: Sequence[str]) -> None:
         self.images, self.labels = Path(images), Path(labels)
         if not self.labels.is_dir():
-            raise DifffeatError(f"label folder not found: {str(self.labels)!r}")
+            raise DatasetError(f"label folder not found: {str(self.labels)!r}")
+        if not self.images.is_dir():
+            raise DatasetError(f"image folder not found: {str(self.images)!r}")
         self.classes = list(classes)
         if not self.classes:
-            raise DifffeatError("a VOC-style dataset needs its class names (label i = i-th name, 0 = background)")
+            raise DatasetError("a VOC-style dataset needs its class names (label i = i-th name, 0 = background)")
         self.stems = sorted(p.stem for p in self.labels.glob("*.png"))
         self._image_of = {}
         for stem in self.stems:
             found = [p for p in self.images.glob(stem + ".*") if p.suffix.lower() in (".jpg", ".jpeg", ".png", ".bmp", ".webp")]
             if not found:
-                raise DifffeatError(f"no image for label {stem}.png in {str(self.images)!r}")
+                raise DatasetError(f"no image for label {stem}.png in {str(self.images)!r}")
             self._image_of[stem] = found[0]
+        if not self.stems:
+            raise DatasetError(f"no label PNGs in {str(self.labels)!r}")
+        for stem in self.stems:
+            self._check_label(stem)
+
+    def _check_label(self, stem: str) -> None:
+        """A label PNG is single-channel (L or P), has its image's size, and holds 0..len(classes) or 255."""
+        path = self.labels / f"{stem}.png"
+        try:
+            with Image.open(path) as lab:
+                mode, size = lab.mode, lab.size
+                values = np.unique(np.asarray(lab)) if mode in ("L", "P") else None
+            with Image.open(self._image_of[stem]) as im:
+                image_size = im.size
+        except OSError as exc:
+            raise DatasetError(f"cannot read {str(path)!r} or its image ({exc})") from None
+        if values is None:
+            raise DatasetError(f"label {str(path)!r} is {mode}; labels must be single-channel PNGs (mode L or P) "
+                               "whose pixel values are class indices, not colours")
+        if size != image_size:
+            raise DatasetError(f"label {str(path)!r} is {size[0]}x{size[1]} px but its image "
+                               f"{self._image_of[stem].name!r} is {image_size[0]}x{image_size[1]}; they must match")
+        bad = [int(v) for v in values if v != 255 and v > len(self.classes)]
+        if bad:
+            raise DatasetError(f"label {str(path)!r} holds value(s) {bad[:5]} but only {len(self.classes)} class "
+                               f"name(s) were given (0 = background, 1..{len(self.classes)}, 255 = ignore)")
 
     def __len__(self) -> int:
         return len(self.stems)
@@ -118,8 +195,13 @@ class ShapesDataset:
     """``n`` generated samples of a split of the synthetic shapes world (exact ground truth)."""
 
     def __init__(self, split: str = "test", n: int = 300, start: int = 0) -> None:
+        from ..errors import InvalidOptionError
         from ..shapes import world
 
+        if split not in world.SPLITS:
+            raise InvalidOptionError(f"unknown shapes split {split!r}; choose one of {', '.join(world.SPLITS)}")
+        if int(n) < 1:
+            raise InvalidOptionError(f"the number of shapes images must be >= 1, got {n}")
         self.world = world
         self.split, self.n, self.start = split, int(n), int(start)
         self.classes = list(world.SHAPE_CLASSES)

@@ -1,18 +1,18 @@
-"""Dataset evaluation of a Segmenter: mIoU and per-class IoU in a stated setting.
+"""Scoring a Segmenter on dataset items: mIoU and per-class IoU in a stated setting (the per-item steps and the
+report; the dataset loop, sharded and resumable, is :func:`difffeat.runs.run_eval`).
 
 Settings:
 * ``oracle`` — "oracle image labels": each prompt names only the classes present in that image's ground
   truth (what the GOCA paper and its reference code do; comparable to their numbers).
 * ``all`` — "all dataset classes": every prompt names every class (open-vocabulary, harder).
 
-The background offset tau is chosen on a *separate* split (:func:`tune_tau`), never on the test split.
+The background offset tau is chosen on a *separate* split (:func:`difffeat.runs.tune_tau`), never on the test split.
 """
 
 from __future__ import annotations
 
 import platform
-import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,10 +21,13 @@ from PIL import Image
 
 from ..version import __version__
 from ..segment.segmenter import SegmentationResult, Segmenter
-from .datasets import EvalItem, SegDataset
+from .datasets import EvalItem
 from .metrics import ConfusionMatrix
 
-__all__ = ["EvalReport", "evaluate", "tune_tau", "best_tau", "TauSweep", "SETTINGS", "segment_item"]
+__all__ = ["EvalReport", "best_tau", "TauSweep", "SETTINGS", "TAU_GRID", "segment_item", "to_dataset_labels", "add_at_every_tau", "build_report"]
+
+#: the background offsets tried when tau is tuned
+TAU_GRID = tuple(float(t) for t in np.round(np.linspace(-0.4, 0.4, 17), 3))
 
 SETTINGS = {
     "oracle": "oracle image labels (prompt names the classes present in the ground truth; as in the papers)",
@@ -76,7 +79,7 @@ def segment_item(segmenter: Segmenter, item: EvalItem, classes: Sequence[str], s
     return segmenter(item.image, [classes[l - 1] for l in labels]), labels
 
 
-def _to_dataset_labels(result: SegmentationResult | None, labels: list[int], shape: tuple[int, int]) -> np.ndarray:
+def to_dataset_labels(result: SegmentationResult | None, labels: list[int], shape: tuple[int, int]) -> np.ndarray:
     """The result as dataset labels on the ground truth's grid ``shape``.
 
     Results come at the segmented image's size, which is smaller than the annotation when the image was
@@ -90,7 +93,8 @@ def _to_dataset_labels(result: SegmentationResult | None, labels: list[int], sha
     return pred
 
 
-def _report(cm: ConfusionMatrix, classes: Sequence[str], setting: str, n: int, seconds: float, settings: dict) -> EvalReport:
+def build_report(cm: ConfusionMatrix, classes: Sequence[str], setting: str, n: int, seconds: float, settings: dict) -> EvalReport:
+    """The report of a summed confusion matrix (background = class 0, then ``classes``)."""
     iou = cm.iou()
     names = ["background"] + list(classes)
     return EvalReport(
@@ -104,61 +108,15 @@ def _report(cm: ConfusionMatrix, classes: Sequence[str], setting: str, n: int, s
     )
 
 
-def evaluate(
-    segmenter: Segmenter,
-    dataset: SegDataset,
-    setting: str = "oracle",
-    limit: int | None = None,
-    progress: bool = False,
-    indices: Iterable[int] | None = None,
-) -> EvalReport:
-    """Accumulate a confusion matrix over the dataset (background = class 0) and report mIoU."""
-    from tqdm.auto import tqdm
-
-    classes = list(dataset.classes)
-    cm = ConfusionMatrix(len(classes) + 1)
-    idx = list(indices) if indices is not None else list(range(len(dataset) if limit is None else min(limit, len(dataset))))
-    start = time.perf_counter()
-    for i in tqdm(idx, desc=f"eval ({setting})", unit="img", disable=not progress):
-        item = dataset[i]
-        result, labels = segment_item(segmenter, item, classes, setting)
-        cm.update(item.gt, _to_dataset_labels(result, labels, item.gt.shape))
-    report = _report(cm, classes, setting, len(idx), time.perf_counter() - start, segmenter.settings.to_dict())
-    report.extra["confusion_matrix"] = cm.counts.tolist()
-    return report
-
-
-def tune_tau(
-    segmenter: Segmenter,
-    dataset: SegDataset,
-    setting: str = "oracle",
-    taus: Sequence[float] = tuple(np.round(np.linspace(-0.4, 0.4, 17), 3)),
-    limit: int | None = None,
-    progress: bool = False,
-) -> tuple[float, dict[float, float]]:
-    """Choose tau by mIoU on a tuning split: one forward per image, every tau decided from the same maps."""
-    from tqdm.auto import tqdm
-
-    classes = list(dataset.classes)
-    cms = {float(t): ConfusionMatrix(len(classes) + 1) for t in taus}
-    n = len(dataset) if limit is None else min(limit, len(dataset))
-    for i in tqdm(range(n), desc="tune tau", unit="img", disable=not progress):
-        item = dataset[i]
-        result, labels = segment_item(segmenter, item, classes, setting)
-        _add_at_every_tau(cms, result, labels, item.gt)
-    scores = {tau: cm.miou() for tau, cm in cms.items()}
-    return best_tau(scores), scores
-
-
 def best_tau(scores: dict[float, float]) -> float:
     """The tau with the best score; ties go to the tau nearest 0."""
     return max(scores, key=lambda t: (scores[t], -abs(t)))
 
 
-def _add_at_every_tau(cms: dict[float, ConfusionMatrix], result: SegmentationResult | None, labels: list[int], gt: np.ndarray) -> None:
+def add_at_every_tau(cms: dict[float, ConfusionMatrix], result: SegmentationResult | None, labels: list[int], gt: np.ndarray) -> None:
     """Add one image's result, decided at each tau of ``cms`` (no new forward), to that tau's matrix."""
     for tau, cm in cms.items():
-        cm.update(gt, _to_dataset_labels(result.with_tau(tau) if result is not None else None, labels, gt.shape))
+        cm.update(gt, to_dataset_labels(result.with_tau(tau) if result is not None else None, labels, gt.shape))
 
 
 class TauSweep:
@@ -178,7 +136,7 @@ class TauSweep:
         if split not in self._cms:
             raise ValueError(f"unknown split {split!r}; this sweep has {self.tune!r} (tuning) and {self.test!r} (test)")
         cms = self._cms[split].setdefault(row, {tau: ConfusionMatrix(self.n_classes) for tau in self.taus})
-        _add_at_every_tau(cms, result, labels, gt)
+        add_at_every_tau(cms, result, labels, gt)
 
     def rows(self) -> list[dict[str, Any]]:
         """Per row (in first-seen test order): ``row``, test ``miou`` at the tuned ``tau``, ``foreground_iou``,

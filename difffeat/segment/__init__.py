@@ -3,7 +3,8 @@
 from .aggregation import FixedHeadWeights, GocaHeadReducer
 from .prompts import PromptLayout, TextSegment, build_layout
 from .segmenter import Observation, SegmentationResult, Segmenter
-from .settings import SegmentSettings, settings_for
+from .settings import SegmentSettings, config_names, settings_for
+from .vocabulary import ClassCheck, ClassVocabularyWarning, check_class_words, model_vocabulary
 
 __all__ = [
     "Segmenter",
@@ -13,7 +14,12 @@ __all__ = [
     "GocaHeadReducer",
     "SegmentSettings",
     "settings_for",
+    "config_names",
     "PromptLayout",
     "TextSegment",
     "build_layout",
+    "check_class_words",
+    "model_vocabulary",
+    "ClassCheck",
+    "ClassVocabularyWarning",
 ]

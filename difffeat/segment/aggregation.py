@@ -21,6 +21,7 @@ __all__ = [
     "FixedHeadWeights",
     "layer_weights",
     "resize_self_map",
+    "resize_self_map_adjoint",
     "combine_layers",
     "head_output_weight",
 ]
@@ -142,7 +143,8 @@ def layer_weights(
 
     ``P = softmax(F F^T / sqrt(C))`` over pixels is the pseudo self-attention of the reference feature
     ``F`` at its own grid. ``S_m`` is layer m's head-averaged self-attention, resized to the reference grid
-    (:func:`resize_self_map`).
+    (``U`` = :func:`resize_self_map`); the score is computed in the adjoint form ``<U^T P, S_m>``
+    (:func:`resize_self_map_adjoint`), equal to ``<P, U(S_m)>`` without building any resized map.
 
     Args:
         ref_bchw: reference dense feature ``[B, C, H, W]``.
@@ -159,13 +161,56 @@ def layer_weights(
     b, c, h, w = ref_bchw.shape
     f = ref_bchw.float().flatten(2).transpose(1, 2)  # [B, HW, C]
     p = torch.softmax(torch.matmul(f, f.transpose(1, 2)) / c**0.5, dim=-1)
-    scores = torch.stack(
-        [(p * resize_self_map(s.float(), g, (h, w), mass_preserving)).sum(dim=(1, 2)) for s, g in zip(self_maps, grids)], dim=1
-    )
-    scores = scores.clamp_min(0)
+    adjoint: dict[tuple[int, int], torch.Tensor] = {}  # one U^T P per self-map grid, shared by its layers
+    scores = []
+    for s_map, g in zip(self_maps, grids):
+        g = tuple(g)
+        if g not in adjoint:
+            adjoint[g] = resize_self_map_adjoint(p, g, (h, w), mass_preserving)
+        scores.append((adjoint[g] * s_map.float()).sum(dim=(1, 2)))
+    scores = torch.stack(scores, dim=1).clamp_min(0)
     total = scores.sum(dim=1, keepdim=True)
     uniform = torch.full_like(scores, 1.0 / scores.shape[1])
     return torch.where(total > 0, scores / total.clamp_min(_EPS), uniform)
+
+
+def _axis_resamplers(n_from: int, n_to: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The 1-D resampling matrices ``[n_to, n_from]`` of ``F.interpolate`` along one axis: bilinear
+    (``align_corners=False``) and nearest (one-hot rows). Both 2-D modes are separable, so a 2-D resize is
+    ``Y = M_h X M_w^T``. Built by resizing the identity, so they match ``F.interpolate`` exactly."""
+    eye = torch.eye(n_from, device=device).view(n_from, 1, n_from, 1)
+    bilinear = F.interpolate(eye, size=(n_to, 1), mode="bilinear", align_corners=False).view(n_from, n_to).T
+    nearest = F.interpolate(eye, size=(n_to, 1), mode="nearest").view(n_from, n_to).T
+    return bilinear, nearest
+
+
+def resize_self_map_adjoint(
+    p_bqk: torch.Tensor, grid: tuple[int, int], target: tuple[int, int], mass_preserving: bool = True
+) -> torch.Tensor:
+    """The adjoint of :func:`resize_self_map`: ``U^T P`` with ``<U^T P, S> = <P, U(S)>`` for every ``S``.
+
+    ``U(S) = c N_q S B_k^T`` (nearest ``N`` over query pixels, bilinear ``B`` over key pixels, each the
+    Kronecker product of its per-axis matrices; ``c = hw / (Ht Wt)`` when ``mass_preserving``), so
+    ``U^T P = c N_q^T P B_k``. Scoring a layer against ``P`` at the target grid then costs one ``[hw, hw]``
+    product instead of resizing its map to ``[Ht Wt, Ht Wt]``, and layers on the same grid share it.
+
+    Args:
+        p_bqk: ``[B, Ht*Wt, Ht*Wt]`` at ``target``.
+        grid: (h, w) of the self maps it will score.
+    Returns:
+        ``[B, h*w, h*w]``.
+    """
+    (h, w), (th, tw) = grid, target
+    if (h, w) == (th, tw):
+        return p_bqk
+    b = p_bqk.shape[0]
+    by, ny = _axis_resamplers(h, th, p_bqk.device)
+    bx, nx = _axis_resamplers(w, tw, p_bqk.device)
+    p5 = p_bqk.float().reshape(b, th, tw, th, tw)  # [B, qy, qx, ky, kx]
+    p5 = torch.einsum("bijkl,ia,jc->backl", p5, ny, nx)  # queries: nearest, adjoint
+    p5 = torch.einsum("backl,kd,le->bacde", p5, by, bx)  # keys: bilinear, adjoint
+    g = p5.reshape(b, h * w, h * w)
+    return g * ((h * w) / (th * tw)) if mass_preserving else g
 
 
 def combine_layers(

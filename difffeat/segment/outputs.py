@@ -23,6 +23,7 @@ __all__ = [
     "heatmap_image",
     "save_result",
     "to_coco_results",
+    "coco_entries",
 ]
 
 
@@ -66,21 +67,20 @@ def enlarge(img: Image.Image, factor: int) -> Image.Image:
 
 
 def overlay(image: ImageInput, labels: np.ndarray, alpha: float = 0.5, scale: int = 1) -> Image.Image:
-    """The image (nearest-enlarged ``scale`` times) with each class colour blended at ``alpha`` over its
-    pixels and drawn unblended on the region's boundary, so the boundary matches the legend exactly."""
-    lab = np.asarray(enlarge(Image.fromarray(labels.astype(np.uint8)), scale))
+    """The image with each class colour blended at ``alpha`` over its pixels and drawn unblended on the
+    region's boundary pixels (so the outline matches the legend exactly), nearest-enlarged ``scale`` times."""
+    lab = labels.astype(np.uint8)
     rgb = np.asarray(to_rgb(image).convert("RGB").resize(lab.shape[::-1], Image.NEAREST), dtype=np.float32)
     colors = palette()[lab].astype(np.float32)
-    mask = (lab > 0)[..., None]
-    out = np.where(mask, (1 - alpha) * rgb + alpha * colors, rgb)
-    edge = np.zeros(lab.shape, dtype=bool)
+    out = np.where((lab > 0)[..., None], (1 - alpha) * rgb + alpha * colors, rgb)
+    edge = np.zeros(lab.shape, dtype=bool)  # a labelled pixel with a differently labelled 4-neighbour
     edge[:-1] |= lab[:-1] != lab[1:]
     edge[1:] |= lab[1:] != lab[:-1]
     edge[:, :-1] |= lab[:, :-1] != lab[:, 1:]
     edge[:, 1:] |= lab[:, 1:] != lab[:, :-1]
     edge &= lab > 0
     out[edge] = colors[edge]
-    return Image.fromarray(out.round().clip(0, 255).astype(np.uint8))
+    return enlarge(Image.fromarray(out.round().clip(0, 255).astype(np.uint8)), scale)
 
 
 def heatmap_image(scores: np.ndarray, scale: int = 1, bar: bool = True) -> Image.Image:
@@ -125,17 +125,26 @@ def save_result(
             heat = (result.heatmap(cls) * 255).astype(np.uint8)
             paths[f"heat_{cls}"] = out / f"{stem}_heat_{safe}.png"
             _save_png(paths[f"heat_{cls}"], Image.fromarray(heat, mode="L"))
-    write_json(paths["json"], result.to_json())
+    scores = {cls: float(result.class_maps[label - 1].max()) for cls, label in result.class_index.items()}
+    write_json(paths["json"], {**result.to_json(), "class_scores": scores})  # last: its presence marks the image done
     return paths
 
 
 def to_coco_results(result: SegmentationResult, image_id: int, category_ids: dict[str, int]) -> list[dict[str, Any]]:
     """COCO results entries (one per predicted class, RLE segmentation via pycocotools)."""
+    scores = {cls: float(result.class_maps[label - 1].max()) for cls, label in result.class_index.items()}
+    return coco_entries(result.labels, result.class_index, scores, image_id, category_ids)
+
+
+def coco_entries(labels: np.ndarray, class_index: dict[str, int], class_scores: dict[str, float], image_id: int,
+                 category_ids: dict[str, int]) -> list[dict[str, Any]]:
+    """COCO results entries of a label map ``uint8 [H, W]``: one per class present (RLE via pycocotools),
+    scored by the class's best map value."""
     from pycocotools import mask as mask_utils
 
     entries = []
-    for cls, label in result.class_index.items():
-        binary = np.asfortranarray((result.labels == label).astype(np.uint8))
+    for cls, label in class_index.items():
+        binary = np.asfortranarray((labels == label).astype(np.uint8))
         if not binary.any() or cls not in category_ids:
             continue
         rle = mask_utils.encode(binary)
@@ -144,6 +153,6 @@ def to_coco_results(result: SegmentationResult, image_id: int, category_ids: dic
             "image_id": int(image_id),
             "category_id": int(category_ids[cls]),
             "segmentation": rle,
-            "score": float(result.class_maps[label - 1].max()),
+            "score": float(class_scores[cls]),
         })
     return entries

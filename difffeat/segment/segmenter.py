@@ -57,6 +57,18 @@ def grid_of(n_tokens: int, base: tuple[int, int]) -> tuple[int, int]:
     raise ValueError(f"{n_tokens} tokens do not fit the grid {h}x{w}")
 
 
+def mean_self_map(
+    acts: Mapping[str, torch.Tensor], names: Sequence[str], grid: tuple[int, int], size: tuple[int, int], mass_preserving: bool
+) -> torch.Tensor:
+    """Mean of the self maps at ``names``, each resized to ``size`` (:func:`resize_self_map`): ``[B, HW, HW]``.
+    Accumulated map by map, so at most one resized map exists besides the running sum."""
+    total = None
+    for name in names:
+        m = resize_self_map(acts[name].float(), grid_of(acts[name].shape[1], grid), size, mass_preserving)
+        total = m.clone() if total is None else total.add_(m)
+    return total / len(names)
+
+
 def goca_scores(
     s: SegmentSettings,
     layout: PromptLayout,
@@ -112,8 +124,7 @@ def goca_scores(
     if has_entities and s.entity_merge == "before-refine":
         scores = torch.cat([scores[:, :n_cls], scores[:, n_cls:].amax(dim=1, keepdim=True)], dim=1)
     if s.refine_order > 0:
-        refine = [resize_self_map(acts[n].float(), grid_of(acts[n].shape[1], grid), size, mass) for n in refine_names]
-        scores = propagate(scores, torch.stack(refine).mean(0), s.refine_order)
+        scores = propagate(scores, mean_self_map(acts, refine_names, grid, size, mass), s.refine_order)
     cls_maps, ent_maps = scores[:, :n_cls], scores[:, n_cls:]
     support = ent_maps.amax(dim=1) if has_entities else torch.zeros_like(cls_maps[:, 0])
     return cls_maps, support, weights
@@ -213,6 +224,8 @@ class Segmenter:
         if method is not None:
             base = base.with_method(method)
         self.settings = base.update(**overrides)
+        # refinement blocks a config file lists for the family may be absent from a model of another layout
+        self._config_refine = settings is None and overrides.get("refine_blocks") is None
         check_timestep(self.settings.t)
         self._plan()
 
@@ -247,14 +260,16 @@ class Segmenter:
             self.ref_block = ref
             self.ref_name = f"{ref}.{suffix['query']}"
         refine = [f"{b}.{suffix['self']}" for b in self.settings.refine_blocks]
-        if refine and not any(name in cat for name in refine):
-            # a family's published list on a model of another layout (e.g. a tiny test model)
+        present = [name for name in refine if name in cat]
+        if len(present) < len(refine) and self._config_refine:
+            # the family's published list on a model of another layout (e.g. a tiny test model)
+            missing = [b for b, name in zip(self.settings.refine_blocks, refine) if name not in cat]
             warnings.warn(
-                f"{self.backbone.name} has none of the refinement blocks {list(self.settings.refine_blocks)}; "
-                "using every block at the largest attention grid",
+                f"{self.backbone.name} lacks the configured refinement block(s) {missing}; "
+                + ("using the others" if present else "using every block at the largest attention grid"),
                 stacklevel=3,
             )
-            refine = []
+            refine = present
         self.refine_names = refine or [f"{b}.{suffix['self']}" for b in at_largest]
         for name in self.refine_names:
             cat[name]  # clear error for a bad configured block

@@ -7,6 +7,7 @@ from typing import Any
 
 import yaml
 
+from ..checks import check_number, check_resolution
 from ..errors import ConfigError
 from ..resources import data_dir
 
@@ -114,6 +115,9 @@ class SegmentSettings:
                 raise ConfigError(f"{name}={getattr(self, name)!r} is not one of {allowed}")
         if "{}" not in self.template:
             raise ConfigError(f"template {self.template!r} needs a '{{}}' placeholder for the class list")
+        check_number("tau", self.tau, -1.0, 1.0)
+        check_number("refine_order", self.refine_order, 0, 8, integer=True)
+        check_resolution("resolution", self.resolution)
 
     @property
     def method(self) -> str:

@@ -165,8 +165,8 @@ def check_class_words(classes: Sequence[str] | str, backbone: Any) -> ClassCheck
     it has a closed vocabulary) or for names that become duplicates once normalised; unknown words are
     warnings (in :attr:`ClassCheck.warnings`), never errors."""
     vocab = model_vocabulary(backbone)
-    given = [c for c in (classes.split(",") if isinstance(classes, str) else classes) if str(c).strip()]
-    if not given:
+    given = classes.split(",") if isinstance(classes, str) else list(classes)
+    if not any(str(c).strip() for c in given):
         example = ", ".join(vocab.classes[:2]) if vocab else "cat, dog"
         known = f" This model knows: {', '.join(vocab.classes)}." if vocab else ""
         raise InvalidPromptError(f"empty class list: name at least one class, e.g. \"{example}\".{known}")

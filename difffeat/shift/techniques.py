@@ -225,6 +225,14 @@ class Lora(Technique):
     weight_name: str | None = None
     name: str = "lora"
 
+    def __post_init__(self) -> None:
+        path = os.fspath(self.weights)
+        looks_local = path.startswith((".", "/", "~")) or path.endswith((".safetensors", ".bin", ".pt", ".ckpt")) \
+            or path.count("/") != 1
+        if looks_local and not os.path.exists(os.path.expanduser(path)):
+            raise DifffeatError(f"LoRA file not found: {path!r}; pass a LoRA .safetensors file, its folder, or a hub "
+                                "id (user/repo)")
+
     @contextlib.contextmanager
     def active(self, backbone: Any) -> Iterator[None]:
         pipe = backbone.pipeline
@@ -273,7 +281,10 @@ def parse_technique(spec: str) -> Technique:
     options = dict(p.split("=", 1) for p in parts if "=" in p)
     ints = {"low", "high", "start_t", "steps"}
     floats = {"scale"}
-    typed = {k: int(v) if k in ints else float(v) if k in floats else v for k, v in options.items()}
+    try:
+        typed = {k: int(v) if k in ints else float(v) if k in floats else v for k, v in options.items()}
+    except ValueError as exc:
+        raise DifffeatError(f"bad option value in {spec!r}: {exc}") from None
     try:
         if kind == "prompt":
             return Prompt(**typed)

@@ -10,7 +10,6 @@
 from __future__ import annotations
 
 import glob
-import json
 import math
 import os
 from collections.abc import Iterator, Sequence
@@ -27,7 +26,7 @@ from ..images import MAX_PIXELS, MIN_SIDE, resize_to_multiple, target_size, to_r
 
 __all__ = [
     "ImageRef", "LoadFailure", "IMAGE_SUFFIXES", "collect_images", "coco_images", "voc_images", "check_unique_stems",
-    "ResizedImages", "SizeBucketSampler", "image_loader", "EvalItems", "eval_loader",
+    "ResizedImages", "DecodedImages", "decoded_loader", "SizeBucketSampler", "image_loader", "EvalItems", "eval_loader",
 ]
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
@@ -72,13 +71,14 @@ def collect_images(sources: Sequence[str | os.PathLike]) -> list[ImageRef]:
 
 def coco_images(annotations: str | os.PathLike, images: str | os.PathLike | None = None) -> list[ImageRef]:
     """The images of a COCO annotation file (sorted by image id); ``images`` defaults to ``<ann dir>/images``."""
+    from ..evaluate.datasets import read_coco
+
     ann = Path(annotations)
-    if not ann.is_file():
-        raise DifffeatError(f"COCO annotation file not found: {str(ann)!r}")
+    data = read_coco(ann)
     folder = Path(images) if images else ann.parent / "images"
     if not folder.is_dir():
         raise DifffeatError(f"image folder not found: {str(folder)!r} (pass the COCO images folder)")
-    infos = sorted(json.loads(ann.read_text()).get("images", []), key=lambda d: d["id"])
+    infos = sorted(data["images"], key=lambda d: d["id"])
     refs = [ImageRef(Path(d["file_name"]).stem, str(folder / d["file_name"])) for d in infos]
     check_unique_stems(refs)
     return refs
@@ -162,6 +162,29 @@ class ResizedImages(Dataset):
         if self.square:
             return target_size((1, 1), self.resolution, self.multiple, True)
         return probe_target_size(self.refs[i].path, self.resolution, self.multiple, self.square)
+
+
+class DecodedImages(Dataset):
+    """``refs[i]`` -> ``(i, RGB PIL image)`` decoded like :func:`difffeat.images.to_rgb` (no resizing), or
+    ``(i, LoadFailure)`` for a file that cannot be used as an image."""
+
+    def __init__(self, refs: Sequence[ImageRef]) -> None:
+        self.refs = list(refs)
+
+    def __len__(self) -> int:
+        return len(self.refs)
+
+    def __getitem__(self, i: int) -> tuple[int, Image.Image | LoadFailure]:
+        try:
+            return i, to_rgb(self.refs[i].path)
+        except DifffeatError as exc:
+            return i, LoadFailure(str(exc))
+
+
+def decoded_loader(refs: Sequence[ImageRef], num_workers: int) -> DataLoader:
+    """Decoded images one at a time, in order, prepared ahead by ``num_workers`` workers."""
+    return DataLoader(DecodedImages(refs), batch_size=1, shuffle=False, num_workers=num_workers, collate_fn=_first,
+                      prefetch_factor=4 if num_workers else None)
 
 
 class SizeBucketSampler(Sampler[list[int]]):

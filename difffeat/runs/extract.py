@@ -8,27 +8,23 @@ made with the same settings, decodes/resizes ahead of the model in DataLoader wo
 from __future__ import annotations
 
 import json
-import os
 import struct
-import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from ..features import FeatureExtractor
-from ..io import save_features, write_json
-from .data import ImageRef, LoadFailure, ResizedImages, check_unique_stems, image_loader, to_pil
-from .manifest import Manifest, check_manifest, write_manifest
-from .state import gather_list, init_state, reduce_max, reduce_sum, shard
+from ..io import save_features
+from .engine import UNREADABLE, Run, RunSummary
+from .manifest import Manifest
+from .sources import ImageRef, LoadFailure, ResizedImages, check_unique_stems, image_loader, to_pil
 
-#: file in the output folder listing the images a ``skip_unreadable`` run could not read
-UNREADABLE = "unreadable.json"
+__all__ = ["ExtractJob", "ExtractSummary", "run_extract", "feature_file_ok"]
 
-__all__ = ["UNREADABLE", "ExtractJob", "ExtractSummary", "run_extract", "feature_file_ok", "remove_stale_parts"]
+#: what an extraction run reports (the engine's summary)
+ExtractSummary = RunSummary
 
 
 @dataclass
@@ -42,19 +38,6 @@ class ExtractJob:
     progress: bool = True
     dataset: dict[str, Any] = field(default_factory=dict)  # description stored in the manifest
     skip_unreadable: bool = False  # list unusable images in out_dir/unreadable.json instead of stopping
-
-
-@dataclass
-class ExtractSummary:
-    total: int
-    written: int
-    skipped: int
-    processes: int
-    seconds: float
-    unreadable: int = 0
-
-    def to_json(self) -> dict[str, Any]:
-        return {**self.__dict__, "items_per_second": self.written / self.seconds if self.seconds > 0 else None}
 
 
 def _header(path: Path) -> dict[str, Any] | None:
@@ -84,50 +67,25 @@ def feature_file_ok(path: Path, names: list[str], expected_meta: dict[str, str])
     return all(meta.get(k) == v for k, v in expected_meta.items())
 
 
-def remove_stale_parts(folder: Path) -> int:
-    """Delete temporary ``.*.part`` files left by a killed run (call before any process writes)."""
-    n = 0
-    for p in folder.glob(".*.part"):
-        p.unlink(missing_ok=True)
-        n += 1
-    return n
-
-
 def _encoded(meta: dict[str, Any]) -> dict[str, str]:
     return {k: v if isinstance(v, str) else json.dumps(v) for k, v in meta.items()}
 
 
-def run_extract(fx: FeatureExtractor, refs: list[ImageRef], job: ExtractJob, state=None) -> ExtractSummary:
+def run_extract(fx: FeatureExtractor, refs: list[ImageRef], job: ExtractJob, state=None) -> RunSummary:
     """Extract features of ``refs`` into ``job.out_dir`` on every process of the current launch.
 
     Call on every process (the same arguments); returns the same summary everywhere.
     """
-    state = state or init_state()
     out_dir = Path(job.out_dir)
     check_unique_stems(refs)
-    settings = fx.settings()
-    manifest = Manifest("extract", settings["model"], {**settings, "prompt": job.prompt}, job.dataset)
-    check_manifest(out_dir, manifest, job.overwrite)  # every process: all raise alike, none hangs
-    if state.is_main_process:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        remove_stale_parts(out_dir)
-        write_manifest(out_dir, manifest)
-    state.wait_for_everyone()
-
-    meta = {**settings, "prompt": job.prompt}
+    meta = {**fx.settings(), "prompt": job.prompt}
+    run = Run(Manifest("extract", meta["model"], meta, job.dataset), out_dir, state, job.overwrite, job.progress).open()
     expected = _encoded(meta)
-    mine = shard(range(len(refs)), state.process_index, state.num_processes)
-    todo = [i for i in mine if job.overwrite or not feature_file_ok(out_dir / f"{refs[i].stem}.safetensors", fx.names, expected)]
-    skipped = len(mine) - len(todo)
+    todo, done = run.split(range(len(refs)), lambda i: feature_file_ok(out_dir / f"{refs[i].stem}.safetensors", fx.names, expected) or None)
 
     data = ResizedImages([refs[i] for i in todo], fx.resolution, fx.backbone.size_multiple, fx.square)
-    from tqdm.auto import tqdm
-
-    bar = tqdm(total=len(todo), desc=f"extract (process 0 of {state.num_processes})", unit="img",
-               disable=not (job.progress and state.is_main_process), smoothing=0.1)
-    start = time.perf_counter()
+    bar = run.bar(len(todo), "extract")
     pending: deque[Future] = deque()
-    unreadable: list[dict[str, str]] = []
     with ThreadPoolExecutor(max_workers=1) as writer:
         for batch in image_loader(data, fx.batch_size, job.num_workers):
             by_size: dict[tuple, list] = {}
@@ -136,7 +94,7 @@ def run_extract(fx: FeatureExtractor, refs: list[ImageRef], job: ExtractJob, sta
                     if not job.skip_unreadable:
                         raise arr.error(f"To skip such images and list them in {out_dir / UNREADABLE}, "
                                         "pass --skip-unreadable (skip_unreadable=True).")
-                    unreadable.append({"path": refs[todo[pos]].path, "error": arr.message})
+                    run.skip_unreadable(refs[todo[pos]].path, arr.message)
                     continue
                 by_size.setdefault(arr.shape, []).append((pos, arr))
             for group in by_size.values():
@@ -152,17 +110,4 @@ def run_extract(fx: FeatureExtractor, refs: list[ImageRef], job: ExtractJob, sta
         for f in pending:
             f.result()
     bar.close()
-    seconds = time.perf_counter() - start
-
-    counts = reduce_sum(state, torch.tensor([len(todo) - len(unreadable), skipped], dtype=torch.int64))
-    wall = float(reduce_max(state, torch.tensor([seconds], dtype=torch.float64))[0])
-    failed = gather_list(state, unreadable)
-    summary = ExtractSummary(len(refs), int(counts[0]), int(counts[1]), state.num_processes, wall, len(failed))
-    if state.is_main_process:
-        if failed:
-            write_json(out_dir / UNREADABLE, sorted(failed, key=lambda d: d["path"]))
-        else:
-            (out_dir / UNREADABLE).unlink(missing_ok=True)  # from an earlier run whose failures are now fixed
-        write_json(out_dir / "extract_summary.json", summary.to_json())
-    state.wait_for_everyone()
-    return summary
+    return run.finish(len(refs), len(todo) - len(run.unreadable), len(done), "extract_summary.json")

@@ -1,0 +1,197 @@
+"""What each dataset command does, as one library call: check every input (cheap checks first, the model
+last), load the model, run the engine. ``difffeat.cli`` only parses options and calls these."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from typing import TYPE_CHECKING
+
+from ..checks import check_device, check_number, check_out_dir, check_out_file, check_resolution, split_names
+from ..errors import InvalidOptionError
+
+if TYPE_CHECKING:
+    from .engine import RunSummary
+    from .sources import ImageRef
+
+# Only the checks are imported at the top: a bad option is reported before torch or diffusers load.
+
+__all__ = ["split_names", "image_sources", "extract", "segment", "evaluate_dataset", "EvalOutcome", "segmenter_overrides"]
+
+
+def image_sources(images: Sequence[str | os.PathLike] | None = None, coco: str | os.PathLike | None = None,
+                  coco_images_dir: str | os.PathLike | None = None, voc: str | os.PathLike | None = None,
+                  voc_split: str | None = None) -> "tuple[list[ImageRef], dict[str, Any]]":
+    """The images of exactly one source (files/folders/globs, a COCO file, a VOC folder) and its description."""
+    from .sources import coco_images, collect_images, voc_images
+
+    if sum(bool(x) for x in (images, coco, voc)) != 1:
+        raise InvalidOptionError("give the images one way: IMAGE... (files, folders, globs), --coco ANN, or --voc DIR")
+    if coco:
+        folder = Path(coco_images_dir) if coco_images_dir else Path(coco).parent / "images"
+        refs, desc = coco_images(coco, folder), {"coco": str(Path(coco).resolve()), "images": str(folder.resolve())}
+    elif voc:
+        refs, desc = voc_images(voc, voc_split), {"voc": str(Path(voc).resolve()), "split": voc_split}
+    else:
+        refs, desc = collect_images(images), {"sources": [str(p) for p in images]}
+    desc["n"] = len(refs)
+    return refs, desc
+
+
+def _check_run_options(batch_size: int = 1, num_workers: int = 0, seed: int = 0, t: int | None = None) -> None:
+    check_number("--batch-size", batch_size, 1, 4096, integer=True)
+    check_number("--num-workers", num_workers, 0, 256, integer=True)
+    check_number("--seed", seed, 0, 2**63 - 1, integer=True)
+    check_number("--t", t, 0, 999, integer=True)
+
+
+def extract(model: str, images: Sequence[str | os.PathLike] | None = None, *, out_dir: str | os.PathLike,
+            features: str | Sequence[str] | None = None, preset: str | None = None, t: int | None = None,
+            coco: str | os.PathLike | None = None, coco_images_dir: str | os.PathLike | None = None,
+            voc: str | os.PathLike | None = None, voc_split: str | None = None, prompt: str = "",
+            resolution: int | None = None, square: bool = False, seed: int = 0, batch_size: int = 8,
+            num_workers: int = 2, overwrite: bool = False, skip_unreadable: bool = False, device: str | None = None,
+            dtype: str | None = None) -> "tuple[RunSummary, list[str]]":
+    """``difffeat extract``: features of every image into ``out_dir`` (see :func:`run_extract`); returns the
+    summary and the feature names."""
+    names = split_names(features)
+    if not names and not preset:
+        raise InvalidOptionError("name the features with --features a,b or pick --preset (see `difffeat presets`)")
+    _check_run_options(batch_size, num_workers, seed, t)
+    check_resolution("--resolution", resolution)
+    check_out_dir(out_dir, "--out folder")
+
+    from ..backbones import load
+    from ..features import FeatureExtractor
+    from .extract import ExtractJob, run_extract
+    from .processes import init_state
+
+    refs, desc = image_sources(images, coco, coco_images_dir, voc, voc_split)
+    check_device(device)
+    state = init_state(device)
+    fx = FeatureExtractor(load(model, device=device, dtype=dtype), names or None, preset=preset, t=t,
+                          resolution=resolution, square=square, seed=seed, batch_size=batch_size)
+    job = ExtractJob(Path(out_dir), prompt=prompt, num_workers=num_workers, overwrite=overwrite, dataset=desc,
+                     skip_unreadable=skip_unreadable)
+    return run_extract(fx, refs, job, state), fx.names
+
+
+def segmenter_overrides(heads=None, layers=None, rescale=None, tau=None, t=None, refine_order=None) -> dict[str, Any]:
+    """The segmentation settings given on the command line (None = the model's config), range-checked."""
+    check_number("--tau", tau, -1.0, 1.0)
+    check_number("--refine-order", refine_order, 0, 8, integer=True)
+    check_number("--t", t, 0, 999, integer=True)
+    given = dict(heads=heads, layers=layers, rescale=rescale, tau=tau, t=t, refine_order=refine_order)
+    return {k: v for k, v in given.items() if v is not None}
+
+
+def segment(images: Sequence[str | os.PathLike], classes: str | Sequence[str], *, out_dir: str | os.PathLike,
+            model: str = "shapes", method: str | None = None, config: str = "default", heatmaps: bool = False,
+            coco_results: str | os.PathLike | None = None, num_workers: int = 2, overwrite: bool = False,
+            skip_unreadable: bool = False, device: str | None = None, dtype: str | None = None,
+            **overrides: Any) -> "tuple[RunSummary, list[str]]":
+    """``difffeat segment``: label maps of every image into ``out_dir`` (see :func:`run_segment`), resumable and
+    sharded over processes; ``overrides`` are :class:`SegmentSettings` fields (heads, layers, tau, ...)."""
+    if method not in (None, "goca", "vanilla"):
+        raise InvalidOptionError(f"--method must be goca or vanilla, got {method!r}")
+    settings = segmenter_overrides(**{k: overrides.pop(k) for k in ("heads", "layers", "rescale", "tau", "t", "refine_order") if k in overrides})
+    check_number("--num-workers", num_workers, 0, 256, integer=True)
+    check_out_dir(out_dir, "--out folder")
+    check_out_file(coco_results, "--coco-results file")
+
+    from ..backbones import load
+    from ..segment.prompts import check_classes
+    from ..segment.segmenter import Segmenter
+    from .processes import init_state
+    from .segment import SegmentJob, run_segment
+
+    names = check_classes(split_names(classes))
+    refs, desc = image_sources(images)
+    check_device(device)
+    state = init_state(device)
+    seg = Segmenter(load(model, device=device, dtype=dtype), method=method, config=config, **settings, **overrides)
+    job = SegmentJob(Path(out_dir), names, heatmaps=heatmaps, coco_results=Path(coco_results) if coco_results else None,
+                     num_workers=num_workers, overwrite=overwrite, skip_unreadable=skip_unreadable, dataset=desc)
+    return run_segment(seg, refs, job, state), names
+
+
+@dataclass
+class EvalOutcome:
+    """What ``difffeat eval`` reports: the report, where it was written, and the settings used."""
+
+    report: Any  # EvalReport
+    report_path: Path
+    method: str
+    tau: float
+    main_process: bool
+
+
+def evaluate_dataset(model: str = "shapes", *, coco: str | os.PathLike | None = None,
+                     images: str | os.PathLike | None = None, voc_labels: str | os.PathLike | None = None,
+                     class_names: str | Sequence[str] | None = None, shapes_split: str | None = None, n: int = 300,
+                     setting: str = "oracle", method: str = "goca", config: str = "default", tune_shapes_split: str | None = None,
+                     tune_n: int = 100, limit: int | None = None, out_dir: str | os.PathLike = "eval_out",
+                     report: str | os.PathLike | None = None, chunk_size: int = 8, num_workers: int = 2,
+                     overwrite: bool = False, device: str | None = None, dtype: str | None = None,
+                     **overrides: Any) -> EvalOutcome:
+    """``difffeat eval``: mIoU of a dataset (COCO, VOC-style or generated shapes), tau optionally tuned on a
+    separate shapes split first; the run folder ``out_dir`` holds the resumable parts and, by default, the
+    report (``out_dir/report.json``)."""
+    if setting not in ("oracle", "all"):  # difffeat.evaluate.SETTINGS
+        raise InvalidOptionError(f"--setting must be oracle or all, got {setting!r}")
+    if method not in ("goca", "vanilla"):
+        raise InvalidOptionError(f"--method must be goca or vanilla, got {method!r}")
+    check_number("--n", n, 1, 10**7, integer=True)
+    check_number("--tune-n", tune_n, 1, 10**7, integer=True)
+    check_number("--limit", limit, 1, 10**9, integer=True)
+    check_number("--chunk-size", chunk_size, 1, 10**6, integer=True)
+    check_number("--num-workers", num_workers, 0, 256, integer=True)
+    settings = segmenter_overrides(**{k: overrides.pop(k) for k in ("heads", "layers", "rescale", "tau", "t", "refine_order") if k in overrides})
+    if tune_shapes_split and shapes_split == tune_shapes_split:
+        raise InvalidOptionError("tau must be chosen on a different split than the one evaluated")
+    out_dir = check_out_dir(out_dir, "--out folder")
+    report_path = check_out_file(Path(report) if report else out_dir / "report.json", "--report file")
+
+    from ..backbones import load
+    from ..evaluate import CocoDataset, ShapesDataset, VocDataset
+    from ..io import write_json
+    from ..segment.segmenter import Segmenter
+    from .evaluation import EvalJob, run_eval, tune_tau
+    from .processes import init_state
+
+    if coco:
+        data = CocoDataset(coco, images or Path(coco).parent / "images")
+        desc = {"coco": str(Path(coco).resolve()), "images": str(data.images.resolve())}
+    elif voc_labels:
+        if not images or not class_names:
+            raise InvalidOptionError("a VOC-style dataset needs --images, --voc-labels and --class-names")
+        data = VocDataset(images, voc_labels, split_names(class_names))
+        desc = {"voc_images": str(Path(images).resolve()), "voc_labels": str(Path(voc_labels).resolve())}
+    elif shapes_split:
+        data = ShapesDataset(shapes_split, n)
+        desc = {"shapes_split": shapes_split, "shapes_n": n}
+    else:
+        raise InvalidOptionError("name a dataset: --coco FILE [--images DIR], --voc-labels DIR --images DIR "
+                                 "--class-names a,b, or --shapes-split test")
+    tune_data = ShapesDataset(tune_shapes_split, tune_n) if tune_shapes_split else None
+    check_device(device)
+    state = init_state(device)
+    seg = Segmenter(load(model, device=device, dtype=dtype), method=method, config=config, **settings, **overrides)
+    tuned = None
+    if tune_data is not None:
+        best, scores = tune_tau(seg, tune_data, setting, limit=tune_n, progress=True, out_dir=out_dir / "tune_tau",
+                                num_workers=num_workers, state=state)
+        seg.settings = seg.settings.update(tau=best)
+        tuned = {"split": tune_shapes_split, "n": tune_n, "tau": best}
+    job = EvalJob(out_dir, setting=setting, limit=limit, chunk_size=chunk_size, num_workers=num_workers,
+                  overwrite=overwrite, dataset=desc)
+    result = run_eval(seg, data, job, state, extra_manifest={"tau_tuning": tuned or {}})
+    if tuned:
+        result.extra["tau_tuning"] = {**tuned, "miou_by_tau": scores}
+    if state.is_main_process:
+        write_json(report_path, result.to_json())
+    return EvalOutcome(result, report_path, seg.settings.method, seg.settings.tau, state.is_main_process)

@@ -1,0 +1,166 @@
+"""The one evaluation loop: sharded, resumable, reduced to confusion matrices; evaluation and tau tuning use it.
+
+The dataset is cut into fixed chunks of ``chunk_size`` consecutive images (independent of the number of
+processes); the engine (:class:`~difffeat.runs.engine.Run`) gives process r chunks r, r + N, ... After each
+chunk the loop writes ``out/parts/part-<a>-<b>.npz`` (that chunk's confusion counts at every tau asked for)
+atomically, so a restart skips finished chunks. The counts are summed across processes; integer counts make
+the result identical for any number of processes. Without an output folder the same loop runs in memory.
+
+* :func:`run_eval` / :func:`evaluate`: the segmenter's own decision (one matrix).
+* :func:`tune_tau`: every tau of a grid decided from the same maps (one forward per image), best mIoU wins.
+"""
+
+from __future__ import annotations
+
+import zipfile
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..evaluate.metrics import ConfusionMatrix
+from ..evaluate.runner import SETTINGS, TAU_GRID, EvalReport, add_at_every_tau, best_tau, build_report, segment_item, to_dataset_labels
+from ..errors import InvalidOptionError
+from ..io import write_bytes
+from ..segment.segmenter import Segmenter
+from .engine import Run
+from .manifest import Manifest
+from .sources import LoadFailure, eval_loader
+
+__all__ = ["EvalJob", "run_eval", "evaluate", "tune_tau", "chunks_of"]
+
+
+@dataclass
+class EvalJob:
+    """Options of an evaluation run; ``out_dir=None`` keeps everything in memory (no resuming)."""
+
+    out_dir: Path | None = None
+    setting: str = "oracle"
+    limit: int | None = None
+    chunk_size: int = 8
+    num_workers: int = 2
+    overwrite: bool = False
+    progress: bool = True
+    dataset: dict[str, Any] = field(default_factory=dict)
+
+
+def chunks_of(n: int, size: int) -> list[tuple[int, int]]:
+    """``[start, stop)`` ranges of ``size`` consecutive items covering ``range(n)``."""
+    if size < 1:
+        raise InvalidOptionError(f"chunk_size must be >= 1, got {size}")
+    return [(s, min(s + size, n)) for s in range(0, n, size)]
+
+
+def _load_part(path: Path, shape: tuple[int, ...], fingerprint: str) -> tuple[np.ndarray, int] | None:
+    """A finished chunk's ``(counts, n_images)``, or None if missing, unreadable or from other settings."""
+    try:
+        with np.load(path) as z:
+            if str(z["fingerprint"]) != fingerprint or z["counts"].shape != shape:
+                return None
+            return z["counts"].astype(np.int64), int(z["n_images"])
+    except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile):
+        return None
+
+
+def _save_part(path: Path, counts: np.ndarray, n_images: int, fingerprint: str) -> None:
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
+            np.savez(f, counts=counts, n_images=np.int64(n_images), fingerprint=np.str_(fingerprint))
+
+    write_bytes(path, write)
+
+
+def _confusion_counts(segmenter: Segmenter, dataset, job: EvalJob, taus: Sequence[float] | None, kind: str,
+                      state=None, extra_settings: dict | None = None) -> tuple[np.ndarray, int, Run]:
+    """Confusion counts ``[T, K, K]`` summed over the dataset and over processes (T = len(taus), or 1 for
+    the segmenter's own decision when ``taus`` is None), and the number of images."""
+    if job.setting not in SETTINGS:
+        raise InvalidOptionError(f"unknown setting {job.setting!r}; use one of {', '.join(sorted(SETTINGS))}")
+    if job.limit is not None and job.limit < 1:
+        raise InvalidOptionError(f"limit must be >= 1 image, got {job.limit}")
+    classes = list(dataset.classes)
+    n = len(dataset) if job.limit is None else min(job.limit, len(dataset))
+    if n < 1:
+        raise InvalidOptionError("the dataset has no images to evaluate")
+    settings = {**segmenter.settings.to_dict(), "setting": job.setting, **(extra_settings or {})}
+    if taus is not None:
+        settings["taus"] = [float(t) for t in taus]
+    manifest = Manifest(kind, str(segmenter.backbone.name), settings, {**job.dataset, "n": n, "classes": classes})
+    run = Run(manifest, job.out_dir, state, job.overwrite, job.progress).open()
+    fingerprint = run.fingerprint()
+    parts = run.out_dir / "parts" if run.stored else None
+    k = len(classes) + 1
+    shape = (1 if taus is None else len(taus), k, k)
+
+    def part(chunk: tuple[int, int]) -> Path:
+        return parts / f"part-{chunk[0]:08d}-{chunk[1]:08d}.npz"
+
+    todo, done = run.split(chunks_of(n, job.chunk_size), lambda c: _load_part(part(c), shape, fingerprint))
+    total = sum((counts for _, (counts, _) in done), np.zeros(shape, np.int64))
+    images = sum(m for _, (_, m) in done)
+    if parts is not None and run.is_main_process:
+        parts.mkdir(exist_ok=True)
+    run.state.wait_for_everyone()
+
+    bar = run.bar(sum(b - a for a, b in todo), f"{kind} {job.setting}")
+    loader = iter(eval_loader(dataset, [i for a, b in todo for i in range(a, b)], job.num_workers))
+    for start, stop in todo:
+        cms = {t: ConfusionMatrix(k) for t in (taus if taus is not None else [None])}
+        for _ in range(start, stop):
+            _, item = next(loader)
+            if isinstance(item, LoadFailure):
+                raise item.error()
+            result, labels = segment_item(segmenter, item, classes, job.setting)
+            if taus is None:
+                cms[None].update(item.gt, to_dataset_labels(result, labels, item.gt.shape))
+            else:
+                add_at_every_tau(cms, result, labels, item.gt)
+            bar.update(1)
+        counts = np.stack([cm.counts for cm in cms.values()])
+        if parts is not None:
+            _save_part(part((start, stop)), counts, stop - start, fingerprint)
+        total += counts
+        images += stop - start
+    bar.close()
+    summed = run.sum(torch.from_numpy(np.append(total.ravel(), images)))
+    return summed[:-1].numpy().reshape(shape).astype(np.int64), int(summed[-1]), run
+
+
+def run_eval(segmenter: Segmenter, dataset, job: EvalJob, state=None, extra_manifest: dict | None = None) -> EvalReport:
+    """Evaluate ``segmenter`` on ``dataset`` on every process of the current launch; every process returns
+    the same report (confusion matrix in ``report.extra["confusion_matrix"]``)."""
+    counts, images, run = _confusion_counts(segmenter, dataset, job, None, "eval", state, extra_manifest)
+    summary = run.finish(images, images, 0)
+    cm = ConfusionMatrix(counts.shape[-1], counts[0])
+    report = build_report(cm, list(dataset.classes), job.setting, images, summary.seconds, segmenter.settings.to_dict())
+    report.extra["confusion_matrix"] = cm.counts.tolist()
+    report.extra["processes"] = summary.processes
+    if run.stored:
+        report.extra["run_folder"] = str(run.out_dir)
+    return report
+
+
+def evaluate(segmenter: Segmenter, dataset, setting: str = "oracle", limit: int | None = None, progress: bool = False,
+             out_dir: str | Path | None = None, num_workers: int = 0, state=None) -> EvalReport:
+    """Accumulate a confusion matrix over the dataset (background = class 0) and report mIoU (in memory
+    unless ``out_dir`` is given; then resumable)."""
+    job = EvalJob(Path(out_dir) if out_dir else None, setting=setting, limit=limit, num_workers=num_workers, progress=progress)
+    return run_eval(segmenter, dataset, job, state)
+
+
+def tune_tau(segmenter: Segmenter, dataset, setting: str = "oracle", taus: Sequence[float] = TAU_GRID,
+             limit: int | None = None, progress: bool = False, out_dir: str | Path | None = None,
+             num_workers: int = 0, state=None) -> tuple[float, dict[float, float]]:
+    """Choose tau by mIoU on a tuning split: one forward per image, every tau decided from the same maps; the
+    images are shared among processes (same answer as one process). Returns ``(best tau, {tau: mIoU})``."""
+    taus = [float(t) for t in taus]
+    if not taus or any(not np.isfinite(t) for t in taus):
+        raise InvalidOptionError(f"tau grid must be a non-empty list of finite numbers, got {taus}")
+    job = EvalJob(Path(out_dir) if out_dir else None, setting=setting, limit=limit, num_workers=num_workers, progress=progress)
+    counts, _, run = _confusion_counts(segmenter, dataset, job, taus, "tune-tau", state)
+    run.finish(0, 0, 0)
+    scores = {t: ConfusionMatrix(counts.shape[-1], c).miou() for t, c in zip(taus, counts)}
+    return best_tau(scores), scores

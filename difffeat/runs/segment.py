@@ -1,0 +1,92 @@
+"""Dataset-scale segmentation: sharded over processes, resumable, atomic per-image outputs.
+
+Each process takes every N-th image, skips those a previous run finished (``<stem>.json`` is written last,
+after the PNGs, so its presence marks an image done), decodes ahead of the model in DataLoader workers, and
+writes ``<stem>_labels.png``, ``<stem>_overlay.png`` (and heat maps) and ``<stem>.json`` each atomically.
+COCO results, when asked for, are assembled by the main process from the finished images at the end.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from ..io import write_json
+from ..segment.outputs import coco_entries, save_result
+from ..segment.segmenter import Segmenter
+from .engine import UNREADABLE, Run, RunSummary
+from .manifest import Manifest
+from .sources import ImageRef, LoadFailure, check_unique_stems, decoded_loader
+
+__all__ = ["SegmentJob", "run_segment", "segment_done"]
+
+
+@dataclass
+class SegmentJob:
+    """Options of a segmentation run (besides the segmenter's own settings)."""
+
+    out_dir: Path
+    classes: list[str]
+    heatmaps: bool = False
+    coco_results: Path | None = None
+    num_workers: int = 2
+    overwrite: bool = False
+    progress: bool = True
+    skip_unreadable: bool = False
+    dataset: dict[str, Any] = field(default_factory=dict)
+
+
+def segment_done(out_dir: Path, stem: str) -> dict[str, Any] | None:
+    """The ``<stem>.json`` of a finished image (its PNGs present), or None."""
+    try:
+        meta = json.loads((out_dir / f"{stem}.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if not all((out_dir / f"{stem}_{k}.png").is_file() for k in ("labels", "overlay")):
+        return None
+    return meta
+
+
+def _coco_results(out_dir: Path, refs: list[ImageRef]) -> list[dict[str, Any]]:
+    """COCO results of every finished image; category id i = the i-th class as segmented (class words as
+    normalised by the segmenter, e.g. 'Crosses' -> 'cross', so none is dropped)."""
+    entries: list[dict[str, Any]] = []
+    for image_id, ref in enumerate(refs, start=1):
+        meta = segment_done(out_dir, ref.stem)
+        if meta is None:  # unreadable and skipped
+            continue
+        labels = np.asarray(Image.open(out_dir / f"{ref.stem}_labels.png"))
+        index = {c: i for c, i in meta["classes"].items() if c != "background"}
+        entries += coco_entries(labels, index, meta["class_scores"], image_id, index)
+    return entries
+
+
+def run_segment(segmenter: Segmenter, refs: list[ImageRef], job: SegmentJob, state=None) -> RunSummary:
+    """Segment ``refs`` into ``job.classes`` on every process of the current launch (same summary everywhere)."""
+    out_dir = Path(job.out_dir)
+    check_unique_stems(refs)
+    settings = {**segmenter.settings.to_dict(), "classes": list(job.classes), "heatmaps": job.heatmaps}
+    run = Run(Manifest("segment", str(segmenter.backbone.name), settings, job.dataset), out_dir, state,
+              job.overwrite, job.progress).open()
+    todo, done = run.split(range(len(refs)), lambda i: segment_done(out_dir, refs[i].stem))
+    bar = run.bar(len(todo), "segment")
+    for pos, image in decoded_loader([refs[i] for i in todo], job.num_workers):
+        ref = refs[todo[pos]]
+        if isinstance(image, LoadFailure):
+            if not job.skip_unreadable:
+                raise image.error(f"To skip such images and list them in {out_dir / UNREADABLE}, pass --skip-unreadable.")
+            run.skip_unreadable(ref.path, image.message)
+        else:
+            save_result(segmenter(image, job.classes), image, out_dir, ref.stem, heatmaps=job.heatmaps)
+        bar.update(1)
+    bar.close()
+    summary = run.finish(len(refs), len(todo) - len(run.unreadable), len(done), "segment_summary.json")
+    if job.coco_results and run.is_main_process:
+        write_json(job.coco_results, _coco_results(out_dir, refs))
+    run.state.wait_for_everyone()
+    return summary

@@ -1,0 +1,218 @@
+"""Every bad input of the audit gets a clear, specific error: through the CLI (exit code 2, one line, no
+traceback) and through the Python API (a DifffeatError subclass), raised before expensive work starts."""
+
+from __future__ import annotations
+
+import json
+import socket
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+import difffeat
+from difffeat import errors
+from difffeat.cli import app
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """Small files every case can point at: an image, COCO variants, VOC variants, broken model folders."""
+    root = tmp_path_factory.mktemp("bad")
+    Image.new("RGB", (32, 24), (200, 40, 40)).save(root / "img.png")
+    (root / "images").mkdir()
+    Image.new("RGB", (32, 24)).save(root / "images" / "a.png")
+    good = {"images": [{"id": 1, "file_name": "a.png", "height": 24, "width": 32}],
+            "categories": [{"id": 1, "name": "cat"}],
+            "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "segmentation": [[0, 0, 10, 0, 10, 10]],
+                             "area": 50, "bbox": [0, 0, 10, 10], "iscrowd": 0}]}
+    variants = {
+        "no_categories": {k: v for k, v in good.items() if k != "categories"},
+        "no_images": {k: v for k, v in good.items() if k != "images"},
+        "no_height": {**good, "images": [{"id": 1, "file_name": "a.png", "width": 32}]},
+        "unknown_category": {**good, "annotations": [{**good["annotations"][0], "category_id": 7}]},
+        "top_list": [good],
+    }
+    for name, data in variants.items():
+        (root / f"{name}.json").write_text(json.dumps(data))
+    (root / "malformed.json").write_text('{"images": [')
+    for name, label in {"wrong_size": Image.new("L", (16, 16)), "rgb": Image.new("RGB", (32, 24)),
+                        "out_of_range": Image.fromarray(np.full((24, 32), 9, np.uint8))}.items():
+        (root / f"voc_{name}" / "labels").mkdir(parents=True)
+        (root / f"voc_{name}" / "images").mkdir()
+        label.save(root / f"voc_{name}" / "labels" / "a.png")
+        Image.new("RGB", (32, 24)).save(root / f"voc_{name}" / "images" / "a.png")
+    (root / "no_unet").mkdir()
+    (root / "no_unet" / "model_index.json").write_text(json.dumps(
+        {"_class_name": "StableDiffusionPipeline", "unet": ["diffusers", "UNet2DConditionModel"],
+         "vae": ["diffusers", "AutoencoderKL"]}))
+    (root / "no_unet" / "vae").mkdir()
+    (root / "random_index").mkdir()
+    (root / "random_index" / "model_index.json").write_text(json.dumps({"hello": 1}))
+    (root / "a_file").write_text("x")
+    return root
+
+
+IMG = "{root}/img.png"
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+#: id -> (CLI arguments, the DifffeatError subclass, words the message must contain)
+CASES = {
+    "tau-nan": (["segment", IMG, "-c", "cat", "-o", "{root}/o", "--tau", "nan"], errors.InvalidOptionError, "--tau"),
+    "refine-order-negative": (["segment", IMG, "-c", "cat", "-o", "{root}/o", "--refine-order", "-2"], errors.InvalidOptionError, "--refine-order"),
+    "resolution-huge": (["extract", "shapes", IMG, "-f", "x", "-o", "{root}/o", "--resolution", "100000"], errors.InvalidOptionError, "--resolution"),
+    "resolution-negative": (["extract", "shapes", IMG, "-f", "x", "-o", "{root}/o", "--resolution", "-64"], errors.InvalidOptionError, "--resolution"),
+    "resolution-odd": (["extract", "shapes", IMG, "-f", "x", "-o", "{root}/o", "--resolution", "257"], errors.InvalidOptionError, "multiple of 8"),
+    "bench-resolution-7": (["bench", "--resolution", "7"], errors.InvalidOptionError, "--resolution"),
+    "eval-n-negative": (["eval", "--shapes-split", "test", "--n", "-5", "--out", "{root}/e"], errors.InvalidOptionError, "--n"),
+    "eval-n-zero": (["eval", "--shapes-split", "test", "--n", "0", "--out", "{root}/e"], errors.InvalidOptionError, "--n"),
+    "out-is-a-file": (["segment", IMG, "-c", "cat", "-o", "{root}/a_file"], errors.OutputPathError, "existing file"),
+    "out-unwritable": (["extract", "shapes", IMG, "-f", "x", "-o", "{root}/a_file/sub"], errors.OutputPathError, "cannot write"),
+    "out-under-proc": (["segment", IMG, "-c", "cat", "-o", "/proc/difffeat_out"], errors.OutputPathError, "virtual file system"),
+    "coco-results-unwritable": (["segment", IMG, "-c", "cat", "-o", "{root}/o2", "--coco-results", "/proc/x/r.json"], errors.OutputPathError, "--coco-results"),
+    "coco-no-categories": (["eval", "--coco", "{root}/no_categories.json", "--images", "{root}/images", "--out", "{root}/e"], errors.DatasetError, "categories"),
+    "coco-no-images": (["eval", "--coco", "{root}/no_images.json", "--images", "{root}/images", "--out", "{root}/e"], errors.DatasetError, "'images'"),
+    "coco-no-height": (["eval", "--coco", "{root}/no_height.json", "--images", "{root}/images", "--out", "{root}/e"], errors.DatasetError, "images[0]"),
+    "coco-unknown-category": (["eval", "--coco", "{root}/unknown_category.json", "--images", "{root}/images", "--out", "{root}/e"], errors.DatasetError, "category_id 7"),
+    "coco-top-level-list": (["eval", "--coco", "{root}/top_list.json", "--images", "{root}/images", "--out", "{root}/e"], errors.DatasetError, "JSON list"),
+    "coco-malformed-json": (["eval", "--coco", "{root}/malformed.json", "--images", "{root}/images", "--out", "{root}/e"], errors.DatasetError, "malformed.json"),
+    "extract-coco-malformed-json": (["extract", "shapes", "--coco", "{root}/malformed.json", "-f", "x", "-o", "{root}/o"], errors.DatasetError, "malformed.json"),
+    "voc-label-wrong-size": (["eval", "--voc-labels", "{root}/voc_wrong_size/labels", "--images", "{root}/voc_wrong_size/images", "--class-names", "cat", "--out", "{root}/e"], errors.DatasetError, "16x16"),
+    "voc-label-rgb": (["eval", "--voc-labels", "{root}/voc_rgb/labels", "--images", "{root}/voc_rgb/images", "--class-names", "cat", "--out", "{root}/e"], errors.DatasetError, "single-channel"),
+    "voc-label-out-of-range": (["eval", "--voc-labels", "{root}/voc_out_of_range/labels", "--images", "{root}/voc_out_of_range/images", "--class-names", "cat", "--out", "{root}/e"], errors.DatasetError, "[9]"),
+    "shapes-split-unknown": (["eval", "--shapes-split", "foo", "--out", "{root}/e"], errors.InvalidOptionError, "foo"),
+    "model-folder-without-unet": (["segment", IMG, "-c", "cat", "-o", "{root}/o", "-m", "{root}/no_unet"], errors.ModelNotFoundError, "unet/"),
+    "model-random-index": (["segment", IMG, "-c", "cat", "-o", "{root}/o", "-m", "{root}/random_index"], errors.ModelNotFoundError, "_class_name"),
+    "device-cuda-without-cuda": (["segment", IMG, "-c", "cat", "-o", "{root}/o", "--device", "cuda"], errors.DeviceError, "CUDA"),
+    "lora-missing": (["gate", "shapes", IMG, "--technique", "lora:{root}/nope.safetensors", "--out", "{root}/g"], errors.DifffeatError, "LoRA file not found"),
+    "demo-missing-model": (["demo", "--model", "{root}/nope"], errors.ModelNotFoundError, "does not exist"),
+}
+
+
+def _fill(args, root):
+    return [a.format(root=root) for a in args]
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_cli_bad_input_is_one_line_exit_2(case, world):
+    args, _, words = CASES[case]
+    if case == "device-cuda-without-cuda" and _cuda_available():
+        pytest.skip("this machine has CUDA")
+    result = runner.invoke(app, _fill(args, world))
+    out = result.output.strip()
+    assert result.exit_code == 2, out
+    assert "Traceback" not in out and out.startswith("error:"), out
+    assert len(out.splitlines()) == 1, out
+    assert words in out, out
+
+
+def _api(case: str, root: Path):
+    """The same bad input through the Python API."""
+    from difffeat.runs import commands
+
+    img = str(root / "img.png")
+    calls = {
+        "tau-nan": lambda: difffeat.SegmentSettings(tau=float("nan")),
+        "refine-order-negative": lambda: difffeat.SegmentSettings(refine_order=-2),
+        "resolution-huge": lambda: difffeat.FeatureExtractor("shapes", ["down_blocks.0.resnets.0"], resolution=100000),
+        "resolution-negative": lambda: difffeat.FeatureExtractor("shapes", ["down_blocks.0.resnets.0"], resolution=-64),
+        "resolution-odd": lambda: difffeat.FeatureExtractor("shapes", ["down_blocks.0.resnets.0"], resolution=257),
+        "bench-resolution-7": lambda: __import__("difffeat.bench").bench.run_benchmark(resolution=7),
+        "eval-n-negative": lambda: difffeat.evaluate.ShapesDataset("test", -5),
+        "eval-n-zero": lambda: difffeat.evaluate.ShapesDataset("test", 0),
+        "out-is-a-file": lambda: commands.segment([img], "cat", out_dir=root / "a_file"),
+        "out-unwritable": lambda: commands.extract("shapes", [img], features="x", out_dir=root / "a_file" / "sub"),
+        "out-under-proc": lambda: commands.segment([img], "cat", out_dir="/proc/difffeat_out"),
+        "coco-results-unwritable": lambda: commands.segment([img], "cat", out_dir=root / "o2", coco_results="/proc/x/r.json"),
+        "extract-coco-malformed-json": lambda: difffeat.runs.coco_images(root / "malformed.json", root / "images"),
+        "shapes-split-unknown": lambda: difffeat.evaluate.ShapesDataset("foo", 3),
+        "model-folder-without-unet": lambda: difffeat.load(root / "no_unet"),
+        "model-random-index": lambda: difffeat.load(root / "random_index"),
+        "device-cuda-without-cuda": lambda: difffeat.load("shapes", device="cuda"),
+        "lora-missing": lambda: difffeat.shift.parse_technique(f"lora:{root}/nope.safetensors"),
+        "demo-missing-model": lambda: __import__("difffeat.serve").serve.serve(str(root / "nope"), port=_free_port()),
+    }
+    if case.startswith("coco-") and case not in calls:
+        name = {"coco-no-categories": "no_categories", "coco-no-images": "no_images", "coco-no-height": "no_height",
+                "coco-unknown-category": "unknown_category", "coco-top-level-list": "top_list",
+                "coco-malformed-json": "malformed"}[case]
+        return lambda: difffeat.evaluate.CocoDataset(root / f"{name}.json", root / "images")
+    if case.startswith("voc-"):
+        folder = root / ("voc_" + case[len("voc-label-"):].replace("-", "_"))
+        return lambda: difffeat.evaluate.VocDataset(folder / "images", folder / "labels", ["cat"])
+    return calls[case]
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_api_bad_input_raises_a_difffeat_error(case, world):
+    _, kind, words = CASES[case]
+    if case == "device-cuda-without-cuda" and _cuda_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(kind) as err:
+        _api(case, world)()
+    assert isinstance(err.value, errors.DifffeatError)
+    assert words.lstrip("-").replace("-", "_") in str(err.value).replace("-", "_"), str(err.value)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_demo_on_a_port_in_use_fails_at_start():
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result = runner.invoke(app, ["demo", "--port", str(port)])
+    assert result.exit_code == 2 and "in use" in result.output and "Traceback" not in result.output
+
+
+def test_demo_without_gradio_says_how_to_install_it(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "gradio" else real(name, *a))
+    result = runner.invoke(app, ["demo"])
+    assert result.exit_code == 2 and "pip install 'difffeat[demo]'" in result.output
+
+
+def test_images_between_the_bomb_limit_and_twice_it_are_read_and_larger_ones_named(tmp_path, monkeypatch):
+    """PIL warns between MAX_IMAGE_PIXELS and twice it: such images used to be called corrupt."""
+    from difffeat import images
+
+    Image.new("RGB", (40, 40), (1, 2, 3)).save(tmp_path / "big.png")  # 1600 px
+    Image.new("RGB", (50, 50)).save(tmp_path / "huge.png")  # 2500 px
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    assert images.to_rgb(tmp_path / "big.png").size == (40, 40)
+    with pytest.raises(errors.InvalidImageError, match="too large to decode.*megapixels"):
+        images.to_rgb(tmp_path / "huge.png")
+
+
+@pytest.mark.parametrize("args", [["--help"], ["segment", "--help"], ["eval", "--help"],
+                                  ["segment", "x.png", "-c", "cat", "-o", "{tmp}/o", "--tau", "nan"],
+                                  ["eval", "--shapes-split", "test", "--n", "0", "--out", "{tmp}/e"],
+                                  ["extract", "m", "x.png", "-f", "a", "-o", "{tmp}/o", "--resolution", "7"]])
+def test_help_and_argument_errors_import_neither_torch_nor_diffusers(args, tmp_path):
+    """What makes `--help` and argument errors answer at once (benchmarks/startup.py times it): the checks
+    run before any heavy import, so no model can load before them either."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from typer.testing import CliRunner; from difffeat.cli import app; "
+            f"r = CliRunner().invoke(app, {[a.format(tmp=tmp_path) for a in args]!r}); "
+            "print(r.exit_code, sorted(m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules))")
+    env = {**__import__("os").environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120).stdout
+    assert out.split(maxsplit=1) == [("0" if args[-1] == "--help" else "2"), "[]\n"], out
