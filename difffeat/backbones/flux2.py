@@ -9,8 +9,8 @@ from typing import Any, ClassVar
 import torch
 
 from ..errors import UnsupportedBackboneError
-from .base import Backbone, DenoiserInputs
-from .dit import _FlowMatchNoising
+from .base import DenoiserInputs
+from .dit import PackedLatentTransformer
 from .registry import register_backbone
 from .text import chat_template_segment
 
@@ -18,24 +18,12 @@ __all__ = ["Flux2Backbone"]
 
 
 @register_backbone("Flux2Pipeline", "Flux2KleinPipeline")
-class Flux2Backbone(_FlowMatchNoising, Backbone):
+class Flux2Backbone(PackedLatentTransformer):
     """FLUX.2: LLM text states (three hidden layers stacked), text tokens first in every joint sequence."""
 
     family: ClassVar[str] = "flux2"
     hook_table: ClassVar[str] = "flux2"
-    denoiser_attr: ClassVar[str] = "transformer"
-    default_segment_t: ClassVar[int] = 150
-    #: embedded guidance of guidance-distilled checkpoints (FLUX.2 [dev]); unused when the model has none
     guidance: float = 4.0
-    max_sequence_length: int | None = None
-
-    @property
-    def native_resolution(self) -> int:
-        return int(getattr(self.pipeline, "default_sample_size", 128)) * self.vae_scale_factor
-
-    @property
-    def size_multiple(self) -> int:
-        return self.vae_scale_factor * 2
 
     def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
         f = self.vae_scale_factor * 2
@@ -78,7 +66,6 @@ class Flux2Backbone(_FlowMatchNoising, Backbone):
             "timestep": torch.full((b,), float(t) / 1000.0, dtype=self.dtype, device=dev),
             "img_ids": self.pipeline._prepare_latent_ids(noisy_latents).to(dev),
             **cond,
+            **self.guidance_kwargs(b, dev),
         }
-        if getattr(self.denoiser.config, "guidance_embeds", False):
-            kwargs["guidance"] = torch.full((b,), float(self.guidance), dtype=torch.float32, device=dev)
         return DenoiserInputs(kwargs, (gh, gw), cond["encoder_hidden_states"].shape[1], t, image_size)

@@ -7,22 +7,19 @@ from typing import Any, ClassVar
 
 import torch
 
-from .base import Backbone, DenoiserInputs
-from .dit import _FlowMatchNoising
+from .base import DenoiserInputs
+from .dit import PackedLatentTransformer
 from .registry import register_backbone
 
 __all__ = ["QwenImageBackbone"]
 
 
 @register_backbone("QwenImagePipeline", "QwenImageImg2ImgPipeline")
-class QwenImageBackbone(_FlowMatchNoising, Backbone):
+class QwenImageBackbone(PackedLatentTransformer):
     """Qwen-Image: text tokens first in the joint sequence; the prompt's padding is masked."""
 
     family: ClassVar[str] = "qwenimage"
     hook_table: ClassVar[str] = "qwenimage"
-    denoiser_attr: ClassVar[str] = "transformer"
-    default_segment_t: ClassVar[int] = 150
-    #: embedded guidance for guidance-distilled checkpoints; unused when the model has none
     guidance: float = 4.0
     #: text tokens the denoiser sees (the prompt after the dropped system prompt, padded and masked); None: 256
     max_sequence_length: int | None = None
@@ -30,14 +27,6 @@ class QwenImageBackbone(_FlowMatchNoising, Backbone):
     @property
     def vae_scale_factor(self) -> int:
         return int(self.pipeline.vae_scale_factor)
-
-    @property
-    def native_resolution(self) -> int:
-        return int(getattr(self.pipeline, "default_sample_size", 128)) * self.vae_scale_factor
-
-    @property
-    def size_multiple(self) -> int:
-        return self.vae_scale_factor * 2
 
     def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
         f = self.vae_scale_factor
@@ -90,7 +79,6 @@ class QwenImageBackbone(_FlowMatchNoising, Backbone):
             "timestep": torch.full((b,), float(t) / 1000.0, dtype=self.dtype, device=dev),
             "img_shapes": [[(1, h // 2, w // 2)]] * b,
             **cond,
+            **self.guidance_kwargs(b, dev),
         }
-        if getattr(self.denoiser.config, "guidance_embeds", False):
-            kwargs["guidance"] = torch.full((b,), float(self.guidance), dtype=torch.float32, device=dev)
         return DenoiserInputs(kwargs, (h // 2, w // 2), cond["encoder_hidden_states"].shape[1], t, image_size)
