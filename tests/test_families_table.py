@@ -32,3 +32,15 @@ def test_every_registered_family_has_a_row_with_pipelines_maps_and_a_preset():
 def test_cli_prints_the_same_table():
     result = CliRunner().invoke(app, ["families"])
     assert result.exit_code == 0 and result.output == families_markdown()
+
+
+def test_an_unsupported_pipeline_class_names_every_supported_family_pipeline():
+    import pytest
+
+    from difffeat.backbones.registry import adapter_named
+    from difffeat.errors import UnsupportedBackboneError
+
+    with pytest.raises(UnsupportedBackboneError) as err:
+        adapter_named("HiDreamImagePipeline")
+    for name in ("Flux2KleinPipeline", "QwenImagePipeline", "ChromaPipeline", "StableDiffusion3Pipeline"):
+        assert name in str(err.value)
