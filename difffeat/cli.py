@@ -22,6 +22,10 @@ app = typer.Typer(
 )
 
 MODEL_HELP = "Hub id, local diffusers folder, or 'shapes' (the embedded model, no download)."
+MODEL_CONFIG_HELP = (
+    "For a single-file checkpoint (MODEL = file.safetensors in the original key layout): a hub id or local "
+    "diffusers folder of the same architecture (offline: a local folder)."
+)
 DEVICE_HELP = "cpu, cuda, cuda:1 ... (default: the process's accelerate device)."
 DTYPE_HELP = "fp32, fp16, bf16 (default: fp16 on CUDA, fp32 on CPU)."
 POSTPROCESS_HELP = "Refine the decision at image resolution: none | pamr | crf (dense CRF: pip install 'difffeat[crf]')."
@@ -68,6 +72,7 @@ def _table(title: str, columns: list[str], rows: list[list[str]]):
 @app.command()
 def catalog(
     model: str = typer.Argument("shapes", help=MODEL_HELP),
+    model_config: Optional[str] = typer.Option(None, "--model-config", help=MODEL_CONFIG_HELP),
     as_json: bool = typer.Option(False, "--json", help="Print a JSON list of {name, kind, shape, flags, ...}."),
     kind: Optional[str] = typer.Option(None, help="Only these kinds (comma-separated), e.g. cross-q,resnet-out."),
     candidates: bool = typer.Option(False, help="Only the paper's filtered candidates (no noisy kinds/stages, no maps)."),
@@ -77,7 +82,7 @@ def catalog(
     """List every capturable activation of MODEL with kind, shape and property flags."""
     from . import list_activations
 
-    cat = _call(list_activations, model, probe_resolution=resolution, device=device)
+    cat = _call(list_activations, model, probe_resolution=resolution, device=device, config=model_config)
     items = cat.select(kind, candidates)
     _, out = _consoles()
     if as_json:
@@ -86,6 +91,14 @@ def catalog(
     out.print(_table(f"{model}: {len(items)} activations (shapes at {cat.probe_size[1]}x{cat.probe_size[0]} px)",
                      ["name", "kind", "shape", "flags"],
                      [[a.name, a.kind, "x".join(map(str, a.shape or ())), ",".join(a.flags)] for a in items]))
+
+
+@app.command()
+def families() -> None:
+    """Print the supported model families as the README's Markdown table (generated from the registry)."""
+    from .families import families_markdown
+
+    print(families_markdown(), end="")
 
 
 @app.command()

@@ -21,7 +21,7 @@ LAYERS = [
     {"backbones"},
     {"catalog"},
     {"capture"},
-    {"presets", "features"},
+    {"presets", "features", "families"},
     {"shift", "segment"},
     {"evaluate", "bench"},
     {"runs"},

@@ -73,7 +73,9 @@ def _positions(
     segment: TextSegment, caption: str, spans: list[tuple[int, int]], names: list[str], filler: frozenset[str] = FILLER_WORDS
 ) -> list[list[int]]:
     tok = segment.tokenizer
-    enc = tok(caption, return_offsets_mapping=True, add_special_tokens=True, truncation=False)
+    prefix, _, suffix = segment.template.partition("{}")
+    spans = [(a + len(prefix), b + len(prefix)) for a, b in spans]
+    enc = tok(prefix + caption + suffix, return_offsets_mapping=True, add_special_tokens=True, truncation=False)
     ids, offsets = enc["input_ids"], enc["offset_mapping"]
     pieces = tok.convert_ids_to_tokens(ids)
     special = set(getattr(tok, "all_special_ids", []))
@@ -86,6 +88,7 @@ def _positions(
         ]
         if not pos:
             raise InvalidPromptError(f"class name {name!r} produced no content tokens with this model's tokenizer")
+        pos = [j - segment.drop for j in pos]
         if max(pos) >= segment.max_length - 1:  # the last slot holds the end token
             raise InvalidPromptError(
                 f"class {name!r} falls past the tokenizer's {segment.max_length}-token limit (the caption has "
