@@ -82,3 +82,20 @@ def test_bench_on_a_missing_or_unknown_device_is_a_one_line_error():
     if not torch.cuda.is_available():
         result = runner.invoke(app, ["bench", "goca", "--device", "cuda"])
         assert result.exit_code == 2 and "no usable CUDA GPU" in result.output
+
+
+def test_catalog_table_piped_to_a_file_is_not_wrapped_at_80_columns(sd_folder):
+    result = runner.invoke(app, ["catalog", str(sd_folder), "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    name = "up_blocks.0.attentions.0.transformer_blocks.0.attn2.map"
+    row = next(line for line in result.stdout.splitlines() if name in line)  # whole, on one line
+    assert len(row) > 80 and "cross-map" in row
+
+
+def test_import_difffeat_reaches_difffeat_testing_as_the_readme_shows():
+    import subprocess
+    import sys
+
+    code = "import difffeat; print(difffeat.testing.tiny_pipeline.__name__, difffeat.ConfigError.__name__)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.stdout.split() == ["tiny_pipeline", "ConfigError"], out.stderr[-2000:]

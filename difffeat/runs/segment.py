@@ -16,6 +16,9 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from ..evaluate.datasets import EvalItem
+from ..evaluate.label_sources import ImageFiles, label_source
+from ..evaluate.runner import segment_prompt
 from ..io import write_json
 from ..segment.outputs import coco_entries, save_result
 from ..segment.segmenter import Segmenter
@@ -39,6 +42,9 @@ class SegmentJob:
     progress: bool = True
     skip_unreadable: bool = False
     dataset: dict[str, Any] = field(default_factory=dict)
+    #: where each image's prompt comes from: "all" (every class), "labels=FILE", "captions=FILE;all" ...
+    #: (:mod:`difffeat.evaluate.label_sources`)
+    label_source: str = "all"
 
 
 def segment_done(out_dir: Path, stem: str) -> dict[str, Any] | None:
@@ -70,7 +76,10 @@ def run_segment(segmenter: Segmenter, refs: list[ImageRef], job: SegmentJob, sta
     """Segment ``refs`` into ``job.classes`` on every process of the current launch (same summary everywhere)."""
     out_dir = Path(job.out_dir)
     check_unique_stems(refs)
-    settings = {**segmenter.settings.to_dict(), "classes": list(job.classes), "heatmaps": job.heatmaps}
+    source = label_source(job.label_source)
+    source.check(ImageFiles([r.path for r in refs], job.classes))  # a bad label/caption file: before any forward
+    settings = {**segmenter.settings.to_dict(), "classes": list(job.classes), "heatmaps": job.heatmaps,
+                "label_source": source.spec}
     run = Run(Manifest("segment", str(segmenter.backbone.name), settings, job.dataset), out_dir, state,
               job.overwrite, job.progress).open()
     todo, done = run.split(range(len(refs)), lambda i: segment_done(out_dir, refs[i].stem))
@@ -82,7 +91,10 @@ def run_segment(segmenter: Segmenter, refs: list[ImageRef], job: SegmentJob, sta
                 raise image.error(f"To skip such images and list them in {out_dir / UNREADABLE}, pass --skip-unreadable.")
             run.skip_unreadable(ref.path, image.message)
         else:
-            save_result(segmenter(image, job.classes), image, out_dir, ref.stem, heatmaps=job.heatmaps)
+            item = EvalItem(Path(ref.path).name, image, None)
+            result = segment_prompt(segmenter, image, job.classes, source.prompt(item, job.classes))
+            if result is not None:  # a label file may name no class for an image: nothing to write
+                save_result(result, image, out_dir, ref.stem, heatmaps=job.heatmaps)
         bar.update(1)
     bar.close()
     summary = run.finish(len(refs), len(todo) - len(run.unreadable), len(done), "segment_summary.json")
