@@ -30,9 +30,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from goca_shapes import TAUS  # same folder: the ablation benchmark's tau grid
 
 import difffeat
+from difffeat.evaluate import WIDE_TAU_GRID as TAUS
 from difffeat.evaluate import ShapesDataset, TauSweep, labelled_items
 from difffeat.io import write_json
 from difffeat.segment.segmenter import grid_of

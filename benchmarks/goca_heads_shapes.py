@@ -35,13 +35,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from goca_shapes import TAUS  # same folder: the ablation benchmark's tau grid
 
 import difffeat
+from difffeat.evaluate import WIDE_TAU_GRID as TAUS
 from difffeat.evaluate import ShapesDataset, TauSweep, labelled_items
 from difffeat.io import write_json
 from difffeat.segment.aggregation import FixedHeadWeights, GocaHeadReducer, goca_head_weights
-from difffeat.segment.prompts import build_layout
 from difffeat.segment.segmenter import grid_of
 
 DECISIONS = {"vanilla decision": dict(layers="uniform", rescale="none"), "GOCA layers + rescaling": dict(layers="goca", rescale="goca")}
@@ -69,16 +68,9 @@ def map_iou(map_gg: torch.Tensor, mask: np.ndarray) -> float:
     return float((pred & gt).sum() / max((pred | gt).sum(), 1))
 
 
-def prepared(seg: difffeat.Segmenter, image, classes: list[str]):
-    """The caption layout and denoiser inputs :meth:`Segmenter.observe` would use for this image."""
-    s, backbone = seg.settings, seg.backbone
-    layout = build_layout(classes, backbone.text_segments(), s.template, list(s.background_entities))
-    return layout, backbone.prepare([image], layout.caption, s.t, s.seed, s.resolution)
-
-
 def per_head_maps(seg: difffeat.Segmenter, image, classes: list[str]):
     """``(layout, inputs, {cross name: [heads, HW, T]}, text states [T, D])`` of one segmentation forward."""
-    layout, inputs = prepared(seg, image, classes)
+    layout, inputs = seg.prepare(image, classes)
     with torch.no_grad(), difffeat.Capture(seg.backbone, list(seg.cross_names), inputs) as cap:
         seg.backbone.denoise(inputs)
     return layout, inputs, {n: a[0] for n, a in cap.activations.items()}, inputs.kwargs["encoder_hidden_states"][0]

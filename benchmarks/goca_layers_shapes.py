@@ -15,10 +15,10 @@ import argparse
 
 import numpy as np
 import torch
-from goca_shapes import TAUS, observations  # same folder: the ablation benchmark's grid and observation cache
 
 import difffeat
-from difffeat.evaluate import ConfusionMatrix, ShapesDataset
+from difffeat.evaluate import WIDE_TAU_GRID as TAUS
+from difffeat.evaluate import ConfusionMatrix, ShapesDataset, observe_items
 from difffeat.evaluate.runner import to_dataset_labels
 from difffeat.io import write_json
 
@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> None:
     n_classes = len(data.classes) + 1
     default = difffeat.Segmenter(backbone)
     t = args.t or default.settings.t
-    obs = observations(backbone, data, t, {})
+    obs = observe_items(backbone, data, t)
     report = {"model": args.model, "split": "val", "n": args.n, "t": t, "layers": {}, "settings": {}}
     heads = ("mean", "goca")
     for block in default.blocks:

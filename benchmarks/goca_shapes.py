@@ -23,7 +23,7 @@ import numpy as np
 import yaml
 
 import difffeat
-from difffeat.evaluate import ConfusionMatrix, ShapesDataset
+from difffeat.evaluate import WIDE_TAU_GRID, ConfusionMatrix, ShapesDataset, observe_items
 from difffeat.evaluate.runner import add_at_every_tau, best_tau
 from difffeat.io import write_json
 
@@ -34,24 +34,7 @@ CONFIGS = {
     "rescaling only": dict(heads="mean", layers="uniform", rescale="goca"),
     "GOCA (all three)": dict(heads="goca", layers="goca", rescale="goca"),
 }
-# the reference sweeps -0.4..0.4; extended upwards so that no row's choice sits on the edge of the grid
-TAUS = tuple(float(x) for x in np.round(np.linspace(-0.4, 1.0, 29), 3))
-
-
-def observations(backbone, data, t, overrides):
-    """Per image: (item, dataset labels prompted, {heads: Observation})."""
-    segs = {h: difffeat.Segmenter(backbone, method="vanilla", heads=h, t=t, **overrides) for h in ("mean", "goca")}
-    out = []
-    for i in range(len(data)):
-        item = data[i]
-        labels = item.present()
-        if not labels:
-            out.append((item, labels, None))
-            continue
-        names = [data.classes[l - 1] for l in labels]
-        with backbone.reusing_latents():  # one VAE encode for both head settings
-            out.append((item, labels, {h: s.observe(item.image, names, everything=True) for h, s in segs.items()}))
-    return out
+TAUS = WIDE_TAU_GRID
 
 
 def score(backbone, obs, config, t, tau_grid, n_classes, overrides):
@@ -93,7 +76,7 @@ def main(argv=None) -> None:
 
     t_scores, val_obs = {}, {}
     for t in [int(x) for x in args.t_grid.split(",")]:
-        val_obs[t] = observations(backbone, val, t, overrides)
+        val_obs[t] = observe_items(backbone, val, t, **overrides)
         per_config = {name: max(score(backbone, val_obs[t], cfg, t, TAUS, n_classes, overrides)[0].values()) for name, cfg in CONFIGS.items()}
         t_scores[t] = {"mean": float(np.mean(list(per_config.values()))), **per_config}
         print(f"val t={t}: " + ", ".join(f"{k} {v:.3f}" for k, v in t_scores[t].items()), file=sys.stderr)
@@ -102,7 +85,7 @@ def main(argv=None) -> None:
     for name, cfg in CONFIGS.items():
         by_tau = score(backbone, val_obs[t_best], cfg, t_best, TAUS, n_classes, overrides)[0]
         taus[name] = best_tau(by_tau)
-    test_obs = observations(backbone, test, t_best, overrides)
+    test_obs = observe_items(backbone, test, t_best, **overrides)
     rows = {}
     for name, cfg in CONFIGS.items():
         miou, cms = score(backbone, test_obs, cfg, t_best, (taus[name],), n_classes, overrides)

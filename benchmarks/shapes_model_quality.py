@@ -37,7 +37,9 @@ import torch.nn.functional as F
 import difffeat
 from difffeat.io import write_json
 
+from difffeat.capture import head_mean
 from difffeat.evaluate.probe import probe_score
+from difffeat.segment.prompts import build_layout
 from difffeat.shapes.captions import list_prompt
 from difffeat.shapes.world import COLOURS, SHAPE_CLASSES, ShapeSample, sample
 
@@ -62,48 +64,6 @@ class BenchConfig:
     attn_test: int = 200
     attn_timesteps: tuple[int, ...] = (50, 100, 200, 400)
     seed: int = 0
-
-
-# ------------------------------------------------------------------------------------------------ helpers
-def _to_pixels(images: list) -> torch.Tensor:
-    """PIL list -> [B, 3, H, W] in [-1, 1]."""
-    arr = np.stack([np.asarray(im.convert("RGB")) for im in images]).astype(np.float32)
-    return torch.from_numpy(arr).permute(0, 3, 1, 2) / 127.5 - 1.0
-
-
-@torch.no_grad()
-def _encode(pipe, pixels: torch.Tensor) -> torch.Tensor:  # noqa: ANN001 - StableDiffusionPipeline
-    """Images -> scaled latents [B, 4, h, w] (posterior mean)."""
-    return pipe.vae.encode(pixels.to(pipe.device)).latent_dist.mean * pipe.vae.config.scaling_factor
-
-
-_LATENT_CACHE: dict[tuple[int, str, int], torch.Tensor] = {}
-
-
-@torch.no_grad()
-def _encode_scenes(pipe, scenes: list[ShapeSample]) -> torch.Tensor:  # noqa: ANN001
-    """Scaled latents of scenes, cached per (pipeline, split, index)."""
-    keys = [(id(pipe), s.split, s.index) for s in scenes]
-    missing = [s for s, k in zip(scenes, keys) if k not in _LATENT_CACHE]
-    if missing:
-        z = _encode(pipe, _to_pixels([s.image for s in missing]))
-        for s, zi in zip(missing, z):
-            _LATENT_CACHE[(id(pipe), s.split, s.index)] = zi
-    return torch.stack([_LATENT_CACHE[k] for k in keys])
-
-
-@torch.no_grad()
-def _text(pipe, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:  # noqa: ANN001
-    ids = pipe.tokenizer(prompts, padding="max_length", max_length=pipe.tokenizer.model_max_length,
-                         truncation=True, return_tensors="pt").input_ids.to(pipe.device)  # fmt: skip
-    return ids, pipe.text_encoder(ids)[0]
-
-
-def _noisy(pipe, z0: torch.Tensor, t: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:  # noqa: ANN001
-    g = torch.Generator().manual_seed(seed)
-    noise = torch.randn(z0.shape, generator=g).to(z0.device)  # drawn on the CPU: the same noise on any device
-    a = pipe.scheduler.alphas_cumprod[t].to(z0.device)
-    return a.sqrt() * z0 + (1 - a).sqrt() * noise, torch.full((len(z0),), t, dtype=torch.long, device=z0.device)
 
 
 # ------------------------------------------------------------------------------------ 1. generation check
@@ -215,81 +175,40 @@ def pixel_features(backbone, names: list[str], scenes: list[ShapeSample], t: int
 
 
 # --------------------------------------------------------------------------------- 3. cross-attention maps
-class CrossAttentionProbe:
-    """Attention processor for ``attn2`` modules: records softmax(QK^T/sqrt(d)) per head, returns the normal output."""
-
-    def __init__(self, store: dict, name: str) -> None:
-        self.store, self.name = store, name
-
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):  # noqa: ANN001, ANN204
-        context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
-        b, n, _ = hidden_states.shape
-        q, k, v = attn.to_q(hidden_states), attn.to_k(context), attn.to_v(context)
-        heads = attn.heads
-        d = q.shape[-1] // heads
-        q = q.view(b, n, heads, d).transpose(1, 2)  # [B, h, N, d]
-        k = k.view(b, -1, heads, d).transpose(1, 2)  # [B, h, L, d]
-        v = v.view(b, -1, heads, d).transpose(1, 2)
-        scores = q @ k.transpose(-1, -2) * attn.scale  # [B, h, N, L]
-        if attention_mask is not None:
-            scores = scores + attention_mask
-        probs = scores.softmax(-1)
-        self.store[self.name] = probs.detach()
-        out = (probs @ v).transpose(1, 2).reshape(b, n, heads * d)
-        out = attn.to_out[1](attn.to_out[0](out))
-        if attn.residual_connection:
-            out = out + hidden_states
-        return out / attn.rescale_output_factor
-
-
 LAYER_SETS: dict[str, int] = {"all_layers": 1, "16x16+8x8_layers": 8}  # name -> minimum map resolution
 
 
 @torch.no_grad()
 def cross_attention_maps(
-    pipe, scenes: list[ShapeSample], t: int, seed: int, prompt_style: str = "list"  # noqa: ANN001
+    backbone, scenes: list[ShapeSample], t: int, seed: int, prompt_style: str = "list"  # noqa: ANN001
 ) -> dict[str, list[dict[str, torch.Tensor]]]:
     """Per layer set, per scene: {class name: [64, 64] head/layer-averaged attention map of its word token(s)}.
 
+    Through the library: :meth:`Backbone.prepare` (preprocessing, VAE, noising at ``t``), :class:`difffeat.Capture`
+    of every cross-attention map with the head mean, and the class tokens of
+    :func:`difffeat.segment.prompts.build_layout` (character offsets, as the segmenter finds them).
     ``prompt_style`` "list" prompts ``"a photo of circle, star"`` (the segmenter's style); "caption" uses the
     scene's full descriptive caption (with colours and background).
     """
-    unet = pipe.unet
-    original = unet.attn_processors
-    store: dict[str, torch.Tensor] = {}
-    probes = {k: (CrossAttentionProbe(store, k) if ".attn2." in k else v) for k, v in original.items()}
+    maps_info = [a for a in difffeat.list_activations(backbone) if a.kind == "cross-map"]
     results: dict[str, list[dict[str, torch.Tensor]]] = {name: [] for name in LAYER_SETS}
-    try:
-        unet.set_attn_processor(probes)
-        for i in range(0, len(scenes), 50):
-            chunk = scenes[i : i + 50]
-            prompts = [list_prompt(s.classes_present) if prompt_style == "list" else s.caption for s in chunk]
-            ids, emb = _text(pipe, prompts)
-            z0 = _encode_scenes(pipe, chunk)
-            zt, ts = _noisy(pipe, z0, t, seed + i)
-            store.clear()
-            unet(zt, ts, encoder_hidden_states=emb)
-            for set_name, min_res in LAYER_SETS.items():
-                total, count = None, 0
-                for probs in store.values():  # [B, h, N, L]
-                    res = int(round(probs.shape[2] ** 0.5))
-                    if res < min_res:
-                        continue
-                    m = probs.mean(1).transpose(1, 2).reshape(len(chunk), -1, res, res)  # [B, L, r, r]
-                    m = F.interpolate(m, size=(64, 64), mode="bilinear", align_corners=False)
-                    total, count = (m if total is None else total + m), count + 1
-                total = total / count  # [B, L, 64, 64]
-                for j, s in enumerate(chunk):
-                    tokens = pipe.tokenizer.convert_ids_to_tokens(ids[j].tolist())
-                    maps = {}
-                    for cls in s.classes_present:
-                        pos = [p for p, tok in enumerate(tokens) if tok == f"{cls}</w>"]
-                        if not pos:
-                            raise RuntimeError(f"token {cls!r} not found in {tokens}")
-                        maps[cls] = total[j, pos].mean(0).cpu()
-                    results[set_name].append(maps)
-    finally:
-        unet.set_attn_processor(original)
+    for i, s in enumerate(scenes):
+        caption = list_prompt(s.classes_present) if prompt_style == "list" else s.caption
+        layout = build_layout(list(s.classes_present), backbone.text_segments(), caption=caption)
+        inputs = backbone.prepare([s.image], layout.caption, t, seed + i)
+        with difffeat.Capture(backbone, maps_info, inputs, map_reducer=head_mean) as cap:
+            backbone.denoise(inputs)
+        for set_name, min_res in LAYER_SETS.items():
+            total, count = None, 0
+            for probs in cap.activations.values():  # [1, N, L] (head mean)
+                res = int(round(probs.shape[1] ** 0.5))
+                if res < min_res:
+                    continue
+                m = probs.float().transpose(1, 2).reshape(1, -1, res, res)  # [1, L, r, r]
+                m = F.interpolate(m, size=(64, 64), mode="bilinear", align_corners=False)
+                total, count = (m if total is None else total + m), count + 1
+            total = total[0] / count  # [L, 64, 64]
+            results[set_name].append({cls: total[pos].mean(0).cpu() for cls, pos in zip(layout.classes, layout.class_tokens)})
     return results
 
 
@@ -323,7 +242,7 @@ def vae_reconstruction(pipe, scenes: list[ShapeSample]) -> dict:  # noqa: ANN001
     """Decode(posterior mean of encode(image)) vs the image: mean absolute error in [0, 255] pixel units,
     overall and on object pixels only (where colour shifts show); plus the posterior's mean std next to its
     mean |mean| (unscaled latents), i.e. how noisy a posterior sample is relative to the signal."""
-    x = _to_pixels([s.image for s in scenes])
+    x = difffeat.load(pipe).preprocess([s.image for s in scenes], resolution=64)  # [N, 3, 64, 64] in [-1, 1], the library's preprocessing
     posts = [pipe.vae.encode(x[i : i + 32].to(pipe.device)).latent_dist for i in range(0, len(x), 32)]
     rec = torch.cat([pipe.vae.decode(post.mean).sample.cpu() for post in posts])
     err = (rec.clamp(-1, 1) - x).abs().mean(1) * 127.5  # [N, H, W]
@@ -373,7 +292,8 @@ def _cross_attention_style(pipe, cfg: BenchConfig, test: list[ShapeSample], styl
     """Choose timestep(s), layer set and threshold on ``val``; report the mean IoU on ``test``."""
     thresholds = np.round(np.arange(0.05, 0.96, 0.05), 2)
     val = [sample("val", i) for i in range(cfg.attn_val)]
-    val_maps = {t: cross_attention_maps(pipe, val, t, cfg.seed, style) for t in cfg.attn_timesteps}
+    backbone = difffeat.load(pipe)
+    val_maps = {t: cross_attention_maps(backbone, val, t, cfg.seed, style) for t in cfg.attn_timesteps}
     t_sets: dict[str, list[int]] = {str(t): [t] for t in cfg.attn_timesteps}
     t_sets["mean_over_t"] = list(cfg.attn_timesteps)
     by_t, best = {}, (-1.0, "", "", 0.0)
@@ -386,7 +306,7 @@ def _cross_attention_style(pipe, cfg: BenchConfig, test: list[ShapeSample], styl
             if ious[k] > best[0]:
                 best = (float(ious[k]), key, layer_set, float(thresholds[k]))
     _, t_best, layers_best, th_best = best
-    test_runs = [cross_attention_maps(pipe, test, t, cfg.seed + 1, style) for t in t_sets[t_best]]
+    test_runs = [cross_attention_maps(backbone, test, t, cfg.seed + 1, style) for t in t_sets[t_best]]
     test_ious = attention_ious(_average_maps([r[layers_best] for r in test_runs]), test, np.asarray([th_best]))
     all_key = "all_layers"
     test_all = attention_ious(_average_maps([r[all_key] for r in test_runs]), test,

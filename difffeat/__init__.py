@@ -78,15 +78,18 @@ def __dir__() -> list[str]:
     return sorted(set(globals()) | set(_API) | _SUBMODULES)
 
 
-def list_activations(model: Any = "shapes", probe_resolution: int | None = None, device: str | None = None) -> "Catalog":
+def list_activations(
+    model: Any = "shapes", probe_resolution: int | None = None, device: str | None = None, config: str | None = None
+) -> "Catalog":
     """The :class:`Catalog` of every capturable activation of ``model`` (a Backbone or anything :func:`load`
-    accepts), with shapes at ``probe_resolution`` px (default: the model's native resolution)."""
+    accepts), with shapes at ``probe_resolution`` px (default: the model's native resolution). ``config``: the
+    architecture of a single-file checkpoint (see :func:`load`)."""
     from .backbones import load
     from .capture import catalog_of
     from .checks import check_resolution
 
     check_resolution("probe resolution", probe_resolution)
-    return catalog_of(load(model, device=device), probe_resolution)
+    return catalog_of(load(model, device=device, config=config), probe_resolution)
 
 
 __all__ = [

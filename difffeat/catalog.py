@@ -25,6 +25,10 @@ if TYPE_CHECKING:
 
 __all__ = ["ActivationInfo", "Catalog", "build_catalog", "NOISY_FLAGS"]
 
+#: ``observe`` values that are attention probabilities; ``q``/``k``/``v`` are the image tokens' queries, keys
+#: and values as attended (after q/k norms and RoPE), observed at the same call
+MAP_OBSERVATIONS = frozenset({"self", "cross", "all"})
+
 #: flags that mark an activation as noisy (dropped by :meth:`Catalog.candidates`)
 NOISY_FLAGS = frozenset({"noisy-kind", "down-stage-noise", "up-late-noise", "late-block"})
 
@@ -57,7 +61,7 @@ class ActivationInfo:
 
     @property
     def is_map(self) -> bool:
-        return self.observe is not None
+        return self.observe in MAP_OBSERVATIONS
 
     @property
     def channels(self) -> int | None:
@@ -230,6 +234,15 @@ def _info(path: str, rule: ActivationRule, table: HookTable, denoiser: torch.nn.
     )
 
 
+_SEPARATE_PROJECTIONS = frozenset({"to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj"})
+
+
+def _unused_projection(module: torch.nn.Module, target: str) -> bool:
+    """After ``fuse_qkv_projections()`` diffusers keeps ``to_q``/``to_k``/``to_v`` but runs ``to_qkv``: hooks on
+    the separate projections would never fire (their attended q/k/v are still observed at the SDPA call)."""
+    return target in _SEPARATE_PROJECTIONS and bool(getattr(module, "fused_projections", False))
+
+
 def enumerate_activations(denoiser: torch.nn.Module, table: HookTable) -> list[ActivationInfo]:
     """Every activation the table defines on this module tree, in forward (module registration) order."""
     infos = [_info("", r, table, denoiser) for r in table.root if r.suffix == "input"]
@@ -238,8 +251,8 @@ def enumerate_activations(denoiser: torch.nn.Module, table: HookTable) -> list[A
         if not path:
             continue
         for rule in table.rules_for(path):
-            if rule.target and f"{path}.{rule.target}" not in modules:
-                continue  # e.g. an attention without to_q (fused projections)
+            if rule.target and (f"{path}.{rule.target}" not in modules or _unused_projection(modules[path], rule.target)):
+                continue  # e.g. an attention without to_q, or whose to_q is bypassed by fused projections
             infos.append(_info(path, rule, table, denoiser))
     infos += [_info("", r, table, denoiser) for r in table.root if r.suffix == "output"]
     return infos

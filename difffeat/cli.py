@@ -22,8 +22,15 @@ app = typer.Typer(
 )
 
 MODEL_HELP = "Hub id, local diffusers folder, or 'shapes' (the embedded model, no download)."
+MODEL_CONFIG_HELP = (
+    "For a single-file checkpoint (MODEL = file.safetensors in the original key layout): a hub id or local "
+    "diffusers folder of the same architecture (offline: a local folder)."
+)
 DEVICE_HELP = "cpu, cuda, cuda:1 ... (default: the process's accelerate device)."
 DTYPE_HELP = "fp32, fp16, bf16 (default: fp16 on CUDA, fp32 on CPU)."
+POSTPROCESS_HELP = "Refine the decision at image resolution: none | pamr | crf (dense CRF: pip install 'difffeat[crf]')."
+CAPTION_HELP = ("Per-image noun lists, JSON {image: \"cat, (person, clothes), grass\"}, made into captions as the "
+                "published GOCA pipeline (nouns that are not classes become background entities).")
 
 
 def _consoles():
@@ -65,6 +72,7 @@ def _table(title: str, columns: list[str], rows: list[list[str]]):
 @app.command()
 def catalog(
     model: str = typer.Argument("shapes", help=MODEL_HELP),
+    model_config: Optional[str] = typer.Option(None, "--model-config", help=MODEL_CONFIG_HELP),
     as_json: bool = typer.Option(False, "--json", help="Print a JSON list of {name, kind, shape, flags, ...}."),
     kind: Optional[str] = typer.Option(None, help="Only these kinds (comma-separated), e.g. cross-q,resnet-out."),
     candidates: bool = typer.Option(False, help="Only the paper's filtered candidates (no noisy kinds/stages, no maps)."),
@@ -74,7 +82,7 @@ def catalog(
     """List every capturable activation of MODEL with kind, shape and property flags."""
     from . import list_activations
 
-    cat = _call(list_activations, model, probe_resolution=resolution, device=device)
+    cat = _call(list_activations, model, probe_resolution=resolution, device=device, config=model_config)
     items = cat.select(kind, candidates)
     _, out = _consoles()
     if as_json:
@@ -83,6 +91,14 @@ def catalog(
     out.print(_table(f"{model}: {len(items)} activations (shapes at {cat.probe_size[1]}x{cat.probe_size[0]} px)",
                      ["name", "kind", "shape", "flags"],
                      [[a.name, a.kind, "x".join(map(str, a.shape or ())), ",".join(a.flags)] for a in items]))
+
+
+@app.command()
+def families() -> None:
+    """Print the supported model families as the README's Markdown table (generated from the registry)."""
+    from .families import families_markdown
+
+    print(families_markdown(), end="")
 
 
 @app.command()
@@ -151,6 +167,9 @@ def segment(
     tau: Optional[float] = typer.Option(None, help="Background offset in [-1, 1] (default: the model's config)."),
     t: Optional[int] = typer.Option(None, "--t", help="Timestep 0-999 (default: the model's config)."),
     refine_order: Optional[int] = typer.Option(None, help="Self-attention propagation order, 0-8 (0 = off)."),
+    postprocess: Optional[str] = typer.Option(None, help=POSTPROCESS_HELP),
+    label_file: Optional[Path] = typer.Option(None, help="Per-image classes: JSON {image file name or stem: [class, ...]} (classes among --classes)."),
+    caption_file: Optional[Path] = typer.Option(None, help=CAPTION_HELP),
     heatmaps: bool = typer.Option(False, help="Also write <stem>_heat_<class>.png per class."),
     coco_results: Optional[Path] = typer.Option(None, help="Also write COCO results JSON (RLE) here."),
     num_workers: int = typer.Option(2, help="DataLoader workers decoding images ahead of the model (0 = inline)."),
@@ -158,7 +177,6 @@ def segment(
     skip_unreadable: bool = typer.Option(False, help="Skip unreadable images and list them in OUT/unreadable.json."),
     device: Optional[str] = typer.Option(None, help=DEVICE_HELP),
     dtype: Optional[str] = typer.Option(None, help=DTYPE_HELP),
-    batch_size: int = typer.Option(1, help="Images per forward (consecutive images of one input size share it; the same results as 1)."),
 ) -> None:
     """Segment IMAGES into CLASSES: OUT/<stem>_labels.png (0 = background, i = i-th class), _overlay.png, .json.
 
@@ -167,10 +185,10 @@ def segment(
     from .runs.commands import segment as run
 
     summary, names = _call(run, images, classes, out_dir=out_dir, model=model, method=method, config=config,
-                           heatmaps=heatmaps,
+                           heatmaps=heatmaps, label_file=label_file, caption_file=caption_file,
                            coco_results=coco_results, num_workers=num_workers, overwrite=overwrite,
-                           skip_unreadable=skip_unreadable, device=device, dtype=dtype, batch_size=batch_size, heads=heads, layers=layers,
-                           rescale=rescale, tau=tau, t=t, refine_order=refine_order)
+                           skip_unreadable=skip_unreadable, device=device, dtype=dtype, heads=heads, layers=layers,
+                           rescale=rescale, tau=tau, t=t, refine_order=refine_order, postprocess=postprocess)
     if summary.main_process:
         err, _ = _consoles()
         err.print(f"segmented {summary.written} image(s) into {names} -> {out_dir} ({summary.skipped} already done)")
@@ -186,6 +204,11 @@ def evaluate_cmd(
     shapes_split: Optional[str] = typer.Option(None, help="Evaluate on generated shapes: train | val | test."),
     n: int = typer.Option(300, help="Number of generated shapes images (>= 1)."),
     setting: str = typer.Option("oracle", help="oracle (prompt = classes present, as in the papers) | all."),
+    label_file: Optional[Path] = typer.Option(None, help="Per-image classes instead of --setting: JSON {image file name or id: [class, ...]}."),
+    caption_file: Optional[Path] = typer.Option(None, help=CAPTION_HELP + " Classes from --setting or --label-file."),
+    void: str = typer.Option("ignore", help="255 (VOC boundary / crowd) pixels: ignore (difffeat) | background (published GOCA)."),
+    tau_grid: bool = typer.Option(False, help="Also report mIoU at each tau of the published grid -0.4..0.4 ON THE EVALUATED SPLIT (as the published code prints it; optimistic)."),
+    postprocess: Optional[str] = typer.Option(None, help=POSTPROCESS_HELP),
     method: str = typer.Option("goca", help="goca or vanilla."),
     config: str = typer.Option("default", "--config", help="Segmentation config: default (configs/goca/<model or family>.yaml) | goca-reference (the published pipeline of the model's family)."),
     heads: Optional[str] = typer.Option(None, help="Head aggregation: goca | mean (default: --method's)."),
@@ -199,7 +222,6 @@ def evaluate_cmd(
     run_dir: Path = typer.Option(Path("eval_out"), "--out", help="Run folder: manifest, per-chunk confusion counts for resuming, and report.json."),
     report: Optional[Path] = typer.Option(None, help="Where to write the JSON report (default: OUT/report.json)."),
     chunk_size: int = typer.Option(8, help="Images per resumable chunk."),
-    batch_size: int = typer.Option(1, help="Images per forward within a chunk (the same results as 1)."),
     num_workers: int = typer.Option(2, help="DataLoader workers preparing images ahead of the model (0 = inline)."),
     overwrite: bool = typer.Option(False, help="Recompute everything in --out, replacing results of other settings."),
     device: Optional[str] = typer.Option(None, help=DEVICE_HELP),
@@ -214,12 +236,17 @@ def evaluate_cmd(
 
     res = _call(evaluate_dataset, model, coco=coco, images=images, voc_labels=voc_labels, class_names=class_names,
                 shapes_split=shapes_split, n=n, setting=setting, method=method, config=config, tune_shapes_split=tune_shapes_split,
+                label_file=label_file, caption_file=caption_file, void=void, tau_grid=tau_grid, postprocess=postprocess,
                 tune_n=tune_n, limit=limit, out_dir=run_dir, report=report, chunk_size=chunk_size,
-                num_workers=num_workers, overwrite=overwrite, device=device, dtype=dtype, batch_size=batch_size, heads=heads, layers=layers,
+                num_workers=num_workers, overwrite=overwrite, device=device, dtype=dtype, heads=heads, layers=layers,
                 rescale=rescale, tau=tau, t=t)
     if res.main_process:
         err, out = _consoles()
-        out.print(f"mIoU {res.report.miou:.4f} ({setting}: {res.report.n_images} images, method {res.method}, tau {res.tau})")
+        out.print(f"mIoU {res.report.miou:.4f} ({res.report.setting}: {res.report.n_images} images, method {res.method}, tau {res.tau})")
+        grid = res.report.extra.get("evaluated_split_tau_grid")
+        if grid:
+            out.print(f"published-style (tau chosen ON THE EVALUATED SPLIT, optimistic): best mIoU "
+                      f"{grid['best_miou_on_evaluated_split']:.4f} at tau {grid['best_tau_on_evaluated_split']:+.2f}; every tau in the report")
         err.print(f"report: {res.report_path}")
 
 
@@ -258,7 +285,7 @@ def bench(
     out_file: Optional[Path] = typer.Option(None, "--out", help="Write the figures as JSON here."),
     device: str = typer.Option("cpu", help="cpu or cuda (GPU memory is then the allocator's peak)."),
     dtype: Optional[str] = typer.Option(None, help="fp16, bf16 or fp32; default fp16 on CUDA, fp32 on the CPU."),
-    arch: str = typer.Option("tiny", help="tiny (the quick SD1.5-shaped model) or a real-size architecture with random weights: sd15, sd21, sdxl, pixart, sd3, flux (suites goca, features, throughput, vae)."),
+    arch: str = typer.Option("tiny", help="tiny (the quick SD1.5-shaped model) or a real-size architecture with random weights: sd15, sd21, sdxl, pixart, sd3, flux (suites goca, features, throughput, vae, accounting)."),
     text_layers: Optional[int] = typer.Option(None, help="With --arch: cap on text-encoder depth (the denoiser and VAE are unchanged)."),
 ) -> None:
     """Speed/memory benchmarks, reported as ratios against a baseline measured in the same run."""

@@ -572,7 +572,7 @@ def build_demo(
                     overlay_out = gr.Image(type="pil", label="overlay", elem_id="seg-overlay", format="png")
                     labels_out = gr.Image(type="pil", label="label map", elem_id="seg-labels", format="png")
                     legend_out = gr.HTML(elem_id="seg-legend")
-                    heat_out = gr.Gallery(label="class scores (0-1) at the attention maps' resolution", columns=4,
+                    heat_out = gr.Gallery(label="class scores (0-1) at the attention maps' resolution", columns=4, height="auto",
                                           elem_id="seg-heat", format="png")
                     file_out = gr.File(label="label PNG at the image size (pixel value = class index, 0 = background)",
                                        elem_id="seg-file")
@@ -633,13 +633,13 @@ def build_demo(
                         g_tech = gr.Textbox(label="technique", value="prompt:quality=natural",
                                             info="prompt:quality=natural | controlnet:MODEL | lora:PATH")
                         g_strength = gr.Slider(0.1, 1.0, value=0.75, step=0.05, label="strength")
-                        g_steps = gr.Slider(1, 50, value=10, step=1, label="steps")
+                        g_steps = gr.Slider(1, 50, value=10, step=1, label="steps", elem_id="g-steps")
                         g_btn = gr.Button("Compare", variant="primary", elem_id="g-run")
                         g_msg = gr.HTML(elem_id="g-message")
                     with gr.Column():
-                        g_out = gr.Gallery(label="input | without | with the technique", columns=3, format="png",
+                        g_out = gr.Gallery(label="input | without | with the technique", columns=3, format="png", height="auto",
                                            elem_id="g-panels")
-                        g_json = gr.JSON(label="similarity to the input")
+                        g_json = gr.JSON(label="similarity to the input", elem_id="g-json")
                 gr.Examples([[e[0]] for e in examples], [g_image], label="bundled examples")
                 g_image.upload(lambda img: "", [g_image], [g_msg], api_name=False, show_progress_on=[g_msg])
                 g_btn.click(gate, [g_image, model_box, g_prompt, g_tech, g_strength, g_steps], [g_out, g_json, status],

@@ -15,6 +15,8 @@ __all__ = [
     "ModelNotFoundError",
     "InvalidPromptError",
     "ConfigError",
+    "LabelFileError",
+    "MissingExtraError",
     "InvalidOptionError",
     "OutputPathError",
     "DatasetError",
@@ -71,6 +73,13 @@ class InvalidPromptError(DifffeatError, ValueError):
 class ConfigError(DifffeatError, ValueError):
     """A preset or settings file that is missing or malformed."""
 
+
+class LabelFileError(ConfigError):
+    """A per-image label or caption file that is malformed, misses an image, or names an unknown class."""
+
+
+class MissingExtraError(DifffeatError, ImportError):
+    """An optional feature whose package is not installed; the message names the pip extra to install."""
 
 class InvalidOptionError(DifffeatError, ValueError):
     """A numeric or named option outside its valid range (checked before any model loads)."""

@@ -44,6 +44,10 @@ __all__ = [
     "tiny_controlnet",
     "tiny_pipeline",
     "tiny_t5_tokenizer",
+    "tiny_chat_tokenizer",
+    "CHAT_TEMPLATE",
+    "sd_original_state_dict",
+    "save_single_file",
 ]
 
 # ------------------------------------------------------------------------------------------------ vocabulary
@@ -137,6 +141,8 @@ SD3_TRANSFORMER_CONFIG: dict[str, Any] = dict(
     caption_projection_dim=32, joint_attention_dim=64, pooled_projection_dim=64, out_channels=4,
 )  # fmt: skip
 SD3_T5_OVERRIDES: dict[str, Any] = dict(d_model=64)
+#: SD3.5 (Medium-style): q/k RMS norms, and block 0 a dual-attention block (a second, image-only attention attn2).
+SD35_TRANSFORMER_CONFIG: dict[str, Any] = dict(SD3_TRANSFORMER_CONFIG, qk_norm="rms_norm", dual_attention_layers=(0,))
 #: FLUX: 1 double-stream + 2 single-stream blocks, 2 heads of 16 (RoPE axes 4+4+8 = 16). The latents are
 #: packed 2x2, so ``in_channels`` = 4 VAE channels x 4.
 FLUX_TRANSFORMER_CONFIG: dict[str, Any] = dict(
@@ -147,6 +153,47 @@ FLUX_TRANSFORMER_CONFIG: dict[str, Any] = dict(
 FLUX_SCHEDULER_CONFIG: dict[str, Any] = dict(
     shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
     max_image_seq_len=4096,
+)  # fmt: skip
+#: FLUX.2: in_channels = 4 VAE channels x 4 (2x2 patchified latents), RoPE over 4 axes (T, H, W, L) summing to
+#: the head dim, joint_attention_dim = 3 stacked text-encoder layers x its hidden size.
+FLUX2_TRANSFORMER_CONFIG: dict[str, Any] = dict(
+    patch_size=1, in_channels=16, num_layers=1, num_single_layers=2, attention_head_dim=16, num_attention_heads=2,
+    joint_attention_dim=48, timestep_guidance_channels=32, axes_dims_rope=[4, 4, 4, 4], guidance_embeds=False,
+)  # fmt: skip
+#: the FLUX.2 VAE (32 latent channels and batch-norm statistics over the 2x2 patchified latents at real size).
+FLUX2_VAE_CONFIG: dict[str, Any] = dict(
+    block_out_channels=[32, 64], down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2,
+    latent_channels=4, norm_num_groups=16, sample_size=64,
+)  # fmt: skip
+#: Qwen3 text encoders (``vocab_size`` from the tokenizer). FLUX.2 [klein] stacks hidden layers 9, 18 and 27,
+#: so the encoder keeps 28 (tiny) layers.
+QWEN3_TEXT_CONFIG: dict[str, Any] = dict(
+    hidden_size=16, intermediate_size=32, num_hidden_layers=28, num_attention_heads=2, num_key_value_heads=1,
+    head_dim=8, max_position_embeddings=1024, tie_word_embeddings=True,
+)  # fmt: skip
+#: Qwen-Image: in_channels = 4 VAE channels x 4 (2x2 packing); RoPE axes sum to the head dim.
+QWENIMAGE_TRANSFORMER_CONFIG: dict[str, Any] = dict(
+    patch_size=2, in_channels=16, out_channels=4, num_layers=2, attention_head_dim=16, num_attention_heads=2,
+    joint_attention_dim=16, axes_dims_rope=(4, 6, 6),
+)  # fmt: skip
+#: Qwen-Image's causal video VAE, one spatial downsampling (factor 2), 4 latent channels with per-channel stats.
+QWENIMAGE_VAE_CONFIG: dict[str, Any] = dict(
+    base_dim=16, z_dim=4, dim_mult=[1, 2], num_res_blocks=1, temperal_downsample=[False],
+    latents_mean=[0.1, -0.2, 0.3, 0.0], latents_std=[1.5, 2.0, 1.2, 0.8],
+)  # fmt: skip
+#: Qwen2.5-VL (text tower used; a one-layer vision tower completes the class).
+QWEN25VL_CONFIG: dict[str, Any] = dict(
+    text_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                     num_key_value_heads=1, max_position_embeddings=1024, rope_theta=1e6,
+                     rope_scaling={"type": "mrope", "mrope_section": [1, 1, 2]}),
+    vision_config=dict(depth=1, hidden_size=16, intermediate_size=16, num_heads=2, out_hidden_size=16, patch_size=2,
+                       spatial_merge_size=1, temporal_patch_size=1, fullatt_block_indexes=[0], window_size=4),
+)  # fmt: skip
+#: Chroma: FLUX's tiny layout (no pooled projection, no guidance) plus a small modulation approximator.
+CHROMA_TRANSFORMER_CONFIG: dict[str, Any] = dict(
+    patch_size=1, in_channels=16, num_layers=1, num_single_layers=2, attention_head_dim=16, num_attention_heads=2,
+    joint_attention_dim=32, axes_dims_rope=[4, 4, 8], approximator_num_channels=8, approximator_hidden_dim=32,
+    approximator_layers=1,
 )  # fmt: skip
 #: ControlNets, by the family whose UNet they match (keys shared with that UNet's config are copied from it).
 CONTROLNET_CONFIGS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
@@ -229,6 +276,74 @@ def tiny_t5_tokenizer(model_max_length: int = 512):  # noqa: ANN201 - transforme
     for ch in _T5_CHARS:
         pieces.setdefault(ch, _T5_SCORES["char"])
     return T5Tokenizer(vocab=list(pieces.items()), extra_ids=0, model_max_length=model_max_length)
+
+
+#: The chat markup of Qwen-family tokenizers (one user turn; generation prompt; Qwen3's empty think block
+#: when ``enable_thinking`` is False), written as a Jinja chat template.
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n"
+    "{% if enable_thinking is defined and not enable_thinking %}<think>\n\n</think>\n\n{% endif %}{% endif %}"
+)
+_CHAT_SPECIAL = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>")
+#: words of the chat roles and of Qwen-Image's system prompt, so templates tokenize to whole words
+_CHAT_WORDS = (
+    "system", "user", "assistant", "describe", "detailing", "color", "size", "texture", "quantity", "text", "spatial",
+    "relationships",
+)  # fmt: skip
+
+
+@lru_cache(maxsize=None)
+def _chat_vocab() -> tuple[str, ...]:
+    punctuation = tuple(".,;:!?'\"()[]-_/&+%#*@<>|{}=")
+    lowercase = tuple(dict.fromkeys(w.lower() for w in WORDS + _CHAT_WORDS))
+    chars = tuple("abcdefghijklmnopqrstuvwxyz0123456789")
+    pieces = lowercase + chars + tuple("##" + c for c in chars) + punctuation
+    return _CHAT_SPECIAL + ("<unk>", "\n") + tuple(dict.fromkeys(pieces))
+
+
+def tiny_chat_tokenizer(model_max_length: int = 1024):  # noqa: ANN201 - transformers.PreTrainedTokenizerFast
+    """A word-level tokenizer with Qwen's chat markup (``<|im_start|>``, ``<|im_end|>``, think tags) and chat
+    template, for the LLM-encoded families (FLUX.2 [klein], Qwen-Image, Z-Image).
+
+    Words of :data:`WORDS` (lower-cased) are one token each, so are newlines (as in Qwen's tokenizer),
+    punctuation one token per character; any other
+    word splits into single-character word pieces (never ``<unk>``). Padding (``<|endoftext|>`` = 0) is on the right. Offsets are returned, so prompt
+    token positions are found exactly as with the real tokenizers."""
+    from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {piece: i for i, piece in enumerate(_chat_vocab())}
+    tok = Tokenizer(models.WordPiece(vocab, unk_token="<unk>", continuing_subword_prefix="##"))
+    tok.normalizer = normalizers.Lowercase()
+    # pieces: a newline, a word, or one punctuation character (other whitespace separates and is dropped)
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"\n|\w+|[^\w\s]"), behavior="removed", invert=True)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="<unk>", pad_token="<|endoftext|>", eos_token="<|im_end|>",
+        additional_special_tokens=list(_CHAT_SPECIAL[1:]), model_max_length=model_max_length, padding_side="right",
+    )  # fmt: skip
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def _qwen3(seed: int, **overrides: Any):  # noqa: ANN202
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    cfg = Qwen3Config(vocab_size=len(_chat_vocab()), pad_token_id=0, **{**QWEN3_TEXT_CONFIG, **overrides})
+    with _seeded(seed):
+        return Qwen3ForCausalLM(cfg).eval()
+
+
+def _qwen25vl(seed: int):  # noqa: ANN202
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    n = len(_chat_vocab())
+    text = {**QWEN25VL_CONFIG["text_config"], "vocab_size": n, "bos_token_id": 0, "eos_token_id": 2, "pad_token_id": 0}
+    cfg = Qwen2_5_VLConfig(text_config=text, vision_config=QWEN25VL_CONFIG["vision_config"], vocab_size=n,
+                           bos_token_id=0, eos_token_id=2, image_token_id=n - 1, video_token_id=n - 2,
+                           vision_start_token_id=n - 3)  # fmt: skip
+    with _seeded(seed):
+        return Qwen2_5_VLForConditionalGeneration(cfg).eval()
 
 
 def _clip_text(seed: int, *, projection: bool = False, **overrides: Any):  # noqa: ANN202
@@ -318,11 +433,11 @@ def _build_pixart(seed: int):  # noqa: ANN202 - PixArtSigmaPipeline
 
 
 @_register("sd3")
-def _build_sd3(seed: int):  # noqa: ANN202 - StableDiffusion3Pipeline
+def _build_sd3(seed: int, transformer_config: dict[str, Any] = SD3_TRANSFORMER_CONFIG):  # noqa: ANN202
     from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
 
     return StableDiffusion3Pipeline(
-        transformer=_model(SD3Transformer2DModel, SD3_TRANSFORMER_CONFIG, seed),
+        transformer=_model(SD3Transformer2DModel, transformer_config, seed),
         vae=_vae(seed + 1, **FLOW_VAE_OVERRIDES),
         text_encoder=_clip_text(seed + 2, projection=True),
         text_encoder_2=_clip_text(seed + 3, projection=True),
@@ -332,6 +447,11 @@ def _build_sd3(seed: int):  # noqa: ANN202 - StableDiffusion3Pipeline
         tokenizer_3=tiny_t5_tokenizer(),
         scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
     )
+
+
+@_register("sd35")
+def _build_sd35(seed: int):  # noqa: ANN202 - StableDiffusion3Pipeline (SD3.5 transformer)
+    return _build_sd3(seed, SD35_TRANSFORMER_CONFIG)
 
 
 @_register("flux")
@@ -348,6 +468,57 @@ def _build_flux(seed: int):  # noqa: ANN202 - FluxPipeline
         scheduler=FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULER_CONFIG),
     )
     pipe.default_sample_size = 32  # default image 64 px (FluxPipeline hard-codes 128, i.e. 256 px here)
+    return pipe
+
+
+@_register("flux2")
+def _build_flux2(seed: int):  # noqa: ANN202 - Flux2KleinPipeline
+    """FLUX.2 [klein] (Qwen3 text encoder): FLUX.2 [dev]'s Mistral-3 encoder comes with a Pixtral processor
+    (tokenizer + image processor) that cannot be built offline without its files; both share the transformer."""
+    from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline, Flux2Transformer2DModel
+
+    pipe = Flux2KleinPipeline(
+        transformer=_model(Flux2Transformer2DModel, FLUX2_TRANSFORMER_CONFIG, seed),
+        vae=_model(AutoencoderKLFlux2, FLUX2_VAE_CONFIG, seed + 1),
+        text_encoder=_qwen3(seed + 2),
+        tokenizer=tiny_chat_tokenizer(),
+        scheduler=FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULER_CONFIG),
+    )
+    pipe.default_sample_size = 32  # default image 64 px
+    return pipe
+
+
+@_register("qwenimage")
+def _build_qwenimage(seed: int):  # noqa: ANN202 - QwenImagePipeline
+    from diffusers import AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImagePipeline, QwenImageTransformer2DModel
+
+    tokenizer = tiny_chat_tokenizer()
+    pipe = QwenImagePipeline(
+        transformer=_model(QwenImageTransformer2DModel, QWENIMAGE_TRANSFORMER_CONFIG, seed),
+        vae=_model(AutoencoderKLQwenImage, QWENIMAGE_VAE_CONFIG, seed + 1),
+        text_encoder=_qwen25vl(seed + 2),
+        tokenizer=tokenizer,
+        scheduler=FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULER_CONFIG),
+    )
+    # the pipeline drops the system prompt's tokens (34 with Qwen's tokenizer): count them with this tokenizer
+    prefix = pipe.prompt_template_encode.split("{}")[0]
+    pipe.prompt_template_encode_start_idx = len(tokenizer(prefix)["input_ids"])
+    pipe.default_sample_size = 32  # default image 64 px
+    return pipe
+
+
+@_register("chroma")
+def _build_chroma(seed: int):  # noqa: ANN202 - ChromaPipeline
+    from diffusers import ChromaPipeline, ChromaTransformer2DModel, FlowMatchEulerDiscreteScheduler
+
+    pipe = ChromaPipeline(
+        transformer=_model(ChromaTransformer2DModel, CHROMA_TRANSFORMER_CONFIG, seed),
+        vae=_vae(seed + 1, **FLOW_VAE_OVERRIDES),
+        text_encoder=_t5(seed + 2),
+        tokenizer=tiny_t5_tokenizer(),
+        scheduler=FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULER_CONFIG),
+    )
+    pipe.default_sample_size = 32  # default image 64 px
     return pipe
 
 
@@ -470,3 +641,112 @@ def sd15_shaped_pipeline(seed: int = 0):  # noqa: ANN201 - StableDiffusionPipeli
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+# ------------------------------------------------------------------------------------------------ single files
+def _unet_to_original(unet) -> dict[str, str]:
+    """diffusers -> original (CompVis ``model.diffusion_model``) prefixes of a UNet2DConditionModel."""
+    cfg = unet.config
+    n, per = len(cfg.block_out_channels), cfg.layers_per_block
+    pairs = {
+        "time_embedding.linear_1.": "time_embed.0.", "time_embedding.linear_2.": "time_embed.2.",
+        "conv_in.": "input_blocks.0.0.", "conv_norm_out.": "out.0.", "conv_out.": "out.2.",
+        "mid_block.attentions.0.": "middle_block.1.",
+    }  # fmt: skip
+    for j in range(2):
+        pairs[f"mid_block.resnets.{j}."] = f"middle_block.{2 * j}."
+    for i in range(n):
+        for j in range(per):
+            pairs[f"down_blocks.{i}.resnets.{j}."] = f"input_blocks.{(per + 1) * i + j + 1}.0."
+            pairs[f"down_blocks.{i}.attentions.{j}."] = f"input_blocks.{(per + 1) * i + j + 1}.1."
+        if i < n - 1:
+            pairs[f"down_blocks.{i}.downsamplers.0.conv."] = f"input_blocks.{(per + 1) * (i + 1)}.0.op."
+        for j in range(per + 1):
+            pairs[f"up_blocks.{i}.resnets.{j}."] = f"output_blocks.{(per + 1) * i + j}.0."
+            pairs[f"up_blocks.{i}.attentions.{j}."] = f"output_blocks.{(per + 1) * i + j}.1."
+        if i < n - 1:
+            has_attn = "CrossAttn" in cfg.up_block_types[i]
+            pairs[f"up_blocks.{i}.upsamplers.0."] = f"output_blocks.{(per + 1) * i + per}.{2 if has_attn else 1}."
+    return pairs
+
+
+_RESNET_TO_ORIGINAL = {"norm1": "in_layers.0", "conv1": "in_layers.2", "norm2": "out_layers.0", "conv2": "out_layers.3",
+                       "time_emb_proj": "emb_layers.1", "conv_shortcut": "skip_connection"}  # fmt: skip
+
+
+def _vae_to_original(vae) -> dict[str, str]:
+    n = len(vae.config.block_out_channels)
+    per = vae.config.layers_per_block
+    pairs = {"encoder.mid_block.attentions.0.": "encoder.mid.attn_1.", "decoder.mid_block.attentions.0.": "decoder.mid.attn_1.",
+             "encoder.conv_norm_out.": "encoder.norm_out.", "decoder.conv_norm_out.": "decoder.norm_out."}  # fmt: skip
+    for part in ("encoder", "decoder"):
+        for j in range(2):
+            pairs[f"{part}.mid_block.resnets.{j}."] = f"{part}.mid.block_{j + 1}."
+    for i in range(n):
+        for j in range(per):
+            pairs[f"encoder.down_blocks.{i}.resnets.{j}."] = f"encoder.down.{i}.block.{j}."
+        if i < n - 1:
+            pairs[f"encoder.down_blocks.{i}.downsamplers.0."] = f"encoder.down.{i}.downsample."
+            pairs[f"decoder.up_blocks.{i}.upsamplers.0."] = f"decoder.up.{n - 1 - i}.upsample."
+        for j in range(per + 1):
+            pairs[f"decoder.up_blocks.{i}.resnets.{j}."] = f"decoder.up.{n - 1 - i}.block.{j}."
+    return pairs
+
+
+_VAE_ATTN_TO_ORIGINAL = {"group_norm.": "norm.", "to_q.": "q.", "to_k.": "k.", "to_v.": "v.", "to_out.0.": "proj_out."}
+
+
+def _rename(key: str, prefixes: dict[str, str]) -> str:
+    for new, old in sorted(prefixes.items(), key=lambda kv: -len(kv[0])):
+        if key.startswith(new):
+            return old + key[len(new):]
+    return key
+
+
+def sd_original_state_dict(pipe) -> dict[str, torch.Tensor]:  # noqa: ANN001 - StableDiffusionPipeline
+    """The weights of a Stable Diffusion 1.x pipeline in the original CompVis single-file layout
+    (``model.diffusion_model.*``, ``first_stage_model.*``, ``cond_stage_model.transformer.*``), as the released
+    ``v1-5-pruned.safetensors`` files hold them: the inverse of diffusers' single-file conversion."""
+    out: dict[str, torch.Tensor] = {}
+    unet_prefixes = _unet_to_original(pipe.unet)
+    for key, value in pipe.unet.state_dict().items():
+        key = _rename(key, unet_prefixes)
+        if ".0." in key and key.split(".")[0] in ("input_blocks", "output_blocks", "middle_block"):
+            head, _, tail = key.rpartition(".")
+            parts = key.split(".")
+            resnet_part = parts[3] if parts[0] != "middle_block" else parts[2]
+            if resnet_part in _RESNET_TO_ORIGINAL:
+                key = key.replace(f".{resnet_part}.", f".{_RESNET_TO_ORIGINAL[resnet_part]}.", 1)
+        elif key.startswith("middle_block."):
+            parts = key.split(".")
+            if parts[2] in _RESNET_TO_ORIGINAL:
+                key = key.replace(f".{parts[2]}.", f".{_RESNET_TO_ORIGINAL[parts[2]]}.", 1)
+        out["model.diffusion_model." + key] = value
+    vae_prefixes = _vae_to_original(pipe.vae)
+    for key, value in pipe.vae.state_dict().items():
+        key = _rename(key, vae_prefixes).replace("conv_shortcut.", "nin_shortcut.")
+        if ".mid.attn_1." in key:
+            key = _rename(key.replace(".mid.attn_1.", ".mid.attn_1.#"), {}).replace("#", "")
+            for new, old in _VAE_ATTN_TO_ORIGINAL.items():
+                key = key.replace(".attn_1." + new, ".attn_1." + old)
+            if value.ndim == 2:  # linear attention projections are 1x1 convolutions in the original
+                value = value[:, :, None, None]
+        out["first_stage_model." + key] = value
+    for key, value in pipe.text_encoder.state_dict().items():
+        out["cond_stage_model.transformer.text_model." + key.removeprefix("text_model.")] = value
+    return {k: v.contiguous() for k, v in out.items()}
+
+
+def save_single_file(family: str, path: str | os.PathLike, *, seed: int = 0) -> Path:
+    """Write the tiny pipeline of ``family`` as one ``.safetensors`` file in the original key layout.
+
+    Only ``"sd"`` (CompVis layout) is written: diffusers' FLUX and SD3 single-file converters hard-code the
+    released models' widths (FLUX's ``inner_dim = 3072``), so a tiny checkpoint of those cannot be read back.
+    """
+    from safetensors.torch import save_file
+
+    if family != "sd":
+        raise ValueError(f"no original-layout writer for family {family!r}; only 'sd' is supported")
+    path = Path(path)
+    save_file(sd_original_state_dict(tiny_pipeline(family, seed=seed)), str(path))
+    return path

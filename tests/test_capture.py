@@ -9,7 +9,7 @@ import difffeat
 from difffeat import Capture
 from difffeat.capture import StopForward
 
-from _helpers import FAMILIES, attention_modules, backbone_for, random_image
+from _helpers import FAMILIES, SDPARecorder, attention_modules, backbone_for, random_image
 
 
 @pytest.fixture(params=FAMILIES)
@@ -92,62 +92,65 @@ def test_captured_qkv_equal_recomputation_from_module_input(backbone):
 
 
 def test_cross_attention_map_times_v_reproduces_attention_output(backbone):
-    """Standard attention: P @ V == the input of to_out. Joint attention: [P_self | P_cross] @ [V_img | V_txt]
-    == the image rows of the attention output. Maps sum to one over all keys."""
+    """For every attention kind (cross, joint image-first / text-first, single-stream, fused projections):
+    the captured maps times the values the kernel got reproduce the kernel's output for the image queries
+    (the attention output before the output projection), and maps sum to one over all keys."""
+    from difffeat.hookpoints import load_table
+
     inputs = _inputs(backbone)
     cat = difffeat.list_activations(backbone)
     maps = [a for a in cat if a.kind == "cross-map"]
     assert maps
-    den = backbone.denoiser
-    seen, handles = {}, []
-    for a in maps:
-        attn = den.get_submodule(a.module)
-        handles.append(attn.register_forward_pre_hook(_pre_hook_store(seen, a.module), with_kwargs=True))
-        target = attn.to_out[0] if hasattr(attn, "to_out") else attn
-        if hasattr(attn, "to_out"):
-            handles.append(target.register_forward_pre_hook(_pre_hook_store(seen, a.module + "#out"), with_kwargs=True))
-        else:
-            handles.append(target.register_forward_hook(lambda m, a_, o, k=a.module + "#out": seen.__setitem__(k, ((o,), {}))))
+    text_first = load_table(backbone.hook_table).token_order == "text-first"
+    recorder = SDPARecorder(backbone.denoiser, [a.module for a in maps])
     names = [a.name for a in maps]
     self_names = [a.module + ".self_map" for a in maps if a.module + ".self_map" in cat]
     try:
         with Capture(backbone, names + self_names, inputs, early_exit=False) as cap:
             backbone.denoise(inputs)
     finally:
-        for h in handles:
-            h.remove()
+        recorder.remove()
     n_img = inputs.grid[0] * inputs.grid[1]
     for a in maps:
-        attn = den.get_submodule(a.module)
-        args, kwargs = seen[a.module]
-        hidden = args[0] if args else kwargs["hidden_states"]
-        ctx = kwargs.get("encoder_hidden_states")
+        q, k, v, _, out = (x.double() if x is not None else None for x in recorder.calls[a.module])
         p_cross = cap.activations[a.name].double()  # [B, heads, Nq, T]
-        heads = p_cross.shape[1]
-
-        def split(x):
-            b, n, c = x.shape
-            return x.view(b, n, heads, c // heads).transpose(1, 2).double()
-
-        if a.module + ".self_map" not in cat:  # plain cross-attention
-            v = split(attn.to_v(ctx))
-            out = torch.matmul(p_cross, v)
-            torch.testing.assert_close(p_cross.sum(-1), torch.ones_like(p_cross.sum(-1)), atol=1e-5, rtol=0)
+        n_total = k.shape[2]
+        if a.module + ".self_map" not in cat:  # plain cross-attention: every key is text
+            expected = torch.matmul(p_cross, v)
+            total = p_cross.sum(-1)
+            rows = slice(0, q.shape[2])
         else:
             p_self = cap.activations[a.module + ".self_map"].double()
-            if ctx is not None:  # SD3 / FLUX double block: separate streams
-                v_img, v_txt = split(attn.to_v(hidden)), split(attn.add_v_proj(ctx))
-            else:  # FLUX single block: [text, image] in one sequence
-                v_all = split(attn.to_v(hidden))
-                t = v_all.shape[2] - n_img
-                v_txt, v_img = v_all[:, :, :t], v_all[:, :, t:]
-            out = torch.matmul(p_self, v_img) + torch.matmul(p_cross, v_txt)
+            img = slice(n_total - n_img, n_total) if text_first else slice(0, n_img)
+            txt = slice(0, n_total - n_img) if text_first else slice(n_img, n_total)
+            expected = torch.matmul(p_self, v[:, :, img]) + torch.matmul(p_cross, v[:, :, txt])
             total = p_self.sum(-1) + p_cross.sum(-1)
-            torch.testing.assert_close(total, torch.ones_like(total), atol=1e-5, rtol=0)
-        out = out.transpose(1, 2).reshape(out.shape[0], out.shape[2], -1)  # [B, Nq, C]
-        ref = seen[a.module + "#out"][0][0] if seen[a.module + "#out"][0] else seen[a.module + "#out"][1]["input"]
-        ref = ref[:, -n_img:] if ref.shape[1] > out.shape[1] else ref
-        torch.testing.assert_close(out.float(), ref.float(), atol=1e-4, rtol=1e-4, msg=a.name)
+            rows = img
+        torch.testing.assert_close(total, torch.ones_like(total), atol=1e-5, rtol=0)
+        torch.testing.assert_close(expected, out[:, :, rows], atol=1e-4, rtol=1e-4, msg=a.name)
+
+
+def test_attended_qkv_are_the_image_rows_the_kernel_got(backbone):
+    cat = difffeat.list_activations(backbone)
+    attended = [a for a in cat if a.kind.startswith("attended-")]
+    if not attended:
+        pytest.skip("this family lists no attended q/k/v")
+    inputs = _inputs(backbone)
+    recorder = SDPARecorder(backbone.denoiser, sorted({a.module for a in attended}))
+    try:
+        with Capture(backbone, [a.name for a in attended], inputs, early_exit=False) as cap:
+            backbone.denoise(inputs)
+    finally:
+        recorder.remove()
+    n_img = inputs.grid[0] * inputs.grid[1]
+    from difffeat.hookpoints import load_table
+
+    image = slice(-n_img, None) if load_table(backbone.hook_table).token_order == "text-first" else slice(0, n_img)
+    for a in attended:
+        q, k, v, _, _ = recorder.calls[a.module]
+        x = {"attended-q": q, "attended-k": k, "attended-v": v}[a.kind][:, :, image]
+        expected = x.transpose(1, 2).flatten(2).transpose(1, 2).reshape(x.shape[0], -1, *inputs.grid)
+        torch.testing.assert_close(cap.activations[a.name], expected, rtol=0, atol=0, msg=a.name)
 
 
 def test_self_attention_maps_sum_to_one_over_keys(backbone):

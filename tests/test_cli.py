@@ -84,29 +84,25 @@ def test_bench_on_a_missing_or_unknown_device_is_a_one_line_error():
         assert result.exit_code == 2 and "no usable CUDA GPU" in result.output
 
 
-def test_segment_batch_size_gives_the_outputs_of_batch_one(sd_folder, tmp_path):
-    import numpy as np
-    from PIL import Image
-
-    paths = []
-    for s in range(3):
-        paths.append(tmp_path / f"im{s}.png")
-        random_image(64, 64, seed=20 + s).save(paths[-1])
-    outs = {}
-    for b in (1, 3):
-        out = tmp_path / f"out{b}"
-        result = runner.invoke(app, ["segment", *map(str, paths), "-c", "cat,dog", "-m", str(sd_folder), "-o", str(out),
-                                     "--batch-size", str(b), "--device", "cpu", "--num-workers", "0"])
-        assert result.exit_code == 0, result.output
-        outs[b] = [np.asarray(Image.open(out / f"im{s}_labels.png")) for s in range(3)]
-    for one, many in zip(outs[1], outs[3]):
-        assert (one == many).mean() > 0.99
-    bad = runner.invoke(app, ["segment", str(paths[0]), "-c", "cat", "-m", str(sd_folder), "-o", str(tmp_path / "x"), "--batch-size", "0"])
-    assert bad.exit_code == 2 and "--batch-size must be between 1 and 4096" in bad.output and "Traceback" not in bad.output
-
-
 def test_bench_arch_errors_are_one_line():
     result = runner.invoke(app, ["bench", "goca", "--arch", "sd99"])
     assert result.exit_code == 2 and "unknown architecture 'sd99'" in result.output and "Traceback" not in result.output
     result = runner.invoke(app, ["bench", "throughput-x", "--arch", "sd15"])
     assert result.exit_code == 2 and "unknown suite" in result.output
+
+
+def test_catalog_table_piped_to_a_file_is_not_wrapped_at_80_columns(sd_folder):
+    result = runner.invoke(app, ["catalog", str(sd_folder), "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    name = "up_blocks.0.attentions.0.transformer_blocks.0.attn2.map"
+    row = next(line for line in result.stdout.splitlines() if name in line)  # whole, on one line
+    assert len(row) > 80 and "cross-map" in row
+
+
+def test_import_difffeat_reaches_difffeat_testing_as_the_readme_shows():
+    import subprocess
+    import sys
+
+    code = "import difffeat; print(difffeat.testing.tiny_pipeline.__name__, difffeat.ConfigError.__name__)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.stdout.split() == ["tiny_pipeline", "ConfigError"], out.stderr[-2000:]

@@ -87,8 +87,11 @@ def _example() -> tuple[Path, Path, list[str]]:
 
 
 def _fetch_image(page, selector: str) -> Image.Image:
-    src = page.locator(selector).first.get_attribute("src")
-    return Image.open(io.BytesIO(page.request.get(src).body()))
+    return _fetch_image_at(page, page.locator(selector).first)
+
+
+def _fetch_image_at(page, locator) -> Image.Image:
+    return Image.open(io.BytesIO(page.request.get(locator.get_attribute("src")).body()))
 
 
 def _segment(page, image_path: Path | None, classes: str) -> dict:
@@ -97,12 +100,8 @@ def _segment(page, image_path: Path | None, classes: str) -> dict:
         page.locator("#seg-image input[type=file]").set_input_files(str(image_path))
         page.locator("#seg-image img").first.wait_for(timeout=TIMEOUT)  # the upload preview
     page.locator("#seg-classes textarea, #seg-classes input").first.fill(classes)
-    before = page.locator("#seg-message").inner_text()
-    page.locator("#seg-run").click()
-    page.wait_for_function(
-        "b => { const t = document.querySelector('#seg-message').innerText; return t !== b && t.includes('segmented'); }",
-        arg=before, timeout=TIMEOUT,
-    )
+    _run_and_wait(page, "#seg-run", "#seg-message")
+    assert "segmented" in page.locator("#seg-message").inner_text()
     return {
         "labels": _fetch_image(page, "#seg-labels img").convert("RGB"),
         "overlay": _fetch_image(page, "#seg-overlay img").convert("RGB"),
@@ -110,6 +109,24 @@ def _segment(page, image_path: Path | None, classes: str) -> dict:
         "message": page.locator("#seg-message").inner_text(),
         "status": page.locator("#model-status").inner_text(),
     }
+
+
+#: marks, before the click, when the status tracker of ``sel`` leaves its hidden state (the run is pending)
+_WATCH = """sel => {
+    const el = document.querySelector(sel);
+    window.__pending_seen = false;
+    const check = () => { const w = el.querySelector('.wrap'); if (w && !w.classList.contains('hide')) window.__pending_seen = true; };
+    new MutationObserver(check).observe(el, {subtree: true, attributes: true, childList: true});
+}"""
+_DONE = "sel => window.__pending_seen && document.querySelector(sel).querySelector('.wrap').classList.contains('hide')"
+
+
+def _run_and_wait(page, button: str, tracker: str) -> None:
+    """Click ``button`` and wait until this run finished: its progress tracker (on ``tracker``, the only
+    component that shows progress) went pending and is hidden again, so the outputs are this run's."""
+    page.evaluate(_WATCH, tracker)
+    page.locator(button).click()
+    page.wait_for_function(_DONE, arg=tracker, timeout=TIMEOUT)
 
 
 def _pixels(legend: str) -> dict[str, int]:
@@ -252,8 +269,34 @@ def test_every_tab_at_1280_and_390_px_and_results_above_examples_on_a_phone(serv
                 page.get_by_role("tab", name=tab).click()
                 page.wait_for_timeout(300)
                 slug = tab.lower().replace(" ", "_")
-                if not (tab == "Segment" and width == 1280):  # that one is taken with a result shown
+                if tab == "Content shift" and width == 1280 and page.locator("#g-run").count():
+                    panels = _compare(page)
+                if not (tab in ("Segment", "Features") and width == 1280):  # those are taken with a result shown
                     page.screenshot(path=str(ARTIFACTS / f"demo_{slug}_{width}.png"), full_page=True)
         finally:
             page.close()
     assert all((ARTIFACTS / f"demo_{t}_{w}.png").is_file() for t in ("features", "content_shift") for w in (1280, 390))
+    if "panels" in locals():  # the GATE module is in this version
+        captions, sizes, figures = panels
+        assert [c.split(" (")[0] for c in captions] == [
+            "input, as the model saw it", "img2img without the technique", "img2img with the technique"]
+        assert min(min(s) for s in sizes) >= 256  # readable, not 64 px
+        assert not re.search(r"\d\.\d{4,}", figures), f"long floats in {figures}"
+
+
+def _compare(page) -> tuple[list[str], list[tuple[int, int]], str]:
+    """Run the Content shift comparison on the first example (2 steps); captions, picture sizes, figures."""
+    image_path, _, _ = _example()
+    page.locator("#g-image input[type=file]").set_input_files(str(image_path))
+    page.locator("#g-image img").first.wait_for(timeout=TIMEOUT)
+    steps = page.locator("#g-steps input[type=number]").first
+    steps.fill("2")
+    steps.press("Enter")
+    page.locator("#g-run").click()
+    page.locator("#g-panels img").nth(2).wait_for(timeout=TIMEOUT)
+    page.wait_for_function("document.querySelector('#g-json') && document.querySelector('#g-json').innerText.includes('psnr')",
+                           timeout=TIMEOUT)
+    imgs = page.locator("#g-panels img")
+    sizes = [_fetch_image_at(page, imgs.nth(i)).size for i in range(3)]
+    captions = page.locator("#g-panels .caption-label, #g-panels figcaption, #g-panels .caption").all_inner_texts()
+    return captions, sizes, page.locator("#g-json").inner_text()

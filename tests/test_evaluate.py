@@ -220,3 +220,13 @@ def test_image_above_the_pixel_cap_is_scored_on_the_full_size_annotation(tiny_pi
     assert report.n_images == 1
     counts = np.array(report.extra["confusion_matrix"])
     assert counts.sum() == w * h  # every annotated pixel was scored
+
+
+def test_report_json_has_no_nan_token_when_nothing_was_scored():
+    import json
+
+    from difffeat.evaluate import build_report
+
+    report = build_report(ConfusionMatrix(3), ["cat", "dog"], "oracle", 0, 0.0, {})
+    text = json.dumps(report.to_json())
+    assert "NaN" not in text and json.loads(text)["miou"] is None

@@ -21,7 +21,7 @@ LAYERS = [
     {"backbones"},
     {"catalog"},
     {"capture"},
-    {"presets", "features"},
+    {"presets", "features", "families"},
     {"shift", "segment"},
     {"evaluate", "bench", "bench_real"},
     {"runs"},
@@ -139,3 +139,15 @@ def test_the_checks_catch_a_planted_violation(tmp_path, source, expect):
                 test_no_import_cycle_among_units()
     finally:
         globals()["ROOT"] = Path(__file__).resolve().parents[1] / "difffeat"
+
+
+def test_benchmark_scripts_import_only_the_library():
+    """Benchmarks call difffeat instead of copying it or each other (issue 18)."""
+    folder = ROOT.parent / "benchmarks"
+    scripts = {p.stem for p in folder.glob("*.py")}
+    crossing = []
+    for path in sorted(folder.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            crossing += [f"{path.name}: {n}" for n in names if n.split(".")[0] in scripts]
+    assert crossing == []

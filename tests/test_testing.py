@@ -23,6 +23,10 @@ PIPELINE_CLASS = {
     "pixart": "PixArtSigmaPipeline",
     "sd3": "StableDiffusion3Pipeline",
     "flux": "FluxPipeline",
+    "sd35": "StableDiffusion3Pipeline",
+    "flux2": "Flux2KleinPipeline",
+    "qwenimage": "QwenImagePipeline",
+    "chroma": "ChromaPipeline",
 }
 CAPTION = "A photo of a cat, a dog and a zebra-crossing!"  # in-vocabulary, upper case, punctuation, unknown word
 
@@ -174,7 +178,9 @@ def test_denoisers_have_every_kind_of_attention_capture_tests_need(tiny_pipes, f
         assert any(n.startswith("up_blocks.") and n.endswith("attn2") for n in names)
     elif family == "sdxl":
         assert any(".transformer_blocks.1." in n for n in names)
-    elif family in ("pixart", "sd3"):
+    elif family == "sd35":
+        assert any(n.endswith("attn2") for n in names) and denoiser.transformer_blocks[0].attn.norm_q is not None
+    elif family in ("pixart", "sd3", "qwenimage"):
         assert len(denoiser.transformer_blocks) >= 2
     else:
         assert len(denoiser.transformer_blocks) >= 1 and len(denoiser.single_transformer_blocks) >= 1

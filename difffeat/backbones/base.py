@@ -69,11 +69,17 @@ def check_timestep(t: int) -> int:
 @dataclass(frozen=True)
 class TextSegment:
     """One tokenizer's part of the denoiser's text sequence: its tokens occupy positions
-    ``offset .. offset + max_length - 1`` (SD3 concatenates CLIP then T5 tokens)."""
+    ``offset .. offset + max_length - 1`` (SD3 concatenates CLIP then T5 tokens).
+
+    ``template`` is the text the pipeline really tokenizes, with ``{}`` for the prompt (a chat template for
+    LLM text encoders); ``drop`` is how many leading tokens the pipeline removes before the denoiser sees
+    the sequence (Qwen-Image drops its system prompt)."""
 
     tokenizer: Any
     offset: int
     max_length: int
+    template: str = "{}"
+    drop: int = 0
 
 
 class Backbone(ABC):
@@ -97,8 +103,10 @@ class Backbone(ABC):
     # ----------------------------------------------------------------- properties
     @property
     def denoiser(self) -> torch.nn.Module:
-        """The UNet or transformer that capture hooks attach to."""
-        return getattr(self.pipeline, self.denoiser_attr)
+        """The UNet or transformer that capture hooks attach to (the original module when the pipeline holds
+        ``torch.compile(module)``: activation names are its module paths)."""
+        module = getattr(self.pipeline, self.denoiser_attr)
+        return getattr(module, "_orig_mod", module)
 
     @property
     def device(self) -> torch.device:
@@ -183,6 +191,11 @@ class Backbone(ABC):
         one = torch.randn(latents.shape[1:], generator=gen, dtype=torch.float32)
         return one.unsqueeze(0).expand_as(latents).to(device=latents.device, dtype=latents.dtype).contiguous()
 
+    def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
+        """``(C, h, w)`` of one image's latents (what :meth:`encode_image` returns) at ``height x width`` px."""
+        f = self.vae_scale_factor
+        return int(self.pipeline.vae.config.latent_channels), height // f, width // f
+
     @abstractmethod
     def add_noise(self, latents: torch.Tensor, t: int, noise: torch.Tensor) -> torch.Tensor:
         """Noise clean latents to timestep ``t`` with the family's training rule."""
@@ -235,9 +248,13 @@ class Backbone(ABC):
         return inputs
 
     def denoise(self, inputs: DenoiserInputs) -> Any:
-        """Run the denoiser once (no gradient)."""
+        """Run the denoiser once (no gradient), compiled when the pipeline holds a compiled one.
+
+        ``torch.compile`` works with capture whether hooks are installed before or after compiling
+        (``module.compile()`` in place, or ``torch.compile(module)`` assigned to the pipeline): dynamo
+        re-traces when hooks change and runs difffeat's hooks and attention observers as graph breaks."""
         with torch.no_grad():
-            return self.denoiser(**inputs.kwargs, return_dict=False)
+            return getattr(self.pipeline, self.denoiser_attr)(**inputs.kwargs, return_dict=False)
 
     # ----------------------------------------------------------------- misc
     def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> "Backbone":

@@ -12,7 +12,7 @@ from .base import Backbone, DenoiserInputs, TextSegment
 from .registry import register_backbone
 from .unet import _DDPMNoising
 
-__all__ = ["PixArtBackbone", "SD3Backbone", "FluxBackbone"]
+__all__ = ["PixArtBackbone", "SD3Backbone", "PackedLatentTransformer", "FluxBackbone", "ChromaBackbone"]
 
 
 def _default_max_length(backbone: Backbone) -> int:
@@ -116,12 +116,11 @@ class SD3Backbone(_FlowMatchNoising, Backbone):
         return DenoiserInputs(kwargs, grid, cond["encoder_hidden_states"].shape[1], t, image_size)
 
 
-@register_backbone("FluxPipeline", "FluxImg2ImgPipeline", "FluxControlNetPipeline")
-class FluxBackbone(_FlowMatchNoising, Backbone):
-    """FLUX.1: CLIP + T5, 2x2-packed latents, double-stream (text, image) then single-stream blocks."""
+class PackedLatentTransformer(_FlowMatchNoising, Backbone):
+    """Flow-matching transformers over 2x2 patches of the VAE latents (FLUX.1, FLUX.2, Chroma, Qwen-Image): the
+    native size comes from the pipeline's ``default_sample_size``; guidance-distilled checkpoints
+    (``guidance_embeds``) get :attr:`guidance` as an input."""
 
-    family: ClassVar[str] = "flux"
-    hook_table: ClassVar[str] = "flux"
     denoiser_attr: ClassVar[str] = "transformer"
     default_segment_t: ClassVar[int] = 150
     #: guidance value for guidance-distilled checkpoints (FLUX.1-dev); ignored when the model has none
@@ -135,6 +134,20 @@ class FluxBackbone(_FlowMatchNoising, Backbone):
     @property
     def size_multiple(self) -> int:
         return self.vae_scale_factor * 2
+
+    def guidance_kwargs(self, batch: int, device: torch.device) -> dict[str, torch.Tensor]:
+        """``{"guidance": [B]}`` for guidance-distilled models, else nothing."""
+        if not getattr(self.denoiser.config, "guidance_embeds", False):
+            return {}
+        return {"guidance": torch.full((batch,), float(self.guidance), dtype=torch.float32, device=device)}
+
+
+@register_backbone("FluxPipeline", "FluxImg2ImgPipeline", "FluxControlNetPipeline")
+class FluxBackbone(PackedLatentTransformer):
+    """FLUX.1: CLIP + T5, 2x2-packed latents, double-stream (text, image) then single-stream blocks."""
+
+    family: ClassVar[str] = "flux"
+    hook_table: ClassVar[str] = "flux"
 
     def text_segments(self) -> list:
         """FLUX attends to T5 tokens only (CLIP gives the pooled vector)."""
@@ -169,7 +182,33 @@ class FluxBackbone(_FlowMatchNoising, Backbone):
             "timestep": torch.full((b,), float(t) / 1000.0, dtype=self.dtype, device=dev),
             "img_ids": self.image_ids(gh, gw, dev, self.dtype),
             **cond,
+            **self.guidance_kwargs(b, dev),
         }
-        if getattr(self.denoiser.config, "guidance_embeds", False):
-            kwargs["guidance"] = torch.full((b,), float(self.guidance), dtype=torch.float32, device=dev)
         return DenoiserInputs(kwargs, (gh, gw), cond["encoder_hidden_states"].shape[1], t, image_size)
+
+
+@register_backbone("ChromaPipeline", "ChromaImg2ImgPipeline")
+class ChromaBackbone(FluxBackbone):
+    """Chroma: FLUX.1-schnell's architecture de-distilled, T5 only (no pooled CLIP vector, no guidance input),
+    the prompt's padding masked in joint attention."""
+
+    family: ClassVar[str] = "chroma"
+    hook_table: ClassVar[str] = "chroma"
+
+    def text_segments(self) -> list:
+        return [TextSegment(self.pipeline.tokenizer, 0, _default_max_length(self))]
+
+    def encode_prompt(self, prompts: list[str]) -> dict[str, Any]:
+        extra = {"max_sequence_length": self.max_sequence_length} if self.max_sequence_length else {}
+        embeds, text_ids, mask, *_ = self.pipeline.encode_prompt(
+            prompt=prompts, device=self.device, do_classifier_free_guidance=False, **extra
+        )
+        return {"encoder_hidden_states": embeds.to(self.dtype), "txt_ids": text_ids, "text_mask": mask}
+
+    def denoiser_inputs(self, noisy_latents, t, cond, image_size) -> DenoiserInputs:
+        cond = dict(cond)
+        text_mask = cond.pop("text_mask")
+        inputs = super().denoiser_inputs(noisy_latents, t, cond, image_size)
+        b, n_image = noisy_latents.shape[0], inputs.grid[0] * inputs.grid[1]
+        inputs.kwargs["attention_mask"] = self.pipeline._prepare_attention_mask(b, n_image, self.dtype, text_mask)
+        return inputs

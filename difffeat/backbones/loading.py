@@ -17,6 +17,7 @@ from ..checks import check_device
 from ..errors import InvalidOptionError, ModelNotFoundError
 from ..resources import package_dir
 from .base import Backbone
+from .single_file import from_single_file, is_single_file
 from .registry import adapter_for
 
 __all__ = ["load", "check_model", "wrap_pipeline", "resolve_dtype", "default_device", "EMBEDDED_MODELS"]
@@ -177,6 +178,7 @@ def load(
     device: str | torch.device | None = None,
     dtype: str | torch.dtype | None = None,
     xformers: bool | None = None,
+    config: str | os.PathLike | None = None,
     **pipeline_kwargs: Any,
 ) -> Backbone:
     """Load a diffusion model as a :class:`Backbone`.
@@ -189,6 +191,9 @@ def load(
         dtype: default float16 on CUDA, float32 on CPU; "fp16", "bf16", "fp32" or a torch dtype.
         xformers: use xformers memory-efficient attention. Default: only when CUDA and xformers are available.
             ``True`` without CUDA raises (xformers ops do not run on the CPU).
+        config: for a single-file checkpoint (``model.safetensors`` / ``.ckpt`` in the original key layout):
+            a hub id or local diffusers folder of the same architecture, read by diffusers' ``from_single_file``
+            (offline only a local folder resolves).
         pipeline_kwargs: forwarded to ``DiffusionPipeline.from_pretrained`` (e.g. ``variant="fp16"``).
 
     Raises:
@@ -207,6 +212,9 @@ def load(
         name = os.fspath(model)
         if name in EMBEDDED_MODELS:
             pipe = _from_folder(embedded_model_path(name), torch_dtype)
+        elif is_single_file(name) and not Path(name).expanduser().is_dir():
+            with _quiet_loading():
+                pipe = from_single_file(name, config, torch_dtype, **pipeline_kwargs)
         elif Path(name).expanduser().exists():
             pipe = _from_folder(Path(name).expanduser(), torch_dtype, **pipeline_kwargs)
         else:

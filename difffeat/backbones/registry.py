@@ -10,7 +10,7 @@ from diffusers import DiffusionPipeline
 from ..errors import UnsupportedBackboneError
 from .base import Backbone
 
-__all__ = ["register_backbone", "adapter_for", "registered_pipelines", "FAMILIES"]
+__all__ = ["register_backbone", "adapter_for", "adapter_named", "pipelines_of", "registered_pipelines", "FAMILIES"]
 
 _BY_PIPELINE: dict[str, type[Backbone]] = {}
 #: family name -> adapter class
@@ -31,6 +31,22 @@ def register_backbone(*pipeline_class_names: str) -> Callable[[type[Backbone]], 
 
 def registered_pipelines() -> list[str]:
     return sorted(_BY_PIPELINE)
+
+
+def pipelines_of(family: str) -> list[str]:
+    """The diffusers pipeline class names registered for one family."""
+    return sorted(name for name, cls in _BY_PIPELINE.items() if cls.family == family)
+
+
+def adapter_named(pipeline_class_name: str) -> type[Backbone]:
+    """The adapter class registered for a pipeline class name, or :class:`UnsupportedBackboneError`."""
+    try:
+        return _BY_PIPELINE[pipeline_class_name]
+    except KeyError:
+        raise UnsupportedBackboneError(
+            f"no difffeat backbone supports pipeline class {pipeline_class_name}. Supported pipelines: "
+            + ", ".join(registered_pipelines())
+        ) from None
 
 
 def adapter_for(pipeline: DiffusionPipeline) -> type[Backbone]:

@@ -356,6 +356,7 @@ class _SDPAWatch(TorchFunctionMode):
         super().__init__()
         self.observer = observer
 
+    @torch.compiler.disable  # under torch.compile: a graph break, the observation runs eagerly
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func is F.scaled_dot_product_attention:
@@ -376,12 +377,14 @@ class DispatchObserver:
             attn.register_forward_hook(self._exit, always_call=True),
         ]
 
+    @torch.compiler.disable
     def _enter(self, module, args) -> None:
         check_observable(self.attn, self.module_path)
         self._seen = False
         self._watch = _SDPAWatch(self)
         self._watch.__enter__()
 
+    @torch.compiler.disable
     def _exit(self, module, args, output) -> None:
         watch, self._watch = self._watch, None
         if watch is not None:

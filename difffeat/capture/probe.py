@@ -11,7 +11,7 @@ import weakref
 from typing import TYPE_CHECKING
 
 import torch
-from torch._subclasses.fake_tensor import FakeTensorMode
+from torch._subclasses.fake_tensor import DynamicOutputShapeException, FakeTensorMode
 
 from ..catalog import ActivationInfo, Catalog, build_catalog, enumerate_activations
 from ..hookpoints import load_table
@@ -41,12 +41,28 @@ def catalog_of(backbone: "Backbone", probe_resolution: int | None = None) -> Cat
 
 def probe_shapes(backbone: "Backbone", infos: list[ActivationInfo], size: tuple[int, int]) -> dict[str, tuple[int, ...]]:
     """Per-image shapes of ``infos`` at pixel ``size`` (H, W), in forward order, from one fake-tensor forward."""
-    vae = backbone.pipeline.vae
-    lat_h, lat_w = size[0] // backbone.vae_scale_factor, size[1] // backbone.vae_scale_factor
-    with FakeTensorMode(allow_non_fake_inputs=True):
-        latents = torch.zeros(1, vae.config.latent_channels, lat_h, lat_w, dtype=backbone.dtype, device=backbone.device)
+    try:
+        with FakeTensorMode(allow_non_fake_inputs=True):
+            cond = backbone.encode_prompt([""])
+    except DynamicOutputShapeException:  # text encoders whose output length depends on the data (masks)
         cond = backbone.encode_prompt([""])
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        latents = torch.zeros(1, *backbone.latent_shape(*size), dtype=backbone.dtype, device=backbone.device)
         inputs = backbone.denoiser_inputs(latents, 1, cond, size)
-        with Capture(backbone, infos, inputs, early_exit=False, shapes_only=True) as cap:
-            backbone.denoise(inputs)
+        try:
+            with Capture(backbone, infos, inputs, early_exit=False, shapes_only=True) as cap:
+                backbone.denoise(inputs)
+        finally:
+            _clear_method_caches(backbone.denoiser)
         return {name: tuple(int(s) for s in shape[1:]) for name, shape in cap.shapes.items()}
+
+
+def _clear_method_caches(denoiser: torch.nn.Module) -> None:
+    """Empty the ``functools.lru_cache`` of every method of the denoiser's module classes (directly or inside
+    diffusers' ``lru_cache_unless_export`` wrapper): a fake-tensor forward would otherwise leave fake tensors
+    there (Qwen-Image caches its RoPE frequencies per grid size) for the next real forward to find."""
+    for cls in {type(m) for m in denoiser.modules()}:
+        for fn in vars(cls).values():
+            for obj in (fn, *(c.cell_contents for c in (getattr(fn, "__closure__", None) or ()))):
+                if callable(getattr(obj, "cache_clear", None)):
+                    obj.cache_clear()

@@ -66,6 +66,12 @@ def sequence_to_spatial(x: torch.Tensor, grid: tuple[int, int], tokens: str = "i
     raise ValueError(f"a sequence of {n} tokens does not fit the image grid {h}x{w} at any power-of-two scale")
 
 
+def _attended(tensors: AttentionTensors, which: str) -> torch.Tensor:
+    """The image tokens' attended queries, keys or values ``[B, heads, N, d]`` -> ``[B, N, heads * d]``."""
+    x = tensors.q if which == "q" else {"k": tensors.k, "v": tensors.v}[which][:, :, tensors.image_keys]
+    return x.transpose(1, 2).flatten(2)
+
+
 class Capture:
     """Capture activations of one backbone's denoiser during a forward.
 
@@ -157,7 +163,9 @@ class Capture:
             for info in infos_by_module[module_path]:
                 if info.name in self.shapes:
                     continue
-                if self.shapes_only:
+                if not info.is_map:
+                    self._store(info, sequence_to_spatial(_attended(tensors, info.observe), self.grid))
+                elif self.shapes_only:
                     b, h, nq, _ = tensors.q.shape
                     keys = tensors.text_keys if info.observe == "cross" else tensors.image_keys
                     self._store(info, torch.empty(b, h, nq, keys.stop - keys.start, device="meta"))

@@ -16,7 +16,12 @@ from PIL import Image
 from ..errors import DatasetError
 from ..images import to_rgb
 
-__all__ = ["EvalItem", "SegDataset", "CocoDataset", "VocDataset", "ShapesDataset", "read_coco"]
+__all__ = ["EvalItem", "SegDataset", "CocoDataset", "VocDataset", "ShapesDataset", "read_coco", "VOID", "with_void",
+           "VoidAsBackground"]  # fmt: skip
+
+#: what VOC boundary / COCO crowd pixels (255) count as: "ignore" (difffeat: skipped by the metrics) or
+#: "background" (the published GOCA code: its VOC loader sets every label above 20 to 0)
+VOID = ("ignore", "background")
 
 
 @dataclass
@@ -127,6 +132,11 @@ class CocoDataset:
     def __len__(self) -> int:
         return len(self.ids)
 
+    def item_keys(self, i: int) -> list[str]:
+        """Names a per-image file may use for item ``i``: file name, stem, image id."""
+        name = self.coco.loadImgs(self.ids[i])[0]["file_name"]
+        return list(dict.fromkeys([name, Path(name).stem, str(self.ids[i])]))
+
     def __getitem__(self, i: int) -> EvalItem:
         info = self.coco.loadImgs(self.ids[i])[0]
         gt = np.zeros((info["height"], info["width"]), np.uint8)
@@ -185,6 +195,10 @@ class VocDataset:
     def __len__(self) -> int:
         return len(self.stems)
 
+    def item_keys(self, i: int) -> list[str]:
+        """Names a per-image file may use for item ``i``: stem, image file name."""
+        return [self.stems[i], self._image_of[self.stems[i]].name]
+
     def __getitem__(self, i: int) -> EvalItem:
         stem = self.stems[i]
         gt = np.asarray(Image.open(self.labels / f"{stem}.png"), dtype=np.uint8)
@@ -209,6 +223,36 @@ class ShapesDataset:
     def __len__(self) -> int:
         return self.n
 
+    def item_keys(self, i: int) -> list[str]:
+        return [f"{self.split}-{self.start + i:06d}"]
+
     def __getitem__(self, i: int) -> EvalItem:
         s = self.world.sample(self.split, self.start + i)
         return EvalItem(f"{self.split}-{self.start + i:06d}", s.image, s.mask.astype(np.uint8))
+
+
+class VoidAsBackground:
+    """A dataset whose void pixels (255) are background (0), as the published GOCA evaluation counts them."""
+
+    def __init__(self, dataset: SegDataset) -> None:
+        self.dataset = dataset
+        self.classes = list(dataset.classes)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int) -> EvalItem:
+        item = self.dataset[i]
+        return EvalItem(item.name, item.image, np.where(item.gt == 255, 0, item.gt).astype(np.uint8))
+
+    def __getattr__(self, name: str):  # item_keys, category_ids ... of the wrapped dataset
+        if name == "dataset":
+            raise AttributeError(name)
+        return getattr(self.dataset, name)
+
+
+def with_void(dataset: SegDataset, void: str = "ignore") -> SegDataset:
+    """``dataset`` with its void pixels (255) handled as ``void`` (see :data:`VOID`)."""
+    if void not in VOID:
+        raise DatasetError(f"void={void!r} is not one of {VOID} (what 255 pixels count as)")
+    return VoidAsBackground(dataset) if void == "background" else dataset

@@ -91,8 +91,9 @@ def segmenter_overrides(heads=None, layers=None, rescale=None, tau=None, t=None,
 
 def segment(images: Sequence[str | os.PathLike], classes: str | Sequence[str], *, out_dir: str | os.PathLike,
             model: str = "shapes", method: str | None = None, config: str = "default", heatmaps: bool = False,
+            label_file: str | os.PathLike | None = None, caption_file: str | os.PathLike | None = None,
             coco_results: str | os.PathLike | None = None, num_workers: int = 2, overwrite: bool = False,
-            skip_unreadable: bool = False, device: str | None = None, dtype: str | None = None, batch_size: int = 1,
+            skip_unreadable: bool = False, device: str | None = None, dtype: str | None = None,
             **overrides: Any) -> "tuple[RunSummary, list[str]]":
     """``difffeat segment``: label maps of every image into ``out_dir`` (see :func:`run_segment`), resumable and
     sharded over processes; ``overrides`` are :class:`SegmentSettings` fields (heads, layers, tau, ...)."""
@@ -100,7 +101,6 @@ def segment(images: Sequence[str | os.PathLike], classes: str | Sequence[str], *
         raise InvalidOptionError(f"--method must be goca or vanilla, got {method!r}")
     settings = segmenter_overrides(**{k: overrides.pop(k) for k in ("heads", "layers", "rescale", "tau", "t", "refine_order") if k in overrides})
     check_number("--num-workers", num_workers, 0, 256, integer=True)
-    check_number("--batch-size", batch_size, 1, 4096, integer=True)
     check_out_dir(out_dir, "--out folder")
     check_out_file(coco_results, "--coco-results file")
 
@@ -108,6 +108,7 @@ def segment(images: Sequence[str | os.PathLike], classes: str | Sequence[str], *
     from ..segment.prompts import check_classes
     from ..segment.segmenter import Segmenter
     from .processes import init_state
+    from ..evaluate.label_sources import source_spec
     from .segment import SegmentJob, run_segment
 
     names = check_classes(split_names(classes))
@@ -116,8 +117,8 @@ def segment(images: Sequence[str | os.PathLike], classes: str | Sequence[str], *
     state = init_state(device)
     seg = Segmenter(load(model, device=device, dtype=dtype), method=method, config=config, **settings, **overrides)
     job = SegmentJob(Path(out_dir), names, heatmaps=heatmaps, coco_results=Path(coco_results) if coco_results else None,
-                     num_workers=num_workers, overwrite=overwrite, skip_unreadable=skip_unreadable,
-                     batch_size=batch_size, dataset=desc)
+                     num_workers=num_workers, overwrite=overwrite, skip_unreadable=skip_unreadable, dataset=desc,
+                     label_source=source_spec("all", label_file, caption_file))
     return run_segment(seg, refs, job, state), names
 
 
@@ -136,10 +137,12 @@ def evaluate_dataset(model: str = "shapes", *, coco: str | os.PathLike | None = 
                      images: str | os.PathLike | None = None, voc_labels: str | os.PathLike | None = None,
                      class_names: str | Sequence[str] | None = None, shapes_split: str | None = None, n: int = 300,
                      setting: str = "oracle", method: str = "goca", config: str = "default", tune_shapes_split: str | None = None,
+                     label_file: str | os.PathLike | None = None, caption_file: str | os.PathLike | None = None,
+                     void: str = "ignore", tau_grid: bool = False,
                      tune_n: int = 100, limit: int | None = None, out_dir: str | os.PathLike = "eval_out",
                      report: str | os.PathLike | None = None, chunk_size: int = 8, num_workers: int = 2,
                      overwrite: bool = False, device: str | None = None, dtype: str | None = None,
-                     batch_size: int = 1, **overrides: Any) -> EvalOutcome:
+                     **overrides: Any) -> EvalOutcome:
     """``difffeat eval``: mIoU of a dataset (COCO, VOC-style or generated shapes), tau optionally tuned on a
     separate shapes split first; the run folder ``out_dir`` holds the resumable parts and, by default, the
     report (``out_dir/report.json``)."""
@@ -147,11 +150,12 @@ def evaluate_dataset(model: str = "shapes", *, coco: str | os.PathLike | None = 
         raise InvalidOptionError(f"--setting must be oracle or all, got {setting!r}")
     if method not in ("goca", "vanilla"):
         raise InvalidOptionError(f"--method must be goca or vanilla, got {method!r}")
+    if void not in ("ignore", "background"):  # difffeat.evaluate.VOID
+        raise InvalidOptionError(f"--void must be ignore or background, got {void!r}")
     check_number("--n", n, 1, 10**7, integer=True)
     check_number("--tune-n", tune_n, 1, 10**7, integer=True)
     check_number("--limit", limit, 1, 10**9, integer=True)
     check_number("--chunk-size", chunk_size, 1, 10**6, integer=True)
-    check_number("--batch-size", batch_size, 1, 4096, integer=True)
     check_number("--num-workers", num_workers, 0, 256, integer=True)
     settings = segmenter_overrides(**{k: overrides.pop(k) for k in ("heads", "layers", "rescale", "tau", "t", "refine_order") if k in overrides})
     if tune_shapes_split and shapes_split == tune_shapes_split:
@@ -160,7 +164,9 @@ def evaluate_dataset(model: str = "shapes", *, coco: str | os.PathLike | None = 
     report_path = check_out_file(Path(report) if report else out_dir / "report.json", "--report file")
 
     from ..backbones import load
-    from ..evaluate import CocoDataset, ShapesDataset, VocDataset
+    from ..evaluate import CocoDataset, ShapesDataset, VocDataset, with_void
+    from ..evaluate.label_sources import label_source, source_spec
+    from ..evaluate.runner import PUBLISHED_TAU_GRID
     from ..io import write_json
     from ..segment.segmenter import Segmenter
     from .evaluation import EvalJob, run_eval, tune_tau
@@ -180,6 +186,9 @@ def evaluate_dataset(model: str = "shapes", *, coco: str | os.PathLike | None = 
     else:
         raise InvalidOptionError("name a dataset: --coco FILE [--images DIR], --voc-labels DIR --images DIR "
                                  "--class-names a,b, or --shapes-split test")
+    data, desc["void"] = with_void(data, void), void
+    setting = source_spec(setting, label_file, caption_file)
+    label_source(setting).check(data, limit)  # a bad label/caption file fails before the model loads
     tune_data = ShapesDataset(tune_shapes_split, tune_n) if tune_shapes_split else None
     check_device(device)
     state = init_state(device)
@@ -190,8 +199,8 @@ def evaluate_dataset(model: str = "shapes", *, coco: str | os.PathLike | None = 
                                 num_workers=num_workers, state=state)
         seg.settings = seg.settings.update(tau=best)
         tuned = {"split": tune_shapes_split, "n": tune_n, "tau": best}
-    job = EvalJob(out_dir, setting=setting, limit=limit, chunk_size=chunk_size, batch_size=batch_size, num_workers=num_workers,
-                  overwrite=overwrite, dataset=desc)
+    job = EvalJob(out_dir, setting=setting, limit=limit, chunk_size=chunk_size, num_workers=num_workers,
+                  overwrite=overwrite, dataset=desc, tau_grid=PUBLISHED_TAU_GRID if tau_grid else ())
     result = run_eval(seg, data, job, state, extra_manifest={"tau_tuning": tuned or {}})
     if tuned:
         result.extra["tau_tuning"] = {**tuned, "miou_by_tau": scores}

@@ -22,7 +22,8 @@ import numpy as np
 import torch
 
 from ..evaluate.metrics import ConfusionMatrix
-from ..evaluate.runner import SETTINGS, TAU_GRID, EvalReport, add_at_every_tau, best_tau, build_report, segment_item, segment_items, to_dataset_labels
+from ..evaluate.label_sources import label_source
+from ..evaluate.runner import TAU_GRID, EvalReport, add_at_every_tau, best_tau, build_report, segment_item, tau_grid_report, to_dataset_labels
 from ..errors import InvalidOptionError
 from ..io import write_bytes
 from ..segment.segmenter import Segmenter
@@ -41,12 +42,12 @@ class EvalJob:
     setting: str = "oracle"
     limit: int | None = None
     chunk_size: int = 8
-    #: images per forward within a chunk (the same results as 1)
-    batch_size: int = 1
     num_workers: int = 2
     overwrite: bool = False
     progress: bool = True
     dataset: dict[str, Any] = field(default_factory=dict)
+    #: also count mIoU at each of these taus on the evaluated split (as the published code prints it)
+    tau_grid: tuple[float, ...] = ()
 
 
 def chunks_of(n: int, size: int) -> list[tuple[int, int]]:
@@ -78,24 +79,26 @@ def _save_part(path: Path, counts: np.ndarray, n_images: int, fingerprint: str) 
 def _confusion_counts(segmenter: Segmenter, dataset, job: EvalJob, taus: Sequence[float] | None, kind: str,
                       state=None, extra_settings: dict | None = None) -> tuple[np.ndarray, int, Run]:
     """Confusion counts ``[T, K, K]`` summed over the dataset and over processes (T = len(taus), or 1 for
-    the segmenter's own decision when ``taus`` is None), and the number of images."""
-    if job.setting not in SETTINGS:
-        raise InvalidOptionError(f"unknown setting {job.setting!r}; use one of {', '.join(sorted(SETTINGS))}")
+    the segmenter's own decision when ``taus`` is None, then ``job.tau_grid``), and the number of images."""
     if job.limit is not None and job.limit < 1:
         raise InvalidOptionError(f"limit must be >= 1 image, got {job.limit}")
     classes = list(dataset.classes)
     n = len(dataset) if job.limit is None else min(job.limit, len(dataset))
     if n < 1:
         raise InvalidOptionError("the dataset has no images to evaluate")
-    settings = {**segmenter.settings.to_dict(), "setting": job.setting, **(extra_settings or {})}
+    label_source(job.setting).check(dataset, n)  # unknown setting, bad label/caption file: before any forward
+    grid = tuple(float(t) for t in job.tau_grid) if taus is None else ()
+    settings = {**segmenter.settings.to_dict(), "setting": str(job.setting), **(extra_settings or {})}
     if taus is not None:
         settings["taus"] = [float(t) for t in taus]
+    if grid:
+        settings["tau_grid"] = list(grid)
     manifest = Manifest(kind, str(segmenter.backbone.name), settings, {**job.dataset, "n": n, "classes": classes})
     run = Run(manifest, job.out_dir, state, job.overwrite, job.progress).open()
     fingerprint = run.fingerprint()
     parts = run.out_dir / "parts" if run.stored else None
     k = len(classes) + 1
-    shape = (1 if taus is None else len(taus), k, k)
+    shape = (1 + len(grid) if taus is None else len(taus), k, k)
 
     def part(chunk: tuple[int, int]) -> Path:
         return parts / f"part-{chunk[0]:08d}-{chunk[1]:08d}.npz"
@@ -107,23 +110,23 @@ def _confusion_counts(segmenter: Segmenter, dataset, job: EvalJob, taus: Sequenc
         parts.mkdir(exist_ok=True)
     run.state.wait_for_everyone()
 
-    bar = run.bar(sum(b - a for a, b in todo), f"{kind} {job.setting}")
+    bar = run.bar(sum(b - a for a, b in todo), f"{kind} {label_source(job.setting).spec.split('=')[0]}")
     loader = iter(eval_loader(dataset, [i for a, b in todo for i in range(a, b)], job.num_workers))
     for start, stop in todo:
         cms = {t: ConfusionMatrix(k) for t in (taus if taus is not None else [None])}
-        items = []
+        grid_cms = {t: ConfusionMatrix(k) for t in grid}
         for _ in range(start, stop):
             _, item = next(loader)
             if isinstance(item, LoadFailure):
                 raise item.error()
-            items.append(item)
-        for item, (result, labels) in zip(items, segment_items(segmenter, items, classes, job.setting, job.batch_size)):
+            result, labels = segment_item(segmenter, item, classes, job.setting)
             if taus is None:
                 cms[None].update(item.gt, to_dataset_labels(result, labels, item.gt.shape))
+                add_at_every_tau(grid_cms, result, labels, item.gt)
             else:
                 add_at_every_tau(cms, result, labels, item.gt)
             bar.update(1)
-        counts = np.stack([cm.counts for cm in cms.values()])
+        counts = np.stack([cm.counts for cm in [*cms.values(), *grid_cms.values()]])
         if parts is not None:
             _save_part(part((start, stop)), counts, stop - start, fingerprint)
         total += counts
@@ -139,8 +142,12 @@ def run_eval(segmenter: Segmenter, dataset, job: EvalJob, state=None, extra_mani
     counts, images, run = _confusion_counts(segmenter, dataset, job, None, "eval", state, extra_manifest)
     summary = run.finish(images, images, 0)
     cm = ConfusionMatrix(counts.shape[-1], counts[0])
-    report = build_report(cm, list(dataset.classes), job.setting, images, summary.seconds, segmenter.settings.to_dict())
+    report = build_report(cm, list(dataset.classes), str(job.setting), images, summary.seconds, segmenter.settings.to_dict())
     report.extra["confusion_matrix"] = cm.counts.tolist()
+    if job.tau_grid:
+        k = counts.shape[-1]
+        report.extra["evaluated_split_tau_grid"] = tau_grid_report({float(t): ConfusionMatrix(k, c) for t, c in zip(job.tau_grid, counts[1:])})
+    report.extra["dataset"] = dict(job.dataset)  # incl. "void": what 255 pixels counted as
     report.extra["processes"] = summary.processes
     if run.stored:
         report.extra["run_folder"] = str(run.out_dir)

@@ -16,6 +16,9 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from ..evaluate.datasets import EvalItem
+from ..evaluate.label_sources import ImageFiles, label_source
+from ..evaluate.runner import segment_prompt
 from ..io import write_json
 from ..segment.outputs import coco_entries, save_result
 from ..segment.segmenter import Segmenter
@@ -38,9 +41,10 @@ class SegmentJob:
     overwrite: bool = False
     progress: bool = True
     skip_unreadable: bool = False
-    #: images per forward (consecutive readable images of one input size; the same results as 1)
-    batch_size: int = 1
     dataset: dict[str, Any] = field(default_factory=dict)
+    #: where each image's prompt comes from: "all" (every class), "labels=FILE", "captions=FILE;all" ...
+    #: (:mod:`difffeat.evaluate.label_sources`)
+    label_source: str = "all"
 
 
 def segment_done(out_dir: Path, stem: str) -> dict[str, Any] | None:
@@ -72,33 +76,26 @@ def run_segment(segmenter: Segmenter, refs: list[ImageRef], job: SegmentJob, sta
     """Segment ``refs`` into ``job.classes`` on every process of the current launch (same summary everywhere)."""
     out_dir = Path(job.out_dir)
     check_unique_stems(refs)
-    settings = {**segmenter.settings.to_dict(), "classes": list(job.classes), "heatmaps": job.heatmaps}
+    source = label_source(job.label_source)
+    source.check(ImageFiles([r.path for r in refs], job.classes))  # a bad label/caption file: before any forward
+    settings = {**segmenter.settings.to_dict(), "classes": list(job.classes), "heatmaps": job.heatmaps,
+                "label_source": source.spec}
     run = Run(Manifest("segment", str(segmenter.backbone.name), settings, job.dataset), out_dir, state,
               job.overwrite, job.progress).open()
     todo, done = run.split(range(len(refs)), lambda i: segment_done(out_dir, refs[i].stem))
     bar = run.bar(len(todo), "segment")
-    pending: list[tuple[ImageRef, Any]] = []
-
-    def flush() -> None:
-        results = segmenter.segment([image for _, image in pending], job.classes, batch_size=job.batch_size)
-        for (ref, image), result in zip(pending, results):
-            save_result(result, image, out_dir, ref.stem, heatmaps=job.heatmaps)
-            bar.update(1)
-        pending.clear()
-
     for pos, image in decoded_loader([refs[i] for i in todo], job.num_workers):
         ref = refs[todo[pos]]
         if isinstance(image, LoadFailure):
             if not job.skip_unreadable:
                 raise image.error(f"To skip such images and list them in {out_dir / UNREADABLE}, pass --skip-unreadable.")
             run.skip_unreadable(ref.path, image.message)
-            bar.update(1)
-            continue
-        pending.append((ref, image))
-        if len(pending) >= job.batch_size:
-            flush()
-    if pending:
-        flush()
+        else:
+            item = EvalItem(Path(ref.path).name, image, None)
+            result = segment_prompt(segmenter, image, job.classes, source.prompt(item, job.classes))
+            if result is not None:  # a label file may name no class for an image: nothing to write
+                save_result(result, image, out_dir, ref.stem, heatmaps=job.heatmaps)
+        bar.update(1)
     bar.close()
     summary = run.finish(len(refs), len(todo) - len(run.unreadable), len(done), "segment_summary.json")
     if job.coco_results and run.is_main_process:

@@ -1,6 +1,7 @@
 """GOCA training-free segmentation from cross-attention maps."""
 
 from .aggregation import FixedHeadWeights, GocaHeadReducer
+from .postprocess import POSTPROCESS, CrfParams, PamrParams
 from .prompts import PromptLayout, TextSegment, build_layout
 from .segmenter import Observation, SegmentationResult, Segmenter
 from .settings import SegmentSettings, config_names, settings_for
@@ -18,6 +19,9 @@ __all__ = [
     "PromptLayout",
     "TextSegment",
     "build_layout",
+    "POSTPROCESS",
+    "PamrParams",
+    "CrfParams",
     "check_class_words",
     "model_vocabulary",
     "ClassCheck",

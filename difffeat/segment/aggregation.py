@@ -68,9 +68,13 @@ class FixedHeadWeights:
 
 
 def head_output_weight(attn: Any, fallback: torch.Tensor | None = None) -> torch.Tensor:
-    """``W_O`` of an attention module: ``to_out[0].weight`` ``[C, heads*d]``; ``fallback`` for modules
-    without an output projection (FLUX single-stream blocks project through the block's ``proj_out``)."""
+    """``W_O`` of an attention module: ``to_out[0].weight`` ``[C, heads*d]`` (or ``to_out.weight`` when it is
+    one linear layer: FLUX.2 single-stream blocks, whose first ``heads*d`` input columns are the attention
+    part); ``fallback`` for modules without an output projection (FLUX single-stream blocks project through
+    the block's ``proj_out``)."""
     to_out = getattr(attn, "to_out", None)
+    if isinstance(to_out, torch.nn.Linear):
+        return to_out.weight
     if to_out is not None:
         return to_out[0].weight
     if fallback is None:

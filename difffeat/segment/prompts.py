@@ -14,10 +14,14 @@ from dataclasses import dataclass, field
 from ..backbones.base import TextSegment
 from ..errors import InvalidPromptError
 
-__all__ = ["TextSegment", "PromptLayout", "build_layout", "FILLER_WORDS", "check_classes"]
+__all__ = ["TextSegment", "PromptLayout", "build_layout", "FILLER_WORDS", "PUBLISHED_FILLER_WORDS", "FILLERS", "check_classes"]
 
 #: words that are never content (besides special tokens and bare sentencepiece "▁")
 FILLER_WORDS = frozenset({"a", "an", "the", "and", ",", ".", "-", "of", "on", "in", "with"})
+#: the filler list of the published GOCA code (its captioner): no "of", "on", "in", "with"
+PUBLISHED_FILLER_WORDS = frozenset({"a", "an", "the", "and", ",", ".", "-"})
+#: ``SegmentSettings.filler_words`` -> the list
+FILLERS = {"difffeat": FILLER_WORDS, "published": PUBLISHED_FILLER_WORDS}
 
 
 @dataclass
@@ -60,14 +64,18 @@ def check_classes(classes: Sequence[str]) -> list[str]:
     return names
 
 
-def _is_content_piece(token: str) -> bool:
+def _is_content_piece(token: str, filler: frozenset[str] = FILLER_WORDS) -> bool:
     piece = token.replace("</w>", "").replace("▁", "").strip()
-    return bool(piece) and piece.lower() not in FILLER_WORDS
+    return bool(piece) and piece.lower() not in filler
 
 
-def _positions(segment: TextSegment, caption: str, spans: list[tuple[int, int]], names: list[str]) -> list[list[int]]:
+def _positions(
+    segment: TextSegment, caption: str, spans: list[tuple[int, int]], names: list[str], filler: frozenset[str] = FILLER_WORDS
+) -> list[list[int]]:
     tok = segment.tokenizer
-    enc = tok(caption, return_offsets_mapping=True, add_special_tokens=True, truncation=False)
+    prefix, _, suffix = segment.template.partition("{}")
+    spans = [(a + len(prefix), b + len(prefix)) for a, b in spans]
+    enc = tok(prefix + caption + suffix, return_offsets_mapping=True, add_special_tokens=True, truncation=False)
     ids, offsets = enc["input_ids"], enc["offset_mapping"]
     pieces = tok.convert_ids_to_tokens(ids)
     special = set(getattr(tok, "all_special_ids", []))
@@ -76,10 +84,11 @@ def _positions(segment: TextSegment, caption: str, spans: list[tuple[int, int]],
         pos = [
             j
             for j, ((a, b), tid, piece) in enumerate(zip(offsets, ids, pieces))
-            if tid not in special and b > a and a < end and b > start and _is_content_piece(piece)
+            if tid not in special and b > a and a < end and b > start and _is_content_piece(piece, filler)
         ]
         if not pos:
             raise InvalidPromptError(f"class name {name!r} produced no content tokens with this model's tokenizer")
+        pos = [j - segment.drop for j in pos]
         if max(pos) >= segment.max_length - 1:  # the last slot holds the end token
             raise InvalidPromptError(
                 f"class {name!r} falls past the tokenizer's {segment.max_length}-token limit (the caption has "
@@ -95,33 +104,53 @@ def _find_word(text: str, word: str, start: int) -> int:
     return match.start() if match else -1
 
 
+def _span(low: str, phrase: str, cursor: int, caption: str) -> tuple[int, int]:
+    start = _find_word(low, phrase.lower(), cursor)
+    if start < 0:
+        start = _find_word(low, phrase.lower(), 0)
+    if start < 0:
+        raise InvalidPromptError(f"the caption {caption!r} does not contain the class name {phrase!r}")
+    return start, start + len(phrase)
+
+
 def build_layout(
     classes: Sequence[str],
     segments: Sequence[TextSegment],
     template: str = "a photo of {}",
     entities: Sequence[str] = (),
     caption: str | None = None,
+    class_phrases: Sequence[Sequence[str]] | None = None,
+    filler: frozenset[str] = FILLER_WORDS,
 ) -> PromptLayout:
     """Build the caption (``template`` filled with "class1, class2, ..., entity1, ...") unless ``caption``
     is given (then every class must occur in it), and map classes/entities to token positions in every
-    text segment of the model."""
+    text segment of the model.
+
+    ``class_phrases`` (with ``caption``): per class, the caption phrases whose tokens are the class's (as
+    the published pipeline aligns caption entities such as "person, clothes" to a class); default: the
+    class name. ``filler``: words never counted as content (:data:`FILLERS`)."""
     names = check_classes(classes)
-    extra = [e.strip() for e in entities if e and e.strip() and e.strip().lower() not in {n.lower() for n in names}]
+    lowered = {n.lower() for n in names}
+    extra = list(dict.fromkeys(e.strip() for e in entities if e and e.strip() and e.strip().lower() not in lowered))
     if caption is None:
         caption = template.format(", ".join(names + extra))
+    phrases = [list(p) or [n] for p, n in zip(class_phrases, names)] if class_phrases is not None else [[n] for n in names]
+    if len(phrases) != len(names):
+        raise InvalidPromptError(f"{len(phrases)} class phrase lists for {len(names)} classes")
+    groups = phrases + [[e] for e in extra]
     spans: list[tuple[int, int]] = []
+    owner: list[int] = []
     low = caption.lower()
     cursor = 0
-    for name in names + extra:
-        start = _find_word(low, name.lower(), cursor)
-        if start < 0:
-            start = _find_word(low, name.lower(), 0)
-        if start < 0:
-            raise InvalidPromptError(f"the caption {caption!r} does not contain the class name {name!r}")
-        spans.append((start, start + len(name)))
-        cursor = max(cursor, start + len(name))
-    positions = [[] for _ in spans]
+    for g, group in enumerate(groups):
+        for phrase in group:
+            spans.append(_span(low, phrase, cursor, caption))
+            owner.append(g)
+            cursor = max(cursor, spans[-1][1])
+    labels = [p for group in groups for p in group]
+    positions: list[list[int]] = [[] for _ in groups]
     for seg in segments:
-        for i, pos in enumerate(_positions(seg, caption, spans, names + extra)):
-            positions[i].extend(pos)
+        for g, pos in zip(owner, _positions(seg, caption, spans, labels, filler)):
+            positions[g].extend(pos)
+    positions = [sorted(set(p)) for p in positions]
     return PromptLayout(caption, names, positions[: len(names)], extra, positions[len(names) :])

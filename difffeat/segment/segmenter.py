@@ -31,7 +31,8 @@ from ..errors import ConfigError, InvalidOptionError, UnknownActivationError
 from ..hookpoints import load_table
 from ..images import ImageInput, to_rgb
 from .aggregation import GocaHeadReducer, combine_layers, layer_weights, resize_self_map
-from .prompts import PromptLayout, build_layout
+from .postprocess import postprocess_labels
+from .prompts import FILLERS, PromptLayout, build_layout
 from .vocabulary import class_words
 from .rescale import class_scores, gaussian_blur, minmax, propagate, rescale_by_content
 from .settings import DEFAULT_CONFIG, SegmentSettings, settings_for
@@ -39,12 +40,18 @@ from .settings import DEFAULT_CONFIG, SegmentSettings, settings_for
 __all__ = ["Segmenter", "SegmentationResult", "Observation", "grid_of", "decide", "goca_scores"]
 
 
-def decide(class_maps: torch.Tensor, background: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
+def decide(
+    class_maps: torch.Tensor, background: torch.Tensor, size: tuple[int, int], postprocess: str = "none", image: np.ndarray | None = None
+) -> np.ndarray:
     """Label maps ``uint8 [B, H, W]``: argmax over {background, classes} after bilinear upsampling of the
-    scores ``[B, n, h, w]`` and ``[B, h, w]`` to ``size`` (H, W)."""
+    scores ``[B, n, h, w]`` and ``[B, h, w]`` to ``size`` (H, W), then ``postprocess`` ("pamr", "crf") with
+    the RGB ``image`` ``uint8 [H, W, 3]`` (see :func:`difffeat.segment.postprocess.postprocess_labels`)."""
     stack = torch.cat([background[:, None].float(), class_maps.float()], dim=1)
     full = F.interpolate(stack, size=tuple(size), mode="bilinear", align_corners=False)
-    return full.argmax(dim=1).to(torch.uint8).cpu().numpy()
+    labels = full.argmax(dim=1).to(torch.uint8).cpu().numpy()
+    if postprocess != "none":
+        labels = np.stack([postprocess_labels(postprocess, full[i], labels[i], image) for i in range(len(labels))])
+    return labels
 
 
 def grid_of(n_tokens: int, base: tuple[int, int]) -> tuple[int, int]:
@@ -153,6 +160,7 @@ class SegmentationResult:
         classes, caption: what was segmented and the prompt used.
         layer_names, layer_weights: the combined cross-attention layers and their weights.
         settings: the settings used (dict).
+        image: ``uint8 [H, W, 3]`` RGB input, kept only when the settings post-process (for :meth:`with_tau`).
     """
 
     labels: np.ndarray
@@ -164,13 +172,14 @@ class SegmentationResult:
     layer_names: list[str] = field(default_factory=list)
     layer_weights: list[float] = field(default_factory=list)
     settings: dict[str, Any] = field(default_factory=dict)
+    image: np.ndarray | None = field(default=None, repr=False)
 
     def with_tau(self, tau: float) -> "SegmentationResult":
         """The same result decided with another background offset (no new forward)."""
         background = tau + self.support
         return replace(
             self,
-            labels=decide(self.class_maps[None], background[None], self.labels.shape)[0],
+            labels=decide(self.class_maps[None], background[None], self.labels.shape, self.settings.get("postprocess", "none"), self.image)[0],
             background=background,
             settings={**self.settings, "tau": float(tau)},
         )
@@ -291,9 +300,34 @@ class Segmenter:
         classes: Sequence[str] | str,
         entities: Sequence[str] | None = None,
         caption: str | None = None,
+        class_phrases: Sequence[Sequence[str]] | None = None,
     ) -> SegmentationResult:
-        """Segment one image into ``classes`` (+ background)."""
-        return self.decide(self.observe(image, classes, entities, caption))
+        """Segment one image into ``classes`` (+ background). ``entities``: extra background entities;
+        ``caption``: the prompt (instead of the template), which must contain every class and entity;
+        ``class_phrases``: per class, the caption phrases that are its tokens (default: its name)."""
+        return self.decide(self.observe(image, classes, entities, caption, class_phrases=class_phrases))
+
+    def prepare(
+        self,
+        image: ImageInput,
+        classes: Sequence[str] | str,
+        entities: Sequence[str] | None = None,
+        caption: str | None = None,
+        class_phrases: Sequence[Sequence[str]] | None = None,
+    ) -> "tuple[PromptLayout, Any]":
+        """The caption layout and the denoiser inputs (noised latents at ``t``, prompt conditioning) of one
+        segmentation forward: what :meth:`observe` runs the denoiser on."""
+        s = self.settings
+        layout = self._layout(classes, entities, caption, class_phrases)
+        return layout, self.backbone.prepare([to_rgb(image)], layout.caption, s.t, s.seed, s.resolution)
+
+    def _layout(self, classes, entities, caption, class_phrases) -> PromptLayout:
+        """One image's caption and token layout (class words normalised unless a caption is given)."""
+        s = self.settings
+        ents = list(s.background_entities) + list(entities or [])
+        classes = classes if caption is not None else class_words(classes, self.backbone)  # case, plurals, unknown words
+        return build_layout(classes, self.backbone.text_segments(), s.template, ents, caption, class_phrases,
+                            FILLERS[s.filler_words])
 
     def observe(
         self,
@@ -303,6 +337,7 @@ class Segmenter:
         caption: str | None = None,
         everything: bool = False,
         head_reducers: Mapping[str, MapReducer] | None = None,
+        class_phrases: Sequence[Sequence[str]] | None = None,
     ) -> "Observation":
         """The forward half: caption, token alignment, one denoiser forward with the observers installed.
 
@@ -314,7 +349,7 @@ class Segmenter:
                 ``{name: FixedHeadWeights([...])}`` with names from :attr:`cross_names`. The observation is
                 then marked ``heads="custom"`` and can be decided under any ``heads`` setting.
         """
-        return self.observe_batch([image], [classes], [entities], [caption], everything, head_reducers)[0]
+        return self.observe_batch([image], [classes], [entities], [caption], everything, head_reducers, [class_phrases])[0]
 
     def observe_batch(
         self,
@@ -324,6 +359,7 @@ class Segmenter:
         captions: Sequence[str | None] | None = None,
         everything: bool = False,
         head_reducers: Mapping[str, MapReducer] | None = None,
+        class_phrases: Sequence[Sequence[Sequence[str]] | None] | None = None,
     ) -> list["Observation"]:
         """:meth:`observe` for several images in one forward: one class list (and optional entities /
         caption) per image, each image its own caption and token layout (prompts padded by the text
@@ -333,16 +369,13 @@ class Segmenter:
         n = len(images)
         entities = list(entities) if entities is not None else [None] * n
         captions = list(captions) if captions is not None else [None] * n
+        class_phrases = list(class_phrases) if class_phrases is not None else [None] * n
         if not n or len(classes) != n or len(entities) != n or len(captions) != n:
             raise ValueError(f"observe_batch needs one class list, entity list and caption per image; got {n} images, "
                              f"{len(classes)} class lists, {len(entities)} entity lists, {len(captions)} captions")
         custom = self._check_head_reducers(head_reducers)
         rgbs = [to_rgb(im) for im in images]
-        layouts = []
-        for cls, ent, cap in zip(classes, entities, captions):
-            words = cls if cap is not None else class_words(cls, self.backbone)  # case, plurals, unknown words
-            ents = list(s.background_entities) + list(ent or [])
-            layouts.append(build_layout(words, self.backbone.text_segments(), s.template, ents, cap))
+        layouts = [self._layout(cls, ent, cap, phr) for cls, ent, cap, phr in zip(classes, entities, captions, class_phrases)]
         inputs = self.backbone.prepare(rgbs, [lay.caption for lay in layouts], s.t, s.seed, s.resolution)
         reducers = {}
         if s.heads == "goca":
@@ -404,7 +437,8 @@ class Segmenter:
         )
         background = s.tau + support  # [B, H, W]
         w0, h0 = rgb.size
-        labels = decide(cls_maps, background, (h0, w0))[0]
+        image = np.asarray(rgb.convert("RGB")) if s.postprocess != "none" else None
+        labels = decide(cls_maps, background, (h0, w0), s.postprocess, image)[0]
         return SegmentationResult(
             labels=labels,
             class_maps=cls_maps[0].cpu(),
@@ -415,6 +449,7 @@ class Segmenter:
             layer_names=list(self.blocks),
             layer_weights=[float(x) for x in weights[0]],
             settings={**s.to_dict(), "model": str(self.backbone.name), "ref_block": self.ref_block},
+            image=image,
         )
 
     def segment(

@@ -79,6 +79,11 @@ class SegmentSettings:
             "before-refine" (published): max-merged after min-max, then propagated with the class maps.
             "after-refine" (difffeat's variant): each entity's map is propagated, then they are max-merged.
             Identical with a single entity.
+        postprocess: refinement of the decision at image resolution: "none", "pamr" or "crf" (dense CRF,
+            the ``difffeat[crf]`` extra); see :mod:`difffeat.segment.postprocess`. The published configs
+            use none.
+        filler_words: words of a class or entity phrase never counted as its tokens: "difffeat" (a, an,
+            the, and, of, on, in, with, punctuation) or "published" (the GOCA code's list: no of/on/in/with; the default).
     """
 
     t: int = 100
@@ -100,6 +105,8 @@ class SegmentSettings:
     ref_channels: str = "first"
     pseudo_grid: str = "reference"
     entity_merge: str = "before-refine"
+    postprocess: str = "none"
+    filler_words: str = "published"
 
     def __post_init__(self) -> None:
         for name, allowed in (
@@ -113,6 +120,12 @@ class SegmentSettings:
         ):
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{name}={getattr(self, name)!r} is not one of {allowed}")
+        from .postprocess import check_postprocess
+        from .prompts import FILLERS
+
+        check_postprocess(self.postprocess)
+        if self.filler_words not in FILLERS:
+            raise ConfigError(f"filler_words={self.filler_words!r} is not one of {tuple(FILLERS)}")
         if "{}" not in self.template:
             raise ConfigError(f"template {self.template!r} needs a '{{}}' placeholder for the class list")
         check_number("tau", self.tau, -1.0, 1.0)

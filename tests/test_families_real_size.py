@@ -1,0 +1,147 @@
+"""Real-size architectures of the newer families (configs/architectures/*.json, the published configs) build on
+the meta device, and their catalogs list the published block counts, heads and widths with the shapes of a
+fake-tensor forward through the family's own adapter at native resolution."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+from difffeat.backbones import wrap_pipeline
+from difffeat.backbones.registry import adapter_named
+from difffeat.capture import Capture
+from difffeat.catalog import Catalog, enumerate_activations
+from difffeat.hookpoints import load_table
+from difffeat.architectures import architecture, build_component
+
+TEXT_LEN = 16  # text tokens of the probe forward (any length works; shorter is faster)
+
+
+def _arch(name: str) -> dict:
+    return architecture(name)
+
+
+def _meta(name: str, component: str):
+    return build_component(name, component, device="meta")
+
+
+def _flux2_condition(pipe, denoiser):
+    embeds = torch.zeros(1, TEXT_LEN, denoiser.config.joint_attention_dim, device="meta")
+    return {"encoder_hidden_states": embeds, "txt_ids": pipe._prepare_text_ids(embeds).to("meta")}
+
+
+def _qwenimage_condition(pipe, denoiser):
+    return {"encoder_hidden_states": torch.zeros(1, TEXT_LEN, denoiser.config.joint_attention_dim, device="meta"),
+            "encoder_hidden_states_mask": None}  # fmt: skip
+
+
+def _sd3_condition(pipe, denoiser):
+    cfg = denoiser.config
+    return {"encoder_hidden_states": torch.zeros(1, TEXT_LEN, cfg.joint_attention_dim, device="meta"),
+            "pooled_projections": torch.zeros(1, cfg.pooled_projection_dim, device="meta")}  # fmt: skip
+
+
+def _chroma_condition(pipe, denoiser):
+    embeds = torch.zeros(1, TEXT_LEN, denoiser.config.joint_attention_dim, device="meta")
+    return {"encoder_hidden_states": embeds, "txt_ids": torch.zeros(TEXT_LEN, 3, device="meta"), "text_mask": None}
+
+
+#: architecture -> (tiny family whose pipeline carries the real components, text conditioning of the probe,
+#: published numbers: blocks per kind, heads, head dim)
+CASES = {
+    "flux2-dev": ("flux2", _flux2_condition, {"transformer_blocks": 8, "single_transformer_blocks": 48}, 48, 128),
+    "flux2-klein-4b": ("flux2", _flux2_condition, {"transformer_blocks": 5, "single_transformer_blocks": 20}, 24, 128),
+    "sd35-large": ("sd35", _sd3_condition, {"transformer_blocks": 38}, 38, 64),
+    "sd35-medium": ("sd35", _sd3_condition, {"transformer_blocks": 24}, 24, 64),
+    "chroma1-hd": ("chroma", _chroma_condition, {"transformer_blocks": 19, "single_transformer_blocks": 38}, 24, 128),
+    "qwen-image": ("qwenimage", _qwenimage_condition, {"transformer_blocks": 60}, 24, 128),
+}
+#: published transformer sizes, billions of parameters (+-2%)
+PUBLISHED_B = {"flux2-dev": 32.2, "flux2-klein-4b": 3.9, "qwen-image": 20.4, "sd35-large": 8.1, "chroma1-hd": 8.9}
+
+
+_CATALOGS: dict[str, tuple[Catalog, dict, tuple[int, int]]] = {}
+
+
+def real_size_catalog(tiny_pipes, name: str) -> tuple[Catalog, dict, tuple[int, int]]:
+    """The catalog of architecture ``name`` with shapes, on meta/fake tensors (no memory, no weights)."""
+    if name not in _CATALOGS:
+        _CATALOGS[name] = _real_size_catalog(tiny_pipes, name)
+    return _CATALOGS[name]
+
+
+def _real_size_catalog(tiny_pipes, name: str) -> tuple[Catalog, dict, tuple[int, int]]:
+    family, condition, *_ = CASES[name]
+    arch = _arch(name)
+    pipe = tiny_pipes(family).__class__(**{**tiny_pipes(family).components, **{k: _meta(name, k) for k in arch["components"]}})
+    backbone = wrap_pipeline(pipe)
+    table = load_table(backbone.hook_table)
+    infos = enumerate_activations(backbone.denoiser, table)
+    res = arch["native_resolution"]
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        latents = torch.zeros(1, *backbone.latent_shape(res, res), device="meta")
+        inputs = backbone.denoiser_inputs(latents, 1, condition(pipe, backbone.denoiser), (res, res))
+        with Capture(backbone, infos, inputs, early_exit=False, shapes_only=True) as cap:
+            backbone.denoise(inputs)
+    shapes = {n: tuple(int(x) for x in s[1:]) for n, s in cap.shapes.items()}
+    return Catalog(backbone.family, table, infos), shapes, inputs.grid
+
+
+#: fake-tensor forwards of the largest models take 5-10 s each on a loaded 2-core machine
+_HEAVY = {"flux2-dev", "qwen-image", "sd35-large", "chroma1-hd"}
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_real_size_catalog_enumerates_the_published_number_of_blocks(name):
+    _, _, blocks, _, _ = CASES[name]
+    arch = _arch(name)
+    model = _meta(name, "transformer")
+    table = load_table(adapter_named(arch["pipeline"]).hook_table)
+    cat = Catalog(table.family, table, enumerate_activations(model, table))
+    for prefix, count in blocks.items():
+        assert len([a for a in cat if a.kind == "block-out" and a.name.startswith(prefix + ".")]) == count
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in _HEAVY else n for n in sorted(CASES)])
+def test_real_size_catalog_has_the_published_blocks_heads_and_widths(tiny_pipes, name):
+    _, _, blocks, heads, head_dim = CASES[name]
+    cat, shapes, (gh, gw) = real_size_catalog(tiny_pipes, name)
+    assert gh * 16 == _arch(name)["native_resolution"]  # 1024 px -> 64 x 64 tokens
+    assert set(shapes) == set(cat.names())  # the whole catalog ran
+    for prefix, count in blocks.items():
+        outs = [a for a in cat if a.kind == "block-out" and a.name.startswith(prefix + ".")]
+        assert len(outs) == count, prefix
+        for a in outs:
+            assert shapes[a.name] == (heads * head_dim, gh, gw), a.name
+        cross = [a for a in cat if a.kind == "cross-map" and a.name.startswith(prefix + ".")]
+        assert len(cross) == count
+        assert {shapes[a.name] for a in cross} == {(heads, gh * gw, TEXT_LEN)}
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED_B))
+def test_real_size_transformers_have_the_published_parameter_counts(name):
+    model = _meta(name, "transformer")
+    assert sum(p.numel() for p in model.parameters()) / 1e9 == pytest.approx(PUBLISHED_B[name], rel=0.02)
+
+
+def test_sd35_medium_lists_the_image_only_attention_of_its_13_dual_attention_blocks(tiny_pipes):
+    cat, shapes, (gh, gw) = real_size_catalog(tiny_pipes, "sd35-medium")
+    second = [a.name for a in cat if a.kind == "self-map" and a.name.endswith(".attn2.map")]
+    assert second == [f"transformer_blocks.{i}.attn2.map" for i in range(13)]
+    assert {shapes[n] for n in second} == {(24, gh * gw, gh * gw)}
+
+
+@pytest.mark.parametrize(
+    "preset, name",
+    [("chroma-practical", "chroma1-hd"), ("flux2-practical", "flux2-dev"), ("qwenimage-practical", "qwen-image"), ("sd35-large-practical", "sd35-large")],
+)
+def test_unvalidated_presets_of_the_new_families_name_real_size_activations(preset, name):
+    from difffeat.presets import load_preset
+
+    p = load_preset(preset)
+    assert p.validated is False
+    arch = _arch(name)
+    table = load_table(adapter_named(arch["pipeline"]).hook_table)
+    names = {a.name for a in enumerate_activations(_meta(name, "transformer"), table)}
+    assert set(p.features) <= names
