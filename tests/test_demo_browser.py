@@ -100,12 +100,8 @@ def _segment(page, image_path: Path | None, classes: str) -> dict:
         page.locator("#seg-image input[type=file]").set_input_files(str(image_path))
         page.locator("#seg-image img").first.wait_for(timeout=TIMEOUT)  # the upload preview
     page.locator("#seg-classes textarea, #seg-classes input").first.fill(classes)
-    before = page.locator("#seg-message").inner_text()
-    page.locator("#seg-run").click()
-    page.wait_for_function(
-        "b => { const t = document.querySelector('#seg-message').innerText; return t !== b && t.includes('segmented'); }",
-        arg=before, timeout=TIMEOUT,
-    )
+    _run_and_wait(page, "#seg-run", "#seg-message")
+    assert "segmented" in page.locator("#seg-message").inner_text()
     return {
         "labels": _fetch_image(page, "#seg-labels img").convert("RGB"),
         "overlay": _fetch_image(page, "#seg-overlay img").convert("RGB"),
@@ -113,6 +109,24 @@ def _segment(page, image_path: Path | None, classes: str) -> dict:
         "message": page.locator("#seg-message").inner_text(),
         "status": page.locator("#model-status").inner_text(),
     }
+
+
+#: marks, before the click, when the status tracker of ``sel`` leaves its hidden state (the run is pending)
+_WATCH = """sel => {
+    const el = document.querySelector(sel);
+    window.__pending_seen = false;
+    const check = () => { const w = el.querySelector('.wrap'); if (w && !w.classList.contains('hide')) window.__pending_seen = true; };
+    new MutationObserver(check).observe(el, {subtree: true, attributes: true, childList: true});
+}"""
+_DONE = "sel => window.__pending_seen && document.querySelector(sel).querySelector('.wrap').classList.contains('hide')"
+
+
+def _run_and_wait(page, button: str, tracker: str) -> None:
+    """Click ``button`` and wait until this run finished: its progress tracker (on ``tracker``, the only
+    component that shows progress) went pending and is hidden again, so the outputs are this run's."""
+    page.evaluate(_WATCH, tracker)
+    page.locator(button).click()
+    page.wait_for_function(_DONE, arg=tracker, timeout=TIMEOUT)
 
 
 def _pixels(legend: str) -> dict[str, int]:
