@@ -34,10 +34,9 @@ def _peak_rss_mb() -> float:
 
 
 def _image(resolution: int):
-    from PIL import Image
+    from .bench_real import benchmark_image
 
-    rng = np.random.default_rng(0)
-    return Image.fromarray(rng.integers(0, 256, (resolution, resolution, 3), dtype=np.uint8))
+    return benchmark_image(resolution)
 
 
 def _cuda_peak_mb(device: str) -> float:
@@ -162,20 +161,28 @@ BENCHMARKS: dict[str, Callable[..., dict[str, Any]]] = {"goca": goca_benchmark}
 
 
 def run_benchmark(what: str = "goca", resolution: int = 512, repeats: int = 3, device: str = "cpu",
-                  dtype: str | None = None, out_file: str | None = None) -> dict[str, Any]:
-    """``difffeat bench``: run one benchmark of :data:`BENCHMARKS` after checking its options; the figures are
-    also written to ``out_file`` (JSON) when given."""
+                  dtype: str | None = None, out_file: str | None = None, arch: str = "tiny",
+                  text_layers: int | None = None) -> dict[str, Any]:
+    """``difffeat bench``: run one benchmark after checking its options; the figures are also written to
+    ``out_file`` (JSON) when given. ``arch="tiny"``: :data:`BENCHMARKS` on the quick SD1.5-shaped model; a
+    real-size architecture name (``sd15``, ``sdxl`` ...): a suite of :mod:`difffeat.bench_real`."""
     from .checks import check_device, check_number, check_out_file, check_resolution
     from .errors import InvalidOptionError
     from .io import write_json
 
-    if what not in BENCHMARKS:
+    if arch == "tiny" and what not in BENCHMARKS:
         raise InvalidOptionError(f"unknown benchmark {what!r}; choose one of {', '.join(BENCHMARKS)}")
     check_resolution("--resolution", resolution)
     check_number("--repeats", repeats, 1, 1000, integer=True)
     check_out_file(out_file, "--out file")
     check_device(device)
-    figures = BENCHMARKS[what](resolution=resolution, repeats=repeats, device=device, dtype=dtype)
+    if arch == "tiny":
+        figures = BENCHMARKS[what](resolution=resolution, repeats=repeats, device=device, dtype=dtype)
+    else:
+        from .bench_real import real_benchmark
+
+        figures = real_benchmark(what, arch, resolution=resolution, repeats=repeats, device=device, dtype=dtype,
+                                 text_layers=text_layers)
     if out_file:
         write_json(out_file, figures)
     return figures

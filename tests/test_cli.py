@@ -84,6 +84,13 @@ def test_bench_on_a_missing_or_unknown_device_is_a_one_line_error():
         assert result.exit_code == 2 and "no usable CUDA GPU" in result.output
 
 
+def test_bench_arch_errors_are_one_line():
+    result = runner.invoke(app, ["bench", "goca", "--arch", "sd99"])
+    assert result.exit_code == 2 and "unknown architecture 'sd99'" in result.output and "Traceback" not in result.output
+    result = runner.invoke(app, ["bench", "throughput-x", "--arch", "sd15"])
+    assert result.exit_code == 2 and "unknown suite" in result.output
+
+
 def test_catalog_table_piped_to_a_file_is_not_wrapped_at_80_columns(sd_folder):
     result = runner.invoke(app, ["catalog", str(sd_folder), "--device", "cpu"])
     assert result.exit_code == 0, result.output

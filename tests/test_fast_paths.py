@@ -168,3 +168,41 @@ def test_a_persistent_latent_cache_skips_the_vae_on_repeated_runs(tiny_pipes):
         assert count.images == 3 and len(cache) == 2  # least recently used dropped
     with pytest.raises(ValueError, match="max_items"):
         LatentCache(max_items=0)
+
+
+def test_batched_segmentation_equals_single_runs(tiny_pipes):
+    seg = difffeat.Segmenter(backbone_for(tiny_pipes, "sd"), resolution=64)
+    images = [random_image(64, 64, seed=8), random_image(48, 96, seed=9), random_image(64, 64, seed=10),
+              random_image(64, 64, seed=11)]  # fmt: skip
+    classes = [["cat", "dog"], ["car"], ["dog", "bird", "tree"], ["cat"]]  # class lists (and captions) differ
+    single = list(seg.segment(images, classes, batch_size=1))
+    calls = []
+    stock = seg.observe_batch
+    seg.observe_batch = lambda ims, *a, **k: calls.append(len(ims)) or stock(ims, *a, **k)
+    try:
+        batched = list(seg.segment(images, classes, batch_size=4))
+    finally:
+        del seg.observe_batch
+    assert sorted(calls) == [1, 3]  # the 48x96 image gets its own forward; the three 64x64 share one
+    for one, many in zip(single, batched):
+        assert one.classes == many.classes and one.caption == many.caption and one.labels.shape == many.labels.shape
+        torch.testing.assert_close(torch.tensor(many.layer_weights), torch.tensor(one.layer_weights), rtol=1e-4, atol=1e-6)
+        # the random tiny model's maps are nearly flat, so min-max and rescaling amplify float noise
+        torch.testing.assert_close(many.class_maps, one.class_maps, rtol=0, atol=2e-2)
+        assert (many.labels == one.labels).mean() > 0.99
+    # what the batched forward captures equals each image's own forward to float tolerance
+    same = [0, 2, 3]
+    for i, obs in zip(same, seg.observe_batch([images[i] for i in same], [classes[i] for i in same])):
+        own = seg.observe(images[i], classes[i])
+        assert obs.layout.caption == own.layout.caption
+        for name, value in own.activations.items():
+            torch.testing.assert_close(obs.activations[name], value, rtol=1e-4, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("bad", [0, -1, 1.5, True])
+def test_bad_batch_size_is_rejected(tiny_pipes, bad):
+    from difffeat.errors import InvalidOptionError
+
+    seg = difffeat.Segmenter(backbone_for(tiny_pipes, "sd"), resolution=64)
+    with pytest.raises(InvalidOptionError, match="batch_size"):
+        list(seg.segment([random_image(64, 64)], ["cat"], batch_size=bad))

@@ -23,7 +23,7 @@ LAYERS = [
     {"capture"},
     {"presets", "features", "families"},
     {"shift", "segment"},
-    {"evaluate", "bench"},
+    {"evaluate", "bench", "bench_real"},
     {"runs"},
     {"cli", "demo", "serve", "__main__", "__init__"},
 ]

@@ -84,6 +84,18 @@ def segment_item(segmenter: Segmenter, item: EvalItem, classes: Sequence[str], s
     return segment_prompt(segmenter, item.image, classes, prompt), prompt.labels
 
 
+def segment_items(
+    segmenter: Segmenter, items: Sequence[EvalItem], classes: Sequence[str], setting: str, batch_size: int = 1
+) -> list[tuple[SegmentationResult | None, list[int]]]:
+    """:func:`segment_item` for several items, ``batch_size`` images per forward (:meth:`Segmenter.segment`)."""
+    labels = [_prompt_classes(item, classes, setting) for item in items]
+    prompted = [i for i, lab in enumerate(labels) if lab]
+    results = segmenter.segment([items[i].image for i in prompted], [[classes[l - 1] for l in labels[i]] for i in prompted],
+                                batch_size=batch_size)
+    by_index = dict(zip(prompted, results))
+    return [(by_index.get(i), lab) for i, lab in enumerate(labels)]
+
+
 def to_dataset_labels(result: SegmentationResult | None, labels: list[int], shape: tuple[int, int]) -> np.ndarray:
     """The result as dataset labels on the ground truth's grid ``shape``.
 

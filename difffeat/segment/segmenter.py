@@ -27,7 +27,7 @@ from PIL import Image
 from ..backbones.base import Backbone, check_timestep
 from ..backbones.loading import load
 from ..capture import Capture, MapReducer, catalog_of, head_mean
-from ..errors import ConfigError, UnknownActivationError
+from ..errors import ConfigError, InvalidOptionError, UnknownActivationError
 from ..hookpoints import load_table
 from ..images import ImageInput, to_rgb
 from .aggregation import GocaHeadReducer, combine_layers, layer_weights, resize_self_map
@@ -318,11 +318,16 @@ class Segmenter:
         """The caption layout and the denoiser inputs (noised latents at ``t``, prompt conditioning) of one
         segmentation forward: what :meth:`observe` runs the denoiser on."""
         s = self.settings
+        layout = self._layout(classes, entities, caption, class_phrases)
+        return layout, self.backbone.prepare([to_rgb(image)], layout.caption, s.t, s.seed, s.resolution)
+
+    def _layout(self, classes, entities, caption, class_phrases) -> PromptLayout:
+        """One image's caption and token layout (class words normalised unless a caption is given)."""
+        s = self.settings
         ents = list(s.background_entities) + list(entities or [])
         classes = classes if caption is not None else class_words(classes, self.backbone)  # case, plurals, unknown words
-        layout = build_layout(classes, self.backbone.text_segments(), s.template, ents, caption, class_phrases,
-                              FILLERS[s.filler_words])
-        return layout, self.backbone.prepare([to_rgb(image)], layout.caption, s.t, s.seed, s.resolution)
+        return build_layout(classes, self.backbone.text_segments(), s.template, ents, caption, class_phrases,
+                            FILLERS[s.filler_words])
 
     def observe(
         self,
@@ -344,10 +349,34 @@ class Segmenter:
                 ``{name: FixedHeadWeights([...])}`` with names from :attr:`cross_names`. The observation is
                 then marked ``heads="custom"`` and can be decided under any ``heads`` setting.
         """
+        return self.observe_batch([image], [classes], [entities], [caption], everything, head_reducers, [class_phrases])[0]
+
+    def observe_batch(
+        self,
+        images: Sequence[ImageInput],
+        classes: Sequence[Sequence[str] | str],
+        entities: Sequence[Sequence[str] | None] | None = None,
+        captions: Sequence[str | None] | None = None,
+        everything: bool = False,
+        head_reducers: Mapping[str, MapReducer] | None = None,
+        class_phrases: Sequence[Sequence[Sequence[str]] | None] | None = None,
+    ) -> list["Observation"]:
+        """:meth:`observe` for several images in one forward: one class list (and optional entities /
+        caption) per image, each image its own caption and token layout (prompts padded by the text
+        encoder). Images must preprocess to the same size (:meth:`segment` groups them); each observation
+        equals the image's own :meth:`observe` (batch independence: the same noise for every image)."""
         s = self.settings
+        n = len(images)
+        entities = list(entities) if entities is not None else [None] * n
+        captions = list(captions) if captions is not None else [None] * n
+        class_phrases = list(class_phrases) if class_phrases is not None else [None] * n
+        if not n or len(classes) != n or len(entities) != n or len(captions) != n:
+            raise ValueError(f"observe_batch needs one class list, entity list and caption per image; got {n} images, "
+                             f"{len(classes)} class lists, {len(entities)} entity lists, {len(captions)} captions")
         custom = self._check_head_reducers(head_reducers)
-        rgb = to_rgb(image)
-        layout, inputs = self.prepare(rgb, classes, entities, caption, class_phrases)
+        rgbs = [to_rgb(im) for im in images]
+        layouts = [self._layout(cls, ent, cap, phr) for cls, ent, cap, phr in zip(classes, entities, captions, class_phrases)]
+        inputs = self.backbone.prepare(rgbs, [lay.caption for lay in layouts], s.t, s.seed, s.resolution)
         reducers = {}
         if s.heads == "goca":
             reducer = GocaHeadReducer(self._output_weights())  # stateless: one instance serves every layer
@@ -355,7 +384,14 @@ class Segmenter:
         reducers.update(custom)
         with Capture(self.backbone, self.activation_names(everything), inputs, early_exit=True, map_reducer=head_mean, map_reducers=reducers) as cap:
             self.backbone.denoise(inputs)
-        return Observation(rgb, layout, cap.activations, tuple(inputs.grid), "custom" if custom else s.heads)
+        heads = "custom" if custom else s.heads
+        acts = cap.activations
+        if n == 1:
+            return [Observation(rgbs[0], layouts[0], acts, tuple(inputs.grid), heads)]
+        return [
+            Observation(rgb, lay, {k: v[i : i + 1] for k, v in acts.items()}, tuple(inputs.grid), heads)
+            for i, (rgb, lay) in enumerate(zip(rgbs, layouts))
+        ]
 
     def _check_head_reducers(self, head_reducers: Mapping[str, MapReducer] | None) -> dict[str, MapReducer]:
         """``head_reducers`` keyed by canonical cross-attention names; a clear error for any other key."""
@@ -416,13 +452,42 @@ class Segmenter:
             image=image,
         )
 
-    def segment(self, images: Sequence[ImageInput], classes: Sequence[str] | Sequence[Sequence[str]], progress: bool = False):
-        """Segment several images; ``classes`` is one list for all images or one list per image."""
+    def segment(
+        self,
+        images: Sequence[ImageInput],
+        classes: Sequence[str] | Sequence[Sequence[str]],
+        progress: bool = False,
+        batch_size: int = 1,
+    ):
+        """Segment several images, yielding one :class:`SegmentationResult` per image in order; ``classes`` is
+        one list for all images or one list per image. ``batch_size`` images run per forward (consecutive
+        images that preprocess to the same size; others form their own batches); results equal batch 1."""
         from tqdm.auto import tqdm
 
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise InvalidOptionError(f"batch_size must be an integer >= 1, got {batch_size!r}")
         images = list(images)
         per_image = classes and not isinstance(classes, str) and not isinstance(classes[0], str)
         if per_image and len(classes) != len(images):
             raise ValueError(f"got {len(classes)} class lists for {len(images)} images")
-        for i, im in enumerate(tqdm(images, desc="segment", unit="img", disable=not progress)):
-            yield self(im, classes[i] if per_image else classes)
+        class_lists = list(classes) if per_image else [classes] * len(images)
+        bar = tqdm(total=len(images), desc="segment", unit="img", disable=not progress)
+        for start in range(0, len(images), batch_size):
+            chunk = [to_rgb(im) for im in images[start : start + batch_size]]
+            buckets: dict[tuple[int, int], list[int]] = {}
+            for i, rgb in enumerate(chunk):
+                buckets.setdefault(self._input_size(rgb), []).append(i)
+            results: dict[int, SegmentationResult] = {}
+            for members in buckets.values():
+                obs = self.observe_batch([chunk[i] for i in members], [class_lists[start + i] for i in members])
+                results.update({i: self.decide(o) for i, o in zip(members, obs)})
+            for i in range(len(chunk)):
+                bar.update(1)
+                yield results[i]
+        bar.close()
+
+    def _input_size(self, rgb: Image.Image) -> tuple[int, int]:
+        """The (W, H) the backbone feeds ``rgb`` to the VAE at (images of one size can share a forward)."""
+        from ..images import target_size
+
+        return target_size(rgb.size, self.settings.resolution or self.backbone.native_resolution, self.backbone.size_multiple, False)

@@ -1,0 +1,417 @@
+"""Benchmarks on real-size architectures with random weights (``difffeat bench SUITE --arch sd15``).
+
+The pipeline comes from :mod:`difffeat.architectures` (the published component configs, random weights,
+offline). Every figure is a ratio against a baseline measured in the same process and run: timings
+alternate (bare forward, then each measured step, per repeat) and the median of ``repeats`` is reported.
+Times are wall-clock seconds; on a shared machine the ratios are what counts.
+
+Suites:
+
+* ``goca`` — the time split of one GOCA segmentation (prepare = VAE + text encoder + noise; the observed
+  forward; decide), against the bare denoiser forward and against prepare + bare forward; the kept maps
+  vs what storing every head's map would keep (sizes from the captured shapes); the extra peak memory of
+  a segmentation over a bare forward, in a fresh subprocess (peak RSS on the CPU, allocator peak on CUDA).
+* ``features`` — a feature preset's extraction (forward part and end to end) with and without early exit.
+* ``throughput`` — images/s of batched segmentation (``Segmenter.segment``) at batch 1, 4 and 8.
+* ``accounting`` — the maps a segmentation keeps at any resolution, from the meta-device denoiser (no forward).
+* ``vae`` — the VAE encode in bf16 (and fp16 on CUDA) vs fp32: time ratio and the relative error of the
+  latents and of the preset's features.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+from .errors import InvalidOptionError
+
+__all__ = ["REAL_SUITES", "real_benchmark", "goca_real", "features_real", "vae_real", "throughput_real"]
+
+_CAPTION_CLASSES = ["cat", "dog"]
+_DEFAULT_PRESET = {"sd15": "sd15-practical", "sd21": "sd21-practical", "sdxl": "sdxl-practical",
+                   "pixart": "pixart-practical", "sd3": "sd3-practical", "flux": "flux-practical"}  # fmt: skip
+
+
+def _progress(msg: str) -> None:
+    print(f"[bench] {msg}", file=sys.stderr, flush=True)
+
+
+def _backbone(arch: str, device: str, dtype: str | None, text_layers: int | None):
+    import torch
+
+    from .backbones import load
+    from .architectures import build_pipeline
+
+    dtypes = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, None: None}
+    if dtype not in dtypes:
+        raise InvalidOptionError(f"unknown dtype {dtype!r}; use fp32, fp16 or bf16")
+    torch_dtype = dtypes[dtype] or (torch.float16 if device.startswith("cuda") else torch.float32)
+    pipe = build_pipeline(arch, dtype=torch_dtype, text_layers=text_layers)
+    return load(pipe, device=device, dtype=torch_dtype)
+
+
+def benchmark_image(resolution: int):
+    """The benchmarks' input: a fixed random RGB image of ``resolution`` px square."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    return Image.fromarray(rng.integers(0, 256, (resolution, resolution, 3), dtype=np.uint8))
+
+
+_image = benchmark_image
+
+
+def _timer(device: str) -> Callable[[Callable[[], Any]], float]:
+    import torch
+
+    def timed(fn: Callable[[], Any]) -> float:
+        if device.startswith("cuda"):
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        fn()
+        if device.startswith("cuda"):
+            torch.cuda.synchronize(device)
+        return time.perf_counter() - start
+
+    return timed
+
+
+def _median(xs: list[float]) -> float:
+    return round(statistics.median(xs), 3)
+
+
+def _environment(device: str, backbone) -> dict[str, Any]:
+    import torch
+
+    env = {"device": torch.cuda.get_device_name(device) if device.startswith("cuda") else "cpu",
+           "dtype": str(backbone.dtype).replace("torch.", ""), "threads": torch.get_num_threads()}
+    if hasattr(os, "getloadavg"):
+        env["load_average_1_5_15"] = [round(x, 2) for x in os.getloadavg()]
+    return env
+
+
+# ------------------------------------------------------------------------------------------------ goca
+def _observe_forward(seg, inputs):
+    """The observed forward alone on prepared inputs (what ``Segmenter.observe`` runs after prepare)."""
+    from .capture import Capture, head_mean
+    from .segment.aggregation import GocaHeadReducer
+
+    reducers = dict.fromkeys(seg.cross_names, GocaHeadReducer(seg._output_weights()))
+    with Capture(seg.backbone, seg.activation_names(), inputs, early_exit=True, map_reducer=head_mean,
+                 map_reducers=reducers) as cap:
+        seg.backbone.denoise(inputs)
+    return cap.activations
+
+
+def _reference_kept_mb(seg, acts) -> float:
+    """What storing every head's cross and self map of every layer keeps (the reference approach), from the
+    captured head-aggregated shapes and each layer's head count."""
+    den = seg.backbone.denoiser
+    total = 0
+    for names in (seg.cross_names, seg.self_names):
+        for name in names:
+            heads = den.get_submodule(name.rsplit(".", 1)[0]).heads
+            total += heads * acts[name].numel() * 4
+    return total / 2**20
+
+
+def _reset_peak_rss() -> None:
+    """Reset the process's peak RSS (Linux: ``VmHWM`` via ``/proc/self/clear_refs``); a no-op elsewhere."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+def _peak_rss_mb() -> float:
+    """Peak RSS since the last reset (``VmHWM``), else since the start (``ru_maxrss``)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def memory_child(arch: str, resolution: int, device: str, dtype: str | None, text_layers: int | None) -> dict[str, float]:
+    """In a fresh process: peak memory of a bare forward, then the growth of the peak over it during one
+    GOCA segmentation of the same prepared image (observe + decide)."""
+    import torch
+
+    from .segment import Segmenter
+    from .segment.segmenter import Observation
+
+    cuda = device.startswith("cuda")
+    seg = Segmenter(_backbone(arch, device, dtype, text_layers), resolution=resolution)
+    image = _image(resolution)
+    from .segment.prompts import build_layout
+
+    layout = build_layout(_CAPTION_CLASSES, seg.backbone.text_segments(), seg.settings.template,
+                          list(seg.settings.background_entities), None)
+    inputs = seg.backbone.prepare([image], layout.caption, seg.settings.t, seg.settings.seed, resolution)
+    peak = (lambda: torch.cuda.max_memory_allocated(device) / 2**20) if cuda else _peak_rss_mb
+    reset = (lambda: torch.cuda.reset_peak_memory_stats(device)) if cuda else _reset_peak_rss
+    if cuda:
+        torch.cuda.synchronize(device)
+    reset()  # the peak of building the model is not the forward's
+    seg.backbone.denoise(inputs)
+    base = peak()
+    reset()
+    acts = _observe_forward(seg, inputs)
+    after_observe = peak()
+    seg.decide(Observation(image, layout, acts, tuple(inputs.grid), seg.settings.heads))
+    after_decide = peak()
+    return {"bare_peak_mb": base, "observe_extra_peak_mb": max(0.0, after_observe - base),
+            "segment_extra_peak_mb": max(0.0, after_decide - base)}
+
+
+def _memory_in_subprocess(arch: str, resolution: int, dtype: str | None, text_layers: int | None) -> dict[str, float]:
+    code = (f"import json; from difffeat.bench_real import memory_child; "
+            f"print('RESULT', json.dumps(memory_child({arch!r}, {resolution}, 'cpu', {dtype!r}, {text_layers!r})))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    for line in proc.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[len("RESULT "):])
+    raise RuntimeError(f"memory subprocess failed:\n{proc.stderr[-2000:]}")
+
+
+def goca_real(arch: str, resolution: int, repeats: int = 3, device: str = "cpu", dtype: str | None = None,
+              text_layers: int | None = None, memory: bool = True) -> dict[str, Any]:
+    """See the module docstring (suite ``goca``)."""
+    import torch
+
+    from .segment import Segmenter
+    from .segment.prompts import build_layout
+    from .segment.segmenter import Observation
+
+    mem = None
+    if memory:  # first, so that the subprocess and this process never hold a model at the same time
+        _progress(f"{arch} {resolution}px: peak memory in a fresh process")
+        if device.startswith("cuda"):  # the allocator's peak is per process and exact: measured here
+            import gc
+
+            mem = memory_child(arch, resolution, device, dtype, text_layers)
+            gc.collect()
+            torch.cuda.empty_cache()
+        else:
+            mem = _memory_in_subprocess(arch, resolution, dtype, text_layers)
+    _progress(f"{arch}: building the real-size pipeline (random weights)")
+    seg = Segmenter(_backbone(arch, device, dtype, text_layers), resolution=resolution)
+    backbone, s = seg.backbone, seg.settings
+    image = _image(resolution)
+    layout = build_layout(_CAPTION_CLASSES, backbone.text_segments(), s.template, list(s.background_entities), None)
+    prepare = lambda: backbone.prepare([image], layout.caption, s.t, s.seed, resolution)  # noqa: E731
+    inputs = prepare()
+    timed = _timer(device)
+    with torch.no_grad():
+        backbone.denoise(inputs)
+        acts = _observe_forward(seg, inputs)  # warm-up
+    t = {k: [] for k in ("bare", "prepare", "observed", "decide", "end_to_end")}
+    for i in range(repeats):
+        _progress(f"{arch} {resolution}px: repeat {i + 1}/{repeats}")
+        t["bare"].append(timed(lambda: backbone.denoise(inputs)))
+        t["prepare"].append(timed(prepare))
+        t["observed"].append(timed(lambda: acts.update(_observe_forward(seg, inputs))))
+        obs = Observation(image, layout, acts, tuple(inputs.grid), s.heads)
+        t["decide"].append(timed(lambda: seg.decide(obs)))
+        t["end_to_end"].append(timed(lambda: seg(image, _CAPTION_CLASSES)))
+    med = {k: statistics.median(v) for k, v in t.items()}
+    floor = med["prepare"] + med["bare"]
+    kept = sum(x.numel() * x.element_size() for x in acts.values()) / 2**20
+    out = {
+        "suite": "goca", "arch": arch, "resolution": resolution, "repeats": repeats, **_environment(device, backbone),
+        "seconds": {k: _median(v) for k, v in t.items()},
+        "vs_bare_forward": {k: round(med[k] / med["bare"], 3) for k in ("prepare", "observed", "decide", "end_to_end")},
+        "end_to_end_vs_prepare_plus_bare": round(med["end_to_end"] / floor, 3),
+        "kept_maps_mb": round(kept, 1),
+        "kept_maps_every_head_mb": round(_reference_kept_mb(seg, acts), 1),
+    }
+    if mem is not None:
+        out["memory_mb"] = {k: round(v, 1) for k, v in mem.items()}
+        out["memory_measure"] = "CUDA allocator peak" if device.startswith("cuda") else "peak RSS, fresh subprocess"
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ features
+def features_real(arch: str, resolution: int, repeats: int = 3, device: str = "cpu", dtype: str | None = None,
+                  text_layers: int | None = None, preset: str | None = None) -> dict[str, Any]:
+    """See the module docstring (suite ``features``)."""
+    from .capture import Capture
+    from .features import FeatureExtractor
+    from .presets import load_preset
+
+    preset = preset or _DEFAULT_PRESET[arch]
+    _progress(f"{arch}: building the real-size pipeline (random weights)")
+    backbone = _backbone(arch, device, dtype, text_layers)
+    names = list(load_preset(preset).features)
+    image = _image(resolution)
+    inputs = backbone.prepare([image], "", 50, 0, resolution)
+    timed = _timer(device)
+
+    def forward(early: bool):
+        with Capture(backbone, names, inputs, early_exit=early) as cap:
+            backbone.denoise(inputs)
+        return cap
+
+    fx = FeatureExtractor(backbone, preset=preset, resolution=resolution)
+    forward(True), forward(False)
+    t = {k: [] for k in ("bare", "forward_full", "forward_early_exit", "end_to_end", "prepare")}
+    for i in range(repeats):
+        _progress(f"{arch} features: repeat {i + 1}/{repeats}")
+        t["bare"].append(timed(lambda: backbone.denoise(inputs)))
+        t["forward_full"].append(timed(lambda: forward(False)))
+        t["forward_early_exit"].append(timed(lambda: forward(True)))
+        t["prepare"].append(timed(lambda: backbone.prepare([image], "", 50, 0, resolution)))
+        t["end_to_end"].append(timed(lambda: fx(image)))
+    med = {k: statistics.median(v) for k, v in t.items()}
+    last = max(names, key=lambda n: names.index(n))
+    return {
+        "suite": "features", "arch": arch, "preset": preset, "resolution": resolution, "repeats": repeats,
+        **_environment(device, backbone), "seconds": {k: _median(v) for k, v in t.items()},
+        "vs_bare_forward": {k: round(med[k] / med["bare"], 3) for k in t if k != "bare"},
+        "end_to_end_vs_prepare_plus_bare": round(med["end_to_end"] / (med["prepare"] + med["bare"]), 3),
+        "early_exit_after": last,
+    }
+
+
+# ------------------------------------------------------------------------------------------------ vae
+def vae_real(arch: str, resolution: int, repeats: int = 3, device: str = "cpu", dtype: str | None = None,
+             text_layers: int | None = None, preset: str | None = None) -> dict[str, Any]:
+    """See the module docstring (suite ``vae``)."""
+    import torch
+
+    from .capture import Capture
+    from .presets import load_preset
+
+    backbone = _backbone(arch, device, dtype, text_layers)
+    names = list(load_preset(preset or _DEFAULT_PRESET[arch]).features)
+    pixels = backbone.preprocess([_image(resolution)], resolution)
+    timed = _timer(device)
+    low = [torch.bfloat16] + ([torch.float16] if device.startswith("cuda") else [])
+    vae32 = backbone.pipeline.vae
+
+    def features(latents):
+        noise = backbone.make_noise(latents, 0)
+        inputs = backbone.denoiser_inputs(backbone.add_noise(latents, 50, noise), 50, backbone.encode_prompt([""]),
+                                          tuple(pixels.shape[-2:]))
+        with Capture(backbone, names, inputs) as cap:
+            backbone.denoise(inputs)
+        return cap.activations
+
+    ref_latents = backbone.encode_image(pixels).to(backbone.dtype)
+    ref_feats = features(ref_latents)
+    out = {"suite": "vae", "arch": arch, "resolution": resolution, "repeats": repeats, **_environment(device, backbone),
+           "encode_dtype": {}}
+    base = [timed(lambda: backbone.encode_image(pixels)) for _ in range(repeats)]
+    import copy
+
+    for dt in low:
+        backbone.pipeline.vae = copy.deepcopy(vae32).to(dtype=dt)
+        try:
+            lat = backbone.encode_image(pixels).to(backbone.dtype)
+            t = [timed(lambda: backbone.encode_image(pixels)) for _ in range(repeats)]
+            feats = features(lat)
+        finally:
+            backbone.pipeline.vae = vae32
+        rel = lambda a, b: float((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12))  # noqa: E731
+        out["encode_dtype"][str(dt).replace("torch.", "")] = {
+            "time_vs_fp32": round(statistics.median(t) / statistics.median(base), 3),
+            "latent_relative_error": round(rel(lat, ref_latents), 5),
+            "feature_relative_error": {n: round(rel(feats[n], ref_feats[n]), 5) for n in names},
+        }
+    out["fp32_encode_s"] = _median(base)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ throughput
+def throughput_real(arch: str, resolution: int, repeats: int = 3, device: str = "cpu", dtype: str | None = None,
+                    text_layers: int | None = None, batch_sizes: tuple[int, ...] = (1, 4, 8)) -> dict[str, Any]:
+    """Images/s of ``Segmenter.segment`` (what ``segment``/``eval`` run) at each batch size, on
+    ``max(batch_sizes)`` distinct images of one size; each batch size timed in turn per repeat."""
+    from .segment import Segmenter
+
+    _progress(f"{arch}: building the real-size pipeline (random weights)")
+    seg = Segmenter(_backbone(arch, device, dtype, text_layers), resolution=resolution)
+    n = max(batch_sizes)
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(1)
+    images = [Image.fromarray(rng.integers(0, 256, (resolution, resolution, 3), dtype=np.uint8)) for _ in range(n)]
+    list(seg.segment(images[:1], _CAPTION_CLASSES))  # warm-up
+    timed = _timer(device)
+    t = {b: [] for b in batch_sizes}
+    for i in range(repeats):
+        for b in batch_sizes:
+            _progress(f"{arch} throughput: repeat {i + 1}/{repeats}, batch {b}")
+            t[b].append(timed(lambda: list(seg.segment(images, _CAPTION_CLASSES, batch_size=b))))
+    ips = {b: n / statistics.median(v) for b, v in t.items()}
+    return {
+        "suite": "throughput", "arch": arch, "resolution": resolution, "repeats": repeats, "images": n,
+        **_environment(device, seg.backbone),
+        "images_per_s": {str(b): round(v, 3) for b, v in ips.items()},
+        "vs_batch_1": {str(b): round(v / ips[batch_sizes[0]], 3) for b, v in ips.items()},
+    }
+
+
+# ------------------------------------------------------------------------------------------------ accounting
+def accounting_real(arch: str, resolution: int, repeats: int = 1, device: str = "cpu", dtype: str | None = None,
+                    text_layers: int | None = None) -> dict[str, Any]:
+    """Memory accounting without a forward (the denoiser on the meta device; any resolution, any size):
+    the fp32 maps one GOCA segmentation keeps (a ``[HW, T]`` cross map and a head-mean ``[HW, HW]`` self map
+    per attention block) vs storing every head's self map, per attention grid. UNet architectures only
+    (their blocks' grids follow from the block names)."""
+    from .architectures import architecture, build_denoiser
+
+    if "unet" not in architecture(arch)["components"]:
+        raise InvalidOptionError(f"the accounting suite covers UNet architectures (sd15, sd21, sdxl), not {arch!r}")
+    unet = build_denoiser(arch)
+    levels = len(unet.config.block_out_channels)
+    latent = resolution // 8
+    grids: dict[int, dict[str, int]] = {}
+    for name, module in unet.named_modules():
+        if not name.endswith("attn1"):
+            continue
+        kind, index = name.split(".")[:2]
+        factor = 2 ** (int(index) if kind == "down_blocks" else levels - 1 - int(index) if kind == "up_blocks" else levels - 1)
+        entry = grids.setdefault(-(-latent // factor), {"blocks": 0, "heads": module.heads})
+        entry["blocks"] += 1
+    text = 77
+    mib = lambda n: round(n * 4 / 2**20, 1)  # noqa: E731 - fp32 elements -> MiB
+    per_grid = {f"{side}x{side}": {**g, "self_map_mb": mib((side * side) ** 2), "cross_map_mb": mib(side * side * text)}
+                for side, g in sorted(grids.items(), reverse=True)}
+    kept = sum(g["blocks"] * (g["self_map_mb"] + g["cross_map_mb"]) for g in per_grid.values())
+    every = sum(g["blocks"] * g["heads"] * (g["self_map_mb"] + g["cross_map_mb"]) for g in per_grid.values())
+    return {"suite": "accounting", "arch": arch, "resolution": resolution, "repeats": 1, "device": "meta",
+            "dtype": "float32", "threads": 0, "per_grid": per_grid, "kept_maps_mb": round(kept, 1),
+            "kept_maps_every_head_mb": round(every, 1),
+            "cross_maps_only_mb": round(sum(g["blocks"] * g["cross_map_mb"] for g in per_grid.values()), 1)}
+
+
+REAL_SUITES: dict[str, Callable[..., dict[str, Any]]] = {
+    "accounting": accounting_real,
+    "goca": goca_real, "features": features_real, "vae": vae_real, "throughput": throughput_real,
+}
+
+
+def real_benchmark(suite: str, arch: str, **kwargs: Any) -> dict[str, Any]:
+    """Run one suite on a real-size architecture (see the module docstring)."""
+    from .architectures import architecture_names
+
+    if suite not in REAL_SUITES:
+        raise InvalidOptionError(f"unknown suite {suite!r} for --arch {arch}; choose one of {', '.join(REAL_SUITES)}")
+    if arch not in architecture_names():
+        raise InvalidOptionError(f"unknown architecture {arch!r}; choose tiny or one of {', '.join(architecture_names())}")
+    return REAL_SUITES[suite](arch, **kwargs)

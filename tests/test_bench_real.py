@@ -1,0 +1,50 @@
+"""The real-architecture benchmark suites run end to end (here on the embedded model instead of a real-size
+one, so the test is fast) and report ratios against their own baselines."""
+
+from __future__ import annotations
+
+import pytest
+
+import difffeat
+from difffeat import bench_real
+
+
+@pytest.fixture
+def shapes_backbone(monkeypatch):
+    backbone = difffeat.load("shapes")
+    monkeypatch.setattr(bench_real, "_backbone", lambda *a, **k: backbone)
+    return backbone
+
+
+def test_goca_suite_splits_the_time_and_counts_kept_maps(shapes_backbone):
+    out = bench_real.goca_real("sd15", resolution=64, repeats=1, memory=False)
+    assert set(out["vs_bare_forward"]) == {"prepare", "observed", "decide", "end_to_end"}
+    assert all(v > 0 for v in out["vs_bare_forward"].values())
+    # every head's maps are at least as large as the head-aggregated ones the observer keeps
+    assert out["kept_maps_every_head_mb"] > 0 and out["kept_maps_mb"] > 0
+    assert "load_average_1_5_15" in out
+
+
+def test_features_throughput_and_vae_suites_run(shapes_backbone):
+    feats = bench_real.features_real("sd15", resolution=64, repeats=1, preset="shapes-practical")
+    assert {"forward_full", "forward_early_exit", "end_to_end"} <= set(feats["vs_bare_forward"])
+    tp = bench_real.throughput_real("sd15", resolution=64, repeats=1, batch_sizes=(1, 2))
+    assert tp["vs_batch_1"]["1"] == 1.0 and tp["images"] == 2
+    vae = bench_real.vae_real("sd15", resolution=64, repeats=1, preset="shapes-practical")
+    bf16 = vae["encode_dtype"]["bfloat16"]
+    assert 0 < bf16["latent_relative_error"] < 0.1  # reduced precision changes the latents, a little
+
+
+def test_accounting_counts_sd15_blocks_and_map_sizes():
+    out = bench_real.accounting_real("sd15", resolution=512)
+    grids = out["per_grid"]
+    # SD1.5: 16 transformer blocks, 5 at 64x64 (8 heads), 5 at 32x32, 5 at 16x16, 1 (mid) at 8x8
+    assert {g: v["blocks"] for g, v in grids.items()} == {"64x64": 5, "32x32": 5, "16x16": 5, "8x8": 1}
+    assert grids["64x64"]["self_map_mb"] == 4096**2 * 4 / 2**20 and grids["64x64"]["heads"] == 8
+    assert out["kept_maps_every_head_mb"] == pytest.approx(8 * out["kept_maps_mb"])  # 8 heads everywhere
+
+
+def test_readme_real_scale_table_is_rendered_from_the_committed_json():
+    from _helpers import load_benchmark
+
+    assert load_benchmark("real_scale_readme").main(["--check"]) == 0, "run python benchmarks/real_scale_readme.py"
