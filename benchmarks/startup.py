@@ -20,7 +20,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
-COMMANDS = ["catalog", "presets", "extract", "segment", "eval", "gate", "bench", "make-tiny", "demo"]
+COMMANDS = ["catalog", "families", "presets", "extract", "segment", "eval", "gate", "bench", "make-tiny", "demo"]
 CASES = {
     "python -c pass (baseline)": [sys.executable, "-c", "pass"],
     "difffeat --help": [sys.executable, "-m", "difffeat.cli", "--help"],
