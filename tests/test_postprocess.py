@@ -146,3 +146,23 @@ def test_postprocess_benchmark_runs_and_reports_every_row(tmp_path):
     rows = json.loads(out.read_text())["rows"]
     assert [r["postprocess"] for r in rows] == ["none", "pamr"]
     assert all(0 <= r["miou"] <= 1 for r in rows) and rows[0]["decision_time_vs_none"] == 1.0
+
+
+@pytest.mark.parametrize("command", ["segment", "evaluate_dataset"])
+def test_bad_postprocess_fails_before_the_model_loads(tmp_path, monkeypatch, command):
+    from difffeat.runs import commands
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model was loaded before the option was checked")
+
+    monkeypatch.setattr("difffeat.backbones.load", no_load)
+    image = tmp_path / "a.png"
+    from PIL import Image
+
+    Image.new("RGB", (64, 64)).save(image)
+    with pytest.raises(ConfigError, match="postprocess='blur'"):
+        if command == "segment":
+            commands.segment([image], "circle", out_dir=tmp_path / "out", num_workers=0, postprocess="blur")
+        else:
+            commands.evaluate_dataset("shapes", shapes_split="test", n=2, out_dir=tmp_path / "out", num_workers=0,
+                                      postprocess="blur")

@@ -106,6 +106,7 @@ def segment(images: Sequence[str | os.PathLike], classes: str | Sequence[str], *
 
     from ..backbones import load
     from ..segment.prompts import check_classes
+    from ..segment.postprocess import check_postprocess
     from ..segment.segmenter import Segmenter
     from .processes import init_state
     from ..evaluate.label_sources import source_spec
@@ -114,6 +115,8 @@ def segment(images: Sequence[str | os.PathLike], classes: str | Sequence[str], *
     names = check_classes(split_names(classes))
     refs, desc = image_sources(images)
     check_device(device)
+    if overrides.get("postprocess") is not None:  # unknown name or missing [crf] extra: before the model loads
+        check_postprocess(overrides["postprocess"])
     state = init_state(device)
     seg = Segmenter(load(model, device=device, dtype=dtype), method=method, config=config, **settings, **overrides)
     job = SegmentJob(Path(out_dir), names, heatmaps=heatmaps, coco_results=Path(coco_results) if coco_results else None,
@@ -168,6 +171,7 @@ def evaluate_dataset(model: str = "shapes", *, coco: str | os.PathLike | None = 
     from ..evaluate.label_sources import label_source, source_spec
     from ..evaluate.runner import PUBLISHED_TAU_GRID
     from ..io import write_json
+    from ..segment.postprocess import check_postprocess
     from ..segment.segmenter import Segmenter
     from .evaluation import EvalJob, run_eval, tune_tau
     from .processes import init_state
@@ -191,6 +195,8 @@ def evaluate_dataset(model: str = "shapes", *, coco: str | os.PathLike | None = 
     label_source(setting).check(data, limit)  # a bad label/caption file fails before the model loads
     tune_data = ShapesDataset(tune_shapes_split, tune_n) if tune_shapes_split else None
     check_device(device)
+    if overrides.get("postprocess") is not None:  # unknown name or missing [crf] extra: before the model loads
+        check_postprocess(overrides["postprocess"])
     state = init_state(device)
     seg = Segmenter(load(model, device=device, dtype=dtype), method=method, config=config, **settings, **overrides)
     tuned = None
