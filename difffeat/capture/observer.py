@@ -1,6 +1,8 @@
 """Attention observers: on the selected attention modules only, they compute the attention probabilities
 of the *image queries* (what was asked: per-head maps, head-mean maps, or a custom reduction) and hand
-them to the capture session. The layer's real output is always computed by diffusers itself.
+them to the capture session. Where the probabilities cover the whole SDPA call (every query row, no mask,
+no dropout, float32) the layer's output is ``probabilities @ V`` from the same chunks and SDPA does not run
+a second time (:func:`fusable`); otherwise the layer's output is computed by diffusers itself.
 
 One mechanism serves every family whose attention reaches torch's ``scaled_dot_product_attention``: the
 stock processors of diffusers (``AttnProcessor2_0``, ``JointAttnProcessor2_0``, and every new-style
@@ -40,8 +42,10 @@ __all__ = [
     "head_mean",
     "per_head",
     "attention_probs",
+    "fusable",
     "SDPA_BACKENDS",
     "check_observable",
+    "empty_output",
     "install_observer",
     "dispatched_tensors",
 ]
@@ -79,7 +83,9 @@ class AttentionTensors:
 class MapReducer(Protocol):
     """Reduces the probabilities of a chunk of query rows. ``probs_bhqk`` is ``[B, heads, q, K]`` restricted
     to the requested keys; ``rows`` is the slice of query rows; ``full_probs_bhqk`` has every key (needed by
-    reductions that use the layer's output, such as GOCA's head weights)."""
+    reductions that use the layer's output, such as GOCA's head weights). A reducer with the attribute
+    ``uses_output = True`` also receives ``out_bhqd`` = ``full_probs_bhqk @ V`` (float32, ``[B, heads, q, d]``),
+    the chunk's attention output, computed once for it and for the layer's fused output."""
 
     def __call__(
         self, probs_bhqk: torch.Tensor, *, attn: Any, tensors: AttentionTensors, rows: slice, full_probs_bhqk: torch.Tensor
@@ -102,12 +108,16 @@ def attention_probs(
     reducer: MapReducer,
     attn: Any,
     chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+    output_bhqd: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Softmax attention probabilities of the image queries (float32), reduced chunk by chunk.
 
     ``keys``: "cross" keeps the text-key columns, "self" the image-key columns, "all" every column. The
     softmax always runs over *all* keys the layer attends to (for joint attention the cross block is
     therefore not normalised over text alone).
+
+    ``output_bhqd``: optional ``[B, heads, Nq, d]`` tensor that receives the attention output
+    ``probabilities @ V`` of the same chunks (what SDPA returns for these query rows).
     """
     q, k = tensors.q, tensors.k
     b, h, nq, _ = q.shape
@@ -118,6 +128,8 @@ def attention_probs(
     rows_per_chunk = max(1, chunk_elements // max(1, b * h * nk))
     q_scaled = q.float() * tensors.scale  # scaling the [.., d] queries, not the [.., keys] logits
     kt = k.float().transpose(-1, -2)
+    wants_output = output_bhqd is not None or getattr(reducer, "uses_output", False)
+    v = tensors.v.float() if wants_output else None
     out = None  # [..., nq, K] filled chunk by chunk: no list of pieces and no concatenated copy
     for start in range(0, nq, rows_per_chunk):
         rows = slice(start, min(nq, start + rows_per_chunk))
@@ -127,12 +139,43 @@ def attention_probs(
             if bias.shape[-2] != 1:
                 bias = bias[..., rows, :]
             logits = logits + bias.float()
-        full = logits.softmax(dim=-1)
-        reduced = reducer(full[..., cols], attn=attn, tensors=tensors, rows=rows, full_probs_bhqk=full)
+        full = torch.softmax(logits, dim=-1, out=logits) if tensors.bias is None else logits.softmax(dim=-1)
+        extra = {}
+        if wants_output:
+            o_bhqd = torch.matmul(full, v)
+            if output_bhqd is not None:
+                output_bhqd[:, :, rows] = o_bhqd
+            if getattr(reducer, "uses_output", False):
+                extra["out_bhqd"] = o_bhqd
+        reduced = reducer(full[..., cols], attn=attn, tensors=tensors, rows=rows, full_probs_bhqk=full, **extra)
         if out is None:
             out = reduced.new_empty((*reduced.shape[:-2], nq, reduced.shape[-1]))
         out[..., rows, :] = reduced
     return out
+
+
+def fusable(sdpa: dict[str, Any], tensors: AttentionTensors) -> bool:
+    """Whether the observer may return an SDPA call's output itself (``probabilities @ V`` of its own
+    chunks) instead of letting SDPA compute the same attention again: every query row is an image query
+    (no joint text rows), no mask, no dropout, and float32 (the observer's precision, so the output equals
+    SDPA's to float32 rounding)."""
+    query = sdpa["query"]
+    return (
+        query.dtype == torch.float32
+        and tensors.q.shape[2] == query.shape[2]
+        and sdpa.get("attn_mask") is None
+        and not sdpa.get("dropout_p")
+        and not sdpa.get("is_causal")
+        and tensors.k.shape[1] == sdpa["key"].shape[1]  # no grouped-query repetition
+        and query.device.type != "meta"
+    )
+
+
+def empty_output(query: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """An uninitialised SDPA output ``[B, heads, Nq, d_v]`` laid out as ``[B, Nq, heads, d_v]`` (as torch's CPU
+    kernels return it), so the processor's ``transpose(1, 2).reshape(B, Nq, heads*d_v)`` is free."""
+    b, h, nq, _ = query.shape
+    return query.new_empty((b, nq, h, value.shape[-1])).transpose(1, 2)
 
 
 # --------------------------------------------------------------------------- layouts
@@ -190,7 +233,9 @@ def _joint_image_first(attn, hidden_states, encoder_hidden_states=None, attentio
 
 
 # --------------------------------------------------------------------------- observers
-MapSink = Callable[[str, Any, AttentionTensors], None]
+#: ``sink(module_path, attn, tensors, output_bhqd)``; ``output_bhqd`` is None or an empty SDPA output the sink may
+#: fill (then it returns True and the SDPA call is not run again)
+MapSink = Callable[..., bool | None]
 
 
 class _Observer:
@@ -209,7 +254,7 @@ class _Observer:
             tensors = type(self).layout(
                 attn, hidden_states, encoder_hidden_states, attention_mask, n_image=self.n_image, **extra
             )
-        self.sink(self.module_path, attn, tensors)
+        self.sink(self.module_path, attn, tensors, None)
 
 
 class StandardObserver(_Observer):
@@ -360,7 +405,9 @@ class _SDPAWatch(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func is F.scaled_dot_product_attention:
-            self.observer.saw(_sdpa_arguments(args, kwargs))
+            output = self.observer.saw(_sdpa_arguments(args, kwargs))
+            if output is not None:  # the observer computed the attention output itself (see `fusable`)
+                return output
         return func(*args, **kwargs)
 
 
@@ -392,9 +439,11 @@ class DispatchObserver:
         if output is not None and not self._seen:
             raise _backend_error(self.module_path, self.attn, dispatcher_backend(self.attn))
 
-    def saw(self, sdpa: dict[str, Any]) -> None:
+    def saw(self, sdpa: dict[str, Any]) -> torch.Tensor | None:
+        """Report one SDPA call's tensors to the sink; returns the call's output when the sink computed it
+        (:func:`fusable` calls outside autograd), else None (SDPA then runs as usual)."""
         if self._seen:  # a second call within the same forward (e.g. FLUX.2 reference-token attention)
-            return
+            return None
         self._seen = True
         if sdpa.get("is_causal"):
             raise DifffeatError(f"attention maps of causal attention are not supported ({self.module_path!r})")
@@ -403,7 +452,11 @@ class DispatchObserver:
                 sdpa["query"], sdpa["key"], sdpa["value"], sdpa.get("attn_mask"), sdpa.get("scale"),
                 self.n_image, self.text_first, bool(getattr(self.attn, "is_cross_attention", False)),
             )
-        self.sink(self.module_path, self.attn, tensors)
+        output = None
+        if not torch.is_grad_enabled() and fusable(sdpa, tensors):
+            output = empty_output(sdpa["query"], sdpa["value"])
+        filled = self.sink(self.module_path, self.attn, tensors, output)
+        return output if filled else None
 
     def remove(self) -> None:
         for handle in self._handles:

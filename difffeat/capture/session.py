@@ -87,6 +87,10 @@ class Capture:
         shapes_only: record shapes only (used with fake tensors by the catalog).
         chunk_elements: size of the temporary per-chunk probabilities tensor when computing maps (query rows
             are processed in chunks of ``chunk_elements // (B * heads * keys)``); results do not depend on it.
+        fuse_output: on observed layers whose SDPA call allows it (:func:`~difffeat.capture.observer.fusable`),
+            return the layer's output as ``probabilities @ V`` from the observer's own chunks instead of
+            running SDPA again (saves one attention per observed layer). Activations after an observed layer
+            then equal an unobserved forward's to float32 rounding, not bitwise; off by default.
 
     After the block: ``activations`` maps each requested canonical name to a tensor: ``[B, C, H, W]`` for
     features, the reducer's output for maps; ``shapes`` maps names to shapes.
@@ -105,6 +109,7 @@ class Capture:
         to_cpu: bool = False,
         shapes_only: bool = False,
         chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+        fuse_output: bool = False,
     ) -> None:
         if inputs is None and grid is None:
             raise ValueError("Capture needs the forward's inputs (DenoiserInputs) or the token grid")
@@ -125,6 +130,7 @@ class Capture:
         if int(chunk_elements) < 1:
             raise ValueError(f"chunk_elements must be >= 1, got {chunk_elements}")
         self.chunk_elements = int(chunk_elements)
+        self.fuse_output = bool(fuse_output)
         self.activations: dict[str, torch.Tensor] = {}
         self.shapes: dict[str, tuple[int, ...]] = {}
         self._pending: set[str] = set()
@@ -159,19 +165,34 @@ class Capture:
         return hook
 
     def _map_sink(self, infos_by_module: dict[str, list[ActivationInfo]]):
-        def sink(module_path: str, attn: Any, tensors: AttentionTensors) -> None:
+        def sink(module_path: str, attn: Any, tensors: AttentionTensors, output_bhqd: torch.Tensor | None = None) -> bool:
+            """Store this call's activations; fill ``output_bhqd`` (the layer's attention output) from the
+            first map's chunks when given. Returns whether it was filled. An early exit raised by a store
+            waits until the output is complete (the forward stops either way)."""
+            if not self.fuse_output:
+                output_bhqd = None
+            filled, stop = False, False
             for info in infos_by_module[module_path]:
                 if info.name in self.shapes:
                     continue
-                if not info.is_map:
-                    self._store(info, sequence_to_spatial(_attended(tensors, info.observe), self.grid))
-                elif self.shapes_only:
-                    b, h, nq, _ = tensors.q.shape
-                    keys = tensors.text_keys if info.observe == "cross" else tensors.image_keys
-                    self._store(info, torch.empty(b, h, nq, keys.stop - keys.start, device="meta"))
-                else:
-                    reducer = self.map_reducers.get(info.name, self.map_reducer)
-                    self._store(info, attention_probs(tensors, info.observe, reducer, attn, self.chunk_elements))
+                try:
+                    if not info.is_map:
+                        self._store(info, sequence_to_spatial(_attended(tensors, info.observe), self.grid))
+                    elif self.shapes_only:
+                        b, h, nq, _ = tensors.q.shape
+                        keys = tensors.text_keys if info.observe == "cross" else tensors.image_keys
+                        self._store(info, torch.empty(b, h, nq, keys.stop - keys.start, device="meta"))
+                    else:
+                        reducer = self.map_reducers.get(info.name, self.map_reducer)
+                        fill = output_bhqd if not filled else None
+                        probs = attention_probs(tensors, info.observe, reducer, attn, self.chunk_elements, fill)
+                        filled = filled or fill is not None
+                        self._store(info, probs)
+                except StopForward:
+                    stop = True
+            if stop:
+                raise StopForward
+            return filled
 
         return sink
 

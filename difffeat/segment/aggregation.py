@@ -93,17 +93,28 @@ class GocaHeadReducer:
         output_weights: optional ``{id(attn_module): W_O}`` for modules without ``to_out``.
     """
 
+    #: receives the chunk's attention output ``out_bhqd`` from :func:`~difffeat.capture.observer.attention_probs`
+    uses_output = True
+
     def __init__(self, output_weights: dict[int, torch.Tensor] | None = None) -> None:
         self.output_weights = output_weights or {}
 
     def __call__(
-        self, probs_bhqk: torch.Tensor, *, attn: Any, tensors: AttentionTensors, rows: slice, full_probs_bhqk: torch.Tensor
+        self,
+        probs_bhqk: torch.Tensor,
+        *,
+        attn: Any,
+        tensors: AttentionTensors,
+        rows: slice,
+        full_probs_bhqk: torch.Tensor,
+        out_bhqd: torch.Tensor | None = None,
     ) -> torch.Tensor:
         b, h, q, _ = full_probs_bhqk.shape
         d = tensors.v.shape[-1]
         w_out = head_output_weight(attn, self.output_weights.get(id(attn)))
         w_out = w_out[:, : h * d].float().view(w_out.shape[0], h, d)  # [C, heads, d]
-        out_bhqd = torch.matmul(full_probs_bhqk, tensors.v.float())
+        if out_bhqd is None:
+            out_bhqd = torch.matmul(full_probs_bhqk, tensors.v.float())
         o_bhqc = torch.einsum("bhqd,chd->bhqc", out_bhqd, w_out)
         w_bhq = goca_head_weights(o_bhqc)
         return torch.einsum("bhq,bhqk->bqk", w_bhq, probs_bhqk)

@@ -35,6 +35,7 @@ from .postprocess import postprocess_labels
 from .prompts import FILLERS, PromptLayout, build_layout
 from .vocabulary import class_words
 from .rescale import class_scores, gaussian_blur, minmax, propagate, rescale_by_content
+from .selfmaps import SelfMapStream
 from .settings import DEFAULT_CONFIG, SegmentSettings, settings_for
 
 __all__ = ["Segmenter", "SegmentationResult", "Observation", "grid_of", "decide", "goca_scores"]
@@ -85,6 +86,7 @@ def goca_scores(
     self_names: Sequence[str],
     ref_name: str,
     refine_names: Sequence[str],
+    refine_mean: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """GOCA's decision maths on captured activations: layer weights, global map, rescaling, blur + min-max,
     background entities, refinement.
@@ -95,7 +97,10 @@ def goca_scores(
         acts: head-aggregated cross maps ``[B, HW_m, T]`` at ``cross_names``, head-averaged self maps
             ``[B, HW_m, HW_m]`` at ``self_names`` / ``refine_names``, the reference feature ``[B, C, h, w]`` at
             ``ref_name``.
+            A self map may also come reduced to the reference grid (``U(S_m)``, :mod:`difffeat.segment.selfmaps`).
         grid: the input grid (h, w) the token counts are measured against (:func:`grid_of`).
+        refine_mean: the refinement mean ``[B, HW, HW]`` when it was accumulated during the forward
+            (then the ``refine_names`` maps are not needed).
     Returns:
         class maps ``[B, n_classes, H, W]``, supporting map ``[B, H, W]`` (zeros without entities), layer
         weights ``[B, M]``; (H, W) is the largest map grid.
@@ -131,7 +136,9 @@ def goca_scores(
     if has_entities and s.entity_merge == "before-refine":
         scores = torch.cat([scores[:, :n_cls], scores[:, n_cls:].amax(dim=1, keepdim=True)], dim=1)
     if s.refine_order > 0:
-        scores = propagate(scores, mean_self_map(acts, refine_names, grid, size, mass), s.refine_order)
+        if refine_mean is None:
+            refine_mean = mean_self_map(acts, refine_names, grid, size, mass)
+        scores = propagate(scores, refine_mean, s.refine_order)
     cls_maps, ent_maps = scores[:, :n_cls], scores[:, n_cls:]
     support = ent_maps.amax(dim=1) if has_entities else torch.zeros_like(cls_maps[:, 0])
     return cls_maps, support, weights
@@ -146,6 +153,10 @@ class Observation:
     activations: dict[str, torch.Tensor]
     grid: tuple[int, int]
     heads: str
+    #: the refinement mean ``[B, HW, HW]`` accumulated during the forward (None: from the refinement maps)
+    refine_mean: torch.Tensor | None = None
+    #: the settings the self maps were reduced under during the forward (None: full head-mean maps)
+    reduced: dict[str, Any] | None = None
 
 
 @dataclass
@@ -377,21 +388,80 @@ class Segmenter:
         rgbs = [to_rgb(im) for im in images]
         layouts = [self._layout(cls, ent, cap, phr) for cls, ent, cap, phr in zip(classes, entities, captions, class_phrases)]
         inputs = self.backbone.prepare(rgbs, [lay.caption for lay in layouts], s.t, s.seed, s.resolution)
+        return self.observe_prepared(rgbs, layouts, inputs, everything, head_reducers)
+
+    def observe_prepared(
+        self,
+        images: Sequence[Image.Image],
+        layouts: Sequence[PromptLayout],
+        inputs: Any,
+        everything: bool = False,
+        head_reducers: Mapping[str, MapReducer] | None = None,
+    ) -> list["Observation"]:
+        """The observed forward of :meth:`observe_batch` on inputs already prepared (``backbone.prepare`` of
+        the RGB ``images`` with the ``layouts``' captions): one observation per image.
+
+        Without ``everything``, the self maps are reduced during the forward to what the settings' decision
+        needs (:mod:`difffeat.segment.selfmaps`): no ``[HW, HW]`` map per block is kept."""
+        s = self.settings
+        custom = self._check_head_reducers(head_reducers)
         reducers = {}
         if s.heads == "goca":
             reducer = GocaHeadReducer(self._output_weights())  # stateless: one instance serves every layer
             reducers = dict.fromkeys(self.cross_names, reducer)
+        stream = None if everything else self._self_map_stream(tuple(inputs.grid))
+        if stream is not None:
+            reducers.update(stream.reducers())
         reducers.update(custom)
-        with Capture(self.backbone, self.activation_names(everything), inputs, early_exit=True, map_reducer=head_mean, map_reducers=reducers) as cap:
+        with Capture(self.backbone, self.activation_names(everything), inputs, early_exit=True, map_reducer=head_mean,
+                     map_reducers=reducers, fuse_output=True) as cap:
             self.backbone.denoise(inputs)
         heads = "custom" if custom else s.heads
         acts = cap.activations
-        if n == 1:
-            return [Observation(rgbs[0], layouts[0], acts, tuple(inputs.grid), heads)]
+        refine_mean, reduced = None, None
+        if stream is not None:
+            ref = acts.get(self.ref_name)
+            refine_mean = stream.finish(acts, tuple(ref.shape[-2:]) if ref is not None else None)
+            reduced = self._reduced_settings()
+        if len(images) == 1:
+            return [Observation(images[0], layouts[0], acts, tuple(inputs.grid), heads, refine_mean, reduced)]
         return [
-            Observation(rgb, lay, {k: v[i : i + 1] for k, v in acts.items()}, tuple(inputs.grid), heads)
-            for i, (rgb, lay) in enumerate(zip(rgbs, layouts))
+            Observation(rgb, lay, {k: v[i : i + 1] for k, v in acts.items()}, tuple(inputs.grid), heads,
+                        None if refine_mean is None else refine_mean[i : i + 1], reduced)
+            for i, (rgb, lay) in enumerate(zip(images, layouts))
         ]
+
+    def _reduced_settings(self) -> dict[str, Any]:
+        """What an observation with reduced self maps can only be decided under."""
+        s = self.settings
+        return {"layers": s.layers, "self_map_resize": s.self_map_resize, "pseudo_grid": s.pseudo_grid,
+                "refine": s.refine_order > 0, "refine_names": tuple(self.refine_names), "ref_name": self.ref_name}
+
+    def _self_map_stream(self, input_grid: tuple[int, int]) -> SelfMapStream | None:
+        """The self-map reductions for these settings (:class:`SelfMapStream`), or None when the maps are kept
+        whole (grids that are not clean power-of-two levels of each other at the catalog's probe size)."""
+        s = self.settings
+        cat = catalog_of(self.backbone)
+        hw = lambda name: cat[name].shape[1]  # noqa: E731 - query pixels of a map at the probe size ([heads, HW, K])
+        factors: dict[str, int] = {}
+        if s.layers == "goca":
+            ref_shape = cat[self.ref_name].shape
+            if ref_shape is None or len(ref_shape) != 3:
+                return None
+            ref_hw = ref_shape[1] * ref_shape[2]
+            for name in self.self_names:
+                ratio = hw(name) / ref_hw
+                f = round(math.sqrt(ratio)) if ratio >= 1 else 1
+                if ratio >= 1 and (f * f * ref_hw != hw(name) or f & (f - 1)):
+                    return None
+                factors[name] = f if s.pseudo_grid == "reference" else 1
+        refine = self.refine_names if s.refine_order > 0 else []
+        largest = max(hw(name) for name in self.cross_names)
+        if any(hw(name) != largest for name in refine):
+            return None  # refinement maps resized to the largest grid: kept whole
+        if not factors and not refine:
+            return None
+        return SelfMapStream(factors, refine, s.self_map_resize == "mass-preserving", input_grid)
 
     def _check_head_reducers(self, head_reducers: Mapping[str, MapReducer] | None) -> dict[str, MapReducer]:
         """``head_reducers`` keyed by canonical cross-attention names; a clear error for any other key."""
@@ -413,7 +483,13 @@ class Segmenter:
         other layer/rescale/tau settings."""
         if obs.heads not in (self.settings.heads, "custom"):
             raise ConfigError(f"observation made with heads={obs.heads!r} cannot be decided with heads={self.settings.heads!r}")
-        return self._decide(obs.image, obs.layout, obs.activations, obs.grid)
+        if obs.reduced is not None and obs.reduced != self._reduced_settings():
+            differ = sorted(k for k, v in self._reduced_settings().items() if obs.reduced.get(k) != v)
+            raise ConfigError(
+                f"this observation kept its self maps reduced for its own settings, which differ in {differ}; "
+                "observe with everything=True to decide one observation under other layer/refinement settings"
+            )
+        return self._decide(obs.image, obs.layout, obs.activations, obs.grid, obs.refine_mean)
 
     def _output_weights(self) -> dict[int, torch.Tensor]:
         """W_O for attention modules without ``to_out`` (FLUX single-stream: the block's proj_out columns
@@ -430,10 +506,11 @@ class Segmenter:
                     weights[id(attn)] = proj.weight[:, : attn.inner_dim]
         return weights
 
-    def _decide(self, rgb: Image.Image, layout: PromptLayout, acts: dict[str, torch.Tensor], grid: tuple[int, int]) -> SegmentationResult:
+    def _decide(self, rgb: Image.Image, layout: PromptLayout, acts: dict[str, torch.Tensor], grid: tuple[int, int],
+                refine_mean: torch.Tensor | None = None) -> SegmentationResult:
         s = self.settings
         cls_maps, support, weights = goca_scores(
-            s, layout, acts, grid, self.cross_names, self.self_names, self.ref_name, self.refine_names
+            s, layout, acts, grid, self.cross_names, self.self_names, self.ref_name, self.refine_names, refine_mean
         )
         background = s.tau + support  # [B, H, W]
         w0, h0 = rgb.size
