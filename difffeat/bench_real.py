@@ -99,27 +99,26 @@ def _environment(device: str, backbone) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------------------ goca
-def _observe_forward(seg, inputs):
+def _observe_forward(seg, image, layout, inputs):
     """The observed forward alone on prepared inputs (what ``Segmenter.observe`` runs after prepare)."""
-    from .capture import Capture, head_mean
-    from .segment.aggregation import GocaHeadReducer
-
-    reducers = dict.fromkeys(seg.cross_names, GocaHeadReducer(seg._output_weights()))
-    with Capture(seg.backbone, seg.activation_names(), inputs, early_exit=True, map_reducer=head_mean,
-                 map_reducers=reducers) as cap:
-        seg.backbone.denoise(inputs)
-    return cap.activations
+    return seg.observe_prepared([image], [layout], inputs)[0]
 
 
-def _reference_kept_mb(seg, acts) -> float:
+def _kept_mb(obs) -> float:
+    """The maps and features one observation keeps (MiB)."""
+    kept = [*obs.activations.values()] + ([obs.refine_mean] if obs.refine_mean is not None else [])
+    return sum(x.numel() * x.element_size() for x in kept) / 2**20
+
+
+def _reference_kept_mb(seg, obs) -> float:
     """What storing every head's cross and self map of every layer keeps (the reference approach), from the
-    captured head-aggregated shapes and each layer's head count."""
+    captured cross-map shapes and each layer's head count."""
     den = seg.backbone.denoiser
     total = 0
-    for names in (seg.cross_names, seg.self_names):
-        for name in names:
-            heads = den.get_submodule(name.rsplit(".", 1)[0]).heads
-            total += heads * acts[name].numel() * 4
+    for cross, self_name in zip(seg.cross_names, seg.self_names):
+        heads = den.get_submodule(self_name.rsplit(".", 1)[0]).heads
+        b, hw, text = obs.activations[cross].shape
+        total += heads * b * hw * (text + hw) * 4
     return total / 2**20
 
 
@@ -150,8 +149,6 @@ def memory_child(arch: str, resolution: int, device: str, dtype: str | None, tex
     import torch
 
     from .segment import Segmenter
-    from .segment.segmenter import Observation
-
     cuda = device.startswith("cuda")
     seg = Segmenter(_backbone(arch, device, dtype, text_layers), resolution=resolution)
     image = _image(resolution)
@@ -168,9 +165,9 @@ def memory_child(arch: str, resolution: int, device: str, dtype: str | None, tex
     seg.backbone.denoise(inputs)
     base = peak()
     reset()
-    acts = _observe_forward(seg, inputs)
+    obs = _observe_forward(seg, image, layout, inputs)
     after_observe = peak()
-    seg.decide(Observation(image, layout, acts, tuple(inputs.grid), seg.settings.heads))
+    seg.decide(obs)
     after_decide = peak()
     return {"bare_peak_mb": base, "observe_extra_peak_mb": max(0.0, after_observe - base),
             "segment_extra_peak_mb": max(0.0, after_decide - base)}
@@ -194,7 +191,6 @@ def goca_real(arch: str, resolution: int, repeats: int = 3, device: str = "cpu",
 
     from .segment import Segmenter
     from .segment.prompts import build_layout
-    from .segment.segmenter import Observation
 
     mem = None
     if memory:  # first, so that the subprocess and this process never hold a model at the same time
@@ -217,26 +213,28 @@ def goca_real(arch: str, resolution: int, repeats: int = 3, device: str = "cpu",
     timed = _timer(device)
     with torch.no_grad():
         backbone.denoise(inputs)
-        acts = _observe_forward(seg, inputs)  # warm-up
+        obs = _observe_forward(seg, image, layout, inputs)  # warm-up
     t = {k: [] for k in ("bare", "prepare", "observed", "decide", "end_to_end")}
     for i in range(repeats):
         _progress(f"{arch} {resolution}px: repeat {i + 1}/{repeats}")
         t["bare"].append(timed(lambda: backbone.denoise(inputs)))
         t["prepare"].append(timed(prepare))
-        t["observed"].append(timed(lambda: acts.update(_observe_forward(seg, inputs))))
-        obs = Observation(image, layout, acts, tuple(inputs.grid), s.heads)
+        obs = None  # the previous observation's maps are not held during the next forward
+        held = []
+        t["observed"].append(timed(lambda: held.append(_observe_forward(seg, image, layout, inputs))))
+        obs = held.pop()
         t["decide"].append(timed(lambda: seg.decide(obs)))
         t["end_to_end"].append(timed(lambda: seg(image, _CAPTION_CLASSES)))
     med = {k: statistics.median(v) for k, v in t.items()}
     floor = med["prepare"] + med["bare"]
-    kept = sum(x.numel() * x.element_size() for x in acts.values()) / 2**20
+    kept = _kept_mb(obs)
     out = {
         "suite": "goca", "arch": arch, "resolution": resolution, "repeats": repeats, **_environment(device, backbone),
         "seconds": {k: _median(v) for k, v in t.items()},
         "vs_bare_forward": {k: round(med[k] / med["bare"], 3) for k in ("prepare", "observed", "decide", "end_to_end")},
         "end_to_end_vs_prepare_plus_bare": round(med["end_to_end"] / floor, 3),
         "kept_maps_mb": round(kept, 1),
-        "kept_maps_every_head_mb": round(_reference_kept_mb(seg, acts), 1),
+        "kept_maps_every_head_mb": round(_reference_kept_mb(seg, obs), 1),
     }
     if mem is not None:
         out["memory_mb"] = {k: round(v, 1) for k, v in mem.items()}
@@ -367,37 +365,56 @@ def throughput_real(arch: str, resolution: int, repeats: int = 3, device: str = 
 
 
 # ------------------------------------------------------------------------------------------------ accounting
+_ACCOUNTING_FAMILY = {"sd15": "sd", "sd21": "sd", "sdxl": "sdxl"}  # architecture -> GOCA settings family
+
+
 def accounting_real(arch: str, resolution: int, repeats: int = 1, device: str = "cpu", dtype: str | None = None,
                     text_layers: int | None = None) -> dict[str, Any]:
     """Memory accounting without a forward (the denoiser on the meta device; any resolution, any size):
-    the fp32 maps one GOCA segmentation keeps (a ``[HW, T]`` cross map and a head-mean ``[HW, HW]`` self map
-    per attention block) vs storing every head's self map, per attention grid. UNet architectures only
-    (their blocks' grids follow from the block names)."""
+    the fp32 maps one GOCA segmentation keeps under the family's default settings: a ``[HW, T]`` cross map
+    per attention block, its self map reduced during the forward to at most the reference grid
+    (:mod:`difffeat.segment.selfmaps`) and one ``[HW, HW]`` refinement sum (``kept_maps_mb``); vs a head-mean
+    ``[HW, HW]`` self map per block (``kept_maps_full_self_mb``, before that reduction) and vs storing every
+    head's maps; per attention grid. UNet architectures only (their blocks' grids follow from the names)."""
     from .architectures import architecture, build_denoiser
+    from .segment.settings import settings_for
 
     if "unet" not in architecture(arch)["components"]:
         raise InvalidOptionError(f"the accounting suite covers UNet architectures (sd15, sd21, sdxl), not {arch!r}")
     unet = build_denoiser(arch)
     levels = len(unet.config.block_out_channels)
     latent = resolution // 8
-    grids: dict[int, dict[str, int]] = {}
-    for name, module in unet.named_modules():
-        if not name.endswith("attn1"):
-            continue
+    settings = settings_for(arch, _ACCOUNTING_FAMILY[arch])
+
+    def side(name: str) -> int:
         kind, index = name.split(".")[:2]
         factor = 2 ** (int(index) if kind == "down_blocks" else levels - 1 - int(index) if kind == "up_blocks" else levels - 1)
-        entry = grids.setdefault(-(-latent // factor), {"blocks": 0, "heads": module.heads})
-        entry["blocks"] += 1
+        return -(-latent // factor)
+
+    grids: dict[int, dict[str, int]] = {}
+    for name, module in unet.named_modules():
+        if name.endswith("attn1"):
+            entry = grids.setdefault(side(name), {"blocks": 0, "heads": module.heads})
+            entry["blocks"] += 1
     text = 77
+    ref = side(settings.ref_block)
+    refine = {side(b) for b in settings.refine_blocks} if settings.refine_order > 0 else set()
+    # summed during the forward only where a refinement map is not kept whole anyway (finer than the reference)
+    refine = sorted(refine) if any(g > ref for g in refine) else []
     mib = lambda n: round(n * 4 / 2**20, 1)  # noqa: E731 - fp32 elements -> MiB
-    per_grid = {f"{side}x{side}": {**g, "self_map_mb": mib((side * side) ** 2), "cross_map_mb": mib(side * side * text)}
-                for side, g in sorted(grids.items(), reverse=True)}
-    kept = sum(g["blocks"] * (g["self_map_mb"] + g["cross_map_mb"]) for g in per_grid.values())
-    every = sum(g["blocks"] * g["heads"] * (g["self_map_mb"] + g["cross_map_mb"]) for g in per_grid.values())
+    per_grid = {f"{g}x{g}": {**v, "self_map_mb": mib((g * g) ** 2), "kept_self_map_mb": mib((min(g, ref) ** 2) ** 2),
+                             "cross_map_mb": mib(g * g * text)}
+                for g, v in sorted(grids.items(), reverse=True)}
+    blocks_x = lambda key: sum(v["blocks"] * v[key] for v in per_grid.values())  # noqa: E731
+    cross = blocks_x("cross_map_mb")
+    refine_mb = sum(mib((g * g) ** 2) for g in refine)  # one sum per grid (one grid: the largest, by default)
+    every = sum(v["blocks"] * v["heads"] * (v["self_map_mb"] + v["cross_map_mb"]) for v in per_grid.values())
     return {"suite": "accounting", "arch": arch, "resolution": resolution, "repeats": 1, "device": "meta",
-            "dtype": "float32", "threads": 0, "per_grid": per_grid, "kept_maps_mb": round(kept, 1),
-            "kept_maps_every_head_mb": round(every, 1),
-            "cross_maps_only_mb": round(sum(g["blocks"] * g["cross_map_mb"] for g in per_grid.values()), 1)}
+            "dtype": "float32", "threads": 0, "reference_grid": f"{ref}x{ref}", "per_grid": per_grid,
+            "kept_maps_mb": round(cross + blocks_x("kept_self_map_mb") + refine_mb, 1),
+            "refine_sum_mb": round(refine_mb, 1),
+            "kept_maps_full_self_mb": round(cross + blocks_x("self_map_mb"), 1),
+            "kept_maps_every_head_mb": round(every, 1), "cross_maps_only_mb": round(cross, 1)}
 
 
 REAL_SUITES: dict[str, Callable[..., dict[str, Any]]] = {

@@ -41,7 +41,14 @@ def test_accounting_counts_sd15_blocks_and_map_sizes():
     # SD1.5: 16 transformer blocks, 5 at 64x64 (8 heads), 5 at 32x32, 5 at 16x16, 1 (mid) at 8x8
     assert {g: v["blocks"] for g, v in grids.items()} == {"64x64": 5, "32x32": 5, "16x16": 5, "8x8": 1}
     assert grids["64x64"]["self_map_mb"] == 4096**2 * 4 / 2**20 and grids["64x64"]["heads"] == 8
-    assert out["kept_maps_every_head_mb"] == pytest.approx(8 * out["kept_maps_mb"])  # 8 heads everywhere
+    assert out["kept_maps_every_head_mb"] == pytest.approx(8 * out["kept_maps_full_self_mb"])  # 8 heads everywhere
+    # reduced during the forward (reference up_blocks.2 at 32x32): the 64x64 blocks keep a 32x32 map, the others
+    # theirs, plus one 64x64 refinement sum; every figure in fp32 MiB
+    mib = lambda side: (side * side) ** 2 * 4 / 2**20  # noqa: E731
+    selfs = 5 * mib(32) + 5 * mib(32) + 5 * mib(16) + mib(8)
+    assert out["reference_grid"] == "32x32" and out["refine_sum_mb"] == mib(64)
+    assert out["kept_maps_mb"] == pytest.approx(out["cross_maps_only_mb"] + selfs + mib(64), abs=0.5)
+    assert out["kept_maps_full_self_mb"] == pytest.approx(out["cross_maps_only_mb"] + 5 * (mib(64) + mib(32) + mib(16)) + mib(8), abs=0.5)
 
 
 def test_readme_real_scale_table_is_rendered_from_the_committed_json():
