@@ -5,10 +5,11 @@ to the reference grid (``U`` = :func:`~difffeat.segment.aggregation.resize_self_
 refinement blocks' maps. :class:`SelfMapStream` gives one map reducer per self map that, chunk of query
 rows by chunk, keeps only that:
 
-* a layer-weight map finer than the reference grid is kept as ``U(S_m)`` at the reference grid (bilinear
-  over key pixels inside the chunk loop, nearest over query pixels after the forward: the same operations
-  as ``resize_self_map``, so the values are the same); a map on the reference grid or coarser is kept as it
-  is (the adjoint form of ``layer_weights`` handles it);
+* a layer-weight map finer than the reference grid is kept as ``U(S_m)`` at the reference grid: of each
+  chunk only the query rows that nearest resizing picks, resized bilinearly over key pixels (the same
+  operations as ``resize_self_map``, row by row, so the values are the same), written into a
+  reference-grid buffer; a map on the reference grid or coarser is kept as it is (the adjoint form of
+  ``layer_weights`` handles it);
 * the refinement maps are summed into one ``[B, HW, HW]`` buffer; a refinement block that is not also a
   layer-weight block keeps nothing of its own.
 
@@ -60,7 +61,9 @@ class SelfMapStream:
         self.mass_preserving = mass_preserving
         self.input_grid = tuple(input_grid)
         self.refine_sum: torch.Tensor | None = None  # [B, HW, HW]
-        self.targets: dict[str, tuple[tuple[int, int], tuple[int, int]]] = {}  # name: (grid, reference grid)
+        self.targets: dict[str, tuple[int, int]] = {}  # name: the reference grid it was reduced to
+        self.kept: dict[str, torch.Tensor] = {}  # name: U(S) [B, Ht*Wt, Ht*Wt]
+        self._rows: dict[str, torch.Tensor] = {}  # name: source query row of each target row (non-decreasing)
 
     def names(self) -> list[str]:
         return list(dict.fromkeys([*self.weight_factors, *self.refine_names]))
@@ -89,28 +92,35 @@ class SelfMapStream:
                 return mean[..., :0]  # a refinement-only block keeps nothing of its own
             if factor <= 1:
                 return mean
-            grid = self._grid(n)
-            (h, w), (th, tw) = grid, (math.ceil(grid[0] / factor), math.ceil(grid[1] / factor))
-            self.targets[name] = (grid, (th, tw))
-            keys = F.interpolate(mean.reshape(b * q, 1, h, w), size=(th, tw), mode="bilinear", align_corners=False)
-            if self.mass_preserving:
-                keys = keys * (h * w) / (th * tw)  # the same expression as resize_self_map
-            return keys.reshape(b, q, th * tw)
+            (h, w) = grid = self._grid(n)
+            th, tw = target = (math.ceil(h / factor), math.ceil(w / factor))
+            if name not in self.kept:
+                self.targets[name] = target
+                self._rows[name] = nearest_rows(grid, target, mean.device)
+                self.kept[name] = mean.new_empty((b, th * tw, th * tw))
+            source = self._rows[name]  # row-major nearest indices never decrease
+            lo, hi = (int(i) for i in torch.searchsorted(source, torch.tensor([rows.start, rows.stop], device=source.device)))
+            if hi > lo:
+                picked = mean[:, source[lo:hi] - rows.start]  # [B, r, HW]
+                keys = F.interpolate(picked.reshape(-1, 1, h, w), size=target, mode="bilinear", align_corners=False)
+                if self.mass_preserving:
+                    keys = keys * (h * w) / (th * tw)  # the same expression as resize_self_map
+                self.kept[name][:, lo:hi] = keys.reshape(b, hi - lo, th * tw)
+            return mean[..., :0]  # kept in self.kept
 
         return reduce
 
-    def finish(self, acts: dict[str, torch.Tensor], reference_grid: tuple[int, int]) -> torch.Tensor | None:
-        """After the forward: pick the nearest query rows of the resized maps (in place in ``acts``), drop the
-        refinement-only entries; returns the refinement mean ``[B, HW, HW]`` (None without refinement).
+    def finish(self, acts: dict[str, torch.Tensor], reference_grid: tuple[int, int] | None) -> torch.Tensor | None:
+        """After the forward: put the reduced maps into ``acts`` (in place), drop the refinement-only entries;
+        returns the refinement mean ``[B, HW, HW]`` (None without refinement).
 
         Raises:
             RuntimeError: a map was resized to a grid other than the reference feature's ``reference_grid``.
         """
-        for name, (grid, target) in self.targets.items():
-            if tuple(target) != tuple(reference_grid):
+        for name, target in self.targets.items():
+            if reference_grid is None or tuple(target) != tuple(reference_grid):
                 raise RuntimeError(f"{name} was reduced to the grid {target}, the reference feature is {reference_grid}")
-            rows = nearest_rows(grid, target, acts[name].device)
-            acts[name] = acts[name].index_select(1, rows)
+            acts[name] = self.kept[name]
         for name in self.refine_names:
             if name not in self.weight_factors:
                 acts.pop(name, None)
