@@ -173,6 +173,7 @@ def segment(
     heatmaps: bool = typer.Option(False, help="Also write <stem>_heat_<class>.png per class."),
     coco_results: Optional[Path] = typer.Option(None, help="Also write COCO results JSON (RLE) here."),
     num_workers: int = typer.Option(2, help="DataLoader workers decoding images ahead of the model (0 = inline)."),
+    batch_size: int = typer.Option(1, help="Images per forward, 1-4096 (consecutive images of one size share it; each keeps its own classes and caption; outputs equal batch 1's)."),
     overwrite: bool = typer.Option(False, help="Recompute every image, replacing outputs of other settings."),
     skip_unreadable: bool = typer.Option(False, help="Skip unreadable images and list them in OUT/unreadable.json."),
     device: Optional[str] = typer.Option(None, help=DEVICE_HELP),
@@ -186,7 +187,7 @@ def segment(
 
     summary, names = _call(run, images, classes, out_dir=out_dir, model=model, method=method, config=config,
                            heatmaps=heatmaps, label_file=label_file, caption_file=caption_file,
-                           coco_results=coco_results, num_workers=num_workers, overwrite=overwrite,
+                           coco_results=coco_results, num_workers=num_workers, batch_size=batch_size, overwrite=overwrite,
                            skip_unreadable=skip_unreadable, device=device, dtype=dtype, heads=heads, layers=layers,
                            rescale=rescale, tau=tau, t=t, refine_order=refine_order, postprocess=postprocess)
     if summary.main_process:
@@ -222,6 +223,7 @@ def evaluate_cmd(
     run_dir: Path = typer.Option(Path("eval_out"), "--out", help="Run folder: manifest, per-chunk confusion counts for resuming, and report.json."),
     report: Optional[Path] = typer.Option(None, help="Where to write the JSON report (default: OUT/report.json)."),
     chunk_size: int = typer.Option(8, help="Images per resumable chunk."),
+    batch_size: int = typer.Option(1, help="Images per forward, 1 to --chunk-size (images of one size share it; the report equals batch 1's)."),
     num_workers: int = typer.Option(2, help="DataLoader workers preparing images ahead of the model (0 = inline)."),
     overwrite: bool = typer.Option(False, help="Recompute everything in --out, replacing results of other settings."),
     device: Optional[str] = typer.Option(None, help=DEVICE_HELP),
@@ -237,7 +239,7 @@ def evaluate_cmd(
     res = _call(evaluate_dataset, model, coco=coco, images=images, voc_labels=voc_labels, class_names=class_names,
                 shapes_split=shapes_split, n=n, setting=setting, method=method, config=config, tune_shapes_split=tune_shapes_split,
                 label_file=label_file, caption_file=caption_file, void=void, tau_grid=tau_grid, postprocess=postprocess,
-                tune_n=tune_n, limit=limit, out_dir=run_dir, report=report, chunk_size=chunk_size,
+                tune_n=tune_n, limit=limit, out_dir=run_dir, report=report, chunk_size=chunk_size, batch_size=batch_size,
                 num_workers=num_workers, overwrite=overwrite, device=device, dtype=dtype, heads=heads, layers=layers,
                 rescale=rescale, tau=tau, t=t)
     if res.main_process:
