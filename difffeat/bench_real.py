@@ -11,7 +11,7 @@ Suites:
   forward; decide), against the bare denoiser forward and against prepare + bare forward; the kept maps
   vs what storing every head's map would keep (sizes from the captured shapes); the extra peak memory of
   a segmentation over a bare forward, in a fresh subprocess (peak RSS on the CPU, allocator peak on CUDA).
-* ``features`` — every fitting feature preset's extraction (the capture forward with and without early exit,
+* ``features`` — every feature preset of the architecture: its extraction (the capture forward with and without early exit,
   and end to end) against one bare forward.
 * ``early-exit`` — a forward stopped after each UNet up level's output (``up_blocks.L``) vs the whole forward.
 * ``throughput`` — images/s of batched segmentation (``Segmenter.segment``) at batch 1, 4 and 8.
@@ -258,14 +258,15 @@ def _capture_forward(backbone, names: list[str], inputs, early: bool):
 
 def features_real(arch: str, resolution: int, repeats: int = 3, device: str = "cpu", dtype: str | None = None,
                   text_layers: int | None = None, preset: str | None = None) -> dict[str, Any]:
-    """See the module docstring (suite ``features``): every preset that fits the architecture (or ``preset``),
-    each timed against the same bare forward, alternated per repeat."""
+    """See the module docstring (suite ``features``): every preset made for the architecture (named
+    ``<arch>-*``, or ``preset``), each timed against the same bare forward, alternated per repeat."""
     from .features import FeatureExtractor
     from .presets import load_preset, presets_for
 
     _progress(f"{arch}: building the real-size pipeline (random weights)")
     backbone = _backbone(arch, device, dtype, text_layers)
-    presets = [preset] if preset else presets_for(backbone) or [_DEFAULT_PRESET[arch]]
+    own = [p for p in presets_for(backbone) if p.startswith(arch + "-")]  # the arch's presets (sd15-practical, sd15-legacy)
+    presets = [preset] if preset else own or [_DEFAULT_PRESET[arch]]
     image = _image(resolution)
     inputs = backbone.prepare([image], "", 50, 0, resolution)
     timed = _timer(device)
