@@ -188,10 +188,11 @@ def from_single_file(
             model = getattr(diffusers, class_name).from_single_file(
                 str(file), config=config, subfolder=name, torch_dtype=torch_dtype, local_files_only=local
             )
-            return cls.from_pretrained(config, torch_dtype=torch_dtype, local_files_only=local,
+            pipe = cls.from_pretrained(config, torch_dtype=torch_dtype, local_files_only=local,
                                        **{name: model}, **pipeline_kwargs)  # fmt: skip
-        return cls.from_single_file(str(file), config=config, torch_dtype=torch_dtype, local_files_only=local,
-                                    **pipeline_kwargs)  # fmt: skip
+        else:
+            pipe = cls.from_single_file(str(file), config=config, torch_dtype=torch_dtype, local_files_only=local,
+                                        **pipeline_kwargs)  # fmt: skip
     except Exception as exc:  # diffusers raises many types for a checkpoint that does not fit its config
         first = (str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__).rstrip(".")
         raise ModelNotFoundError(
@@ -200,3 +201,7 @@ def from_single_file(
             + (" and that the config folder holds the weights of the components the file lacks" if denoiser_only else "")
             + "."
         ) from None
+    for module in pipe.components.values():  # diffusers builds a single file's T5 without .eval(): dropout on
+        if isinstance(module, torch.nn.Module):
+            module.eval()
+    return pipe
