@@ -17,7 +17,7 @@ from ..checks import check_device
 from ..errors import InvalidOptionError, ModelNotFoundError
 from ..resources import package_dir
 from .base import Backbone
-from .single_file import SINGLE_FILE_SUFFIXES, from_single_file, is_single_file
+from .single_file import SINGLE_FILE_SUFFIXES, checkpoint_keys, from_single_file, is_single_file
 from .registry import adapter_for
 
 __all__ = ["load", "check_model", "wrap_pipeline", "resolve_dtype", "default_device", "xformers_wanted", "EMBEDDED_MODELS"]
@@ -160,12 +160,15 @@ def embedded_model_path(name: str) -> Path:
 
 def check_model(model: Any) -> None:
     """Fail early, without loading weights, for a model that cannot load: a missing or incomplete folder, a
-    ``model_index.json`` naming no pipeline, or (offline) a hub id that is not in the local cache."""
+    ``model_index.json`` naming no pipeline, a single file that is missing or no checkpoint, or (offline) a hub
+    id that is not in the local cache."""
     if isinstance(model, (Backbone, DiffusionPipeline)):
         return
     name = os.fspath(model)
     if name in EMBEDDED_MODELS:
         embedded_model_path(name)
+    elif is_single_file(name) and not Path(name).expanduser().is_dir():
+        checkpoint_keys(name)  # exists and is a readable checkpoint (its config is checked when it loads)
     elif Path(name).expanduser().exists():
         path = Path(name).expanduser()
         if not (path / "model_index.json").is_file():
@@ -227,16 +230,17 @@ def load(
             model.to(device=dev, dtype=torch_dtype)
     else:
         name = os.fspath(model)
-        if name in EMBEDDED_MODELS:
-            pipe = _from_folder(embedded_model_path(name), torch_dtype)
-        elif is_single_file(name) and not Path(name).expanduser().is_dir():
-            with _quiet_loading():
-                pipe = from_single_file(name, config, torch_dtype, **pipeline_kwargs)
-        elif config is not None:
+        single = is_single_file(name) and not Path(name).expanduser().is_dir()
+        if config is not None and not single:
             raise InvalidOptionError(
                 f"config= (--model-config) is only for single-file checkpoints (model.safetensors / .ckpt); {name!r} "
                 "is not one: a diffusers folder or hub id carries its own architecture, so drop the option"
             )
+        if name in EMBEDDED_MODELS:
+            pipe = _from_folder(embedded_model_path(name), torch_dtype)
+        elif single:
+            with _quiet_loading():
+                pipe = from_single_file(name, config, torch_dtype, **pipeline_kwargs)
         elif Path(name).expanduser().is_file():
             raise ModelNotFoundError(
                 f"{name!r} is a file but not a checkpoint difffeat reads: single-file checkpoints end in "
