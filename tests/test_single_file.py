@@ -185,3 +185,14 @@ def test_a_flux_single_file_loads_at_the_smallest_width_diffusers_converts(tmp_p
     b = difffeat.FeatureExtractor(source, names, t=200, resolution=64)(image, "a cat")
     assert len(names) == 2
     assert all(torch.equal(a[n], b[n]) for n in names)
+
+
+def test_a_torch_ckpt_archive_loads_like_the_safetensors_file(written, tmp_path):
+    from difffeat.testing import original_state_dict
+
+    _, config = written("sd")
+    source = single_file_pipeline("sd", seed=1)
+    torch.save({"state_dict": original_state_dict(source, "sd")}, tmp_path / "model.ckpt")  # Lightning-style nesting
+    loaded = difffeat.load(tmp_path / "model.ckpt", config=config, device="cpu", dtype="fp32")
+    got = loaded.pipeline.unet.state_dict()
+    assert all(torch.equal(got[k], v) for k, v in source.unet.state_dict().items())
