@@ -117,3 +117,23 @@ def test_reduced_observation_refuses_other_self_map_settings():
     with pytest.raises(ConfigError, match="everything=True"):
         _segmenter(self_map_resize=other).decide(fast)
     _segmenter(tau=0.3).decide(fast)  # other decision settings are fine
+
+
+def test_reduced_maps_do_not_depend_on_the_chunk_size():
+    from difffeat.capture import head_mean
+
+    seg = _segmenter()
+    _, inputs = seg.prepare(_scene(), ["circle"])
+    results = []
+    for chunk in (2**20, 5000):  # one chunk per map / a few query rows per chunk (rows split across targets)
+        stream = seg._self_map_stream(tuple(inputs.grid))
+        with Capture(seg.backbone, stream.names() + [seg.ref_name], inputs, map_reducer=head_mean,
+                     map_reducers=stream.reducers(), chunk_elements=chunk) as cap:
+            seg.backbone.denoise(inputs)
+        acts = dict(cap.activations)
+        results.append((acts, stream.finish(acts, tuple(acts[seg.ref_name].shape[-2:]))))
+    (one, mean_one), (many, mean_many) = results
+    assert one.keys() == many.keys() and stream.targets
+    for name in one:
+        torch.testing.assert_close(many[name], one[name], rtol=1e-5, atol=1e-7, msg=name)
+    torch.testing.assert_close(mean_many, mean_one, rtol=1e-5, atol=1e-7)
