@@ -50,7 +50,7 @@ def probe_shapes(backbone: "Backbone", infos: list[ActivationInfo], size: tuple[
         latents = torch.zeros(1, *backbone.latent_shape(*size), dtype=backbone.dtype, device=backbone.device)
         inputs = backbone.denoiser_inputs(latents, 1, cond, size)
         try:
-            with Capture(backbone, infos, inputs, early_exit=False, shapes_only=True) as cap:
+            with backbone.fake_forward_guard(), Capture(backbone, infos, inputs, early_exit=False, shapes_only=True) as cap:
                 backbone.denoise(inputs)
         finally:
             _clear_method_caches(backbone.denoiser)

@@ -48,7 +48,8 @@ def sequence_to_spatial(x: torch.Tensor, grid: tuple[int, int], tokens: str = "i
 
     ``grid`` is the denoiser's input token grid (h, w). A sequence of fewer tokens is a downsampled level
     (UNet): its grid is ``ceil(h/s) x ceil(w/s)`` for the power of two ``s`` that matches N. With
-    ``tokens="last"`` only the last ``h*w`` tokens are image tokens (FLUX single-stream blocks).
+    ``tokens="last"`` only the last ``h*w`` tokens are image tokens (FLUX single-stream blocks), with
+    ``tokens="first"`` the first ``h*w`` (Z-Image: the image block, then its padding and the text).
     ``[B, C, H, W]`` tensors pass through.
     """
     if x.ndim == 4:
@@ -58,6 +59,8 @@ def sequence_to_spatial(x: torch.Tensor, grid: tuple[int, int], tokens: str = "i
     h, w = grid
     if tokens == "last":
         x = x[:, -h * w :]
+    elif tokens == "first":
+        x = x[:, : h * w]
     n = x.shape[1]
     for s in (1, 2, 4, 8, 16, 32, 64):
         gh, gw = math.ceil(h / s), math.ceil(w / s)
@@ -110,6 +113,7 @@ class Capture:
             raise ValueError("Capture needs the forward's inputs (DenoiserInputs) or the token grid")
         self.backbone = backbone
         self.grid = tuple(inputs.grid) if inputs is not None else tuple(grid)
+        self.text_len = inputs.text_len if inputs is not None else None
         names = list(activations)
         if not names:
             raise ValueError("empty activation list: name at least one activation (see `difffeat catalog MODEL`)")
@@ -199,9 +203,13 @@ class Capture:
             if maps_by_module:
                 n_image = self.grid[0] * self.grid[1]
                 sink = self._map_sink(maps_by_module)
-                text_first = load_table(self.backbone.hook_table).token_order == "text-first"
+                table = load_table(self.backbone.hook_table)
+                text_first = table.token_order == "text-first"
+                multiple = table.sequence_multiple
+                text_width = self.text_len if multiple > 1 else None  # prompt-dependent text blocks: fixed width
                 for path in maps_by_module:
-                    self._observers.append(install_observer(denoiser.get_submodule(path), path, sink, n_image, text_first))
+                    module = denoiser.get_submodule(path)
+                    self._observers.append(install_observer(module, path, sink, n_image, text_first, multiple, text_width))
         except BaseException:
             self._remove()
             raise
