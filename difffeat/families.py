@@ -43,6 +43,8 @@ def _attention_kind(table: HookTable) -> str:
     if any("v" in kinds and not any(r.target == "to_v" for p in table.points if p.match.pattern == pattern for r in p.activations)
            for pattern, kinds in observed):  # fmt: skip
         kind += ", fused qkv"
+    if table.sequence_multiple > 1:
+        kind += f", blocks padded to {table.sequence_multiple} tokens"
     return kind
 
 

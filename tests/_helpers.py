@@ -8,6 +8,7 @@ from PIL import Image
 import difffeat
 
 FAMILIES = ("sd", "sdxl", "pixart", "sd3", "sd35", "flux", "flux2", "qwenimage", "chroma")
+FAMILIES += ("hunyuandit", "zimage")  # branch hunyuan
 _BACKBONES: dict[str, difffeat.Backbone] = {}
 
 
