@@ -10,7 +10,8 @@ heads in every denoiser attention, cross-attention on the UNet's down *and* up p
 per SDXL attention block at the inner level (so ``...transformer_blocks.1...`` names exist), two or more
 PixArt / SD3 blocks, and FLUX with both a double-stream and single-stream blocks. Every VAE downsamples by 2,
 so a 64x64 px image is a 32x32 latent (16x16 tokens for the patch-2 DiTs and for FLUX's 2x2 packing); a
-forward pass at that size takes milliseconds on a CPU.
+forward pass at that size takes milliseconds on a CPU. HunyuanDiT's VAE downsamples by 8 (its pipeline
+hard-codes that factor), so there 64 px is 4x4 tokens.
 
 Tokenizers are built here, offline, over :data:`WORDS` (a few hundred common English words plus the COCO,
 VOC and ``shapes`` class names): CLIP's with :func:`difffeat.tokenizers.build_clip_tokenizer` (every word one
