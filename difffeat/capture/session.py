@@ -81,7 +81,8 @@ class Capture:
     Args:
         backbone: the :class:`~difffeat.backbones.Backbone` whose denoiser is instrumented.
         activations: names (or paper aliases, or :class:`ActivationInfo`) to capture.
-        inputs: the :class:`DenoiserInputs` of the forward (gives the token grid); or pass ``grid``.
+        inputs: the :class:`DenoiserInputs` of the forward (gives the token grid, and the cross maps' width for
+            families whose text block depends on the prompt, Z-Image); or pass ``grid``.
         early_exit: stop the forward once everything is captured.
         map_reducer: how attention maps are reduced per layer: ``per_head`` (default, ``[B, heads, HW, K]``),
             ``head_mean`` (``[B, HW, K]``) or any :class:`MapReducer`.
