@@ -47,6 +47,9 @@ class DenoiserInputs:
     #: clean latents and the noise used, kept for techniques that re-noise (multi-step start)
     latents: torch.Tensor | None = None
     noise: torch.Tensor | None = None
+    #: ``[B]`` position of each sample's first image token in joint sequences packed per sample (Lumina 2:
+    #: a sample's unpadded text, then its image tokens, then padding); None for fixed layouts
+    image_offsets: torch.Tensor | None = None
 
     @property
     def batch_size(self) -> int:
