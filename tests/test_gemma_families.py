@@ -105,6 +105,7 @@ def test_sana_instruction_can_be_turned_off(tiny_pipes):
     with_instruction = backbone.encode_prompt(["a cat"])["encoder_hidden_states"]
     backbone.complex_human_instruction = []
     assert backbone.text_segments()[0].drop == 0 and backbone.text_segments()[0].template == "{}"
+    assert backbone.text_segments()[0].lowercase  # as the pipeline lower-cases prompts
     plain = backbone.encode_prompt(["a cat"])["encoder_hidden_states"]
     assert plain.shape == with_instruction.shape and not torch.allclose(plain, with_instruction)
 
@@ -176,3 +177,22 @@ def test_maps_are_the_same_under_the_math_and_the_default_cpu_sdpa_kernels(tiny_
     for name in names:
         torch.testing.assert_close(math[name], reference[name], atol=2e-5, rtol=1e-4, msg=name)
     torch.testing.assert_close(math["output"], reference["output"], atol=1e-4, rtol=1e-4)
+
+
+def test_a_lowercasing_segment_counts_tokens_as_the_pipeline_does_with_a_case_sensitive_tokenizer():
+    """Sana's pipeline lower-cases the prompt before its (case-sensitive) Gemma tokenizer sees it: "Cat" would
+    split into pieces the pipeline never produces and shift every later class's positions."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from difffeat.backbones import TextSegment
+
+    pieces = ["<unk>", "a", "photo", "of", "cat", "dog", ","] + [c for c in "abcdefghijklmnopqrstuvwxyzC"] + ["##" + c for c in "at"]
+    tok = Tokenizer(models.WordPiece({p: i for i, p in enumerate(pieces)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>")
+    layout = build_layout(["Cat", "dog"], [TextSegment(fast, 0, 32, lowercase=True)])
+    ids = fast(layout.caption.lower())["input_ids"]
+    assert [ids[p] for p in layout.class_tokens[1]] == [fast.convert_tokens_to_ids("dog")]
+    cased = build_layout(["Cat", "dog"], [TextSegment(fast, 0, 32)])
+    assert cased.class_tokens[1] != layout.class_tokens[1]  # without it the positions are off

@@ -76,13 +76,15 @@ class TextSegment:
 
     ``template`` is the text the pipeline really tokenizes, with ``{}`` for the prompt (a chat template for
     LLM text encoders); ``drop`` is how many leading tokens the pipeline removes before the denoiser sees
-    the sequence (Qwen-Image drops its system prompt)."""
+    the sequence (Qwen-Image drops its system prompt); ``lowercase``: the pipeline lower-cases the prompt before
+    tokenizing it (Sana)."""
 
     tokenizer: Any
     offset: int
     max_length: int
     template: str = "{}"
     drop: int = 0
+    lowercase: bool = False
 
 
 class Backbone(ABC):

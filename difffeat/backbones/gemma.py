@@ -71,14 +71,14 @@ class SanaBackbone(_PatchGeometry, _FlowMatchNoising, Backbone):
         return latents * vae.config.scaling_factor
 
     def text_segments(self) -> list:
-        """The tokenized text is instruction + prompt; the denoiser's token p >= 1 is the tokenized token
-        ``p + n - 2`` (``n`` the instruction's tokens with BOS), token 0 the BOS."""
+        """The tokenized text is instruction + lower-cased prompt; the denoiser's token p >= 1 is the tokenized
+        token ``p + n - 2`` (``n`` the instruction's tokens with BOS), token 0 the BOS."""
         tok, n = self.pipeline.tokenizer, self._text_length()
         lines = self._instruction()
         if not lines:
-            return [TextSegment(tok, 0, n)]
+            return [TextSegment(tok, 0, n, lowercase=True)]
         instruction = "\n".join(lines)
-        return [TextSegment(tok, 0, n, template=instruction + "{}", drop=len(tok.encode(instruction)) - 2)]
+        return [TextSegment(tok, 0, n, template=instruction + "{}", drop=len(tok.encode(instruction)) - 2, lowercase=True)]
 
     def encode_prompt(self, prompts: list[str]) -> dict[str, Any]:
         embeds, mask, _, _ = self.pipeline.encode_prompt(
