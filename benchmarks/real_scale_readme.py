@@ -48,10 +48,16 @@ def _rows(r: dict) -> list[tuple[str, str]]:
                          f"+{m['segment_extra_peak_mb']:.0f} MB (observe alone +{m['observe_extra_peak_mb']:.0f} MB)"))
         return rows
     if r["suite"] == "features":
-        v = r["vs_bare_forward"]
-        return [(f"{r['preset']} capture forward, no early exit / early exit, vs bare forward",
-                 f"{v['forward_full']}x / {v['forward_early_exit']}x"),
-                (f"{r['preset']} extraction end to end vs prepare + bare forward", f"{r['end_to_end_vs_prepare_plus_bare']}x")]
+        rows = []
+        for preset, p in r["presets"].items():
+            v = p["vs_bare_forward"]
+            rows += [(f"{preset} capture forward, no early exit / early exit (after {p['early_exit_after']}), vs bare forward",
+                      f"{v['forward_full']}x / {v['forward_early_exit']}x"),
+                     (f"{preset} extraction end to end vs prepare + bare forward", f"{p['end_to_end_vs_prepare_plus_bare']}x")]
+        return rows
+    if r["suite"] == "early-exit":
+        return [("forward stopped after each up level's output, vs bare forward",
+                 ", ".join(f"`{name}` {v}x" for name, v in r["vs_bare_forward"].items()))]
     if r["suite"] == "throughput":
         return [("segment images/s by batch size (vs batch 1)",
                  ", ".join(f"{b}: {ips} ({r['vs_batch_1'][b]}x)" for b, ips in r["images_per_s"].items()))]

@@ -11,7 +11,9 @@ Suites:
   forward; decide), against the bare denoiser forward and against prepare + bare forward; the kept maps
   vs what storing every head's map would keep (sizes from the captured shapes); the extra peak memory of
   a segmentation over a bare forward, in a fresh subprocess (peak RSS on the CPU, allocator peak on CUDA).
-* ``features`` — a feature preset's extraction (forward part and end to end) with and without early exit.
+* ``features`` — every feature preset of the architecture: its extraction (the capture forward with and without early exit,
+  and end to end) against one bare forward.
+* ``early-exit`` — a forward stopped after each UNet up level's output (``up_blocks.L``) vs the whole forward.
 * ``throughput`` — images/s of batched segmentation (``Segmenter.segment``) at batch 1, 4 and 8.
 * ``accounting`` — the maps a segmentation keeps at any resolution, from the meta-device denoiser (no forward).
 * ``vae`` — the VAE encode in bf16 (and fp16 on CUDA) vs fp32: time ratio and the relative error of the
@@ -32,7 +34,7 @@ from typing import Any
 
 from .errors import InvalidOptionError
 
-__all__ = ["REAL_SUITES", "real_benchmark", "goca_real", "features_real", "vae_real", "throughput_real"]
+__all__ = ["REAL_SUITES", "real_benchmark", "goca_real", "features_real", "early_exit_real", "vae_real", "throughput_real"]
 
 _CAPTION_CLASSES = ["cat", "dog"]
 _DEFAULT_PRESET = {"sd15": "sd15-practical", "sd21": "sd21-practical", "sdxl": "sdxl-practical",
@@ -245,44 +247,86 @@ def goca_real(arch: str, resolution: int, repeats: int = 3, device: str = "cpu",
 
 
 # ------------------------------------------------------------------------------------------------ features
+def _capture_forward(backbone, names: list[str], inputs, early: bool):
+    """One denoiser forward capturing ``names`` (stopping after the last of them when ``early``)."""
+    from .capture import Capture
+
+    with Capture(backbone, names, inputs, early_exit=early) as cap:
+        backbone.denoise(inputs)
+    return cap
+
+
 def features_real(arch: str, resolution: int, repeats: int = 3, device: str = "cpu", dtype: str | None = None,
                   text_layers: int | None = None, preset: str | None = None) -> dict[str, Any]:
-    """See the module docstring (suite ``features``)."""
-    from .capture import Capture
+    """See the module docstring (suite ``features``): every preset made for the architecture (named
+    ``<arch>-*``, or ``preset``), each timed against the same bare forward, alternated per repeat."""
     from .features import FeatureExtractor
-    from .presets import load_preset
+    from .presets import load_preset, presets_for
 
-    preset = preset or _DEFAULT_PRESET[arch]
     _progress(f"{arch}: building the real-size pipeline (random weights)")
     backbone = _backbone(arch, device, dtype, text_layers)
-    names = list(load_preset(preset).features)
+    own = [p for p in presets_for(backbone) if p.startswith(arch + "-")]  # the arch's presets (sd15-practical, sd15-legacy)
+    presets = [preset] if preset else own or [_DEFAULT_PRESET[arch]]
     image = _image(resolution)
     inputs = backbone.prepare([image], "", 50, 0, resolution)
     timed = _timer(device)
-
-    def forward(early: bool):
-        with Capture(backbone, names, inputs, early_exit=early) as cap:
-            backbone.denoise(inputs)
-        return cap
-
-    fx = FeatureExtractor(backbone, preset=preset, resolution=resolution)
-    forward(True), forward(False)
-    t = {k: [] for k in ("bare", "forward_full", "forward_early_exit", "end_to_end", "prepare")}
+    names = {p: list(load_preset(p).features) for p in presets}
+    extractors = {p: FeatureExtractor(backbone, preset=p, resolution=resolution) for p in presets}
+    for p in presets:  # warm-up
+        _capture_forward(backbone, names[p], inputs, True), _capture_forward(backbone, names[p], inputs, False)
+    t: dict[str, list[float]] = {"bare": [], "prepare": []}
     for i in range(repeats):
-        _progress(f"{arch} features: repeat {i + 1}/{repeats}")
+        _progress(f"{arch} features: repeat {i + 1}/{repeats} ({', '.join(presets)})")
         t["bare"].append(timed(lambda: backbone.denoise(inputs)))
-        t["forward_full"].append(timed(lambda: forward(False)))
-        t["forward_early_exit"].append(timed(lambda: forward(True)))
+        for p in presets:
+            t.setdefault(f"{p}:forward_full", []).append(timed(lambda: _capture_forward(backbone, names[p], inputs, False)))
+            t.setdefault(f"{p}:forward_early_exit", []).append(timed(lambda: _capture_forward(backbone, names[p], inputs, True)))
+            t.setdefault(f"{p}:end_to_end", []).append(timed(lambda: extractors[p](image)))
         t["prepare"].append(timed(lambda: backbone.prepare([image], "", 50, 0, resolution)))
-        t["end_to_end"].append(timed(lambda: fx(image)))
     med = {k: statistics.median(v) for k, v in t.items()}
-    last = max(names, key=lambda n: names.index(n))
+    per_preset = {}
+    for p in presets:
+        mine = {k.split(":", 1)[1]: med[k] for k in med if k.startswith(p + ":")}
+        per_preset[p] = {
+            "seconds": {k: round(v, 3) for k, v in mine.items()},
+            "vs_bare_forward": {k: round(v / med["bare"], 3) for k, v in mine.items()},
+            "end_to_end_vs_prepare_plus_bare": round(mine["end_to_end"] / (med["prepare"] + med["bare"]), 3),
+            "early_exit_after": names[p][-1],
+        }
     return {
-        "suite": "features", "arch": arch, "preset": preset, "resolution": resolution, "repeats": repeats,
-        **_environment(device, backbone), "seconds": {k: _median(v) for k, v in t.items()},
-        "vs_bare_forward": {k: round(med[k] / med["bare"], 3) for k in t if k != "bare"},
-        "end_to_end_vs_prepare_plus_bare": round(med["end_to_end"] / (med["prepare"] + med["bare"]), 3),
-        "early_exit_after": last,
+        "suite": "features", "arch": arch, "resolution": resolution, "repeats": repeats, **_environment(device, backbone),
+        "seconds": {"bare": _median(t["bare"]), "prepare": _median(t["prepare"])},
+        "prepare_vs_bare_forward": round(med["prepare"] / med["bare"], 3), "presets": per_preset,
+    }
+
+
+# ------------------------------------------------------------------------------------------------ early exit
+def early_exit_real(arch: str, resolution: int, repeats: int = 3, device: str = "cpu", dtype: str | None = None,
+                    text_layers: int | None = None) -> dict[str, Any]:
+    """See the module docstring (suite ``early-exit``): a forward that captures one up level's output
+    (``up_blocks.L``) and stops there, for every up level, vs the bare forward (alternated per repeat)."""
+    from .capture import catalog_of
+
+    _progress(f"{arch}: building the real-size pipeline (random weights)")
+    backbone = _backbone(arch, device, dtype, text_layers)
+    levels = [a.name for a in catalog_of(backbone) if a.kind == "level-out" and a.name.startswith("up_blocks.")]
+    if not levels:
+        raise InvalidOptionError(f"the early-exit suite stops after a UNet up level; {arch} has none (use the features suite)")
+    inputs = backbone.prepare([_image(resolution)], "", 50, 0, resolution)
+    timed = _timer(device)
+    for name in levels:  # warm-up
+        _capture_forward(backbone, [name], inputs, True)
+    t: dict[str, list[float]] = {"bare": [], **{name: [] for name in levels}}
+    for i in range(repeats):
+        _progress(f"{arch} early-exit: repeat {i + 1}/{repeats}")
+        t["bare"].append(timed(lambda: backbone.denoise(inputs)))
+        for name in levels:
+            t[name].append(timed(lambda: _capture_forward(backbone, [name], inputs, True)))
+    med = {k: statistics.median(v) for k, v in t.items()}
+    return {
+        "suite": "early-exit", "arch": arch, "resolution": resolution, "repeats": repeats, **_environment(device, backbone),
+        "seconds": {k: _median(v) for k, v in t.items()},
+        "vs_bare_forward": {name: round(med[name] / med["bare"], 3) for name in levels},
     }
 
 
@@ -402,7 +446,8 @@ def accounting_real(arch: str, resolution: int, repeats: int = 1, device: str = 
 
 REAL_SUITES: dict[str, Callable[..., dict[str, Any]]] = {
     "accounting": accounting_real,
-    "goca": goca_real, "features": features_real, "vae": vae_real, "throughput": throughput_real,
+    "goca": goca_real, "features": features_real, "early-exit": early_exit_real, "vae": vae_real,
+    "throughput": throughput_real,
 }
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from .errors import DeviceError, InvalidOptionError, OutputPathError
 
-__all__ = ["split_names", "check_number", "check_out_dir", "check_out_file", "check_device", "check_resolution", "MAX_RESOLUTION"]
+__all__ = ["split_names", "check_number", "check_batch_size", "check_out_dir", "check_out_file", "check_device", "check_resolution", "MAX_RESOLUTION"]
 
 #: the longest image side a run accepts (4096 px: the 16-megapixel input cap of difffeat.images)
 MAX_RESOLUTION = 4096
@@ -108,3 +108,13 @@ def check_device(device: str | None) -> str | None:
     elif dev.type not in ("cpu", "cuda", "mps"):
         raise DeviceError(f"unsupported device {device!r}; use cpu, cuda, cuda:N or mps")
     return device
+
+
+def check_batch_size(batch_size: int, chunk_size: int | None = None) -> int:
+    """``batch_size`` unchanged if it is an integer in 1-4096 and, with ``chunk_size`` (``eval``: a batch is formed
+    within one resumable chunk), at most ``chunk_size``; else a clear error naming the fix."""
+    check_number("--batch-size", batch_size, 1, 4096, integer=True)
+    if chunk_size is not None and batch_size > chunk_size:
+        raise InvalidOptionError(f"--batch-size {batch_size} is larger than --chunk-size {chunk_size}: a batch is formed "
+                                 f"within one resumable chunk; pass --chunk-size {batch_size} (or a multiple of it)")
+    return batch_size

@@ -54,6 +54,11 @@ def world(tmp_path_factory):
     (root / "random_index").mkdir()
     (root / "random_index" / "model_index.json").write_text(json.dumps({"hello": 1}))
     (root / "a_file").write_text("x")
+    from difffeat.testing import save_single_file, save_tiny_pipeline
+
+    save_single_file("sd", root / "tiny.safetensors", config=root / "tiny_config")
+    save_tiny_pipeline("pixart", root / "pixart_config")
+    (root / "garbage.safetensors").write_text("not a checkpoint")
     return root
 
 
@@ -74,6 +79,8 @@ CASES = {
     "resolution-negative": (["extract", "shapes", IMG, "-f", "x", "-o", "{root}/o", "--resolution", "-64"], errors.InvalidOptionError, "--resolution"),
     "resolution-odd": (["extract", "shapes", IMG, "-f", "x", "-o", "{root}/o", "--resolution", "257"], errors.InvalidOptionError, "multiple of 8"),
     "bench-resolution-7": (["bench", "--resolution", "7"], errors.InvalidOptionError, "--resolution"),
+    "segment-batch-size-zero": (["segment", IMG, "-c", "cat", "-o", "{root}/o", "--batch-size", "0"], errors.InvalidOptionError, "--batch-size"),
+    "eval-batch-size-over-chunk": (["eval", "--shapes-split", "test", "--batch-size", "16", "--chunk-size", "8", "--out", "{root}/e"], errors.InvalidOptionError, "--chunk-size 16"),
     "eval-n-negative": (["eval", "--shapes-split", "test", "--n", "-5", "--out", "{root}/e"], errors.InvalidOptionError, "--n"),
     "eval-n-zero": (["eval", "--shapes-split", "test", "--n", "0", "--out", "{root}/e"], errors.InvalidOptionError, "--n"),
     "out-is-a-file": (["segment", IMG, "-c", "cat", "-o", "{root}/a_file"], errors.OutputPathError, "existing file"),
@@ -96,6 +103,13 @@ CASES = {
     "device-cuda-without-cuda": (["segment", IMG, "-c", "cat", "-o", "{root}/o", "--device", "cuda"], errors.DeviceError, "CUDA"),
     "lora-missing": (["gate", "shapes", IMG, "--technique", "lora:{root}/nope.safetensors", "--out", "{root}/g"], errors.DifffeatError, "LoRA file not found"),
     "demo-missing-model": (["demo", "--model", "{root}/nope"], errors.ModelNotFoundError, "does not exist"),
+    "single-file-without-config": (["extract", "{root}/tiny.safetensors", IMG, "-f", "x", "-o", "{root}/o"], errors.ModelNotFoundError, "--model-config"),
+    "single-file-config-unresolvable": (["segment", IMG, "-c", "cat", "-o", "{root}/o", "-m", "{root}/tiny.safetensors", "--model-config", "nobody/nothing"], errors.ModelNotFoundError, "--model-config"),
+    "single-file-missing": (["eval", "-m", "{root}/nope.safetensors", "--model-config", "{root}/tiny_config", "--shapes-split", "test", "--out", "{root}/e"], errors.ModelNotFoundError, "does not exist"),
+    "single-file-not-a-checkpoint": (["gate", "{root}/garbage.safetensors", IMG, "--model-config", "{root}/tiny_config", "--technique", "prompt:quality=natural", "--out", "{root}/g"], errors.ModelNotFoundError, "not a readable checkpoint"),
+    "single-file-config-of-another-family": (["segment", IMG, "-c", "cat", "-o", "{root}/o", "-m", "{root}/tiny.safetensors", "--model-config", "{root}/pixart_config"], errors.ModelNotFoundError, "PixArtTransformer2DModel"),
+    "model-file-not-a-checkpoint": (["extract", "{root}/a_file", IMG, "-f", "x", "-o", "{root}/o"], errors.ModelNotFoundError, "not a checkpoint"),
+    "model-config-without-single-file": (["extract", "shapes", IMG, "-f", "x", "-o", "{root}/o", "--model-config", "{root}/tiny_config"], errors.InvalidOptionError, "only for single-file"),
 }
 
 
@@ -128,6 +142,8 @@ def _api(case: str, root: Path):
         "resolution-negative": lambda: difffeat.FeatureExtractor("shapes", ["down_blocks.0.resnets.0"], resolution=-64),
         "resolution-odd": lambda: difffeat.FeatureExtractor("shapes", ["down_blocks.0.resnets.0"], resolution=257),
         "bench-resolution-7": lambda: __import__("difffeat.bench").bench.run_benchmark(resolution=7),
+        "segment-batch-size-zero": lambda: commands.segment([img], "cat", out_dir=root / "o", batch_size=0),
+        "eval-batch-size-over-chunk": lambda: commands.evaluate_dataset(shapes_split="test", batch_size=16, chunk_size=8, out_dir=root / "e"),
         "eval-n-negative": lambda: difffeat.evaluate.ShapesDataset("test", -5),
         "eval-n-zero": lambda: difffeat.evaluate.ShapesDataset("test", 0),
         "out-is-a-file": lambda: commands.segment([img], "cat", out_dir=root / "a_file"),
@@ -141,6 +157,13 @@ def _api(case: str, root: Path):
         "device-cuda-without-cuda": lambda: difffeat.load("shapes", device="cuda"),
         "lora-missing": lambda: difffeat.shift.parse_technique(f"lora:{root}/nope.safetensors"),
         "demo-missing-model": lambda: __import__("difffeat.serve").serve.serve(str(root / "nope"), port=_free_port()),
+        "single-file-without-config": lambda: difffeat.load(root / "tiny.safetensors", device="cpu"),
+        "single-file-config-unresolvable": lambda: difffeat.load(root / "tiny.safetensors", config="nobody/nothing", device="cpu"),
+        "single-file-missing": lambda: difffeat.load(root / "nope.safetensors", config=root / "tiny_config", device="cpu"),
+        "single-file-not-a-checkpoint": lambda: difffeat.load(root / "garbage.safetensors", config=root / "tiny_config", device="cpu"),
+        "single-file-config-of-another-family": lambda: difffeat.load(root / "tiny.safetensors", config=root / "pixart_config", device="cpu"),
+        "model-file-not-a-checkpoint": lambda: difffeat.load(root / "a_file", device="cpu"),
+        "model-config-without-single-file": lambda: difffeat.load("shapes", config=root / "tiny_config", device="cpu"),
     }
     if case.startswith("coco-") and case not in calls:
         name = {"coco-no-categories": "no_categories", "coco-no-images": "no_images", "coco-no-height": "no_height",

@@ -26,8 +26,12 @@ def test_goca_suite_splits_the_time_and_counts_kept_maps(shapes_backbone):
 
 
 def test_features_throughput_and_vae_suites_run(shapes_backbone):
-    feats = bench_real.features_real("sd15", resolution=64, repeats=1, preset="shapes-practical")
-    assert {"forward_full", "forward_early_exit", "end_to_end"} <= set(feats["vs_bare_forward"])
+    feats = bench_real.features_real("shapes", resolution=64, repeats=1)  # every preset named shapes-*
+    assert sorted(feats["presets"]) == ["shapes-legacy", "shapes-practical"]
+    for p in feats["presets"].values():
+        assert {"forward_full", "forward_early_exit", "end_to_end"} == set(p["vs_bare_forward"])
+    early = bench_real.early_exit_real("sd15", resolution=64, repeats=1)
+    assert list(early["vs_bare_forward"]) == ["up_blocks.0", "up_blocks.1", "up_blocks.2"]
     tp = bench_real.throughput_real("sd15", resolution=64, repeats=1, batch_sizes=(1, 2))
     assert tp["vs_batch_1"]["1"] == 1.0 and tp["images"] == 2
     vae = bench_real.vae_real("sd15", resolution=64, repeats=1, preset="shapes-practical")

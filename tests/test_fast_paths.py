@@ -206,3 +206,25 @@ def test_bad_batch_size_is_rejected(tiny_pipes, bad):
     seg = difffeat.Segmenter(backbone_for(tiny_pipes, "sd"), resolution=64)
     with pytest.raises(InvalidOptionError, match="batch_size"):
         list(seg.segment([random_image(64, 64)], ["cat"], batch_size=bad))
+
+
+def test_reduced_precision_vae_encode_is_close_and_never_reuses_fp32_latents(tiny_pipes):
+    import copy
+
+    backbone = backbone_for(tiny_pipes, "sd")
+    stock_vae = backbone.pipeline.vae
+    backbone.pipeline.vae = copy.deepcopy(stock_vae)  # the fixture's pipelines are shared
+    try:
+        images = [random_image(64, 64, seed=s) for s in (12, 13)]
+        with backbone.reusing_latents() as cache:
+            fp32 = backbone.prepare(images, "a cat", t=100).latents
+            backbone.set_vae_dtype(torch.bfloat16)
+            assert backbone.pipeline.vae.dtype == torch.bfloat16
+            with _CountingEncode(backbone.pipeline.vae) as count:
+                low = backbone.prepare(images, "a cat", t=100).latents
+            assert count.images == 2 and len(cache) == 4  # the bf16 VAE encodes again: the cache keys by dtype
+        assert low.dtype == fp32.dtype == backbone.dtype  # latents go back to the denoiser's dtype
+        rel = float((low - fp32).norm() / fp32.norm())
+        assert 0 < rel < 0.05, rel  # bf16 changes the latents, a little (independent fp32 encode as reference)
+    finally:
+        backbone.pipeline.vae = stock_vae

@@ -193,8 +193,8 @@ def test_eval_resume_skips_finished_chunks(data, tmp_path, monkeypatch):
     job = EvalJob(tmp_path, limit=2, chunk_size=1, num_workers=0, progress=False, dataset={"shapes": "val"})
     first = run_eval(seg, ShapesDataset("val", 2), job)
     calls = []
-    real = scale_eval.segment_item
-    monkeypatch.setattr(scale_eval, "segment_item", lambda *a: calls.append(1) or real(*a))
+    real = scale_eval.segment_items
+    monkeypatch.setattr(scale_eval, "segment_items", lambda *a: calls.append(len(a[1])) or real(*a))
     parts = sorted((tmp_path / "parts").glob("part-*.npz"))
     assert len(parts) == 2
     parts[1].write_bytes(parts[1].read_bytes()[:20])

@@ -26,7 +26,7 @@ from .label_sources import ImagePrompt, label_source
 from .metrics import ConfusionMatrix
 
 __all__ = ["EvalReport", "best_tau", "TauSweep", "SETTINGS", "TAU_GRID", "WIDE_TAU_GRID", "observe_items", "segment_item",
-           "segment_prompt", "to_dataset_labels", "add_at_every_tau", "build_report", "tau_grid_report",
+           "segment_items", "segment_prompt", "segment_prompts", "to_dataset_labels", "add_at_every_tau", "build_report", "tau_grid_report",
            "PUBLISHED_TAU_GRID"]  # fmt: skip
 
 #: the background offsets tried when tau is tuned (the reference code's sweep)
@@ -84,16 +84,32 @@ def segment_item(segmenter: Segmenter, item: EvalItem, classes: Sequence[str], s
     return segment_prompt(segmenter, item.image, classes, prompt), prompt.labels
 
 
+def segment_prompts(
+    segmenter: Segmenter, images: Sequence[Any], classes: Sequence[str], prompts: Sequence[ImagePrompt], batch_size: int = 1
+) -> list[SegmentationResult | None]:
+    """:func:`segment_prompt` for several images, ``batch_size`` images per forward (:meth:`Segmenter.segment`:
+    images of one size share a forward, each with its own classes, caption and token layout); equals
+    :func:`segment_prompt` image by image (to float tolerance)."""
+    if len(images) != len(prompts):
+        raise ValueError(f"got {len(prompts)} prompts for {len(images)} images")
+    named = [i for i, p in enumerate(prompts) if p.labels]  # an image whose prompt names no class: None
+    results = segmenter.segment(
+        [images[i] for i in named], [[classes[l - 1] for l in prompts[i].labels] for i in named], batch_size=batch_size,
+        entities=[prompts[i].entities for i in named], captions=[prompts[i].caption for i in named],
+        class_phrases=[prompts[i].class_phrases for i in named],
+    )
+    by_index = dict(zip(named, results))
+    return [by_index.get(i) for i in range(len(images))]
+
+
 def segment_items(
     segmenter: Segmenter, items: Sequence[EvalItem], classes: Sequence[str], setting: str, batch_size: int = 1
 ) -> list[tuple[SegmentationResult | None, list[int]]]:
-    """:func:`segment_item` for several items, ``batch_size`` images per forward (:meth:`Segmenter.segment`)."""
-    labels = [_prompt_classes(item, classes, setting) for item in items]
-    prompted = [i for i, lab in enumerate(labels) if lab]
-    results = segmenter.segment([items[i].image for i in prompted], [[classes[l - 1] for l in labels[i]] for i in prompted],
-                                batch_size=batch_size)
-    by_index = dict(zip(prompted, results))
-    return [(by_index.get(i), lab) for i, lab in enumerate(labels)]
+    """:func:`segment_item` for several items, ``batch_size`` images per forward (:func:`segment_prompts`)."""
+    source = label_source(setting)
+    prompts = [source.prompt(item, classes) for item in items]
+    results = segment_prompts(segmenter, [item.image for item in items], classes, prompts, batch_size)
+    return [(result, prompt.labels) for result, prompt in zip(results, prompts)]
 
 
 def to_dataset_labels(result: SegmentationResult | None, labels: list[int], shape: tuple[int, int]) -> np.ndarray:

@@ -11,7 +11,7 @@ from typing import Any
 
 from typing import TYPE_CHECKING
 
-from ..checks import check_device, check_number, check_out_dir, check_out_file, check_resolution, split_names
+from ..checks import check_batch_size, check_device, check_number, check_out_dir, check_out_file, check_resolution, split_names
 from ..errors import InvalidOptionError
 
 if TYPE_CHECKING:
@@ -55,9 +55,10 @@ def extract(model: str, images: Sequence[str | os.PathLike] | None = None, *, ou
             voc: str | os.PathLike | None = None, voc_split: str | None = None, prompt: str = "",
             resolution: int | None = None, square: bool = False, seed: int = 0, batch_size: int = 8,
             num_workers: int = 2, overwrite: bool = False, skip_unreadable: bool = False, device: str | None = None,
-            dtype: str | None = None) -> "tuple[RunSummary, list[str]]":
+            dtype: str | None = None, model_config: str | os.PathLike | None = None) -> "tuple[RunSummary, list[str]]":
     """``difffeat extract``: features of every image into ``out_dir`` (see :func:`run_extract`); returns the
-    summary and the feature names."""
+    summary and the feature names. ``model_config``: the architecture of a single-file ``model`` (``config=`` of
+    :func:`difffeat.load`)."""
     names = split_names(features)
     if not names and not preset:
         raise InvalidOptionError("name the features with --features a,b or pick --preset (see `difffeat presets`)")
@@ -73,7 +74,7 @@ def extract(model: str, images: Sequence[str | os.PathLike] | None = None, *, ou
     refs, desc = image_sources(images, coco, coco_images_dir, voc, voc_split)
     check_device(device)
     state = init_state(device)
-    fx = FeatureExtractor(load(model, device=device, dtype=dtype), names or None, preset=preset, t=t,
+    fx = FeatureExtractor(load(model, device=device, dtype=dtype, config=model_config), names or None, preset=preset, t=t,
                           resolution=resolution, square=square, seed=seed, batch_size=batch_size)
     job = ExtractJob(Path(out_dir), prompt=prompt, num_workers=num_workers, overwrite=overwrite, dataset=desc,
                      skip_unreadable=skip_unreadable)
@@ -93,14 +94,17 @@ def segment(images: Sequence[str | os.PathLike], classes: str | Sequence[str], *
             model: str = "shapes", method: str | None = None, config: str = "default", heatmaps: bool = False,
             label_file: str | os.PathLike | None = None, caption_file: str | os.PathLike | None = None,
             coco_results: str | os.PathLike | None = None, num_workers: int = 2, overwrite: bool = False,
-            skip_unreadable: bool = False, device: str | None = None, dtype: str | None = None,
-            **overrides: Any) -> "tuple[RunSummary, list[str]]":
+            skip_unreadable: bool = False, device: str | None = None, dtype: str | None = None, batch_size: int = 1,
+            model_config: str | os.PathLike | None = None, **overrides: Any) -> "tuple[RunSummary, list[str]]":
     """``difffeat segment``: label maps of every image into ``out_dir`` (see :func:`run_segment`), resumable and
-    sharded over processes; ``overrides`` are :class:`SegmentSettings` fields (heads, layers, tau, ...)."""
+    sharded over processes, ``batch_size`` images per forward; ``overrides`` are :class:`SegmentSettings`
+    fields (heads, layers, tau, ...). ``config`` names the GOCA settings; ``model_config`` the architecture of
+    a single-file ``model``."""
     if method not in (None, "goca", "vanilla"):
         raise InvalidOptionError(f"--method must be goca or vanilla, got {method!r}")
     settings = segmenter_overrides(**{k: overrides.pop(k) for k in ("heads", "layers", "rescale", "tau", "t", "refine_order") if k in overrides})
     check_number("--num-workers", num_workers, 0, 256, integer=True)
+    check_batch_size(batch_size)
     check_out_dir(out_dir, "--out folder")
     check_out_file(coco_results, "--coco-results file")
 
@@ -118,10 +122,10 @@ def segment(images: Sequence[str | os.PathLike], classes: str | Sequence[str], *
     if overrides.get("postprocess") is not None:  # unknown name or missing [crf] extra: before the model loads
         check_postprocess(overrides["postprocess"])
     state = init_state(device)
-    seg = Segmenter(load(model, device=device, dtype=dtype), method=method, config=config, **settings, **overrides)
+    seg = Segmenter(load(model, device=device, dtype=dtype, config=model_config), method=method, config=config, **settings, **overrides)
     job = SegmentJob(Path(out_dir), names, heatmaps=heatmaps, coco_results=Path(coco_results) if coco_results else None,
                      num_workers=num_workers, overwrite=overwrite, skip_unreadable=skip_unreadable, dataset=desc,
-                     label_source=source_spec("all", label_file, caption_file))
+                     label_source=source_spec("all", label_file, caption_file), batch_size=batch_size)
     return run_segment(seg, refs, job, state), names
 
 
@@ -143,12 +147,13 @@ def evaluate_dataset(model: str = "shapes", *, coco: str | os.PathLike | None = 
                      label_file: str | os.PathLike | None = None, caption_file: str | os.PathLike | None = None,
                      void: str = "ignore", tau_grid: bool = False,
                      tune_n: int = 100, limit: int | None = None, out_dir: str | os.PathLike = "eval_out",
-                     report: str | os.PathLike | None = None, chunk_size: int = 8, num_workers: int = 2,
+                     report: str | os.PathLike | None = None, chunk_size: int = 8, batch_size: int = 1, num_workers: int = 2,
                      overwrite: bool = False, device: str | None = None, dtype: str | None = None,
-                     **overrides: Any) -> EvalOutcome:
+                     model_config: str | os.PathLike | None = None, **overrides: Any) -> EvalOutcome:
     """``difffeat eval``: mIoU of a dataset (COCO, VOC-style or generated shapes), tau optionally tuned on a
     separate shapes split first; the run folder ``out_dir`` holds the resumable parts and, by default, the
-    report (``out_dir/report.json``)."""
+    report (``out_dir/report.json``); ``batch_size`` images per forward (within a chunk). ``config`` names the
+    GOCA settings; ``model_config`` the architecture of a single-file ``model``."""
     if setting not in ("oracle", "all"):  # difffeat.evaluate.SETTINGS
         raise InvalidOptionError(f"--setting must be oracle or all, got {setting!r}")
     if method not in ("goca", "vanilla"):
@@ -159,6 +164,7 @@ def evaluate_dataset(model: str = "shapes", *, coco: str | os.PathLike | None = 
     check_number("--tune-n", tune_n, 1, 10**7, integer=True)
     check_number("--limit", limit, 1, 10**9, integer=True)
     check_number("--chunk-size", chunk_size, 1, 10**6, integer=True)
+    check_batch_size(batch_size, chunk_size)
     check_number("--num-workers", num_workers, 0, 256, integer=True)
     settings = segmenter_overrides(**{k: overrides.pop(k) for k in ("heads", "layers", "rescale", "tau", "t", "refine_order") if k in overrides})
     if tune_shapes_split and shapes_split == tune_shapes_split:
@@ -198,15 +204,15 @@ def evaluate_dataset(model: str = "shapes", *, coco: str | os.PathLike | None = 
     if overrides.get("postprocess") is not None:  # unknown name or missing [crf] extra: before the model loads
         check_postprocess(overrides["postprocess"])
     state = init_state(device)
-    seg = Segmenter(load(model, device=device, dtype=dtype), method=method, config=config, **settings, **overrides)
+    seg = Segmenter(load(model, device=device, dtype=dtype, config=model_config), method=method, config=config, **settings, **overrides)
     tuned = None
     if tune_data is not None:
         best, scores = tune_tau(seg, tune_data, setting, limit=tune_n, progress=True, out_dir=out_dir / "tune_tau",
-                                num_workers=num_workers, state=state)
+                                num_workers=num_workers, state=state, batch_size=batch_size)
         seg.settings = seg.settings.update(tau=best)
         tuned = {"split": tune_shapes_split, "n": tune_n, "tau": best}
     job = EvalJob(out_dir, setting=setting, limit=limit, chunk_size=chunk_size, num_workers=num_workers,
-                  overwrite=overwrite, dataset=desc, tau_grid=PUBLISHED_TAU_GRID if tau_grid else ())
+                  overwrite=overwrite, dataset=desc, tau_grid=PUBLISHED_TAU_GRID if tau_grid else (), batch_size=batch_size)
     result = run_eval(seg, data, job, state, extra_manifest={"tau_tuning": tuned or {}})
     if tuned:
         result.extra["tau_tuning"] = {**tuned, "miou_by_tau": scores}

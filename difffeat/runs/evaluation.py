@@ -23,7 +23,8 @@ import torch
 
 from ..evaluate.metrics import ConfusionMatrix
 from ..evaluate.label_sources import label_source
-from ..evaluate.runner import TAU_GRID, EvalReport, add_at_every_tau, best_tau, build_report, segment_item, tau_grid_report, to_dataset_labels
+from ..evaluate.runner import TAU_GRID, EvalReport, add_at_every_tau, best_tau, build_report, segment_items, tau_grid_report, to_dataset_labels
+from ..checks import check_batch_size
 from ..errors import InvalidOptionError
 from ..io import write_bytes
 from ..segment.segmenter import Segmenter
@@ -48,6 +49,9 @@ class EvalJob:
     dataset: dict[str, Any] = field(default_factory=dict)
     #: also count mIoU at each of these taus on the evaluated split (as the published code prints it)
     tau_grid: tuple[float, ...] = ()
+    #: images per forward, within a chunk (so at most ``chunk_size``); the counts equal batch 1's, so it is
+    #: not a setting of the run and a resumed run may use another
+    batch_size: int = 1
 
 
 def chunks_of(n: int, size: int) -> list[tuple[int, int]]:
@@ -82,6 +86,7 @@ def _confusion_counts(segmenter: Segmenter, dataset, job: EvalJob, taus: Sequenc
     the segmenter's own decision when ``taus`` is None, then ``job.tau_grid``), and the number of images."""
     if job.limit is not None and job.limit < 1:
         raise InvalidOptionError(f"limit must be >= 1 image, got {job.limit}")
+    check_batch_size(job.batch_size, job.chunk_size)
     classes = list(dataset.classes)
     n = len(dataset) if job.limit is None else min(job.limit, len(dataset))
     if n < 1:
@@ -115,17 +120,20 @@ def _confusion_counts(segmenter: Segmenter, dataset, job: EvalJob, taus: Sequenc
     for start, stop in todo:
         cms = {t: ConfusionMatrix(k) for t in (taus if taus is not None else [None])}
         grid_cms = {t: ConfusionMatrix(k) for t in grid}
-        for _ in range(start, stop):
-            _, item = next(loader)
-            if isinstance(item, LoadFailure):
-                raise item.error()
-            result, labels = segment_item(segmenter, item, classes, job.setting)
-            if taus is None:
-                cms[None].update(item.gt, to_dataset_labels(result, labels, item.gt.shape))
-                add_at_every_tau(grid_cms, result, labels, item.gt)
-            else:
-                add_at_every_tau(cms, result, labels, item.gt)
-            bar.update(1)
+        for first in range(start, stop, job.batch_size):
+            items = []
+            for _ in range(first, min(first + job.batch_size, stop)):
+                _, item = next(loader)
+                if isinstance(item, LoadFailure):
+                    raise item.error()
+                items.append(item)
+            for item, (result, labels) in zip(items, segment_items(segmenter, items, classes, job.setting, job.batch_size)):
+                if taus is None:
+                    cms[None].update(item.gt, to_dataset_labels(result, labels, item.gt.shape))
+                    add_at_every_tau(grid_cms, result, labels, item.gt)
+                else:
+                    add_at_every_tau(cms, result, labels, item.gt)
+            bar.update(len(items))
         counts = np.stack([cm.counts for cm in [*cms.values(), *grid_cms.values()]])
         if parts is not None:
             _save_part(part((start, stop)), counts, stop - start, fingerprint)
@@ -155,22 +163,24 @@ def run_eval(segmenter: Segmenter, dataset, job: EvalJob, state=None, extra_mani
 
 
 def evaluate(segmenter: Segmenter, dataset, setting: str = "oracle", limit: int | None = None, progress: bool = False,
-             out_dir: str | Path | None = None, num_workers: int = 0, state=None) -> EvalReport:
+             out_dir: str | Path | None = None, num_workers: int = 0, state=None, batch_size: int = 1) -> EvalReport:
     """Accumulate a confusion matrix over the dataset (background = class 0) and report mIoU (in memory
-    unless ``out_dir`` is given; then resumable)."""
-    job = EvalJob(Path(out_dir) if out_dir else None, setting=setting, limit=limit, num_workers=num_workers, progress=progress)
+    unless ``out_dir`` is given; then resumable), ``batch_size`` images per forward."""
+    job = EvalJob(Path(out_dir) if out_dir else None, setting=setting, limit=limit, num_workers=num_workers, progress=progress,
+                  chunk_size=max(8, batch_size), batch_size=batch_size)
     return run_eval(segmenter, dataset, job, state)
 
 
 def tune_tau(segmenter: Segmenter, dataset, setting: str = "oracle", taus: Sequence[float] = TAU_GRID,
              limit: int | None = None, progress: bool = False, out_dir: str | Path | None = None,
-             num_workers: int = 0, state=None) -> tuple[float, dict[float, float]]:
+             num_workers: int = 0, state=None, batch_size: int = 1) -> tuple[float, dict[float, float]]:
     """Choose tau by mIoU on a tuning split: one forward per image, every tau decided from the same maps; the
     images are shared among processes (same answer as one process). Returns ``(best tau, {tau: mIoU})``."""
     taus = [float(t) for t in taus]
     if not taus or any(not np.isfinite(t) for t in taus):
         raise InvalidOptionError(f"tau grid must be a non-empty list of finite numbers, got {taus}")
-    job = EvalJob(Path(out_dir) if out_dir else None, setting=setting, limit=limit, num_workers=num_workers, progress=progress)
+    job = EvalJob(Path(out_dir) if out_dir else None, setting=setting, limit=limit, num_workers=num_workers, progress=progress,
+                  chunk_size=max(8, batch_size), batch_size=batch_size)
     counts, _, run = _confusion_counts(segmenter, dataset, job, taus, "tune-tau", state)
     run.finish(0, 0, 0)
     scores = {t: ConfusionMatrix(counts.shape[-1], c).miou() for t, c in zip(taus, counts)}

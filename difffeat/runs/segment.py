@@ -1,8 +1,8 @@
 """Dataset-scale segmentation: sharded over processes, resumable, atomic per-image outputs.
 
 Each process takes every N-th image, skips those a previous run finished (``<stem>.json`` is written last,
-after the PNGs, so its presence marks an image done), decodes ahead of the model in DataLoader workers, and
-writes ``<stem>_labels.png``, ``<stem>_overlay.png`` (and heat maps) and ``<stem>.json`` each atomically.
+after the PNGs, so its presence marks an image done), decodes ahead of the model in DataLoader workers,
+segments ``batch_size`` images per forward (:func:`~difffeat.evaluate.runner.segment_prompts`) and writes ``<stem>_labels.png``, ``<stem>_overlay.png`` (and heat maps) and ``<stem>.json`` each atomically.
 COCO results, when asked for, are assembled by the main process from the finished images at the end.
 """
 
@@ -18,7 +18,8 @@ from PIL import Image
 
 from ..evaluate.datasets import EvalItem
 from ..evaluate.label_sources import ImageFiles, label_source
-from ..evaluate.runner import segment_prompt
+from ..evaluate.runner import segment_prompts
+from ..checks import check_batch_size
 from ..io import write_json
 from ..segment.outputs import coco_entries, save_result
 from ..segment.segmenter import Segmenter
@@ -45,6 +46,8 @@ class SegmentJob:
     #: where each image's prompt comes from: "all" (every class), "labels=FILE", "captions=FILE;all" ...
     #: (:mod:`difffeat.evaluate.label_sources`)
     label_source: str = "all"
+    #: images per forward (images of one size share it; outputs equal batch 1's, so it is not a setting of the run)
+    batch_size: int = 1
 
 
 def segment_done(out_dir: Path, stem: str) -> dict[str, Any] | None:
@@ -73,7 +76,9 @@ def _coco_results(out_dir: Path, refs: list[ImageRef]) -> list[dict[str, Any]]:
 
 
 def run_segment(segmenter: Segmenter, refs: list[ImageRef], job: SegmentJob, state=None) -> RunSummary:
-    """Segment ``refs`` into ``job.classes`` on every process of the current launch (same summary everywhere)."""
+    """Segment ``refs`` into ``job.classes`` on every process of the current launch (same summary everywhere),
+    ``job.batch_size`` images per forward."""
+    check_batch_size(job.batch_size)
     out_dir = Path(job.out_dir)
     check_unique_stems(refs)
     source = label_source(job.label_source)
@@ -84,18 +89,31 @@ def run_segment(segmenter: Segmenter, refs: list[ImageRef], job: SegmentJob, sta
               job.overwrite, job.progress).open()
     todo, done = run.split(range(len(refs)), lambda i: segment_done(out_dir, refs[i].stem))
     bar = run.bar(len(todo), "segment")
+    batch: list[tuple[ImageRef, Any]] = []  # (ref, image) decoded and waiting for a forward
+
+    def flush() -> None:
+        items = [EvalItem(Path(ref.path).name, image, None) for ref, image in batch]
+        prompts = [source.prompt(item, job.classes) for item in items]
+        results = segment_prompts(segmenter, [image for _, image in batch], job.classes, prompts, job.batch_size)
+        for (ref, image), result in zip(batch, results):
+            if result is not None:  # a label file may name no class for an image: nothing to write
+                save_result(result, image, out_dir, ref.stem, heatmaps=job.heatmaps)  # each file atomic, .json last
+        bar.update(len(batch))
+        batch.clear()
+
     for pos, image in decoded_loader([refs[i] for i in todo], job.num_workers):
         ref = refs[todo[pos]]
         if isinstance(image, LoadFailure):
             if not job.skip_unreadable:
                 raise image.error(f"To skip such images and list them in {out_dir / UNREADABLE}, pass --skip-unreadable.")
             run.skip_unreadable(ref.path, image.message)
-        else:
-            item = EvalItem(Path(ref.path).name, image, None)
-            result = segment_prompt(segmenter, image, job.classes, source.prompt(item, job.classes))
-            if result is not None:  # a label file may name no class for an image: nothing to write
-                save_result(result, image, out_dir, ref.stem, heatmaps=job.heatmaps)
-        bar.update(1)
+            bar.update(1)
+            continue
+        batch.append((ref, image))
+        if len(batch) == job.batch_size:
+            flush()
+    if batch:
+        flush()
     bar.close()
     summary = run.finish(len(refs), len(todo) - len(run.unreadable), len(done), "segment_summary.json")
     if job.coco_results and run.is_main_process:

@@ -458,10 +458,15 @@ class Segmenter:
         classes: Sequence[str] | Sequence[Sequence[str]],
         progress: bool = False,
         batch_size: int = 1,
+        entities: Sequence[Sequence[str] | None] | None = None,
+        captions: Sequence[str | None] | None = None,
+        class_phrases: Sequence[Sequence[Sequence[str]] | None] | None = None,
     ):
         """Segment several images, yielding one :class:`SegmentationResult` per image in order; ``classes`` is
-        one list for all images or one list per image. ``batch_size`` images run per forward (consecutive
-        images that preprocess to the same size; others form their own batches); results equal batch 1."""
+        one list for all images or one list per image; ``entities``, ``captions``, ``class_phrases``
+        (optional) give one value per image, as :meth:`__call__` takes them. ``batch_size`` images run per
+        forward (consecutive images that preprocess to the same size; others form their own batches);
+        results equal batch 1."""
         from tqdm.auto import tqdm
 
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
@@ -471,6 +476,9 @@ class Segmenter:
         if per_image and len(classes) != len(images):
             raise ValueError(f"got {len(classes)} class lists for {len(images)} images")
         class_lists = list(classes) if per_image else [classes] * len(images)
+        extras = [list(x) if x is not None else [None] * len(images) for x in (entities, captions, class_phrases)]
+        if any(len(x) != len(images) for x in extras):
+            raise ValueError(f"entities, captions and class_phrases need one entry per image ({len(images)})")
         bar = tqdm(total=len(images), desc="segment", unit="img", disable=not progress)
         for start in range(0, len(images), batch_size):
             chunk = [to_rgb(im) for im in images[start : start + batch_size]]
@@ -479,7 +487,9 @@ class Segmenter:
                 buckets.setdefault(self._input_size(rgb), []).append(i)
             results: dict[int, SegmentationResult] = {}
             for members in buckets.values():
-                obs = self.observe_batch([chunk[i] for i in members], [class_lists[start + i] for i in members])
+                ents, caps, phrases = ([x[start + i] for i in members] for x in extras)
+                obs = self.observe_batch([chunk[i] for i in members], [class_lists[start + i] for i in members], ents,
+                                         caps, class_phrases=phrases)
                 results.update({i: self.decide(o) for i, o in zip(members, obs)})
             for i in range(len(chunk)):
                 bar.update(1)
