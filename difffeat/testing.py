@@ -658,13 +658,14 @@ def tiny_pipeline(family: str, *, seed: int = 0, dtype: torch.dtype = torch.floa
     """A tiny random diffusers pipeline of ``family``, built offline.
 
     Args:
-        family: one of :data:`TINY_FAMILIES` ("sd", "sdxl", "pixart", "sd3", "flux").
+        family: one of :data:`TINY_FAMILIES` ("sd", "sdxl", "pixart", "sd3", "flux", ..., "sana", "lumina2").
         seed: weight seed; the same seed gives identical weights, another seed different ones.
         dtype: parameter dtype of every component.
 
     Returns:
         A ``StableDiffusionPipeline``, ``StableDiffusionXLPipeline``, ``PixArtSigmaPipeline``,
-        ``StableDiffusion3Pipeline`` or ``FluxPipeline`` on the CPU, modules in eval mode, progress bar off.
+        ``StableDiffusion3Pipeline``, ``FluxPipeline``, ... (``SanaPipeline`` and ``Lumina2Pipeline`` with a tiny
+        Gemma 2 and :func:`tiny_gemma_tokenizer`) on the CPU, modules in eval mode, progress bar off.
         A 64x64 px image is a 32x32 latent. For a quick generation pass ``**TINY_CALL_KWARGS.get(family, {})``
         (PixArt-Sigma otherwise bins the size up to 256 px).
 

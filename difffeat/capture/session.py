@@ -93,7 +93,9 @@ class Capture:
     Args:
         backbone: the :class:`~difffeat.backbones.Backbone` whose denoiser is instrumented.
         activations: names (or paper aliases, or :class:`ActivationInfo`) to capture.
-        inputs: the :class:`DenoiserInputs` of the forward (gives the token grid); or pass ``grid``.
+        inputs: the :class:`DenoiserInputs` of the forward (gives the token grid, the text length and, for joint
+            sequences packed per sample, each sample's image offset); or pass ``grid`` (then packed
+            sequences are read as if every sample's image tokens came last, true for one sample).
         early_exit: stop the forward once everything is captured.
         map_reducer: how attention maps are reduced per layer: ``per_head`` (default, ``[B, heads, HW, K]``),
             ``head_mean`` (``[B, HW, K]``) or any :class:`MapReducer`.
