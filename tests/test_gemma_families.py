@@ -196,3 +196,20 @@ def test_a_lowercasing_segment_counts_tokens_as_the_pipeline_does_with_a_case_se
     assert [ids[p] for p in layout.class_tokens[1]] == [fast.convert_tokens_to_ids("dog")]
     cased = build_layout(["Cat", "dog"], [TextSegment(fast, 0, 32)])
     assert cased.class_tokens[1] != layout.class_tokens[1]  # without it the positions are off
+
+
+def test_lumina2_image_refiner_self_maps_times_v_reproduce_the_kernel_output(tiny_pipes):
+    backbone = backbone_for(tiny_pipes, "lumina2")
+    inputs = _inputs(backbone, LUMINA_PROMPTS)
+    maps = [a for a in difffeat.list_activations(backbone) if a.kind == "self-map" and a.module.startswith("noise_refiner.")]
+    assert maps
+    recorder = SDPARecorder(backbone.denoiser, [a.module for a in maps])
+    try:
+        got = _capture(backbone, [a.name for a in maps], inputs)
+    finally:
+        recorder.remove()
+    for a in maps:
+        _, _, v, _, out = (x.double() if x is not None else None for x in recorder.calls[a.module])
+        probs = got[a.name].double()  # [B, heads, HW, HW]: image tokens only
+        torch.testing.assert_close(probs.sum(-1), torch.ones_like(probs.sum(-1)), atol=1e-5, rtol=0)
+        torch.testing.assert_close(probs @ v, out, atol=1e-4, rtol=1e-4, msg=a.name)
