@@ -10,7 +10,8 @@ heads in every denoiser attention, cross-attention on the UNet's down *and* up p
 per SDXL attention block at the inner level (so ``...transformer_blocks.1...`` names exist), two or more
 PixArt / SD3 blocks, and FLUX with both a double-stream and single-stream blocks. Every VAE downsamples by 2,
 so a 64x64 px image is a 32x32 latent (16x16 tokens for the patch-2 DiTs and for FLUX's 2x2 packing); a
-forward pass at that size takes milliseconds on a CPU.
+forward pass at that size takes milliseconds on a CPU. HunyuanDiT's VAE downsamples by 8 (its pipeline
+hard-codes that factor), so there 64 px is 4x4 tokens.
 
 Tokenizers are built here, offline, over :data:`WORDS` (a few hundred common English words plus the COCO,
 VOC and ``shapes`` class names): CLIP's with :func:`difffeat.tokenizers.build_clip_tokenizer` (every word one
@@ -45,6 +46,8 @@ __all__ = [
     "tiny_pipeline",
     "tiny_t5_tokenizer",
     "tiny_chat_tokenizer",
+    "tiny_bert_tokenizer",
+    "tiny_gemma_tokenizer",
     "CHAT_TEMPLATE",
     "sd_original_state_dict",
     "original_state_dict",
@@ -305,6 +308,18 @@ def _chat_vocab() -> tuple[str, ...]:
     return _CHAT_SPECIAL + ("<unk>", "\n") + tuple(dict.fromkeys(pieces))
 
 
+def _word_tokenizer(pieces: tuple[str, ...]):  # noqa: ANN202 - tokenizers.Tokenizer
+    """Lower-cased word-level tokenizer over ``pieces``: a newline, a word, or one punctuation character per
+    piece (other whitespace separates and is dropped); words outside ``pieces`` split into ``##`` character
+    pieces."""
+    from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers
+
+    tok = Tokenizer(models.WordPiece({piece: i for i, piece in enumerate(pieces)}, unk_token="<unk>", continuing_subword_prefix="##"))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"\n|\w+|[^\w\s]"), behavior="removed", invert=True)
+    return tok
+
+
 def tiny_chat_tokenizer(model_max_length: int = 1024):  # noqa: ANN201 - transformers.PreTrainedTokenizerFast
     """A word-level tokenizer with Qwen's chat markup (``<|im_start|>``, ``<|im_end|>``, think tags) and chat
     template, for the LLM-encoded families (FLUX.2 [klein], Qwen-Image, Z-Image).
@@ -313,14 +328,9 @@ def tiny_chat_tokenizer(model_max_length: int = 1024):  # noqa: ANN201 - transfo
     punctuation one token per character; any other
     word splits into single-character word pieces (never ``<unk>``). Padding (``<|endoftext|>`` = 0) is on the right. Offsets are returned, so prompt
     token positions are found exactly as with the real tokenizers."""
-    from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {piece: i for i, piece in enumerate(_chat_vocab())}
-    tok = Tokenizer(models.WordPiece(vocab, unk_token="<unk>", continuing_subword_prefix="##"))
-    tok.normalizer = normalizers.Lowercase()
-    # pieces: a newline, a word, or one punctuation character (other whitespace separates and is dropped)
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"\n|\w+|[^\w\s]"), behavior="removed", invert=True)
+    tok = _word_tokenizer(_chat_vocab())
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok, unk_token="<unk>", pad_token="<|endoftext|>", eos_token="<|im_end|>",
         additional_special_tokens=list(_CHAT_SPECIAL[1:]), model_max_length=model_max_length, padding_side="right",
@@ -525,6 +535,194 @@ def _build_chroma(seed: int):  # noqa: ANN202 - ChromaPipeline
     return pipe
 
 
+# ------------------------------------------------------------------------------------------------ HunyuanDiT, Z-Image
+#: HunyuanDiT: 4 blocks (block 3 takes the long skip from block 0), 2 heads of 8 (2-D RoPE needs a head dim
+#: divisible by 4), the real text lengths (77 BERT + 256 mT5 tokens: the pipeline hard-codes them), learned sigma.
+HUNYUANDIT_TRANSFORMER_CONFIG: dict[str, Any] = dict(
+    num_attention_heads=2, attention_head_dim=8, in_channels=4, patch_size=2, sample_size=8, hidden_size=16,
+    num_layers=4, mlp_ratio=2.0, learn_sigma=True, cross_attention_dim=32, cross_attention_dim_t5=32,
+    pooled_projection_dim=16, text_len=77, text_len_t5=256, use_style_cond_and_image_meta_size=False,
+)  # fmt: skip
+#: HunyuanDiT's VAE downsamples by 8 (its pipeline hard-codes the factor in the RoPE grid): 4 levels.
+HUNYUANDIT_VAE_OVERRIDES: dict[str, Any] = dict(
+    block_out_channels=[16, 16, 16, 16], down_block_types=["DownEncoderBlock2D"] * 4,
+    up_block_types=["UpDecoderBlock2D"] * 4, norm_num_groups=8, scaling_factor=0.13025,
+)  # fmt: skip
+#: the bilingual CLIP text tower of HunyuanDiT is a BERT (``vocab_size`` from the tokenizer; [PAD] = 0).
+BERT_TEXT_CONFIG: dict[str, Any] = dict(
+    hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2, max_position_embeddings=128,
+    pad_token_id=0,
+)  # fmt: skip
+#: Z-Image: 1 image refiner + 1 text refiner + 2 joint blocks, 2 heads of 16 (RoPE axes 8+4+4), text states of
+#: the Qwen3 encoder (16 wide) as ``cap_feat_dim``.
+ZIMAGE_TRANSFORMER_CONFIG: dict[str, Any] = dict(
+    all_patch_size=(2,), all_f_patch_size=(1,), in_channels=4, dim=32, n_layers=2, n_refiner_layers=1, n_heads=2,
+    n_kv_heads=2, cap_feat_dim=16, axes_dims=[8, 4, 4], axes_lens=[1024, 64, 64],
+)  # fmt: skip
+_BERT_SPECIAL = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
+
+
+def tiny_bert_tokenizer(model_max_length: int = 77):  # noqa: ANN201 - transformers.BertTokenizer
+    """A lower-casing WordPiece BERT tokenizer over :data:`WORDS` (HunyuanDiT's CLIP-style text tower).
+
+    Ids: ``[PAD]`` 0, ``[UNK]`` 1, ``[CLS]`` 2 (first), ``[SEP]`` 3 (last), ``[MASK]`` 4, then every word (one
+    token each), single characters and their ``##`` continuations (other words split, never ``[UNK]``) and
+    punctuation."""
+    from transformers import BertTokenizer
+
+    chars = tuple("abcdefghijklmnopqrstuvwxyz0123456789")
+    pieces = tuple(w.lower() for w in WORDS) + chars + tuple("##" + c for c in chars) + tuple(".,;:!?'\"()[]-_/&+%#*@")
+    vocab = {piece: i for i, piece in enumerate(dict.fromkeys(_BERT_SPECIAL + pieces))}
+    return BertTokenizer(vocab=vocab, model_max_length=model_max_length)
+
+
+def _bert(seed: int):  # noqa: ANN202
+    from transformers import BertConfig, BertModel
+
+    cfg = BertConfig(vocab_size=len(tiny_bert_tokenizer()), **BERT_TEXT_CONFIG)
+    with _seeded(seed):
+        return BertModel(cfg).eval()
+
+
+@_register("hunyuandit")
+def _build_hunyuandit(seed: int):  # noqa: ANN202 - HunyuanDiTPipeline
+    from diffusers import DDPMScheduler, HunyuanDiT2DModel, HunyuanDiTPipeline
+
+    return HunyuanDiTPipeline(
+        transformer=_model(HunyuanDiT2DModel, HUNYUANDIT_TRANSFORMER_CONFIG, seed),
+        vae=_vae(seed + 1, **HUNYUANDIT_VAE_OVERRIDES),
+        text_encoder=_bert(seed + 2),
+        tokenizer=tiny_bert_tokenizer(),
+        text_encoder_2=_t5(seed + 3),
+        tokenizer_2=tiny_t5_tokenizer(model_max_length=256),
+        scheduler=DDPMScheduler(**_SD_BETAS, prediction_type="v_prediction", clip_sample=False),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+@_register("zimage")
+def _build_zimage(seed: int):  # noqa: ANN202 - ZImagePipeline
+    from diffusers import FlowMatchEulerDiscreteScheduler, ZImagePipeline, ZImageTransformer2DModel
+
+    pipe = ZImagePipeline(
+        transformer=_model(ZImageTransformer2DModel, ZIMAGE_TRANSFORMER_CONFIG, seed),
+        vae=_vae(seed + 1, **FLOW_VAE_OVERRIDES),
+        text_encoder=_qwen3(seed + 2, num_hidden_layers=2),
+        tokenizer=tiny_chat_tokenizer(),
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+    )
+    pipe.default_sample_size = 32  # default image 64 px (the adapter's native size; the pipeline's is 1024)
+    return pipe
+# ------------------------------------------------------------------------------------------------ Gemma families
+#: Gemma 2 text encoder (``vocab_size`` from the tokenizer; ids: <pad> 0, <eos> 1, <bos> 2).
+GEMMA2_TEXT_CONFIG: dict[str, Any] = dict(
+    hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+    head_dim=8, max_position_embeddings=1024, sliding_window=512, pad_token_id=0, eos_token_id=1, bos_token_id=2,
+)  # fmt: skip
+#: Sana: 2 blocks, linear self-attention 2 heads of 16, cross-attention 2 heads of 16 to the 16-d Gemma states,
+#: patch size 1 on 4-channel latents; ``sample_size=16`` with the 4x DC-AE below: a 64 px default image.
+SANA_TRANSFORMER_CONFIG: dict[str, Any] = dict(
+    in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=16, num_layers=2,
+    num_cross_attention_heads=2, cross_attention_head_dim=16, cross_attention_dim=32, caption_channels=16,
+    mlp_ratio=2.5, sample_size=16, patch_size=1,
+)  # fmt: skip
+#: DC-AE with three levels (4x downsampling; the real one has six, 32x), its last level an EfficientViT block.
+SANA_VAE_CONFIG: dict[str, Any] = dict(
+    in_channels=3, latent_channels=4, attention_head_dim=8,
+    encoder_block_types=("ResBlock", "ResBlock", "EfficientViTBlock"),
+    decoder_block_types=("ResBlock", "ResBlock", "EfficientViTBlock"),
+    encoder_block_out_channels=(8, 16, 16), decoder_block_out_channels=(8, 16, 16),
+    encoder_layers_per_block=(1, 1, 1), decoder_layers_per_block=(1, 1, 1),
+    encoder_qkv_multiscales=((), (), (5,)), decoder_qkv_multiscales=((), (), (5,)),
+    upsample_block_type="interpolate", downsample_block_type="conv", scaling_factor=0.41407,
+)  # fmt: skip
+#: Sana's flow-matching DPM-Solver (the pipeline's scheduler).
+SANA_SCHEDULER_CONFIG: dict[str, Any] = dict(flow_shift=3.0, use_flow_sigmas=True, prediction_type="flow_prediction")
+#: Lumina 2: 1 + 1 refiner blocks, 2 joint blocks, 2 query heads of 16 with 1 key/value head, RoPE axes 4+6+6.
+LUMINA2_TRANSFORMER_CONFIG: dict[str, Any] = dict(
+    sample_size=16, patch_size=2, in_channels=4, hidden_size=32, num_layers=2, num_refiner_layers=1,
+    num_attention_heads=2, num_kv_heads=1, multiple_of=16, axes_dim_rope=(4, 6, 6), cap_feat_dim=16,
+)  # fmt: skip
+#: Lumina 2 encodes with the FLUX VAE (8x; the pipeline assumes 8): four levels here too, so a 128 px default
+#: image (``sample_size=16``) is 8 x 8 image tokens.
+LUMINA2_VAE_OVERRIDES: dict[str, Any] = dict(
+    block_out_channels=[8, 16, 16, 16], down_block_types=["DownEncoderBlock2D"] * 4,
+    up_block_types=["UpDecoderBlock2D"] * 4, norm_num_groups=8, sample_size=128, **FLOW_VAE_OVERRIDES,
+)  # fmt: skip
+#: words of Lumina 2's system prompt (Sana's instruction words are read from its pipeline), one token each
+_GEMMA_WORDS = (
+    "you", "assistant", "designed", "generate", "superior", "images", "degree", "alignment", "based", "textual",
+    "prompts", "user", "prompt", "start",
+)  # fmt: skip
+_GEMMA_SPECIAL = ("<pad>", "<eos>", "<bos>", "<unk>")
+
+
+@lru_cache(maxsize=None)
+def _gemma_vocab() -> tuple[str, ...]:
+    import inspect
+    import re
+
+    from diffusers import SanaPipeline
+
+    instruction = " ".join(inspect.signature(SanaPipeline.__call__).parameters["complex_human_instruction"].default)
+    words = tuple(w.lower() for w in WORDS + _CHAT_WORDS + _GEMMA_WORDS) + tuple(re.findall(r"[a-z]+", instruction.lower()))
+    chars = tuple("abcdefghijklmnopqrstuvwxyz0123456789")
+    pieces = words + chars + tuple("##" + c for c in chars) + tuple(".,;:!?'\"()[]-_/&+%#*@<>|{}=")
+    return _GEMMA_SPECIAL + ("\n",) + tuple(dict.fromkeys(pieces))
+
+
+def tiny_gemma_tokenizer(model_max_length: int = 1024):  # noqa: ANN201 - transformers.PreTrainedTokenizerFast
+    """A word-level tokenizer with Gemma's special tokens (``<pad>`` 0, ``<eos>`` 1, ``<bos>`` 2 prepended to
+    every text, no end token; padding on the right) for Sana and Lumina 2. Words of :data:`WORDS`, of Sana's
+    complex human instruction and of Lumina 2's system prompt are one token each, newlines too; other words
+    split into character pieces (never ``<unk>``). Offsets are returned."""
+    from tokenizers import processors
+    from transformers import PreTrainedTokenizerFast
+
+    tok = _word_tokenizer(_gemma_vocab())
+    tok.post_processor = processors.TemplateProcessing(single="<bos> $A", pair="<bos> $A <bos> $B", special_tokens=[("<bos>", 2)])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>", eos_token="<eos>", bos_token="<bos>",
+        model_max_length=model_max_length, padding_side="right",
+    )  # fmt: skip
+
+
+def _gemma2(seed: int):  # noqa: ANN202 - transformers.Gemma2Model
+    from transformers import Gemma2Config, Gemma2Model
+
+    cfg = Gemma2Config(vocab_size=len(_gemma_vocab()), **GEMMA2_TEXT_CONFIG)
+    with _seeded(seed):
+        return Gemma2Model(cfg).eval()
+
+
+@_register("sana")
+def _build_sana(seed: int):  # noqa: ANN202 - SanaPipeline
+    from diffusers import AutoencoderDC, DPMSolverMultistepScheduler, SanaPipeline, SanaTransformer2DModel
+
+    return SanaPipeline(
+        transformer=_model(SanaTransformer2DModel, SANA_TRANSFORMER_CONFIG, seed),
+        vae=_model(AutoencoderDC, SANA_VAE_CONFIG, seed + 1),
+        text_encoder=_gemma2(seed + 2),
+        tokenizer=tiny_gemma_tokenizer(),
+        scheduler=DPMSolverMultistepScheduler(**SANA_SCHEDULER_CONFIG),
+    )
+
+
+@_register("lumina2")
+def _build_lumina2(seed: int):  # noqa: ANN202 - Lumina2Pipeline
+    from diffusers import FlowMatchEulerDiscreteScheduler, Lumina2Pipeline, Lumina2Transformer2DModel
+
+    return Lumina2Pipeline(
+        transformer=_model(Lumina2Transformer2DModel, LUMINA2_TRANSFORMER_CONFIG, seed),
+        vae=_vae(seed + 1, **LUMINA2_VAE_OVERRIDES),
+        text_encoder=_gemma2(seed + 2),
+        tokenizer=tiny_gemma_tokenizer(),
+        scheduler=FlowMatchEulerDiscreteScheduler(),
+    )
+
+
 #: The families :func:`tiny_pipeline` builds.
 TINY_FAMILIES: tuple[str, ...] = tuple(_BUILDERS)
 
@@ -533,6 +731,8 @@ TINY_FAMILIES: tuple[str, ...] = tuple(_BUILDERS)
 #: cleaning needs BeautifulSoup and ftfy and only warns without them.
 TINY_CALL_KWARGS: dict[str, dict[str, Any]] = {
     "pixart": {"use_resolution_binning": False, "clean_caption": False},
+    "hunyuandit": {"use_resolution_binning": False},
+    "sana": {"use_resolution_binning": False},
 }
 
 
@@ -541,13 +741,14 @@ def tiny_pipeline(family: str, *, seed: int = 0, dtype: torch.dtype = torch.floa
     """A tiny random diffusers pipeline of ``family``, built offline.
 
     Args:
-        family: one of :data:`TINY_FAMILIES` ("sd", "sdxl", "pixart", "sd3", "flux").
+        family: one of :data:`TINY_FAMILIES` ("sd", "sdxl", "pixart", "sd3", "flux", ..., "sana", "lumina2").
         seed: weight seed; the same seed gives identical weights, another seed different ones.
         dtype: parameter dtype of every component.
 
     Returns:
         A ``StableDiffusionPipeline``, ``StableDiffusionXLPipeline``, ``PixArtSigmaPipeline``,
-        ``StableDiffusion3Pipeline`` or ``FluxPipeline`` on the CPU, modules in eval mode, progress bar off.
+        ``StableDiffusion3Pipeline``, ``FluxPipeline``, ... (``SanaPipeline`` and ``Lumina2Pipeline`` with a tiny
+        Gemma 2 and :func:`tiny_gemma_tokenizer`) on the CPU, modules in eval mode, progress bar off.
         A 64x64 px image is a 32x32 latent. For a quick generation pass ``**TINY_CALL_KWARGS.get(family, {})``
         (PixArt-Sigma otherwise bins the size up to 256 px).
 
