@@ -357,11 +357,12 @@ def vae_real(arch: str, resolution: int, repeats: int = 3, device: str = "cpu", 
     """See the module docstring (suite ``vae``)."""
     import torch
 
-    from .capture import Capture
+    from .capture import Capture, catalog_of
     from .presets import load_preset
 
     backbone = _backbone(arch, device, dtype, text_layers)
-    names = list(load_preset(preset or _DEFAULT_PRESET[arch]).features)
+    catalog = catalog_of(backbone)
+    names = [catalog.canonical(n) for n in load_preset(preset or _DEFAULT_PRESET[arch]).features]  # the paper's aliases
     pixels = backbone.preprocess([_image(resolution)], resolution)
     timed = _timer(device)
     low = [torch.bfloat16] + ([torch.float16] if device.startswith("cuda") else [])

@@ -36,9 +36,17 @@ def test_features_throughput_and_vae_suites_run(shapes_backbone):
     assert 0 < flops[0] < flops[1] < flops[2] <= 1.0  # each later exit runs more of the forward
     tp = bench_real.throughput_real("sd15", resolution=64, repeats=1, batch_sizes=(1, 2))
     assert tp["vs_batch_1"]["1"] == 1.0 and tp["images"] == 2
-    vae = bench_real.vae_real("sd15", resolution=64, repeats=1, preset="shapes-practical")
+
+
+def test_vae_suite_measures_the_bf16_error_on_features_named_by_aliases(shapes_backbone, monkeypatch):
+    from types import SimpleNamespace
+
+    aliases = ("up-level1-repeat1-res-out", "up_blocks.2.attentions.0")  # sd15-practical names features so
+    monkeypatch.setattr(difffeat.presets, "load_preset", lambda name: SimpleNamespace(features=aliases))
+    vae = bench_real.vae_real("sd15", resolution=64, repeats=1)
     bf16 = vae["encode_dtype"]["bfloat16"]
     assert 0 < bf16["latent_relative_error"] < 0.1  # reduced precision changes the latents, a little
+    assert set(bf16["feature_relative_error"]) == {"up_blocks.1.resnets.1", "up_blocks.2.attentions.0"}
 
 
 def test_accounting_counts_sd15_blocks_and_map_sizes():
