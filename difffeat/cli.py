@@ -21,10 +21,11 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-MODEL_HELP = "Hub id, local diffusers folder, or 'shapes' (the embedded model, no download)."
+MODEL_HELP = ("Hub id, local diffusers folder, 'shapes' (the embedded model, no download), or a single-file checkpoint "
+              "(file.safetensors / .ckpt in the original layout; then --model-config).")
 MODEL_CONFIG_HELP = (
-    "For a single-file checkpoint (MODEL = file.safetensors in the original key layout): a hub id or local "
-    "diffusers folder of the same architecture (offline: a local folder)."
+    "For a single-file checkpoint (MODEL = file.safetensors / .ckpt in the original key layout): a hub id or local "
+    "diffusers folder of the same architecture (offline: a local folder or a cached id). Not the GOCA --config."
 )
 DEVICE_HELP = "cpu, cuda, cuda:1 ... (default: the process's accelerate device)."
 DTYPE_HELP = "fp32, fp16, bf16 (default: fp16 on CUDA, fp32 on CPU)."
@@ -114,6 +115,7 @@ def presets() -> None:
 def extract(
     model: str = typer.Argument(..., help=MODEL_HELP),
     images: Optional[list[Path]] = typer.Argument(None, help="Image files, folders or quoted glob patterns ('data/**/*.jpg')."),
+    model_config: Optional[str] = typer.Option(None, "--model-config", help=MODEL_CONFIG_HELP),
     features: Optional[str] = typer.Option(None, "--features", "-f", help="Comma-separated activation names."),
     preset: Optional[str] = typer.Option(None, help="A feature preset (see `difffeat presets`)."),
     t: Optional[int] = typer.Option(None, "--t", help="Timestep on the 1000-step scale, 0-999 (default: preset's or 50)."),
@@ -144,7 +146,7 @@ def extract(
                            coco_images_dir=coco_images, voc=voc, voc_split=voc_split, prompt=prompt,
                            resolution=resolution, square=square, seed=seed, batch_size=batch_size,
                            num_workers=num_workers, overwrite=overwrite, skip_unreadable=skip_unreadable,
-                           device=device, dtype=dtype)
+                           device=device, dtype=dtype, model_config=model_config)
     if summary.main_process:
         err, _ = _consoles()
         err.print(f"wrote {summary.written} feature files to {out_dir} ({', '.join(names)}); {summary.skipped} already "
@@ -158,6 +160,7 @@ def segment(
     images: list[Path] = typer.Argument(..., help="Image files, folders or quoted glob patterns."),
     classes: str = typer.Option(..., "--classes", "-c", help="Comma-separated class names, e.g. cat,dog,grass."),
     model: str = typer.Option("shapes", "--model", "-m", help=MODEL_HELP),
+    model_config: Optional[str] = typer.Option(None, "--model-config", help=MODEL_CONFIG_HELP),
     out_dir: Path = typer.Option(..., "--out", "-o", help="Output folder."),
     method: Optional[str] = typer.Option(None, help="goca or vanilla (then --heads/--layers/--rescale override); default: the config's (GOCA in every shipped default config)."),
     config: str = typer.Option("default", "--config", help="Segmentation config: default (configs/goca/<model or family>.yaml) | goca-reference (the published pipeline of the model's family)."),
@@ -189,7 +192,8 @@ def segment(
                            heatmaps=heatmaps, label_file=label_file, caption_file=caption_file,
                            coco_results=coco_results, num_workers=num_workers, batch_size=batch_size, overwrite=overwrite,
                            skip_unreadable=skip_unreadable, device=device, dtype=dtype, heads=heads, layers=layers,
-                           rescale=rescale, tau=tau, t=t, refine_order=refine_order, postprocess=postprocess)
+                           rescale=rescale, tau=tau, t=t, refine_order=refine_order, postprocess=postprocess,
+                           model_config=model_config)
     if summary.main_process:
         err, _ = _consoles()
         err.print(f"segmented {summary.written} image(s) into {names} -> {out_dir} ({summary.skipped} already done)")
@@ -198,6 +202,7 @@ def segment(
 @app.command("eval")
 def evaluate_cmd(
     model: str = typer.Option("shapes", "--model", "-m", help=MODEL_HELP),
+    model_config: Optional[str] = typer.Option(None, "--model-config", help=MODEL_CONFIG_HELP),
     coco: Optional[Path] = typer.Option(None, help="COCO instances annotation JSON."),
     images: Optional[Path] = typer.Option(None, help="Image folder (COCO or VOC-style)."),
     voc_labels: Optional[Path] = typer.Option(None, help="VOC-style label PNG folder (with --images, --class-names)."),
@@ -241,7 +246,7 @@ def evaluate_cmd(
                 label_file=label_file, caption_file=caption_file, void=void, tau_grid=tau_grid, postprocess=postprocess,
                 tune_n=tune_n, limit=limit, out_dir=run_dir, report=report, chunk_size=chunk_size, batch_size=batch_size,
                 num_workers=num_workers, overwrite=overwrite, device=device, dtype=dtype, heads=heads, layers=layers,
-                rescale=rescale, tau=tau, t=t)
+                rescale=rescale, tau=tau, t=t, model_config=model_config)
     if res.main_process:
         err, out = _consoles()
         out.print(f"mIoU {res.report.miou:.4f} ({res.report.setting}: {res.report.n_images} images, method {res.method}, tau {res.tau})")
@@ -256,6 +261,7 @@ def evaluate_cmd(
 def gate(
     model: str = typer.Argument(..., help=MODEL_HELP),
     images: list[Path] = typer.Argument(..., help="Image files."),
+    model_config: Optional[str] = typer.Option(None, "--model-config", help=MODEL_CONFIG_HELP),
     technique: list[str] = typer.Option(..., "--technique", help="prompt:quality=natural | prompt:template=a photo of {} | controlnet:ID[,scale=1,start_t=60,steps=2] | lora:PATH[,scale=1] (repeatable)."),
     features: Optional[str] = typer.Option(None, "--features", "-f", help="Activations to score (default: the first cross-attention query among the catalog's candidates; joint-q on MMDiTs)."),
     prompt: str = typer.Option("", help="Base prompt."),
@@ -271,7 +277,7 @@ def gate(
     from .shift import run_gate
 
     rep = _call(run_gate, model, images, technique, features=features, prompt=prompt, t=t, out_dir=out_dir,
-                img2img=img2img, strength=strength, steps=steps, device=device, dtype=dtype)
+                img2img=img2img, strength=strength, steps=steps, device=device, dtype=dtype, model_config=model_config)
     err, out = _consoles()
     out.print(_table(f"GATE Laplacian score (1 = no shift, <= 0 = no better than plain) at t={rep.t}",
                      ["technique", *rep.features],
@@ -309,6 +315,23 @@ def make_tiny(
 
     _call(save_tiny_pipeline, family, out_dir, seed=seed)
     _consoles()[0].print(f"saved a tiny random {family} pipeline to {out_dir} (random weights: for testing only)")
+
+
+@app.command("make-single-file")
+def make_single_file(
+    layout: str = typer.Argument(..., help="sd, sd2, sdxl, sd3, sd35 or flux (flux: the smallest width diffusers converts, ~1 GB)."),
+    file: Path = typer.Argument(..., help="The .safetensors file to write (original, non-diffusers key layout)."),
+    config_dir: Path = typer.Argument(..., help="Folder for the matching config (what --model-config needs besides the file)."),
+    seed: int = typer.Option(0, help="Weight seed."),
+    denoiser_only: bool = typer.Option(False, help="Write the denoiser alone (as FLUX.1 / SD3.5 releases ship it)."),
+) -> None:
+    """Write a tiny RANDOM-weight single-file checkpoint of LAYOUT and its config folder (offline), to try
+    `--model FILE --model-config CONFIG_DIR` without a download."""
+    from .testing import save_single_file
+
+    _call(save_single_file, layout, file, seed=seed, config=config_dir, denoiser_only=denoiser_only)
+    _consoles()[0].print(f"saved a tiny random {layout} single-file checkpoint to {file} and its config to {config_dir} "
+                         "(random weights: for testing only)")
 
 
 @app.command()

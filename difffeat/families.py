@@ -34,7 +34,8 @@ class FamilyRow:
 
 def _attention_kind(table: HookTable) -> str:
     """What the table's attention layers are: ``cross + self`` (separate modules) or ``joint`` (one module
-    observed for both), with single-stream blocks and attended-only (fused) q/k/v noted."""
+    observed for both), with single-stream blocks, attended-only (fused) q/k/v, linear (non-softmax)
+    self-attention and joint sequences packed per sample noted."""
     observed = [(p.match.pattern, {r.observe for r in p.activations if r.observe}) for p in table.points]
     joint = any({"cross", "self"} <= kinds for _, kinds in observed)
     kind = f"joint ({table.token_order.replace('-', ' ')})" if joint else "cross + self"
@@ -43,6 +44,11 @@ def _attention_kind(table: HookTable) -> str:
     if any("v" in kinds and not any(r.target == "to_v" for p in table.points if p.match.pattern == pattern for r in p.activations)
            for pattern, kinds in observed):  # fmt: skip
         kind += ", fused qkv"
+    rules = [r for p in table.points for r in p.activations]
+    if any("linear-attention" in r.flags for r in rules):
+        kind += ", linear self-attention"
+    if any(r.tokens == "packed" for r in rules):
+        kind += ", packed per sample"
     return kind
 
 

@@ -45,9 +45,13 @@ __all__ = [
     "tiny_pipeline",
     "tiny_t5_tokenizer",
     "tiny_chat_tokenizer",
+    "tiny_gemma_tokenizer",
     "CHAT_TEMPLATE",
     "sd_original_state_dict",
+    "original_state_dict",
     "save_single_file",
+    "single_file_pipeline",
+    "SINGLE_FILE_LAYOUTS",
 ]
 
 # ------------------------------------------------------------------------------------------------ vocabulary
@@ -302,6 +306,18 @@ def _chat_vocab() -> tuple[str, ...]:
     return _CHAT_SPECIAL + ("<unk>", "\n") + tuple(dict.fromkeys(pieces))
 
 
+def _word_tokenizer(pieces: tuple[str, ...]):  # noqa: ANN202 - tokenizers.Tokenizer
+    """Lower-cased word-level tokenizer over ``pieces``: a newline, a word, or one punctuation character per
+    piece (other whitespace separates and is dropped); words outside ``pieces`` split into ``##`` character
+    pieces."""
+    from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers
+
+    tok = Tokenizer(models.WordPiece({piece: i for i, piece in enumerate(pieces)}, unk_token="<unk>", continuing_subword_prefix="##"))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"\n|\w+|[^\w\s]"), behavior="removed", invert=True)
+    return tok
+
+
 def tiny_chat_tokenizer(model_max_length: int = 1024):  # noqa: ANN201 - transformers.PreTrainedTokenizerFast
     """A word-level tokenizer with Qwen's chat markup (``<|im_start|>``, ``<|im_end|>``, think tags) and chat
     template, for the LLM-encoded families (FLUX.2 [klein], Qwen-Image, Z-Image).
@@ -310,14 +326,9 @@ def tiny_chat_tokenizer(model_max_length: int = 1024):  # noqa: ANN201 - transfo
     punctuation one token per character; any other
     word splits into single-character word pieces (never ``<unk>``). Padding (``<|endoftext|>`` = 0) is on the right. Offsets are returned, so prompt
     token positions are found exactly as with the real tokenizers."""
-    from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {piece: i for i, piece in enumerate(_chat_vocab())}
-    tok = Tokenizer(models.WordPiece(vocab, unk_token="<unk>", continuing_subword_prefix="##"))
-    tok.normalizer = normalizers.Lowercase()
-    # pieces: a newline, a word, or one punctuation character (other whitespace separates and is dropped)
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"\n|\w+|[^\w\s]"), behavior="removed", invert=True)
+    tok = _word_tokenizer(_chat_vocab())
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok, unk_token="<unk>", pad_token="<|endoftext|>", eos_token="<|im_end|>",
         additional_special_tokens=list(_CHAT_SPECIAL[1:]), model_max_length=model_max_length, padding_side="right",
@@ -522,6 +533,114 @@ def _build_chroma(seed: int):  # noqa: ANN202 - ChromaPipeline
     return pipe
 
 
+# ------------------------------------------------------------------------------------------------ Gemma families
+#: Gemma 2 text encoder (``vocab_size`` from the tokenizer; ids: <pad> 0, <eos> 1, <bos> 2).
+GEMMA2_TEXT_CONFIG: dict[str, Any] = dict(
+    hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+    head_dim=8, max_position_embeddings=1024, sliding_window=512, pad_token_id=0, eos_token_id=1, bos_token_id=2,
+)  # fmt: skip
+#: Sana: 2 blocks, linear self-attention 2 heads of 16, cross-attention 2 heads of 16 to the 16-d Gemma states,
+#: patch size 1 on 4-channel latents; ``sample_size=16`` with the 4x DC-AE below: a 64 px default image.
+SANA_TRANSFORMER_CONFIG: dict[str, Any] = dict(
+    in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=16, num_layers=2,
+    num_cross_attention_heads=2, cross_attention_head_dim=16, cross_attention_dim=32, caption_channels=16,
+    mlp_ratio=2.5, sample_size=16, patch_size=1,
+)  # fmt: skip
+#: DC-AE with three levels (4x downsampling; the real one has six, 32x), its last level an EfficientViT block.
+SANA_VAE_CONFIG: dict[str, Any] = dict(
+    in_channels=3, latent_channels=4, attention_head_dim=8,
+    encoder_block_types=("ResBlock", "ResBlock", "EfficientViTBlock"),
+    decoder_block_types=("ResBlock", "ResBlock", "EfficientViTBlock"),
+    encoder_block_out_channels=(8, 16, 16), decoder_block_out_channels=(8, 16, 16),
+    encoder_layers_per_block=(1, 1, 1), decoder_layers_per_block=(1, 1, 1),
+    encoder_qkv_multiscales=((), (), (5,)), decoder_qkv_multiscales=((), (), (5,)),
+    upsample_block_type="interpolate", downsample_block_type="conv", scaling_factor=0.41407,
+)  # fmt: skip
+#: Sana's flow-matching DPM-Solver (the pipeline's scheduler).
+SANA_SCHEDULER_CONFIG: dict[str, Any] = dict(flow_shift=3.0, use_flow_sigmas=True, prediction_type="flow_prediction")
+#: Lumina 2: 1 + 1 refiner blocks, 2 joint blocks, 2 query heads of 16 with 1 key/value head, RoPE axes 4+6+6.
+LUMINA2_TRANSFORMER_CONFIG: dict[str, Any] = dict(
+    sample_size=16, patch_size=2, in_channels=4, hidden_size=32, num_layers=2, num_refiner_layers=1,
+    num_attention_heads=2, num_kv_heads=1, multiple_of=16, axes_dim_rope=(4, 6, 6), cap_feat_dim=16,
+)  # fmt: skip
+#: Lumina 2 encodes with the FLUX VAE (8x; the pipeline assumes 8): four levels here too, so a 128 px default
+#: image (``sample_size=16``) is 8 x 8 image tokens.
+LUMINA2_VAE_OVERRIDES: dict[str, Any] = dict(
+    block_out_channels=[8, 16, 16, 16], down_block_types=["DownEncoderBlock2D"] * 4,
+    up_block_types=["UpDecoderBlock2D"] * 4, norm_num_groups=8, sample_size=128, **FLOW_VAE_OVERRIDES,
+)  # fmt: skip
+#: words of Lumina 2's system prompt (Sana's instruction words are read from its pipeline), one token each
+_GEMMA_WORDS = (
+    "you", "assistant", "designed", "generate", "superior", "images", "degree", "alignment", "based", "textual",
+    "prompts", "user", "prompt", "start",
+)  # fmt: skip
+_GEMMA_SPECIAL = ("<pad>", "<eos>", "<bos>", "<unk>")
+
+
+@lru_cache(maxsize=None)
+def _gemma_vocab() -> tuple[str, ...]:
+    import inspect
+    import re
+
+    from diffusers import SanaPipeline
+
+    instruction = " ".join(inspect.signature(SanaPipeline.__call__).parameters["complex_human_instruction"].default)
+    words = tuple(w.lower() for w in WORDS + _CHAT_WORDS + _GEMMA_WORDS) + tuple(re.findall(r"[a-z]+", instruction.lower()))
+    chars = tuple("abcdefghijklmnopqrstuvwxyz0123456789")
+    pieces = words + chars + tuple("##" + c for c in chars) + tuple(".,;:!?'\"()[]-_/&+%#*@<>|{}=")
+    return _GEMMA_SPECIAL + ("\n",) + tuple(dict.fromkeys(pieces))
+
+
+def tiny_gemma_tokenizer(model_max_length: int = 1024):  # noqa: ANN201 - transformers.PreTrainedTokenizerFast
+    """A word-level tokenizer with Gemma's special tokens (``<pad>`` 0, ``<eos>`` 1, ``<bos>`` 2 prepended to
+    every text, no end token; padding on the right) for Sana and Lumina 2. Words of :data:`WORDS`, of Sana's
+    complex human instruction and of Lumina 2's system prompt are one token each, newlines too; other words
+    split into character pieces (never ``<unk>``). Offsets are returned."""
+    from tokenizers import processors
+    from transformers import PreTrainedTokenizerFast
+
+    tok = _word_tokenizer(_gemma_vocab())
+    tok.post_processor = processors.TemplateProcessing(single="<bos> $A", pair="<bos> $A <bos> $B", special_tokens=[("<bos>", 2)])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>", eos_token="<eos>", bos_token="<bos>",
+        model_max_length=model_max_length, padding_side="right",
+    )  # fmt: skip
+
+
+def _gemma2(seed: int):  # noqa: ANN202 - transformers.Gemma2Model
+    from transformers import Gemma2Config, Gemma2Model
+
+    cfg = Gemma2Config(vocab_size=len(_gemma_vocab()), **GEMMA2_TEXT_CONFIG)
+    with _seeded(seed):
+        return Gemma2Model(cfg).eval()
+
+
+@_register("sana")
+def _build_sana(seed: int):  # noqa: ANN202 - SanaPipeline
+    from diffusers import AutoencoderDC, DPMSolverMultistepScheduler, SanaPipeline, SanaTransformer2DModel
+
+    return SanaPipeline(
+        transformer=_model(SanaTransformer2DModel, SANA_TRANSFORMER_CONFIG, seed),
+        vae=_model(AutoencoderDC, SANA_VAE_CONFIG, seed + 1),
+        text_encoder=_gemma2(seed + 2),
+        tokenizer=tiny_gemma_tokenizer(),
+        scheduler=DPMSolverMultistepScheduler(**SANA_SCHEDULER_CONFIG),
+    )
+
+
+@_register("lumina2")
+def _build_lumina2(seed: int):  # noqa: ANN202 - Lumina2Pipeline
+    from diffusers import FlowMatchEulerDiscreteScheduler, Lumina2Pipeline, Lumina2Transformer2DModel
+
+    return Lumina2Pipeline(
+        transformer=_model(Lumina2Transformer2DModel, LUMINA2_TRANSFORMER_CONFIG, seed),
+        vae=_vae(seed + 1, **LUMINA2_VAE_OVERRIDES),
+        text_encoder=_gemma2(seed + 2),
+        tokenizer=tiny_gemma_tokenizer(),
+        scheduler=FlowMatchEulerDiscreteScheduler(),
+    )
+
+
 #: The families :func:`tiny_pipeline` builds.
 TINY_FAMILIES: tuple[str, ...] = tuple(_BUILDERS)
 
@@ -530,6 +649,7 @@ TINY_FAMILIES: tuple[str, ...] = tuple(_BUILDERS)
 #: cleaning needs BeautifulSoup and ftfy and only warns without them.
 TINY_CALL_KWARGS: dict[str, dict[str, Any]] = {
     "pixart": {"use_resolution_binning": False, "clean_caption": False},
+    "sana": {"use_resolution_binning": False},
 }
 
 
@@ -538,13 +658,14 @@ def tiny_pipeline(family: str, *, seed: int = 0, dtype: torch.dtype = torch.floa
     """A tiny random diffusers pipeline of ``family``, built offline.
 
     Args:
-        family: one of :data:`TINY_FAMILIES` ("sd", "sdxl", "pixart", "sd3", "flux").
+        family: one of :data:`TINY_FAMILIES` ("sd", "sdxl", "pixart", "sd3", "flux", ..., "sana", "lumina2").
         seed: weight seed; the same seed gives identical weights, another seed different ones.
         dtype: parameter dtype of every component.
 
     Returns:
         A ``StableDiffusionPipeline``, ``StableDiffusionXLPipeline``, ``PixArtSigmaPipeline``,
-        ``StableDiffusion3Pipeline`` or ``FluxPipeline`` on the CPU, modules in eval mode, progress bar off.
+        ``StableDiffusion3Pipeline``, ``FluxPipeline``, ... (``SanaPipeline`` and ``Lumina2Pipeline`` with a tiny
+        Gemma 2 and :func:`tiny_gemma_tokenizer`) on the CPU, modules in eval mode, progress bar off.
         A 64x64 px image is a 32x32 latent. For a quick generation pass ``**TINY_CALL_KWARGS.get(family, {})``
         (PixArt-Sigma otherwise bins the size up to 256 px).
 
@@ -644,12 +765,18 @@ def sd15_shaped_pipeline(seed: int = 0):  # noqa: ANN201 - StableDiffusionPipeli
 
 
 # ------------------------------------------------------------------------------------------------ single files
+# Writers of the original (non-diffusers) key layouts: each is the inverse of one of diffusers' converters in
+# ``diffusers/loaders/single_file_utils.py``, so ``from_single_file`` reads the file back to the same weights.
+Tensors = dict[str, torch.Tensor]
+
+
 def _unet_to_original(unet) -> dict[str, str]:
-    """diffusers -> original (CompVis ``model.diffusion_model``) prefixes of a UNet2DConditionModel."""
+    """diffusers -> original (CompVis / SGM ``model.diffusion_model``) prefixes of a UNet2DConditionModel."""
     cfg = unet.config
     n, per = len(cfg.block_out_channels), cfg.layers_per_block
     pairs = {
         "time_embedding.linear_1.": "time_embed.0.", "time_embedding.linear_2.": "time_embed.2.",
+        "add_embedding.linear_1.": "label_emb.0.0.", "add_embedding.linear_2.": "label_emb.0.2.",
         "conv_in.": "input_blocks.0.0.", "conv_norm_out.": "out.0.", "conv_out.": "out.2.",
         "mid_block.attentions.0.": "middle_block.1.",
     }  # fmt: skip
@@ -703,50 +830,325 @@ def _rename(key: str, prefixes: dict[str, str]) -> str:
     return key
 
 
-def sd_original_state_dict(pipe) -> dict[str, torch.Tensor]:  # noqa: ANN001 - StableDiffusionPipeline
-    """The weights of a Stable Diffusion 1.x pipeline in the original CompVis single-file layout
-    (``model.diffusion_model.*``, ``first_stage_model.*``, ``cond_stage_model.transformer.*``), as the released
-    ``v1-5-pruned.safetensors`` files hold them: the inverse of diffusers' single-file conversion."""
-    out: dict[str, torch.Tensor] = {}
-    unet_prefixes = _unet_to_original(pipe.unet)
-    for key, value in pipe.unet.state_dict().items():
-        key = _rename(key, unet_prefixes)
-        if ".0." in key and key.split(".")[0] in ("input_blocks", "output_blocks", "middle_block"):
-            head, _, tail = key.rpartition(".")
-            parts = key.split(".")
-            resnet_part = parts[3] if parts[0] != "middle_block" else parts[2]
-            if resnet_part in _RESNET_TO_ORIGINAL:
-                key = key.replace(f".{resnet_part}.", f".{_RESNET_TO_ORIGINAL[resnet_part]}.", 1)
-        elif key.startswith("middle_block."):
-            parts = key.split(".")
-            if parts[2] in _RESNET_TO_ORIGINAL:
-                key = key.replace(f".{parts[2]}.", f".{_RESNET_TO_ORIGINAL[parts[2]]}.", 1)
-        out["model.diffusion_model." + key] = value
-    vae_prefixes = _vae_to_original(pipe.vae)
-    for key, value in pipe.vae.state_dict().items():
-        key = _rename(key, vae_prefixes).replace("conv_shortcut.", "nin_shortcut.")
+def _unet_original(unet) -> Tensors:  # noqa: ANN001 - UNet2DConditionModel
+    """Inverse of ``convert_ldm_unet_checkpoint``: SD 1.x/2.x and SDXL UNets (incl. SDXL's ``label_emb``)."""
+    out: Tensors = {}
+    prefixes = _unet_to_original(unet)
+    for key, value in unet.state_dict().items():
+        key = _rename(key, prefixes)
+        parts = key.split(".")
+        resnet_part = parts[2] if parts[0] == "middle_block" else parts[3] if len(parts) > 3 else ""
+        in_resnet = parts[0] == "middle_block" or (parts[0] in ("input_blocks", "output_blocks") and parts[2] == "0")
+        if in_resnet and resnet_part in _RESNET_TO_ORIGINAL:
+            key = key.replace(f".{resnet_part}.", f".{_RESNET_TO_ORIGINAL[resnet_part]}.", 1)
+        out[key] = value
+    return out
+
+
+def _vae_original(vae) -> Tensors:  # noqa: ANN001 - AutoencoderKL
+    """Inverse of ``convert_ldm_vae_checkpoint`` (attention projections as 1x1 convolutions)."""
+    out: Tensors = {}
+    prefixes = _vae_to_original(vae)
+    for key, value in vae.state_dict().items():
+        key = _rename(key, prefixes).replace("conv_shortcut.", "nin_shortcut.")
         if ".mid.attn_1." in key:
-            key = _rename(key.replace(".mid.attn_1.", ".mid.attn_1.#"), {}).replace("#", "")
             for new, old in _VAE_ATTN_TO_ORIGINAL.items():
                 key = key.replace(".attn_1." + new, ".attn_1." + old)
-            if value.ndim == 2:  # linear attention projections are 1x1 convolutions in the original
+            if value.ndim == 2:
                 value = value[:, :, None, None]
-        out["first_stage_model." + key] = value
-    for key, value in pipe.text_encoder.state_dict().items():
-        out["cond_stage_model.transformer.text_model." + key.removeprefix("text_model.")] = value
-    return {k: v.contiguous() for k, v in out.items()}
+        out[key] = value
+    return out
 
 
-def save_single_file(family: str, path: str | os.PathLike, *, seed: int = 0) -> Path:
-    """Write the tiny pipeline of ``family`` as one ``.safetensors`` file in the original key layout.
+def _clip_original(text_encoder, *, projection: bool = True) -> Tensors:  # noqa: ANN001 - CLIPTextModel(WithProjection)
+    """Inverse of ``convert_ldm_clip_checkpoint``: transformers' own CLIP names under ``text_model.`` (and
+    ``text_projection.weight``; SD3's CLIP-L file has none: diffusers sets it to the identity)."""
+    out: Tensors = {}
+    for key, value in text_encoder.state_dict().items():
+        if key.endswith("position_ids"):
+            continue
+        if key.startswith("text_projection."):
+            if projection:
+                out[key] = value
+            continue
+        out["text_model." + key.removeprefix("text_model.")] = value
+    return out
 
-    Only ``"sd"`` (CompVis layout) is written: diffusers' FLUX and SD3 single-file converters hard-code the
-    released models' widths (FLUX's ``inner_dim = 3072``), so a tiny checkpoint of those cannot be read back.
+
+_OPEN_CLIP_NAMES = {"layer_norm1": "ln_1", "layer_norm2": "ln_2", "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj",
+                    "self_attn.out_proj": "attn.out_proj"}  # fmt: skip
+
+
+def _open_clip_original(text_encoder) -> Tensors:  # noqa: ANN001 - CLIPTextModel(WithProjection)
+    """Inverse of ``convert_open_clip_checkpoint``: OpenCLIP names (``transformer.resblocks.i``, fused
+    ``attn.in_proj_weight``, ``positional_embedding``, ``ln_final``, ``text_projection`` as [width, dim])."""
+    state = {k.removeprefix("text_model."): v for k, v in text_encoder.state_dict().items() if not k.endswith("position_ids")}
+    out: Tensors = {
+        "token_embedding.weight": state.pop("embeddings.token_embedding.weight"),
+        "positional_embedding": state.pop("embeddings.position_embedding.weight"),
+        "ln_final.weight": state.pop("final_layer_norm.weight"),
+        "ln_final.bias": state.pop("final_layer_norm.bias"),
+    }
+    if "text_projection.weight" in state:
+        out["text_projection"] = state.pop("text_projection.weight").T
+    for i in range(text_encoder.config.num_hidden_layers):
+        layer, block = f"encoder.layers.{i}.", f"transformer.resblocks.{i}."
+        for kind in ("weight", "bias"):
+            out[f"{block}attn.in_proj_{kind}"] = torch.cat(
+                [state.pop(f"{layer}self_attn.{p}_proj.{kind}") for p in "qkv"]
+            )
+            for new, old in _OPEN_CLIP_NAMES.items():
+                out[f"{block}{old}.{kind}"] = state.pop(f"{layer}{new}.{kind}")
+    if state:
+        raise ValueError(f"OpenCLIP writer left keys unmapped: {sorted(state)[:5]}")
+    return out
+
+
+def _t5_original(text_encoder) -> Tensors:  # noqa: ANN001 - T5EncoderModel
+    """SD3's ``text_encoders.t5xxl.transformer.*``: transformers' own T5 names."""
+    return dict(text_encoder.state_dict())
+
+
+def _swap_halves(weight: torch.Tensor) -> torch.Tensor:
+    """diffusers' AdaLayerNormContinuous (scale, shift) <-> the original (shift, scale); its own inverse."""
+    a, b = weight.chunk(2, dim=0)
+    return torch.cat([b, a], dim=0)
+
+
+def _pop_linear(state: Tensors, new: str, out: Tensors, old: str, transform: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
+    for kind in ("weight", "bias"):
+        if f"{new}.{kind}" in state:
+            value = state.pop(f"{new}.{kind}")
+            out[f"{old}.{kind}"] = transform(value) if transform else value
+
+
+def _pop_fused(state: Tensors, news: list[str], out: Tensors, old: str) -> None:
+    for kind in ("weight", "bias"):
+        out[f"{old}.{kind}"] = torch.cat([state.pop(f"{n}.{kind}") for n in news])
+
+
+def _check_consumed(state: Tensors, what: str) -> None:
+    if state:
+        raise ValueError(f"{what} writer left keys unmapped: {sorted(state)[:5]}")
+
+
+def _mmdit_original(transformer) -> Tensors:  # noqa: ANN001 - SD3Transformer2DModel
+    """Inverse of ``convert_sd3_transformer_checkpoint_to_diffusers`` (SD3 and SD3.5: q/k norms, dual attention)."""
+    state = dict(transformer.state_dict())
+    out: Tensors = {"pos_embed": state.pop("pos_embed.pos_embed")}
+    for new, old in {"pos_embed.proj": "x_embedder.proj", "time_text_embed.timestep_embedder.linear_1": "t_embedder.mlp.0",
+                     "time_text_embed.timestep_embedder.linear_2": "t_embedder.mlp.2", "context_embedder": "context_embedder",
+                     "time_text_embed.text_embedder.linear_1": "y_embedder.mlp.0",
+                     "time_text_embed.text_embedder.linear_2": "y_embedder.mlp.2", "proj_out": "final_layer.linear"}.items():  # fmt: skip
+        _pop_linear(state, new, out, old)
+    _pop_linear(state, "norm_out.linear", out, "final_layer.adaLN_modulation.1", _swap_halves)
+    n = transformer.config.num_layers
+    for i in range(n):
+        b, x, c = f"transformer_blocks.{i}.", f"joint_blocks.{i}.x_block.", f"joint_blocks.{i}.context_block."
+        last = i == n - 1
+        _pop_fused(state, [f"{b}attn.to_{p}" for p in "qkv"], out, f"{x}attn.qkv")
+        _pop_fused(state, [f"{b}attn.add_{p}_proj" for p in "qkv"], out, f"{c}attn.qkv")
+        for new, old in {"attn.norm_q": f"{x}attn.ln_q", "attn.norm_k": f"{x}attn.ln_k", "attn.norm_added_q": f"{c}attn.ln_q",
+                         "attn.norm_added_k": f"{c}attn.ln_k", "attn.to_out.0": f"{x}attn.proj", "attn.to_add_out": f"{c}attn.proj",
+                         "norm1.linear": f"{x}adaLN_modulation.1", "ff.net.0.proj": f"{x}mlp.fc1", "ff.net.2": f"{x}mlp.fc2",
+                         "ff_context.net.0.proj": f"{c}mlp.fc1", "ff_context.net.2": f"{c}mlp.fc2",
+                         "attn2.norm_q": f"{x}attn2.ln_q", "attn2.norm_k": f"{x}attn2.ln_k", "attn2.to_out.0": f"{x}attn2.proj"}.items():  # fmt: skip
+            _pop_linear(state, b + new, out, old)
+        if f"{b}attn2.to_q.weight" in state:
+            _pop_fused(state, [f"{b}attn2.to_{p}" for p in "qkv"], out, f"{x}attn2.qkv")
+        _pop_linear(state, f"{b}norm1_context.linear", out, f"{c}adaLN_modulation.1", _swap_halves if last else None)
+    _check_consumed(state, "MMDiT")
+    return out
+
+
+def _flux_original(transformer) -> Tensors:  # noqa: ANN001 - FluxTransformer2DModel
+    """Inverse of ``convert_flux_transformer_checkpoint_to_diffusers`` (BFL's ``flux1-*.safetensors`` layout)."""
+    state = dict(transformer.state_dict())
+    out: Tensors = {}
+    for new, old in {"time_text_embed.timestep_embedder.linear_1": "time_in.in_layer",
+                     "time_text_embed.timestep_embedder.linear_2": "time_in.out_layer",
+                     "time_text_embed.text_embedder.linear_1": "vector_in.in_layer",
+                     "time_text_embed.text_embedder.linear_2": "vector_in.out_layer",
+                     "time_text_embed.guidance_embedder.linear_1": "guidance_in.in_layer",
+                     "time_text_embed.guidance_embedder.linear_2": "guidance_in.out_layer",
+                     "context_embedder": "txt_in", "x_embedder": "img_in", "proj_out": "final_layer.linear"}.items():  # fmt: skip
+        _pop_linear(state, new, out, old)
+    _pop_linear(state, "norm_out.linear", out, "final_layer.adaLN_modulation.1", _swap_halves)
+    for i in range(transformer.config.num_layers):
+        b, d = f"transformer_blocks.{i}.", f"double_blocks.{i}."
+        _pop_fused(state, [f"{b}attn.to_{p}" for p in "qkv"], out, f"{d}img_attn.qkv")
+        _pop_fused(state, [f"{b}attn.add_{p}_proj" for p in "qkv"], out, f"{d}txt_attn.qkv")
+        for new, old in {"norm1.linear": "img_mod.lin", "norm1_context.linear": "txt_mod.lin", "ff.net.0.proj": "img_mlp.0",
+                         "ff.net.2": "img_mlp.2", "ff_context.net.0.proj": "txt_mlp.0", "ff_context.net.2": "txt_mlp.2",
+                         "attn.to_out.0": "img_attn.proj", "attn.to_add_out": "txt_attn.proj"}.items():  # fmt: skip
+            _pop_linear(state, b + new, out, d + old)
+        for new, old in {"norm_q": "img_attn.norm.query_norm", "norm_k": "img_attn.norm.key_norm",
+                         "norm_added_q": "txt_attn.norm.query_norm", "norm_added_k": "txt_attn.norm.key_norm"}.items():  # fmt: skip
+            out[f"{d}{old}.scale"] = state.pop(f"{b}attn.{new}.weight")
+    for i in range(transformer.config.num_single_layers):
+        b, s = f"single_transformer_blocks.{i}.", f"single_blocks.{i}."
+        _pop_fused(state, [f"{b}attn.to_q", f"{b}attn.to_k", f"{b}attn.to_v", f"{b}proj_mlp"], out, f"{s}linear1")
+        _pop_linear(state, f"{b}norm.linear", out, f"{s}modulation.lin")
+        _pop_linear(state, f"{b}proj_out", out, f"{s}linear2")
+        out[f"{s}norm.query_norm.scale"] = state.pop(f"{b}attn.norm_q.weight")
+        out[f"{s}norm.key_norm.scale"] = state.pop(f"{b}attn.norm_k.weight")
+    _check_consumed(state, "FLUX")
+    return out
+
+
+_SD_FILE = {"unet": ("model.diffusion_model.", _unet_original), "vae": ("first_stage_model.", _vae_original)}
+_SD3_FILE = {
+    "transformer": ("model.diffusion_model.", _mmdit_original), "vae": ("first_stage_model.", _vae_original),
+    "text_encoder": ("text_encoders.clip_l.transformer.", lambda m: _clip_original(m, projection=False)),
+    "text_encoder_2": ("text_encoders.clip_g.transformer.", _clip_original),
+    "text_encoder_3": ("text_encoders.t5xxl.transformer.", _t5_original),
+}  # fmt: skip
+#: layout -> {pipeline component: (key prefix in the file, writer of its original-layout state dict)}; the
+#: denoiser comes first. A FLUX.1 file (as BFL releases it) holds the transformer alone, without a prefix.
+SINGLE_FILE_LAYOUTS: dict[str, dict[str, tuple[str, Callable[[Any], Tensors]]]] = {
+    "sd": {**_SD_FILE, "text_encoder": ("cond_stage_model.transformer.", _clip_original)},
+    "sd2": {**_SD_FILE, "text_encoder": ("cond_stage_model.model.", _open_clip_original)},
+    "sdxl": {**_SD_FILE, "text_encoder": ("conditioner.embedders.0.transformer.", _clip_original),
+             "text_encoder_2": ("conditioner.embedders.1.model.", _open_clip_original)},
+    "sd3": _SD3_FILE,
+    "sd35": _SD3_FILE,
+    "flux": {"transformer": ("", _flux_original)},
+}  # fmt: skip
+
+#: SD 2.x: linear transformer projections, per-level heads, an OpenCLIP-style text encoder, v-prediction.
+SD2_UNET_CONFIG: dict[str, Any] = dict(SD_UNET_CONFIG, use_linear_projection=True, attention_head_dim=(2, 4))
+#: the second (OpenCLIP-G style) text encoder of the single-file SDXL / SD3 sources: wider than the first, as
+#: in the released models (diffusers tells the two CLIPs of a single file apart by their width).
+WIDE_CLIP_OVERRIDES: dict[str, Any] = dict(hidden_size=48)
+#: single-file SDXL: cross-attention over both text encoders' states (32 + 48), pooled 32 + 6 x 8 time ids.
+SDXL_SINGLE_FILE_UNET_CONFIG: dict[str, Any] = dict(SDXL_UNET_CONFIG, cross_attention_dim=80, projection_class_embeddings_input_dim=80)
+#: single-file SD3: the CLIP states (32 + 48) zero-padded to the T5 width 96; pooled 32 + 32.
+SD3_SINGLE_FILE_T5_OVERRIDES: dict[str, Any] = dict(d_model=96)
+SD3_SINGLE_FILE_TRANSFORMER_CONFIG: dict[str, Any] = dict(SD3_TRANSFORMER_CONFIG, joint_attention_dim=96, pooled_projection_dim=64)
+#: the smallest FLUX.1 transformer diffusers' converter reads: it splits the single blocks' fused ``linear1``
+#: at the released width (``inner_dim = 3072``, MLP ratio 4), so the width cannot shrink; 1 + 1 blocks, 24
+#: heads of 128 (RoPE axes 16 + 56 + 56) as released. ~0.5 G parameters: for slow tests only.
+FLUX_SINGLE_FILE_TRANSFORMER_CONFIG: dict[str, Any] = dict(
+    patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=128, num_attention_heads=24,
+    joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=[16, 56, 56],
+)  # fmt: skip
+
+
+def _sd2_source(seed: int):  # noqa: ANN202 - StableDiffusionPipeline (SD 2.x layout)
+    from diffusers import DDIMScheduler, UNet2DConditionModel
+
+    pipe = tiny_pipeline("sd", seed=seed)
+    pipe.unet = _model(UNet2DConditionModel, SD2_UNET_CONFIG, seed)
+    pipe.scheduler = DDIMScheduler(**_SD_BETAS, clip_sample=False, set_alpha_to_one=False, prediction_type="v_prediction")
+    return pipe
+
+
+def _sdxl_source(seed: int):  # noqa: ANN202 - StableDiffusionXLPipeline with a wider second text encoder
+    from diffusers import UNet2DConditionModel
+
+    pipe = tiny_pipeline("sdxl", seed=seed)
+    pipe.unet = _model(UNet2DConditionModel, SDXL_SINGLE_FILE_UNET_CONFIG, seed)
+    pipe.text_encoder_2 = _clip_text(seed + 3, projection=True, **WIDE_CLIP_OVERRIDES)
+    return pipe
+
+
+def _sd3_source(seed: int, family: str = "sd3"):  # noqa: ANN202 - StableDiffusion3Pipeline
+    from diffusers import SD3Transformer2DModel
+
+    pipe = tiny_pipeline(family, seed=seed)
+    config = SD3_SINGLE_FILE_TRANSFORMER_CONFIG if family == "sd3" else dict(SD35_TRANSFORMER_CONFIG, **{
+        k: SD3_SINGLE_FILE_TRANSFORMER_CONFIG[k] for k in ("joint_attention_dim", "pooled_projection_dim")})
+    pipe.transformer = _model(SD3Transformer2DModel, config, seed)
+    with torch.no_grad():  # SD3's single-file CLIP-L has no projection: diffusers loads the identity
+        pipe.text_encoder.text_projection.weight.copy_(torch.eye(pipe.text_encoder.config.hidden_size))
+    pipe.text_encoder_2 = _clip_text(seed + 3, projection=True, **WIDE_CLIP_OVERRIDES)
+    pipe.text_encoder_3 = _t5(seed + 4, **SD3_SINGLE_FILE_T5_OVERRIDES)
+    return pipe
+
+
+def _flux_source(seed: int):  # noqa: ANN202 - FluxPipeline with the smallest convertible transformer
+    from diffusers import FluxTransformer2DModel
+
+    pipe = tiny_pipeline("flux", seed=seed)
+    pipe.transformer = _model(FluxTransformer2DModel, FLUX_SINGLE_FILE_TRANSFORMER_CONFIG, seed).to(torch.bfloat16)
+    return pipe
+
+
+_SINGLE_FILE_SOURCES: dict[str, Callable[[int], Any]] = {
+    "sd": lambda seed: tiny_pipeline("sd", seed=seed), "sd2": _sd2_source, "sdxl": _sdxl_source,
+    "sd3": _sd3_source, "sd35": lambda seed: _sd3_source(seed, "sd35"), "flux": _flux_source,
+}  # fmt: skip
+
+
+def single_file_pipeline(layout: str, *, seed: int = 0):  # noqa: ANN201 - a diffusers pipeline
+    """The pipeline :func:`save_single_file` writes for ``layout`` (one of :data:`SINGLE_FILE_LAYOUTS`).
+
+    "sd", "sd2", "sdxl", "sd3", "sd35": tiny pipelines, as :func:`tiny_pipeline` but shaped the way the original
+    layouts need (SD 2.x linear projections; SDXL / SD3 second CLIPs wider than the first; SD3's CLIP-L
+    projection the identity that its single files imply). "flux": the tiny FLUX pipeline with the smallest
+    transformer diffusers' FLUX converter reads (width 3072, bf16, ~1 GB; see
+    :data:`FLUX_SINGLE_FILE_TRANSFORMER_CONFIG`).
+    """
+    if layout not in _SINGLE_FILE_SOURCES:
+        raise ValueError(f"no original-layout writer for {layout!r}; valid layouts: {', '.join(_SINGLE_FILE_SOURCES)}")
+    pipe = _SINGLE_FILE_SOURCES[layout](seed)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def original_state_dict(pipe, layout: str, *, denoiser_only: bool = False) -> Tensors:  # noqa: ANN001
+    """The weights of ``pipe`` in the original single-file layout ``layout`` (the inverse of diffusers'
+    single-file conversion), every tensor its own contiguous copy. ``denoiser_only``: the denoiser alone,
+    as FLUX.1 and SD3.5 releases ship it."""
+    components = SINGLE_FILE_LAYOUTS[layout]
+    if denoiser_only:
+        components = dict(list(components.items())[:1])
+    out: Tensors = {}
+    for name, (prefix, write) in components.items():
+        for key, value in write(getattr(pipe, name)).items():
+            out[prefix + key] = value.detach().clone().contiguous()
+    return out
+
+
+def sd_original_state_dict(pipe) -> Tensors:  # noqa: ANN001 - StableDiffusionPipeline
+    """The weights of a Stable Diffusion 1.x pipeline in the original CompVis single-file layout
+    (``model.diffusion_model.*``, ``first_stage_model.*``, ``cond_stage_model.transformer.*``), as the released
+    ``v1-5-pruned.safetensors`` files hold them."""
+    return original_state_dict(pipe, "sd")
+
+
+def save_single_file(
+    layout: str, path: str | os.PathLike, *, seed: int = 0, config: str | os.PathLike | None = None,
+    denoiser_only: bool = False,
+) -> Path:  # fmt: skip
+    """Write :func:`single_file_pipeline` ``(layout, seed=seed)`` as one ``.safetensors`` file in the original key
+    layout, which ``difffeat.load(path, config=...)`` (diffusers' ``from_single_file``) reads back.
+
+    Args:
+        layout: "sd" (CompVis SD 1.x), "sd2" (SD 2.x, OpenCLIP text encoder), "sdxl" (SGM: ``conditioner.*``),
+            "sd3" / "sd35" (MMDiT + VAE + ``text_encoders.{clip_l,clip_g,t5xxl}``) or "flux" (BFL's layout,
+            the transformer alone; the smallest width diffusers converts, ~1 GB).
+        path: the ``.safetensors`` file to write.
+        seed: weight seed.
+        config: also write the matching config folder here: the pipeline saved with ``save_pretrained`` minus
+            the weights of the components the file holds (their configs stay), i.e. exactly what
+            ``from_single_file`` needs besides the file.
+        denoiser_only: write the denoiser alone (then the config folder keeps the VAE and text encoders).
+
+    Returns:
+        ``path`` as a :class:`~pathlib.Path`.
     """
     from safetensors.torch import save_file
 
-    if family != "sd":
-        raise ValueError(f"no original-layout writer for family {family!r}; only 'sd' is supported")
+    pipe = single_file_pipeline(layout, seed=seed)
     path = Path(path)
-    save_file(sd_original_state_dict(tiny_pipeline(family, seed=seed)), str(path))
+    state = original_state_dict(pipe, layout, denoiser_only=denoiser_only)
+    save_file(state, str(path))
+    if config is not None:
+        folder = Path(config)
+        pipe.save_pretrained(folder, safe_serialization=True)
+        in_file = list(SINGLE_FILE_LAYOUTS[layout])[: 1 if denoiser_only else None]
+        for name in in_file:
+            for weights in (folder / name).glob("*.safetensors*"):
+                weights.unlink()
     return path

@@ -8,6 +8,9 @@ from PIL import Image
 import difffeat
 
 FAMILIES = ("sd", "sdxl", "pixart", "sd3", "sd35", "flux", "flux2", "qwenimage", "chroma")
+FAMILIES += ("sana", "lumina2")  # Gemma-encoded families
+#: text tokens per family in tests (Lumina 2's sequence holds its system prompt, ~31 tiny tokens); default 32
+TEST_TEXT_LENGTH = {"lumina2": 64}
 _BACKBONES: dict[str, difffeat.Backbone] = {}
 
 
@@ -16,7 +19,7 @@ def backbone_for(tiny_pipes, family: str) -> difffeat.Backbone:
     if family not in _BACKBONES:
         backbone = difffeat.load(tiny_pipes(family), device="cpu", dtype="fp32")
         if hasattr(backbone, "max_sequence_length"):
-            backbone.max_sequence_length = 32  # T5 families: keep the text short for speed
+            backbone.max_sequence_length = TEST_TEXT_LENGTH.get(family, 32)  # keep the text short for speed
         _BACKBONES[family] = backbone
     return _BACKBONES[family]
 

@@ -54,6 +54,11 @@ def world(tmp_path_factory):
     (root / "random_index").mkdir()
     (root / "random_index" / "model_index.json").write_text(json.dumps({"hello": 1}))
     (root / "a_file").write_text("x")
+    from difffeat.testing import save_single_file, save_tiny_pipeline
+
+    save_single_file("sd", root / "tiny.safetensors", config=root / "tiny_config")
+    save_tiny_pipeline("pixart", root / "pixart_config")
+    (root / "garbage.safetensors").write_text("not a checkpoint")
     return root
 
 
@@ -98,6 +103,13 @@ CASES = {
     "device-cuda-without-cuda": (["segment", IMG, "-c", "cat", "-o", "{root}/o", "--device", "cuda"], errors.DeviceError, "CUDA"),
     "lora-missing": (["gate", "shapes", IMG, "--technique", "lora:{root}/nope.safetensors", "--out", "{root}/g"], errors.DifffeatError, "LoRA file not found"),
     "demo-missing-model": (["demo", "--model", "{root}/nope"], errors.ModelNotFoundError, "does not exist"),
+    "single-file-without-config": (["extract", "{root}/tiny.safetensors", IMG, "-f", "x", "-o", "{root}/o"], errors.ModelNotFoundError, "--model-config"),
+    "single-file-config-unresolvable": (["segment", IMG, "-c", "cat", "-o", "{root}/o", "-m", "{root}/tiny.safetensors", "--model-config", "nobody/nothing"], errors.ModelNotFoundError, "--model-config"),
+    "single-file-missing": (["eval", "-m", "{root}/nope.safetensors", "--model-config", "{root}/tiny_config", "--shapes-split", "test", "--out", "{root}/e"], errors.ModelNotFoundError, "does not exist"),
+    "single-file-not-a-checkpoint": (["gate", "{root}/garbage.safetensors", IMG, "--model-config", "{root}/tiny_config", "--technique", "prompt:quality=natural", "--out", "{root}/g"], errors.ModelNotFoundError, "not a readable checkpoint"),
+    "single-file-config-of-another-family": (["segment", IMG, "-c", "cat", "-o", "{root}/o", "-m", "{root}/tiny.safetensors", "--model-config", "{root}/pixart_config"], errors.ModelNotFoundError, "PixArtTransformer2DModel"),
+    "model-file-not-a-checkpoint": (["extract", "{root}/a_file", IMG, "-f", "x", "-o", "{root}/o"], errors.ModelNotFoundError, "not a checkpoint"),
+    "model-config-without-single-file": (["extract", "shapes", IMG, "-f", "x", "-o", "{root}/o", "--model-config", "{root}/tiny_config"], errors.InvalidOptionError, "only for single-file"),
 }
 
 
@@ -145,6 +157,13 @@ def _api(case: str, root: Path):
         "device-cuda-without-cuda": lambda: difffeat.load("shapes", device="cuda"),
         "lora-missing": lambda: difffeat.shift.parse_technique(f"lora:{root}/nope.safetensors"),
         "demo-missing-model": lambda: __import__("difffeat.serve").serve.serve(str(root / "nope"), port=_free_port()),
+        "single-file-without-config": lambda: difffeat.load(root / "tiny.safetensors", device="cpu"),
+        "single-file-config-unresolvable": lambda: difffeat.load(root / "tiny.safetensors", config="nobody/nothing", device="cpu"),
+        "single-file-missing": lambda: difffeat.load(root / "nope.safetensors", config=root / "tiny_config", device="cpu"),
+        "single-file-not-a-checkpoint": lambda: difffeat.load(root / "garbage.safetensors", config=root / "tiny_config", device="cpu"),
+        "single-file-config-of-another-family": lambda: difffeat.load(root / "tiny.safetensors", config=root / "pixart_config", device="cpu"),
+        "model-file-not-a-checkpoint": lambda: difffeat.load(root / "a_file", device="cpu"),
+        "model-config-without-single-file": lambda: difffeat.load("shapes", config=root / "tiny_config", device="cpu"),
     }
     if case.startswith("coco-") and case not in calls:
         name = {"coco-no-categories": "no_categories", "coco-no-images": "no_images", "coco-no-height": "no_height",

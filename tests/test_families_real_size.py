@@ -10,7 +10,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 from difffeat.backbones import wrap_pipeline
 from difffeat.backbones.registry import adapter_named
-from difffeat.capture import Capture
+from difffeat.capture import Capture, fake_conditioning
 from difffeat.catalog import Catalog, enumerate_activations
 from difffeat.hookpoints import load_table
 from difffeat.architectures import architecture, build_component
@@ -62,6 +62,9 @@ PUBLISHED_B = {"flux2-dev": 32.2, "flux2-klein-4b": 3.9, "qwen-image": 20.4, "sd
 
 
 _CATALOGS: dict[str, tuple[Catalog, dict, tuple[int, int]]] = {}
+#: architectures whose probe keeps the text mask on the host (Lumina 2 reads it with tolist(); Sana's follows the
+#: pipeline): built as fake CPU tensors (no memory either) instead of on the meta device
+FAKE_CPU = {"sana-1600m", "lumina-image-2"}
 
 
 def real_size_catalog(tiny_pipes, name: str) -> tuple[Catalog, dict, tuple[int, int]]:
@@ -74,14 +77,24 @@ def real_size_catalog(tiny_pipes, name: str) -> tuple[Catalog, dict, tuple[int, 
 def _real_size_catalog(tiny_pipes, name: str) -> tuple[Catalog, dict, tuple[int, int]]:
     family, condition, *_ = CASES[name]
     arch = _arch(name)
-    pipe = tiny_pipes(family).__class__(**{**tiny_pipes(family).components, **{k: _meta(name, k) for k in arch["components"]}})
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    on_cpu = name in FAKE_CPU
+
+    def build(component: str):
+        if not on_cpu:
+            return _meta(name, component)
+        with mode:
+            return build_component(name, component, device="cpu")
+
+    pipe = tiny_pipes(family).__class__(**{**tiny_pipes(family).components, **{k: build(k) for k in arch["components"]}})
     backbone = wrap_pipeline(pipe)
     table = load_table(backbone.hook_table)
     infos = enumerate_activations(backbone.denoiser, table)
     res = arch["native_resolution"]
-    with FakeTensorMode(allow_non_fake_inputs=True):
-        latents = torch.zeros(1, *backbone.latent_shape(res, res), device="meta")
-        inputs = backbone.denoiser_inputs(latents, 1, condition(pipe, backbone.denoiser), (res, res))
+    cond = fake_conditioning(mode, condition(pipe, backbone.denoiser))  # real masks stay readable (Lumina 2)
+    with mode:
+        latents = torch.zeros(1, *backbone.latent_shape(res, res), device="cpu" if on_cpu else "meta")
+        inputs = backbone.denoiser_inputs(latents, 1, cond, (res, res))
         with Capture(backbone, infos, inputs, early_exit=False, shapes_only=True) as cap:
             backbone.denoise(inputs)
     shapes = {n: tuple(int(x) for x in s[1:]) for n, s in cap.shapes.items()}
@@ -134,7 +147,8 @@ def test_sd35_medium_lists_the_image_only_attention_of_its_13_dual_attention_blo
 
 @pytest.mark.parametrize(
     "preset, name",
-    [("chroma-practical", "chroma1-hd"), ("flux2-practical", "flux2-dev"), ("qwenimage-practical", "qwen-image"), ("sd35-large-practical", "sd35-large")],
+    [("chroma-practical", "chroma1-hd"), ("flux2-practical", "flux2-dev"), ("qwenimage-practical", "qwen-image"), ("sd35-large-practical", "sd35-large"),
+     ("sana-practical", "sana-1600m"), ("lumina2-practical", "lumina-image-2")],
 )
 def test_unvalidated_presets_of_the_new_families_name_real_size_activations(preset, name):
     from difffeat.presets import load_preset
@@ -145,3 +159,59 @@ def test_unvalidated_presets_of_the_new_families_name_real_size_activations(pres
     table = load_table(adapter_named(arch["pipeline"]).hook_table)
     names = {a.name for a in enumerate_activations(_meta(name, "transformer"), table)}
     assert set(p.features) <= names
+
+
+# ------------------------------------------------------------------------------------------ Gemma families
+def _sana_condition(pipe, denoiser):
+    return {"encoder_hidden_states": torch.zeros(1, TEXT_LEN, denoiser.config.caption_channels),
+            "encoder_attention_mask": torch.ones(1, TEXT_LEN, dtype=torch.long)}  # fmt: skip
+
+
+def _lumina2_condition(pipe, denoiser):
+    return {"encoder_hidden_states": torch.zeros(1, TEXT_LEN, denoiser.config.cap_feat_dim),
+            "encoder_attention_mask": torch.ones(1, TEXT_LEN, dtype=torch.long)}  # fmt: skip
+
+
+CASES["sana-1600m"] = ("sana", _sana_condition, {"transformer_blocks": 20}, 70, 32)
+CASES["lumina-image-2"] = ("lumina2", _lumina2_condition, {"layers": 26, "noise_refiner": 2}, 24, 96)
+PUBLISHED_B["sana-1600m"] = 1.6
+#: published (config.json) numbers: pixels per image token side, cross-attention heads and the widths they see
+GEMMA_CASES = {
+    # Sana 1600M: 32x DC-AE, patch 1; softmax cross-attention 20 heads x 112 = 2240 to 2304-d Gemma states;
+    # linear self-attention 70 heads x 32
+    "sana-1600m": dict(pixels_per_token=32, cross_heads=20, self_maps="transformer_blocks.{}.attn1.map", self_heads=70),
+    # Lumina-Image 2.0: FLUX VAE (8x), patch 2; joint attention 24 query heads x 96 (8 key/value heads)
+    "lumina-image-2": dict(pixels_per_token=16, cross_heads=24, self_maps="layers.{}.attn.self_map", self_heads=24),
+}
+
+
+@pytest.mark.parametrize("name", sorted(GEMMA_CASES))
+def test_real_size_gemma_family_catalogs_have_the_published_blocks_heads_and_widths(tiny_pipes, name):
+    _, _, blocks, heads, head_dim = CASES[name]
+    case = GEMMA_CASES[name]
+    cat, shapes, (gh, gw) = real_size_catalog(tiny_pipes, name)
+    assert gh * case["pixels_per_token"] == gw * case["pixels_per_token"] == _arch(name)["native_resolution"]
+    assert set(shapes) == set(cat.names())
+    main, n_main = next(iter(blocks.items()))
+    for prefix, count in blocks.items():
+        outs = [a for a in cat if a.kind == "block-out" and a.name.startswith(prefix + ".")]
+        assert len(outs) == count and {shapes[a.name] for a in outs} == {(heads * head_dim, gh, gw)}, prefix
+    cross = [a for a in cat if a.kind == "cross-map"]
+    assert [a.module for a in cross] == [a.name[: -len(".map")] for a in cross]
+    assert len(cross) == n_main and all(a.name.startswith(main + ".") for a in cross)
+    assert {shapes[a.name] for a in cross} == {(case["cross_heads"], gh * gw, TEXT_LEN)}
+    for i in range(n_main):
+        assert shapes[case["self_maps"].format(i)] == (case["self_heads"], gh * gw, gh * gw)
+
+
+def test_real_size_sana_lists_its_linear_self_attention_maps_as_such():
+    table = load_table("sana")
+    cat = Catalog("sana", table, enumerate_activations(_meta("sana-1600m", "transformer"), table))
+    self_maps = [a for a in cat if a.kind == "self-map"]
+    assert len(self_maps) == 20 and all("linear-attention" in a.flags and a.module.endswith("attn1") for a in self_maps)
+    assert not any("linear-attention" in a.flags for a in cat if a.kind == "cross-map")
+
+
+def test_real_size_sana_transformer_has_the_published_parameter_count():
+    model = _meta("sana-1600m", "transformer")
+    assert sum(p.numel() for p in model.parameters()) / 1e9 == pytest.approx(PUBLISHED_B["sana-1600m"], rel=0.02)

@@ -42,5 +42,5 @@ def test_an_unsupported_pipeline_class_names_every_supported_family_pipeline():
 
     with pytest.raises(UnsupportedBackboneError) as err:
         adapter_named("HiDreamImagePipeline")
-    for name in ("Flux2KleinPipeline", "QwenImagePipeline", "ChromaPipeline", "StableDiffusion3Pipeline"):
+    for name in ("Flux2KleinPipeline", "QwenImagePipeline", "ChromaPipeline", "StableDiffusion3Pipeline", "SanaPipeline", "Lumina2Pipeline"):
         assert name in str(err.value)

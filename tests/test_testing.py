@@ -27,11 +27,20 @@ PIPELINE_CLASS = {
     "flux2": "Flux2KleinPipeline",
     "qwenimage": "QwenImagePipeline",
     "chroma": "ChromaPipeline",
+    "sana": "SanaPipeline",
+    "lumina2": "Lumina2Pipeline",
 }
 CAPTION = "A photo of a cat, a dog and a zebra-crossing!"  # in-vocabulary, upper case, punctuation, unknown word
 
 
-def _generate(pipe, family: str, height: int = 32, width: int = 24) -> np.ndarray:
+#: sizes the pipelines accept (Sana's checks multiples of 32, Lumina 2's of 16); others: 32 x 24
+_SMALL_SIZE = {"sana": (32, 64), "lumina2": (32, 48)}
+_REQUESTED_SIZE = {"sana": (64, 32)}
+
+
+def _generate(pipe, family: str, height: int | None = None, width: int | None = None) -> np.ndarray:
+    if height is None:
+        height, width = _SMALL_SIZE.get(family, (32, 24))
     return pipe(
         prompt="a cat",
         num_inference_steps=2,
@@ -66,8 +75,9 @@ def _text_pairs(pipe) -> list[tuple[object, torch.nn.Module]]:
 def test_each_family_generates_an_image_of_the_requested_size(tiny_pipes, family):
     pipe = tiny_pipes(family)
     assert type(pipe).__name__ == PIPELINE_CLASS[family]
-    images = _generate(pipe, family, height=48, width=32)
-    assert images.shape == (1, 48, 32, 3)
+    h, w = _REQUESTED_SIZE.get(family, (48, 32))
+    images = _generate(pipe, family, height=h, width=w)
+    assert images.shape == (1, h, w, 3)
     assert np.isfinite(images).all() and images.min() >= 0 and images.max() <= 1
     assert images.std() > 0  # a real decode, not a constant frame
 
@@ -182,6 +192,10 @@ def test_denoisers_have_every_kind_of_attention_capture_tests_need(tiny_pipes, f
         assert any(n.endswith("attn2") for n in names) and denoiser.transformer_blocks[0].attn.norm_q is not None
     elif family in ("pixart", "sd3", "qwenimage"):
         assert len(denoiser.transformer_blocks) >= 2
+    elif family == "sana":  # linear self-attention and softmax cross-attention in every block
+        assert len(denoiser.transformer_blocks) >= 2 and all(n.endswith(("attn1", "attn2")) for n in names)
+    elif family == "lumina2":  # text refiner, image refiner and joint blocks
+        assert all(len(getattr(denoiser, k)) >= 1 for k in ("context_refiner", "noise_refiner", "layers"))
     else:
         assert len(denoiser.transformer_blocks) >= 1 and len(denoiser.single_transformer_blocks) >= 1
 

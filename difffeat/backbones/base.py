@@ -47,6 +47,9 @@ class DenoiserInputs:
     #: clean latents and the noise used, kept for techniques that re-noise (multi-step start)
     latents: torch.Tensor | None = None
     noise: torch.Tensor | None = None
+    #: ``[B]`` position of each sample's first image token in joint sequences packed per sample (Lumina 2:
+    #: a sample's unpadded text, then its image tokens, then padding); None for fixed layouts
+    image_offsets: torch.Tensor | None = None
 
     @property
     def batch_size(self) -> int:
@@ -73,13 +76,15 @@ class TextSegment:
 
     ``template`` is the text the pipeline really tokenizes, with ``{}`` for the prompt (a chat template for
     LLM text encoders); ``drop`` is how many leading tokens the pipeline removes before the denoiser sees
-    the sequence (Qwen-Image drops its system prompt)."""
+    the sequence (Qwen-Image drops its system prompt); ``lowercase``: the pipeline lower-cases the prompt before
+    tokenizing it (Sana)."""
 
     tokenizer: Any
     offset: int
     max_length: int
     template: str = "{}"
     drop: int = 0
+    lowercase: bool = False
 
 
 class Backbone(ABC):

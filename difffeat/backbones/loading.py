@@ -17,10 +17,10 @@ from ..checks import check_device
 from ..errors import InvalidOptionError, ModelNotFoundError
 from ..resources import package_dir
 from .base import Backbone
-from .single_file import from_single_file, is_single_file
+from .single_file import SINGLE_FILE_SUFFIXES, checkpoint_keys, from_single_file, is_single_file
 from .registry import adapter_for
 
-__all__ = ["load", "check_model", "wrap_pipeline", "resolve_dtype", "default_device", "EMBEDDED_MODELS"]
+__all__ = ["load", "check_model", "wrap_pipeline", "resolve_dtype", "default_device", "xformers_wanted", "EMBEDDED_MODELS"]
 
 log = logging.getLogger(__name__)
 
@@ -78,12 +78,24 @@ def _quiet_loading() -> Iterator[None]:
     notice_logger = logging.getLogger("transformers.utils.import_utils")
     notice_filter = _DropTorchvisionFallbackNotice()
     notice_logger.addFilter(notice_filter)
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    libraries = (diffusers_logging, transformers_logging)
+    before = [(lib.get_verbosity(), lib.is_progress_bar_enabled()) for lib in libraries]
+    for lib in libraries:  # from_single_file's per-component progress bars and dtype notices
+        lib.set_verbosity_error()
+        lib.disable_progress_bar()
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             yield
     finally:
         notice_logger.removeFilter(notice_filter)
+        for lib, (verbosity, bars) in zip(libraries, before):
+            lib.set_verbosity(verbosity)
+            if bars:
+                lib.enable_progress_bar()
 
 
 def _from_folder(path: Path, dtype: torch.dtype, **pipeline_kwargs: Any) -> DiffusionPipeline:
@@ -148,12 +160,15 @@ def embedded_model_path(name: str) -> Path:
 
 def check_model(model: Any) -> None:
     """Fail early, without loading weights, for a model that cannot load: a missing or incomplete folder, a
-    ``model_index.json`` naming no pipeline, or (offline) a hub id that is not in the local cache."""
+    ``model_index.json`` naming no pipeline, a single file that is missing or no checkpoint, or (offline) a hub
+    id that is not in the local cache."""
     if isinstance(model, (Backbone, DiffusionPipeline)):
         return
     name = os.fspath(model)
     if name in EMBEDDED_MODELS:
         embedded_model_path(name)
+    elif is_single_file(name) and not Path(name).expanduser().is_dir():
+        checkpoint_keys(name)  # exists and is a readable checkpoint (its config is checked when it loads)
     elif Path(name).expanduser().exists():
         path = Path(name).expanduser()
         if not (path / "model_index.json").is_file():
@@ -189,15 +204,20 @@ def load(
             Backbone (returned as is).
         device: where to run; default: the device accelerate assigns to this process (CUDA when available).
         dtype: default float16 on CUDA, float32 on CPU; "fp16", "bf16", "fp32" or a torch dtype.
-        xformers: use xformers memory-efficient attention. Default: only when CUDA and xformers are available.
-            ``True`` without CUDA raises (xformers ops do not run on the CPU).
+        xformers: ``True`` switches attention to xformers (needs CUDA and ``difffeat[gpu]``). Default off: PyTorch
+            SDPA already runs fused kernels on CUDA, and the attention maps of dispatcher-style families
+            (FLUX, SD3.5, Qwen-Image...) are only observable there (see :func:`xformers_wanted`).
         config: for a single-file checkpoint (``model.safetensors`` / ``.ckpt`` in the original key layout):
             a hub id or local diffusers folder of the same architecture, read by diffusers' ``from_single_file``
-            (offline only a local folder resolves).
+            (offline only a local folder or a cached hub id resolves). A file holding the whole pipeline takes
+            only the config's architecture (and tokenizers, scheduler); a file holding a denoiser alone (FLUX.1
+            releases) also takes the other components' weights from the config. Only for single files.
         pipeline_kwargs: forwarded to ``DiffusionPipeline.from_pretrained`` (e.g. ``variant="fp16"``).
 
     Raises:
-        ModelNotFoundError: no such folder, not a diffusers folder, or a hub id that cannot be fetched.
+        ModelNotFoundError: no such folder, not a diffusers folder, or a hub id that cannot be fetched; for a single
+            file: no such file, not a checkpoint, no (or an unresolvable) ``config``, a config of another family.
+        InvalidOptionError: ``config`` given for a model that is not a single file.
         UnsupportedBackboneError: a pipeline class without an adapter.
     """
     if isinstance(model, Backbone):
@@ -210,11 +230,22 @@ def load(
             model.to(device=dev, dtype=torch_dtype)
     else:
         name = os.fspath(model)
+        single = is_single_file(name) and not Path(name).expanduser().is_dir()
+        if config is not None and not single:
+            raise InvalidOptionError(
+                f"config= (--model-config) is only for single-file checkpoints (model.safetensors / .ckpt); {name!r} "
+                "is not one: a diffusers folder or hub id carries its own architecture, so drop the option"
+            )
         if name in EMBEDDED_MODELS:
             pipe = _from_folder(embedded_model_path(name), torch_dtype)
-        elif is_single_file(name) and not Path(name).expanduser().is_dir():
+        elif single:
             with _quiet_loading():
                 pipe = from_single_file(name, config, torch_dtype, **pipeline_kwargs)
+        elif Path(name).expanduser().is_file():
+            raise ModelNotFoundError(
+                f"{name!r} is a file but not a checkpoint difffeat reads: single-file checkpoints end in "
+                f"{', '.join(SINGLE_FILE_SUFFIXES)}; otherwise pass a diffusers folder, a hub id, or 'shapes'"
+            )
         elif Path(name).expanduser().exists():
             pipe = _from_folder(Path(name).expanduser(), torch_dtype, **pipeline_kwargs)
         else:
@@ -237,26 +268,49 @@ def load(
     return backbone
 
 
-def _configure_attention(backbone: Backbone, device: torch.device, xformers: bool | None) -> None:
-    if xformers is False:
-        return
+def xformers_wanted(requested: bool | None, device: torch.device, installed: bool) -> bool:
+    """Whether :func:`load` switches the pipeline to xformers attention.
+
+    Only when asked (``requested=True``): the default (``None``) and ``False`` keep PyTorch's
+    ``scaled_dot_product_attention``, which already runs flash / memory-efficient kernels on CUDA and is where
+    the attention observers see the probabilities of dispatcher-style attention (FLUX, SD3.5, Qwen-Image...);
+    xformers there would make every attention map an :class:`~difffeat.errors.AttentionBackendError`.
+
+    Raises:
+        ValueError: ``requested=True`` without CUDA, or without xformers installed.
+    """
+    if not requested:
+        return False
     if device.type != "cuda":
-        if xformers:
-            raise ValueError("xformers=True needs a CUDA device (xformers kernels do not run on the CPU)")
-        return
-    try:
-        import xformers as _  # noqa: F401
-    except ImportError:
-        if xformers:
-            raise ValueError("xformers=True but xformers is not installed: pip install 'difffeat[gpu]'") from None
+        raise ValueError("xformers=True needs a CUDA device (xformers kernels do not run on the CPU)")
+    if not installed:
+        raise ValueError("xformers=True but xformers is not installed: pip install 'difffeat[gpu]'")
+    return True
+
+
+def _dispatcher_attention(backbone: Backbone) -> bool:
+    """True when some attention of the denoiser calls diffusers' attention dispatcher (new-style processors)."""
+    processors = getattr(backbone.denoiser, "attn_processors", {})
+    return any(hasattr(p, "_attention_backend") for p in processors.values())
+
+
+def _configure_attention(backbone: Backbone, device: torch.device, xformers: bool | None) -> None:
+    import importlib.util
+
+    if not xformers_wanted(xformers, device, importlib.util.find_spec("xformers") is not None):
         return
     try:
         backbone.pipeline.enable_xformers_memory_efficient_attention()
     except Exception as exc:  # installed but built for another torch/CUDA: its kernels fail to load or run
         reason = f"{exc.__class__.__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-        if xformers:
-            raise ValueError(
-                f"xformers=True but xformers does not run here ({reason}); install an xformers build that matches "
-                "this torch and CUDA, or pass xformers=False"
-            ) from None
-        warnings.warn(f"xformers is installed but does not run here ({reason}); using PyTorch attention", stacklevel=3)
+        raise ValueError(
+            f"xformers=True but xformers does not run here ({reason}); install an xformers build that matches "
+            "this torch and CUDA, or leave xformers off (the default)"
+        ) from None
+    if _dispatcher_attention(backbone):
+        warnings.warn(
+            f"xformers=True: the {backbone.family} denoiser's attention now runs through xformers in diffusers' "
+            "attention dispatcher, so its attention maps cannot be captured (segmentation raises "
+            "AttentionBackendError); features and q/k/v still work. Leave xformers off to capture maps.",
+            stacklevel=3,
+        )

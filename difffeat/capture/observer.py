@@ -16,7 +16,14 @@ Backends that do not run torch SDPA (flash, sage, xformers, flex, NPU/XLA kernel
 forward, and an observed layer that finishes without an SDPA call raises it after.
 
 Legacy processors that compute attention without SDPA (``AttnProcessor``, ``SlicedAttnProcessor``,
-``XFormersAttnProcessor``) keep a processor-level observer (a *layout*) registered by class name.
+``XFormersAttnProcessor``) keep a processor-level observer (a *layout*) registered by class name; so does
+Sana's ReLU linear attention (``SanaLinearAttnProcessor2_0``), whose attention matrix is never formed by the
+layer (it multiplies ``V K^T`` first): its maps are that matrix, normalised as the layer normalises it
+(:func:`relu_linear_probs`), not softmax probabilities.
+
+Joint sequences packed per sample (Lumina 2: each sample's unpadded text, then its image tokens, then
+padding) are brought to one layout for every sample by :func:`packed_joint_tensors`: text keys padded to the
+prompt length (padding masked), then the image keys.
 """
 
 from __future__ import annotations
@@ -44,6 +51,9 @@ __all__ = [
     "check_observable",
     "install_observer",
     "dispatched_tensors",
+    "packed_joint_tensors",
+    "softmax_probs",
+    "relu_linear_probs",
 ]
 
 #: elements of the temporary ``[B, heads, rows, keys]`` logits/probabilities tensor of one chunk of query rows.
@@ -65,6 +75,8 @@ class AttentionTensors:
         scale: logit scale (1/sqrt(d) normally).
         image_keys / text_keys: positions of image and text keys in ``k`` (``text_keys`` is None for
             plain self-attention, ``image_keys`` is None for plain cross-attention).
+        kernel: how the layer turns q and k into attention weights: "softmax" (scaled dot-product) or
+            "relu-linear" (Sana's linear attention, see :func:`relu_linear_probs`).
     """
 
     q: torch.Tensor
@@ -74,6 +86,7 @@ class AttentionTensors:
     scale: float
     image_keys: slice | None
     text_keys: slice | None
+    kernel: str = "softmax"
 
 
 class MapReducer(Protocol):
@@ -96,6 +109,34 @@ def head_mean(probs_bhqk: torch.Tensor, **_: Any) -> torch.Tensor:
     return probs_bhqk.mean(dim=1)
 
 
+def softmax_probs(q_bhqd: torch.Tensor, kt_bhdk: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """Scaled dot-product attention ``softmax(q k^T + bias)`` over keys (``q`` already scaled), float32."""
+    logits = torch.matmul(q_bhqd, kt_bhdk)
+    if bias is not None:
+        logits = logits + bias.float()
+    return logits.softmax(dim=-1)
+
+
+#: the denominator offset of ``SanaLinearAttnProcessor2_0``
+LINEAR_ATTENTION_EPS = 1e-15
+
+
+def relu_linear_probs(q_bhqd: torch.Tensor, kt_bhdk: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Sana's ReLU linear attention as an attention matrix (``q``, ``k`` already through ReLU):
+    ``A_ij = relu(q_i).relu(k_j) / (sum_j relu(q_i).relu(k_j) + 1e-15)``, so that ``A V`` is the layer's
+    output before the output projection. Weights are >= 0; a row sums to 1 unless its query overlaps no key,
+    where the row is 0 (and so is the layer's output)."""
+    scores = torch.matmul(q_bhqd, kt_bhdk)
+    return scores / (scores.sum(dim=-1, keepdim=True) + LINEAR_ATTENTION_EPS)
+
+
+#: kernel -> (prepare ``(q, k, scale) -> (q', k'^T)`` once per layer, probabilities of a chunk of rows)
+_KERNELS: dict[str, tuple[Callable, Callable]] = {
+    "softmax": (lambda q, k, scale: (q.float() * scale, k.float().transpose(-1, -2)), softmax_probs),
+    "relu-linear": (lambda q, k, scale: (F.relu(q.float()), F.relu(k.float()).transpose(-1, -2)), relu_linear_probs),
+}
+
+
 def attention_probs(
     tensors: AttentionTensors,
     keys: str,
@@ -103,7 +144,8 @@ def attention_probs(
     attn: Any,
     chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
 ) -> torch.Tensor:
-    """Softmax attention probabilities of the image queries (float32), reduced chunk by chunk.
+    """Attention probabilities of the image queries (float32; softmax, or the layer's linear-attention
+    weights for ``kernel="relu-linear"``), reduced chunk by chunk.
 
     ``keys``: "cross" keeps the text-key columns, "self" the image-key columns, "all" every column. The
     softmax always runs over *all* keys the layer attends to (for joint attention the cross block is
@@ -116,18 +158,15 @@ def attention_probs(
     if cols is None:
         raise DifffeatError(f"this attention layer has no {keys} keys")
     rows_per_chunk = max(1, chunk_elements // max(1, b * h * nk))
-    q_scaled = q.float() * tensors.scale  # scaling the [.., d] queries, not the [.., keys] logits
-    kt = k.float().transpose(-1, -2)
+    prepare, probs = _KERNELS[tensors.kernel]
+    q_prepared, kt = prepare(q, k, tensors.scale)  # scaling the [.., d] queries, not the [.., keys] logits
     out = None  # [..., nq, K] filled chunk by chunk: no list of pieces and no concatenated copy
     for start in range(0, nq, rows_per_chunk):
         rows = slice(start, min(nq, start + rows_per_chunk))
-        logits = torch.matmul(q_scaled[:, :, rows], kt)
-        if tensors.bias is not None:
-            bias = tensors.bias
-            if bias.shape[-2] != 1:
-                bias = bias[..., rows, :]
-            logits = logits + bias.float()
-        full = logits.softmax(dim=-1)
+        bias = tensors.bias
+        if bias is not None and bias.shape[-2] != 1:
+            bias = bias[..., rows, :]
+        full = probs(q_prepared[:, :, rows], kt, bias)
         reduced = reducer(full[..., cols], attn=attn, tensors=tensors, rows=rows, full_probs_bhqk=full)
         if out is None:
             out = reduced.new_empty((*reduced.shape[:-2], nq, reduced.shape[-1]))
@@ -189,6 +228,20 @@ def _joint_image_first(attn, hidden_states, encoder_hidden_states=None, attentio
     return AttentionTensors(q, k, v, None, attn.scale, image_keys=slice(0, n_img), text_keys=text)
 
 
+def _relu_linear(attn, hidden_states, encoder_hidden_states=None, attention_mask=None, n_image=None, **_) -> AttentionTensors:
+    """Sana ``SanaLinearAttnProcessor2_0`` (self-attention over the image tokens): q/k/v as the processor
+    projects and norms them, before its ReLU (applied by the ``relu-linear`` kernel)."""
+    context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
+    h = attn.heads
+    q, k, v = attn.to_q(hidden_states), attn.to_k(context), attn.to_v(context)
+    if attn.norm_q is not None:
+        q = attn.norm_q(q)
+    if attn.norm_k is not None:
+        k = attn.norm_k(k)
+    n = k.shape[1]
+    return AttentionTensors(_heads(q, h), _heads(k, h), _heads(v, h), None, 1.0, image_keys=slice(0, n), text_keys=None, kernel="relu-linear")
+
+
 # --------------------------------------------------------------------------- observers
 MapSink = Callable[[str, Any, AttentionTensors], None]
 
@@ -230,6 +283,10 @@ class JointObserver(_Observer):
         return out
 
 
+class LinearAttentionObserver(JointObserver):
+    layout = staticmethod(_relu_linear)
+
+
 _OBSERVERS: dict[str, type[_Observer]] = {}
 
 
@@ -241,6 +298,7 @@ def register_layout(observer_cls: type[_Observer], *stock_processor_names: str) 
 
 register_layout(StandardObserver, "AttnProcessor", "XFormersAttnProcessor", "SlicedAttnProcessor", "AttnProcessorNPU")
 register_layout(JointObserver, "XFormersJointAttnProcessor")
+register_layout(LinearAttentionObserver, "SanaLinearAttnProcessor2_0")
 
 
 
@@ -308,6 +366,44 @@ def _additive_bias(mask: torch.Tensor | None, rows: slice, nq: int) -> torch.Ten
     return mask[..., rows, :] if mask.shape[-2] == nq and nq > 1 else mask
 
 
+def packed_joint_tensors(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    scale: float | None,
+    n_image: int,
+    image_offsets: torch.Tensor,
+    text_len: int,
+) -> AttentionTensors:
+    """The :class:`AttentionTensors` of a joint attention whose sequence is packed per sample: sample b holds
+    its ``image_offsets[b]`` unpadded text tokens, then its ``n_image`` image tokens, then padding (Lumina 2).
+
+    Keys and values are gathered into one layout for all samples, ``[text (text_len slots), image]``, the
+    text slots past a sample's own text masked (-inf bias, zero probability), so maps have the same width for
+    every prompt and a batch equals its single runs. The layer's padding keys (masked there) are left out;
+    its softmax over the remaining keys is unchanged."""
+    b, heads, n, d = query.shape
+    dev = query.device
+    offsets = image_offsets.to(device=dev, dtype=torch.long).view(b, 1)
+    image_idx = offsets + torch.arange(n_image, device=dev).view(1, n_image)  # [B, n_image]
+    slots = torch.arange(text_len, device=dev).view(1, text_len)
+    text_idx = slots.clamp(max=n - 1).expand(b, text_len)  # [B, text_len]; slots past the text are masked below
+    keys_idx = torch.cat([text_idx, image_idx], dim=1)
+
+    def gather(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        if x.shape[1] != heads:  # grouped-query attention (enable_gqa)
+            x = x.repeat_interleave(heads // x.shape[1], dim=1)
+        return x.gather(2, idx.view(b, 1, -1, 1).expand(b, heads, idx.shape[1], d))
+
+    bias = torch.zeros(b, 1, 1, text_len + n_image, device=dev)
+    bias[:, 0, 0, :text_len] = bias[:, 0, 0, :text_len].masked_fill(slots >= offsets, float("-inf"))
+    return AttentionTensors(
+        gather(query, image_idx), gather(key, keys_idx), gather(value, keys_idx), bias,
+        float(scale) if scale is not None else d**-0.5,
+        image_keys=slice(text_len, text_len + n_image), text_keys=slice(0, text_len),
+    )
+
+
 def dispatched_tensors(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -317,6 +413,8 @@ def dispatched_tensors(
     n_image: int,
     text_first: bool,
     cross: bool = False,
+    image_offsets: torch.Tensor | None = None,
+    text_len: int | None = None,
 ) -> AttentionTensors:
     """The :class:`AttentionTensors` of one SDPA call (``[B, heads, N, d]`` each), image queries only.
 
@@ -324,8 +422,11 @@ def dispatched_tensors(
     (the input grid's tokens; a UNet's lower levels have fewer), is self-attention, unless the module is a
     cross-attention (``cross``); a different number of keys is cross-attention (all keys are text); a
     sequence longer than ``n_image`` is joint attention over image and text tokens, the image tokens last
-    (``text_first``) or first. Grouped-query keys/values are repeated to the query heads."""
+    (``text_first``) or first; with ``image_offsets`` (per-sample packed sequences) a joint call goes
+    through :func:`packed_joint_tensors`. Grouped-query keys/values are repeated to the query heads."""
     nq, nk, heads = query.shape[-2], key.shape[-2], query.shape[1]
+    if image_offsets is not None and nq == nk and nq > n_image and not cross:
+        return packed_joint_tensors(query, key, value, scale, n_image, image_offsets, text_len or nk - n_image)
     if key.shape[1] != heads:  # grouped-query attention (enable_gqa)
         key = key.repeat_interleave(heads // key.shape[1], dim=1)
         value = value.repeat_interleave(heads // value.shape[1], dim=1)
@@ -367,9 +468,13 @@ class _SDPAWatch(TorchFunctionMode):
 class DispatchObserver:
     """Observes one attention module's SDPA call through forward hooks (always removed by :meth:`remove`)."""
 
-    def __init__(self, attn: torch.nn.Module, module_path: str, sink: MapSink, n_image: int, text_first: bool) -> None:
+    def __init__(
+        self, attn: torch.nn.Module, module_path: str, sink: MapSink, n_image: int, text_first: bool,
+        image_offsets: torch.Tensor | None = None, text_len: int | None = None,
+    ) -> None:
         self.attn, self.module_path, self.sink = attn, module_path, sink
         self.n_image, self.text_first = n_image, text_first
+        self.image_offsets, self.text_len = image_offsets, text_len
         self._watch: _SDPAWatch | None = None
         self._seen = False
         self._handles = [
@@ -402,6 +507,7 @@ class DispatchObserver:
             tensors = dispatched_tensors(
                 sdpa["query"], sdpa["key"], sdpa["value"], sdpa.get("attn_mask"), sdpa.get("scale"),
                 self.n_image, self.text_first, bool(getattr(self.attn, "is_cross_attention", False)),
+                self.image_offsets, self.text_len,
             )
         self.sink(self.module_path, self.attn, tensors)
 
@@ -426,10 +532,14 @@ class _ProcessorSwap:
 
 
 def install_observer(
-    attn: torch.nn.Module, module_path: str, sink: MapSink, n_image: int, text_first: bool = False
+    attn: torch.nn.Module, module_path: str, sink: MapSink, n_image: int, text_first: bool = False,
+    image_offsets: torch.Tensor | None = None, text_len: int | None = None,
 ) -> DispatchObserver | _ProcessorSwap:
     """Observe one attention module: at its SDPA call, or by a legacy processor layout for processors that
     compute attention themselves. Returns a handle whose ``remove()`` restores the module.
+
+    ``image_offsets`` (``[B]``) and ``text_len`` describe joint sequences packed per sample
+    (:func:`packed_joint_tensors`); None for fixed layouts.
 
     Raises:
         AttentionBackendError: the module's attention backend cannot return maps.
@@ -439,4 +549,4 @@ def install_observer(
     if legacy is not None:
         return _ProcessorSwap(attn, legacy(stock, module_path, sink, n_image))
     check_observable(attn, module_path)
-    return DispatchObserver(attn, module_path, sink, n_image, text_first)
+    return DispatchObserver(attn, module_path, sink, n_image, text_first, image_offsets, text_len)

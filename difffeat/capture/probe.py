@@ -8,10 +8,10 @@ and caches the result per backbone.
 from __future__ import annotations
 
 import weakref
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
-from torch._subclasses.fake_tensor import DynamicOutputShapeException, FakeTensorMode
+from torch._subclasses.fake_tensor import DataDependentOutputException, DynamicOutputShapeException, FakeTensor, FakeTensorMode
 
 from ..catalog import ActivationInfo, Catalog, build_catalog, enumerate_activations
 from ..hookpoints import load_table
@@ -20,7 +20,7 @@ from .session import Capture
 if TYPE_CHECKING:
     from ..backbones.base import Backbone
 
-__all__ = ["catalog_of", "probe_shapes"]
+__all__ = ["catalog_of", "probe_shapes", "fake_conditioning"]
 
 #: catalogs at the native resolution, per live backbone
 _NATIVE: "weakref.WeakKeyDictionary[Backbone, Catalog]" = weakref.WeakKeyDictionary()
@@ -46,7 +46,16 @@ def probe_shapes(backbone: "Backbone", infos: list[ActivationInfo], size: tuple[
             cond = backbone.encode_prompt([""])
     except DynamicOutputShapeException:  # text encoders whose output length depends on the data (masks)
         cond = backbone.encode_prompt([""])
-    with FakeTensorMode(allow_non_fake_inputs=True):
+    try:
+        return _fake_forward_shapes(backbone, infos, size, cond)
+    except DataDependentOutputException:  # the denoiser reads its conditioning on the host (Lumina 2's text mask)
+        return _fake_forward_shapes(backbone, infos, size, backbone.encode_prompt([""]))
+
+
+def _fake_forward_shapes(backbone: "Backbone", infos: list[ActivationInfo], size: tuple[int, int], cond: dict) -> dict[str, tuple[int, ...]]:
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    cond = fake_conditioning(mode, cond)
+    with mode:
         latents = torch.zeros(1, *backbone.latent_shape(*size), dtype=backbone.dtype, device=backbone.device)
         inputs = backbone.denoiser_inputs(latents, 1, cond, size)
         try:
@@ -55,6 +64,21 @@ def probe_shapes(backbone: "Backbone", infos: list[ActivationInfo], size: tuple[
         finally:
             _clear_method_caches(backbone.denoiser)
         return {name: tuple(int(s) for s in shape[1:]) for name, shape in cap.shapes.items()}
+
+
+def fake_conditioning(mode: FakeTensorMode, cond: dict) -> dict:
+    """The real integer/bool tensors of a conditioning dict (text masks) as *constant* fake tensors of ``mode``:
+    their values stay known, so a denoiser that reads them on the host (Lumina 2 turns its text mask into
+    per-sample lengths with ``tolist()``) runs under fake tensors. Other entries are returned unchanged. Call it
+    outside ``mode``'s context."""
+
+    def convert(x: Any) -> Any:
+        real = isinstance(x, torch.Tensor) and not isinstance(x, FakeTensor) and x.device.type != "meta"
+        if real and not (x.is_floating_point() or x.is_complex()):
+            return mode.fake_tensor_converter.from_real_tensor(mode, x.clone(), make_constant=True)  # a view's fake would lose the constant
+        return x
+
+    return {k: convert(v) for k, v in cond.items()}
 
 
 def _clear_method_caches(denoiser: torch.nn.Module) -> None:

@@ -43,12 +43,25 @@ def _first_tensor(output: Any, index: int | None) -> torch.Tensor:
     return output
 
 
-def sequence_to_spatial(x: torch.Tensor, grid: tuple[int, int], tokens: str = "image") -> torch.Tensor:
+def packed_image_tokens(x: torch.Tensor, n_image: int, image_offsets: torch.Tensor | None) -> torch.Tensor:
+    """``[B, N, C]`` joint sequence packed per sample -> its ``[B, n_image, C]`` image tokens, sample b's
+    starting at ``image_offsets[b]`` (the last ``n_image`` tokens when no offsets are given)."""
+    if image_offsets is None:
+        return x[:, -n_image:]
+    b, _, c = x.shape
+    idx = image_offsets.to(device=x.device, dtype=torch.long).view(b, 1) + torch.arange(n_image, device=x.device)
+    return x.gather(1, idx.unsqueeze(-1).expand(b, n_image, c))
+
+
+def sequence_to_spatial(
+    x: torch.Tensor, grid: tuple[int, int], tokens: str = "image", image_offsets: torch.Tensor | None = None
+) -> torch.Tensor:
     """``[B, N, C]`` image-token sequence -> ``[B, C, h, w]``.
 
     ``grid`` is the denoiser's input token grid (h, w). A sequence of fewer tokens is a downsampled level
     (UNet): its grid is ``ceil(h/s) x ceil(w/s)`` for the power of two ``s`` that matches N. With
-    ``tokens="last"`` only the last ``h*w`` tokens are image tokens (FLUX single-stream blocks).
+    ``tokens="last"`` only the last ``h*w`` tokens are image tokens (FLUX single-stream blocks); with
+    ``tokens="packed"`` they start at each sample's ``image_offsets`` (:func:`packed_image_tokens`).
     ``[B, C, H, W]`` tensors pass through.
     """
     if x.ndim == 4:
@@ -58,6 +71,8 @@ def sequence_to_spatial(x: torch.Tensor, grid: tuple[int, int], tokens: str = "i
     h, w = grid
     if tokens == "last":
         x = x[:, -h * w :]
+    elif tokens == "packed":
+        x = packed_image_tokens(x, h * w, image_offsets)
     n = x.shape[1]
     for s in (1, 2, 4, 8, 16, 32, 64):
         gh, gw = math.ceil(h / s), math.ceil(w / s)
@@ -78,7 +93,9 @@ class Capture:
     Args:
         backbone: the :class:`~difffeat.backbones.Backbone` whose denoiser is instrumented.
         activations: names (or paper aliases, or :class:`ActivationInfo`) to capture.
-        inputs: the :class:`DenoiserInputs` of the forward (gives the token grid); or pass ``grid``.
+        inputs: the :class:`DenoiserInputs` of the forward (gives the token grid, the text length and, for joint
+            sequences packed per sample, each sample's image offset); or pass ``grid`` (then packed
+            sequences are read as if every sample's image tokens came last, true for one sample).
         early_exit: stop the forward once everything is captured.
         map_reducer: how attention maps are reduced per layer: ``per_head`` (default, ``[B, heads, HW, K]``),
             ``head_mean`` (``[B, HW, K]``) or any :class:`MapReducer`.
@@ -110,6 +127,8 @@ class Capture:
             raise ValueError("Capture needs the forward's inputs (DenoiserInputs) or the token grid")
         self.backbone = backbone
         self.grid = tuple(inputs.grid) if inputs is not None else tuple(grid)
+        self.image_offsets = inputs.image_offsets if inputs is not None else None
+        self.text_len = inputs.text_len if inputs is not None else None
         names = list(activations)
         if not names:
             raise ValueError("empty activation list: name at least one activation (see `difffeat catalog MODEL`)")
@@ -147,7 +166,8 @@ class Capture:
     def _feature_hook(self, infos: list[ActivationInfo]):
         def hook(module, args, output):
             for info in infos:
-                self._store(info, sequence_to_spatial(_first_tensor(output, info.index), self.grid, info.tokens))
+                x = _first_tensor(output, info.index)
+                self._store(info, sequence_to_spatial(x, self.grid, info.tokens, self.image_offsets))
 
         return hook
 
@@ -201,7 +221,9 @@ class Capture:
                 sink = self._map_sink(maps_by_module)
                 text_first = load_table(self.backbone.hook_table).token_order == "text-first"
                 for path in maps_by_module:
-                    self._observers.append(install_observer(denoiser.get_submodule(path), path, sink, n_image, text_first))
+                    self._observers.append(install_observer(
+                        denoiser.get_submodule(path), path, sink, n_image, text_first, self.image_offsets, self.text_len
+                    ))  # fmt: skip
         except BaseException:
             self._remove()
             raise

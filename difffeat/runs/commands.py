@@ -55,9 +55,10 @@ def extract(model: str, images: Sequence[str | os.PathLike] | None = None, *, ou
             voc: str | os.PathLike | None = None, voc_split: str | None = None, prompt: str = "",
             resolution: int | None = None, square: bool = False, seed: int = 0, batch_size: int = 8,
             num_workers: int = 2, overwrite: bool = False, skip_unreadable: bool = False, device: str | None = None,
-            dtype: str | None = None) -> "tuple[RunSummary, list[str]]":
+            dtype: str | None = None, model_config: str | os.PathLike | None = None) -> "tuple[RunSummary, list[str]]":
     """``difffeat extract``: features of every image into ``out_dir`` (see :func:`run_extract`); returns the
-    summary and the feature names."""
+    summary and the feature names. ``model_config``: the architecture of a single-file ``model`` (``config=`` of
+    :func:`difffeat.load`)."""
     names = split_names(features)
     if not names and not preset:
         raise InvalidOptionError("name the features with --features a,b or pick --preset (see `difffeat presets`)")
@@ -73,7 +74,7 @@ def extract(model: str, images: Sequence[str | os.PathLike] | None = None, *, ou
     refs, desc = image_sources(images, coco, coco_images_dir, voc, voc_split)
     check_device(device)
     state = init_state(device)
-    fx = FeatureExtractor(load(model, device=device, dtype=dtype), names or None, preset=preset, t=t,
+    fx = FeatureExtractor(load(model, device=device, dtype=dtype, config=model_config), names or None, preset=preset, t=t,
                           resolution=resolution, square=square, seed=seed, batch_size=batch_size)
     job = ExtractJob(Path(out_dir), prompt=prompt, num_workers=num_workers, overwrite=overwrite, dataset=desc,
                      skip_unreadable=skip_unreadable)
@@ -94,10 +95,11 @@ def segment(images: Sequence[str | os.PathLike], classes: str | Sequence[str], *
             label_file: str | os.PathLike | None = None, caption_file: str | os.PathLike | None = None,
             coco_results: str | os.PathLike | None = None, num_workers: int = 2, overwrite: bool = False,
             skip_unreadable: bool = False, device: str | None = None, dtype: str | None = None, batch_size: int = 1,
-            **overrides: Any) -> "tuple[RunSummary, list[str]]":
+            model_config: str | os.PathLike | None = None, **overrides: Any) -> "tuple[RunSummary, list[str]]":
     """``difffeat segment``: label maps of every image into ``out_dir`` (see :func:`run_segment`), resumable and
     sharded over processes, ``batch_size`` images per forward; ``overrides`` are :class:`SegmentSettings`
-    fields (heads, layers, tau, ...)."""
+    fields (heads, layers, tau, ...). ``config`` names the GOCA settings; ``model_config`` the architecture of
+    a single-file ``model``."""
     if method not in (None, "goca", "vanilla"):
         raise InvalidOptionError(f"--method must be goca or vanilla, got {method!r}")
     settings = segmenter_overrides(**{k: overrides.pop(k) for k in ("heads", "layers", "rescale", "tau", "t", "refine_order") if k in overrides})
@@ -120,7 +122,7 @@ def segment(images: Sequence[str | os.PathLike], classes: str | Sequence[str], *
     if overrides.get("postprocess") is not None:  # unknown name or missing [crf] extra: before the model loads
         check_postprocess(overrides["postprocess"])
     state = init_state(device)
-    seg = Segmenter(load(model, device=device, dtype=dtype), method=method, config=config, **settings, **overrides)
+    seg = Segmenter(load(model, device=device, dtype=dtype, config=model_config), method=method, config=config, **settings, **overrides)
     job = SegmentJob(Path(out_dir), names, heatmaps=heatmaps, coco_results=Path(coco_results) if coco_results else None,
                      num_workers=num_workers, overwrite=overwrite, skip_unreadable=skip_unreadable, dataset=desc,
                      label_source=source_spec("all", label_file, caption_file), batch_size=batch_size)
@@ -147,10 +149,11 @@ def evaluate_dataset(model: str = "shapes", *, coco: str | os.PathLike | None = 
                      tune_n: int = 100, limit: int | None = None, out_dir: str | os.PathLike = "eval_out",
                      report: str | os.PathLike | None = None, chunk_size: int = 8, batch_size: int = 1, num_workers: int = 2,
                      overwrite: bool = False, device: str | None = None, dtype: str | None = None,
-                     **overrides: Any) -> EvalOutcome:
+                     model_config: str | os.PathLike | None = None, **overrides: Any) -> EvalOutcome:
     """``difffeat eval``: mIoU of a dataset (COCO, VOC-style or generated shapes), tau optionally tuned on a
     separate shapes split first; the run folder ``out_dir`` holds the resumable parts and, by default, the
-    report (``out_dir/report.json``); ``batch_size`` images per forward (within a chunk)."""
+    report (``out_dir/report.json``); ``batch_size`` images per forward (within a chunk). ``config`` names the
+    GOCA settings; ``model_config`` the architecture of a single-file ``model``."""
     if setting not in ("oracle", "all"):  # difffeat.evaluate.SETTINGS
         raise InvalidOptionError(f"--setting must be oracle or all, got {setting!r}")
     if method not in ("goca", "vanilla"):
@@ -201,7 +204,7 @@ def evaluate_dataset(model: str = "shapes", *, coco: str | os.PathLike | None = 
     if overrides.get("postprocess") is not None:  # unknown name or missing [crf] extra: before the model loads
         check_postprocess(overrides["postprocess"])
     state = init_state(device)
-    seg = Segmenter(load(model, device=device, dtype=dtype), method=method, config=config, **settings, **overrides)
+    seg = Segmenter(load(model, device=device, dtype=dtype, config=model_config), method=method, config=config, **settings, **overrides)
     tuned = None
     if tune_data is not None:
         best, scores = tune_tau(seg, tune_data, setting, limit=tune_n, progress=True, out_dir=out_dir / "tune_tau",

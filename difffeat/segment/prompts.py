@@ -75,6 +75,8 @@ def _positions(
     tok = segment.tokenizer
     prefix, _, suffix = segment.template.partition("{}")
     spans = [(a + len(prefix), b + len(prefix)) for a, b in spans]
+    if segment.lowercase and len(caption.lower()) == len(caption):  # same characters, so the spans still hold
+        caption = caption.lower()
     enc = tok(prefix + caption + suffix, return_offsets_mapping=True, add_special_tokens=True, truncation=False)
     ids, offsets = enc["input_ids"], enc["offset_mapping"]
     pieces = tok.convert_ids_to_tokens(ids)

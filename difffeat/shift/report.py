@@ -37,9 +37,11 @@ class GateReport:
 
 def run_gate(model: str, images: Sequence[str | os.PathLike], techniques: Sequence[str], *, features=None,
              prompt: str = "", t: int = 50, out_dir: str | os.PathLike = "gate_out", img2img: bool = True,
-             strength: float = 0.75, steps: int = 20, device: str | None = None, dtype: str | None = None) -> GateReport:
+             strength: float = 0.75, steps: int = 20, device: str | None = None, dtype: str | None = None,
+             model_config: str | os.PathLike | None = None) -> GateReport:
     """Score each technique (``prompt:...``, ``controlnet:...``, ``lora:...``) on ``images``; with ``img2img``
-    also write ``out_dir/<stem>_<technique>.png`` comparisons; ``out_dir/gate.json`` holds everything."""
+    also write ``out_dir/<stem>_<technique>.png`` comparisons; ``out_dir/gate.json`` holds everything.
+    ``model_config``: the architecture of a single-file ``model`` (``config=`` of :func:`difffeat.load`)."""
     from ..backbones import load
     from ..capture import catalog_of
     from ..features import FeatureExtractor
@@ -58,7 +60,7 @@ def run_gate(model: str, images: Sequence[str | os.PathLike], techniques: Sequen
     if missing:
         raise InvalidOptionError(f"image file not found: {missing[0]!r}")
     check_device(device)
-    backbone = load(model, device=device, dtype=dtype)
+    backbone = load(model, device=device, dtype=dtype, config=model_config)
     names = split_names(features) or default_gate_features(catalog_of(backbone))
     fx = FeatureExtractor(backbone, names, t=t)
     report = GateReport(t, names)
