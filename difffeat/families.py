@@ -49,6 +49,8 @@ def _attention_kind(table: HookTable) -> str:
         kind += ", linear self-attention"
     if any(r.tokens == "packed" for r in rules):
         kind += ", packed per sample"
+    if table.sequence_multiple > 1:
+        kind += f", blocks padded to {table.sequence_multiple} tokens"
     return kind
 
 

@@ -11,7 +11,12 @@ import yaml
 from .errors import ConfigError
 from .resources import data_dir
 
-__all__ = ["ActivationRule", "HookPoint", "HookTable", "load_table"]
+__all__ = ["ActivationRule", "HookPoint", "HookTable", "load_table", "padded_length"]
+
+
+def padded_length(n: int, multiple: int) -> int:
+    """``n`` rounded up to a multiple of ``multiple`` (Z-Image pads its image and text blocks to 32 tokens)."""
+    return -(-n // multiple) * multiple
 
 
 @dataclass(frozen=True)
@@ -45,6 +50,9 @@ class HookTable:
     goca: dict = field(default_factory=dict)
     #: where the image tokens sit in a joint [image, text] sequence: "image-first" or "text-first"
     token_order: str = "image-first"
+    #: each block of the joint sequence (image, text) is padded to a multiple of this many tokens (Z-Image: 32);
+    #: its text keys are then padded to the forward's ``text_len`` columns of zero probability
+    sequence_multiple: int = 1
 
     def rules_for(self, module_path: str) -> list[ActivationRule]:
         """Every activation rule whose pattern fully matches ``module_path``."""
@@ -101,10 +109,17 @@ def load_table(name: str) -> HookTable:
         default_flags=tuple(raw.get("default_flags", ())),
         goca=dict(raw.get("goca", {})),
         token_order=_token_order(raw.get("token_order", "image-first"), path),
+        sequence_multiple=_sequence_multiple(raw.get("sequence_multiple", 1), path),
     )
 
 
 def _token_order(value: str, path) -> str:
     if value not in ("image-first", "text-first"):
         raise ConfigError(f"bad token_order {value!r} in {path}: use image-first or text-first")
+    return value
+
+
+def _sequence_multiple(value, path) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"bad sequence_multiple {value!r} in {path}: use a positive integer (1: no padding)")
     return value

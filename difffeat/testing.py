@@ -10,7 +10,8 @@ heads in every denoiser attention, cross-attention on the UNet's down *and* up p
 per SDXL attention block at the inner level (so ``...transformer_blocks.1...`` names exist), two or more
 PixArt / SD3 blocks, and FLUX with both a double-stream and single-stream blocks. Every VAE downsamples by 2,
 so a 64x64 px image is a 32x32 latent (16x16 tokens for the patch-2 DiTs and for FLUX's 2x2 packing); a
-forward pass at that size takes milliseconds on a CPU.
+forward pass at that size takes milliseconds on a CPU. HunyuanDiT's VAE downsamples by 8 (its pipeline
+hard-codes that factor), so there 64 px is 4x4 tokens.
 
 Tokenizers are built here, offline, over :data:`WORDS` (a few hundred common English words plus the COCO,
 VOC and ``shapes`` class names): CLIP's with :func:`difffeat.tokenizers.build_clip_tokenizer` (every word one
@@ -45,6 +46,7 @@ __all__ = [
     "tiny_pipeline",
     "tiny_t5_tokenizer",
     "tiny_chat_tokenizer",
+    "tiny_bert_tokenizer",
     "tiny_gemma_tokenizer",
     "CHAT_TEMPLATE",
     "sd_original_state_dict",
@@ -533,6 +535,86 @@ def _build_chroma(seed: int):  # noqa: ANN202 - ChromaPipeline
     return pipe
 
 
+# ------------------------------------------------------------------------------------------------ HunyuanDiT, Z-Image
+#: HunyuanDiT: 4 blocks (block 3 takes the long skip from block 0), 2 heads of 8 (2-D RoPE needs a head dim
+#: divisible by 4), the real text lengths (77 BERT + 256 mT5 tokens: the pipeline hard-codes them), learned sigma.
+HUNYUANDIT_TRANSFORMER_CONFIG: dict[str, Any] = dict(
+    num_attention_heads=2, attention_head_dim=8, in_channels=4, patch_size=2, sample_size=8, hidden_size=16,
+    num_layers=4, mlp_ratio=2.0, learn_sigma=True, cross_attention_dim=32, cross_attention_dim_t5=32,
+    pooled_projection_dim=16, text_len=77, text_len_t5=256, use_style_cond_and_image_meta_size=False,
+)  # fmt: skip
+#: HunyuanDiT's VAE downsamples by 8 (its pipeline hard-codes the factor in the RoPE grid): 4 levels.
+HUNYUANDIT_VAE_OVERRIDES: dict[str, Any] = dict(
+    block_out_channels=[16, 16, 16, 16], down_block_types=["DownEncoderBlock2D"] * 4,
+    up_block_types=["UpDecoderBlock2D"] * 4, norm_num_groups=8, scaling_factor=0.13025,
+)  # fmt: skip
+#: the bilingual CLIP text tower of HunyuanDiT is a BERT (``vocab_size`` from the tokenizer; [PAD] = 0).
+BERT_TEXT_CONFIG: dict[str, Any] = dict(
+    hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2, max_position_embeddings=128,
+    pad_token_id=0,
+)  # fmt: skip
+#: Z-Image: 1 image refiner + 1 text refiner + 2 joint blocks, 2 heads of 16 (RoPE axes 8+4+4), text states of
+#: the Qwen3 encoder (16 wide) as ``cap_feat_dim``.
+ZIMAGE_TRANSFORMER_CONFIG: dict[str, Any] = dict(
+    all_patch_size=(2,), all_f_patch_size=(1,), in_channels=4, dim=32, n_layers=2, n_refiner_layers=1, n_heads=2,
+    n_kv_heads=2, cap_feat_dim=16, axes_dims=[8, 4, 4], axes_lens=[1024, 64, 64],
+)  # fmt: skip
+_BERT_SPECIAL = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
+
+
+def tiny_bert_tokenizer(model_max_length: int = 77):  # noqa: ANN201 - transformers.BertTokenizer
+    """A lower-casing WordPiece BERT tokenizer over :data:`WORDS` (HunyuanDiT's CLIP-style text tower).
+
+    Ids: ``[PAD]`` 0, ``[UNK]`` 1, ``[CLS]`` 2 (first), ``[SEP]`` 3 (last), ``[MASK]`` 4, then every word (one
+    token each), single characters and their ``##`` continuations (other words split, never ``[UNK]``) and
+    punctuation."""
+    from transformers import BertTokenizer
+
+    chars = tuple("abcdefghijklmnopqrstuvwxyz0123456789")
+    pieces = tuple(w.lower() for w in WORDS) + chars + tuple("##" + c for c in chars) + tuple(".,;:!?'\"()[]-_/&+%#*@")
+    vocab = {piece: i for i, piece in enumerate(dict.fromkeys(_BERT_SPECIAL + pieces))}
+    return BertTokenizer(vocab=vocab, model_max_length=model_max_length)
+
+
+def _bert(seed: int):  # noqa: ANN202
+    from transformers import BertConfig, BertModel
+
+    cfg = BertConfig(vocab_size=len(tiny_bert_tokenizer()), **BERT_TEXT_CONFIG)
+    with _seeded(seed):
+        return BertModel(cfg).eval()
+
+
+@_register("hunyuandit")
+def _build_hunyuandit(seed: int):  # noqa: ANN202 - HunyuanDiTPipeline
+    from diffusers import DDPMScheduler, HunyuanDiT2DModel, HunyuanDiTPipeline
+
+    return HunyuanDiTPipeline(
+        transformer=_model(HunyuanDiT2DModel, HUNYUANDIT_TRANSFORMER_CONFIG, seed),
+        vae=_vae(seed + 1, **HUNYUANDIT_VAE_OVERRIDES),
+        text_encoder=_bert(seed + 2),
+        tokenizer=tiny_bert_tokenizer(),
+        text_encoder_2=_t5(seed + 3),
+        tokenizer_2=tiny_t5_tokenizer(model_max_length=256),
+        scheduler=DDPMScheduler(**_SD_BETAS, prediction_type="v_prediction", clip_sample=False),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+@_register("zimage")
+def _build_zimage(seed: int):  # noqa: ANN202 - ZImagePipeline
+    from diffusers import FlowMatchEulerDiscreteScheduler, ZImagePipeline, ZImageTransformer2DModel
+
+    pipe = ZImagePipeline(
+        transformer=_model(ZImageTransformer2DModel, ZIMAGE_TRANSFORMER_CONFIG, seed),
+        vae=_vae(seed + 1, **FLOW_VAE_OVERRIDES),
+        text_encoder=_qwen3(seed + 2, num_hidden_layers=2),
+        tokenizer=tiny_chat_tokenizer(),
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+    )
+    pipe.default_sample_size = 32  # default image 64 px (the adapter's native size; the pipeline's is 1024)
+    return pipe
 # ------------------------------------------------------------------------------------------------ Gemma families
 #: Gemma 2 text encoder (``vocab_size`` from the tokenizer; ids: <pad> 0, <eos> 1, <bos> 2).
 GEMMA2_TEXT_CONFIG: dict[str, Any] = dict(
@@ -649,6 +731,7 @@ TINY_FAMILIES: tuple[str, ...] = tuple(_BUILDERS)
 #: cleaning needs BeautifulSoup and ftfy and only warns without them.
 TINY_CALL_KWARGS: dict[str, dict[str, Any]] = {
     "pixart": {"use_resolution_binning": False, "clean_caption": False},
+    "hunyuandit": {"use_resolution_binning": False},
     "sana": {"use_resolution_binning": False},
 }
 

@@ -34,7 +34,7 @@ def _assert_same(a, b):
         torch.testing.assert_close(a[name], b[name], atol=2e-5, rtol=1e-4, msg=name)
 
 
-@pytest.mark.parametrize("family", ["flux", "flux2", "qwenimage"])
+@pytest.mark.parametrize("family", ["flux", "flux2", "qwenimage", "zimage"])
 def test_maps_are_the_same_under_native_and_native_math_backends_set_either_way(tiny_pipes, family):
     backbone = backbone_for(tiny_pipes, family)
     inputs = _inputs(backbone)
@@ -76,7 +76,11 @@ def _no_observer_left(denoiser, hooks_before):
     return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in denoiser.modules()) == hooks_before
 
 
-@pytest.mark.parametrize("family", ["flux", "flux2"])
+#: the module that runs last in each denoiser (its output projection)
+_LAST = {"zimage": "all_final_layer.2-1"}
+
+
+@pytest.mark.parametrize("family", ["flux", "flux2", "zimage"])
 def test_a_backend_without_sdpa_is_a_clear_error_naming_the_fix(tiny_pipes, family):
     backbone = backbone_for(tiny_pipes, family)
     inputs = _inputs(backbone)
@@ -92,7 +96,7 @@ def test_a_backend_without_sdpa_is_a_clear_error_naming_the_fix(tiny_pipes, fami
             den.reset_attention_backend()
     assert _no_observer_left(den, hooks)
     calls = []
-    probe = den.proj_out.register_forward_hook(lambda *a: calls.append(1))
+    probe = den.get_submodule(_LAST.get(family, "proj_out")).register_forward_hook(lambda *a: calls.append(1))
     try:
         with attention_backend("flex"):  # the global backend is only known when the layer runs
             with pytest.raises(AttentionBackendError, match="attention_backend"):
@@ -103,3 +107,23 @@ def test_a_backend_without_sdpa_is_a_clear_error_naming_the_fix(tiny_pipes, fami
     assert calls == []  # stopped at the first observed layer, before the output
     assert _no_observer_left(den, hooks)
     assert all(type(m.processor).__name__ != "Observer" for _, m in attention_modules(den))
+
+
+def test_hunyuandit_maps_are_the_same_under_both_cpu_sdpa_kernels_and_fused_projections(tiny_pipes):
+    """HunyuanAttnProcessor2_0 calls torch's SDPA itself (diffusers' dispatcher and its backends are not involved):
+    maps are observed there whichever CPU kernel torch picks (flash vs math), and with fuse_qkv_projections()
+    (FusedHunyuanAttnProcessor2_0, q/k/v from one projection)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    backbone = backbone_for(tiny_pipes, "hunyuandit")
+    assert not any(hasattr(m.processor, "_attention_backend") for _, m in attention_modules(backbone.denoiser))
+    inputs = _inputs(backbone)
+    reference = _maps(backbone, inputs)
+    for kernel in (SDPBackend.MATH, SDPBackend.FLASH_ATTENTION):
+        with sdpa_kernel([kernel]):
+            _assert_same(_maps(backbone, inputs), reference)
+    fused_pipe = tiny_pipeline("hunyuandit")
+    fused_pipe.transformer.fuse_qkv_projections()
+    fused = difffeat.load(fused_pipe, device="cpu", dtype="fp32")
+    assert {type(m.processor).__name__ for _, m in attention_modules(fused.denoiser)} == {"FusedHunyuanAttnProcessor2_0"}
+    _assert_same(_maps(fused, inputs), reference)

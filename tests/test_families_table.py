@@ -26,6 +26,7 @@ def test_every_registered_family_has_a_row_with_pipelines_maps_and_a_preset():
     for family, row in rows.items():
         assert row.pipelines and row.maps != "none" and row.presets, family
     assert "fused qkv" in rows["flux2"].attention and "text first" in rows["qwenimage"].attention
+    assert rows["hunyuandit"].attention == "cross + self" and "padded to 32 tokens" in rows["zimage"].attention
     assert rows["sd"].validated and not rows["flux2"].validated
 
 

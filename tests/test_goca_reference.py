@@ -396,3 +396,21 @@ def test_cli_segment_config(tmp_path):
     assert meta["settings"]["ref_channels"] == "first" and meta["settings"]["refine_order"] == 2  # sd reference, not shapes.yaml
     bad = runner.invoke(app, ["segment", str(image), "--classes", "circle", "--out", str(tmp_path / "o"), "--config", "nope"])
     assert bad.exit_code != 0 and "available: default, goca-reference" in bad.output
+
+
+def test_hunyuandit_reference_config_is_the_published_one_and_names_real_size_blocks():
+    """config_model_hunyuan.py: t=100, heads averaged, reference vit-block25-cross-q, cross maps and refinement
+    self maps of blocks 20-29, affinity order 4; every named activation exists in HunyuanDiT-v1.2."""
+    from difffeat.architectures import build_component
+    from difffeat.catalog import enumerate_activations
+    from difffeat.hookpoints import load_table
+
+    s = settings_for("x", "hunyuandit", "goca-reference")
+    blocks = tuple(f"blocks.{i}" for i in range(20, 30))
+    assert (s.t, s.heads, s.layers, s.rescale, s.refine_order) == (100, "mean", "goca", "goca", 4)
+    assert s.ref_block == "blocks.25" and s.map_layers == blocks and s.refine_blocks == blocks
+    table = load_table("hunyuandit")
+    names = {a.name for a in enumerate_activations(build_component("hunyuandit-v1.2", "transformer", device="meta"), table)}
+    wanted = {f"{b}.{table.goca[k]}" for b in blocks for k in ("cross", "self")} | {f"blocks.25.{table.goca['query']}"}
+    assert wanted <= names
+    assert table.translate_alias("vit-block25-cross-q") == "blocks.25.attn2.q"  # the published name, translated

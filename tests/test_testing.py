@@ -27,6 +27,8 @@ PIPELINE_CLASS = {
     "flux2": "Flux2KleinPipeline",
     "qwenimage": "QwenImagePipeline",
     "chroma": "ChromaPipeline",
+    "hunyuandit": "HunyuanDiTPipeline",
+    "zimage": "ZImagePipeline",
     "sana": "SanaPipeline",
     "lumina2": "Lumina2Pipeline",
 }
@@ -192,6 +194,10 @@ def test_denoisers_have_every_kind_of_attention_capture_tests_need(tiny_pipes, f
         assert any(n.endswith("attn2") for n in names) and denoiser.transformer_blocks[0].attn.norm_q is not None
     elif family in ("pixart", "sd3", "qwenimage"):
         assert len(denoiser.transformer_blocks) >= 2
+    elif family == "hunyuandit":  # a block past the middle takes the long skip connection
+        assert len(denoiser.blocks) >= 3 and denoiser.blocks[-1].skip_linear is not None
+    elif family == "zimage":  # image refiner, text refiner and joint blocks
+        assert len(denoiser.noise_refiner) >= 1 and len(denoiser.context_refiner) >= 1 and len(denoiser.layers) >= 2
     elif family == "sana":  # linear self-attention and softmax cross-attention in every block
         assert len(denoiser.transformer_blocks) >= 2 and all(n.endswith(("attn1", "attn2")) for n in names)
     elif family == "lumina2":  # text refiner, image refiner and joint blocks

@@ -1,6 +1,7 @@
 """Backbone adapters, one per model family, and :func:`load`."""
 
 from . import dit, flux2, gemma, qwenimage, unet  # noqa: F401  (registers the adapters)
+from . import hunyuandit, zimage  # noqa: F401  (registers the adapters)
 from .base import Backbone, DenoiserInputs, TextSegment, check_timestep
 from .loading import load, wrap_pipeline
 from .registry import FAMILIES, adapter_for, register_backbone, registered_pipelines

@@ -261,6 +261,12 @@ class Backbone(ABC):
         with torch.no_grad():
             return getattr(self.pipeline, self.denoiser_attr)(**inputs.kwargs, return_dict=False)
 
+    @contextmanager
+    def fake_forward_guard(self) -> Iterator[None]:
+        """Around a fake-tensor forward (the catalog's shape probe): adapters whose denoiser keeps state built
+        on its first forward (Z-Image's RoPE table) restore it here, so no fake tensor stays behind."""
+        yield
+
     # ----------------------------------------------------------------- misc
     def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> "Backbone":
         self.pipeline.to(device=device, dtype=dtype) if dtype is not None else self.pipeline.to(device)

@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 from ..errors import AttentionBackendError, DifffeatError
+from ..hookpoints import padded_length
 
 __all__ = [
     "DEFAULT_CHUNK_ELEMENTS",
@@ -404,6 +405,18 @@ def packed_joint_tensors(
     )
 
 
+def _pad_text_keys(key, value, bias, width: int):
+    """Append ``width`` keys that no query can attend to: zero keys/values with a ``-inf`` bias, so the
+    probabilities over the real keys are unchanged and the extra columns are exactly 0."""
+    b, h, nk, d = key.shape
+    key = torch.cat([key, key.new_zeros(b, h, width, d)], dim=2)
+    value = torch.cat([value, value.new_zeros(b, value.shape[1], width, value.shape[-1])], dim=2)
+    if bias is None:
+        bias = torch.zeros(1, 1, 1, nk, dtype=torch.float32, device=key.device)
+    blocked = torch.full((*bias.shape[:-1], width), float("-inf"), dtype=bias.dtype, device=bias.device)
+    return key, value, torch.cat([bias, blocked], dim=-1)
+
+
 def dispatched_tensors(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -415,6 +428,7 @@ def dispatched_tensors(
     cross: bool = False,
     image_offsets: torch.Tensor | None = None,
     text_len: int | None = None,
+    multiple: int = 1,
 ) -> AttentionTensors:
     """The :class:`AttentionTensors` of one SDPA call (``[B, heads, N, d]`` each), image queries only.
 
@@ -423,29 +437,41 @@ def dispatched_tensors(
     cross-attention (``cross``); a different number of keys is cross-attention (all keys are text); a
     sequence longer than ``n_image`` is joint attention over image and text tokens, the image tokens last
     (``text_first``) or first; with ``image_offsets`` (per-sample packed sequences) a joint call goes
-    through :func:`packed_joint_tensors`. Grouped-query keys/values are repeated to the query heads."""
+    through :func:`packed_joint_tensors`. Grouped-query keys/values are repeated to the query heads.
+
+    Families that pad each block of the joint sequence to a ``multiple`` of tokens (Z-Image: 32, image block
+    first) have ``padded_length(n_image, multiple)`` image-block tokens: the first ``n_image`` are the image
+    (queries and self keys), the padding tokens after them are attended to but are neither image nor text,
+    and the text keys start after them. Their text block's length varies with the prompt, so the text keys
+    are padded to ``text_len`` columns that get zero probability (as masked keys of a padded batch do):
+    every prompt gives maps of one width."""
     nq, nk, heads = query.shape[-2], key.shape[-2], query.shape[1]
     if image_offsets is not None and nq == nk and nq > n_image and not cross:
         return packed_joint_tensors(query, key, value, scale, n_image, image_offsets, text_len or nk - n_image)
     if key.shape[1] != heads:  # grouped-query attention (enable_gqa)
         key = key.repeat_interleave(heads // key.shape[1], dim=1)
         value = value.repeat_interleave(heads // value.shape[1], dim=1)
+    n_block = padded_length(n_image, multiple)
     if nq != nk or (nq <= n_image and cross):
         rows, image, text = slice(0, nq), None, slice(0, nk)
-    elif nq <= n_image:  # self-attention (a UNet's lower levels have fewer tokens than the input grid)
-        rows, image, text = slice(0, nq), slice(0, nk), None
-    else:
+    elif nq <= n_block:  # self-attention (a UNet's lower levels have fewer tokens; Z-Image's refiner pads)
+        rows = image = slice(0, min(nq, n_image))
+        text = None
+    elif text_first:
         n_text = nk - n_image
-        if text_first:
-            rows = image = slice(n_text, nk)
-            text = slice(0, n_text)
-        else:
-            rows = image = slice(0, n_image)
-            text = slice(n_image, nk)
+        rows = image = slice(n_text, nk)
+        text = slice(0, n_text)
+    else:
+        rows = image = slice(0, n_image)
+        text = slice(n_block, nk)
     q = query[:, :, rows]
     d = q.shape[-1]
+    bias = _additive_bias(attn_mask, rows, nq)
+    if multiple > 1 and text_len is not None and text is not None and text.stop == nk and text.stop - text.start < text_len:
+        key, value, bias = _pad_text_keys(key, value, bias, text_len - (text.stop - text.start))
+        text = slice(text.start, text.start + text_len)
     return AttentionTensors(
-        q, key, value, _additive_bias(attn_mask, rows, nq), float(scale) if scale is not None else d**-0.5,
+        q, key, value, bias, float(scale) if scale is not None else d**-0.5,
         image_keys=image, text_keys=text,
     )
 
@@ -470,11 +496,11 @@ class DispatchObserver:
 
     def __init__(
         self, attn: torch.nn.Module, module_path: str, sink: MapSink, n_image: int, text_first: bool,
-        image_offsets: torch.Tensor | None = None, text_len: int | None = None,
+        image_offsets: torch.Tensor | None = None, text_len: int | None = None, multiple: int = 1,
     ) -> None:
         self.attn, self.module_path, self.sink = attn, module_path, sink
         self.n_image, self.text_first = n_image, text_first
-        self.image_offsets, self.text_len = image_offsets, text_len
+        self.image_offsets, self.text_len, self.multiple = image_offsets, text_len, multiple
         self._watch: _SDPAWatch | None = None
         self._seen = False
         self._handles = [
@@ -507,7 +533,7 @@ class DispatchObserver:
             tensors = dispatched_tensors(
                 sdpa["query"], sdpa["key"], sdpa["value"], sdpa.get("attn_mask"), sdpa.get("scale"),
                 self.n_image, self.text_first, bool(getattr(self.attn, "is_cross_attention", False)),
-                self.image_offsets, self.text_len,
+                self.image_offsets, self.text_len, self.multiple,
             )
         self.sink(self.module_path, self.attn, tensors)
 
@@ -533,13 +559,14 @@ class _ProcessorSwap:
 
 def install_observer(
     attn: torch.nn.Module, module_path: str, sink: MapSink, n_image: int, text_first: bool = False,
-    image_offsets: torch.Tensor | None = None, text_len: int | None = None,
+    image_offsets: torch.Tensor | None = None, text_len: int | None = None, multiple: int = 1,
 ) -> DispatchObserver | _ProcessorSwap:
     """Observe one attention module: at its SDPA call, or by a legacy processor layout for processors that
     compute attention themselves. Returns a handle whose ``remove()`` restores the module.
 
     ``image_offsets`` (``[B]``) and ``text_len`` describe joint sequences packed per sample
-    (:func:`packed_joint_tensors`); None for fixed layouts.
+    (:func:`packed_joint_tensors`); None for fixed layouts. ``multiple``: sequence blocks padded to that many
+    tokens (Z-Image; see :func:`dispatched_tensors`).
 
     Raises:
         AttentionBackendError: the module's attention backend cannot return maps.
@@ -549,4 +576,4 @@ def install_observer(
     if legacy is not None:
         return _ProcessorSwap(attn, legacy(stock, module_path, sink, n_image))
     check_observable(attn, module_path)
-    return DispatchObserver(attn, module_path, sink, n_image, text_first, image_offsets, text_len)
+    return DispatchObserver(attn, module_path, sink, n_image, text_first, image_offsets, text_len, multiple)

@@ -59,7 +59,7 @@ def _fake_forward_shapes(backbone: "Backbone", infos: list[ActivationInfo], size
         latents = torch.zeros(1, *backbone.latent_shape(*size), dtype=backbone.dtype, device=backbone.device)
         inputs = backbone.denoiser_inputs(latents, 1, cond, size)
         try:
-            with Capture(backbone, infos, inputs, early_exit=False, shapes_only=True) as cap:
+            with backbone.fake_forward_guard(), Capture(backbone, infos, inputs, early_exit=False, shapes_only=True) as cap:
                 backbone.denoise(inputs)
         finally:
             _clear_method_caches(backbone.denoiser)

@@ -61,6 +61,7 @@ def sequence_to_spatial(
     ``grid`` is the denoiser's input token grid (h, w). A sequence of fewer tokens is a downsampled level
     (UNet): its grid is ``ceil(h/s) x ceil(w/s)`` for the power of two ``s`` that matches N. With
     ``tokens="last"`` only the last ``h*w`` tokens are image tokens (FLUX single-stream blocks); with
+    ``tokens="first"`` the first ``h*w`` (Z-Image: the image block, then its padding and the text); with
     ``tokens="packed"`` they start at each sample's ``image_offsets`` (:func:`packed_image_tokens`).
     ``[B, C, H, W]`` tensors pass through.
     """
@@ -71,6 +72,8 @@ def sequence_to_spatial(
     h, w = grid
     if tokens == "last":
         x = x[:, -h * w :]
+    elif tokens == "first":
+        x = x[:, : h * w]
     elif tokens == "packed":
         x = packed_image_tokens(x, h * w, image_offsets)
     n = x.shape[1]
@@ -93,9 +96,10 @@ class Capture:
     Args:
         backbone: the :class:`~difffeat.backbones.Backbone` whose denoiser is instrumented.
         activations: names (or paper aliases, or :class:`ActivationInfo`) to capture.
-        inputs: the :class:`DenoiserInputs` of the forward (gives the token grid, the text length and, for joint
-            sequences packed per sample, each sample's image offset); or pass ``grid`` (then packed
-            sequences are read as if every sample's image tokens came last, true for one sample).
+        inputs: the :class:`DenoiserInputs` of the forward (gives the token grid, the text length: the cross maps'
+            width where the text block depends on the prompt (Z-Image) and, for joint sequences packed per
+            sample, each sample's image offset); or pass ``grid`` (then packed sequences are read as if every
+            sample's image tokens came last, true for one sample).
         early_exit: stop the forward once everything is captured.
         map_reducer: how attention maps are reduced per layer: ``per_head`` (default, ``[B, heads, HW, K]``),
             ``head_mean`` (``[B, HW, K]``) or any :class:`MapReducer`.
@@ -219,10 +223,12 @@ class Capture:
             if maps_by_module:
                 n_image = self.grid[0] * self.grid[1]
                 sink = self._map_sink(maps_by_module)
-                text_first = load_table(self.backbone.hook_table).token_order == "text-first"
+                table = load_table(self.backbone.hook_table)
+                text_first = table.token_order == "text-first"
                 for path in maps_by_module:
                     self._observers.append(install_observer(
-                        denoiser.get_submodule(path), path, sink, n_image, text_first, self.image_offsets, self.text_len
+                        denoiser.get_submodule(path), path, sink, n_image, text_first, self.image_offsets, self.text_len,
+                        table.sequence_multiple,
                     ))  # fmt: skip
         except BaseException:
             self._remove()
