@@ -23,12 +23,12 @@
 #
 # DRY_RUN=1 bash benchmarks/gpu_real_scale.sh OUT_DIR: the same steps on the CPU with SD1.5 at 64 px, fp32,
 # one repeat, a one-layer text encoder (SDXL steps use SD1.5 too: SDXL does not fit a small CPU machine), to
-# check the script's plumbing without a GPU (about 5 minutes on 2 cores, ~5 GB of memory).
-# Usage: [DRY_RUN=1] [BUDGET_S=540] bash benchmarks/gpu_real_scale.sh OUT_DIR
+# check the script's plumbing without a GPU (5-15 minutes on 2 cores, ~5 GB of memory; budget 3600 s).
+# Usage: [DRY_RUN=1] [BUDGET_S=540] [PYTHON=python3] bash benchmarks/gpu_real_scale.sh OUT_DIR
 set -uo pipefail
 OUT=${1:?usage: gpu_real_scale.sh OUT_DIR}
-BUDGET_S=${BUDGET_S:-540}
 DRY_RUN=${DRY_RUN:-0}
+BUDGET_S=${BUDGET_S:-$([ "$DRY_RUN" = 1 ] && echo 3600 || echo 540)}
 mkdir -p "$OUT"
 LOGS=$(mktemp -d)
 export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false PYTHONPATH="$PWD:${PYTHONPATH:-}"
@@ -48,8 +48,8 @@ bench() {  # NAME TIMEOUT_S SUITE ARCH RESOLUTION DTYPE [ARGS...]
   if [ "$left" -lt 30 ]; then echo "$name: skipped (${left}s of the budget left)"; return; fi
   [ "$limit" -gt "$left" ] && limit=$left
   local device=cuda extra=("$@")
-  if [ "$DRY_RUN" = 1 ]; then
-    arch=sd15 res=64 dtype=fp32 device=cpu extra=(--repeats 1 --text-layers 1)
+  if [ "$DRY_RUN" = 1 ]; then  # a CPU builds the full-size model slowly: no per-step limit but the budget
+    arch=sd15 res=64 dtype=fp32 device=cpu extra=(--repeats 1 --text-layers 1) limit=$left
   fi
   timeout "$limit" $py -m difffeat bench "$suite" --arch "$arch" --resolution "$res" --dtype "$dtype" --device "$device" \
     "${extra[@]}" --out "$OUT/$name.json" > "$LOGS/$name.log" 2>&1

@@ -56,8 +56,8 @@ def _rows(r: dict) -> list[tuple[str, str]]:
                      (f"{preset} extraction end to end vs prepare + bare forward", f"{p['end_to_end_vs_prepare_plus_bare']}x")]
         return rows
     if r["suite"] == "early-exit":
-        return [("forward stopped after each up level's output, vs bare forward",
-                 ", ".join(f"`{name}` {v}x" for name, v in r["vs_bare_forward"].items()))]
+        return [("forward stopped after each up level's output, vs bare forward: time (FLOPs)",
+                 ", ".join(f"`{name}` {v}x ({r['flops_vs_bare_forward'][name]}x)" for name, v in r["vs_bare_forward"].items()))]
     if r["suite"] == "throughput":
         return [("segment images/s by batch size (vs batch 1)",
                  ", ".join(f"{b}: {ips} ({r['vs_batch_1'][b]}x)" for b, ips in r["images_per_s"].items()))]

@@ -299,6 +299,21 @@ def features_real(arch: str, resolution: int, repeats: int = 3, device: str = "c
 
 
 # ------------------------------------------------------------------------------------------------ early exit
+def forward_flops(fn: Callable[[], Any]) -> int:
+    """The FLOPs ``fn`` runs, counted by ``torch.utils.flop_counter`` (load-independent, unlike a time); the
+    CPU's fused attention kernel is counted as the two matrix products of attention."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
+
+    def cpu_attention(query, key, value, *args, out_shape=None, **kwargs) -> int:
+        return sdpa_flop_count(query, key, value)
+
+    mapping = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: cpu_attention}
+    with FlopCounterMode(display=False, custom_mapping=mapping) as counter:
+        fn()
+    return int(counter.get_total_flops())
+
+
 def early_exit_real(arch: str, resolution: int, repeats: int = 3, device: str = "cpu", dtype: str | None = None,
                     text_layers: int | None = None) -> dict[str, Any]:
     """See the module docstring (suite ``early-exit``): a forward that captures one up level's output
@@ -321,10 +336,16 @@ def early_exit_real(arch: str, resolution: int, repeats: int = 3, device: str = 
         for name in levels:
             t[name].append(timed(lambda: _capture_forward(backbone, [name], inputs, True)))
     med = {k: statistics.median(v) for k, v in t.items()}
+    _progress(f"{arch} early-exit: counting FLOPs")
+    bare_flops = forward_flops(lambda: backbone.denoise(inputs))
     return {
         "suite": "early-exit", "arch": arch, "resolution": resolution, "repeats": repeats, **_environment(device, backbone),
         "seconds": {k: _median(v) for k, v in t.items()},
         "vs_bare_forward": {name: round(med[name] / med["bare"], 3) for name in levels},
+        "bare_forward_gflops": round(bare_flops / 1e9, 1),
+        "flops_vs_bare_forward": {
+            name: round(forward_flops(lambda: _capture_forward(backbone, [name], inputs, True)) / bare_flops, 3) for name in levels
+        },
     }
 
 
@@ -334,11 +355,12 @@ def vae_real(arch: str, resolution: int, repeats: int = 3, device: str = "cpu", 
     """See the module docstring (suite ``vae``)."""
     import torch
 
-    from .capture import Capture
+    from .capture import Capture, catalog_of
     from .presets import load_preset
 
     backbone = _backbone(arch, device, dtype, text_layers)
-    names = list(load_preset(preset or _DEFAULT_PRESET[arch]).features)
+    catalog = catalog_of(backbone)
+    names = [catalog.canonical(n) for n in load_preset(preset or _DEFAULT_PRESET[arch]).features]  # the paper's aliases
     pixels = backbone.preprocess([_image(resolution)], resolution)
     timed = _timer(device)
     low = [torch.bfloat16] + ([torch.float16] if device.startswith("cuda") else [])

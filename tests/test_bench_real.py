@@ -32,11 +32,21 @@ def test_features_throughput_and_vae_suites_run(shapes_backbone):
         assert {"forward_full", "forward_early_exit", "end_to_end"} == set(p["vs_bare_forward"])
     early = bench_real.early_exit_real("sd15", resolution=64, repeats=1)
     assert list(early["vs_bare_forward"]) == ["up_blocks.0", "up_blocks.1", "up_blocks.2"]
+    flops = list(early["flops_vs_bare_forward"].values())
+    assert 0 < flops[0] < flops[1] < flops[2] <= 1.0  # each later exit runs more of the forward
     tp = bench_real.throughput_real("sd15", resolution=64, repeats=1, batch_sizes=(1, 2))
     assert tp["vs_batch_1"]["1"] == 1.0 and tp["images"] == 2
-    vae = bench_real.vae_real("sd15", resolution=64, repeats=1, preset="shapes-practical")
+
+
+def test_vae_suite_measures_the_bf16_error_on_features_named_by_aliases(shapes_backbone, monkeypatch):
+    from types import SimpleNamespace
+
+    aliases = ("up-level1-repeat1-res-out", "up_blocks.2.attentions.0")  # sd15-practical names features so
+    monkeypatch.setattr(difffeat.presets, "load_preset", lambda name: SimpleNamespace(features=aliases))
+    vae = bench_real.vae_real("sd15", resolution=64, repeats=1)
     bf16 = vae["encode_dtype"]["bfloat16"]
     assert 0 < bf16["latent_relative_error"] < 0.1  # reduced precision changes the latents, a little
+    assert set(bf16["feature_relative_error"]) == {"up_blocks.1.resnets.1", "up_blocks.2.attentions.0"}
 
 
 def test_accounting_counts_sd15_blocks_and_map_sizes():
@@ -59,3 +69,14 @@ def test_readme_real_scale_table_is_rendered_from_the_committed_json():
     from _helpers import load_benchmark
 
     assert load_benchmark("real_scale_readme").main(["--check"]) == 0, "run python benchmarks/real_scale_readme.py"
+
+
+def test_forward_flops_counts_matmuls_and_cpu_attention_by_hand():
+    import torch
+    import torch.nn.functional as F
+
+    x, w = torch.randn(3, 5), torch.randn(7, 5)
+    assert bench_real.forward_flops(lambda: F.linear(x, w)) == 2 * 3 * 5 * 7
+    q = k = v = torch.randn(2, 4, 16, 8)  # [B, heads, tokens, dim]
+    # q k^T and (softmax) v: two [16 x 8] x [8 x 16]-sized products per batch and head
+    assert bench_real.forward_flops(lambda: F.scaled_dot_product_attention(q, k, v)) == 2 * (2 * 2 * 4 * 16 * 16 * 8)
