@@ -37,6 +37,7 @@ from typing import Any, Protocol
 import torch
 
 import torch.nn.functional as F
+from torch._subclasses.fake_tensor import FakeTensor
 from torch.overrides import TorchFunctionMode
 
 from ..errors import AttentionBackendError, DifffeatError
@@ -209,6 +210,7 @@ def fusable(sdpa: dict[str, Any], tensors: AttentionTensors) -> bool:
         tensors.kernel == "softmax"
         and query.dtype == torch.float32
         and query.device.type != "meta"
+        and not isinstance(query, FakeTensor)  # shape probing: nothing to save, and fakes have no data pointer
         and sdpa.get("attn_mask") is None
         and not sdpa.get("dropout_p")
         and not sdpa.get("is_causal")
