@@ -340,11 +340,12 @@ def demo(
     port: int = typer.Option(7860, help="Port to serve on."),
     host: str = typer.Option("127.0.0.1", help="Interface to bind (0.0.0.0 to expose it)."),
     concurrency: int = typer.Option(1, help="Requests processed at once (the queue holds the rest)."),
+    model_config: Optional[str] = typer.Option(None, "--model-config", help=MODEL_CONFIG_HELP),
 ) -> None:
     """Start the Gradio demo (segment, features, content shift); needs the demo extra: `pip install "difffeat\\[demo]"`."""
     from .serve import serve
 
-    _call(serve, model, port=port, host=host, concurrency=concurrency)
+    _call(serve, model, port=port, host=host, concurrency=concurrency, model_config=model_config)
 
 
 def main() -> None:  # pragma: no cover

@@ -77,11 +77,15 @@ class ModelCache:
             random SD pipeline instead, labelled :data:`FALLBACK_NOTE`. Once
             ``difffeat/weights/shapes/model_index.json`` exists the real model is loaded.
         device: forwarded to :func:`difffeat.load`.
+        model_configs: the config (hub id or diffusers folder) of each single-file checkpoint the demo may load,
+            keyed by the file's path as typed in the model box (``config=`` of :func:`difffeat.load`).
     """
 
-    def __init__(self, fallback: bool = True, device: str | None = None) -> None:
+    def __init__(self, fallback: bool = True, device: str | None = None,
+                 model_configs: dict[str, str] | None = None) -> None:
         self.fallback = fallback
         self.device = device
+        self.model_configs = dict(model_configs or {})
         self._models: dict[str, LoadedModel] = {}
         self._lock = threading.Lock()
 
@@ -96,7 +100,7 @@ class ModelCache:
             if progress:
                 progress(0.1, f"loading {name} ...")
             try:
-                loaded = LoadedModel(load(name, device=self.device))
+                loaded = LoadedModel(load(name, device=self.device, config=self.model_configs.get(name)))
             except ModelNotFoundError:
                 if not (self.fallback and name == DEFAULT_MODEL):
                     raise
@@ -412,6 +416,7 @@ def build_demo(
     cache: ModelCache | None = None,
     meter: ActivityMeter | None = None,
     preload: bool = False,
+    model_config: str | None = None,
 ):
     """The demo as a ``gr.Blocks`` (call ``.queue(...).launch()`` on it).
 
@@ -421,6 +426,7 @@ def build_demo(
         device: forwarded to :func:`difffeat.load`.
         cache / meter: shared :class:`ModelCache` / :class:`ActivityMeter` (tests inspect them).
         preload: load ``model`` now rather than on the first request.
+        model_config: when ``model`` is a single-file checkpoint, its config (hub id or diffusers folder).
 
     Endpoints: ``segment`` (image, classes, model, t, heads, layers, rescale, tau; blank t/tau = the model's
     default) -> (overlay, labels view, legend HTML, heat maps, label PNG file, status, message);
@@ -430,7 +436,8 @@ def build_demo(
     import gradio as gr
 
     UploadImage = _image_component()
-    cache = cache or ModelCache(fallback=fallback, device=device)
+    cache = cache or ModelCache(fallback=fallback, device=device,
+                                model_configs={model: model_config} if model_config else None)
     meter = meter or ActivityMeter()
     outdir = Path(tempfile.mkdtemp(prefix="difffeat-demo-"))
     if preload:

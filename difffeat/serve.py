@@ -23,15 +23,21 @@ def check_port(host: str, port: int) -> None:
                                      "the address is not this machine's: pass another --port or --host") from None
 
 
-def serve(model: str = "shapes", port: int = 7860, host: str = "127.0.0.1", concurrency: int = 1) -> None:
-    """Check, then serve the Gradio demo of ``model`` until interrupted."""
+def serve(model: str = "shapes", port: int = 7860, host: str = "127.0.0.1", concurrency: int = 1,
+          model_config: str | None = None) -> None:
+    """Check, then serve the Gradio demo of ``model`` until interrupted; ``model_config`` is the config (hub id
+    or diffusers folder) of a single-file ``model``."""
     if importlib.util.find_spec("gradio") is None:
         raise DifffeatError("the demo needs gradio, which is not installed: pip install 'difffeat[demo]'")
     check_number("--concurrency", concurrency, 1, 64, integer=True)
     check_port(host, port)
     from .backbones.loading import check_model
+    from .backbones.single_file import is_single_file
 
-    check_model(model)
+    check_model(model)  # a single file's config is checked, from the headers, when the demo loads it
+    if model_config is not None and not is_single_file(model):
+        raise InvalidOptionError(f"--model-config is only for a single-file checkpoint, and {model!r} is not one: "
+                                 "drop --model-config, or pass the .safetensors / .ckpt file as --model")
     from .demo import launch
 
-    launch(model, port=port, host=host, concurrency=concurrency)
+    launch(model, port=port, host=host, concurrency=concurrency, model_config=model_config)

@@ -109,6 +109,7 @@ CASES = {
     "single-file-not-a-checkpoint": (["gate", "{root}/garbage.safetensors", IMG, "--model-config", "{root}/tiny_config", "--technique", "prompt:quality=natural", "--out", "{root}/g"], errors.ModelNotFoundError, "not a readable checkpoint"),
     "single-file-config-of-another-family": (["segment", IMG, "-c", "cat", "-o", "{root}/o", "-m", "{root}/tiny.safetensors", "--model-config", "{root}/pixart_config"], errors.ModelNotFoundError, "PixArtTransformer2DModel"),
     "model-file-not-a-checkpoint": (["extract", "{root}/a_file", IMG, "-f", "x", "-o", "{root}/o"], errors.ModelNotFoundError, "not a checkpoint"),
+    "demo-model-config-without-single-file": (["demo", "--model", "shapes", "--model-config", "{root}/tiny_config"], errors.InvalidOptionError, "only for a single-file"),
     "model-config-without-single-file": (["extract", "shapes", IMG, "-f", "x", "-o", "{root}/o", "--model-config", "{root}/tiny_config"], errors.InvalidOptionError, "only for single-file"),
 }
 
@@ -163,6 +164,7 @@ def _api(case: str, root: Path):
         "single-file-not-a-checkpoint": lambda: difffeat.load(root / "garbage.safetensors", config=root / "tiny_config", device="cpu"),
         "single-file-config-of-another-family": lambda: difffeat.load(root / "tiny.safetensors", config=root / "pixart_config", device="cpu"),
         "model-file-not-a-checkpoint": lambda: difffeat.load(root / "a_file", device="cpu"),
+        "demo-model-config-without-single-file": lambda: __import__("difffeat.serve").serve.serve("shapes", port=_free_port(), model_config=str(root / "tiny_config")),
         "model-config-without-single-file": lambda: difffeat.load("shapes", config=root / "tiny_config", device="cpu"),
     }
     if case.startswith("coco-") and case not in calls:

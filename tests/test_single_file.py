@@ -196,3 +196,17 @@ def test_a_torch_ckpt_archive_loads_like_the_safetensors_file(written, tmp_path)
     loaded = difffeat.load(tmp_path / "model.ckpt", config=config, device="cpu", dtype="fp32")
     got = loaded.pipeline.unet.state_dict()
     assert all(torch.equal(got[k], v) for k, v in source.unet.state_dict().items())
+
+
+def test_the_demo_loads_a_single_file_with_its_model_config(written):
+    """``difffeat demo --model FILE --model-config DIR``: the demo's model cache loads the file with its config
+    (the same weights as the API's load), and without the config the load names the fix."""
+    from difffeat.demo import ModelCache
+
+    file, config = written("sd")
+    served = ModelCache(fallback=False, model_configs={str(file): str(config)}).get(str(file)).backbone
+    direct = difffeat.load(file, config=config)
+    for (name, mine), theirs in zip(served.denoiser.state_dict().items(), direct.denoiser.state_dict().values()):
+        assert torch.equal(mine, theirs), name
+    with pytest.raises(ModelNotFoundError, match="config"):
+        ModelCache(fallback=False).get(str(file))
