@@ -48,10 +48,13 @@ _API = {
     "SegmentSettings": "segment",
     "check_class_words": "segment",
     "ClassVocabularyWarning": "segment",
+    "trace": "tracing",
+    "Trace": "tracing",
+    "SCFG": "tracing",
 }
 #: subpackages reachable as attributes (``difffeat.testing.tiny_pipeline`` after ``import difffeat``)
 _SUBMODULES = {"shift", "segment", "evaluate", "runs", "testing", "capture", "catalog", "backbones", "features",
-               "presets", "images", "io", "shapes", "demo", "bench"}
+               "presets", "images", "io", "shapes", "demo", "bench", "tracing"}
 
 if TYPE_CHECKING:
     from . import evaluate, runs, segment, shift, testing  # noqa: F401
@@ -61,6 +64,7 @@ if TYPE_CHECKING:
     from .features import ExtractedItem, FeatureExtractor, upsample_concat
     from .presets import FeaturePreset, list_presets, load_preset
     from .segment import ClassVocabularyWarning, SegmentationResult, SegmentSettings, Segmenter, check_class_words
+    from .tracing import SCFG, Trace, trace
 
 
 def __getattr__(name: str) -> Any:

@@ -38,7 +38,7 @@ from .rescale import class_scores, gaussian_blur, minmax, propagate, rescale_by_
 from .selfmaps import SelfMapStream
 from .settings import DEFAULT_CONFIG, SegmentSettings, settings_for
 
-__all__ = ["Segmenter", "SegmentationResult", "Observation", "grid_of", "decide", "goca_scores"]
+__all__ = ["Segmenter", "SegmentationResult", "Observation", "grid_of", "decide", "goca_scores", "global_map"]
 
 
 def decide(
@@ -77,6 +77,34 @@ def mean_self_map(
     return total / len(names)
 
 
+def global_map(
+    s: SegmentSettings,
+    acts: Mapping[str, torch.Tensor],
+    grid: tuple[int, int],
+    cross_names: Sequence[str],
+    self_names: Sequence[str],
+    ref_name: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """GOCA's global map ``A = sum_m s_m upsample(A_m)`` (clamped at 0, each pixel renormalised over text
+    positions) at the largest map grid: ``[B, T, H, W]``, and the layer weights ``s_m`` ``[B, M]`` (GOCA's
+    reference-feature weights for ``layers="goca"``, uniform otherwise). ``acts`` as :func:`goca_scores`
+    takes them."""
+    maps = [acts[n].float() for n in cross_names]  # [B, HW_m, T]
+    grids = [grid_of(m.shape[1], grid) for m in maps]
+    size = max(grids, key=lambda g: g[0] * g[1])
+    b = maps[0].shape[0]
+    mass = s.self_map_resize == "mass-preserving"
+    if s.layers == "goca":
+        ref = acts[ref_name].float()
+        if s.pseudo_grid == "map" and tuple(ref.shape[-2:]) != size:
+            ref = F.interpolate(ref, size=size, mode="bilinear", align_corners=False)
+        selfs = [acts[n].float() for n in self_names]
+        weights = layer_weights(ref, selfs, [grid_of(x.shape[1], grid) for x in selfs], s.ref_channels == "first", mass)
+    else:
+        weights = torch.full((b, len(maps)), 1.0 / len(maps), device=maps[0].device)
+    return combine_layers(maps, grids, weights, size), weights
+
+
 def goca_scores(
     s: SegmentSettings,
     layout: PromptLayout,
@@ -105,20 +133,9 @@ def goca_scores(
         class maps ``[B, n_classes, H, W]``, supporting map ``[B, H, W]`` (zeros without entities), layer
         weights ``[B, M]``; (H, W) is the largest map grid.
     """
-    maps = [acts[n].float() for n in cross_names]  # [B, HW_m, T]
-    grids = [grid_of(m.shape[1], grid) for m in maps]
-    size = max(grids, key=lambda g: g[0] * g[1])
-    b = maps[0].shape[0]
+    a, weights = global_map(s, acts, grid, cross_names, self_names, ref_name)  # [B, T, H, W]
+    size = tuple(a.shape[-2:])
     mass = s.self_map_resize == "mass-preserving"
-    if s.layers == "goca":
-        ref = acts[ref_name].float()
-        if s.pseudo_grid == "map" and tuple(ref.shape[-2:]) != size:
-            ref = F.interpolate(ref, size=size, mode="bilinear", align_corners=False)
-        selfs = [acts[n].float() for n in self_names]
-        weights = layer_weights(ref, selfs, [grid_of(x.shape[1], grid) for x in selfs], s.ref_channels == "first", mass)
-    else:
-        weights = torch.full((b, len(maps)), 1.0 / len(maps), device=maps[0].device)
-    a = combine_layers(maps, grids, weights, size)  # [B, T, H, W]
     groups = layout.class_tokens + layout.entity_tokens
     scores = class_scores(a, groups)
     if s.rescale == "goca":
@@ -405,13 +422,7 @@ class Segmenter:
         needs (:mod:`difffeat.segment.selfmaps`): no ``[HW, HW]`` map per block is kept."""
         s = self.settings
         custom = self._check_head_reducers(head_reducers)
-        reducers = {}
-        if s.heads == "goca":
-            reducer = GocaHeadReducer(self._output_weights())  # stateless: one instance serves every layer
-            reducers = dict.fromkeys(self.cross_names, reducer)
-        stream = None if everything else self._self_map_stream(tuple(inputs.grid))
-        if stream is not None:
-            reducers.update(stream.reducers())
+        reducers, stream = self.observation_reducers(tuple(inputs.grid), everything)
         reducers.update(custom)
         with Capture(self.backbone, self.activation_names(everything), inputs, early_exit=True, map_reducer=head_mean,
                      map_reducers=reducers, fuse_output=True) as cap:
@@ -430,6 +441,21 @@ class Segmenter:
                         None if refine_mean is None else refine_mean[i : i + 1], reduced)
             for i, (rgb, lay) in enumerate(zip(images, layouts))
         ]
+
+    def observation_reducers(self, grid: tuple[int, int], everything: bool = False) -> tuple[dict[str, MapReducer], SelfMapStream | None]:
+        """The map reducers of one observed forward at the input token ``grid``: GOCA's head weights on the
+        cross maps (``heads="goca"``), and the self-map reductions (:class:`SelfMapStream`, a fresh one per
+        forward; None with ``everything`` or when the maps are kept whole). Pass the reducers to
+        :class:`~difffeat.capture.Capture` (``map_reducer=head_mean`` for the rest) and, after the forward,
+        ``stream.finish(acts, reference grid)`` gives the refinement mean."""
+        reducers: dict[str, MapReducer] = {}
+        if self.settings.heads == "goca":
+            reducer = GocaHeadReducer(self._output_weights())  # stateless: one instance serves every layer
+            reducers = dict.fromkeys(self.cross_names, reducer)
+        stream = None if everything else self._self_map_stream(tuple(grid))
+        if stream is not None:
+            reducers.update(stream.reducers())
+        return reducers, stream
 
     def _reduced_settings(self) -> dict[str, Any]:
         """What an observation with reduced self maps can only be decided under."""

@@ -1,0 +1,173 @@
+"""Tracing a generation: observation never changes the images; a traced step's maps are Capture's on the same
+inputs; hooks go away; bad input fails clearly."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import difffeat
+from difffeat.backbones.base import DenoiserInputs
+from difffeat.errors import DifffeatError, InvalidOptionError, InvalidPromptError
+from difffeat.testing import TINY_CALL_KWARGS
+from difffeat.tracing import SCFG, ClassNotInPromptWarning
+
+PROMPT = "a photo of a cat and a dog"
+CLASSES = ["cat", "dog"]
+
+
+def _call(pipe, family, prompt=PROMPT, seed=0, steps=3, **kw):
+    kwargs = dict(num_inference_steps=steps, height=64, width=64, output_type="np", guidance_scale=5.0)
+    kwargs.update(TINY_CALL_KWARGS.get(family, {}))
+    if family == "pixart":
+        kwargs["max_sequence_length"] = 32
+    kwargs.update(kw)
+    return pipe(prompt, generator=torch.Generator().manual_seed(seed), **kwargs).images
+
+
+def _hook_count(module) -> int:
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in module.modules())
+
+
+@pytest.mark.parametrize("family", ["sd", "pixart"])
+def test_tracing_does_not_change_the_generated_images(tiny_pipes, family):
+    pipe = tiny_pipes(family)
+    untraced = _call(pipe, family)
+    den = difffeat.load(pipe).denoiser
+    before = _hook_count(den)
+    with difffeat.trace(pipe, PROMPT, CLASSES) as tc:
+        traced = _call(pipe, family)
+    assert np.array_equal(traced, untraced)
+    assert tc.traced_steps == 3
+    assert _hook_count(den) == before  # every hook removed
+
+
+def test_trace_gives_a_label_map_and_heat_maps_per_image(tiny_pipes):
+    pipe = tiny_pipes("sd")
+    with difffeat.trace(pipe, [PROMPT, "a cat on a bed"], [CLASSES, ["cat", "bed"]], num_images_per_prompt=2) as tc:
+        images = _call(pipe, "sd", prompt=[PROMPT, "a cat on a bed"], num_images_per_prompt=2)
+    results = tc.results([Image.fromarray((im * 255).astype(np.uint8)) for im in images])
+    assert len(results) == 4
+    assert results[0].classes == ["cat", "dog"] and results[2].classes == ["cat", "bed"]
+    for r in results:
+        assert r.labels.shape == (64, 64) and r.labels.max() <= len(r.classes)
+        heat = r.heatmap(r.classes[0])
+        assert heat.shape == (64, 64) and 0 <= heat.min() and heat.max() <= 1
+    # images of one prompt differ (different noise), so do their maps
+    assert not torch.equal(results[0].class_maps, results[1].class_maps)
+
+
+def test_a_traced_step_equals_capture_on_the_same_inputs(tiny_pipes):
+    """Trace step k of a CFG generation; then observe the denoiser inputs recorded at step k (latents,
+    timestep, prompt embeddings) with Capture outside any generation. On the whole CFG batch the same kernels
+    run on the same data: the class maps are equal. The Segmenter's own forward on the conditional half alone
+    (batch 1, fused attention output) agrees to float32 rounding, amplified by GOCA's per-pixel rescaling and
+    min-max: maps within 1e-2, labels on >= 98% of pixels."""
+    from difffeat.capture import Capture, head_mean
+    from difffeat.segment.segmenter import goca_scores
+
+    pipe = tiny_pipes("sd")
+    k = 1
+    recorded = {"n": 0}
+    den = pipe.unet
+
+    def record(module, args, kwargs):
+        if recorded["n"] == k:
+            recorded.update(sample=args[0].detach().clone(), t=args[1], ehs=kwargs["encoder_hidden_states"].detach().clone())
+        recorded["n"] += 1
+
+    tc = difffeat.trace(pipe, PROMPT, CLASSES, steps=[k], activations=["up_blocks.1.resnets.2"])
+    handle = den.register_forward_pre_hook(record, with_kwargs=True)  # after the trace's catalog probe
+    try:
+        with tc:
+            _call(pipe, "sd")
+    finally:
+        handle.remove()
+    traced = tc.result(0)
+    assert tc.traced_steps == 1 and list(tc.features) == [k]
+    seg = tc.segmenter
+    # 1. Capture on the whole recorded batch: equal
+    names = seg.activation_names() + ["up_blocks.1.resnets.2"]
+    reducers, stream = seg.observation_reducers((32, 32))
+    with Capture(seg.backbone, names, grid=(32, 32), early_exit=False, map_reducer=head_mean, map_reducers=reducers) as cap:
+        with torch.no_grad():
+            den(recorded["sample"], recorded["t"], encoder_hidden_states=recorded["ehs"], return_dict=False)
+    acts = {n: v[1:] for n, v in cap.activations.items()}
+    refine = stream.finish(acts, tuple(acts[seg.ref_name].shape[-2:])) if stream else None
+    cls, _, _ = goca_scores(seg.settings, tc.layouts[0], acts, (32, 32), seg.cross_names, seg.self_names, seg.ref_name,
+                            seg.refine_names, refine)
+    assert torch.equal(traced.class_maps, cls[0])
+    assert torch.equal(tc.features[k]["up_blocks.1.resnets.2"], acts["up_blocks.1.resnets.2"])
+    # 2. the Segmenter's observed forward on the conditional half alone
+    inputs = DenoiserInputs(
+        kwargs=dict(sample=recorded["sample"][1:], timestep=recorded["t"], encoder_hidden_states=recorded["ehs"][1:]),
+        grid=(32, 32), text_len=77, timestep=int(recorded["t"]), image_size=(64, 64), prompts=[PROMPT],
+    )
+    direct = seg.decide(seg.observe_prepared([Image.new("RGB", (64, 64))], [tc.layouts[0]], inputs)[0])
+    torch.testing.assert_close(traced.class_maps, direct.class_maps, atol=1e-2, rtol=0)
+    assert (traced.labels == direct.labels).mean() >= 0.98
+
+
+def test_a_class_absent_from_the_prompt_warns_with_the_prompts_words(tiny_pipes):
+    with pytest.warns(ClassNotInPromptWarning, match=r"'horse'.*its words: a, photo, of, a, cat, and, a, dog"):
+        tc = difffeat.trace(tiny_pipes("sd"), PROMPT, ["cat", "horse"])
+    assert tc.classes == [["cat"]]
+    with pytest.raises(InvalidPromptError, match="none of the classes"):
+        difffeat.trace(tiny_pipes("sd"), PROMPT, ["horse"])
+
+
+def test_steps_outside_the_schedule_fail_before_any_observation(tiny_pipes):
+    pipe = tiny_pipes("sd")
+    den = pipe.unet
+    before = _hook_count(den)
+    with pytest.raises(InvalidOptionError, match=r"outside the schedule: this call denoises in 3 steps"):
+        with difffeat.trace(pipe, PROMPT, CLASSES, steps=[1, 5]):
+            _call(pipe, "sd")
+    assert _hook_count(den) == before
+    with pytest.raises(InvalidOptionError, match="step indices >= 0"):
+        difffeat.trace(pipe, PROMPT, CLASSES, steps=[-1])
+
+
+def test_a_family_without_text_cross_attention_is_refused():
+    from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+
+    unet = UNet2DModel(sample_size=8, in_channels=3, out_channels=3, block_out_channels=(16, 32), norm_num_groups=8,
+                       down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"))
+    pipe = DDPMPipeline(unet=unet, scheduler=DDPMScheduler())
+    with pytest.raises(DifffeatError):
+        difffeat.trace(pipe, "a cat", ["cat"])
+
+
+@pytest.mark.parametrize("scale", [1.0, 0.5])
+def test_scfg_without_cfg_is_refused(scale):
+    with pytest.raises(InvalidOptionError, match="guidance_scale > 1"):
+        SCFG(scale)
+
+
+@pytest.mark.parametrize("family", ["sd", "pixart"])
+def test_cfg_guidance_equals_the_pipelines_own_output_bit_for_bit(tiny_pipes, family):
+    pipe = tiny_pipes(family)
+    plain = _call(pipe, family)
+    with difffeat.trace(pipe, PROMPT, CLASSES, guidance=SCFG(5.0, "cfg")):
+        guided = _call(pipe, family)
+    assert np.array_equal(guided, plain)
+
+
+@pytest.mark.parametrize("mode", ["scfg-goca", "scfg"])
+def test_scfg_guides_the_generation_and_leaves_the_pipeline_unchanged_after(tiny_pipes, mode):
+    pipe = tiny_pipes("sd")
+    plain = _call(pipe, "sd")
+    with difffeat.trace(pipe, PROMPT, CLASSES, guidance=SCFG(5.0, mode)) as tc:
+        guided = _call(pipe, "sd")
+    assert not np.array_equal(guided, plain)
+    assert tc.traced_steps == 3
+    assert np.array_equal(_call(pipe, "sd"), plain)
+
+
+def test_guidance_on_a_call_without_cfg_is_refused(tiny_pipes):
+    pipe = tiny_pipes("sd")
+    with pytest.raises(InvalidOptionError, match="guidance_scale > 1"):
+        with difffeat.trace(pipe, PROMPT, CLASSES, guidance=SCFG(5.0, "scfg-goca")):
+            _call(pipe, "sd", guidance_scale=1.0)
