@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 
 # Only the checks are imported at the top: a bad option is reported before torch or diffusers load.
 
-__all__ = ["split_names", "image_sources", "extract", "segment", "evaluate_dataset", "EvalOutcome", "segmenter_overrides"]
+__all__ = ["split_names", "image_sources", "extract", "segment", "evaluate_dataset", "EvalOutcome", "segmenter_overrides", "generate"]
 
 
 def image_sources(images: Sequence[str | os.PathLike] | None = None, coco: str | os.PathLike | None = None,
@@ -219,3 +219,43 @@ def evaluate_dataset(model: str = "shapes", *, coco: str | os.PathLike | None = 
     if state.is_main_process:
         write_json(report_path, result.to_json())
     return EvalOutcome(result, report_path, seg.settings.method, seg.settings.tau, state.is_main_process)
+
+
+def generate(prompts: Sequence[str] | None = None, *, out_dir: str | os.PathLike, prompts_file: str | os.PathLike | None = None,
+             classes: str | Sequence[str] | None = None, model: str = "shapes", guidance: str = "scfg-goca",
+             guidance_scale: float = 7.5, steps: int = 20, trace_steps: str | Sequence[int] | None = None, seed: int = 0,
+             resolution: int | None = None, heatmaps: bool = False, overwrite: bool = False, device: str | None = None,
+             dtype: str | None = None, model_config: str | os.PathLike | None = None, **overrides: Any) -> "RunSummary":
+    """``difffeat generate``: every prompt's generated image with its GOCA label map, overlay and a COCO json
+    of the set into ``out_dir`` (:func:`~difffeat.runs.generate.run_generate`), resumable and sharded over
+    processes. Every option is checked before the model loads."""
+    from ..tracing.scfg import GUIDANCE_MODES, SCFG
+
+    if guidance not in GUIDANCE_MODES:
+        raise InvalidOptionError(f"--guidance must be one of {', '.join(GUIDANCE_MODES)}, got {guidance!r}")
+    SCFG(guidance_scale, guidance)  # S-CFG / CFG need --guidance-scale > 1
+    check_number("--steps", steps, 1, 1000, integer=True)
+    check_number("--seed", seed, 0, 2**63 - 1, integer=True)
+    check_resolution("--resolution", resolution)
+    chosen = None
+    if trace_steps is not None:
+        raw = split_names(trace_steps) if isinstance(trace_steps, str) else list(trace_steps)
+        try:
+            chosen = tuple(sorted({int(s) for s in raw}))
+        except ValueError:
+            raise InvalidOptionError(f"--trace-steps must be step indices such as 0,5,10; got {trace_steps!r}") from None
+        if not chosen or chosen[0] < 0 or chosen[-1] >= steps:
+            raise InvalidOptionError(f"--trace-steps {list(chosen)} are outside the schedule of --steps {steps} (0..{steps - 1})")
+    settings = segmenter_overrides(**{k: overrides.pop(k) for k in ("tau", "refine_order") if k in overrides})
+    check_out_dir(out_dir, "--out folder")
+    check_device(device)
+
+    from ..backbones import load
+    from .generate import GenerateJob, prompt_classes, read_prompts, run_generate
+    from .processes import init_state
+
+    items = prompt_classes(read_prompts(list(prompts or []), prompts_file), split_names(classes) if classes else None)
+    state = init_state(device)
+    backbone = load(model, device=device, dtype=dtype, config=model_config)
+    job = GenerateJob(Path(out_dir), guidance, float(guidance_scale), int(steps), chosen, int(seed), resolution, heatmaps, overwrite)
+    return run_generate(backbone, items, job, state, **settings, **overrides)

@@ -1,0 +1,191 @@
+"""``difffeat generate``: prompts -> generated images with their GOCA label maps, a synthetic segmentation set.
+
+One unit per prompt (sharded over processes, resumable): the pipeline generates the image under
+:func:`difffeat.trace` (with ``--guidance cfg|scfg-goca|scfg``), then ``<id>.png`` (the image),
+``<id>_labels.png``, ``<id>_overlay.png`` (and heat maps) and ``<id>.json`` are written, each atomically, the
+JSON last (its presence marks the prompt done). Prompt ``i`` is generated from seed ``seed + i``, so a
+restart or another process count gives the same images. At the end the main process writes ``coco.json``: a
+COCO instances file of the generated set (images, one RLE annotation per class present, categories).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ..errors import InvalidOptionError, InvalidPromptError
+from ..io import write_bytes, write_json
+from ..segment.outputs import save_result
+from ..segment.prompts import FILLER_WORDS
+from ..tracing.scfg import SCFG
+from ..tracing.session import ClassNotInPromptWarning, trace
+from .engine import Run, RunSummary
+from .manifest import Manifest
+from .segment import segment_done
+
+__all__ = ["PromptItem", "GenerateJob", "read_prompts", "prompt_classes", "run_generate", "COCO_FILE"]
+
+COCO_FILE = "coco.json"
+_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+@dataclass(frozen=True)
+class PromptItem:
+    """One prompt of a generation run: ``id`` names its files; ``classes`` are the words segmented."""
+
+    id: str
+    prompt: str
+    classes: tuple[str, ...]
+
+
+@dataclass
+class GenerateJob:
+    """Options of a generation run."""
+
+    out_dir: Path
+    guidance: str = "scfg-goca"
+    guidance_scale: float = 7.5
+    steps: int = 20
+    trace_steps: tuple[int, ...] | None = None
+    seed: int = 0
+    resolution: int | None = None
+    heatmaps: bool = False
+    overwrite: bool = False
+    progress: bool = True
+
+
+def read_prompts(prompts: list[str] | None = None, prompts_file: str | Path | None = None) -> list[tuple[str, str]]:
+    """``(id, prompt)`` pairs from ``--prompt`` values (ids 0000, 0001, ...) and/or a file: ``.csv`` with a
+    header (the prompt column is ``caption``, ``text`` or ``prompt``, else the last; the id column ``id`` or
+    ``image_id``, else the row number), anything else one prompt per non-empty line."""
+    pairs: list[tuple[str, str]] = [(f"{i:04d}", p) for i, p in enumerate(prompts or [])]
+    if prompts_file is not None:
+        path = Path(prompts_file)
+        if not path.is_file():
+            raise InvalidOptionError(f"prompts file {str(path)!r} does not exist; pass a .txt (one prompt per line) or a .csv with a caption column")
+        if path.suffix.lower() == ".csv":
+            with path.open(newline="", encoding="utf-8") as f:
+                rows = list(csv.reader(f))
+            if len(rows) < 2:
+                raise InvalidOptionError(f"{path}: a CSV needs a header row and at least one prompt row")
+            header = [h.strip().lower() for h in rows[0]]
+            text = next((header.index(k) for k in ("caption", "text", "prompt") if k in header), len(header) - 1)
+            ident = next((header.index(k) for k in ("id", "image_id") if k in header), None)
+            for n, row in enumerate(rows[1:]):
+                if len(row) <= text:
+                    raise InvalidOptionError(f"{path}: row {n + 2} has no column {rows[0][text]!r}")
+                pairs.append((row[ident].strip() if ident is not None and ident < len(row) else f"{len(pairs):04d}", row[text]))
+        else:
+            lines = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines()]
+            pairs += [(f"{len(pairs) + i:04d}", ln) for i, ln in enumerate(ln for ln in lines if ln)]
+    if not pairs:
+        raise InvalidOptionError("no prompts: pass --prompt TEXT (repeatable) or --prompts FILE")
+    seen: set[str] = set()
+    for ident, prompt in pairs:
+        if not prompt.strip():
+            raise InvalidPromptError(f"prompt {ident!r} is empty")
+        if not _ID.match(ident) or ident in seen:
+            raise InvalidOptionError(f"prompt id {ident!r} is {'repeated' if ident in seen else 'not a usable file name'}: ids must be unique letters, digits, '_', '-', '.'")
+        seen.add(ident)
+    return pairs
+
+
+def _words(text: str) -> list[str]:
+    return re.findall(r"[a-z0-9]+", text.lower())
+
+
+def prompt_classes(pairs: list[tuple[str, str]], classes: list[str] | None) -> list[PromptItem]:
+    """Each prompt's classes: the given ``classes`` that occur in it as words (an absent one warns with the
+    prompt's words; a prompt with none of them is an error), or every non-filler word of the prompt."""
+    items = []
+    for ident, prompt in pairs:
+        words = _words(prompt)
+        if classes is None:
+            present = [w for w in dict.fromkeys(words) if w not in FILLER_WORDS]
+        else:
+            low = " " + " ".join(words) + " "
+            present = [c for c in classes if " " + " ".join(_words(c)) + " " in low]
+            absent = [c for c in classes if c not in present]
+            if not present:
+                raise InvalidPromptError(
+                    f"prompt {ident} {prompt!r} names none of the classes {classes} (its words: {', '.join(words)}); "
+                    "name classes with the prompts' own words"
+                )
+            if absent:
+                warnings.warn(f"prompt {ident} {prompt!r} does not name {absent} (its words: {', '.join(words)}); "
+                              "its label map has no such class", ClassNotInPromptWarning, stacklevel=2)
+        items.append(PromptItem(ident, prompt, tuple(present)))
+    return items
+
+
+def _coco_dataset(out_dir: Path, items: list[PromptItem]) -> dict[str, Any]:
+    """A COCO instances dict of the finished prompts: one image per prompt (file ``<id>.png``), one RLE
+    annotation per class present in its label map, categories = every class (ids from 1, first seen first)."""
+    from pycocotools import mask as mask_utils
+
+    categories: dict[str, int] = {}
+    for it in items:
+        for c in it.classes:
+            categories.setdefault(c, len(categories) + 1)
+    images, annotations = [], []
+    for image_id, it in enumerate(items, start=1):
+        meta = segment_done(out_dir, it.id)
+        if meta is None:
+            continue
+        labels = np.asarray(Image.open(out_dir / f"{it.id}_labels.png"))
+        h, w = labels.shape
+        images.append({"id": image_id, "file_name": f"{it.id}.png", "height": h, "width": w, "caption": it.prompt})
+        for cls, label in meta["classes"].items():
+            if cls == "background":
+                continue
+            binary = np.asfortranarray((labels == label).astype(np.uint8))
+            if not binary.any():
+                continue
+            rle = mask_utils.encode(binary)
+            area, bbox = float(mask_utils.area(rle)), [float(x) for x in mask_utils.toBbox(rle)]
+            rle["counts"] = rle["counts"].decode("ascii")
+            annotations.append({"id": len(annotations) + 1, "image_id": image_id, "category_id": categories[cls],
+                                "segmentation": rle, "area": area, "bbox": bbox, "iscrowd": 0})
+    return {"images": images, "annotations": annotations,
+            "categories": [{"id": i, "name": c, "supercategory": "object"} for c, i in categories.items()]}
+
+
+def run_generate(backbone: Any, items: list[PromptItem], job: GenerateJob, state=None, **settings: Any) -> RunSummary:
+    """Generate every prompt's image with its label map into ``job.out_dir`` (see the module docstring).
+    ``settings``: :class:`~difffeat.segment.SegmentSettings` fields of the traced maps."""
+    out_dir = Path(job.out_dir)
+    guidance = SCFG(job.guidance_scale, job.guidance)
+    run_settings = {"guidance": job.guidance, "guidance_scale": job.guidance_scale, "steps": job.steps,
+                    "trace_steps": list(job.trace_steps) if job.trace_steps else None, "seed": job.seed,
+                    "resolution": job.resolution, "heatmaps": job.heatmaps, **settings}
+    dataset = {"prompts": [[it.id, it.prompt, list(it.classes)] for it in items]}
+    run = Run(Manifest("generate", str(backbone.name), run_settings, dataset), out_dir, state, job.overwrite,
+              job.progress).open()
+    todo, done = run.split(range(len(items)), lambda i: segment_done(out_dir, items[i].id))
+    pipe = backbone.pipeline
+    size = job.resolution or backbone.native_resolution
+    bar = run.bar(len(todo), "generate")
+    for i in todo:
+        it = items[i]
+        tc = trace(pipe, it.prompt, list(it.classes), steps=job.trace_steps, guidance=guidance, **settings)
+        with tc:
+            image = pipe(it.prompt, num_inference_steps=job.steps, guidance_scale=job.guidance_scale, height=size,
+                         width=size, generator=torch.Generator().manual_seed(job.seed + i)).images[0]
+        write_bytes(out_dir / f"{it.id}.png", lambda tmp, im=image: im.save(tmp, format="PNG"))
+        save_result(tc.result(0, image), image, out_dir, it.id, heatmaps=job.heatmaps)  # .json last
+        bar.update(1)
+    bar.close()
+    summary = run.finish(len(items), len(todo), len(done), "generate_summary.json")
+    if run.is_main_process:
+        write_json(out_dir / COCO_FILE, _coco_dataset(out_dir, items))
+    run.state.wait_for_everyone()
+    return summary

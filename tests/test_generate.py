@@ -1,0 +1,99 @@
+"""``difffeat generate``: prompts -> images, label maps, overlays and a COCO json; resumable; ``--guidance cfg``
+is the pipeline's own generation; bad input fails before the model loads."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+from difffeat.cli import app
+from difffeat.errors import InvalidPromptError
+from difffeat.runs.commands import generate
+from difffeat.runs.generate import prompt_classes, read_prompts
+from difffeat.tracing import ClassNotInPromptWarning
+
+runner = CliRunner()
+PROMPTS = ["a photo of a cat and a dog", "a dog on a bed"]
+
+
+@pytest.fixture(scope="module")
+def sd_folder(tmp_path_factory):
+    from difffeat.testing import save_tiny_pipeline
+
+    return save_tiny_pipeline("sd", tmp_path_factory.mktemp("tiny-sd") / "sd")
+
+
+def test_generate_writes_images_label_maps_and_a_coco_set_and_resumes(sd_folder, tmp_path):
+    from pycocotools.coco import COCO
+
+    out = tmp_path / "gen"
+    args = dict(out_dir=out, model=str(sd_folder), classes="cat,dog,bed", guidance="cfg", steps=2, seed=3, device="cpu")
+    with pytest.warns(ClassNotInPromptWarning):
+        summary = generate(PROMPTS, **args)
+    assert (summary.written, summary.skipped) == (2, 0)
+    for ident in ("0000", "0001"):
+        for suffix in (".png", "_labels.png", "_overlay.png", ".json"):
+            assert (out / f"{ident}{suffix}").is_file()
+    assert json.loads((out / "0000.json").read_text())["classes"] == {"background": 0, "cat": 1, "dog": 2}
+    assert json.loads((out / "0001.json").read_text())["classes"] == {"background": 0, "dog": 1, "bed": 2}
+    coco = COCO(str(out / "coco.json"))
+    assert [c["name"] for c in coco.loadCats(coco.getCatIds())] == ["cat", "dog", "bed"]
+    assert len(coco.getImgIds()) == 2 and coco.imgs[1]["caption"] == PROMPTS[0]
+    for ann in coco.loadAnns(coco.getAnnIds()):  # each annotation is its class's pixels of the label map
+        img = coco.imgs[ann["image_id"]]
+        labels = np.asarray(Image.open(out / img["file_name"].replace(".png", "_labels.png")))
+        meta = json.loads((out / img["file_name"].replace(".png", ".json")).read_text())
+        name = coco.cats[ann["category_id"]]["name"]
+        assert np.array_equal(coco.annToMask(ann), (labels == meta["classes"][name]).astype(np.uint8))
+    # --guidance cfg is the pipeline's own generation (prompt i from seed + i)
+    from diffusers import DiffusionPipeline
+
+    pipe = DiffusionPipeline.from_pretrained(str(sd_folder))
+    pipe.set_progress_bar_config(disable=True)
+    own = pipe(PROMPTS[1], num_inference_steps=2, guidance_scale=7.5, height=64, width=64,
+               generator=torch.Generator().manual_seed(3 + 1)).images[0]
+    assert np.array_equal(np.asarray(Image.open(out / "0001.png")), np.asarray(own))
+    # a restart skips finished prompts
+    with pytest.warns(ClassNotInPromptWarning):
+        again = generate(PROMPTS, **args)
+    assert (again.written, again.skipped) == (0, 2)
+
+
+def test_prompts_from_a_captions_csv(tmp_path):
+    f = tmp_path / "captions.csv"
+    f.write_text("id,text\n42,a cat on a bed\n7,\"a dog, a cat\"\n")
+    assert read_prompts(None, f) == [("42", "a cat on a bed"), ("7", "a dog, a cat")]
+    g = tmp_path / "prompts.txt"
+    g.write_text("a cat\n\na dog\n")
+    assert read_prompts(["a bed"], g) == [("0000", "a bed"), ("0001", "a cat"), ("0002", "a dog")]
+
+
+def test_a_class_absent_from_a_prompt_warns_with_its_words():
+    with pytest.warns(ClassNotInPromptWarning, match=r"does not name \['bed'\] \(its words: a, photo, of, a, cat, and, a, dog\)"):
+        items = prompt_classes(list(enumerate(PROMPTS)), ["cat", "dog", "bed"])
+    assert [it.classes for it in items] == [("cat", "dog"), ("dog", "bed")]
+    with pytest.raises(InvalidPromptError, match="names none of the classes"):
+        prompt_classes([("0", "a dog")], ["cat"])
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--classes", "horse"], "names none of the classes ['horse'] (its words: a, photo, of, a, cat, and, a, dog)"),
+        (["--steps", "3", "--trace-steps", "1,5"], "outside the schedule of --steps 3"),
+        (["--guidance", "scfg", "--guidance-scale", "1.0"], "guidance_scale > 1"),
+        (["--guidance", "cfg", "--guidance-scale", "0.5"], "guidance_scale > 1"),
+        (["--guidance", "pag"], "--guidance must be one of cfg, scfg-goca, scfg"),
+        (["--steps", "0"], "--steps"),
+    ],
+)
+def test_bad_generate_input_exits_2_with_one_line_before_the_model_loads(tmp_path, extra, message):
+    missing_model = str(tmp_path / "no-such-model")  # loading it would fail: the check must come first
+    result = runner.invoke(app, ["generate", "-p", PROMPTS[0], "--out", str(tmp_path / "o"), "--model", missing_model, *extra])
+    assert result.exit_code == 2, result.output
+    assert message in " ".join(result.output.split()) and "Traceback" not in result.output
