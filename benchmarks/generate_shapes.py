@@ -1,0 +1,145 @@
+"""Segment what you generate, on the embedded shapes model (a text-to-image model of the shapes world).
+
+1. Prompts: the captions of the first ``--n`` test-split scenes that hold 2-3 objects of distinct shapes
+   (the world's own caption style: "a red circle and a blue star on a striped green background").
+2. A pixel probe trained on the shapes world's ground truth: difffeat's per-pixel linear probe
+   (:class:`difffeat.evaluate.PixelProbe`, background + 8 shapes) on the model's features (the greedy
+   selection of ``benchmarks/features_shapes.py``, upsampled to 64x64) plus the RGB pixels, fitted on
+   ``--n-probe`` val-split scenes; its own mIoU on the real test scenes is reported for scale.
+3. Every prompt is generated (seed = prompt index) under ``difffeat.trace`` with ``--guidance`` cfg,
+   scfg-goca and scfg. Reported per guidance: mIoU of GOCA's traced label maps against the probe's labels of
+   the same generated images (classes present in either), and the fraction of images in which the probe finds
+   every prompted shape (>= 20 px, the world's minimum visible area).
+
+    python benchmarks/generate_shapes.py                     # 100 prompts x 3 guidances, 20 steps
+    python benchmarks/generate_shapes.py --steps 10 --guidances cfg,scfg-goca --n-probe 100   # the README's run
+    python benchmarks/generate_shapes.py --n 10 --steps 10   # quick look
+
+Label maps average the traced maps over the last ``--trace-last`` fraction of the steps (default: half):
+the shapes model's GOCA settings were chosen at t = 50, and the early, noisy steps blur the maps.
+
+Output: ``benchmarks/results/generate_shapes.json`` and ``benchmarks/results/generate_shapes.png`` (examples:
+image, probe, GOCA per guidance).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+import difffeat
+from difffeat.evaluate import PixelProbe
+from difffeat.evaluate.metrics import ConfusionMatrix
+from difffeat.io import write_json
+from difffeat.segment.outputs import colorize
+from difffeat.shapes import world
+from difffeat.tracing import SCFG
+
+RESULTS = Path(__file__).resolve().parent / "results"
+PROBE_FEATURES = ["up_blocks.2.attentions.0", "up_blocks.1.attentions.0.transformer_blocks.0.attn2.q",
+                  "up_blocks.2.attentions.1.transformer_blocks.0.attn1.out"]  # features_shapes.json's greedy pick
+SIZE = world.IMAGE_SIZE
+N_CLASSES = len(world.SHAPE_CLASSES) + 1
+
+
+def prompts(n: int) -> list[tuple[str, list[str]]]:
+    """(caption, shapes named) of the first n test scenes with 2-3 objects of distinct shapes."""
+    out, i = [], 0
+    while len(out) < n:
+        s = world.sample("test", i)
+        names = [inst.class_name for inst in s.instances]
+        if 2 <= len(names) <= 3 and len(set(names)) == len(names):
+            out.append((s.caption, names))
+        i += 1
+    return out
+
+
+def probe_input(fx: difffeat.FeatureExtractor, images: list[Image.Image]) -> torch.Tensor:
+    """``[n, C + 3, 64, 64]``: the probe features upsampled to the image grid, then the RGB pixels."""
+    parts = []
+    for i in range(0, len(images), 32):
+        feats = fx(images[i : i + 32])
+        ups = [F.interpolate(feats[n].float(), size=(SIZE, SIZE), mode="bilinear", align_corners=False) for n in PROBE_FEATURES]
+        rgb = torch.from_numpy(np.stack([np.asarray(im.convert("RGB").resize((SIZE, SIZE))) for im in images[i : i + 32]]))
+        parts.append(torch.cat([*ups, rgb.permute(0, 3, 1, 2).float() / 255], dim=1))
+    return torch.cat(parts)
+
+
+def fit_probe(fx, n_train: int, n_test: int) -> tuple[PixelProbe, dict[str, float]]:
+    train = [world.sample("val", i) for i in range(n_train)]
+    x = probe_input(fx, [s.image for s in train])
+    y = torch.from_numpy(np.stack([s.mask.astype(np.int64) for s in train]))
+    probe = PixelProbe(N_CLASSES, pixels_per_image=1024).fit(x, y)
+    test = [world.sample("test", i) for i in range(n_test)]
+    score = probe.score(probe_input(fx, [s.image for s in test]), torch.from_numpy(np.stack([s.mask.astype(np.int64) for s in test])))
+    return probe, {"test_scenes": n_test, **{k: round(100 * v, 2) for k, v in score.to_json().items()}}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--n", type=int, default=100)
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--guidance-scale", type=float, default=5.0)
+    ap.add_argument("--n-probe", type=int, default=200)
+    ap.add_argument("--guidances", default="cfg,scfg-goca,scfg")
+    ap.add_argument("--trace-last", type=float, default=0.5, help="fraction of the steps (the last ones) whose maps make the label maps")
+    ap.add_argument("--out", type=Path, default=RESULTS / "generate_shapes.json")
+    ap.add_argument("--figure", type=Path, default=RESULTS / "generate_shapes.png")
+    args = ap.parse_args(argv)
+    start = time.time()
+    torch.manual_seed(0)
+    backbone = difffeat.load("shapes", device="cpu", dtype="fp32")
+    pipe = backbone.pipeline
+    fx = difffeat.FeatureExtractor(backbone, PROBE_FEATURES, t=50, batch_size=32)
+    probe, probe_score = fit_probe(fx, args.n_probe, args.n)
+    items = prompts(args.n)
+    traced = list(range(int(round(args.steps * (1 - args.trace_last))), args.steps))
+    report = {"model": "shapes", "n": args.n, "steps": args.steps, "traced_steps": traced, "guidance_scale": args.guidance_scale,
+              "probe": {"features": PROBE_FEATURES + ["rgb"], "train_scenes": args.n_probe, **probe_score}, "guidance": {}}
+    examples: dict[str, list[tuple[Image.Image, np.ndarray, np.ndarray]]] = {}
+    for mode in args.guidances.split(","):
+        cm = ConfusionMatrix(N_CLASSES)
+        found = 0
+        shown = []
+        for i, (caption, names) in enumerate(items):
+            with difffeat.trace(pipe, caption, names, steps=traced, guidance=SCFG(args.guidance_scale, mode)) as tc:
+                image = pipe(caption, num_inference_steps=args.steps, guidance_scale=args.guidance_scale, height=SIZE,
+                             width=SIZE, generator=torch.Generator().manual_seed(i)).images[0]
+            result = tc.result(0, image)
+            lut = np.array([0] + [world.CLASS_TO_INDEX[c] for c in result.classes], dtype=np.uint8)
+            goca = lut[result.labels]  # world class indices
+            probed = probe.predict(probe_input(fx, [image]))[0].numpy().astype(np.uint8)
+            cm.update(probed, goca)
+            found += all(int((probed == world.CLASS_TO_INDEX[c]).sum()) >= world.MIN_VISIBLE_PX for c in names)
+            if len(shown) < 6:
+                shown.append((image, probed, goca))
+        report["guidance"][mode] = {"goca_vs_probe_miou": round(100 * float(cm.miou()), 2),
+                                    "probe_finds_every_prompted_shape": round(found / len(items), 3)}
+        examples[mode] = shown
+        print(mode, report["guidance"][mode], flush=True)
+        write_json(args.out, report)  # after each guidance: a cut-off run keeps what it measured
+    report["seconds"] = round(time.time() - start, 1)
+    write_json(args.out, report)
+    _figure(examples, args.figure)
+    return report
+
+
+def _figure(examples: dict[str, list], path: Path, scale: int = 2) -> None:
+    """Rows: one per guidance and example kind (image, probe, GOCA); columns: the first examples."""
+    rows = []
+    for mode, shown in examples.items():
+        for k in range(3):
+            tiles = [(im.convert("RGB") if k == 0 else colorize(lab if k == 1 else goca).convert("RGB"))
+                     for im, lab, goca in shown]
+            rows.append(np.concatenate([np.asarray(t.resize((SIZE * scale, SIZE * scale), Image.NEAREST)) for t in tiles], axis=1))
+    Image.fromarray(np.concatenate(rows, axis=0)).save(path)
+
+
+if __name__ == "__main__":
+    main()
