@@ -210,7 +210,7 @@ def generate(
     guidance: str = typer.Option("scfg-goca", help="cfg (plain classifier-free guidance) | scfg-goca (S-CFG with GOCA masks) | scfg (S-CFG with its own masks)."),
     guidance_scale: float = typer.Option(7.5, help="Guidance scale w (> 1)."),
     steps: int = typer.Option(20, help="Denoising steps, 1-1000."),
-    trace_steps: Optional[str] = typer.Option(None, help="Steps whose maps are averaged for the label maps, e.g. 0,5,10 (default: every step)."),
+    trace_steps: Optional[str] = typer.Option(None, help="Steps whose maps are averaged for the label maps, e.g. 0,5,10 or 10-19 (default: every step)."),
     seed: int = typer.Option(0, help="Prompt i is generated from seed + i."),
     resolution: Optional[int] = typer.Option(None, help="Image side in px (default: the model's native resolution)."),
     tau: Optional[float] = typer.Option(None, help="Background offset in [-1, 1] of the label maps (default: the model's config)."),

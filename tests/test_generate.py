@@ -86,6 +86,8 @@ def test_a_class_absent_from_a_prompt_warns_with_its_words():
     [
         (["--classes", "horse"], "names none of the classes ['horse'] (its words: a, photo, of, a, cat, and, a, dog)"),
         (["--steps", "3", "--trace-steps", "1,5"], "outside the schedule of --steps 3"),
+        (["--steps", "20", "--trace-steps", "10-20"], "outside the schedule of --steps 20"),
+        (["--trace-steps", "late"], "--trace-steps must be step indices or ranges"),
         (["--guidance", "scfg", "--guidance-scale", "1.0"], "guidance_scale > 1"),
         (["--guidance", "cfg", "--guidance-scale", "0.5"], "guidance_scale > 1"),
         (["--guidance", "pag"], "--guidance must be one of cfg, scfg-goca, scfg"),

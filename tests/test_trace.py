@@ -21,7 +21,7 @@ CLASSES = ["cat", "dog"]
 def _call(pipe, family, prompt=PROMPT, seed=0, steps=3, **kw):
     kwargs = dict(num_inference_steps=steps, height=64, width=64, output_type="np", guidance_scale=5.0)
     kwargs.update(TINY_CALL_KWARGS.get(family, {}))
-    if family == "pixart":
+    if family in ("pixart", "sd3"):
         kwargs["max_sequence_length"] = 32
     kwargs.update(kw)
     return pipe(prompt, generator=torch.Generator().manual_seed(seed), **kwargs).images
@@ -31,7 +31,7 @@ def _hook_count(module) -> int:
     return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in module.modules())
 
 
-@pytest.mark.parametrize("family", ["sd", "pixart"])
+@pytest.mark.parametrize("family", ["sd", "pixart", "sdxl", "sd3"])
 def test_tracing_does_not_change_the_generated_images(tiny_pipes, family):
     pipe = tiny_pipes(family)
     untraced = _call(pipe, family)
@@ -140,13 +140,22 @@ def test_a_family_without_text_cross_attention_is_refused():
         difffeat.trace(pipe, "a cat", ["cat"])
 
 
+def test_a_family_with_packed_latents_is_refused_at_its_first_step(tiny_pipes):
+    from difffeat.errors import UnsupportedBackboneError
+
+    pipe = tiny_pipes("flux")
+    with pytest.raises(UnsupportedBackboneError, match=r"\[B, C, H, W\] latent"):
+        with difffeat.trace(pipe, PROMPT, CLASSES):
+            pipe(PROMPT, num_inference_steps=2, height=64, width=64, output_type="np", **TINY_CALL_KWARGS.get("flux", {}))
+
+
 @pytest.mark.parametrize("scale", [1.0, 0.5])
 def test_scfg_without_cfg_is_refused(scale):
     with pytest.raises(InvalidOptionError, match="guidance_scale > 1"):
         SCFG(scale)
 
 
-@pytest.mark.parametrize("family", ["sd", "pixart"])
+@pytest.mark.parametrize("family", ["sd", "pixart", "sdxl", "sd3"])
 def test_cfg_guidance_equals_the_pipelines_own_output_bit_for_bit(tiny_pipes, family):
     pipe = tiny_pipes(family)
     plain = _call(pipe, family)

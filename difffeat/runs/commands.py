@@ -239,11 +239,15 @@ def generate(prompts: Sequence[str] | None = None, *, out_dir: str | os.PathLike
     check_resolution("--resolution", resolution)
     chosen = None
     if trace_steps is not None:
-        raw = split_names(trace_steps) if isinstance(trace_steps, str) else list(trace_steps)
+        raw = split_names(trace_steps) if isinstance(trace_steps, str) else [str(s) for s in trace_steps]
         try:
-            chosen = tuple(sorted({int(s) for s in raw}))
+            picked: set[int] = set()
+            for token in raw:  # "5" or a range "10-19"
+                lo, _, hi = token.partition("-")
+                picked.update(range(int(lo), int(hi or lo) + 1))
+            chosen = tuple(sorted(picked))
         except ValueError:
-            raise InvalidOptionError(f"--trace-steps must be step indices such as 0,5,10; got {trace_steps!r}") from None
+            raise InvalidOptionError(f"--trace-steps must be step indices or ranges such as 0,5,10-19; got {trace_steps!r}") from None
         if not chosen or chosen[0] < 0 or chosen[-1] >= steps:
             raise InvalidOptionError(f"--trace-steps {list(chosen)} are outside the schedule of --steps {steps} (0..{steps - 1})")
     settings = segmenter_overrides(**{k: overrides.pop(k) for k in ("tau", "refine_order") if k in overrides})
