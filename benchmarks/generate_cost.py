@@ -3,6 +3,7 @@
 
 - untraced: the pipeline's own call (CFG, guidance 7.5);
 - traced: the same call under ``difffeat.trace`` (GOCA maps of every step streamed into the label map);
+- traced-fused: the same with ``fuse_output=True`` (observed layers return the observer's ``P @ V``);
 - cfg: ``guidance=SCFG(7.5, "cfg")`` (the denoiser-output rewrite alone; its images equal untraced);
 - scfg-goca: S-CFG with GOCA masks (every step observed, masks and rate computed).
 
@@ -54,6 +55,7 @@ def main(argv: list[str] | None = None) -> dict:
     variants = {
         "untraced": lambda: None,
         "traced": lambda: difffeat.trace(pipe, PROMPT, CLASSES),
+        "traced-fused": lambda: difffeat.trace(pipe, PROMPT, CLASSES, fuse_output=True),
         "cfg": lambda: difffeat.trace(pipe, PROMPT, CLASSES, guidance=SCFG(7.5, "cfg")),
         "scfg-goca": lambda: difffeat.trace(pipe, PROMPT, CLASSES, guidance=SCFG(7.5, "scfg-goca")),
     }
@@ -80,6 +82,7 @@ def main(argv: list[str] | None = None) -> dict:
         "device": "cpu", "threads": torch.get_num_threads(), "load_average": os.getloadavg(),
         "seconds": {k: round(v, 2) for k, v in med.items()},
         "traced_over_untraced": round(med["traced"] / med["untraced"], 3),
+        "traced_fused_over_untraced": round(med["traced-fused"] / med["untraced"], 3),
         "scfg_goca_over_cfg": round(med["scfg-goca"] / med["cfg"], 3),
         "cfg_over_untraced": round(med["cfg"] / med["untraced"], 3),
         "extra_peak_mb_over_untraced": {k: round(peaks[k] - peaks["untraced"], 1) for k in variants if k != "untraced"},

@@ -180,3 +180,12 @@ def test_guidance_on_a_call_without_cfg_is_refused(tiny_pipes):
     with pytest.raises(InvalidOptionError, match="guidance_scale > 1"):
         with difffeat.trace(pipe, PROMPT, CLASSES, guidance=SCFG(5.0, "scfg-goca")):
             _call(pipe, "sd", guidance_scale=1.0)
+
+
+def test_fused_output_tracing_changes_images_only_at_float32_rounding(tiny_pipes):
+    pipe = tiny_pipes("sd")
+    untraced = _call(pipe, "sd")
+    with difffeat.trace(pipe, PROMPT, CLASSES, fuse_output=True) as tc:
+        fused = _call(pipe, "sd")
+    assert tc.traced_steps == 3
+    np.testing.assert_allclose(fused, untraced, atol=1e-4)

@@ -92,8 +92,10 @@ class Trace:
         num_images_per_prompt: int = 1,
         guidance: SCFG | None = None,
         cfg: bool | None = None,
+        fuse_output: bool = False,
         **settings: Any,
     ) -> None:
+        self.fuse_output = bool(fuse_output)
         self.prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         if not self.prompts or not all(isinstance(p, str) and p.strip() for p in self.prompts):
             raise InvalidPromptError("trace needs the pipeline call's prompt(s): a non-empty string or list of strings")
@@ -218,7 +220,7 @@ class Trace:
         names = self.segmenter.activation_names() + [n for n in self.activation_names]
         self._capture = Capture(
             self.backbone, list(dict.fromkeys(names)), grid=self._grid, early_exit=False, map_reducer=head_mean,
-            map_reducers=reducers,
+            map_reducers=reducers, fuse_output=self.fuse_output,
         )
         self._capture.__enter__()
 
@@ -381,6 +383,7 @@ def trace(
     num_images_per_prompt: int = 1,
     guidance: SCFG | None = None,
     cfg: bool | None = None,
+    fuse_output: bool = False,
     **settings: Any,
 ) -> Trace:
     """Trace an ordinary diffusers pipeline call: ``with difffeat.trace(pipe, prompt, classes) as tc: pipe(prompt)``.
@@ -398,6 +401,9 @@ def trace(
         guidance: :class:`SCFG` to guide the call with S-CFG (or plain CFG, ``mode="cfg"``).
         cfg: whether the call runs classifier-free guidance (default: the pipeline's
             ``do_classifier_free_guidance``, else inferred from the batch size).
+        fuse_output: let observed attention layers return ``probabilities @ V`` from the observer's own
+            chunks instead of running SDPA again (faster; the images then equal an untraced call's to float32
+            rounding, not bit for bit). Off by default.
         **settings: :class:`~difffeat.segment.SegmentSettings` fields (``tau``, ``refine_order``, ...).
 
     Raises:
@@ -405,4 +411,4 @@ def trace(
         (S-CFG with guidance_scale <= 1). InvalidPromptError: no class occurs in a prompt.
     """
     return Trace(pipe, prompt, classes, steps=steps, activations=activations, num_images_per_prompt=num_images_per_prompt,
-                 guidance=guidance, cfg=cfg, **settings)
+                 guidance=guidance, cfg=cfg, fuse_output=fuse_output, **settings)
