@@ -151,3 +151,19 @@ def test_a_guided_generation_applies_the_published_rule_at_every_step(tiny_pipes
         want_rate, want_pred = _published_guidance(noise_pred, rec["token_mask"], rec["fore_mask"], 4.0, r)
         torch.testing.assert_close(rec["rate"], want_rate, rtol=1e-6, atol=1e-7)
         torch.testing.assert_close(rec["pred"], torch.cat([want_pred, want_pred]), rtol=1e-6, atol=1e-6)
+
+
+def test_token_masks_take_each_pixels_strongest_content_token_and_the_background_token_for_the_foreground():
+    from difffeat.tracing import token_masks
+
+    a_cond = torch.full((1, 6, 8, 8), 0.1)
+    a_cond[:, 2, :, :4] = 0.9  # token 2 dominates the left half
+    a_cond[:, 3, :, 4:] = 0.9  # token 3 the right half
+    a_cond[:, 5] = 5.0  # a padding token after the last content token: never chosen
+    a_uncond = torch.zeros(1, 6, 8, 8)
+    a_uncond[:, 0, :4] = 1.0  # the start token of the unconditional half covers the top half: background
+    tokens, fore = token_masks(a_cond, a_uncond, None, [1, 2, 3], 3, ("uncond", 0), rescale=False, blur_kernel=1)
+    assert torch.equal(tokens[0, 2], (torch.arange(8) < 4).float().expand(8, 8))
+    assert torch.equal(tokens[0, 3], (torch.arange(8) >= 4).float().expand(8, 8))
+    assert tokens[0, 5].sum() == 0
+    assert torch.equal(fore[0, 0], (torch.arange(8) >= 4).float()[:, None].expand(8, 8))
