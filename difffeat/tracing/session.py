@@ -61,6 +61,11 @@ def _in_prompt(cls: str, prompt: str) -> bool:
     return re.search(r"(?<![a-z0-9])" + re.escape(cls.lower()) + r"(?![a-z0-9])", prompt.lower()) is not None
 
 
+def _position(word: str, low_prompt: str) -> int:
+    m = re.search(r"(?<![a-z0-9])" + re.escape(word.lower()) + r"(?![a-z0-9])", low_prompt)
+    return m.start() if m else -1
+
+
 def _first_output(output: Any) -> torch.Tensor:
     if isinstance(output, (tuple, list)):
         return output[0]
@@ -162,8 +167,15 @@ class Trace:
                     f"none of the classes {cls} occurs in the prompt {prompt!r} (its words: {', '.join(_words(prompt))}); "
                     "name classes with the prompt's own words"
                 )
+            low = prompt.lower()
+            present.sort(key=lambda c: _position(c, low))  # the layout finds phrases in caption order
+            last = max(_position(c, low) for c in present)
+            # background entities the prompt names after its classes ("... on a green background"): their
+            # maps are GOCA's supporting map, so the background can win where they dominate
+            entities = [e for e in self.segmenter.settings.background_entities
+                        if e.lower() not in {c.lower() for c in present} and _in_prompt(e, prompt) and _position(e, low) > last]
             kept.append(present)
-            layouts.append(build_layout(present, segments, caption=prompt))
+            layouts.append(build_layout(present, segments, entities=entities, caption=prompt))
         return kept, layouts
 
     # ------------------------------------------------------------------ hooks
@@ -394,6 +406,8 @@ def trace(
         prompt: the call's prompt(s), as passed to the pipeline.
         classes: words of the prompt to segment (one list, or one per prompt); a word absent from a prompt
             warns (:class:`ClassNotInPromptWarning`) naming the prompt's words. Default: the prompt's words.
+            A result lists its classes in prompt order; the settings' ``background_entities`` ("background")
+            that the prompt names after them give GOCA's supporting (background) map.
         steps: denoising step indices to trace (0 = first); default every step. Maps are averaged over them.
         activations: catalog names of features to keep at the traced steps (``tc.features[step][name]``,
             the conditional half).
