@@ -522,9 +522,15 @@ CSS = """
                   background: #fff0f0; }
 /* galleries as tall as their pictures, no fixed blank box below */
 #seg-heat .grid-wrap, #g-panels .grid-wrap { min-height: 0 !important; height: auto !important; max-height: none !important; }
-/* gallery captions wrap instead of being cut ("without" / "with" must stay apart on a phone) */
+#seg-heat .grid-container, #g-panels .grid-container { padding-top: 30px !important; }  /* below the gallery's label */
+/* gallery captions wrap instead of being cut ("without" / "with" must stay apart on a phone), under the picture */
 #seg-heat .caption-label, #g-panels .caption-label { white-space: normal !important; overflow: visible !important;
-                  text-overflow: clip !important; max-width: 100% !important; }
+                  text-overflow: clip !important; max-width: 100% !important; position: static !important;
+                  display: block; text-align: center; }
+#seg-heat .thumbnail-item, #g-panels .thumbnail-item { aspect-ratio: auto !important; height: auto !important;
+                  overflow: visible !important; }
+#seg-heat .thumbnail-item img, #g-panels .thumbnail-item img { object-fit: contain !important; height: auto !important;
+                  width: 100% !important; image-rendering: pixelated; }
 .difffeat-table { border-collapse: collapse; font-size: .9em; }
 .difffeat-table th, .difffeat-table td { border: 1px solid #ccc; padding: .2em .5em; text-align: left; }
 .difffeat-verdict { font-weight: 600; }

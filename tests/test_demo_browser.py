@@ -55,7 +55,11 @@ def shots(tmp_path_factory) -> Path:
 
 
 def _shot(page, folder: Path, name: str) -> Path:
-    """A full-page screenshot, quantised to 256 colours (a few hundred KB at most)."""
+    """A full-page screenshot, quantised to 256 colours (a few hundred KB at most), after scrolling through the
+    page so that lazily loaded pictures are in."""
+    page.evaluate("async () => { for (let y = 0; y < document.body.scrollHeight; y += 400) { window.scrollTo(0, y); "
+                  "await new Promise(r => setTimeout(r, 60)); } window.scrollTo(0, 0); }")
+    page.wait_for_timeout(300)
     png = page.screenshot(full_page=True)
     path = folder / name
     Image.open(io.BytesIO(png)).convert("RGB").quantize(256).save(path, optimize=True)

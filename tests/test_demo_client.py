@@ -342,7 +342,7 @@ def test_gate_verdict_explains_technique_helps_and_the_table_rounds():
     img = PILImage.new("RGB", (8, 8))
     helps = Img2ImgComparison(img, img, img, 12.3456, 14.5678, 0.2, 0.1)
     assert helps.technique_helps and helps.verdict().startswith("The technique helps here")
-    assert "PSNR +2.22 dB" in helps.verdict() and "edge IoU -0.100 disagrees" in helps.verdict()
+    assert "PSNR +2.22 dB" in helps.verdict() and "the edge IoU (-0.100) disagrees" in helps.verdict()
     assert helps.table()[0][1:] == ("12.35", "14.57", "with") and helps.table()[1][1:] == ("0.200", "0.100", "without")
     hurts = Img2ImgComparison(img, img, img, 14.0, 13.0, 0.2, 0.1)
     assert not hurts.technique_helps and hurts.verdict().startswith("The technique does not help here")

@@ -139,8 +139,7 @@ class Img2ImgComparison:
             head = (f"The technique does not help here: with it the output is no closer to the input (PSNR {d:+.2f} dB), "
                     "so it did not suppress content shift on this image")
         agree = (edges > 0) == self.technique_helps
-        tail = f"edge IoU {edges:+.3f} {'agrees' if agree else 'disagrees'}"
-        return f"{head}; {tail}."
+        return f"{head}; the edge IoU ({edges:+.3f}) {'agrees' if agree else 'disagrees'}."
 
     def table(self) -> list[tuple[str, str, str, str]]:
         """Rows ``(measure, without, with, closer to the input)`` of the two similarity measures, for display."""
