@@ -184,7 +184,8 @@ def check_class_words(classes: Sequence[str] | str, backbone: Any, *, drop_unkno
     ``drop_unknown=True`` leaves the unknown names out of :attr:`ClassCheck.names` (listed in
     :attr:`ClassCheck.dropped`, each warning saying so): an unknown word's attention map is noise that takes
     pixels from the known classes (on the shapes example 0001, adding "banana" to square, ring, diamond drops
-    the diamond's IoU from 0.886 to 0.114). Raises :class:`InvalidPromptError` when no name is left."""
+    the diamond's IoU from 0.886 to 0.114: ``benchmarks/unknown_word_shapes.py``). Raises
+    :class:`InvalidPromptError` when no name is left."""
     vocab = model_vocabulary(backbone)
     given = classes.split(",") if isinstance(classes, str) else list(classes)
     if not any(str(c).strip() for c in given):
