@@ -764,7 +764,7 @@ def build_demo(
     def examples_block(inputs, label: str, items, elem_id: str, with_classes: bool = True):
         rows = [list(e) if with_classes else [e[0]] for e in items]
         labels = [example_label(*e) for e in items] if with_classes else None
-        return gr.Examples(rows, inputs, label=label, elem_id=elem_id, example_labels=labels)
+        return gr.Examples(rows, inputs, label=label, elem_id=elem_id, example_labels=labels, api_visibility="private")
 
     hidden = dict(api_visibility="private", show_progress="hidden", queue=False)
     with gr.Blocks(title="difffeat demo") as demo:
@@ -786,7 +786,7 @@ def build_demo(
                     image = UploadImage(type="pil", label="image", elem_id="seg-image", height=320, sources=["upload", "clipboard"])
                     classes = gr.Textbox(label="classes (comma-separated)", placeholder="circle, star", elem_id="seg-classes",
                                          render=False)
-                    examples_block([image, classes], "bundled examples: click one", examples, "seg-examples")
+                    seg_examples = [examples_block([image, classes], "bundled examples: click one", examples, "seg-examples")]
                     classes.render()
                     known = gr.Markdown(visible=False, elem_id="seg-known")
                     offer = gr.CheckboxGroup([], label="tick classes to add them (typed ones stay)", visible=False,
@@ -805,8 +805,9 @@ def build_demo(
                     seg_btn = gr.Button("Segment", variant="primary", elem_id="seg-run")
                     seg_msg = gr.HTML(elem_id="seg-message")
                     if failures:
-                        examples_block([image, classes], "known failure: " + "; ".join(known_failure(e[0]) for e in failures),
-                                       failures, "seg-failures")
+                        seg_examples.append(examples_block(
+                            [image, classes], "known failure: " + "; ".join(known_failure(e[0]) for e in failures), failures,
+                            "seg-failures"))
                 with gr.Column():
                     overlay_out = gr.Image(type="pil", label="overlay", elem_id="seg-overlay", format="png", height=360)
                     labels_out = gr.Image(type="pil", label="label map", elem_id="seg-labels", format="png", height=360)
@@ -822,6 +823,10 @@ def build_demo(
             seg_outputs = [overlay_out, labels_out, legend_out, heat_out, file_out, status, seg_msg]
             seg_btn.click(segment, seg_inputs, seg_outputs, api_name="segment", show_progress_on=[seg_msg]).failure(
                 show_error, None, [seg_msg], api_visibility="private", show_progress="hidden")
+            for ex in seg_examples:  # a click on an example shows its result, no Segment press needed
+                ex.load_input_event.success(segment, seg_inputs, seg_outputs, api_visibility="private",
+                                            show_progress_on=[seg_msg]).failure(
+                    show_error, None, [seg_msg], api_visibility="private", show_progress="hidden")
 
         with gr.Tab("Features"):
             with gr.Row():

@@ -291,15 +291,20 @@ def test_ticking_a_class_adds_to_the_typed_ones_and_an_example_ticks_its_classes
         page.locator("#seg-offer").get_by_text("cross", exact=True).click()
         page.wait_for_function("e => !e.value.includes('cross')", arg=box.element_handle(), timeout=TIMEOUT)
         removed = box.input_value()
+        page.evaluate(_WATCH, "#seg-message")
         page.locator("#seg-examples").get_by_text("cross, square").first.click()
         page.wait_for_function("e => e.value === 'cross, square'", arg=box.element_handle(), timeout=TIMEOUT)
-        page.wait_for_timeout(500)
+        page.wait_for_function(_DONE, arg="#seg-message", timeout=TIMEOUT)  # the click also segments it
+        page.wait_for_timeout(300)
         example_ticks = _ticked(page)
+        legend = page.locator("#seg-legend").inner_text()
+        download = page.locator("#seg-file a").first.get_attribute("href")
     finally:
         page.close()
     assert typed_ticks == ["cross"]
     assert added == "cross, my thing, heart" and removed == "my thing, heart"
     assert sorted(example_ticks) == ["cross", "square"]
+    assert set(_pixels(legend)) == {"background", "cross", "square"} and download.endswith("/shapes_test_0006-labels.png")
 
 
 def test_errors_stay_beside_the_button_and_a_non_image_upload_is_cleared(served, browser, tmp_path):
@@ -317,12 +322,19 @@ def test_errors_stay_beside_the_button_and_a_non_image_upload_is_cleared(served,
         upload = page.locator("#seg-message").inner_text()
         previews = page.locator("#seg-image img").count()
         badges = [page.locator(panel).inner_text() for panel in ("#seg-overlay", "#seg-labels", "#seg-legend")]
+        page.get_by_role("tab", name="Features").click()
+        page.locator("#f-t input, #f-t textarea").first.fill("abc")
+        page.locator("#f-image input[type=file]").set_input_files(FIRST_IMAGE)
+        page.locator("#f-image img").first.wait_for(timeout=TIMEOUT)
+        _run_and_wait(page, "#f-run", "#f-message")
+        features = page.locator("#f-message").inner_text()
     finally:
         page.close()
     assert "empty class list" in empty and "Error" != empty.strip()
     assert "'holiday.png'" in upload and "/tmp" not in upload and "numpy" not in upload
     assert previews == 0, "the unreadable upload is still shown (a broken-image icon)"
     assert not any("Error" in b for b in badges), "an output panel shows an error badge"
+    assert "timestep t must be a number, got 'abc'" in features
 
 
 def test_a_failed_load_model_says_so_on_the_status_line(served, browser):
