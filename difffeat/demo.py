@@ -534,6 +534,7 @@ CSS = """
 .difffeat-table { border-collapse: collapse; font-size: .9em; }
 .difffeat-table th, .difffeat-table td { border: 1px solid #ccc; padding: .2em .5em; text-align: left; }
 .difffeat-verdict { font-weight: 600; }
+#f-info code { white-space: normal; overflow-wrap: anywhere; }  /* long activation names wrap on a phone */
 /* the catalog: names wrap at their dots (<wbr>), never mid-word; on a phone name and kind fill the screen and
    shape (C x H x W, which holds the resolution) is a swipe away; resolution and flags give way */
 #f-catalog .text.wrap { word-break: normal !important; overflow-wrap: normal !important; }
@@ -832,7 +833,8 @@ def build_demo(
             with gr.Row():
                 with gr.Column():
                     f_image = UploadImage(type="pil", label="image", sources=["upload", "clipboard"], elem_id="f-image", height=320)
-                    examples_block([f_image], "bundled examples: click one", examples, "f-examples", with_classes=False)
+                    f_examples = examples_block([f_image], "bundled examples: click one", examples, "f-examples",
+                                                with_classes=False)
                     act = gr.Dropdown([], label="activation (preset:NAME = a tested selection; or click a catalog row)",
                                       allow_custom_value=True, elem_id="f-act")
                     prompt = gr.Textbox(label="prompt", value="", info="text the model sees with the image (blank = none)")
@@ -862,6 +864,11 @@ def build_demo(
                                     api_name="features", show_progress_on=[f_msg])
             extracted.failure(show_error, None, [f_msg], api_visibility="private", show_progress="hidden")
             extracted.success(shown(pca_out, f_file), None, [pca_out, f_file], **hidden)
+            picked = f_examples.load_input_event.success(  # a click on an example extracts from it
+                features, [f_image, model_box, act, prompt, f_t], [pca_out, f_file, f_info, status],
+                api_visibility="private", show_progress_on=[f_msg])
+            picked.failure(show_error, None, [f_msg], api_visibility="private", show_progress="hidden")
+            picked.success(shown(pca_out, f_file), None, [pca_out, f_file], **hidden)
             demo.load(lambda name, k, r, progress=gr.Progress(): catalog_view(name, k, r, progress),
                       view_inputs, view_outputs, api_name="catalog", show_progress_on=[f_msg])
 

@@ -460,13 +460,14 @@ def test_every_tab_with_a_result_and_content_shift_explains_itself(served, brows
     page = _open(browser, url, width)
     try:
         _shot(page, shots, f"demo_segment_{width}.png") if width == 390 else None
-        if width == 390:
+        if width == 390:  # a click on an example thumbnail extracts from it
             page.get_by_role("tab", name="Features").click()
-            page.locator("#f-image input[type=file]").set_input_files(FIRST_IMAGE)
-            page.locator("#f-image img").first.wait_for(timeout=TIMEOUT)
-            page.locator("#f-run").click()
+            page.locator("#f-examples img").first.click()
             page.locator("#f-pca img").first.wait_for(timeout=TIMEOUT)
             _shot(page, shots, "demo_features_390.png")
+            info = page.locator("#f-info").inner_text()
+            assert "at t=" in info and all(c["x"] + c["width"] <= 390 for c in page.evaluate(
+                "[...document.querySelectorAll('#f-info code')].map(e => e.getBoundingClientRect().toJSON())"))
         compared = _compare(page) if gate_available() else None
         page.get_by_role("tab", name="Content shift").click()
         _shot(page, shots, f"demo_content_shift_{width}.png")
