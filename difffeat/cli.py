@@ -82,9 +82,11 @@ def catalog(
 ) -> None:
     """List every capturable activation of MODEL with kind, shape and property flags."""
     from . import list_activations
+    from .hookpoints import check_kinds
 
+    _call(check_kinds, kind)  # a kind no family has: before the model loads
     cat = _call(list_activations, model, probe_resolution=resolution, device=device, config=model_config)
-    items = cat.select(kind, candidates)
+    items = _call(cat.select, kind, candidates)
     _, out = _consoles()
     if as_json:
         out.print_json(json.dumps([a.to_dict() for a in items]))

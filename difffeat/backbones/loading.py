@@ -217,11 +217,17 @@ def load(
     Raises:
         ModelNotFoundError: no such folder, not a diffusers folder, or a hub id that cannot be fetched; for a single
             file: no such file, not a checkpoint, no (or an unresolvable) ``config``, a config of another family.
-        InvalidOptionError: ``config`` given for a model that is not a single file.
+        InvalidOptionError: ``config`` given for a model that is not a single file; ``model`` of another type
+            (a number, a list...).
         UnsupportedBackboneError: a pipeline class without an adapter.
     """
     if isinstance(model, Backbone):
         return model
+    if not isinstance(model, (str, os.PathLike, DiffusionPipeline)):
+        raise InvalidOptionError(
+            f"model must be 'shapes', a hub id, a local folder or single-file checkpoint path, a diffusers pipeline "
+            f"or a Backbone; got {type(model).__name__} {model!r}"
+        )
     dev = torch.device(check_device(str(device))) if device is not None else default_device()
     torch_dtype = resolve_dtype(dtype, dev)
     if isinstance(model, DiffusionPipeline):

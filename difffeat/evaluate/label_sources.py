@@ -87,6 +87,8 @@ class AllClasses(LabelSource):
 
 
 def _read_json(path: Path, kind: str) -> dict:
+    if path.is_dir():
+        raise LabelFileError(f"{kind} file {str(path)!r} is a folder; give the JSON file itself, e.g. {str(path / (kind + 's.json'))!r}")
     if not path.is_file():
         raise LabelFileError(f"{kind} file {str(path)!r} not found")
     try:
