@@ -16,6 +16,10 @@ from difffeat.cli import app
 from difffeat.segment.segmenter import Segmenter
 from difffeat.shapes import world
 
+#: float results of different kernel paths compared within derived tolerances (`.ci/run` reruns these under a
+#: second kernel set and one thread: `pytest -m numeric`)
+pytestmark = pytest.mark.numeric
+
 runner = CliRunner()
 CLASSES = ",".join(world.SHAPE_CLASSES)
 

@@ -31,6 +31,7 @@ def _some_features(backbone, n=3):
     return [a.name for a in cat if a.kind in kinds][:n]
 
 
+@pytest.mark.numeric
 def test_batch_of_n_equals_n_single_runs(backbone):
     fx = FeatureExtractor(backbone, _some_features(backbone), batch_size=3, t=50)
     images = [random_image(64, 64, seed=s) for s in range(3)]
@@ -42,6 +43,7 @@ def test_batch_of_n_equals_n_single_runs(backbone):
             torch.testing.assert_close(batched[name][i : i + 1], single[name], atol=1e-4, rtol=1e-4, msg=name)
 
 
+@pytest.mark.numeric
 def test_same_seed_same_features_and_other_seed_differs(backbone):
     names = _some_features(backbone, 1)
     image = random_image(64, 64)

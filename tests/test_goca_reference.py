@@ -29,6 +29,10 @@ from difffeat.segment.settings import SegmentSettings, config_names, settings_fo
 
 from _helpers import backbone_for, random_image
 
+#: float results of different kernel paths compared within derived tolerances (`.ci/run` reruns these under a
+#: second kernel set and one thread: `pytest -m numeric`)
+pytestmark = pytest.mark.numeric
+
 TAUS = [round(-0.4 + 0.1 * i, 1) for i in range(9)]  # the reference's grid
 PUBLISHED = settings_for("x", "sd", "goca-reference")
 

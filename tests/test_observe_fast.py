@@ -15,6 +15,10 @@ from difffeat.errors import ConfigError
 
 from _helpers import backbone_for, random_image
 
+#: float results of different kernel paths compared within derived tolerances (`.ci/run` reruns these under a
+#: second kernel set and one thread: `pytest -m numeric`)
+pytestmark = pytest.mark.numeric
+
 
 class _KernelCount(TorchDispatchMode):
     """Counts the attention kernels that really run (below the function-level modes the observer uses)."""

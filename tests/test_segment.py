@@ -44,6 +44,7 @@ def test_ablation_switches_change_the_maps(tiny_pipes):
         assert not torch.allclose(maps[name], maps["vanilla"]), name
 
 
+@pytest.mark.numeric
 def test_vanilla_equals_a_direct_computation_from_per_head_maps(tiny_pipes):
     """Vanilla = head mean, uniform layer mean, no rescaling, blur + min-max (refinement off here)."""
     backbone = backbone_for(tiny_pipes, "sd")
