@@ -40,4 +40,4 @@ def test_capture_and_segmentation_on_a_compiled_denoiser_equal_the_eager_ones():
     # dynamo may pick other kernels for the same ops: the scores agree to float noise, and the labels of this
     # random model's flat maps may differ only where its decision is a tie within that noise
     torch.testing.assert_close(have.class_maps, want.class_maps, rtol=0, atol=2e-2)
-    assert_labels_differ_only_at_ties(want, have)
+    assert_labels_differ_only_at_ties(want, have, noise=2e-2)
