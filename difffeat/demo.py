@@ -26,7 +26,7 @@ from PIL import Image
 
 from .backbones.base import Backbone
 from .capture import catalog_of
-from .errors import DifffeatError, InvalidImageError, InvalidPromptError, ModelNotFoundError
+from .errors import DifffeatError, InvalidImageError, InvalidPromptError
 from .resources import package_dir
 
 __all__ = [
@@ -73,9 +73,8 @@ class ModelCache:
     """Loads models on demand (``difffeat.load``) and keeps them.
 
     Args:
-        fallback: when the embedded ``"shapes"`` model is missing from this installation, serve a tiny
-            random SD pipeline instead, labelled :data:`FALLBACK_NOTE`. Once
-            ``difffeat/weights/shapes/model_index.json`` exists the real model is loaded.
+        fallback: kept for compatibility; no effect. The model list falls back to the embedded ``"shapes"``
+            model, which ships with the package (the demo never builds a random-weight model).
         device: forwarded to :func:`difffeat.load`.
         model_configs: the config (hub id or diffusers folder) of each single-file checkpoint the demo may load,
             keyed by the file's path as typed in the model box (``config=`` of :func:`difffeat.load`).
@@ -99,14 +98,7 @@ class ModelCache:
                 return self._models[name]
             if progress:
                 progress(0.1, f"loading {name} ...")
-            try:
-                loaded = LoadedModel(load(name, device=self.device, config=self.model_configs.get(name)))
-            except ModelNotFoundError:
-                if not (self.fallback and name == DEFAULT_MODEL):
-                    raise
-                from .testing import tiny_pipeline
-
-                loaded = LoadedModel(load(tiny_pipeline("sd"), device=self.device), note=FALLBACK_NOTE)
+            loaded = LoadedModel(load(name, device=self.device, config=self.model_configs.get(name)))
             if progress:
                 progress(0.8, "building the activation catalog ...")
             catalog_of(loaded.backbone)
@@ -422,7 +414,7 @@ def build_demo(
 
     Args:
         model: the default model (hub id, local diffusers folder or "shapes").
-        fallback: serve a tiny random SD pipeline, clearly labelled, while "shapes" is not installed.
+        fallback: kept for compatibility; no effect (see :class:`ModelCache`).
         device: forwarded to :func:`difffeat.load`.
         cache / meter: shared :class:`ModelCache` / :class:`ActivityMeter` (tests inspect them).
         preload: load ``model`` now rather than on the first request.

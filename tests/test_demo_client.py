@@ -238,21 +238,15 @@ def test_content_shift_tab_says_unavailable_without_gate(monkeypatch, tmp_path):
 
 
 # --------------------------------------------------------------------------- helpers (no server)
-def test_shapes_falls_back_to_labelled_random_model_only_while_missing():
+def test_demo_serves_the_shipped_shapes_model_never_a_random_one():
     from difffeat.demo import FALLBACK_NOTE, ModelCache
-    from difffeat.errors import ModelNotFoundError
 
-    if SHAPES_INSTALLED:
-        loaded = ModelCache(fallback=True, device="cpu").get("shapes")
-        assert not loaded.is_fallback and FALLBACK_NOTE not in ModelCache(device="cpu").describe("shapes")
-        return
-    cache = ModelCache(fallback=True, device="cpu")
-    loaded = cache.get("shapes")
-    assert loaded.is_fallback and loaded.backbone.family == "sd"
-    assert FALLBACK_NOTE in cache.describe("shapes")
-    assert cache.get("shapes") is loaded  # cached
-    with pytest.raises(ModelNotFoundError):
-        ModelCache(fallback=False, device="cpu").get("shapes")
+    assert SHAPES_INSTALLED, "the shapes weights ship with the package"
+    for fallback in (True, False):
+        cache = ModelCache(fallback=fallback, device="cpu")
+        loaded = cache.get("shapes")
+        assert not loaded.is_fallback and FALLBACK_NOTE not in cache.describe("shapes")
+        assert cache.get("shapes") is loaded  # cached
 
 
 def test_pca_rgb_recovers_a_planted_component_and_upsamples_nearest():
