@@ -27,8 +27,6 @@ from .images import ImageInput, target_size, to_rgb
 from .io import save_features
 from .presets import FeaturePreset, load_preset
 
-__all__ = ["FeatureExtractor", "upsample_concat", "ExtractedItem"]
-
 
 def upsample_concat(
     features: dict[str, torch.Tensor], size: tuple[int, int] | None = None, mode: str = "bilinear"

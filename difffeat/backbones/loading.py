@@ -20,7 +20,7 @@ from .base import Backbone
 from .single_file import SINGLE_FILE_SUFFIXES, checkpoint_keys, from_single_file, is_single_file
 from .registry import adapter_for
 
-__all__ = ["load", "check_model", "wrap_pipeline", "resolve_dtype", "default_device", "xformers_wanted", "EMBEDDED_MODELS"]
+__all__ = ["check_model", "xformers_wanted"]
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +58,6 @@ def wrap_pipeline(pipeline: DiffusionPipeline, name: str | None = None) -> Backb
     cls = adapter_for(pipeline)
     pipeline.set_progress_bar_config(disable=True)
     return cls(pipeline, name=name)
-
 
 
 class _DropTorchvisionFallbackNotice(logging.Filter):

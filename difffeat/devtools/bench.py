@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["BENCHMARKS", "goca_benchmark", "run_benchmark"]
+__all__ = ["run_benchmark"]
 
 
 def _peak_rss_mb() -> float:

@@ -34,7 +34,7 @@ from typing import Any
 
 from ..errors import InvalidOptionError
 
-__all__ = ["REAL_SUITES", "real_benchmark", "goca_real", "features_real", "early_exit_real", "vae_real", "throughput_real"]
+__all__ = ["goca_real", "features_real", "early_exit_real", "vae_real", "throughput_real"]
 
 _CAPTION_CLASSES = ["cat", "dog"]
 _DEFAULT_PRESET = {"sd15": "sd15-practical", "sd21": "sd21-practical", "sdxl": "sdxl-practical",

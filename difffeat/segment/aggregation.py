@@ -15,16 +15,7 @@ import torch.nn.functional as F
 from ..capture.observer import AttentionTensors
 from ..errors import ConfigError
 
-__all__ = [
-    "goca_head_weights",
-    "GocaHeadReducer",
-    "FixedHeadWeights",
-    "layer_weights",
-    "resize_self_map",
-    "resize_self_map_adjoint",
-    "combine_layers",
-    "head_output_weight",
-]
+__all__ = ["goca_head_weights", "layer_weights", "resize_self_map", "resize_self_map_adjoint", "combine_layers"]
 
 _EPS = 1e-12
 

@@ -24,8 +24,14 @@ import torch.nn.functional as F
 
 from ..errors import ConfigError, MissingExtraError
 
-__all__ = ["POSTPROCESS", "PamrParams", "CrfParams", "pamr_affinity", "pamr_refine", "pamr_labels", "dense_crf_labels", "postprocess_labels",
-           "check_postprocess"]
+__all__ = [
+    "pamr_affinity",
+    "pamr_refine",
+    "pamr_labels",
+    "dense_crf_labels",
+    "postprocess_labels",
+    "check_postprocess",
+]
 
 POSTPROCESS = ("none", "pamr", "crf")
 

@@ -38,7 +38,7 @@ from .rescale import class_scores, gaussian_blur, minmax, propagate, rescale_by_
 from .selfmaps import SelfMapStream
 from .settings import DEFAULT_CONFIG, SegmentSettings, settings_for
 
-__all__ = ["Segmenter", "SegmentationResult", "Observation", "grid_of", "decide", "goca_scores"]
+__all__ = ["grid_of", "decide", "goca_scores"]
 
 
 def decide(

@@ -26,8 +26,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-__all__ = ["SelfMapStream", "nearest_rows"]
-
 
 def nearest_rows(grid: tuple[int, int], target: tuple[int, int], device: torch.device | None = None) -> torch.Tensor:
     """Index ``[Ht*Wt]`` of the source pixel that ``F.interpolate(mode="nearest")`` picks for each target pixel

@@ -11,20 +11,6 @@ from ..checks import check_number, check_resolution
 from ..errors import ConfigError
 from ..resources import data_dir
 
-__all__ = [
-    "SegmentSettings",
-    "settings_for",
-    "config_names",
-    "DEFAULT_CONFIG",
-    "HEADS",
-    "LAYERS",
-    "RESCALE",
-    "SELF_MAP_RESIZE",
-    "REF_CHANNELS",
-    "PSEUDO_GRID",
-    "ENTITY_MERGE",
-]
-
 HEADS = ("mean", "goca")
 LAYERS = ("uniform", "goca")
 RESCALE = ("none", "goca")
