@@ -17,12 +17,14 @@ the decision scores {background = tau + supporting map, classes} (CRF), bilinear
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import get_args
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from ..errors import ConfigError, MissingExtraError
+from .settings import Postprocess
 
 __all__ = [
     "pamr_affinity",
@@ -33,7 +35,7 @@ __all__ = [
     "check_postprocess",
 ]
 
-POSTPROCESS = ("none", "pamr", "crf")
+POSTPROCESS = get_args(Postprocess)  # ("none", "pamr", "crf")
 
 
 @dataclass(frozen=True)
