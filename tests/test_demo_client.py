@@ -208,10 +208,6 @@ def test_features_endpoint_extracts_a_whole_preset(server, client):
 
 @pytest.mark.slow
 def test_gate_endpoint_compares_img2img(server, client):
-    from difffeat.demo import gate_available
-
-    if not gate_available():
-        pytest.skip("difffeat.shift.gate_img2img is not in this version")
     _, _, model = server
     image, _ = _example()
     panels, figures, status = client.predict(handle_file(image), model, "a photo of shapes", "prompt:quality=natural", 0.75, 2,
@@ -225,16 +221,6 @@ def test_gate_endpoint_compares_img2img(server, client):
     with pytest.raises(Exception) as info:
         client.predict(handle_file(image), model, "x", "bogus:1", 0.75, 2, api_name="/gate")
     assert "unknown technique" in str(info.value)
-
-
-def test_content_shift_tab_says_unavailable_without_gate(monkeypatch, tmp_path):
-    import difffeat.demo as demo_mod
-
-    monkeypatch.setattr(demo_mod, "gate_available", lambda: False)
-    blocks = demo_mod.build_demo(str(tmp_path / "unused"))
-    texts = [c.get("props", {}).get("value") for c in blocks.config["components"]]
-    assert any(isinstance(t, str) and "Not available in this version" in t for t in texts)
-    assert "/gate" not in [f"/{d.api_name}" for d in blocks.fns.values() if d.api_name]
 
 
 # --------------------------------------------------------------------------- helpers (no server)
