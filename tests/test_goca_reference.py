@@ -22,7 +22,8 @@ from typer.testing import CliRunner
 from difffeat import Segmenter
 from difffeat.cli import app
 from difffeat.errors import ConfigError
-from difffeat.segment.aggregation import layer_weights, resize_self_map
+from difffeat.segment.aggregation import layer_weights
+from difffeat.segment.selfmaps import resize_self_map
 from difffeat.segment.prompts import PromptLayout
 from difffeat.segment.segmenter import decide, goca_scores
 from difffeat.segment.settings import SegmentSettings, config_names, settings_for
