@@ -17,6 +17,7 @@ from ..checks import check_device
 from ..errors import InvalidOptionError, ModelNotFoundError
 from ..resources import package_dir
 from .base import Backbone
+from .diffusers_compat import calls_dispatcher
 from .single_file import SINGLE_FILE_SUFFIXES, checkpoint_keys, from_single_file, is_single_file
 from .registry import adapter_for
 
@@ -290,7 +291,7 @@ def xformers_wanted(requested: bool | None, device: torch.device, installed: boo
 def _dispatcher_attention(backbone: Backbone) -> bool:
     """True when some attention of the denoiser calls diffusers' attention dispatcher (new-style processors)."""
     processors = getattr(backbone.denoiser, "attn_processors", {})
-    return any(hasattr(p, "_attention_backend") for p in processors.values())
+    return any(calls_dispatcher(p) for p in processors.values())
 
 
 def _configure_attention(backbone: Backbone, device: torch.device, xformers: bool | None) -> None:
