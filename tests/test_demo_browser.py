@@ -454,8 +454,6 @@ def _compare(page) -> dict:
 
 @pytest.mark.parametrize("width", [1280, 390])
 def test_every_tab_with_a_result_and_content_shift_explains_itself(served, browser, shots, width):
-    from difffeat.demo import gate_available
-
     url, _ = served
     page = _open(browser, url, width)
     try:
@@ -468,14 +466,12 @@ def test_every_tab_with_a_result_and_content_shift_explains_itself(served, brows
             info = page.locator("#f-info").inner_text()
             assert "at t=" in info and all(c["x"] + c["width"] <= 390 for c in page.evaluate(
                 "[...document.querySelectorAll('#f-info code')].map(e => e.getBoundingClientRect().toJSON())"))
-        compared = _compare(page) if gate_available() else None
+        compared = _compare(page)
         page.get_by_role("tab", name="Content shift").click()
         _shot(page, shots, f"demo_content_shift_{width}.png")
     finally:
         page.close()
     assert all((shots / f"demo_{t}_{width}.png").is_file() for t in ("segment", "content_shift"))
-    if compared is None:
-        return
     assert [c.split(" (")[0] for c in compared["captions"]] == ["input", "without the technique", "with the technique"]
     assert not any(compared["cut"]), "a caption is cut off"
     assert min(min(s) for s in compared["sizes"]) >= 256  # readable, not 64 px
