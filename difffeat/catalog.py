@@ -23,7 +23,7 @@ from .hookpoints import ActivationRule, HookTable, check_kinds, load_table
 if TYPE_CHECKING:
     from .backbones.base import Backbone
 
-__all__ = ["ActivationInfo", "Catalog", "build_catalog", "NOISY_FLAGS"]
+__all__ = ["build_catalog", "NOISY_FLAGS"]
 
 #: ``observe`` values that are attention probabilities; ``q``/``k``/``v`` are the image tokens' queries, keys
 #: and values as attended (after q/k norms and RoPE), observed at the same call

@@ -299,7 +299,7 @@ def bench(
     text_layers: Optional[int] = typer.Option(None, help="With --arch: cap on text-encoder depth (the denoiser and VAE are unchanged)."),
 ) -> None:
     """Speed/memory benchmarks, reported as ratios against a baseline measured in the same run."""
-    from .bench import run_benchmark
+    from .devtools.bench import run_benchmark
 
     figures = _call(run_benchmark, what, resolution=resolution, repeats=repeats, device=device, dtype=dtype, out_file=out_file,
                     arch=arch, text_layers=text_layers)

@@ -12,7 +12,6 @@ import contextlib
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -24,10 +23,7 @@ from .catalog import ActivationInfo
 from .checks import check_resolution
 from .errors import ConfigError, InvalidImageError, InvalidOptionError, InvalidPromptError
 from .images import ImageInput, target_size, to_rgb
-from .io import save_features
 from .presets import FeaturePreset, load_preset
-
-__all__ = ["FeatureExtractor", "upsample_concat", "ExtractedItem"]
 
 
 def upsample_concat(
@@ -286,22 +282,3 @@ class FeatureExtractor:
                     bar.update(len(chunk))
         finally:
             bar.close()
-
-    def extract_to_dir(
-        self, images: Sequence[str | os.PathLike], out_dir: str | os.PathLike, prompts: str | Sequence[str | None] | None = "", progress: bool = True
-    ) -> list[Path]:
-        """Write ``out_dir/<image stem>.safetensors`` per image file (one ``[C, H, W]`` tensor per feature name),
-        atomically, with the settings as metadata."""
-        paths = [Path(p) for p in images]
-        stems = [p.stem for p in paths]
-        dupes = {s for s in stems if stems.count(s) > 1}
-        if dupes:
-            raise InvalidImageError(f"several input images share the file stem(s) {sorted(dupes)}; outputs would collide")
-        out_dir = Path(out_dir)
-        written = []
-        meta = self.settings()
-        for item in self.iter_items(paths, prompts, progress=progress):
-            target = out_dir / f"{stems[item.index]}.safetensors"
-            save_features(target, item.features, {**meta, "prompt": item.prompt, "image": str(paths[item.index])})
-            written.append(target)
-        return written

@@ -188,7 +188,7 @@ def _api(case: str, root: Path):
         "resolution-huge": lambda: difffeat.FeatureExtractor("shapes", ["down_blocks.0.resnets.0"], resolution=100000),
         "resolution-negative": lambda: difffeat.FeatureExtractor("shapes", ["down_blocks.0.resnets.0"], resolution=-64),
         "resolution-odd": lambda: difffeat.FeatureExtractor("shapes", ["down_blocks.0.resnets.0"], resolution=257),
-        "bench-resolution-7": lambda: __import__("difffeat.bench").bench.run_benchmark(resolution=7),
+        "bench-resolution-7": lambda: __import__("difffeat.devtools.bench").devtools.bench.run_benchmark(resolution=7),
         "segment-batch-size-zero": lambda: commands.segment([img], "cat", out_dir=root / "o", batch_size=0),
         "eval-batch-size-over-chunk": lambda: commands.evaluate_dataset(shapes_split="test", batch_size=16, chunk_size=8, out_dir=root / "e"),
         "eval-n-negative": lambda: difffeat.evaluate.ShapesDataset("test", -5),

@@ -17,8 +17,7 @@ from ..errors import DatasetError
 from ..images import to_rgb
 from ..segment.prompts import check_classes
 
-__all__ = ["EvalItem", "SegDataset", "CocoDataset", "VocDataset", "ShapesDataset", "read_coco", "VOID", "with_void",
-           "VoidAsBackground"]  # fmt: skip
+__all__ = ["read_coco"]
 
 #: what VOC boundary / COCO crowd pixels (255) count as: "ignore" (difffeat: skipped by the metrics) or
 #: "background" (the published GOCA code: its VOC loader sets every label above 20 to 0)

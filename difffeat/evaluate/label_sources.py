@@ -29,8 +29,7 @@ from typing import Any
 from ..errors import LabelFileError, close_matches
 from ..segment.captions import published_caption
 
-__all__ = ["ImagePrompt", "LabelSource", "OracleLabels", "AllClasses", "LabelFile", "CaptionFile", "label_source",
-           "item_keys", "source_spec", "ImageFiles"]  # fmt: skip
+__all__ = ["item_keys", "source_spec", "ImageFiles"]
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 
 # Only the checks are imported at the top: a bad option is reported before torch or diffusers load.
 
-__all__ = ["split_names", "image_sources", "extract", "segment", "evaluate_dataset", "EvalOutcome", "segmenter_overrides"]
+__all__ = ["extract", "segment", "evaluate_dataset"]
 
 
 def image_sources(images: Sequence[str | os.PathLike] | None = None, coco: str | os.PathLike | None = None,

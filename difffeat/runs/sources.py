@@ -24,10 +24,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from ..errors import DifffeatError, InvalidImageError
 from ..images import loaded_size, resize_to_multiple, target_size, to_rgb, verify_image_file
 
-__all__ = [
-    "ImageRef", "LoadFailure", "IMAGE_SUFFIXES", "collect_images", "check_image_files", "coco_images", "voc_images", "check_unique_stems",
-    "ResizedImages", "DecodedImages", "decoded_loader", "SizeBucketSampler", "image_loader", "EvalItems", "eval_loader",
-]
+__all__ = ["SizeBucketSampler"]
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 

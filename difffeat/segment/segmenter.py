@@ -30,15 +30,15 @@ from ..capture import Capture, MapReducer, catalog_of, head_mean
 from ..errors import ConfigError, InvalidOptionError, UnknownActivationError
 from ..hookpoints import load_table
 from ..images import ImageInput, loaded_size, original_size, to_rgb
-from .aggregation import GocaHeadReducer, combine_layers, layer_weights, resize_self_map
+from .aggregation import GocaHeadReducer, combine_layers, layer_weights
 from .postprocess import postprocess_labels
 from .prompts import FILLERS, PromptLayout, build_layout
 from .vocabulary import class_words
-from .rescale import class_scores, gaussian_blur, minmax, propagate, rescale_by_content
-from .selfmaps import SelfMapStream
+from .rescale import class_scores, gaussian_blur, minmax, rescale_by_content
+from .selfmaps import SelfMapStream, grid_of, mean_self_map, propagate
 from .settings import DEFAULT_CONFIG, SegmentSettings, settings_for
 
-__all__ = ["Segmenter", "SegmentationResult", "Observation", "grid_of", "decide", "decide_labels", "goca_scores"]
+__all__ = ["decide", "goca_scores"]
 
 
 def decide(
@@ -67,28 +67,6 @@ def decide_labels(
     if (h, w) != tuple(size):
         labels = np.asarray(Image.fromarray(labels).resize((size[1], size[0]), Image.Resampling.NEAREST))
     return labels
-
-
-def grid_of(n_tokens: int, base: tuple[int, int]) -> tuple[int, int]:
-    """The (h, w) of a level with ``n_tokens`` pixels, from the input grid ``base`` (power-of-two levels)."""
-    h, w = base
-    for s in (1, 2, 4, 8, 16, 32, 64):
-        gh, gw = math.ceil(h / s), math.ceil(w / s)
-        if gh * gw == n_tokens:
-            return gh, gw
-    raise ValueError(f"{n_tokens} tokens do not fit the grid {h}x{w}")
-
-
-def mean_self_map(
-    acts: Mapping[str, torch.Tensor], names: Sequence[str], grid: tuple[int, int], size: tuple[int, int], mass_preserving: bool
-) -> torch.Tensor:
-    """Mean of the self maps at ``names``, each resized to ``size`` (:func:`resize_self_map`): ``[B, HW, HW]``.
-    Accumulated map by map, so at most one resized map exists besides the running sum."""
-    total = None
-    for name in names:
-        m = resize_self_map(acts[name].float(), grid_of(acts[name].shape[1], grid), size, mass_preserving)
-        total = m.clone() if total is None else total.add_(m)
-    return total / len(names)
 
 
 def goca_scores(
