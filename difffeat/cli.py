@@ -348,6 +348,49 @@ def demo(
     _call(serve, model, port=port, host=host, concurrency=concurrency, model_config=model_config)
 
 
+@app.command()
+def probe(
+    model: str = typer.Argument("shapes", help=MODEL_HELP),
+    out_dir: Path = typer.Option(Path("probe_out"), "--out", "-o", help="Run folder: features/ cache, classifier.safetensors (split 1's ensemble), report.json."),
+    ddpm: Optional[Path] = typer.Option(None, help="A ddpm-segmentation dataset (ROOT/real/train|test with <stem>.npy labels), e.g. horse_21."),
+    images: Optional[Path] = typer.Option(None, help="Folder of images (with --labels)."),
+    labels: Optional[Path] = typer.Option(None, help="Folder of <stem>.png label maps (class index per pixel, 255 = ignore)."),
+    num_classes: Optional[int] = typer.Option(None, help="Number of classes (labels 0..N-1); default for ddpm datasets: theirs."),
+    features: Optional[str] = typer.Option(None, "--features", "-f", help="Comma-separated activation names."),
+    preset: Optional[str] = typer.Option(None, help="A feature preset (see `difffeat presets`)."),
+    t: Optional[int] = typer.Option(None, "--t", help="Timestep 0-999 (default: the preset's or 50)."),
+    resolution: Optional[int] = typer.Option(None, help="Model input long side in px (default: the preset's or native)."),
+    prompt: str = typer.Option("", help="Prompt for every image (the reference: 'a horse, high quality, ...' for Horse-21)."),
+    train_count: Optional[int] = typer.Option(None, help="Labelled training images per split (default: the dataset's train part)."),
+    test_count: Optional[int] = typer.Option(None, help="At most this many test images per split."),
+    splits: int = typer.Option(5, help="Random re-splits of train + test averaged (the paper: 5)."),
+    models: int = typer.Option(10, help="MLPs in the voting ensemble (the paper: 10)."),
+    epochs: int = typer.Option(100, help="Maximum epochs per MLP (early stopping as published)."),
+    batch_size: int = typer.Option(64, help="Pixels per training batch (the paper: 64)."),
+    label_size: int = typer.Option(256, help="Long side of the grid labels and upsampled features are compared on (the paper: 256)."),
+    pool: int = typer.Option(16, help="Training images whose pixels are shuffled together (RAM holds their native features)."),
+    void: str = typer.Option("ignore", help="255 pixels at test time: ignore | reference (counted as the published code does)."),
+    seed: int = typer.Option(0, help="Seed of the splits, classifiers and noise."),
+    overwrite: bool = typer.Option(False, help="Recompute cached features made with other settings."),
+    device: Optional[str] = typer.Option(None, help=DEVICE_HELP),
+    dtype: Optional[str] = typer.Option(None, help=DTYPE_HELP),
+    model_config: Optional[str] = typer.Option(None, "--model-config", help=MODEL_CONFIG_HELP),
+) -> None:
+    """Label-scarce segmentation (the activation paper's protocol): pixel-MLP ensemble on frozen features,
+    mIoU mean and spread over random splits; the classifier is saved for `difffeat probe-predict`."""
+    from .runs.downstream import probe as run
+
+    rep = _call(run, model, out_dir=out_dir, ddpm=ddpm, images=images, labels=labels, num_classes=num_classes,
+                features=features, preset=preset, t=t, resolution=resolution, prompt=prompt, seed=seed,
+                train_count=train_count, test_count=test_count, splits=splits, models=models, epochs=epochs,
+                batch_size=batch_size, label_size=label_size, pool=pool, void=void, overwrite=overwrite,
+                device=device, dtype=dtype, model_config=model_config)
+    err, out = _consoles()
+    out.print(f"mIoU {rep.miou_mean:.4f} +- {rep.miou_std:.4f} over {len(rep.miou_per_split)} split(s) "
+              f"({rep.n_train} train / {rep.n_test} test images, {rep.num_classes} classes)")
+    err.print(f"report: {out_dir / 'report.json'}; classifier: {rep.classifier}")
+
+
 def main() -> None:  # pragma: no cover
     app()
 

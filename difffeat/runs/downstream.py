@@ -1,0 +1,70 @@
+"""The downstream-task commands (``difffeat probe``, ``difffeat correspond``) as one library call each:
+every input is checked (cheap checks first, the model last), then the model loads and the run starts."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+from ..checks import check_device, check_number, check_out_dir, check_resolution, split_names
+from ..errors import InvalidOptionError
+
+__all__ = ["probe", "check_probe_data"]
+
+
+def check_probe_data(ddpm: str | os.PathLike | None, images: str | os.PathLike | None,
+                     labels: str | os.PathLike | None, num_classes: int | None):
+    """The labelled set of ``difffeat probe``: a ddpm-segmentation folder or images + label folders."""
+    from ..evaluate.scarce_data import ddpm_segmentation, image_label_folders
+
+    if bool(ddpm) == bool(images or labels):
+        raise InvalidOptionError("give the labelled images one way: --ddpm DIR (ddpm-segmentation layout) or "
+                                 "--images DIR --labels DIR")
+    if ddpm:
+        return ddpm_segmentation(ddpm, num_classes)
+    if not (images and labels):
+        raise InvalidOptionError("--images needs --labels (a folder of <stem>.png label maps) and vice versa")
+    if num_classes is None:
+        raise InvalidOptionError("--images/--labels need --num-classes N (labels 0..N-1, 255 = ignore)")
+    return image_label_folders(images, labels, num_classes)
+
+
+def probe(model: str, *, out_dir: str | os.PathLike, ddpm: str | os.PathLike | None = None,
+          images: str | os.PathLike | None = None, labels: str | os.PathLike | None = None,
+          num_classes: int | None = None, features: str | Sequence[str] | None = None, preset: str | None = None,
+          t: int | None = None, resolution: int | None = None, prompt: str = "", seed: int = 0,
+          train_count: int | None = None, test_count: int | None = None, splits: int = 5, models: int = 10,
+          epochs: int = 100, batch_size: int = 64, label_size: int | None = 256, pool: int = 16,
+          void: str = "ignore", num_workers: int = 0, overwrite: bool = False, progress: bool = True,
+          device: str | None = None, dtype: str | None = None, model_config: str | os.PathLike | None = None):
+    """``difffeat probe``: the published label-scarce segmentation protocol (see :func:`run_probe`) on the
+    features of ``preset`` or ``features``; returns the :class:`ProbeReport`."""
+    names = split_names(features)
+    if not names and not preset:
+        raise InvalidOptionError("name the features with --features a,b or pick --preset (see `difffeat presets`)")
+    check_number("--t", t, 0, 999, integer=True)
+    check_number("--seed", seed, 0, 2**31 - 1, integer=True)
+    check_number("--num-classes", num_classes, 2, 255, integer=True)
+    check_number("--num-workers", num_workers, 0, 256, integer=True)
+    check_resolution("--resolution", resolution)
+    from ..evaluate.pixel_ensemble import ScarceProtocol
+
+    protocol = ScarceProtocol(models=models, epochs=epochs, batch_size=batch_size, splits=splits, seed=seed,
+                              pool=pool, label_size=label_size, void_in_eval=void)
+    data = check_probe_data(ddpm, images, labels, num_classes)
+    from .scarce import ProbeJob, check_counts, run_probe
+
+    check_counts(data, protocol, train_count, test_count)
+    out_dir = check_out_dir(out_dir, "--out folder")
+    check_device(device)
+
+    from ..backbones import load
+    from ..features import FeatureExtractor
+    from .processes import init_state
+
+    state = init_state(device)
+    fx = FeatureExtractor(load(model, device=device, dtype=dtype, config=model_config), names or None, preset=preset,
+                          t=t, resolution=resolution, seed=seed)
+    job = ProbeJob(Path(out_dir), protocol, train_count, test_count, prompt, num_workers, overwrite, progress)
+    return run_probe(fx, data, job, state)
