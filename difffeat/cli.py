@@ -391,6 +391,23 @@ def probe(
     err.print(f"report: {out_dir / 'report.json'}; classifier: {rep.classifier}")
 
 
+@app.command("probe-predict")
+def probe_predict(
+    classifier: Path = typer.Argument(..., help="classifier.safetensors written by `difffeat probe`."),
+    images: list[Path] = typer.Argument(..., help="Image files, folders or quoted glob patterns."),
+    out_dir: Path = typer.Option(..., "--out", "-o", help="Output folder: <stem>_labels.png per image."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="Where to load the model from (default: the one the classifier was trained on)."),
+    device: Optional[str] = typer.Option(None, help=DEVICE_HELP),
+    dtype: Optional[str] = typer.Option(None, help=DTYPE_HELP),
+    model_config: Optional[str] = typer.Option(None, "--model-config", help=MODEL_CONFIG_HELP),
+) -> None:
+    """Segment IMAGES with a pixel classifier trained by `difffeat probe` (same features, same settings)."""
+    from .runs.downstream import probe_predict as run
+
+    written = _call(run, classifier, images, out_dir=out_dir, model=model, device=device, dtype=dtype, model_config=model_config)
+    _consoles()[0].print(f"wrote {len(written)} label map(s) to {out_dir}")
+
+
 def main() -> None:  # pragma: no cover
     app()
 

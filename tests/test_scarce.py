@@ -252,6 +252,11 @@ def test_a_miniature_ddpm_segmentation_tree_evaluates_through_the_cli(tmp_path):
     assert sorted(p.name for p in (out / "features").glob("*.safetensors")) == sorted(f"{s}-{i}.safetensors" for s in ("train", "test") for i in range(3))
     ens = PixelEnsemble.load(out / "classifier.safetensors")
     assert len(ens.models) == 2 and ens.num_classes == 3 and ens.info["label_size"] == 32
+    res = runner.invoke(app, ["probe-predict", str(out / "classifier.safetensors"), str(root / "real" / "test"),
+                              "--out", str(tmp_path / "pred"), "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    maps = [np.asarray(Image.open(tmp_path / "pred" / f"{i}_labels.png")) for i in range(3)]
+    assert all(m.shape == (32, 32) and m.max() < 3 for m in maps)
 
 
 def test_the_saved_classifier_predicts_new_images_like_the_run_scored_them(tmp_path):

@@ -68,3 +68,37 @@ def probe(model: str, *, out_dir: str | os.PathLike, ddpm: str | os.PathLike | N
                           t=t, resolution=resolution, seed=seed)
     job = ProbeJob(Path(out_dir), protocol, train_count, test_count, prompt, num_workers, overwrite, progress)
     return run_probe(fx, data, job, state)
+
+
+def probe_predict(classifier: str | os.PathLike, images: Sequence[str | os.PathLike], *, out_dir: str | os.PathLike,
+                  model: str | None = None, device: str | None = None, dtype: str | None = None,
+                  model_config: str | os.PathLike | None = None) -> list[Path]:
+    """``difffeat probe-predict``: label maps of ``images`` with a classifier ``difffeat probe`` saved, written
+    as ``out_dir/<stem>_labels.png``; the features are extracted with the settings stored in the classifier
+    (``model`` overrides where the model is loaded from)."""
+    from ..evaluate.pixel_ensemble import PixelEnsemble
+    from .sources import collect_images
+
+    ensemble = PixelEnsemble.load(classifier)
+    refs = collect_images(images)
+    out_dir = check_out_dir(out_dir, "--out folder")
+    check_device(device)
+    settings = ensemble.info.get("extractor", {})
+
+    import numpy as np
+    from PIL import Image
+
+    from ..backbones import load
+    from ..features import FeatureExtractor
+    from ..io import write_bytes
+    from .scarce import predict_label_maps
+
+    fx = FeatureExtractor(load(model or settings["model"], device=device, dtype=dtype, config=model_config),
+                          settings["features"], t=settings["t"], resolution=settings["resolution"],
+                          square=settings["square"], seed=settings["seed"])
+    ensemble.models = [m.to(fx.backbone.device) for m in ensemble.models]
+    written = []
+    for ref, labels in zip(refs, predict_label_maps(fx, ensemble, [r.path for r in refs], ensemble.info.get("prompt", ""))):
+        path = out_dir / f"{ref.stem}_labels.png"
+        written.append(write_bytes(path, lambda tmp, a=labels: Image.fromarray(np.asarray(a, np.uint8)).save(tmp, format="PNG")))
+    return written
