@@ -408,6 +408,47 @@ def probe_predict(
     _consoles()[0].print(f"wrote {len(written)} label map(s) to {out_dir}")
 
 
+@app.command()
+def correspond(
+    model: str = typer.Argument("shapes", help=MODEL_HELP),
+    out_dir: Path = typer.Option(Path("correspond_out"), "--out", "-o", help="Run folder: features/ cache, predictions.json, report.json."),
+    spair: Optional[Path] = typer.Option(None, help="An SPair-71k folder (PairAnnotation/<split>/*.json, JPEGImages/<category>/)."),
+    pairs: Optional[Path] = typer.Option(None, help="Or a pair-list JSON (source_path, target_path, source_points, target_points, category, target_bounding_box)."),
+    images: Optional[Path] = typer.Option(None, help="Image folder the --pairs paths are relative to."),
+    split: str = typer.Option("test", help="SPair-71k split: trn | val | test."),
+    categories: Optional[str] = typer.Option(None, help="Only these SPair-71k categories (comma-separated)."),
+    limit: Optional[int] = typer.Option(None, help="At most N pairs (per category for SPair-71k)."),
+    features: Optional[str] = typer.Option(None, "--features", "-f", help="Comma-separated activation names."),
+    preset: Optional[str] = typer.Option(None, help="A feature preset (see `difffeat presets`)."),
+    t: Optional[int] = typer.Option(None, "--t", help="Timestep 0-999 (default: the preset's or 50)."),
+    resolution: Optional[int] = typer.Option(None, help="Model input side in px (default: the preset's or native)."),
+    square: bool = typer.Option(True, help="Resize images to a square (as the reference) or keep the aspect ratio."),
+    prompt: str = typer.Option("", help="Prompt for every image."),
+    seed: int = typer.Option(0, help="Noise seed (the first of --ensemble-size seeds)."),
+    ensemble_size: int = typer.Option(1, help="Average each image's features over this many noise seeds (DIFT's ensemble_size)."),
+    alpha: float = typer.Option(0.1, help="PCK threshold as a fraction of the image's / box's longer side."),
+    load_size: int = typer.Option(512, help="Side of the square grid features are upsampled to and matched on (the reference: 512)."),
+    overwrite: bool = typer.Option(False, help="Recompute cached features made with other settings."),
+    device: Optional[str] = typer.Option(None, help=DEVICE_HELP),
+    dtype: Optional[str] = typer.Option(None, help=DTYPE_HELP),
+    model_config: Optional[str] = typer.Option(None, "--model-config", help=MODEL_CONFIG_HELP),
+) -> None:
+    """Zero-shot semantic correspondence (nearest neighbour on features, DIFT's method): PCK@alpha per image
+    and per bounding box, overall and per category."""
+    from .runs.downstream import correspond as run
+
+    rep = _call(run, model, out_dir=out_dir, spair=spair, pairs_file=pairs, images=images, split=split,
+                categories=categories, limit=limit, features=features, preset=preset, t=t, resolution=resolution,
+                square=square, prompt=prompt, seed=seed, ensemble_size=ensemble_size, alpha=alpha, load_size=load_size,
+                overwrite=overwrite, device=device, dtype=dtype, model_config=model_config)
+    err, out = _consoles()
+    s = rep.scores
+    out.print(_table(f"PCK@{s['alpha']:g} ({s['pairs']} pairs, {s['keypoints']} keypoints)", ["category", "pairs", "PCK img", "PCK bbox"],
+                     [[c, str(v["pairs"]), f"{v['pck_img']:.4f}", f"{v['pck_bbox']:.4f}"] for c, v in s["per_category"].items()]
+                     + [["all", str(s["pairs"]), f"{s['pck_img']:.4f}", f"{s['pck_bbox']:.4f}"]]))
+    err.print(f"report: {out_dir / 'report.json'}")
+
+
 def main() -> None:  # pragma: no cover
     app()
 

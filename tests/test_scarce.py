@@ -20,7 +20,8 @@ from difffeat.evaluate.pixel_ensemble import (
     EarlyStop, PixelEnsemble, PixelMLP, ScarceProtocol, class_ious, drop_small_annotations, iou_counts, shuffle_split, vote,
 )
 from difffeat.evaluate.scarce_data import LabelledImage, LabelledSet
-from difffeat.runs.scarce import _batches, _Cached, pixel_features
+from difffeat.evaluate.pixels import pixel_features
+from difffeat.runs.scarce import _batches, _Cached
 
 runner = CliRunner()
 

@@ -102,3 +102,54 @@ def probe_predict(classifier: str | os.PathLike, images: Sequence[str | os.PathL
         path = out_dir / f"{ref.stem}_labels.png"
         written.append(write_bytes(path, lambda tmp, a=labels: Image.fromarray(np.asarray(a, np.uint8)).save(tmp, format="PNG")))
     return written
+
+
+def check_pairs(spair: str | os.PathLike | None = None, pairs_file: str | os.PathLike | None = None,
+                images: str | os.PathLike | None = None, split: str = "test", categories: str | Sequence[str] | None = None,
+                limit: int | None = None):
+    """The keypoint pairs of ``difffeat correspond``: an SPair-71k folder, or a pair-list JSON with its image folder."""
+    from ..evaluate.spair import pair_list, spair_pairs
+
+    check_number("--limit", limit, 1, 10**9, integer=True)
+    if bool(spair) == bool(pairs_file):
+        raise InvalidOptionError("give the pairs one way: --spair DIR (SPair-71k layout) or --pairs FILE.json --images DIR")
+    if spair:
+        return spair_pairs(spair, split, split_names(categories) or None, limit)
+    if not images:
+        raise InvalidOptionError("--pairs needs --images (the folder its image paths are relative to)")
+    return pair_list(pairs_file, images, limit)
+
+
+def correspond(model: str, *, out_dir: str | os.PathLike, spair: str | os.PathLike | None = None,
+               pairs_file: str | os.PathLike | None = None, images: str | os.PathLike | None = None,
+               split: str = "test", categories: str | Sequence[str] | None = None, limit: int | None = None,
+               features: str | Sequence[str] | None = None, preset: str | None = None, t: int | None = None,
+               resolution: int | None = None, square: bool = True, prompt: str = "", seed: int = 0,
+               ensemble_size: int = 1, alpha: float = 0.1, load_size: int = 512, num_workers: int = 0,
+               overwrite: bool = False, progress: bool = True, device: str | None = None, dtype: str | None = None,
+               model_config: str | os.PathLike | None = None):
+    """``difffeat correspond``: zero-shot nearest-neighbour correspondence and PCK@alpha (see
+    :func:`run_correspond`); returns the :class:`CorrespondReport`."""
+    names = split_names(features)
+    if not names and not preset:
+        raise InvalidOptionError("name the features with --features a,b or pick --preset (see `difffeat presets`)")
+    check_number("--t", t, 0, 999, integer=True)
+    check_number("--seed", seed, 0, 2**31 - 1, integer=True)
+    check_number("--load-size", load_size, 8, 4096, integer=True)
+    check_number("--num-workers", num_workers, 0, 256, integer=True)
+    check_resolution("--resolution", resolution)
+    from .correspond import CorrespondJob, run_correspond
+
+    job = CorrespondJob(Path(out_dir), prompt, alpha, (load_size, load_size), ensemble_size, num_workers, overwrite, progress)
+    pairs = check_pairs(spair, pairs_file, images, split, categories, limit)
+    out_dir = check_out_dir(out_dir, "--out folder")
+    check_device(device)
+
+    from ..backbones import load
+    from ..features import FeatureExtractor
+    from .processes import init_state
+
+    state = init_state(device)
+    fx = FeatureExtractor(load(model, device=device, dtype=dtype, config=model_config), names or None, preset=preset,
+                          t=t, resolution=resolution, square=square, seed=seed)
+    return run_correspond(fx, pairs, job, state)

@@ -27,11 +27,12 @@ from ..errors import InvalidOptionError
 from ..evaluate.pixel_ensemble import (
     EarlyStop, PixelEnsemble, PixelMLP, ScarceProtocol, class_ious, drop_small_annotations, iou_counts, shuffle_split,
 )
+from ..evaluate.pixels import pixel_features
 from ..evaluate.scarce_data import LabelledSet, label_grid, read_label, resize_label
 from ..features import FeatureExtractor
 from ..io import load_features, write_json
 
-__all__ = ["ProbeJob", "ProbeReport", "run_probe", "pixel_features", "split_indices", "predict_label_maps"]
+__all__ = ["ProbeJob", "ProbeReport", "run_probe", "split_indices", "predict_label_maps"]
 
 #: pixels whose feature vectors are sampled at once (bounds the memory of one block: BLOCK x C floats)
 BLOCK = 16384
@@ -94,20 +95,6 @@ def check_counts(data: LabelledSet, protocol: ScarceProtocol, train_count: int |
         raise InvalidOptionError(f"all {n} images are training images; pass --train-count K (K < {n}) to hold the rest out for testing")
     if not protocol.shuffle and protocol.splits > 1:
         raise InvalidOptionError("without shuffling every split is the same; pass splits=1 or shuffle=True")
-
-
-def pixel_features(maps: Sequence[torch.Tensor], idx: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-    """Feature vectors ``[n, sum C_i]`` at flat pixel indices ``idx`` of the ``grid = (H, W)`` label grid: each
-    ``[C_i, h_i, w_i]`` map sampled bilinearly at the pixel centres, which equals ``F.interpolate(map, grid,
-    mode="bilinear", align_corners=False)`` read at those pixels (edges clamped alike), without building it."""
-    h, w = grid
-    ys, xs = (idx // w).float(), (idx % w).float()
-    g = torch.stack([(2 * xs + 1) / w - 1, (2 * ys + 1) / h - 1], dim=-1)[None, None]  # [1, 1, n, 2]
-    out = []
-    for m in maps:
-        s = F.grid_sample(m[None].float(), g.to(m.device), mode="bilinear", padding_mode="border", align_corners=False)
-        out.append(s[0, :, 0, :].T)  # [n, C_i]
-    return torch.cat(out, dim=1)
 
 
 class _Cached:
