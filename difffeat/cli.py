@@ -132,6 +132,9 @@ def extract(
     num_workers: int = typer.Option(2, help="DataLoader workers decoding/resizing ahead of the model (0 = inline)."),
     overwrite: bool = typer.Option(False, help="Recompute every image, replacing outputs of other settings."),
     skip_unreadable: bool = typer.Option(False, help="Skip images that cannot be read and list them in OUT/unreadable.json (default: stop at the first)."),
+    technique: Optional[list[str]] = typer.Option(None, "--technique", help="Content-shift suppression (repeatable; each is one variant, their features concatenated as the reference combines them; '+' applies several in one forward): prompt:quality=natural | prompt:task=horse21 | controlnet:ID[,start=published | ,start_t=61,steps=11] | lora:FILE[,scale=1]."),
+    timesteps: Optional[str] = typer.Option(None, help="Several timesteps, comma-separated (features concatenated), instead of --t."),
+    ensemble_size: int = typer.Option(1, help="Average the features over this many noise seeds (--seed onwards)."),
     device: Optional[str] = typer.Option(None, help=DEVICE_HELP),
     dtype: Optional[str] = typer.Option(None, help=DTYPE_HELP),
 ) -> None:
@@ -146,7 +149,8 @@ def extract(
                            coco_images_dir=coco_images, voc=voc, voc_split=voc_split, prompt=prompt,
                            resolution=resolution, square=square, seed=seed, batch_size=batch_size,
                            num_workers=num_workers, overwrite=overwrite, skip_unreadable=skip_unreadable,
-                           device=device, dtype=dtype, model_config=model_config)
+                           device=device, dtype=dtype, model_config=model_config, techniques=technique,
+                           timesteps=timesteps, ensemble_size=ensemble_size)
     if summary.main_process:
         err, _ = _consoles()
         err.print(f"wrote {summary.written} feature files to {out_dir} ({', '.join(names)}); {summary.skipped} already "
@@ -370,6 +374,9 @@ def probe(
     label_size: int = typer.Option(256, help="Long side of the grid labels and upsampled features are compared on (the paper: 256)."),
     pool: int = typer.Option(16, help="Training images whose pixels are shuffled together (RAM holds their native features)."),
     void: str = typer.Option("ignore", help="255 pixels at test time: ignore | reference (counted as the published code does)."),
+    technique: Optional[list[str]] = typer.Option(None, "--technique", help="Content-shift suppression (repeatable; each is one variant, their features concatenated as the reference combines them; '+' applies several in one forward): prompt:quality=natural | prompt:task=horse21 | controlnet:ID[,start=published | ,start_t=61,steps=11] | lora:FILE[,scale=1]."),
+    timesteps: Optional[str] = typer.Option(None, help="Several timesteps, comma-separated (features concatenated), instead of --t."),
+    ensemble_size: int = typer.Option(1, help="Average the features over this many noise seeds (--seed onwards)."),
     seed: int = typer.Option(0, help="Seed of the splits, classifiers and noise."),
     overwrite: bool = typer.Option(False, help="Recompute cached features made with other settings."),
     device: Optional[str] = typer.Option(None, help=DEVICE_HELP),
@@ -384,7 +391,8 @@ def probe(
                 features=features, preset=preset, t=t, resolution=resolution, prompt=prompt, seed=seed,
                 train_count=train_count, test_count=test_count, splits=splits, models=models, epochs=epochs,
                 batch_size=batch_size, label_size=label_size, pool=pool, void=void, overwrite=overwrite,
-                device=device, dtype=dtype, model_config=model_config)
+                device=device, dtype=dtype, model_config=model_config, techniques=technique, timesteps=timesteps,
+                ensemble_size=ensemble_size)
     err, out = _consoles()
     out.print(f"mIoU {rep.miou_mean:.4f} +- {rep.miou_std:.4f} over {len(rep.miou_per_split)} split(s) "
               f"({rep.n_train} train / {rep.n_test} test images, {rep.num_classes} classes)")
@@ -424,6 +432,8 @@ def correspond(
     resolution: Optional[int] = typer.Option(None, help="Model input side in px (default: the preset's or native)."),
     square: bool = typer.Option(True, help="Resize images to a square (as the reference) or keep the aspect ratio."),
     prompt: str = typer.Option("", help="Prompt for every image."),
+    technique: Optional[list[str]] = typer.Option(None, "--technique", help="Content-shift suppression (repeatable; each is one variant, their features concatenated as the reference combines them; '+' applies several in one forward): prompt:quality=natural | prompt:task=horse21 | controlnet:ID[,start=published | ,start_t=61,steps=11] | lora:FILE[,scale=1]."),
+    timesteps: Optional[str] = typer.Option(None, help="Several timesteps, comma-separated (features concatenated), instead of --t."),
     seed: int = typer.Option(0, help="Noise seed (the first of --ensemble-size seeds)."),
     ensemble_size: int = typer.Option(1, help="Average each image's features over this many noise seeds (DIFT's ensemble_size)."),
     alpha: float = typer.Option(0.1, help="PCK threshold as a fraction of the image's / box's longer side."),
@@ -440,7 +450,8 @@ def correspond(
     rep = _call(run, model, out_dir=out_dir, spair=spair, pairs_file=pairs, images=images, split=split,
                 categories=categories, limit=limit, features=features, preset=preset, t=t, resolution=resolution,
                 square=square, prompt=prompt, seed=seed, ensemble_size=ensemble_size, alpha=alpha, load_size=load_size,
-                overwrite=overwrite, device=device, dtype=dtype, model_config=model_config)
+                overwrite=overwrite, device=device, dtype=dtype, model_config=model_config, techniques=technique,
+                timesteps=timesteps)
     err, out = _consoles()
     s = rep.scores
     out.print(_table(f"PCK@{s['alpha']:g} ({s['pairs']} pairs, {s['keypoints']} keypoints)", ["category", "pairs", "PCK img", "PCK bbox"],

@@ -37,9 +37,11 @@ def probe(model: str, *, out_dir: str | os.PathLike, ddpm: str | os.PathLike | N
           train_count: int | None = None, test_count: int | None = None, splits: int = 5, models: int = 10,
           epochs: int = 100, batch_size: int = 64, label_size: int | None = 256, pool: int = 16,
           void: str = "ignore", num_workers: int = 0, overwrite: bool = False, progress: bool = True,
-          device: str | None = None, dtype: str | None = None, model_config: str | os.PathLike | None = None):
+          device: str | None = None, dtype: str | None = None, model_config: str | os.PathLike | None = None,
+          techniques: Sequence[str] | None = None, timesteps: str | Sequence[int] | None = None, ensemble_size: int = 1):
     """``difffeat probe``: the published label-scarce segmentation protocol (see :func:`run_probe`) on the
-    features of ``preset`` or ``features``; returns the :class:`ProbeReport`."""
+    features of ``preset`` or ``features`` (with ``techniques`` / ``timesteps`` / ``ensemble_size`` as
+    ``difffeat extract``); returns the :class:`ProbeReport`."""
     names = split_names(features)
     if not names and not preset:
         raise InvalidOptionError("name the features with --features a,b or pick --preset (see `difffeat presets`)")
@@ -52,6 +54,9 @@ def probe(model: str, *, out_dir: str | os.PathLike, ddpm: str | os.PathLike | N
 
     protocol = ScarceProtocol(models=models, epochs=epochs, batch_size=batch_size, splits=splits, seed=seed,
                               pool=pool, label_size=label_size, void_in_eval=void)
+    from .extractors import check_extraction, make_extractor
+
+    options = check_extraction(model, techniques, timesteps, ensemble_size)
     data = check_probe_data(ddpm, images, labels, num_classes)
     from .scarce import ProbeJob, check_counts, run_probe
 
@@ -60,12 +65,11 @@ def probe(model: str, *, out_dir: str | os.PathLike, ddpm: str | os.PathLike | N
     check_device(device)
 
     from ..backbones import load
-    from ..features import FeatureExtractor
     from .processes import init_state
 
     state = init_state(device)
-    fx = FeatureExtractor(load(model, device=device, dtype=dtype, config=model_config), names or None, preset=preset,
-                          t=t, resolution=resolution, seed=seed)
+    fx = make_extractor(load(model, device=device, dtype=dtype, config=model_config), names, options, preset=preset,
+                        t=t, resolution=resolution, seed=seed)
     job = ProbeJob(Path(out_dir), protocol, train_count, test_count, prompt, num_workers, overwrite, progress)
     return run_probe(fx, data, job, state)
 
@@ -127,7 +131,8 @@ def correspond(model: str, *, out_dir: str | os.PathLike, spair: str | os.PathLi
                resolution: int | None = None, square: bool = True, prompt: str = "", seed: int = 0,
                ensemble_size: int = 1, alpha: float = 0.1, load_size: int = 512, num_workers: int = 0,
                overwrite: bool = False, progress: bool = True, device: str | None = None, dtype: str | None = None,
-               model_config: str | os.PathLike | None = None):
+               model_config: str | os.PathLike | None = None, techniques: Sequence[str] | None = None,
+               timesteps: str | Sequence[int] | None = None):
     """``difffeat correspond``: zero-shot nearest-neighbour correspondence and PCK@alpha (see
     :func:`run_correspond`); returns the :class:`CorrespondReport`."""
     names = split_names(features)
@@ -141,15 +146,17 @@ def correspond(model: str, *, out_dir: str | os.PathLike, spair: str | os.PathLi
     from .correspond import CorrespondJob, run_correspond
 
     job = CorrespondJob(Path(out_dir), prompt, alpha, (load_size, load_size), ensemble_size, num_workers, overwrite, progress)
+    from .extractors import check_extraction, make_extractor
+
+    options = check_extraction(model, techniques, timesteps)  # seeds: ensemble_size, averaged per cached seed
     pairs = check_pairs(spair, pairs_file, images, split, categories, limit)
     out_dir = check_out_dir(out_dir, "--out folder")
     check_device(device)
 
     from ..backbones import load
-    from ..features import FeatureExtractor
     from .processes import init_state
 
     state = init_state(device)
-    fx = FeatureExtractor(load(model, device=device, dtype=dtype, config=model_config), names or None, preset=preset,
-                          t=t, resolution=resolution, square=square, seed=seed)
+    fx = make_extractor(load(model, device=device, dtype=dtype, config=model_config), names, options, preset=preset,
+                        t=t, resolution=resolution, square=square, seed=seed)
     return run_correspond(fx, pairs, job, state)
