@@ -371,12 +371,18 @@ def probe(
     models: int = typer.Option(10, help="MLPs in the voting ensemble (the paper: 10)."),
     epochs: int = typer.Option(100, help="Maximum epochs per MLP (early stopping as published)."),
     batch_size: int = typer.Option(64, help="Pixels per training batch (the paper: 64)."),
-    label_size: int = typer.Option(256, help="Long side of the grid labels and upsampled features are compared on (the paper: 256)."),
+    label_size: Optional[int] = typer.Option(None, help="Long side of the grid labels and upsampled features are compared on (default: 256 as the paper; 64 with --rank)."),
     pool: int = typer.Option(16, help="Training images whose pixels are shuffled together (RAM holds their native features)."),
     void: str = typer.Option("ignore", help="255 pixels at test time: ignore | reference (counted as the published code does)."),
     technique: Optional[list[str]] = typer.Option(None, "--technique", help="Content-shift suppression (repeatable; each is one variant, their features concatenated as the reference combines them; '+' applies several in one forward): prompt:quality=natural | prompt:task=horse21 | controlnet:ID[,start=published | ,start_t=61,steps=11] | lora:FILE[,scale=1]."),
     timesteps: Optional[str] = typer.Option(None, help="Several timesteps, comma-separated (features concatenated), instead of --t."),
     ensemble_size: int = typer.Option(1, help="Average the features over this many noise seeds (--seed onwards)."),
+    rank: bool = typer.Option(False, "--rank", help="Instead: rank every candidate activation (or --kinds / --blocks) by a fast linear probe on these images."),
+    kinds: Optional[str] = typer.Option(None, help="--rank: only these kinds (comma-separated, e.g. cross-q,vit-out)."),
+    blocks: Optional[str] = typer.Option(None, help="--rank: only activations under these blocks (comma-separated, e.g. up_blocks.1)."),
+    pixels_per_image: int = typer.Option(256, help="--rank: labelled pixels sampled per image."),
+    save_preset: Optional[Path] = typer.Option(None, help="--rank: write the --top activations as a preset file (--preset FILE.yaml reads it)."),
+    top: int = typer.Option(3, help="--rank: activations in the saved preset."),
     seed: int = typer.Option(0, help="Seed of the splits, classifiers and noise."),
     overwrite: bool = typer.Option(False, help="Recompute cached features made with other settings."),
     device: Optional[str] = typer.Option(None, help=DEVICE_HELP),
@@ -385,6 +391,20 @@ def probe(
 ) -> None:
     """Label-scarce segmentation (the activation paper's protocol): pixel-MLP ensemble on frozen features,
     mIoU mean and spread over random splits; the classifier is saved for `difffeat probe-predict`."""
+    if rank:
+        from .runs.downstream import rank as run_rank
+
+        rows, path = _call(run_rank, model, ddpm=ddpm, images=images, labels=labels, num_classes=num_classes, kinds=kinds,
+                           blocks=blocks, t=t, resolution=resolution, prompt=prompt, seed=seed, train_count=train_count,
+                           test_count=test_count, pixels_per_image=pixels_per_image,
+                           label_size=label_size, save_preset=save_preset, top=top,
+                           device=device, dtype=dtype, model_config=model_config)
+        err, out = _consoles()
+        out.print(_table(f"{len(rows)} activations ranked by linear-probe mIoU", ["rank", "activation", "kind", "shape", "mIoU", "pixel acc", "MB/image"],
+                         [[str(i + 1), r.name, r.kind, "x".join(map(str, r.shape)), f"{r.miou:.4f}", f"{r.pixel_accuracy:.4f}", f"{r.megabytes:.3f}"] for i, r in enumerate(rows)]))
+        if path:
+            err.print(f"preset: {path} (use --preset {path})")
+        return
     from .runs.downstream import probe as run
 
     rep = _call(run, model, out_dir=out_dir, ddpm=ddpm, images=images, labels=labels, num_classes=num_classes,

@@ -35,7 +35,7 @@ def probe(model: str, *, out_dir: str | os.PathLike, ddpm: str | os.PathLike | N
           num_classes: int | None = None, features: str | Sequence[str] | None = None, preset: str | None = None,
           t: int | None = None, resolution: int | None = None, prompt: str = "", seed: int = 0,
           train_count: int | None = None, test_count: int | None = None, splits: int = 5, models: int = 10,
-          epochs: int = 100, batch_size: int = 64, label_size: int | None = 256, pool: int = 16,
+          epochs: int = 100, batch_size: int = 64, label_size: int | None = None, pool: int = 16,
           void: str = "ignore", num_workers: int = 0, overwrite: bool = False, progress: bool = True,
           device: str | None = None, dtype: str | None = None, model_config: str | os.PathLike | None = None,
           techniques: Sequence[str] | None = None, timesteps: str | Sequence[int] | None = None, ensemble_size: int = 1):
@@ -53,7 +53,7 @@ def probe(model: str, *, out_dir: str | os.PathLike, ddpm: str | os.PathLike | N
     from ..evaluate.pixel_ensemble import ScarceProtocol
 
     protocol = ScarceProtocol(models=models, epochs=epochs, batch_size=batch_size, splits=splits, seed=seed,
-                              pool=pool, label_size=label_size, void_in_eval=void)
+                              pool=pool, label_size=256 if label_size is None else label_size, void_in_eval=void)
     from .extractors import check_extraction, make_extractor
 
     options = check_extraction(model, techniques, timesteps, ensemble_size)
@@ -160,3 +160,45 @@ def correspond(model: str, *, out_dir: str | os.PathLike, spair: str | os.PathLi
     fx = make_extractor(load(model, device=device, dtype=dtype, config=model_config), names, options, preset=preset,
                         t=t, resolution=resolution, square=square, seed=seed)
     return run_correspond(fx, pairs, job, state)
+
+
+def rank(model: str, *, ddpm: str | os.PathLike | None = None, images: str | os.PathLike | None = None,
+         labels: str | os.PathLike | None = None, num_classes: int | None = None, kinds: str | None = None,
+         blocks: str | None = None, t: int | None = None, resolution: int | None = None, prompt: str = "",
+         seed: int = 0, train_count: int | None = None, test_count: int | None = None, pixels_per_image: int = 256,
+         label_size: int | None = None, save_preset: str | os.PathLike | None = None, top: int = 3, progress: bool = True,
+         device: str | None = None, dtype: str | None = None, model_config: str | os.PathLike | None = None):
+    """``difffeat probe --rank``: every candidate activation (or ``kinds`` / ``blocks``) scored by a linear
+    pixel probe (see :func:`rank_activations`); with ``save_preset``, the ``top`` rows as a preset file.
+    Returns ``(rows, preset path or None)``."""
+    from ..checks import check_out_file
+
+    check_number("--t", t, 0, 999, integer=True)
+    check_number("--seed", seed, 0, 2**31 - 1, integer=True)
+    check_number("--pixels-per-image", pixels_per_image, 1, 10**6, integer=True)
+    label_size = 64 if label_size is None else label_size
+    check_number("--label-size", label_size, 8, 4096, integer=True)
+    check_number("--top", top, 1, 10**4, integer=True)
+    check_resolution("--resolution", resolution)
+    if save_preset is not None and not str(save_preset).endswith((".yaml", ".yml")):
+        raise InvalidOptionError(f"--save-preset must name a .yaml file (what --preset FILE reads), got {str(save_preset)!r}")
+    check_out_file(save_preset, "--save-preset file")
+    data = check_probe_data(ddpm, images, labels, num_classes)
+    from ..evaluate.pixel_ensemble import ScarceProtocol
+    from .scarce import check_counts
+
+    check_counts(data, ScarceProtocol(splits=1), train_count, test_count)
+    check_device(device)
+
+    from ..backbones import load
+    from .rank import rank_activations, save_rank_preset
+
+    backbone = load(model, device=device, dtype=dtype, config=model_config)
+    rows = rank_activations(backbone, data, kinds=kinds, blocks=blocks, t=t, resolution=resolution, prompt=prompt,
+                            seed=seed, train_count=train_count, test_count=test_count, pixels_per_image=pixels_per_image,
+                            label_size=label_size, progress=progress)
+    path = None
+    if save_preset is not None:
+        path = save_rank_preset(rows, save_preset, backbone=backbone, top=top, t=t, resolution=resolution,
+                                command=f"difffeat probe --rank ({len(rows)} activations, {len(data)} labelled images)")
+    return rows, path
