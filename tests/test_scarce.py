@@ -294,3 +294,20 @@ def test_void_labels_are_accepted_whatever_the_class_count(tmp_path):
 
     data = ddpm_segmentation(_ddpm_tree(tmp_path / "mini"), 3)
     assert len(data) == 6 and data.n_train == 3
+
+
+def test_the_linear_pixel_probe_ignores_255_labels_in_fitting_and_scoring():
+    from difffeat.evaluate import PixelProbe
+
+    g = torch.Generator().manual_seed(0)
+    y = torch.randint(0, 3, (4, 8, 8), generator=g)
+    x = F.one_hot(y, 3).permute(0, 3, 1, 2).float() + 0.05 * torch.randn(4, 3, 8, 8, generator=g)
+    y_void = y.clone()
+    y_void[:, :2] = 255  # the top rows are unlabelled
+    x_void = x.clone()
+    x_void[:, :, :2] = -x_void[:, :, :2]  # and their features say the opposite: they must not train the probe
+    probe = PixelProbe(3, pixels_per_image=64).fit(x_void, y_void)
+    score = probe.score(x_void, y_void)
+    assert score.pixel_accuracy == 1.0 and score.miou == 1.0  # only labelled pixels count
+    unlabelled_acc = (probe.predict(x_void)[:, :2] == y[:, :2]).float().mean()
+    assert unlabelled_acc < 0.5  # the flipped features would have been learned had 255 pixels trained it
