@@ -223,3 +223,31 @@ def test_an_spair_tree_missing_a_category_fails_before_the_model_loads(tmp_path)
     root2 = _spair_tree(tmp_path / "SPair2", drop_images_of="square")
     res = runner.invoke(app, ["correspond", "no/such-model", "--spair", str(root2), "--preset", "shapes-practical", "--out", str(tmp_path / "o")])
     assert res.exit_code == 2 and "'square' has no image folder" in res.output
+
+
+def test_the_reference_pair_list_json_loads_and_names_a_missing_image(tmp_path):
+    from difffeat.evaluate.spair import pair_list
+    from difffeat.errors import DatasetError
+
+    root = _spair_tree(tmp_path / "SPair-71k", categories=("circle",), per_cat=1)
+    ann = json.loads(next((root / "PairAnnotation" / "test").glob("*.json")).read_text())
+    entry = {"source_path": f"circle/{ann['src_imname']}", "target_path": f"circle/{ann['trg_imname']}",
+             "source_points": ann["src_kps"], "target_points": ann["trg_kps"], "category": "circle",
+             "target_bounding_box": ann["trg_bndbox"], "source_bounding_box": [0, 0, 63, 63]}
+    (tmp_path / "pairs.json").write_text(json.dumps([entry]))
+    pairs = pair_list(tmp_path / "pairs.json", root / "JPEGImages")
+    assert len(pairs) == 1 and pairs[0].source_xy == tuple(map(tuple, map(lambda p: map(float, p), ann["src_kps"])))
+    (tmp_path / "bad.json").write_text(json.dumps([{**entry, "target_path": "circle/missing.jpg"}]))
+    with pytest.raises(DatasetError, match="missing.jpg"):
+        pair_list(tmp_path / "bad.json", root / "JPEGImages")
+
+
+def test_correspond_takes_techniques_and_records_them(tmp_path):
+    root = _spair_tree(tmp_path / "SPair-71k", categories=("circle",), per_cat=1)
+    out = tmp_path / "out"
+    res = runner.invoke(app, ["correspond", "shapes", "--spair", str(root), "--preset", "shapes-practical", "--out", str(out),
+                              "--load-size", "64", "--device", "cpu", "--technique", "prompt:quality=natural",
+                              "--technique", "prompt:template=a photo of {}"])
+    assert res.exit_code == 0, res.output
+    rep = json.loads((out / "report.json").read_text())
+    assert list(rep["features"]["variants"]) == ["prompt:quality=natural", "prompt:template=a photo of {}"]
