@@ -380,6 +380,7 @@ def probe(
     rank: bool = typer.Option(False, "--rank", help="Instead: rank every candidate activation (or --kinds / --blocks) by a fast linear probe on these images."),
     kinds: Optional[str] = typer.Option(None, help="--rank: only these kinds (comma-separated, e.g. cross-q,vit-out)."),
     blocks: Optional[str] = typer.Option(None, help="--rank: only activations under these blocks (comma-separated, e.g. up_blocks.1)."),
+    all_kinds: bool = typer.Option(False, help="--rank: every activation but the attention maps, also the kinds the paper finds noisy."),
     pixels_per_image: int = typer.Option(256, help="--rank: labelled pixels sampled per image."),
     save_preset: Optional[Path] = typer.Option(None, help="--rank: write the --top activations as a preset file (--preset FILE.yaml reads it)."),
     top: int = typer.Option(3, help="--rank: activations in the saved preset."),
@@ -397,7 +398,7 @@ def probe(
         rows, path = _call(run_rank, model, ddpm=ddpm, images=images, labels=labels, num_classes=num_classes, kinds=kinds,
                            blocks=blocks, t=t, resolution=resolution, prompt=prompt, seed=seed, train_count=train_count,
                            test_count=test_count, pixels_per_image=pixels_per_image,
-                           label_size=label_size, save_preset=save_preset, top=top,
+                           label_size=label_size, save_preset=save_preset, top=top, all_kinds=all_kinds,
                            device=device, dtype=dtype, model_config=model_config)
         err, out = _consoles()
         out.print(_table(f"{len(rows)} activations ranked by linear-probe mIoU", ["rank", "activation", "kind", "shape", "mIoU", "pixel acc", "MB/image"],

@@ -166,7 +166,8 @@ def rank(model: str, *, ddpm: str | os.PathLike | None = None, images: str | os.
          labels: str | os.PathLike | None = None, num_classes: int | None = None, kinds: str | None = None,
          blocks: str | None = None, t: int | None = None, resolution: int | None = None, prompt: str = "",
          seed: int = 0, train_count: int | None = None, test_count: int | None = None, pixels_per_image: int = 256,
-         label_size: int | None = None, save_preset: str | os.PathLike | None = None, top: int = 3, progress: bool = True,
+         label_size: int | None = None, save_preset: str | os.PathLike | None = None, top: int = 3,
+         all_kinds: bool = False, progress: bool = True,
          device: str | None = None, dtype: str | None = None, model_config: str | os.PathLike | None = None):
     """``difffeat probe --rank``: every candidate activation (or ``kinds`` / ``blocks``) scored by a linear
     pixel probe (see :func:`rank_activations`); with ``save_preset``, the ``top`` rows as a preset file.
@@ -196,7 +197,7 @@ def rank(model: str, *, ddpm: str | os.PathLike | None = None, images: str | os.
     backbone = load(model, device=device, dtype=dtype, config=model_config)
     rows = rank_activations(backbone, data, kinds=kinds, blocks=blocks, t=t, resolution=resolution, prompt=prompt,
                             seed=seed, train_count=train_count, test_count=test_count, pixels_per_image=pixels_per_image,
-                            label_size=label_size, progress=progress)
+                            label_size=label_size, candidates_only=not all_kinds, progress=progress)
     path = None
     if save_preset is not None:
         path = save_rank_preset(rows, save_preset, backbone=backbone, top=top, t=t, resolution=resolution,

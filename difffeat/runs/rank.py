@@ -43,12 +43,16 @@ class RankRow:
         return {**self.__dict__, "shape": list(self.shape)}
 
 
-def candidate_names(catalog, kinds: str | Sequence[str] | None = None, blocks: str | Sequence[str] | None = None) -> list:
-    """The catalog's candidate activations (no maps, no noisy kinds), restricted to ``kinds`` and to names
-    starting with one of ``blocks`` (e.g. ``up_blocks.1``)."""
+def candidate_names(catalog, kinds: str | Sequence[str] | None = None, blocks: str | Sequence[str] | None = None,
+                    candidates_only: bool = True) -> list:
+    """The catalog's candidate activations (no maps, no noisy kinds; with ``candidates_only=False`` every
+    activation but the attention maps), restricted to ``kinds`` and to names starting with one of ``blocks``
+    (e.g. ``up_blocks.1``)."""
     from ..checks import split_names
 
-    items = catalog.select(kinds, candidates=True)
+    items = catalog.select(kinds, candidates=candidates_only)
+    if not candidates_only:
+        items = [a for a in items if not a.is_map]
     prefixes = split_names(blocks)
     if prefixes:
         items = [a for a in items if any(a.name == p or a.name.startswith(p + ".") for p in prefixes)]
@@ -74,7 +78,7 @@ def _sampled(data: LabelledSet, idx: Sequence[int], label_size: int, k: int, see
 def rank_activations(backbone, data: LabelledSet, *, kinds=None, blocks=None, t: int | None = None,
                      resolution: int | None = None, prompt: str = "", seed: int = 0, train_count: int | None = None,
                      test_count: int | None = None, pixels_per_image: int = 256, label_size: int = 64, group: int = 8,
-                     progress: bool = True) -> list[RankRow]:
+                     candidates_only: bool = True, progress: bool = True) -> list[RankRow]:
     """Rows for every chosen activation, best mIoU first (see the module docstring)."""
     from tqdm.auto import tqdm
 
@@ -86,7 +90,7 @@ def rank_activations(backbone, data: LabelledSet, *, kinds=None, blocks=None, t:
     protocol = ScarceProtocol(splits=1, seed=seed)
     check_counts(data, protocol, train_count, test_count)
     train, test = split_indices(len(data), data.n_train, 0, protocol, train_count, test_count)
-    infos = candidate_names(catalog_of(backbone), kinds, blocks)
+    infos = candidate_names(catalog_of(backbone), kinds, blocks, candidates_only)
     samples = {i: s for i, s in zip([*train, *test], _sampled(data, [*train, *test], label_size, pixels_per_image, seed))}
     rows = []
     bar = tqdm(total=len(infos), desc="rank", unit="activation", disable=not progress)
