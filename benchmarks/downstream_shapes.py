@@ -88,11 +88,11 @@ def write_spair(folder: Path, n: int) -> Path:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--ks", default="5,20", help="labelled training scenes per split")
-    ap.add_argument("--pool-test", type=int, default=50, help="held-out test-split scenes in the pool")
+    ap.add_argument("--pool-test", type=int, default=30, help="held-out test-split scenes in the pool")
     ap.add_argument("--splits", type=int, default=3, help="random re-splits (the paper: 5; fewer for CPU time)")
     ap.add_argument("--models", type=int, default=3, help="MLPs per ensemble (the paper: 10; fewer for CPU time)")
     ap.add_argument("--label-size", type=int, default=32, help="label grid (the 64 px scenes' masks downsampled; features are 8-16 px)")
-    ap.add_argument("--pairs", type=int, default=80, help="shape pairs (cycling through the 8 classes)")
+    ap.add_argument("--pairs", type=int, default=48, help="shape pairs (cycling through the 8 classes)")
     ap.add_argument("--rank-k", type=int, default=20)
     ap.add_argument("--quick", action="store_true", help="skip the ranking")
     ap.add_argument("--out", default="benchmarks/results/downstream_shapes.json")
