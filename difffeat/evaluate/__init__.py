@@ -13,6 +13,6 @@ from .correspondence import PckTally, nn_correspondences, pck_hits
 from .runner import SETTINGS, TAU_GRID, WIDE_TAU_GRID, observe_items, EvalReport, TauSweep, best_tau, build_report, segment_item
 
 __all__ = ["CocoDataset", "VocDataset", "ShapesDataset", "EvalItem", "labelled_items", "ConfusionMatrix", "EvalReport", "build_report", "segment_item", "best_tau", "TauSweep", "SETTINGS", "TAU_GRID", "WIDE_TAU_GRID", "observe_items", "PixelProbe", "ProbeScore", "probe_score",
-           "VOID", "with_void", "LabelSource", "OracleLabels", "AllClasses", "LabelFile", "CaptionFile", "ImagePrompt", "label_source"]
-__all__ += ["PixelEnsemble", "PixelMLP", "ScarceProtocol", "LabelledSet", "ddpm_segmentation", "image_label_folders",
-            "KeypointPair", "pair_list", "spair_pairs", "PckTally", "nn_correspondences", "pck_hits"]
+           "VOID", "with_void", "LabelSource", "OracleLabels", "AllClasses", "LabelFile", "CaptionFile", "ImagePrompt", "label_source",
+           "PixelEnsemble", "PixelMLP", "ScarceProtocol", "LabelledSet", "ddpm_segmentation", "image_label_folders",
+           "KeypointPair", "pair_list", "spair_pairs", "PckTally", "nn_correspondences", "pck_hits"]

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from .pixels import pixel_features
 
-__all__ = ["nn_correspondences", "rescale_points", "pck_hits", "PckTally"]
+__all__ = ["rescale_points"]
 
 
 def rescale_points(points_yx: np.ndarray, old_wh: tuple[float, float], new_wh: tuple[float, float]) -> np.ndarray:

@@ -29,10 +29,7 @@ from torch import nn
 
 from ..errors import DifffeatError, InvalidOptionError
 
-__all__ = [
-    "ScarceProtocol", "PixelMLP", "EarlyStop", "PixelEnsemble", "vote", "class_ious", "shuffle_split",
-    "drop_small_annotations", "IGNORE_LABEL",
-]
+__all__ = ["EarlyStop", "vote", "class_ious", "iou_counts", "shuffle_split", "drop_small_annotations", "IGNORE_LABEL"]
 
 IGNORE_LABEL = 255
 

@@ -21,7 +21,7 @@ from PIL import Image
 
 from ..errors import DatasetError, InvalidOptionError
 
-__all__ = ["LabelledImage", "LabelledSet", "ddpm_segmentation", "image_label_folders", "read_label",
+__all__ = ["LabelledImage", "read_label",
            "label_grid", "DDPM_SEGMENTATION_CLASSES"]
 
 #: label count of the ddpm-segmentation datasets (the published protocol's ``number_class``)

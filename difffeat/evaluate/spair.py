@@ -23,7 +23,7 @@ from PIL import Image
 
 from ..errors import DatasetError, InvalidOptionError
 
-__all__ = ["KeypointPair", "spair_pairs", "pair_list", "SPAIR_CATEGORIES", "SPAIR_SPLITS"]
+__all__ = ["SPAIR_CATEGORIES", "SPAIR_SPLITS"]
 
 SPAIR_CATEGORIES = ("aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow", "dog",
                     "horse", "motorbike", "person", "pottedplant", "sheep", "train", "tvmonitor")

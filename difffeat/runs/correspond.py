@@ -25,7 +25,7 @@ from ..evaluate.spair import KeypointPair
 from ..features import FeatureExtractor
 from ..io import load_features, write_json
 
-__all__ = ["CorrespondJob", "CorrespondReport", "run_correspond", "averaged_features", "match_pair"]
+__all__ = ["match_pair"]
 
 
 @dataclass

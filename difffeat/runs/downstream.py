@@ -10,7 +10,7 @@ from pathlib import Path
 from ..checks import check_device, check_number, check_out_dir, check_resolution, split_names
 from ..errors import InvalidOptionError
 
-__all__ = ["probe", "check_probe_data"]
+__all__ = ["probe", "probe_predict", "rank", "correspond", "check_probe_data", "check_pairs"]
 
 
 def check_probe_data(ddpm: str | os.PathLike | None, images: str | os.PathLike | None,

@@ -24,7 +24,7 @@ from ..evaluate.pixels import pixel_features
 from ..evaluate.probe import PixelProbe
 from ..evaluate.scarce_data import LabelledSet, label_grid, read_label, resize_label
 
-__all__ = ["RankRow", "rank_activations", "candidate_names", "save_rank_preset"]
+__all__ = ["candidate_names"]
 
 
 @dataclass

@@ -32,7 +32,7 @@ from ..evaluate.scarce_data import LabelledSet, label_grid, read_label, resize_l
 from ..features import FeatureExtractor
 from ..io import load_features, write_json
 
-__all__ = ["ProbeJob", "ProbeReport", "run_probe", "split_indices", "predict_label_maps"]
+__all__ = ["split_indices"]
 
 #: pixels whose feature vectors are sampled at once (bounds the memory of one block: BLOCK x C floats)
 BLOCK = 16384

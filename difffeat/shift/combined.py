@@ -19,7 +19,7 @@ from ..errors import DifffeatError, InvalidOptionError
 from ..features import FeatureExtractor
 from .techniques import Technique, parse_technique
 
-__all__ = ["CombinedExtractor", "parse_variants"]
+__all__: list[str] = []  # CombinedExtractor, parse_variants: exported by difffeat.shift
 
 
 def parse_variants(specs: Sequence[str]) -> dict[str, list[Technique]]:
