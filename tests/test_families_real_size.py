@@ -10,7 +10,8 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 from difffeat.backbones import wrap_pipeline
 from difffeat.backbones.registry import adapter_named
-from difffeat.capture import Capture, fake_conditioning
+from difffeat.backbones.probing import fake_conditioning
+from difffeat.capture import Capture
 from difffeat.catalog import Catalog, enumerate_activations
 from difffeat.hookpoints import load_table
 from difffeat.architectures import architecture, build_component

@@ -11,6 +11,7 @@ import torch
 from ..errors import UnsupportedBackboneError
 from .base import DenoiserInputs
 from .dit import PackedLatentTransformer
+from .layout import TokenLayout
 from .registry import register_backbone
 from .text import chat_template_segment
 
@@ -23,6 +24,7 @@ class Flux2Backbone(PackedLatentTransformer):
 
     family: ClassVar[str] = "flux2"
     hook_table: ClassVar[str] = "flux2"
+    token_layout: ClassVar[TokenLayout] = TokenLayout("text-first")
     guidance: float = 4.0
 
     def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
@@ -68,4 +70,4 @@ class Flux2Backbone(PackedLatentTransformer):
             **cond,
             **self.guidance_kwargs(b, dev),
         }
-        return DenoiserInputs(kwargs, (gh, gw), cond["encoder_hidden_states"].shape[1], t, image_size)
+        return DenoiserInputs(kwargs, self.layout((gh, gw), cond), t, image_size)

@@ -10,6 +10,7 @@ import torch
 from diffusers.models.embeddings import get_2d_rotary_pos_embed
 
 from .base import Backbone, DenoiserInputs, TextSegment
+from .layout import TokenLayout
 from .registry import register_backbone
 from .unet import _DDPMNoising
 
@@ -78,4 +79,8 @@ class HunyuanDiTBackbone(_DDPMNoising, Backbone):
             "image_rotary_emb": self.rotary_embedding(gh, gw, dev),
             **cond,
         }
-        return DenoiserInputs(kwargs, (gh, gw), sum(self._lengths()), t, image_size)
+        return DenoiserInputs(kwargs, self.layout((gh, gw), cond), t, image_size)
+
+    def layout(self, grid: tuple[int, int], cond: dict[str, Any] | None = None) -> TokenLayout:
+        """The cross-attention keys are the BERT then the mT5 tokens, both at fixed lengths."""
+        return self.token_layout.at(grid, sum(self._lengths()))
