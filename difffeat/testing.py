@@ -723,6 +723,33 @@ def _build_lumina2(seed: int):  # noqa: ANN202 - Lumina2Pipeline
     )
 
 
+# ------------------------------------------------------------------------------------------------ 2026 families
+#: LongCat-Image: FLUX's tiny layout (1 double-stream + 2 single-stream blocks, 2 heads of 16, RoPE axes 4+6+6) on
+#: 16 latent channels packed 2x2 (the pipeline hard-codes 16), text states of the tiny Qwen2.5-VL (16 wide).
+LONGCAT_TRANSFORMER_CONFIG: dict[str, Any] = dict(
+    patch_size=1, in_channels=64, num_layers=1, num_single_layers=2, attention_head_dim=16, num_attention_heads=2,
+    joint_attention_dim=16, pooled_projection_dim=16, axes_dims_rope=[4, 6, 6],
+)  # fmt: skip
+
+
+@_register("longcatimage")
+def _build_longcatimage(seed: int):  # noqa: ANN202 - LongCatImagePipeline
+    from diffusers import FlowMatchEulerDiscreteScheduler, LongCatImagePipeline, LongCatImageTransformer2DModel
+
+    pipe = LongCatImagePipeline(
+        transformer=_model(LongCatImageTransformer2DModel, LONGCAT_TRANSFORMER_CONFIG, seed),
+        vae=_vae(seed + 1, latent_channels=16, **FLOW_VAE_OVERRIDES),
+        text_encoder=_qwen25vl(seed + 2),
+        tokenizer=tiny_chat_tokenizer(),
+        # the VL processor serves only the optional prompt rewriting (a generation with the VL model); Qwen2-VL's
+        # processor needs torchvision, so the tokenizer (its text half) stands in
+        text_processor=tiny_chat_tokenizer(),
+        scheduler=FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULER_CONFIG),
+    )
+    pipe.default_sample_size = 32  # default image 64 px
+    return pipe
+
+
 #: The families :func:`tiny_pipeline` builds.
 TINY_FAMILIES: tuple[str, ...] = tuple(_BUILDERS)
 
@@ -733,6 +760,7 @@ TINY_CALL_KWARGS: dict[str, dict[str, Any]] = {
     "pixart": {"use_resolution_binning": False, "clean_caption": False},
     "hunyuandit": {"use_resolution_binning": False},
     "sana": {"use_resolution_binning": False},
+    "longcatimage": {"enable_prompt_rewrite": False},  # rewriting generates with the VL model's processor
 }
 
 

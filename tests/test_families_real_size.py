@@ -174,7 +174,8 @@ def test_sd35_medium_lists_the_image_only_attention_of_its_13_dual_attention_blo
     "preset, name",
     [("chroma-practical", "chroma1-hd"), ("flux2-practical", "flux2-dev"), ("qwenimage-practical", "qwen-image"), ("sd35-large-practical", "sd35-large"),
      ("hunyuandit-practical", "hunyuandit-v1.2"), ("zimage-practical", "z-image-turbo"),
-     ("sana-practical", "sana-1600m"), ("lumina2-practical", "lumina-image-2")],
+     ("sana-practical", "sana-1600m"), ("lumina2-practical", "lumina-image-2"),
+     ("longcatimage-practical", "longcat-image")],
 )
 def test_unvalidated_presets_of_the_new_families_name_real_size_activations(preset, name):
     from difffeat.presets import load_preset
@@ -241,3 +242,14 @@ def test_real_size_sana_lists_its_linear_self_attention_maps_as_such():
 def test_real_size_sana_transformer_has_the_published_parameter_count():
     model = _meta("sana-1600m", "transformer")
     assert sum(p.numel() for p in model.parameters()) / 1e9 == pytest.approx(PUBLISHED_B["sana-1600m"], rel=0.02)
+
+
+# ------------------------------------------------------------------------------------------ 2026 families
+def _flux_like_condition(pipe, denoiser):
+    """Text states and 3-axis text positions of the FLUX-style families (LongCat-Image, Ovis-Image)."""
+    return {"encoder_hidden_states": torch.zeros(1, TEXT_LEN, denoiser.config.joint_attention_dim, device="meta"),
+            "txt_ids": torch.zeros(TEXT_LEN, 3, device="meta")}  # fmt: skip
+
+
+# LongCat-Image: 10 double + 20 single blocks (model card: FLUX.1's depth halved), 24 heads x 128
+CASES["longcat-image"] = ("longcatimage", _flux_like_condition, {"transformer_blocks": 10, "single_transformer_blocks": 20}, 24, 128)

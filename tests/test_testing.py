@@ -31,6 +31,7 @@ PIPELINE_CLASS = {
     "zimage": "ZImagePipeline",
     "sana": "SanaPipeline",
     "lumina2": "Lumina2Pipeline",
+    "longcatimage": "LongCatImagePipeline",
 }
 CAPTION = "A photo of a cat, a dog and a zebra-crossing!"  # in-vocabulary, upper case, punctuation, unknown word
 
