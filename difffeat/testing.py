@@ -750,6 +750,36 @@ def _build_longcatimage(seed: int):  # noqa: ANN202 - LongCatImagePipeline
     return pipe
 
 
+#: Ovis-Image: the same tiny FLUX layout (SwiGLU MLPs) on 4 latent channels, text states of a tiny Qwen3 (16 wide).
+OVIS_TRANSFORMER_CONFIG: dict[str, Any] = dict(
+    patch_size=1, in_channels=16, out_channels=16, num_layers=1, num_single_layers=2, attention_head_dim=16,
+    num_attention_heads=2, joint_attention_dim=16, axes_dims_rope=[4, 6, 6],
+)  # fmt: skip
+
+
+def _qwen3_model(seed: int, **overrides: Any):  # noqa: ANN202 - transformers.Qwen3Model
+    from transformers import Qwen3Config, Qwen3Model
+
+    cfg = Qwen3Config(vocab_size=len(_chat_vocab()), pad_token_id=0, **{**QWEN3_TEXT_CONFIG, **overrides})
+    with _seeded(seed):
+        return Qwen3Model(cfg).eval()
+
+
+@_register("ovisimage")
+def _build_ovisimage(seed: int):  # noqa: ANN202 - OvisImagePipeline
+    from diffusers import FlowMatchEulerDiscreteScheduler, OvisImagePipeline, OvisImageTransformer2DModel
+
+    pipe = OvisImagePipeline(
+        transformer=_model(OvisImageTransformer2DModel, OVIS_TRANSFORMER_CONFIG, seed),
+        vae=_vae(seed + 1, **FLOW_VAE_OVERRIDES),
+        text_encoder=_qwen3_model(seed + 2, num_hidden_layers=2),
+        tokenizer=tiny_chat_tokenizer(),
+        scheduler=FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULER_CONFIG),
+    )
+    pipe.default_sample_size = 32  # default image 64 px
+    return pipe
+
+
 #: The families :func:`tiny_pipeline` builds.
 TINY_FAMILIES: tuple[str, ...] = tuple(_BUILDERS)
 

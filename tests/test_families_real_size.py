@@ -175,7 +175,7 @@ def test_sd35_medium_lists_the_image_only_attention_of_its_13_dual_attention_blo
     [("chroma-practical", "chroma1-hd"), ("flux2-practical", "flux2-dev"), ("qwenimage-practical", "qwen-image"), ("sd35-large-practical", "sd35-large"),
      ("hunyuandit-practical", "hunyuandit-v1.2"), ("zimage-practical", "z-image-turbo"),
      ("sana-practical", "sana-1600m"), ("lumina2-practical", "lumina-image-2"),
-     ("longcatimage-practical", "longcat-image")],
+     ("longcatimage-practical", "longcat-image"), ("ovisimage-practical", "ovis-image-7b")],
 )
 def test_unvalidated_presets_of_the_new_families_name_real_size_activations(preset, name):
     from difffeat.presets import load_preset
@@ -253,3 +253,5 @@ def _flux_like_condition(pipe, denoiser):
 
 # LongCat-Image: 10 double + 20 single blocks (model card: FLUX.1's depth halved), 24 heads x 128
 CASES["longcat-image"] = ("longcatimage", _flux_like_condition, {"transformer_blocks": 10, "single_transformer_blocks": 20}, 24, 128)
+# Ovis-Image-7B: 6 double + 27 single blocks, 24 heads x 128 (the published ovis_image_configs)
+CASES["ovis-image-7b"] = ("ovisimage", _flux_like_condition, {"transformer_blocks": 6, "single_transformer_blocks": 27}, 24, 128)

@@ -32,6 +32,7 @@ PIPELINE_CLASS = {
     "sana": "SanaPipeline",
     "lumina2": "Lumina2Pipeline",
     "longcatimage": "LongCatImagePipeline",
+    "ovisimage": "OvisImagePipeline",
 }
 CAPTION = "A photo of a cat, a dog and a zebra-crossing!"  # in-vocabulary, upper case, punctuation, unknown word
 
