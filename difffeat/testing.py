@@ -780,6 +780,52 @@ def _build_ovisimage(seed: int):  # noqa: ANN202 - OvisImagePipeline
     return pipe
 
 
+#: Krea 2: 2 single-stream blocks, 2 query heads of 16 with 1 key/value head (RoPE axes 4+6+6), a text-fusion
+#: stage of one layer-wise and one token block over 4 tapped layers of the 16-wide tiny Qwen3-VL; in_channels = 4
+#: Qwen-Image VAE channels x 2x2 patches.
+KREA2_TRANSFORMER_CONFIG: dict[str, Any] = dict(
+    in_channels=16, num_layers=2, attention_head_dim=16, num_attention_heads=2, num_key_value_heads=1,
+    intermediate_size=64, timestep_embed_dim=32, text_hidden_dim=16, num_text_layers=4, text_num_attention_heads=2,
+    text_num_key_value_heads=2, text_intermediate_size=32, num_layerwise_text_blocks=1, num_refiner_text_blocks=1,
+    axes_dims_rope=(4, 6, 6),
+)  # fmt: skip
+#: Qwen3-VL (text tower used; a one-block vision tower completes the class): 4 layers, interleaved 3-axis mRoPE.
+QWEN3VL_CONFIG: dict[str, Any] = dict(
+    text_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=4, num_attention_heads=2,
+                     num_key_value_heads=1, head_dim=8, max_position_embeddings=1024,
+                     rope_scaling={"rope_type": "default", "mrope_section": [1, 1, 2]}),
+    vision_config=dict(depth=1, hidden_size=16, intermediate_size=16, num_heads=2, out_hidden_size=16, patch_size=2,
+                       spatial_merge_size=1, temporal_patch_size=1, deepstack_visual_indexes=[]),
+)  # fmt: skip
+
+
+def _qwen3vl(seed: int):  # noqa: ANN202 - transformers.Qwen3VLModel
+    from transformers import Qwen3VLConfig, Qwen3VLModel
+
+    n = len(_chat_vocab())
+    cfg = Qwen3VLConfig(text_config={**QWEN3VL_CONFIG["text_config"], "vocab_size": n, "pad_token_id": 0},
+                        vision_config=QWEN3VL_CONFIG["vision_config"], image_token_id=n - 1, video_token_id=n - 2,
+                        vision_start_token_id=n - 3, vision_end_token_id=n - 4)  # fmt: skip
+    with _seeded(seed):
+        return Qwen3VLModel(cfg).eval()
+
+
+@_register("krea2")
+def _build_krea2(seed: int):  # noqa: ANN202 - Krea2Pipeline
+    from diffusers import AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, Krea2Pipeline, Krea2Transformer2DModel
+
+    pipe = Krea2Pipeline(
+        transformer=_model(Krea2Transformer2DModel, KREA2_TRANSFORMER_CONFIG, seed),
+        vae=_model(AutoencoderKLQwenImage, QWENIMAGE_VAE_CONFIG, seed + 1),
+        text_encoder=_qwen3vl(seed + 2),
+        tokenizer=tiny_chat_tokenizer(),
+        scheduler=FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULER_CONFIG),
+        text_encoder_select_layers=(1, 2, 3, 4),  # one tap per tiny layer (the real pipeline taps 12 of 36)
+    )
+    pipe.default_sample_size = 32  # default image 64 px (the adapter's native size; the pipeline's is 1024)
+    return pipe
+
+
 #: The families :func:`tiny_pipeline` builds.
 TINY_FAMILIES: tuple[str, ...] = tuple(_BUILDERS)
 

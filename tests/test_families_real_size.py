@@ -175,7 +175,8 @@ def test_sd35_medium_lists_the_image_only_attention_of_its_13_dual_attention_blo
     [("chroma-practical", "chroma1-hd"), ("flux2-practical", "flux2-dev"), ("qwenimage-practical", "qwen-image"), ("sd35-large-practical", "sd35-large"),
      ("hunyuandit-practical", "hunyuandit-v1.2"), ("zimage-practical", "z-image-turbo"),
      ("sana-practical", "sana-1600m"), ("lumina2-practical", "lumina-image-2"),
-     ("longcatimage-practical", "longcat-image"), ("ovisimage-practical", "ovis-image-7b")],
+     ("longcatimage-practical", "longcat-image"), ("ovisimage-practical", "ovis-image-7b"),
+     ("krea2-practical", "krea2")],
 )
 def test_unvalidated_presets_of_the_new_families_name_real_size_activations(preset, name):
     from difffeat.presets import load_preset
@@ -255,3 +256,13 @@ def _flux_like_condition(pipe, denoiser):
 CASES["longcat-image"] = ("longcatimage", _flux_like_condition, {"transformer_blocks": 10, "single_transformer_blocks": 20}, 24, 128)
 # Ovis-Image-7B: 6 double + 27 single blocks, 24 heads x 128 (the published ovis_image_configs)
 CASES["ovis-image-7b"] = ("ovisimage", _flux_like_condition, {"transformer_blocks": 6, "single_transformer_blocks": 27}, 24, 128)
+
+
+def _krea2_condition(pipe, denoiser):
+    cfg = denoiser.config
+    return {"encoder_hidden_states": torch.zeros(1, TEXT_LEN, cfg.num_text_layers, cfg.text_hidden_dim, device="meta"),
+            "encoder_attention_mask": None}  # fmt: skip
+
+
+# Krea 2: 28 single-stream blocks, 48 query heads x 128 (diffusers' Krea2Transformer2DModel)
+CASES["krea2"] = ("krea2", _krea2_condition, {"transformer_blocks": 28}, 48, 128)

@@ -4,6 +4,7 @@ from . import dit, flux2, gemma, qwenimage, unet  # noqa: F401  (registers the a
 from . import hunyuandit, zimage  # noqa: F401  (registers the adapters)
 from . import longcatimage  # noqa: F401  (registers the adapters)
 from . import ovisimage  # noqa: F401  (registers the adapters)
+from . import krea2  # noqa: F401  (registers the adapters)
 from .base import Backbone, DenoiserInputs, TextSegment, check_timestep
 from .layout import TokenLayout
 from .loading import load, wrap_pipeline
