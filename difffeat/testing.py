@@ -826,6 +826,42 @@ def _build_krea2(seed: int):  # noqa: ANN202 - Krea2Pipeline
     return pipe
 
 
+#: HunyuanImage 2.1: 1 double-stream + 2 single-stream blocks, 2 heads of 16 (2-axis RoPE 8+8), a one-block token
+#: refiner, the latents as tokens (patch 1) on 8 channels; text states of the tiny Qwen2.5-VL (16 wide) and of a
+#: tiny T5 for glyph text (32 wide).
+HUNYUANIMAGE_TRANSFORMER_CONFIG: dict[str, Any] = dict(
+    in_channels=8, out_channels=8, num_attention_heads=2, attention_head_dim=16, num_layers=1, num_single_layers=2,
+    num_refiner_layers=1, mlp_ratio=2.0, patch_size=(1, 1), text_embed_dim=16, text_embed_2_dim=32,
+    rope_axes_dim=(8, 8),
+)  # fmt: skip
+#: HunyuanImage's VAE (32x at real size, its latents the denoiser's tokens): three levels here, 4x, 8 channels, so a
+#: 64 px image is 16 x 16 tokens as in the other tiny families.
+HUNYUANIMAGE_VAE_CONFIG: dict[str, Any] = dict(
+    in_channels=3, out_channels=3, latent_channels=8, block_out_channels=(32, 32, 64), layers_per_block=1,
+    spatial_compression_ratio=4, sample_size=64, scaling_factor=0.75,
+)  # fmt: skip
+
+
+@_register("hunyuanimage")
+def _build_hunyuanimage(seed: int):  # noqa: ANN202 - HunyuanImagePipeline
+    from diffusers import (
+        AutoencoderKLHunyuanImage, FlowMatchEulerDiscreteScheduler, HunyuanImagePipeline, HunyuanImageTransformer2DModel,
+    )  # fmt: skip
+
+    pipe = HunyuanImagePipeline(
+        transformer=_model(HunyuanImageTransformer2DModel, HUNYUANIMAGE_TRANSFORMER_CONFIG, seed),
+        vae=_model(AutoencoderKLHunyuanImage, HUNYUANIMAGE_VAE_CONFIG, seed + 1),
+        text_encoder=_qwen25vl(seed + 2),
+        tokenizer=tiny_chat_tokenizer(),
+        # the real glyph encoder is a ByT5 (byte-level, no offsets); the tiny T5's word pieces serve the same role
+        text_encoder_2=_t5(seed + 3),
+        tokenizer_2=tiny_t5_tokenizer(model_max_length=128),
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=5.0),
+    )
+    pipe.default_sample_size = 16  # default image 64 px (16 x 16 tokens)
+    return pipe
+
+
 #: The families :func:`tiny_pipeline` builds.
 TINY_FAMILIES: tuple[str, ...] = tuple(_BUILDERS)
 

@@ -145,7 +145,7 @@ def test_real_size_catalog_enumerates_the_published_number_of_blocks(name):
 def test_real_size_catalog_has_the_published_blocks_heads_and_widths(tiny_pipes, name):
     _, _, blocks, heads, head_dim = CASES[name]
     cat, shapes, (gh, gw) = real_size_catalog(tiny_pipes, name)
-    assert gh * 16 == _arch(name)["native_resolution"]  # 1024 px -> 64 x 64 tokens
+    assert gh * PIXELS_PER_TOKEN.get(name, 16) == _arch(name)["native_resolution"]  # 1024 px -> 64 x 64 tokens
     assert set(shapes) == set(cat.names())  # the whole catalog ran
     for prefix, count in blocks.items():
         outs = [a for a in cat if a.kind == "block-out" and a.name.startswith(prefix + ".")]
@@ -176,7 +176,7 @@ def test_sd35_medium_lists_the_image_only_attention_of_its_13_dual_attention_blo
      ("hunyuandit-practical", "hunyuandit-v1.2"), ("zimage-practical", "z-image-turbo"),
      ("sana-practical", "sana-1600m"), ("lumina2-practical", "lumina-image-2"),
      ("longcatimage-practical", "longcat-image"), ("ovisimage-practical", "ovis-image-7b"),
-     ("krea2-practical", "krea2")],
+     ("krea2-practical", "krea2"), ("hunyuanimage-practical", "hunyuanimage-2.1")],
 )
 def test_unvalidated_presets_of_the_new_families_name_real_size_activations(preset, name):
     from difffeat.presets import load_preset
@@ -266,3 +266,14 @@ def _krea2_condition(pipe, denoiser):
 
 # Krea 2: 28 single-stream blocks, 48 query heads x 128 (diffusers' Krea2Transformer2DModel)
 CASES["krea2"] = ("krea2", _krea2_condition, {"transformer_blocks": 28}, 48, 128)
+
+
+def _hunyuanimage_condition(pipe, denoiser):
+    return {"encoder_hidden_states": torch.zeros(1, TEXT_LEN, denoiser.config.text_embed_dim, device="meta"),
+            "encoder_attention_mask": torch.ones(1, TEXT_LEN, dtype=torch.long, device="meta")}  # fmt: skip
+
+
+# HunyuanImage 2.1: 20 double + 40 single blocks, 28 heads x 128, 32 px per token at 2048 px
+CASES["hunyuanimage-2.1"] = ("hunyuanimage", _hunyuanimage_condition, {"transformer_blocks": 20, "single_transformer_blocks": 40}, 28, 128)
+#: pixels per image-token side where not 16 (HunyuanImage 2.1: a 32x VAE, patch 1: 2048 px -> 64 x 64 tokens)
+PIXELS_PER_TOKEN = {"hunyuanimage-2.1": 32}

@@ -34,6 +34,7 @@ PIPELINE_CLASS = {
     "longcatimage": "LongCatImagePipeline",
     "ovisimage": "OvisImagePipeline",
     "krea2": "Krea2Pipeline",
+    "hunyuanimage": "HunyuanImagePipeline",
 }
 CAPTION = "A photo of a cat, a dog and a zebra-crossing!"  # in-vocabulary, upper case, punctuation, unknown word
 

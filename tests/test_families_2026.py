@@ -1,0 +1,40 @@
+"""Behaviour particular to single 2026 families (what the family-parametrised suite cannot state)."""
+
+from __future__ import annotations
+
+import torch
+
+from _helpers import backbone_for, random_image
+from difffeat.capture import Capture
+
+
+def test_hunyuanimage_leaving_out_the_all_masked_glyph_block_changes_nothing_the_image_sees(tiny_pipes):
+    """Without quoted text the pipeline feeds a ByT5 block that is masked everywhere; the adapter leaves it out.
+    Masked keys get exactly zero probability, so the denoiser's output equals the pipeline-style call to float32
+    summation order."""
+    backbone = backbone_for(tiny_pipes, "hunyuanimage")
+    inputs = backbone.prepare([random_image(64, 64)], "a cat on a sofa", t=500)
+    assert "encoder_hidden_states_2" not in inputs.kwargs
+    pipe = backbone.pipeline
+    _, _, glyph, glyph_mask = pipe.encode_prompt(prompt=["a cat on a sofa"], device="cpu", batch_size=1)
+    assert not glyph_mask.any()
+    with torch.no_grad():
+        ours = backbone.denoise(inputs)[0]
+        theirs = pipe.transformer(**inputs.kwargs, encoder_hidden_states_2=glyph, encoder_attention_mask_2=glyph_mask,
+                                  return_dict=False)[0]  # fmt: skip
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
+
+
+def test_hunyuanimage_quoted_text_adds_the_glyph_block_to_the_cross_maps(tiny_pipes):
+    backbone = backbone_for(tiny_pipes, "hunyuanimage")
+    image = random_image(64, 64)
+    plain = backbone.prepare([image], "a sign", t=500)
+    quoted = backbone.prepare([image], 'a sign that says "stop"', t=500)
+    n_glyph = backbone.pipeline.tokenizer_2_max_length
+    assert quoted.layout.text_len == plain.layout.text_len + n_glyph
+    name = "transformer_blocks.0.attn.map"
+    with Capture(backbone, [name], quoted) as cap:
+        backbone.denoise(quoted)
+    maps = cap.activations[name]  # [B, heads, HW, text keys]
+    assert maps.shape[-1] == quoted.layout.text_len
+    assert torch.all(maps >= 0) and torch.all(maps.sum(-1) <= 1 + 1e-5)
