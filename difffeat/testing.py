@@ -862,6 +862,52 @@ def _build_hunyuanimage(seed: int):  # noqa: ANN202 - HunyuanImagePipeline
     return pipe
 
 
+#: Bria FIBO: FLUX's tiny layout (1 double-stream + 2 single-stream blocks, 2 heads of 16, RoPE axes 4+6+6) on the
+#: 8 channels of the tiny Wan VAE, one token per latent; per-block text layers of a 16-wide tiny SmolLM3 (its
+#: last two layers side by side: 32-wide text states).
+BRIAFIBO_TRANSFORMER_CONFIG: dict[str, Any] = dict(
+    patch_size=1, in_channels=8, num_layers=1, num_single_layers=2, attention_head_dim=16, num_attention_heads=2,
+    joint_attention_dim=32, axes_dims_rope=[4, 6, 6], text_encoder_dim=16,
+)  # fmt: skip
+#: Wan 2.2's VAE layout (residual blocks, 2x2 input patches) at 16x as the pipeline assumes: 3 levels x 2 and the
+#: patch, 8 latent channels with unit statistics.
+WAN22_VAE_CONFIG: dict[str, Any] = dict(
+    base_dim=16, decoder_base_dim=16, z_dim=8, dim_mult=[1, 1, 2, 2], num_res_blocks=1, attn_scales=[],
+    temperal_downsample=[False, False, False], is_residual=True, patch_size=2, in_channels=12, out_channels=12,
+    latents_mean=[0.1, -0.2, 0.3, 0.0, 0.2, -0.1, 0.0, 0.1], latents_std=[1.5, 2.0, 1.2, 0.8, 1.0, 1.1, 0.9, 1.3],
+    scale_factor_spatial=16,
+)  # fmt: skip
+#: SmolLM3 (FIBO's text encoder), 2 layers; the real vocabulary size, as the pipeline feeds id 128000 (begin of
+#: text) for an empty prompt.
+SMOLLM3_TEXT_CONFIG: dict[str, Any] = dict(
+    vocab_size=128256, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+    num_key_value_heads=1, max_position_embeddings=1024, pad_token_id=0, bos_token_id=128000, eos_token_id=2,
+    tie_word_embeddings=True,
+)  # fmt: skip
+
+
+def _smollm3(seed: int):  # noqa: ANN202 - transformers.SmolLM3ForCausalLM
+    from transformers import SmolLM3Config, SmolLM3ForCausalLM
+
+    with _seeded(seed):
+        return SmolLM3ForCausalLM(SmolLM3Config(**SMOLLM3_TEXT_CONFIG)).eval()
+
+
+@_register("briafibo")
+def _build_briafibo(seed: int):  # noqa: ANN202 - BriaFiboPipeline
+    from diffusers import AutoencoderKLWan, BriaFiboPipeline, BriaFiboTransformer2DModel, FlowMatchEulerDiscreteScheduler
+
+    pipe = BriaFiboPipeline(
+        transformer=_model(BriaFiboTransformer2DModel, BRIAFIBO_TRANSFORMER_CONFIG, seed),
+        vae=_model(AutoencoderKLWan, WAN22_VAE_CONFIG, seed + 1),
+        text_encoder=_smollm3(seed + 2),
+        tokenizer=tiny_chat_tokenizer(),
+        scheduler=FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULER_CONFIG),
+    )
+    pipe.default_sample_size = 8  # default image 128 px (8 x 8 tokens at 16x)
+    return pipe
+
+
 #: The families :func:`tiny_pipeline` builds.
 TINY_FAMILIES: tuple[str, ...] = tuple(_BUILDERS)
 
@@ -873,6 +919,7 @@ TINY_CALL_KWARGS: dict[str, dict[str, Any]] = {
     "hunyuandit": {"use_resolution_binning": False},
     "sana": {"use_resolution_binning": False},
     "longcatimage": {"enable_prompt_rewrite": False},  # rewriting generates with the VL model's processor
+    "briafibo": {"guidance_scale": 1.0},  # a 16x VAE: the tiny sizes are few tokens; no second (negative) pass
 }
 
 

@@ -176,7 +176,8 @@ def test_sd35_medium_lists_the_image_only_attention_of_its_13_dual_attention_blo
      ("hunyuandit-practical", "hunyuandit-v1.2"), ("zimage-practical", "z-image-turbo"),
      ("sana-practical", "sana-1600m"), ("lumina2-practical", "lumina-image-2"),
      ("longcatimage-practical", "longcat-image"), ("ovisimage-practical", "ovis-image-7b"),
-     ("krea2-practical", "krea2"), ("hunyuanimage-practical", "hunyuanimage-2.1")],
+     ("krea2-practical", "krea2"), ("hunyuanimage-practical", "hunyuanimage-2.1"),
+     ("briafibo-practical", "bria-fibo")],
 )
 def test_unvalidated_presets_of_the_new_families_name_real_size_activations(preset, name):
     from difffeat.presets import load_preset
@@ -277,3 +278,15 @@ def _hunyuanimage_condition(pipe, denoiser):
 CASES["hunyuanimage-2.1"] = ("hunyuanimage", _hunyuanimage_condition, {"transformer_blocks": 20, "single_transformer_blocks": 40}, 28, 128)
 #: pixels per image-token side where not 16 (HunyuanImage 2.1: a 32x VAE, patch 1: 2048 px -> 64 x 64 tokens)
 PIXELS_PER_TOKEN = {"hunyuanimage-2.1": 32}
+
+
+def _briafibo_condition(pipe, denoiser):
+    cfg = denoiser.config
+    blocks = cfg.num_layers + cfg.num_single_layers
+    return {"encoder_hidden_states": torch.zeros(1, TEXT_LEN, cfg.joint_attention_dim, device="meta"),
+            "text_encoder_layers": [torch.zeros(1, TEXT_LEN, cfg.text_encoder_dim, device="meta")] * blocks,
+            "text_mask": torch.ones(1, TEXT_LEN, device="meta")}  # fmt: skip
+
+
+# Bria FIBO: 8 dual- + 38 single-stream blocks, 24 heads x 128 (arXiv 2511.06876, its architecture table)
+CASES["bria-fibo"] = ("briafibo", _briafibo_condition, {"transformer_blocks": 8, "single_transformer_blocks": 38}, 24, 128)

@@ -35,12 +35,13 @@ PIPELINE_CLASS = {
     "ovisimage": "OvisImagePipeline",
     "krea2": "Krea2Pipeline",
     "hunyuanimage": "HunyuanImagePipeline",
+    "briafibo": "BriaFiboPipeline",
 }
 CAPTION = "A photo of a cat, a dog and a zebra-crossing!"  # in-vocabulary, upper case, punctuation, unknown word
 
 
 #: sizes the pipelines accept (Sana's checks multiples of 32, Lumina 2's of 16); others: 32 x 24
-_SMALL_SIZE = {"sana": (32, 64), "lumina2": (32, 48)}
+_SMALL_SIZE = {"sana": (32, 64), "lumina2": (32, 48), "briafibo": (32, 48)}  # Bria FIBO: multiples of 16
 _REQUESTED_SIZE = {"sana": (64, 32)}
 
 
