@@ -89,7 +89,9 @@ class TextSegment:
     ``template`` is the text the pipeline really tokenizes, with ``{}`` for the prompt (a chat template for
     LLM text encoders); ``drop`` is how many leading tokens the pipeline removes before the denoiser sees
     the sequence (Qwen-Image drops its system prompt); ``lowercase``: the pipeline lower-cases the prompt before
-    tokenizing it (Sana)."""
+    tokenizing it (Sana); ``pad_left``: the pipeline pads the tokenized text on the left to ``max_length`` tokens
+    (after the dropped ones), so its last token sits at ``offset + max_length - 1`` whatever its length
+    (Ideogram 4, CogView4)."""
 
     tokenizer: Any
     offset: int
@@ -97,6 +99,7 @@ class TextSegment:
     template: str = "{}"
     drop: int = 0
     lowercase: bool = False
+    pad_left: bool = False
 
 
 class Backbone(ABC):
