@@ -284,10 +284,13 @@ def tiny_t5_tokenizer(model_max_length: int = 512):  # noqa: ANN201 - transforme
     return T5Tokenizer(vocab=list(pieces.items()), extra_ids=0, model_max_length=model_max_length)
 
 
-#: The chat markup of Qwen-family tokenizers (one user turn; generation prompt; Qwen3's empty think block
-#: when ``enable_thinking`` is False), written as a Jinja chat template.
+#: The chat markup of Qwen-family tokenizers (one user turn, its content a string or a list of text parts as
+#: vision-language processors send it; generation prompt; Qwen3's empty think block when ``enable_thinking`` is
+#: False), written as a Jinja chat template.
 CHAT_TEMPLATE = (
-    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
+    "{% if m['content'] is string %}{{ m['content'] }}{% else %}{% for part in m['content'] %}{{ part['text'] }}"
+    "{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n"
     "{% if enable_thinking is defined and not enable_thinking %}<think>\n\n</think>\n\n{% endif %}{% endif %}"
 )
@@ -799,11 +802,12 @@ QWEN3VL_CONFIG: dict[str, Any] = dict(
 )  # fmt: skip
 
 
-def _qwen3vl(seed: int):  # noqa: ANN202 - transformers.Qwen3VLModel
+def _qwen3vl(seed: int, **text_overrides: Any):  # noqa: ANN202 - transformers.Qwen3VLModel
     from transformers import Qwen3VLConfig, Qwen3VLModel
 
     n = len(_chat_vocab())
-    cfg = Qwen3VLConfig(text_config={**QWEN3VL_CONFIG["text_config"], "vocab_size": n, "pad_token_id": 0},
+    text = {**QWEN3VL_CONFIG["text_config"], "vocab_size": n, "pad_token_id": 0, **text_overrides}
+    cfg = Qwen3VLConfig(text_config=text,
                         vision_config=QWEN3VL_CONFIG["vision_config"], image_token_id=n - 1, video_token_id=n - 2,
                         vision_start_token_id=n - 3, vision_end_token_id=n - 4)  # fmt: skip
     with _seeded(seed):
@@ -908,6 +912,31 @@ def _build_briafibo(seed: int):  # noqa: ANN202 - BriaFiboPipeline
     return pipe
 
 
+#: Ideogram 4: 2 single-stream blocks, 2 heads of 16 (MRoPE sections 4+2+2), text features of the 13 layers the
+#: pipeline taps (0, 3, ..., 33, 35) of a 36-layer, 16-wide tiny Qwen3-VL; in_channels = 4 VAE channels x 2x2 patches.
+IDEOGRAM4_TRANSFORMER_CONFIG: dict[str, Any] = dict(
+    in_channels=16, num_layers=2, attention_head_dim=16, num_attention_heads=2, intermediate_size=64, adaln_dim=16,
+    llm_features_dim=13 * 16, rope_theta=10_000, mrope_section=(4, 2, 2),
+)  # fmt: skip
+
+
+@_register("ideogram4")
+def _build_ideogram4(seed: int):  # noqa: ANN202 - Ideogram4Pipeline
+    from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Ideogram4Pipeline, Ideogram4Transformer2DModel
+
+    text_encoder = _qwen3vl(seed + 2, num_hidden_layers=36)  # the pipeline taps layers up to 35
+    pipe = Ideogram4Pipeline(
+        transformer=_model(Ideogram4Transformer2DModel, IDEOGRAM4_TRANSFORMER_CONFIG, seed),
+        unconditional_transformer=_model(Ideogram4Transformer2DModel, IDEOGRAM4_TRANSFORMER_CONFIG, seed + 3),
+        vae=_model(AutoencoderKLFlux2, FLUX2_VAE_CONFIG, seed + 1),
+        text_encoder=text_encoder,
+        tokenizer=tiny_chat_tokenizer(),
+        scheduler=FlowMatchEulerDiscreteScheduler(),
+    )
+    pipe.default_sample_size = 16  # default image 64 px (16 x 16 tokens; the pipeline's default is 2048 px)
+    return pipe
+
+
 #: The families :func:`tiny_pipeline` builds.
 TINY_FAMILIES: tuple[str, ...] = tuple(_BUILDERS)
 
@@ -920,6 +949,7 @@ TINY_CALL_KWARGS: dict[str, dict[str, Any]] = {
     "sana": {"use_resolution_binning": False},
     "longcatimage": {"enable_prompt_rewrite": False},  # rewriting generates with the VL model's processor
     "briafibo": {"guidance_scale": 1.0},  # a 16x VAE: the tiny sizes are few tokens; no second (negative) pass
+    "ideogram4": {"guidance_schedule": None, "guidance_scale": 4.0, "max_sequence_length": 32},  # 2-step runs
 }
 
 

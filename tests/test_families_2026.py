@@ -38,3 +38,28 @@ def test_hunyuanimage_quoted_text_adds_the_glyph_block_to_the_cross_maps(tiny_pi
     maps = cap.activations[name]  # [B, heads, HW, text keys]
     assert maps.shape[-1] == quoted.layout.text_len
     assert torch.all(maps >= 0) and torch.all(maps.sum(-1) <= 1 + 1e-5)
+
+
+def test_ideogram4_class_positions_index_the_class_tokens_of_the_pipelines_left_padded_text(tiny_pipes):
+    from difffeat.segment import build_layout
+
+    backbone = backbone_for(tiny_pipes, "ideogram4")
+    layout = build_layout(["cat", "dog"], backbone.text_segments(), "a photo of {}")
+    tok, n = backbone.pipeline.tokenizer, backbone.max_sequence_length
+    # the pipeline's own text ids: the chat-formatted prompt, right-aligned in its n slots
+    messages = [{"role": "user", "content": [{"type": "text", "text": layout.caption}]}]
+    ids = tok(tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False), add_special_tokens=False)["input_ids"]
+    slots = [None] * (n - len(ids)) + ids
+    assert [slots[p] for p in layout.class_tokens[0]] == tok("cat", add_special_tokens=False)["input_ids"]
+    assert [slots[p] for p in layout.class_tokens[1]] == tok("dog", add_special_tokens=False)["input_ids"]
+
+
+def test_ideogram4_left_padding_gets_no_attention_from_the_image(tiny_pipes):
+    backbone = backbone_for(tiny_pipes, "ideogram4")
+    inputs = backbone.prepare([random_image(64, 64)], "a cat", t=500)
+    name = "layers.0.attention.map"
+    with Capture(backbone, [name], inputs) as cap:
+        backbone.denoise(inputs)
+    maps = cap.activations[name]  # [B, heads, HW, text slots]
+    n_pad = int((inputs.kwargs["indicator"][0, : maps.shape[-1]] != 3).sum())  # slots before the prompt's tokens
+    assert n_pad > 0 and not maps[..., :n_pad].any() and maps[..., n_pad:].sum() > 0

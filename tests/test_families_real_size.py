@@ -177,7 +177,7 @@ def test_sd35_medium_lists_the_image_only_attention_of_its_13_dual_attention_blo
      ("sana-practical", "sana-1600m"), ("lumina2-practical", "lumina-image-2"),
      ("longcatimage-practical", "longcat-image"), ("ovisimage-practical", "ovis-image-7b"),
      ("krea2-practical", "krea2"), ("hunyuanimage-practical", "hunyuanimage-2.1"),
-     ("briafibo-practical", "bria-fibo")],
+     ("briafibo-practical", "bria-fibo"), ("ideogram4-practical", "ideogram4")],
 )
 def test_unvalidated_presets_of_the_new_families_name_real_size_activations(preset, name):
     from difffeat.presets import load_preset
@@ -290,3 +290,12 @@ def _briafibo_condition(pipe, denoiser):
 
 # Bria FIBO: 8 dual- + 38 single-stream blocks, 24 heads x 128 (arXiv 2511.06876, its architecture table)
 CASES["bria-fibo"] = ("briafibo", _briafibo_condition, {"transformer_blocks": 8, "single_transformer_blocks": 38}, 24, 128)
+
+
+def _ideogram4_condition(pipe, denoiser):
+    return {"encoder_hidden_states": torch.zeros(1, TEXT_LEN, denoiser.config.llm_features_dim, device="meta"),
+            "text_lengths": [TEXT_LEN]}  # fmt: skip
+
+
+# Ideogram 4: 34 single-stream blocks, 18 heads x 256 (the published model_architecture.md)
+CASES["ideogram4"] = ("ideogram4", _ideogram4_condition, {"layers": 34}, 18, 256)

@@ -36,6 +36,7 @@ PIPELINE_CLASS = {
     "krea2": "Krea2Pipeline",
     "hunyuanimage": "HunyuanImagePipeline",
     "briafibo": "BriaFiboPipeline",
+    "ideogram4": "Ideogram4Pipeline",
 }
 CAPTION = "A photo of a cat, a dog and a zebra-crossing!"  # in-vocabulary, upper case, punctuation, unknown word
 
@@ -200,6 +201,8 @@ def test_denoisers_have_every_kind_of_attention_capture_tests_need(tiny_pipes, f
         assert any(n.endswith("attn2") for n in names) and denoiser.transformer_blocks[0].attn.norm_q is not None
     elif family in ("pixart", "sd3", "qwenimage", "krea2"):
         assert len(denoiser.transformer_blocks) >= 2
+    elif family == "ideogram4":  # single-stream blocks only
+        assert len(denoiser.layers) >= 2
     elif family == "hunyuandit":  # a block past the middle takes the long skip connection
         assert len(denoiser.blocks) >= 3 and denoiser.blocks[-1].skip_linear is not None
     elif family == "zimage":  # image refiner, text refiner and joint blocks
