@@ -48,6 +48,7 @@ __all__ = [
     "tiny_chat_tokenizer",
     "tiny_bert_tokenizer",
     "tiny_gemma_tokenizer",
+    "tiny_glm_tokenizer",
     "CHAT_TEMPLATE",
     "sd_original_state_dict",
     "original_state_dict",
@@ -935,6 +936,56 @@ def _build_ideogram4(seed: int):  # noqa: ANN202 - Ideogram4Pipeline
     )
     pipe.default_sample_size = 16  # default image 64 px (16 x 16 tokens; the pipeline's default is 2048 px)
     return pipe
+
+
+#: CogView4: 2 blocks, 2 heads of 16 (2-axis RoPE), 16-wide tiny GLM text states; 4 latent channels, patch 2.
+COGVIEW4_TRANSFORMER_CONFIG: dict[str, Any] = dict(
+    patch_size=2, in_channels=4, out_channels=4, num_layers=2, attention_head_dim=16, num_attention_heads=2,
+    text_embed_dim=16, time_embed_dim=16, condition_dim=8, pos_embed_max_size=32, sample_size=32, rope_axes_dim=(16, 16),
+)  # fmt: skip
+
+
+_GLM_PREFIX = ("[gMASK]", "<sop>")
+
+
+def tiny_glm_tokenizer(model_max_length: int = 1024):  # noqa: ANN201 - transformers.PreTrainedTokenizerFast
+    """:func:`tiny_chat_tokenizer`'s words with GLM-4's text prefix (``[gMASK]<sop>`` before every text) and its
+    left padding (``<|endoftext|>`` = 0), for CogView4."""
+    from tokenizers import processors
+    from transformers import PreTrainedTokenizerFast
+
+    pieces = _chat_vocab() + _GLM_PREFIX
+    tok = _word_tokenizer(pieces)
+    ids = [(p, pieces.index(p)) for p in _GLM_PREFIX]
+    tok.post_processor = processors.TemplateProcessing(single="[gMASK] <sop> $A", pair="[gMASK] <sop> $A $B", special_tokens=ids)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="<unk>", pad_token="<|endoftext|>", eos_token="<|im_end|>",
+        additional_special_tokens=list(_GLM_PREFIX), model_max_length=model_max_length, padding_side="left",
+    )  # fmt: skip
+
+
+def _glm(seed: int):  # noqa: ANN202 - transformers.GlmModel
+    from transformers import GlmConfig, GlmModel
+
+    cfg = GlmConfig(vocab_size=len(_chat_vocab()) + len(_GLM_PREFIX), hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                    num_attention_heads=2, num_key_value_heads=1, head_dim=8, max_position_embeddings=1024,
+                    pad_token_id=0)  # fmt: skip
+    with _seeded(seed):
+        return GlmModel(cfg).eval()
+
+
+@_register("cogview4")
+def _build_cogview4(seed: int):  # noqa: ANN202 - CogView4Pipeline
+    from diffusers import CogView4Pipeline, CogView4Transformer2DModel, FlowMatchEulerDiscreteScheduler
+
+    return CogView4Pipeline(
+        transformer=_model(CogView4Transformer2DModel, COGVIEW4_TRANSFORMER_CONFIG, seed),
+        vae=_vae(seed + 1, scaling_factor=1.0),
+        text_encoder=_glm(seed + 2),
+        tokenizer=tiny_glm_tokenizer(),
+        scheduler=FlowMatchEulerDiscreteScheduler(base_shift=0.25, max_shift=0.75, base_image_seq_len=256,
+                                                  use_dynamic_shifting=True, time_shift_type="linear"),  # fmt: skip
+    )
 
 
 #: The families :func:`tiny_pipeline` builds.

@@ -63,3 +63,31 @@ def test_ideogram4_left_padding_gets_no_attention_from_the_image(tiny_pipes):
     maps = cap.activations[name]  # [B, heads, HW, text slots]
     n_pad = int((inputs.kwargs["indicator"][0, : maps.shape[-1]] != 3).sum())  # slots before the prompt's tokens
     assert n_pad > 0 and not maps[..., :n_pad].any() and maps[..., n_pad:].sum() > 0
+
+
+def test_cogview4_class_positions_index_the_class_tokens_of_the_left_padded_glm_input(tiny_pipes):
+    from difffeat.segment import build_layout
+
+    backbone = backbone_for(tiny_pipes, "cogview4")
+    layout = build_layout(["cat", "dog"], backbone.text_segments(), "a photo of {}")
+    tok, n = backbone.pipeline.tokenizer, backbone.text_segments()[0].max_length
+    ids = tok([layout.caption], padding="max_length", max_length=n, return_tensors="pt", padding_side="left").input_ids[0]
+    assert ids[0] == tok.pad_token_id and ids[-n:].shape[0] == n  # padded in front, as the pipeline pads
+    assert [int(ids[p]) for p in layout.class_tokens[0]] == tok("cat", add_special_tokens=False)["input_ids"]
+    assert [int(ids[p]) for p in layout.class_tokens[1]] == tok("dog", add_special_tokens=False)["input_ids"]
+
+
+def test_cogview4_one_prompt_at_its_own_padded_length_is_the_pipelines_conditioning(tiny_pipes):
+    """With max_sequence_length at the prompt's token count rounded up to 16, the adapter's text states are the
+    pipeline's own (its `_get_glm_embeds`)."""
+    backbone = backbone_for(tiny_pipes, "cogview4")
+    pipe, before = backbone.pipeline, backbone.max_sequence_length
+    n = len(pipe.tokenizer("a cat on a sofa")["input_ids"])
+    try:
+        backbone.max_sequence_length = -(-n // 16) * 16
+        ours = backbone.encode_prompt(["a cat on a sofa"])["encoder_hidden_states"]
+    finally:
+        backbone.max_sequence_length = before
+    with torch.no_grad():
+        theirs = pipe._get_glm_embeds(["a cat on a sofa"], device="cpu", dtype=torch.float32)
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=0)

@@ -177,7 +177,8 @@ def test_sd35_medium_lists_the_image_only_attention_of_its_13_dual_attention_blo
      ("sana-practical", "sana-1600m"), ("lumina2-practical", "lumina-image-2"),
      ("longcatimage-practical", "longcat-image"), ("ovisimage-practical", "ovis-image-7b"),
      ("krea2-practical", "krea2"), ("hunyuanimage-practical", "hunyuanimage-2.1"),
-     ("briafibo-practical", "bria-fibo"), ("ideogram4-practical", "ideogram4")],
+     ("briafibo-practical", "bria-fibo"), ("ideogram4-practical", "ideogram4"),
+     ("cogview4-practical", "cogview4-6b")],
 )
 def test_unvalidated_presets_of_the_new_families_name_real_size_activations(preset, name):
     from difffeat.presets import load_preset
@@ -299,3 +300,11 @@ def _ideogram4_condition(pipe, denoiser):
 
 # Ideogram 4: 34 single-stream blocks, 18 heads x 256 (the published model_architecture.md)
 CASES["ideogram4"] = ("ideogram4", _ideogram4_condition, {"layers": 34}, 18, 256)
+
+
+def _cogview4_condition(pipe, denoiser):
+    return {"encoder_hidden_states": torch.zeros(1, TEXT_LEN, denoiser.config.text_embed_dim, device="meta")}
+
+
+# CogView4-6B: 28 blocks, 32 heads x 128 (its transformer/config.json)
+CASES["cogview4-6b"] = ("cogview4", _cogview4_condition, {"transformer_blocks": 28}, 32, 128)
