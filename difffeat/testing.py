@@ -988,6 +988,48 @@ def _build_cogview4(seed: int):  # noqa: ANN202 - CogView4Pipeline
     )
 
 
+#: HiDream-I1: 1 double-stream + 2 single-stream blocks, 2 heads of 16 (RoPE axes 8+4+4), mixture-of-experts
+#: feed-forwards (4 routed experts, 2 active); text: T5 (32 wide) and every layer of a 3-layer, 16-wide tiny Llama
+#: (block i reads layer llama_layers[i]); pooled CLIP-L + CLIP-G projections (32 + 32). The pipeline generates at
+#: the area of its 128-latent default size (256 px here), so the model's maximal sequence holds 128 x 128 latents.
+HIDREAM_TRANSFORMER_CONFIG: dict[str, Any] = dict(
+    patch_size=2, in_channels=4, out_channels=4, num_layers=1, num_single_layers=2, attention_head_dim=16,
+    num_attention_heads=2, caption_channels=[32, 16], text_emb_dim=64, num_routed_experts=4, num_activated_experts=2,
+    axes_dims_rope=(8, 4, 4), max_resolution=(128, 128), llama_layers=[0, 1, 2],
+)  # fmt: skip
+
+
+def _llama(seed: int):  # noqa: ANN202 - transformers.LlamaForCausalLM
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=len(_chat_vocab()), hidden_size=16, intermediate_size=32, num_hidden_layers=3,
+                      num_attention_heads=2, num_key_value_heads=1, head_dim=8, max_position_embeddings=1024,
+                      pad_token_id=2, bos_token_id=1, eos_token_id=2)  # fmt: skip
+    with _seeded(seed):
+        return LlamaForCausalLM(cfg).eval()
+
+
+@_register("hidream")
+def _build_hidream(seed: int):  # noqa: ANN202 - HiDreamImagePipeline
+    from diffusers import FlowMatchEulerDiscreteScheduler, HiDreamImagePipeline, HiDreamImageTransformer2DModel
+
+    return HiDreamImagePipeline(
+        transformer=_model(HiDreamImageTransformer2DModel, HIDREAM_TRANSFORMER_CONFIG, seed),
+        vae=_vae(seed + 1, **FLOW_VAE_OVERRIDES),
+        # HiDream's CLIP encoders are long-context (248 positions; the pipeline feeds up to 218 tokens)
+        text_encoder=_clip_text(seed + 2, projection=True, max_position_embeddings=248),
+        tokenizer=tiny_clip_tokenizer(model_max_length=248),
+        text_encoder_2=_clip_text(seed + 3, projection=True, max_position_embeddings=248),
+        tokenizer_2=tiny_clip_tokenizer(model_max_length=248),
+        text_encoder_3=_t5(seed + 4),
+        tokenizer_3=tiny_t5_tokenizer(),
+        text_encoder_4=_llama(seed + 5),
+        tokenizer_4=tiny_chat_tokenizer(),
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+    )
+    return pipe
+
+
 #: The families :func:`tiny_pipeline` builds.
 TINY_FAMILIES: tuple[str, ...] = tuple(_BUILDERS)
 

@@ -10,7 +10,7 @@ import difffeat
 FAMILIES = ("sd", "sdxl", "pixart", "sd3", "sd35", "flux", "flux2", "qwenimage", "chroma")
 FAMILIES += ("hunyuandit", "zimage")  # branch hunyuan
 FAMILIES += ("sana", "lumina2")  # Gemma-encoded families
-FAMILIES += ("longcatimage", "ovisimage", "krea2", "hunyuanimage", "briafibo", "ideogram4", "cogview4")  # 2026 families
+FAMILIES += ("longcatimage", "ovisimage", "krea2", "hunyuanimage", "briafibo", "ideogram4", "cogview4", "hidream")  # 2026 families
 #: text tokens per family in tests (Lumina 2's sequence holds its system prompt, ~31 tiny tokens); default 32
 TEST_TEXT_LENGTH = {"lumina2": 64}
 _BACKBONES: dict[str, difffeat.Backbone] = {}

@@ -170,7 +170,7 @@ def test_early_exit_skips_every_module_after_the_last_needed_one(backbone):
     first = next(a for a in cat if a.kind == "block-out")
     calls = []
     last_module = {"unet": "conv_out", "lumina2": "norm_out", "zimage": "all_final_layer.2-1", "krea2": "final_layer",
-                   "ideogram4": "final_layer"}.get(
+                   "ideogram4": "final_layer", "hidream": "final_layer"}.get(
         backbone.hook_table, "proj_out"
     )
     out_module = backbone.denoiser.get_submodule(last_module)

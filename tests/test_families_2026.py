@@ -91,3 +91,31 @@ def test_cogview4_one_prompt_at_its_own_padded_length_is_the_pipelines_condition
     with torch.no_grad():
         theirs = pipe._get_glm_embeds(["a cat on a sofa"], device="cpu", dtype=torch.float32)
     torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
+
+
+def test_hidream_probe_puts_every_mixture_of_experts_back(tiny_pipes):
+    from diffusers.models.transformers.transformer_hidream_image import MOEFeedForwardSwiGLU
+
+    import difffeat
+
+    backbone = backbone_for(tiny_pipes, "hidream")
+    before = {n: m for n, m in backbone.denoiser.named_modules() if isinstance(m, MOEFeedForwardSwiGLU)}
+    assert before
+    with backbone.probe_context():
+        assert not any(isinstance(m, MOEFeedForwardSwiGLU) for m in backbone.denoiser.modules())
+    difffeat.list_activations(backbone)  # the catalog's fake-tensor forward runs inside the same context
+    after = {n: m for n, m in backbone.denoiser.named_modules() if isinstance(m, MOEFeedForwardSwiGLU)}
+    assert after.keys() == before.keys() and all(after[n] is before[n] for n in before)
+
+
+def test_hidream_patch_sequence_input_equals_the_latent_input(tiny_pipes):
+    """The adapter feeds the model's own patch sequence with an all-ones token mask (so no size is read back from
+    a tensor); for a square image that is the model's unmasked path: keys times one."""
+    backbone = backbone_for(tiny_pipes, "hidream")
+    inputs = backbone.prepare([random_image(64, 64)], "a cat", t=500)
+    latents = backbone.add_noise(inputs.latents, 500, inputs.noise)
+    kwargs = {k: v for k, v in inputs.kwargs.items() if k not in ("hidden_states", "hidden_states_masks", "img_sizes", "img_ids")}
+    with torch.no_grad():
+        ours = backbone.denoise(inputs)[0]
+        theirs = backbone.denoiser(hidden_states=latents, return_dict=False, **kwargs)[0]
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=0)

@@ -120,8 +120,8 @@ def _real_size_catalog(tiny_pipes, name: str) -> tuple[Catalog, dict, tuple[int,
     with mode:
         latents = torch.zeros(1, *backbone.latent_shape(res, res), device="cpu" if on_cpu else "meta")
         inputs = backbone.denoiser_inputs(latents, 1, cond, (res, res))
-        with Capture(backbone, infos, inputs, early_exit=False, shapes_only=True) as cap:
-            backbone.denoise(inputs)
+        with backbone.probe_context(), Capture(backbone, infos, inputs, early_exit=False, shapes_only=True) as cap:
+            backbone.denoise(inputs)  # the adapter's probe context, as the catalog probe uses it (HiDream's MoE)
     shapes = {n: tuple(int(x) for x in s[1:]) for n, s in cap.shapes.items()}
     return Catalog(backbone.family, table, infos), shapes, inputs.grid
 
@@ -178,7 +178,7 @@ def test_sd35_medium_lists_the_image_only_attention_of_its_13_dual_attention_blo
      ("longcatimage-practical", "longcat-image"), ("ovisimage-practical", "ovis-image-7b"),
      ("krea2-practical", "krea2"), ("hunyuanimage-practical", "hunyuanimage-2.1"),
      ("briafibo-practical", "bria-fibo"), ("ideogram4-practical", "ideogram4"),
-     ("cogview4-practical", "cogview4-6b")],
+     ("cogview4-practical", "cogview4-6b"), ("hidream-practical", "hidream-i1")],
 )
 def test_unvalidated_presets_of_the_new_families_name_real_size_activations(preset, name):
     from difffeat.presets import load_preset
@@ -308,3 +308,17 @@ def _cogview4_condition(pipe, denoiser):
 
 # CogView4-6B: 28 blocks, 32 heads x 128 (its transformer/config.json)
 CASES["cogview4-6b"] = ("cogview4", _cogview4_condition, {"transformer_blocks": 28}, 32, 128)
+
+
+def _hidream_condition(pipe, denoiser):
+    cfg = denoiser.config
+    return {"encoder_hidden_states_t5": torch.zeros(1, TEXT_LEN, cfg.caption_channels[0], device="meta"),
+            "encoder_hidden_states_llama3": torch.zeros(max(cfg.llama_layers) + 1, 1, TEXT_LEN, cfg.caption_channels[1], device="meta"),
+            "pooled_embeds": torch.zeros(1, cfg.text_emb_dim, device="meta")}  # fmt: skip
+
+
+# HiDream-I1: 16 double + 32 single blocks, 20 heads x 128 (its transformer/config.json)
+CASES["hidream-i1"] = ("hidream", _hidream_condition, {"double_stream_blocks": 16, "single_stream_blocks": 32}, 20, 128)
+#: text keys: T5 + two Llama blocks of the probe's TEXT_LEN tokens
+TEXT_KEYS["hidream-i1"] = 3 * TEXT_LEN
+PUBLISHED_B["hidream-i1"] = 17.0  # "HiDream-I1 ... 17B parameters" (its model card)

@@ -38,13 +38,14 @@ PIPELINE_CLASS = {
     "briafibo": "BriaFiboPipeline",
     "ideogram4": "Ideogram4Pipeline",
     "cogview4": "CogView4Pipeline",
+    "hidream": "HiDreamImagePipeline",
 }
 CAPTION = "A photo of a cat, a dog and a zebra-crossing!"  # in-vocabulary, upper case, punctuation, unknown word
 
 
 #: sizes the pipelines accept (Sana's checks multiples of 32, Lumina 2's of 16); others: 32 x 24
 _SMALL_SIZE = {"sana": (32, 64), "lumina2": (32, 48), "briafibo": (32, 48), "cogview4": (32, 48)}  # FIBO, CogView4: multiples of 16
-_REQUESTED_SIZE = {"sana": (64, 32)}
+_REQUESTED_SIZE = {"sana": (64, 32), "hidream": (256, 256)}  # HiDream rescales to its default area
 
 
 def _generate(pipe, family: str, height: int | None = None, width: int | None = None) -> np.ndarray:
@@ -202,6 +203,9 @@ def test_denoisers_have_every_kind_of_attention_capture_tests_need(tiny_pipes, f
         assert any(n.endswith("attn2") for n in names) and denoiser.transformer_blocks[0].attn.norm_q is not None
     elif family in ("pixart", "sd3", "qwenimage", "krea2", "cogview4"):
         assert len(denoiser.transformer_blocks) >= 2
+    elif family == "hidream":  # double- and single-stream blocks, mixture-of-experts feed-forwards
+        assert len(denoiser.double_stream_blocks) >= 1 and len(denoiser.single_stream_blocks) >= 1
+        assert denoiser.config.num_routed_experts >= 2
     elif family == "ideogram4":  # single-stream blocks only
         assert len(denoiser.layers) >= 2
     elif family == "hunyuandit":  # a block past the middle takes the long skip connection

@@ -9,6 +9,7 @@ from . import hunyuanimage  # noqa: F401  (registers the adapters)
 from . import briafibo  # noqa: F401  (registers the adapters)
 from . import ideogram4  # noqa: F401  (registers the adapters)
 from . import cogview4  # noqa: F401  (registers the adapters)
+from . import hidream  # noqa: F401  (registers the adapters)
 from .base import Backbone, DenoiserInputs, TextSegment, check_timestep
 from .layout import TokenLayout
 from .loading import load, wrap_pipeline
