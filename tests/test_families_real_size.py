@@ -86,10 +86,86 @@ PUBLISHED_B = {"flux2-dev": 32.2, "flux2-klein-4b": 3.9, "qwen-image": 20.4, "sd
 PUBLISHED_B["hunyuandit-v1.2"] = 1.5
 
 
+# ------------------------------------------------------------------------------------------ 2026 families
+def _flux_like_condition(pipe, denoiser):
+    """Text states and 3-axis text positions of the FLUX-style families (LongCat-Image, Ovis-Image)."""
+    return {"encoder_hidden_states": torch.zeros(1, TEXT_LEN, denoiser.config.joint_attention_dim, device="meta"),
+            "txt_ids": torch.zeros(TEXT_LEN, 3, device="meta")}  # fmt: skip
+
+
+# LongCat-Image: 10 double + 20 single blocks (model card: FLUX.1's depth halved), 24 heads x 128
+CASES["longcat-image"] = ("longcatimage", _flux_like_condition, {"transformer_blocks": 10, "single_transformer_blocks": 20}, 24, 128)
+# Ovis-Image-7B: 6 double + 27 single blocks, 24 heads x 128 (the published ovis_image_configs)
+CASES["ovis-image-7b"] = ("ovisimage", _flux_like_condition, {"transformer_blocks": 6, "single_transformer_blocks": 27}, 24, 128)
+
+
+def _krea2_condition(pipe, denoiser):
+    cfg = denoiser.config
+    return {"encoder_hidden_states": torch.zeros(1, TEXT_LEN, cfg.num_text_layers, cfg.text_hidden_dim, device="meta"),
+            "encoder_attention_mask": None}  # fmt: skip
+
+
+# Krea 2: 28 single-stream blocks, 48 query heads x 128 (diffusers' Krea2Transformer2DModel)
+CASES["krea2"] = ("krea2", _krea2_condition, {"transformer_blocks": 28}, 48, 128)
+
+
+def _hunyuanimage_condition(pipe, denoiser):
+    return {"encoder_hidden_states": torch.zeros(1, TEXT_LEN, denoiser.config.text_embed_dim, device="meta"),
+            "encoder_attention_mask": torch.ones(1, TEXT_LEN, dtype=torch.long, device="meta")}  # fmt: skip
+
+
+# HunyuanImage 2.1: 20 double + 40 single blocks, 28 heads x 128, 32 px per token at 2048 px
+CASES["hunyuanimage-2.1"] = ("hunyuanimage", _hunyuanimage_condition, {"transformer_blocks": 20, "single_transformer_blocks": 40}, 28, 128)
+#: pixels per image-token side where not 16 (HunyuanImage 2.1: a 32x VAE, patch 1: 2048 px -> 64 x 64 tokens)
+PIXELS_PER_TOKEN = {"hunyuanimage-2.1": 32}
+
+
+def _briafibo_condition(pipe, denoiser):
+    cfg = denoiser.config
+    blocks = cfg.num_layers + cfg.num_single_layers
+    return {"encoder_hidden_states": torch.zeros(1, TEXT_LEN, cfg.joint_attention_dim, device="meta"),
+            "text_encoder_layers": [torch.zeros(1, TEXT_LEN, cfg.text_encoder_dim, device="meta")] * blocks,
+            "text_mask": torch.ones(1, TEXT_LEN, device="meta")}  # fmt: skip
+
+
+# Bria FIBO: 8 dual- + 38 single-stream blocks, 24 heads x 128 (arXiv 2511.06876, its architecture table)
+CASES["bria-fibo"] = ("briafibo", _briafibo_condition, {"transformer_blocks": 8, "single_transformer_blocks": 38}, 24, 128)
+
+
+def _ideogram4_condition(pipe, denoiser):  # built as fake CPU tensors (FAKE_CPU)
+    return {"encoder_hidden_states": torch.zeros(1, TEXT_LEN, denoiser.config.llm_features_dim), "text_lengths": [TEXT_LEN]}
+
+
+# Ideogram 4: 34 single-stream blocks, 18 heads x 256 (the published model_architecture.md)
+CASES["ideogram4"] = ("ideogram4", _ideogram4_condition, {"layers": 34}, 18, 256)
+
+
+def _cogview4_condition(pipe, denoiser):
+    return {"encoder_hidden_states": torch.zeros(1, TEXT_LEN, denoiser.config.text_embed_dim, device="meta")}
+
+
+# CogView4-6B: 28 blocks, 32 heads x 128 (its transformer/config.json)
+CASES["cogview4-6b"] = ("cogview4", _cogview4_condition, {"transformer_blocks": 28}, 32, 128)
+
+
+def _hidream_condition(pipe, denoiser):
+    cfg = denoiser.config
+    return {"encoder_hidden_states_t5": torch.zeros(1, TEXT_LEN, cfg.caption_channels[0], device="meta"),
+            "encoder_hidden_states_llama3": torch.zeros(max(cfg.llama_layers) + 1, 1, TEXT_LEN, cfg.caption_channels[1], device="meta"),
+            "pooled_embeds": torch.zeros(1, cfg.text_emb_dim, device="meta")}  # fmt: skip
+
+
+# HiDream-I1: 16 double + 32 single blocks, 20 heads x 128 (its transformer/config.json)
+CASES["hidream-i1"] = ("hidream", _hidream_condition, {"double_stream_blocks": 16, "single_stream_blocks": 32}, 20, 128)
+#: text keys: T5 + two Llama blocks of the probe's TEXT_LEN tokens
+TEXT_KEYS["hidream-i1"] = 3 * TEXT_LEN
+PUBLISHED_B["hidream-i1"] = 17.0  # "HiDream-I1 ... 17B parameters" (its model card)
+
+
 _CATALOGS: dict[str, tuple[Catalog, dict, tuple[int, int]]] = {}
 #: architectures whose probe keeps the text mask on the host (Lumina 2 reads it with tolist(); Sana's follows the
 #: pipeline): built as fake CPU tensors (no memory either) instead of on the meta device
-FAKE_CPU = {"sana-1600m", "lumina-image-2"}
+FAKE_CPU = {"sana-1600m", "lumina-image-2", "ideogram4"}  # Ideogram 4: its time embedding enters autocast (no meta device)
 
 
 def real_size_catalog(tiny_pipes, name: str) -> tuple[Catalog, dict, tuple[int, int]]:
@@ -246,79 +322,3 @@ def test_real_size_sana_transformer_has_the_published_parameter_count():
     model = _meta("sana-1600m", "transformer")
     assert sum(p.numel() for p in model.parameters()) / 1e9 == pytest.approx(PUBLISHED_B["sana-1600m"], rel=0.02)
 
-
-# ------------------------------------------------------------------------------------------ 2026 families
-def _flux_like_condition(pipe, denoiser):
-    """Text states and 3-axis text positions of the FLUX-style families (LongCat-Image, Ovis-Image)."""
-    return {"encoder_hidden_states": torch.zeros(1, TEXT_LEN, denoiser.config.joint_attention_dim, device="meta"),
-            "txt_ids": torch.zeros(TEXT_LEN, 3, device="meta")}  # fmt: skip
-
-
-# LongCat-Image: 10 double + 20 single blocks (model card: FLUX.1's depth halved), 24 heads x 128
-CASES["longcat-image"] = ("longcatimage", _flux_like_condition, {"transformer_blocks": 10, "single_transformer_blocks": 20}, 24, 128)
-# Ovis-Image-7B: 6 double + 27 single blocks, 24 heads x 128 (the published ovis_image_configs)
-CASES["ovis-image-7b"] = ("ovisimage", _flux_like_condition, {"transformer_blocks": 6, "single_transformer_blocks": 27}, 24, 128)
-
-
-def _krea2_condition(pipe, denoiser):
-    cfg = denoiser.config
-    return {"encoder_hidden_states": torch.zeros(1, TEXT_LEN, cfg.num_text_layers, cfg.text_hidden_dim, device="meta"),
-            "encoder_attention_mask": None}  # fmt: skip
-
-
-# Krea 2: 28 single-stream blocks, 48 query heads x 128 (diffusers' Krea2Transformer2DModel)
-CASES["krea2"] = ("krea2", _krea2_condition, {"transformer_blocks": 28}, 48, 128)
-
-
-def _hunyuanimage_condition(pipe, denoiser):
-    return {"encoder_hidden_states": torch.zeros(1, TEXT_LEN, denoiser.config.text_embed_dim, device="meta"),
-            "encoder_attention_mask": torch.ones(1, TEXT_LEN, dtype=torch.long, device="meta")}  # fmt: skip
-
-
-# HunyuanImage 2.1: 20 double + 40 single blocks, 28 heads x 128, 32 px per token at 2048 px
-CASES["hunyuanimage-2.1"] = ("hunyuanimage", _hunyuanimage_condition, {"transformer_blocks": 20, "single_transformer_blocks": 40}, 28, 128)
-#: pixels per image-token side where not 16 (HunyuanImage 2.1: a 32x VAE, patch 1: 2048 px -> 64 x 64 tokens)
-PIXELS_PER_TOKEN = {"hunyuanimage-2.1": 32}
-
-
-def _briafibo_condition(pipe, denoiser):
-    cfg = denoiser.config
-    blocks = cfg.num_layers + cfg.num_single_layers
-    return {"encoder_hidden_states": torch.zeros(1, TEXT_LEN, cfg.joint_attention_dim, device="meta"),
-            "text_encoder_layers": [torch.zeros(1, TEXT_LEN, cfg.text_encoder_dim, device="meta")] * blocks,
-            "text_mask": torch.ones(1, TEXT_LEN, device="meta")}  # fmt: skip
-
-
-# Bria FIBO: 8 dual- + 38 single-stream blocks, 24 heads x 128 (arXiv 2511.06876, its architecture table)
-CASES["bria-fibo"] = ("briafibo", _briafibo_condition, {"transformer_blocks": 8, "single_transformer_blocks": 38}, 24, 128)
-
-
-def _ideogram4_condition(pipe, denoiser):
-    return {"encoder_hidden_states": torch.zeros(1, TEXT_LEN, denoiser.config.llm_features_dim, device="meta"),
-            "text_lengths": [TEXT_LEN]}  # fmt: skip
-
-
-# Ideogram 4: 34 single-stream blocks, 18 heads x 256 (the published model_architecture.md)
-CASES["ideogram4"] = ("ideogram4", _ideogram4_condition, {"layers": 34}, 18, 256)
-
-
-def _cogview4_condition(pipe, denoiser):
-    return {"encoder_hidden_states": torch.zeros(1, TEXT_LEN, denoiser.config.text_embed_dim, device="meta")}
-
-
-# CogView4-6B: 28 blocks, 32 heads x 128 (its transformer/config.json)
-CASES["cogview4-6b"] = ("cogview4", _cogview4_condition, {"transformer_blocks": 28}, 32, 128)
-
-
-def _hidream_condition(pipe, denoiser):
-    cfg = denoiser.config
-    return {"encoder_hidden_states_t5": torch.zeros(1, TEXT_LEN, cfg.caption_channels[0], device="meta"),
-            "encoder_hidden_states_llama3": torch.zeros(max(cfg.llama_layers) + 1, 1, TEXT_LEN, cfg.caption_channels[1], device="meta"),
-            "pooled_embeds": torch.zeros(1, cfg.text_emb_dim, device="meta")}  # fmt: skip
-
-
-# HiDream-I1: 16 double + 32 single blocks, 20 heads x 128 (its transformer/config.json)
-CASES["hidream-i1"] = ("hidream", _hidream_condition, {"double_stream_blocks": 16, "single_stream_blocks": 32}, 20, 128)
-#: text keys: T5 + two Llama blocks of the probe's TEXT_LEN tokens
-TEXT_KEYS["hidream-i1"] = 3 * TEXT_LEN
-PUBLISHED_B["hidream-i1"] = 17.0  # "HiDream-I1 ... 17B parameters" (its model card)
