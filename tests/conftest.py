@@ -27,3 +27,12 @@ def tiny_pipes():
     from _helpers import tiny
 
     return tiny
+
+
+@pytest.fixture(scope="session")
+def shapes_backbone():
+    """The embedded ``shapes`` model (trained, so its attention maps are peaked, unlike a random tiny model's),
+    on the CPU in float32, loaded once per session."""
+    import difffeat
+
+    return difffeat.load("shapes", device="cpu", dtype="fp32")
