@@ -16,16 +16,6 @@ for _module in sorted(m.name for m in pkgutil.iter_modules(__path__)):
     importlib.import_module(f".{_module}", __name__)  # registers the adapters it defines
 del _module
 
-__all__ = [
-    "Backbone",
-    "DenoiserInputs",
-    "TextSegment",
-    "TokenLayout",
-    "check_timestep",
-    "load",
-    "wrap_pipeline",
-    "FAMILIES",
-    "adapter_for",
-    "register_backbone",
-    "registered_pipelines",
-]
+# Backbone, DenoiserInputs, TextSegment, load and register_backbone are exported from the package facade
+# (``difffeat.load`` ...); the imports above keep ``difffeat.backbones.load`` working.
+__all__ = ["check_timestep", "wrap_pipeline", "FAMILIES", "adapter_for", "registered_pipelines"]

@@ -20,7 +20,6 @@ from .layout import TokenLayout
 if TYPE_CHECKING:
     from .latents import LatentCache
 
-__all__ = ["Backbone", "DenoiserInputs", "TextSegment", "check_timestep", "NUM_TRAIN_TIMESTEPS"]
 
 NUM_TRAIN_TIMESTEPS = 1000
 

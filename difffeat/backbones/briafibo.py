@@ -10,6 +10,7 @@ from typing import Any, ClassVar
 import torch
 
 from .base import DenoiserInputs, TextSegment
+from .diffusers_compat import pack_latents, pack_latents_no_patch, prepare_latent_image_ids
 from .qwenimage import QwenImageBackbone
 from .registry import register_backbone
 
@@ -70,13 +71,13 @@ class BriaFiboBackbone(QwenImageBackbone):
         b, c, h, w = noisy_latents.shape
         dev = noisy_latents.device
         if self._patching:
-            hidden, (gh, gw) = pipe._pack_latents(noisy_latents, b, c, h, w), (h // 2, w // 2)
+            hidden, (gh, gw) = pack_latents(pipe, noisy_latents, b, c, h, w), (h // 2, w // 2)
         else:
-            hidden, (gh, gw) = pipe._pack_latents_no_patch(noisy_latents, b, c, h, w), (h, w)
+            hidden, (gh, gw) = pack_latents_no_patch(pipe, noisy_latents, b, c, h, w), (h, w)
         n_text = cond["encoder_hidden_states"].shape[1]
         image_mask = torch.ones(b, gh * gw, dtype=torch.bool, device=dev)
         mask = torch.cat([text_mask.to(device=dev).bool(), image_mask], dim=1)[:, None, None, :]
-        img_ids = pipe._prepare_latent_image_ids(b, gh, gw, dev, self.dtype)
+        img_ids = prepare_latent_image_ids(pipe, b, gh, gw, dev, self.dtype)
         kwargs = {
             "hidden_states": hidden,
             "timestep": torch.full((b,), float(t), dtype=self.dtype, device=dev),

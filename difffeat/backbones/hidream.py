@@ -13,6 +13,7 @@ from typing import Any, ClassVar
 import torch
 
 from .base import Backbone, DenoiserInputs, TextSegment
+from .diffusers_compat import hidream_moe_class
 from .dit import _FlowMatchNoising
 from .layout import TokenLayout
 from .registry import register_backbone
@@ -111,12 +112,11 @@ class HiDreamBackbone(_FlowMatchNoising, Backbone):
         forward cannot do: during the catalog's shape probe each one is replaced in the module tree by its own
         shared expert, a feed-forward of the same input and output shape (no activation is listed inside it), and
         put back afterwards."""
-        from diffusers.models.transformers.transformer_hidream_image import MOEFeedForwardSwiGLU
-
+        moe = hidream_moe_class()
         swapped = []
         for parent in self.denoiser.modules():
             for name, child in list(parent.named_children()):
-                if isinstance(child, MOEFeedForwardSwiGLU):
+                if isinstance(child, moe):
                     swapped.append((parent, name, child))
                     setattr(parent, name, child.shared_experts)
         try:

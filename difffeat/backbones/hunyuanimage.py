@@ -10,6 +10,7 @@ from typing import Any, ClassVar
 import torch
 
 from .base import Backbone, DenoiserInputs, TextSegment
+from .diffusers_compat import extract_glyph_text
 from .dit import _FlowMatchNoising
 from .registry import register_backbone
 
@@ -68,8 +69,6 @@ class HunyuanImageBackbone(_FlowMatchNoising, Backbone):
         finally:
             pipe.tokenizer_max_length = before
         cond = {"encoder_hidden_states": embeds.to(self.dtype), "encoder_attention_mask": mask}
-        from diffusers.pipelines.hunyuan_image.pipeline_hunyuanimage import extract_glyph_text
-
         if any(extract_glyph_text(p) is not None for p in prompts):  # some prompt quotes text to render
             cond.update(encoder_hidden_states_2=embeds_2.to(self.dtype), encoder_attention_mask_2=mask_2)
         return cond

@@ -12,6 +12,7 @@ from typing import Any, ClassVar
 import torch
 
 from .base import DenoiserInputs, TextSegment
+from .diffusers_compat import prepare_packed_ids
 from .dit import PackedLatentTransformer
 from .layout import TokenLayout
 from .registry import register_backbone
@@ -102,7 +103,7 @@ class Ideogram4Backbone(PackedLatentTransformer):
         text = cond["encoder_hidden_states"]
         b, c, gh, gw = noisy_latents.shape
         n_text, dev = text.shape[1], noisy_latents.device
-        position_ids, segment_ids, indicator = pipe._prepare_ids(lengths, gh, gw, n_text, dev)
+        position_ids, segment_ids, indicator = prepare_packed_ids(pipe, lengths, gh, gw, n_text, dev)
         tokens = noisy_latents.flatten(2).transpose(1, 2)  # [B, gh*gw, p*p*C]
         kwargs = {
             "hidden_states": torch.cat([tokens.new_zeros(b, n_text, c), tokens], dim=1),

@@ -10,6 +10,7 @@ from typing import Any, ClassVar
 import torch
 
 from .base import DenoiserInputs, TextSegment
+from .diffusers_compat import pack_latents
 from .qwenimage import QwenImageBackbone
 from .registry import register_backbone
 
@@ -57,7 +58,7 @@ class Krea2Backbone(QwenImageBackbone):
         dev = noisy_latents.device
         n_text = cond["encoder_hidden_states"].shape[1]
         kwargs = {
-            "hidden_states": pipe._pack_latents(noisy_latents, b, c, h, w),
+            "hidden_states": pack_latents(pipe, noisy_latents, b, c, h, w),
             "timestep": torch.full((b,), float(t) / 1000.0, dtype=self.dtype, device=dev),
             "position_ids": pipe.prepare_position_ids(n_text, h // p, w // p, dev),
             **cond,

@@ -9,6 +9,7 @@ from typing import Any, ClassVar
 import torch
 
 from .base import DenoiserInputs, TextSegment
+from .diffusers_compat import longcat_pos_ids
 from .dit import FluxBackbone, PackedLatentTransformer
 from .layout import TokenLayout
 from .registry import register_backbone
@@ -46,13 +47,11 @@ class LongCatImageBackbone(PackedLatentTransformer):
         return {"encoder_hidden_states": embeds.to(self.dtype), "txt_ids": text_ids}
 
     def denoiser_inputs(self, noisy_latents, t, cond, image_size) -> DenoiserInputs:
-        from diffusers.pipelines.longcat_image.pipeline_longcat_image import prepare_pos_ids
-
         b, _, h, w = noisy_latents.shape
         gh, gw = h // 2, w // 2
         dev = noisy_latents.device
         n = self.text_length  # image positions start after the text's, as the pipeline places them
-        img_ids = prepare_pos_ids(modality_id=1, type="image", start=(n, n), height=gh, width=gw).to(dev)
+        img_ids = longcat_pos_ids(modality_id=1, type="image", start=(n, n), height=gh, width=gw).to(dev)
         kwargs = {
             "hidden_states": FluxBackbone.pack(noisy_latents),
             "timestep": torch.full((b,), float(t) / 1000.0, dtype=self.dtype, device=dev),
