@@ -25,7 +25,7 @@ import torch
 
 import difffeat
 from difffeat.architectures import build_pipeline
-from difffeat.bench_real import _peak_rss_mb, _reset_peak_rss  # noqa: PLC2701 - the benchmarks' own meters
+from difffeat.devtools.bench_real import _peak_rss_mb, _reset_peak_rss  # noqa: PLC2701 - the benchmarks' own meters
 from difffeat.io import write_json
 from difffeat.tracing import SCFG
 

@@ -20,7 +20,12 @@ _API = {
     "ExtractJob": "extract", "ExtractSummary": "extract", "feature_file_ok": "extract", "run_extract": "extract",
     "Manifest": "manifest", "init_state": "processes", "shard": "processes",
     "SegmentJob": "segment", "run_segment": "segment",
+    "GenerateJob": "generate", "run_generate": "generate",
     "ImageRef": "sources", "coco_images": "sources", "collect_images": "sources", "voc_images": "sources",
+    # downstream tasks (label-scarce segmentation, correspondence, activation ranking)
+    "ProbeJob": "scarce", "ProbeReport": "scarce", "run_probe": "scarce", "predict_label_maps": "scarce",
+    "CorrespondJob": "correspond", "CorrespondReport": "correspond", "run_correspond": "correspond",
+    "averaged_features": "correspond", "RankRow": "rank", "rank_activations": "rank", "save_rank_preset": "rank",
 }
 
 

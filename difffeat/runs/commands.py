@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 
 # Only the checks are imported at the top: a bad option is reported before torch or diffusers load.
 
-__all__ = ["split_names", "image_sources", "extract", "segment", "evaluate_dataset", "EvalOutcome", "segmenter_overrides", "generate"]
+__all__ = ["extract", "segment", "evaluate_dataset", "generate"]
 
 
 def image_sources(images: Sequence[str | os.PathLike] | None = None, coco: str | os.PathLike | None = None,
@@ -49,33 +49,48 @@ def _check_run_options(batch_size: int = 1, num_workers: int = 0, seed: int = 0,
     check_number("--t", t, 0, 999, integer=True)
 
 
+def _check_images(refs: "Sequence[ImageRef]", skip_unreadable: bool) -> None:
+    """Open and verify every input image before the model loads (unless unreadable ones are to be skipped)."""
+    from .sources import check_image_files
+
+    if not skip_unreadable:
+        check_image_files([r.path for r in refs], "Fix or remove it, or pass --skip-unreadable to skip such images")
+
+
 def extract(model: str, images: Sequence[str | os.PathLike] | None = None, *, out_dir: str | os.PathLike,
             features: str | Sequence[str] | None = None, preset: str | None = None, t: int | None = None,
             coco: str | os.PathLike | None = None, coco_images_dir: str | os.PathLike | None = None,
             voc: str | os.PathLike | None = None, voc_split: str | None = None, prompt: str = "",
             resolution: int | None = None, square: bool = False, seed: int = 0, batch_size: int = 8,
             num_workers: int = 2, overwrite: bool = False, skip_unreadable: bool = False, device: str | None = None,
-            dtype: str | None = None, model_config: str | os.PathLike | None = None) -> "tuple[RunSummary, list[str]]":
+            dtype: str | None = None, model_config: str | os.PathLike | None = None,
+            techniques: Sequence[str] | None = None, timesteps: str | Sequence[int] | None = None,
+            ensemble_size: int = 1) -> "tuple[RunSummary, list[str]]":
     """``difffeat extract``: features of every image into ``out_dir`` (see :func:`run_extract`); returns the
     summary and the feature names. ``model_config``: the architecture of a single-file ``model`` (``config=`` of
-    :func:`difffeat.load`)."""
+    :func:`difffeat.load`). ``techniques`` (one variant each, channels concatenated as the content-shift paper
+    combines them), ``timesteps`` (concatenated) and ``ensemble_size`` (seeds averaged): see
+    :class:`~difffeat.shift.combined.CombinedExtractor`."""
     names = split_names(features)
     if not names and not preset:
         raise InvalidOptionError("name the features with --features a,b or pick --preset (see `difffeat presets`)")
     _check_run_options(batch_size, num_workers, seed, t)
     check_resolution("--resolution", resolution)
     check_out_dir(out_dir, "--out folder")
+    from .extractors import check_extraction, make_extractor
+
+    options = check_extraction(model, techniques, timesteps, ensemble_size)
 
     from ..backbones import load
-    from ..features import FeatureExtractor
     from .extract import ExtractJob, run_extract
     from .processes import init_state
 
     refs, desc = image_sources(images, coco, coco_images_dir, voc, voc_split)
+    _check_images(refs, skip_unreadable)
     check_device(device)
     state = init_state(device)
-    fx = FeatureExtractor(load(model, device=device, dtype=dtype, config=model_config), names or None, preset=preset, t=t,
-                          resolution=resolution, square=square, seed=seed, batch_size=batch_size)
+    fx = make_extractor(load(model, device=device, dtype=dtype, config=model_config), names, options, preset=preset, t=t,
+                        resolution=resolution, square=square, seed=seed, batch_size=batch_size)
     job = ExtractJob(Path(out_dir), prompt=prompt, num_workers=num_workers, overwrite=overwrite, dataset=desc,
                      skip_unreadable=skip_unreadable)
     return run_extract(fx, refs, job, state), fx.names
@@ -113,11 +128,14 @@ def segment(images: Sequence[str | os.PathLike], classes: str | Sequence[str], *
     from ..segment.postprocess import check_postprocess
     from ..segment.segmenter import Segmenter
     from .processes import init_state
-    from ..evaluate.label_sources import source_spec
+    from ..evaluate.label_sources import ImageFiles, label_source, source_spec
     from .segment import SegmentJob, run_segment
 
     names = check_classes(split_names(classes))
     refs, desc = image_sources(images)
+    source = label_source(source_spec("all", label_file, caption_file))
+    source.check(ImageFiles([r.path for r in refs], names))  # a bad label/caption file: before the model loads
+    _check_images(refs, skip_unreadable)
     check_device(device)
     if overrides.get("postprocess") is not None:  # unknown name or missing [crf] extra: before the model loads
         check_postprocess(overrides["postprocess"])
@@ -181,6 +199,7 @@ def evaluate_dataset(model: str = "shapes", *, coco: str | os.PathLike | None = 
     from ..segment.segmenter import Segmenter
     from .evaluation import EvalJob, run_eval, tune_tau
     from .processes import init_state
+    from .sources import check_image_files
 
     if coco:
         data = CocoDataset(coco, images or Path(coco).parent / "images")
@@ -196,6 +215,7 @@ def evaluate_dataset(model: str = "shapes", *, coco: str | os.PathLike | None = 
     else:
         raise InvalidOptionError("name a dataset: --coco FILE [--images DIR], --voc-labels DIR --images DIR "
                                  "--class-names a,b, or --shapes-split test")
+    check_image_files(data.image_files()[:limit], "eval never skips an image (that would change the mIoU): fix or remove it")
     data, desc["void"] = with_void(data, void), void
     setting = source_spec(setting, label_file, caption_file)
     label_source(setting).check(data, limit)  # a bad label/caption file fails before the model loads
