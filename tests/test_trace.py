@@ -103,7 +103,8 @@ def test_a_traced_step_equals_capture_on_the_same_inputs(tiny_pipes):
     # 2. the Segmenter's observed forward on the conditional half alone
     inputs = DenoiserInputs(
         kwargs=dict(sample=recorded["sample"][1:], timestep=recorded["t"], encoder_hidden_states=recorded["ehs"][1:]),
-        grid=(32, 32), text_len=77, timestep=int(recorded["t"]), image_size=(64, 64), prompts=[PROMPT],
+        layout=seg.backbone.layout((32, 32), {"encoder_hidden_states": recorded["ehs"][1:]}), timestep=int(recorded["t"]),
+        image_size=(64, 64), prompts=[PROMPT],
     )
     direct = seg.decide(seg.observe_prepared([Image.new("RGB", (64, 64))], [tc.layouts[0]], inputs)[0])
     torch.testing.assert_close(traced.class_maps, direct.class_maps, atol=1e-2, rtol=0)

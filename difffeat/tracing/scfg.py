@@ -19,7 +19,8 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import InvalidOptionError
-from ..segment.rescale import gaussian_blur, minmax, propagate
+from ..segment.rescale import gaussian_blur, minmax
+from ..segment.selfmaps import propagate
 
 __all__ = [
     "SCFG",
