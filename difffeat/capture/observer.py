@@ -154,7 +154,7 @@ def attention_probs(
     attn: Any,
     chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
     output_bhqd: torch.Tensor | None = None,
-    fused_lse: bool = True,
+    fused_lse: bool = False,
 ) -> torch.Tensor:
     """Attention probabilities of the image queries (float32; softmax, or the layer's linear-attention
     weights for ``kernel="relu-linear"``), reduced chunk by chunk.
@@ -168,7 +168,8 @@ def attention_probs(
 
     ``fused_lse``: where the output is wanted, take it from torch's fused CPU kernel with each row's
     log-sum-exp and form the probabilities as ``exp(q.k^T - lse)``
-    (:mod:`~difffeat.capture.attention_kernels`); the explicit path where that kernel does not apply.
+    (:mod:`~difffeat.capture.attention_kernels`); the explicit path where that kernel does not apply. Off by
+    default: on the CPU measured it is slower than the explicit path (``benchmarks/observer_kernel.py``).
     """
     q, k = tensors.q, tensors.k
     b, h, nq, _ = q.shape
