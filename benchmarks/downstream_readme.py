@@ -11,13 +11,17 @@ RES = Path(__file__).parent / "results"
 def main() -> None:
     d = json.loads((RES / "downstream_shapes.json").read_text())
     print("| k labelled scenes | preset | trained mIoU | random-weight mIoU |\n|---|---|---|---|")
-    for k, by_preset in d["label_scarce"].items():
+    for k, by_preset in d.get("label_scarce", {}).items():
         for preset, row in by_preset.items():
+            if "random" not in row:
+                continue
             t, r = row["trained"], row["random"]
             print(f"| {k[2:]} | `{preset}` | {100 * t['miou_mean']:.1f} ± {100 * t['miou_std']:.1f} | "
                   f"{100 * r['miou_mean']:.1f} ± {100 * r['miou_std']:.1f} |")
     print("\n| preset | trained PCK@0.1 img / bbox | random-weight PCK@0.1 img / bbox |\n|---|---|---|")
-    for preset, row in d["correspondence"].items():
+    for preset, row in d.get("correspondence", {}).items():
+        if "random" not in row:
+            continue
         t, r = row["trained"], row["random"]
         print(f"| `{preset}` | {100 * t['pck_img']:.1f} / {100 * t['pck_bbox']:.1f} | {100 * r['pck_img']:.1f} / {100 * r['pck_bbox']:.1f} |")
     if "ranking" in d:

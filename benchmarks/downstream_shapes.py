@@ -104,6 +104,18 @@ def main() -> None:
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
+        # 2. correspondence
+        root = write_spair(tmp / "SPair", args.pairs)
+        pairs = spair_pairs(root)
+        corr = {}
+        for preset in PRESETS:
+            for label, backbone in models.items():
+                fx = difffeat.FeatureExtractor(backbone, preset=preset, square=True)
+                rep = run_correspond(fx, pairs, CorrespondJob(tmp / f"corr-{preset}-{label}", load_size=(64, 64), progress=False))
+                corr.setdefault(preset, {})[label] = rep.scores
+                print(f"correspond {preset} {label}: PCK img {rep.scores['pck_img']:.4f} bbox {rep.scores['pck_bbox']:.4f}", flush=True)
+        results["correspondence"] = corr
+        write_json(args.out, results)  # partial results after each part
         # 1. label-scarce segmentation
         scarce = {}
         for k in ks:
@@ -121,18 +133,10 @@ def main() -> None:
                         "miou_mean": rep.miou_mean, "miou_std": rep.miou_std, "miou_per_split": rep.miou_per_split,
                         "seconds": time.perf_counter() - t0}
                     print(f"scarce k={k} {preset} {label}: {rep.miou_mean:.4f} +- {rep.miou_std:.4f}", flush=True)
+                    results["label_scarce"] = scarce
+                    write_json(args.out, results)
         results["label_scarce"] = scarce
-        # 2. correspondence
-        root = write_spair(tmp / "SPair", args.pairs)
-        pairs = spair_pairs(root)
-        corr = {}
-        for preset in PRESETS:
-            for label, backbone in models.items():
-                fx = difffeat.FeatureExtractor(backbone, preset=preset, square=True)
-                rep = run_correspond(fx, pairs, CorrespondJob(tmp / f"corr-{preset}-{label}", load_size=(64, 64), progress=False))
-                corr.setdefault(preset, {})[label] = rep.scores
-                print(f"correspond {preset} {label}: PCK img {rep.scores['pck_img']:.4f} bbox {rep.scores['pck_bbox']:.4f}", flush=True)
-        results["correspondence"] = corr
+        write_json(args.out, results)
         # 3. ranking
         if not args.quick:
             images, labels = write_pool(tmp / "rankpool", args.rank_k, args.pool_test)

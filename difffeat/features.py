@@ -183,7 +183,7 @@ class FeatureExtractor:
             return {i.name: out[i.name] for i in self.infos}
         return self._run(rgb, prompts, self.infos)
 
-    def _technique_prompts(self, prompts: list[str]) -> list[str]:
+    def technique_prompts(self, prompts: list[str]) -> list[str]:
         """The prompts after every technique's rewriting (templates, quality words, per-image captions).
 
         Applied to the whole image list before it is cut into batches, so per-image captions stay aligned
@@ -216,7 +216,7 @@ class FeatureExtractor:
     def extract_batch(self, images: Sequence[ImageInput], prompts: Sequence[str]) -> dict[str, torch.Tensor]:
         """One forward for images that resize to the same size: ``{name: [B, C, H, W]}`` (no batching or
         grouping; for data loaders that already form batches)."""
-        return self._forward(list(images), self._technique_prompts(self._prompt_list(prompts, len(images))))
+        return self._forward(list(images), self.technique_prompts(self._prompt_list(prompts, len(images))))
 
     @staticmethod
     def _prompt_list(prompts: str | Sequence[str | None] | None, n: int) -> list[str]:
@@ -242,7 +242,7 @@ class FeatureExtractor:
         images = [images] if not isinstance(images, (list, tuple)) else list(images)
         if not images:
             raise InvalidImageError("no images given")
-        prompt_list = self._technique_prompts(self._prompt_list(prompts, len(images)))
+        prompt_list = self.technique_prompts(self._prompt_list(prompts, len(images)))
         rgb = [to_rgb(im) for im in images]
         sizes = {target_size(im.size, self.resolution, self.backbone.size_multiple, self.square) for im in rgb}
         if len(sizes) > 1:
@@ -263,7 +263,7 @@ class FeatureExtractor:
     ) -> Iterator[ExtractedItem]:
         """Per-image results for images of any sizes: batches are formed from images that resize alike."""
         images = list(images)
-        prompt_list = self._technique_prompts(self._prompt_list(prompts, len(images)))
+        prompt_list = self.technique_prompts(self._prompt_list(prompts, len(images)))
         groups: dict[tuple[int, int], list[int]] = {}
         rgb = {}
         for i, im in enumerate(images):

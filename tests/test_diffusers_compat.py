@@ -55,7 +55,8 @@ def _private_diffusers_accesses(path: Path) -> list[str]:
 
 #: not diffusers: torch.compile's wrapper (base.py), difffeat's own technique object (shift/gate.py), the
 #: public single-file loader mixin and logging utilities
-ALLOWED = ("getattr(module, '_orig_mod', module)", "technique._controlnet", "from diffusers.loaders",
+ALLOWED = ("super()._forward",  # difffeat's own FeatureExtractor._forward, extended by shift.combined
+           "getattr(module, '_orig_mod', module)", "technique._controlnet", "from diffusers.loaders",
            "from diffusers.utils")
 
 

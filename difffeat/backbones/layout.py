@@ -25,7 +25,8 @@ from typing import Literal, NamedTuple
 
 import torch
 
-__all__ = ["TokenLayout", "TokenOrder", "AttendedTokens", "padded_length"]
+# TokenLayout is exported from the package facade (``difffeat.TokenLayout``): one public path per name
+__all__ = ["TokenOrder", "AttendedTokens", "padded_length"]
 
 TokenOrder = Literal["image-first", "text-first"]
 

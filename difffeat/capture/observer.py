@@ -38,6 +38,7 @@ from torch.overrides import TorchFunctionMode
 
 from ..backbones.layout import TokenLayout
 from ..errors import AttentionBackendError, DifffeatError
+from .attention_kernels import flash_output_and_lse, probs_from_lse
 
 __all__ = [
     "DEFAULT_CHUNK_ELEMENTS",
@@ -145,6 +146,7 @@ def attention_probs(
     attn: Any,
     chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
     output_bhqd: torch.Tensor | None = None,
+    fused_lse: bool = False,
 ) -> torch.Tensor:
     """Attention probabilities of the image queries (float32; softmax, or the layer's linear-attention
     weights for ``kernel="relu-linear"``), reduced chunk by chunk.
@@ -155,6 +157,11 @@ def attention_probs(
 
     ``output_bhqd``: optional ``[B, heads, Nq, d]`` tensor that receives the attention output
     ``probabilities @ V`` of the same chunks (what SDPA returns for these query rows).
+
+    ``fused_lse``: where the output is wanted, take it from torch's fused CPU kernel with each row's
+    log-sum-exp and form the probabilities as ``exp(q.k^T - lse)``
+    (:mod:`~difffeat.capture.attention_kernels`); the explicit path where that kernel does not apply. Off by
+    default: on the CPU measured it is slower than the explicit path (``benchmarks/observer_kernel.py``).
     """
     q, k = tensors.q, tensors.k
     b, h, nq, _ = q.shape
@@ -167,16 +174,22 @@ def attention_probs(
     q_prepared, kt = prepare(q, k, tensors.scale)  # scaling the [.., d] queries, not the [.., keys] logits
     wants_output = output_bhqd is not None or getattr(reducer, "uses_output", False)
     v = tensors.v.float() if wants_output else None
+    fused = None  # (output [B, heads, Nq, d], lse [B, heads, Nq]) of the fused kernel, or None
+    if fused_lse and wants_output and tensors.kernel == "softmax":
+        fused = flash_output_and_lse(q, k, tensors.v, tensors.bias, tensors.scale)
     out = None  # [..., nq, K] filled chunk by chunk: no list of pieces and no concatenated copy
     for start in range(0, nq, rows_per_chunk):
         rows = slice(start, min(nq, start + rows_per_chunk))
         bias = tensors.bias
         if bias is not None and bias.shape[-2] != 1:
             bias = bias[..., rows, :]
-        full = probs(q_prepared[:, :, rows], kt, bias)
+        if fused is not None:
+            full = probs_from_lse(q_prepared[:, :, rows], kt, bias, fused[1][:, :, rows])
+        else:
+            full = probs(q_prepared[:, :, rows], kt, bias)
         extra = {}
         if wants_output:
-            o_bhqd = torch.matmul(full, v)
+            o_bhqd = fused[0][:, :, rows] if fused is not None else torch.matmul(full, v)
             if output_bhqd is not None:
                 output_bhqd[:, :, rows] = o_bhqd
             if getattr(reducer, "uses_output", False):

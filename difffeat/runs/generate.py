@@ -32,7 +32,7 @@ from .engine import Run, RunSummary
 from .manifest import Manifest
 from .segment import segment_done
 
-__all__ = ["PromptItem", "GenerateJob", "read_prompts", "prompt_classes", "run_generate", "COCO_FILE"]
+__all__ = ["PromptItem", "read_prompts", "prompt_classes", "COCO_FILE"]
 
 COCO_FILE = "coco.json"
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")

@@ -64,7 +64,7 @@ class CombinedExtractor(FeatureExtractor):
                  timesteps=self.timesteps, ensemble=self.ensemble)
         return s
 
-    def _technique_prompts(self, prompts: list[str]) -> list[str]:
+    def technique_prompts(self, prompts: list[str]) -> list[str]:
         return list(prompts)  # each variant rewrites the prompts itself (in _forward)
 
     def _forward(self, images, prompts: list[str]) -> dict[str, torch.Tensor]:
@@ -73,7 +73,7 @@ class CombinedExtractor(FeatureExtractor):
         try:
             for techniques in self.variants.values():
                 self.techniques = techniques
-                rewritten = FeatureExtractor._technique_prompts(self, list(prompts))
+                rewritten = FeatureExtractor.technique_prompts(self, list(prompts))
                 for t in self.timesteps:
                     self.t = t
                     acc: dict[str, torch.Tensor] = {}

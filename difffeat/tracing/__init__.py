@@ -3,10 +3,8 @@
 from .scfg import GUIDANCE_MODES, SCFG, guided_prediction, published_smoothing_kernel, scfg_rate, token_masks
 from .session import ClassNotInPromptWarning, Trace, trace
 
+# trace, Trace and SCFG are listed by the facade (their canonical path is ``difffeat``)
 __all__ = [
-    "trace",
-    "Trace",
-    "SCFG",
     "GUIDANCE_MODES",
     "ClassNotInPromptWarning",
     "scfg_rate",

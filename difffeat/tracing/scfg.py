@@ -22,14 +22,7 @@ from ..errors import InvalidOptionError
 from ..segment.rescale import gaussian_blur, minmax
 from ..segment.selfmaps import propagate
 
-__all__ = [
-    "SCFG",
-    "GUIDANCE_MODES",
-    "published_smoothing_kernel",
-    "scfg_rate",
-    "guided_prediction",
-    "token_masks",
-]
+__all__: list[str] = []  # all listed by the package (difffeat.tracing) or the facade
 
 #: ``--guidance`` values: plain CFG, S-CFG with GOCA masks, S-CFG with its own (vanilla) masks
 GUIDANCE_MODES = ("cfg", "scfg-goca", "scfg")

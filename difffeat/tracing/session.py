@@ -37,7 +37,7 @@ from ..segment.prompts import FILLER_WORDS, build_layout
 from ..segment.segmenter import SegmentationResult, Segmenter, decide, global_map, goca_scores
 from .scfg import SCFG, guided_prediction, scfg_rate, token_masks
 
-__all__ = ["Trace", "trace", "ClassNotInPromptWarning"]
+__all__: list[str] = []  # all listed by the package (difffeat.tracing) or the facade
 
 
 class ClassNotInPromptWarning(UserWarning):
