@@ -14,7 +14,7 @@ from difffeat.backbones.diffusers_compat import INTERNALS, TESTED_DIFFUSERS, res
 ROOT = Path(__file__).resolve().parents[1] / "difffeat"
 SHIM = ROOT / "backbones" / "diffusers_compat.py"
 #: modules the layout refactor of issue 30 rewrites; their dispatcher accesses move to the shim with it
-PENDING = {ROOT / "capture" / "observer.py"}
+PENDING: set = set()
 
 
 def test_installed_diffusers_is_in_the_checked_range():
@@ -55,7 +55,8 @@ def _private_diffusers_accesses(path: Path) -> list[str]:
 
 #: not diffusers: torch.compile's wrapper (base.py), difffeat's own technique object (shift/gate.py), the
 #: public single-file loader mixin and logging utilities
-ALLOWED = ("super()._forward",  # difffeat's own FeatureExtractor._forward, extended by shift.combined
+ALLOWED = ("torch.ops.aten, '_scaled_dot_product_flash_attention_for_cpu'",  # torch, not diffusers
+           "super()._forward",  # difffeat's own FeatureExtractor._forward, extended by shift.combined
            "getattr(module, '_orig_mod', module)", "technique._controlnet", "from diffusers.loaders",
            "from diffusers.utils")
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1] / "difffeat"
 #: still listing observer names twice while the layout refactor of issue 30 rewrites capture/
-PENDING = {"difffeat.capture", "difffeat.capture.observer", "difffeat.capture.probe", "difffeat.capture.session"}
+PENDING: set[str] = set()
 
 
 def _module(path: Path) -> str:

@@ -4,9 +4,8 @@ from .observer import AttentionTensors, MapReducer, attention_probs, head_mean, 
 from .session import Capture, StopForward, sequence_to_spatial
 from .probe import catalog_of, probe_shapes
 
+# Capture and catalog_of: listed by the facade (difffeat)
 __all__ = [
-    "Capture",
-    "catalog_of",
     "probe_shapes",
     "StopForward",
     "sequence_to_spatial",

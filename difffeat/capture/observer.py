@@ -36,18 +36,14 @@ import torch.nn.functional as F
 from torch._subclasses.fake_tensor import FakeTensor
 from torch.overrides import TorchFunctionMode
 
+from ..backbones import diffusers_compat
 from ..backbones.layout import TokenLayout
 from ..errors import AttentionBackendError, DifffeatError
 from .attention_kernels import flash_output_and_lse, probs_from_lse
 
+# AttentionTensors, MapReducer, register_layout, head_mean, per_head, attention_probs: listed by difffeat.capture
 __all__ = [
     "DEFAULT_CHUNK_ELEMENTS",
-    "AttentionTensors",
-    "MapReducer",
-    "register_layout",
-    "head_mean",
-    "per_head",
-    "attention_probs",
     "SDPA_BACKENDS",
     "check_observable",
     "install_observer",
@@ -377,14 +373,12 @@ def dispatcher_backend(attn: Any) -> str | None:
     (``set_attention_backend``), else the globally active one (``attention_backend()`` context,
     ``DIFFUSERS_ATTN_BACKEND``). None for processors that do not call the dispatcher."""
     processor = getattr(attn, "processor", None)
-    if processor is None or not hasattr(processor, "_attention_backend"):
+    if processor is None or not diffusers_compat.calls_dispatcher(processor):
         return None
-    if processor._attention_backend is not None:
-        return _backend_name(processor._attention_backend)
-    from diffusers.models import attention_dispatch
-
-    registry = getattr(attention_dispatch, "_AttentionBackendRegistry", None)
-    active = getattr(registry, "_active_backend", None)
+    own = diffusers_compat.processor_backend(processor)
+    if own is not None:
+        return _backend_name(own)
+    active = diffusers_compat.active_backend()
     return _backend_name(active) if active is not None else None
 
 

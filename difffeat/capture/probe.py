@@ -22,7 +22,7 @@ from .session import Capture
 if TYPE_CHECKING:
     from ..backbones.base import Backbone
 
-__all__ = ["catalog_of", "probe_shapes"]
+__all__: list[str] = []  # catalog_of, probe_shapes: listed by difffeat.capture
 
 #: catalogs at the native resolution, per live backbone
 _NATIVE: "weakref.WeakKeyDictionary[Backbone, Catalog]" = weakref.WeakKeyDictionary()

@@ -27,7 +27,7 @@ from .observer import DEFAULT_CHUNK_ELEMENTS, AttentionTensors, MapReducer, atte
 if TYPE_CHECKING:
     from ..backbones.base import Backbone, DenoiserInputs
 
-__all__ = ["Capture", "StopForward", "sequence_to_spatial"]
+__all__: list[str] = []  # Capture, StopForward, sequence_to_spatial: listed by difffeat.capture
 
 
 class StopForward(Exception):
