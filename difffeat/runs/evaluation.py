@@ -52,6 +52,8 @@ class EvalJob:
     #: images per forward, within a chunk (so at most ``chunk_size``); the counts equal batch 1's, so it is
     #: not a setting of the run and a resumed run may use another
     batch_size: int = 1
+    #: how the report's mIoU averages the classes: "present" or "published" (see ``ConfusionMatrix.miou``)
+    miou_average: str = "present"
 
 
 def chunks_of(n: int, size: int) -> list[tuple[int, int]]:
@@ -150,11 +152,13 @@ def run_eval(segmenter: Segmenter, dataset, job: EvalJob, state=None, extra_mani
     counts, images, run = _confusion_counts(segmenter, dataset, job, None, "eval", state, extra_manifest)
     summary = run.finish(images, images, 0)
     cm = ConfusionMatrix(counts.shape[-1], counts[0])
-    report = build_report(cm, list(dataset.classes), str(job.setting), images, summary.seconds, segmenter.settings.to_dict())
+    report = build_report(cm, list(dataset.classes), str(job.setting), images, summary.seconds, segmenter.settings.to_dict(),
+                          job.miou_average)
     report.extra["confusion_matrix"] = cm.counts.tolist()
     if job.tau_grid:
         k = counts.shape[-1]
-        report.extra["evaluated_split_tau_grid"] = tau_grid_report({float(t): ConfusionMatrix(k, c) for t, c in zip(job.tau_grid, counts[1:])})
+        report.extra["evaluated_split_tau_grid"] = tau_grid_report({float(t): ConfusionMatrix(k, c) for t, c in zip(job.tau_grid, counts[1:])},
+                                                                      job.miou_average)
     report.extra["dataset"] = dict(job.dataset)  # incl. "void": what 255 pixels counted as
     report.extra["processes"] = summary.processes
     if run.stored:

@@ -23,6 +23,7 @@ __all__ = [
     "REF_CHANNELS",
     "PSEUDO_GRID",
     "ENTITY_MERGE",
+    "RESIZE",
 ]
 
 HEADS = ("mean", "goca")
@@ -33,6 +34,9 @@ SELF_MAP_RESIZE = ("plain", "mass-preserving")
 REF_CHANNELS = ("first", "all")
 PSEUDO_GRID = ("reference", "map")
 ENTITY_MERGE = ("before-refine", "after-refine")
+#: how an image reaches the model's input size: "keep" (difffeat: long side to the resolution, aspect ratio
+#: kept) or "square" (the published GOCA pipeline: squashed to resolution x resolution)
+RESIZE = ("keep", "square")
 #: the config every model gets unless another is named: ``configs/goca/<model or family>.yaml``
 DEFAULT_CONFIG = "default"
 
@@ -82,6 +86,9 @@ class SegmentSettings:
         postprocess: refinement of the decision at image resolution: "none", "pamr" or "crf" (dense CRF,
             the ``difffeat[crf]`` extra); see :mod:`difffeat.segment.postprocess`. The published configs
             use none.
+        resize: "keep" (the long side becomes ``resolution``, aspect ratio kept) or "square" (squashed to
+            ``resolution`` x ``resolution``, as the published pipeline feeds every image); labels come back
+            at the image's own size either way.
         filler_words: words of a class or entity phrase never counted as its tokens: "difffeat" (a, an,
             the, and, of, on, in, with, punctuation) or "published" (the GOCA code's list: no of/on/in/with; the default).
     """
@@ -107,6 +114,7 @@ class SegmentSettings:
     entity_merge: str = "before-refine"
     postprocess: str = "none"
     filler_words: str = "published"
+    resize: str = "keep"
 
     def __post_init__(self) -> None:
         for name, allowed in (
@@ -117,6 +125,7 @@ class SegmentSettings:
             ("ref_channels", REF_CHANNELS),
             ("pseudo_grid", PSEUDO_GRID),
             ("entity_merge", ENTITY_MERGE),
+            ("resize", RESIZE),
         ):
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{name}={getattr(self, name)!r} is not one of {allowed}")
