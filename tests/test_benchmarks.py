@@ -156,3 +156,159 @@ def test_data_files_equal_the_published_lists():
     with open(src / "fine_to_coarse_dict.pickle", "rb") as f:
         f2c = pickle.load(f)["fine_index_to_coarse_index"]
     assert benchmark_spec("coco-stuff").labels["fine_to_coarse"] == [f2c[k] for k in range(182)]
+
+
+@pytest.fixture(scope="module")
+def tiny_sd_dir(tmp_path_factory):
+    from difffeat.testing import save_tiny_pipeline
+
+    return save_tiny_pipeline("sd", tmp_path_factory.mktemp("tiny") / "sd")
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_cli_eval_dataset_reports_the_protocol(name, minis_root, tiny_sd_dir, tmp_path):
+    from typer.testing import CliRunner
+
+    from difffeat.cli import app
+
+    root, nouns = minis_root[name]
+    res = CliRunner().invoke(app, ["eval", "--dataset", name, "--root", str(root), "--caption-file", str(nouns), "--model",
+                                   str(tiny_sd_dir), "--out", str(tmp_path / "run"), "--num-workers", "0"])
+    assert res.exit_code == 0, res.output
+    spec = benchmark_spec(name)
+    n = len(open_benchmark(name, root))
+    line = next(s for s in res.output.splitlines() if f"{name}: split" in s)
+    assert spec.split in line and f"{n} images" in line and "mIoU average published" in line and "resize square" in line
+    assert f"append background {'on' if spec.append_background else 'off'}" in line
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    bench = report["benchmark"]
+    assert (bench["dataset"], bench["split"], bench["n_images"], bench["miou_average"], bench["resize"]) == (name, spec.split, n, "published", "square")
+    assert bench["caption_rules"]["append_missing_class"] == spec.append_missing_class
+    assert report["n_images"] == n and report["segment_settings"]["resize"] == "square"
+    assert len(report["per_class_iou"]) == len(spec.classes) + 1  # every class, merged slots included
+    counts = ConfusionMatrix(len(spec.classes) + 1, np.asarray(report["confusion_matrix"]))
+    assert report["miou"] == pytest.approx(counts.miou("published"), rel=1e-12)
+
+
+def _no_model(monkeypatch):
+    import difffeat.backbones
+
+    def fail(*a, **k):
+        raise AssertionError("a model was loaded before the bad input was reported")
+
+    monkeypatch.setattr(difffeat.backbones, "load", fail)
+
+
+def _bad(tmp_path, name):
+    root, nouns = minis.write(name, tmp_path / name)
+    return root, nouns
+
+
+def _case_wrong_root(tmp_path):
+    root, _ = _bad(tmp_path, "ade20k")
+    return ["--dataset", "cityscapes", "--root", str(root)], errors.DatasetError, "leftImg8bit/val"
+
+
+def _case_partial_root(tmp_path):
+    import shutil
+
+    root, _ = _bad(tmp_path, "cityscapes")
+    shutil.rmtree(root / "gtFine")
+    return ["--dataset", "cityscapes", "--root", str(root)], errors.DatasetError, "gtFine/val"
+
+
+def _case_missing_split(tmp_path):
+    root, _ = _bad(tmp_path, "voc")
+    (root / "VOCdevkit/VOC2012/ImageSets/Segmentation/train.txt").unlink()
+    return ["--dataset", "voc", "--root", str(root)], errors.DatasetError, "train.txt"
+
+
+def _case_label_outside_map(tmp_path):
+    root, _ = _bad(tmp_path, "cityscapes")
+    path = next((root / "gtFine/val/munster").glob("*_labelIds.png"))
+    lab = np.asarray(Image.open(path)).copy()
+    lab[0, 0] = 40
+    Image.fromarray(lab).save(path)
+    return ["--dataset", "cityscapes", "--root", str(root)], errors.DatasetError, "[40]"
+
+
+def _case_panoptic_category_outside_map(tmp_path):
+    root, _ = _bad(tmp_path, "coco-object")
+    ann = root / "annotations/panoptic_val2017.json"
+    data = json.loads(ann.read_text())
+    data["annotations"][1]["segments_info"][0]["category_id"] = 999
+    ann.write_text(json.dumps(data))
+    return ["--dataset", "coco-object", "--root", str(root)], errors.DatasetError, "999"
+
+
+def _case_caption_file_of_another_dataset(tmp_path):
+    root, _ = _bad(tmp_path, "voc")
+    _, city_nouns = _bad(tmp_path, "cityscapes")
+    return ["--dataset", "voc", "--root", str(root), "--caption-file", str(city_nouns)], errors.LabelFileError, "cityscapes"
+
+
+def _case_image_without_label(tmp_path):
+    root, _ = _bad(tmp_path, "ade20k")
+    (root / "ADEChallengeData2016/annotations/validation/ADE_val_00000002.png").unlink()
+    return ["--dataset", "ade20k", "--root", str(root)], errors.DatasetError, "ADE_val_00000002"
+
+
+def _case_unknown_dataset(tmp_path):
+    return ["--dataset", "pascal", "--root", str(tmp_path)], errors.InvalidOptionError, "voc, context"
+
+
+def _case_bad_average(tmp_path):
+    root, _ = _bad(tmp_path, "ade20k")
+    return ["--dataset", "ade20k", "--root", str(root), "--miou-average", "mean"], errors.InvalidOptionError, "--miou-average"
+
+
+BAD = [_case_wrong_root, _case_partial_root, _case_missing_split, _case_label_outside_map, _case_panoptic_category_outside_map,
+       _case_caption_file_of_another_dataset, _case_image_without_label, _case_unknown_dataset, _case_bad_average]  # fmt: skip
+
+
+@pytest.mark.parametrize("case", BAD, ids=[c.__name__[6:] for c in BAD])
+def test_bad_benchmark_input_is_one_line_before_any_model_loads(case, tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from difffeat.cli import app
+    from difffeat.runs.commands import evaluate_dataset
+
+    args, error, needle = case(tmp_path)
+    _no_model(monkeypatch)
+    res = CliRunner().invoke(app, ["eval", *args, "--out", str(tmp_path / "run")])
+    assert res.exit_code == 2, res.output
+    lines = [s for s in res.output.splitlines() if s.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:") and needle in lines[0], res.output
+    opts = dict(zip(args[::2], args[1::2]))
+    with pytest.raises(error, match=__import__("re").escape(needle)):
+        evaluate_dataset(dataset=opts["--dataset"], root=opts["--root"], caption_file=opts.get("--caption-file"),
+                         miou_average=opts.get("--miou-average"), out_dir=tmp_path / "run2")
+
+
+def test_datasets_command_lists_layout_and_download():
+    from typer.testing import CliRunner
+
+    from difffeat.cli import app
+
+    res = CliRunner().invoke(app, ["datasets", "--json"])
+    assert res.exit_code == 0, res.output
+    rows = json.loads(res.output)
+    assert [r["name"] for r in rows] == NAMES
+    for r in rows:
+        spec = benchmark_spec(r["name"])
+        assert r["download"].startswith("http") and r["layout"] == list(spec.layout) and r["split"] == spec.split
+
+
+def test_resize_square_feeds_the_model_a_square_and_returns_labels_at_image_size(tiny_pipes):
+    import difffeat
+    from _helpers import backbone_for, random_image
+
+    backbone = backbone_for(tiny_pipes, "sd")
+    image = random_image(48, 96)
+    keep = difffeat.Segmenter(backbone, resize="keep")
+    square = difffeat.Segmenter(backbone, resize="square")
+    _, inputs_keep = keep.prepare(image, ["cat"])
+    _, inputs_square = square.prepare(image, ["cat"])
+    assert inputs_keep.latents.shape[-1] == 2 * inputs_keep.latents.shape[-2]
+    assert inputs_square.latents.shape[-1] == inputs_square.latents.shape[-2]
+    assert square(image, ["cat"]).labels.shape == (48, 96)
