@@ -353,7 +353,7 @@ def test_family_defaults_are_the_published_behaviour():
 
 def test_goca_reference_configs_carry_the_published_values():
     sd, xl, pixart, flux = (settings_for("x", f, "goca-reference") for f in ("sd", "sdxl", "pixart", "flux"))
-    assert (sd.t, sd.ref_block, sd.refine_order) == (100, "up_blocks.2.attentions.1.transformer_blocks.0", 2)
+    assert (sd.t, sd.ref_block, sd.refine_order) == (101, "up_blocks.2.attentions.1.transformer_blocks.0", 2)  # t: see test_goca_reference_departures
     assert xl.ref_block == "up_blocks.1.attentions.0.transformer_blocks.0" and len(xl.refine_blocks) == 7
     assert (pixart.ref_block, pixart.refine_order, len(pixart.refine_blocks)) == ("transformer_blocks.13", 5, 8)
     assert (flux.t, flux.heads, flux.ref_block) == (150, "mean", "single_transformer_blocks.8.attn.out")

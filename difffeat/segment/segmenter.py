@@ -330,7 +330,8 @@ class Segmenter:
         segmentation forward: what :meth:`observe` runs the denoiser on."""
         s = self.settings
         layout = self._layout(classes, entities, caption, class_phrases)
-        return layout, self.backbone.prepare([to_rgb(image)], layout.caption, s.t, s.seed, s.resolution, s.resize == "square")
+        return layout, self.backbone.prepare([to_rgb(image)], layout.caption, s.t, s.seed, s.resolution, s.resize == "square",
+                                              s.vae_latents == "sample")
 
     def _layout(self, classes, entities, caption, class_phrases) -> PromptLayout:
         """One image's caption and token layout (class words normalised unless a caption is given)."""
@@ -387,7 +388,8 @@ class Segmenter:
         custom = self._check_head_reducers(head_reducers)
         rgbs = [to_rgb(im) for im in images]
         layouts = [self._layout(cls, ent, cap, phr) for cls, ent, cap, phr in zip(classes, entities, captions, class_phrases)]
-        inputs = self.backbone.prepare(rgbs, [lay.caption for lay in layouts], s.t, s.seed, s.resolution, s.resize == "square")
+        inputs = self.backbone.prepare(rgbs, [lay.caption for lay in layouts], s.t, s.seed, s.resolution, s.resize == "square",
+                                              s.vae_latents == "sample")
         return self.observe_prepared(rgbs, layouts, inputs, everything, head_reducers)
 
     def observe_prepared(

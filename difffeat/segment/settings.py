@@ -24,6 +24,7 @@ __all__ = [
     "PSEUDO_GRID",
     "ENTITY_MERGE",
     "RESIZE",
+    "VAE_LATENTS",
 ]
 
 HEADS = ("mean", "goca")
@@ -37,6 +38,9 @@ ENTITY_MERGE = ("before-refine", "after-refine")
 #: how an image reaches the model's input size: "keep" (difffeat: long side to the resolution, aspect ratio
 #: kept) or "square" (the published GOCA pipeline: squashed to resolution x resolution)
 RESIZE = ("keep", "square")
+#: which latents of the image the forward noises: "mean" (difffeat: the VAE posterior's mean, deterministic) or
+#: "sample" (the published img2img pipelines' ``retrieve_latents``: a draw from the posterior, seeded here)
+VAE_LATENTS = ("mean", "sample")
 #: the config every model gets unless another is named: ``configs/goca/<model or family>.yaml``
 DEFAULT_CONFIG = "default"
 
@@ -89,6 +93,8 @@ class SegmentSettings:
         resize: "keep" (the long side becomes ``resolution``, aspect ratio kept) or "square" (squashed to
             ``resolution`` x ``resolution``, as the published pipeline feeds every image); labels come back
             at the image's own size either way.
+        vae_latents: "mean" (the VAE posterior's mean) or "sample" (a seeded draw from the posterior, as the
+            published img2img pipelines encode; :meth:`Backbone.sample_latents`).
         filler_words: words of a class or entity phrase never counted as its tokens: "difffeat" (a, an,
             the, and, of, on, in, with, punctuation) or "published" (the GOCA code's list: no of/on/in/with; the default).
     """
@@ -115,6 +121,7 @@ class SegmentSettings:
     postprocess: str = "none"
     filler_words: str = "published"
     resize: str = "keep"
+    vae_latents: str = "mean"
 
     def __post_init__(self) -> None:
         for name, allowed in (
@@ -126,6 +133,7 @@ class SegmentSettings:
             ("pseudo_grid", PSEUDO_GRID),
             ("entity_merge", ENTITY_MERGE),
             ("resize", RESIZE),
+            ("vae_latents", VAE_LATENTS),
         ):
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{name}={getattr(self, name)!r} is not one of {allowed}")
