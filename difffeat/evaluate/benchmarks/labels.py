@@ -49,13 +49,20 @@ def lookup_table(labels: dict[str, Any]) -> np.ndarray:
 def apply_table(raw: np.ndarray, lut: np.ndarray, path: str | Path) -> np.ndarray:
     """``lut[raw]`` as uint8; ids outside the table (or mapped to -1) raise a DatasetError naming ``path``."""
     raw = np.asarray(raw)
-    values = np.unique(raw)
+    values = _values(raw)
     bad = [int(v) for v in values if v < 0 or v >= len(lut) or lut[int(v)] < 0]
     if bad:
         known = np.flatnonzero(lut >= 0)
         raise DatasetError(f"label {str(path)!r} holds id(s) {bad[:5]} outside the dataset's id map (known ids "
                            f"{int(known.min())}..{int(known.max())}); is this the right dataset and label file?")  # fmt: skip
     return lut[raw].astype(np.uint8)
+
+
+def _values(a: np.ndarray) -> np.ndarray:
+    """The distinct values of an id map, ascending (a histogram for 8/16-bit ids: no sort of every pixel)."""
+    if a.dtype.kind == "u" and a.dtype.itemsize <= 2 and a.size:
+        return np.flatnonzero(np.bincount(a.reshape(-1)))
+    return np.unique(a)
 
 
 def rgb_to_panoptic_id(rgb: np.ndarray) -> np.ndarray:
@@ -72,10 +79,10 @@ def published_present_order(gt: np.ndarray) -> list[int]:
     the order its distinct members were first added, so the same set is built here from the classes in
     order of first appearance (duplicates never change a set)."""
     flat = np.asarray(gt).reshape(-1)
-    values, first = np.unique(flat, return_index=True)
+    first = {int(v): int(np.argmax(flat == v)) for v in _values(flat)}  # first raster position of each class
     seen: set[int] = set()
-    for v in values[np.argsort(first, kind="stable")]:
-        seen.add(int(v))
+    for v in sorted(first, key=first.get):
+        seen.add(v)
     seen.discard(0)
     return list(seen)
 
