@@ -312,3 +312,21 @@ def test_resize_square_feeds_the_model_a_square_and_returns_labels_at_image_size
     assert inputs_keep.latents.shape[-1] == 2 * inputs_keep.latents.shape[-2]
     assert inputs_square.latents.shape[-1] == inputs_square.latents.shape[-2]
     assert square(image, ["cat"]).labels.shape == (48, 96)
+
+
+def test_python_api_equals_the_cli_run(minis_root, tiny_sd_dir, tmp_path):
+    from typer.testing import CliRunner
+
+    import difffeat
+    from difffeat.cli import app
+    from difffeat.runs import evaluate
+
+    root, nouns = minis_root["cityscapes"]
+    res = CliRunner().invoke(app, ["eval", "--dataset", "cityscapes", "--root", str(root), "--caption-file", str(nouns),
+                                   "--model", str(tiny_sd_dir), "--out", str(tmp_path / "run"), "--num-workers", "0"])
+    assert res.exit_code == 0, res.output
+    cli = json.loads((tmp_path / "run" / "report.json").read_text())
+    seg = difffeat.Segmenter(difffeat.load(str(tiny_sd_dir)), resize="square", background_entities=())
+    report = evaluate(seg, difffeat.open_benchmark("cityscapes", root), BenchmarkCaptions(nouns, "cityscapes"),
+                      miou_average="published")
+    assert report.extra["confusion_matrix"] == cli["confusion_matrix"] and report.miou == cli["miou"]

@@ -167,11 +167,14 @@ def run_eval(segmenter: Segmenter, dataset, job: EvalJob, state=None, extra_mani
 
 
 def evaluate(segmenter: Segmenter, dataset, setting: str = "oracle", limit: int | None = None, progress: bool = False,
-             out_dir: str | Path | None = None, num_workers: int = 0, state=None, batch_size: int = 1) -> EvalReport:
+             out_dir: str | Path | None = None, num_workers: int = 0, state=None, batch_size: int = 1,
+             miou_average: str = "present") -> EvalReport:
     """Accumulate a confusion matrix over the dataset (background = class 0) and report mIoU (in memory
-    unless ``out_dir`` is given; then resumable), ``batch_size`` images per forward."""
-    job = EvalJob(Path(out_dir) if out_dir else None, setting=setting, limit=limit, num_workers=num_workers, progress=progress,
-                  chunk_size=max(8, batch_size), batch_size=batch_size)
+    unless ``out_dir`` is given; then resumable), ``batch_size`` images per forward; ``miou_average``:
+    "present" or "published" (:meth:`ConfusionMatrix.miou`). ``setting`` may be a label source's spec or
+    the source itself (e.g. :class:`~difffeat.evaluate.benchmarks.BenchmarkCaptions` for a benchmark)."""
+    job = EvalJob(Path(out_dir) if out_dir else None, setting=getattr(setting, "spec", setting), limit=limit, num_workers=num_workers,
+                  progress=progress, chunk_size=max(8, batch_size), batch_size=batch_size, miou_average=miou_average)
     return run_eval(segmenter, dataset, job, state)
 
 
