@@ -330,3 +330,21 @@ def test_python_api_equals_the_cli_run(minis_root, tiny_sd_dir, tmp_path):
     report = evaluate(seg, difffeat.open_benchmark("cityscapes", root), BenchmarkCaptions(nouns, "cityscapes"),
                       miou_average="published")
     assert report.extra["confusion_matrix"] == cli["confusion_matrix"] and report.miou == cli["miou"]
+
+
+def test_segment_resize_option_is_checked_before_the_model_and_reaches_the_settings(tmp_path, monkeypatch, tiny_sd_dir):
+    from typer.testing import CliRunner
+
+    from _helpers import random_image
+    from difffeat.cli import app
+
+    image = tmp_path / "wide.png"
+    random_image(24, 48).save(image)
+    res = CliRunner().invoke(app, ["segment", str(image), "--classes", "cat", "--model", str(tiny_sd_dir), "--resize", "square",
+                                   "--out", str(tmp_path / "o"), "--num-workers", "0"])
+    assert res.exit_code == 0, res.output
+    meta = json.loads((tmp_path / "o" / "wide.json").read_text())
+    assert "square" in json.dumps(meta) and Image.open(tmp_path / "o" / "wide_labels.png").size == (48, 24)
+    _no_model(monkeypatch)
+    res = CliRunner().invoke(app, ["segment", str(image), "--classes", "cat", "--resize", "stretch", "--out", str(tmp_path / "p")])
+    assert res.exit_code == 2 and "--resize" in res.output and len(res.output.strip().splitlines()) == 1
