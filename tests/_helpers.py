@@ -91,3 +91,46 @@ class SDPARecorder:
     def remove(self):
         for h in self._handles:
             h.remove()
+
+
+def decision_margin(result) -> np.ndarray:
+    """``[H, W]``: how far each pixel's winning score of a :class:`~difffeat.SegmentationResult` lies above the
+    runner-up, on the label grid (the scores {background, classes} upsampled bilinearly, as labels are decided)."""
+    import torch
+    import torch.nn.functional as F
+
+    stack = torch.cat([result.background[None], result.class_maps]).float()[None]  # [1, 1 + n, h, w]
+    full = F.interpolate(stack, size=result.labels.shape, mode="bilinear", align_corners=False)[0]
+    top2 = full.topk(2, dim=0).values if len(full) > 1 else torch.cat([full, torch.full_like(full, -torch.inf)])
+    return (top2[0] - top2[1]).numpy()
+
+
+def assert_labels_differ_only_at_ties(a, b) -> None:
+    """Two results whose scores differ by float noise: their labels may differ only at pixels where ``a``'s
+    decision is a tie within that noise. Bilinear upsampling is a convex combination, so scores that differ by at
+    most ``delta`` on the map grid differ by at most ``delta`` on the label grid, and a winner can change only
+    where the winning margin is at most ``2 * delta``."""
+    import torch
+
+    delta = max(float((a.class_maps - b.class_maps).abs().max()), float((a.background - b.background).abs().max()))
+    tol = 2 * delta + 4 * float(torch.finfo(torch.float32).eps)  # + the upsampling's own rounding
+    differ = a.labels != b.labels
+    margin = decision_margin(a)
+    assert (margin[differ] <= tol).all(), f"{int(differ.sum())} labels differ, margins {np.sort(margin[differ])[-3:]} > {tol:.3g}"
+
+
+def assert_close_to_rounding(got, want, exact, factor: float = 4.0, msg: str = "") -> None:
+    """``got`` and ``want``, two computations of one network in the same low precision that may round
+    differently (other kernels, allocations, thread counts), agree within ``factor`` times the rounding error
+    that ``want`` itself carries against ``exact``, the float64 recomputation; plus a few ulps of the magnitude,
+    for values that happen to round exactly. Fails on any real difference (weights, config, wiring), which is
+    far above rounding."""
+    import torch
+
+    eps = float(torch.finfo(want.dtype).eps)  # the low-precision side's unit roundoff
+    got, want, exact = got.double(), want.double(), exact.double()
+    rounding = float((want - exact).abs().max())
+    tol = factor * rounding + 4 * eps * float(exact.abs().max())
+    diff = float((got - want).abs().max())
+    assert diff <= tol, f"{msg}: max |got - want| = {diff:.3g} > {tol:.3g} ({factor} x fp32 rounding {rounding:.3g})"
+    assert float((got - exact).abs().max()) <= (factor + 1) * rounding + 4 * eps * float(exact.abs().max()), msg

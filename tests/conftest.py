@@ -34,3 +34,12 @@ def tiny_pipes():
         return cache[family]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def shapes_backbone():
+    """The embedded ``shapes`` model (trained, so its attention maps are peaked, unlike a random tiny model's),
+    on the CPU in float32, loaded once per session."""
+    import difffeat
+
+    return difffeat.load("shapes", device="cpu", dtype="fp32")

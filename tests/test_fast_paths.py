@@ -10,7 +10,7 @@ from difffeat import Capture
 from difffeat.capture import head_mean
 from difffeat.segment.aggregation import GocaHeadReducer
 
-from _helpers import backbone_for, random_image
+from _helpers import assert_labels_differ_only_at_ties, backbone_for, decision_margin, random_image
 
 #: the chunk size before the allocator fix (exactly at glibc's mmap threshold)
 OLD_CHUNK_ELEMENTS = 2**23
@@ -170,11 +170,18 @@ def test_a_persistent_latent_cache_skips_the_vae_on_repeated_runs(tiny_pipes):
         LatentCache(max_items=0)
 
 
-def test_batched_segmentation_equals_single_runs(tiny_pipes):
-    seg = difffeat.Segmenter(backbone_for(tiny_pipes, "sd"), resolution=64)
-    images = [random_image(64, 64, seed=8), random_image(48, 96, seed=9), random_image(64, 64, seed=10),
-              random_image(64, 64, seed=11)]  # fmt: skip
-    classes = [["cat", "dog"], ["car"], ["dog", "bird", "tree"], ["cat"]]  # class lists (and captions) differ
+def test_batched_segmentation_equals_single_runs(shapes_backbone):
+    """On the shapes model, whose maps are peaked (a random tiny model's are nearly flat, so min-max scaling
+    turns float noise into label flips): batched class maps equal single runs' to float tolerance, and labels
+    differ only where the single run's decision is a tie within that tolerance."""
+    from difffeat.shapes import world
+
+    seg = difffeat.Segmenter(shapes_backbone)
+    samples = [world.sample("test", i) for i in (1, 3, 4, 6)]
+    images = [s.image for s in samples]
+    images[1] = images[1].resize((96, 48))  # another size: its own forward
+    classes = [list(s.classes_present) for s in samples]
+    classes[2] = classes[2] + ["heart"]  # class lists (and captions) of different lengths
     single = list(seg.segment(images, classes, batch_size=1))
     calls = []
     stock = seg.observe_batch
@@ -183,13 +190,14 @@ def test_batched_segmentation_equals_single_runs(tiny_pipes):
         batched = list(seg.segment(images, classes, batch_size=4))
     finally:
         del seg.observe_batch
-    assert sorted(calls) == [1, 3]  # the 48x96 image gets its own forward; the three 64x64 share one
+    assert sorted(calls) == [1, 3]  # the 96x48 image gets its own forward; the three 64x64 share one
     for one, many in zip(single, batched):
         assert one.classes == many.classes and one.caption == many.caption and one.labels.shape == many.labels.shape
         torch.testing.assert_close(torch.tensor(many.layer_weights), torch.tensor(one.layer_weights), rtol=1e-4, atol=1e-6)
-        # the random tiny model's maps are nearly flat, so min-max and rescaling amplify float noise
-        torch.testing.assert_close(many.class_maps, one.class_maps, rtol=0, atol=2e-2)
-        assert (many.labels == one.labels).mean() > 0.99
+        torch.testing.assert_close(many.class_maps, one.class_maps, rtol=0, atol=1e-3)
+        torch.testing.assert_close(many.background, one.background, rtol=0, atol=1e-3)
+        assert_labels_differ_only_at_ties(one, many)
+        assert (decision_margin(one) > 1e-2).mean() > 0.9  # peaked maps: the check above is not vacuous
     # what the batched forward captures equals each image's own forward to float tolerance
     same = [0, 2, 3]
     for i, obs in zip(same, seg.observe_batch([images[i] for i in same], [classes[i] for i in same])):
