@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -348,3 +349,24 @@ def test_segment_resize_option_is_checked_before_the_model_and_reaches_the_setti
     _no_model(monkeypatch)
     res = CliRunner().invoke(app, ["segment", str(image), "--classes", "cat", "--resize", "stretch", "--out", str(tmp_path / "p")])
     assert res.exit_code == 2 and "--resize" in res.output and len(res.output.strip().splitlines()) == 1
+
+
+@pytest.mark.skipif(not _GOCA_REPO, reason="set DIFFFEAT_GOCA_REPO to a checkout of Darkbblue/goca")
+@pytest.mark.parametrize("name", NAMES)
+def test_captions_of_every_published_noun_list_equal_the_transcription(name):
+    """Every GPT noun list the reference ships for the benchmark, with a pseudo-random present-class set
+    (the classes its words name, half of them dropped, plus two others): same caption, classes, entities."""
+    file = {"cityscapes": "city", "ade20k": "ade"}.get(name, name)
+    entries = json.loads((Path(_GOCA_REPO) / "src-main" / "gpt_output" / f"{file}.json").read_text())
+    spec = benchmark_spec(name)
+    words = {w: c + 1 for c in reversed(range(len(spec.synonyms))) for w in spec.synonyms[c]}
+    rng = np.random.default_rng(0)
+    for key, value in entries.items():
+        nouns = value["caption"]
+        named = sorted({words[w.strip()] for w in re.split(r"[(),.]", nouns.lower()) if w.strip() in words})
+        present = [c for c in named if rng.random() < 0.5] + [int(c) for c in rng.integers(1, len(spec.classes) + 1, 2)]
+        present = list(dict.fromkeys(present))
+        for bg, missing in ((spec.append_background, spec.append_missing_class), (True, True)):
+            text, objects, background = published.caption(nouns, _synonyms(name), present, bg, missing)
+            cap = benchmark_caption(nouns, spec.synonyms, present, bg, missing)
+            assert (cap.caption, cap.labels, cap.class_phrases, cap.entities) == (text, list(objects), list(objects.values()), background), key
