@@ -85,9 +85,12 @@ def data_prep_seconds(root: Path, workers: int) -> float:
 def sd15_forward_seconds(repeats: int) -> float:
     import torch
 
-    from difffeat.bench_real import _backbone, benchmark_image
+    from difffeat import load
+    from difffeat.architectures import build_pipeline
+    from difffeat.bench_real import benchmark_image
 
-    backbone = _backbone("sd15", "cpu", "fp32", 1)
+    # SD1.5's full-size UNet and VAE with random weights; the text encoder cut to one layer (not timed)
+    backbone = load(build_pipeline("sd15", dtype=torch.float32, text_layers=1), device="cpu", dtype=torch.float32)
     inputs = backbone.prepare([benchmark_image(512)], "a photo of car, road, person, background", 100, 0, 512, True)
     times = []
     with torch.no_grad():

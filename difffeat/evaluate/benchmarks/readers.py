@@ -118,7 +118,7 @@ class BenchmarkDataset:
         from torch.utils.data import DataLoader
 
         n = len(self) if n is None else min(int(n), len(self))
-        loader = DataLoader(_LabelChecks(self, n), batch_size=1, num_workers=num_workers, collate_fn=lambda b: b[0])
+        loader = DataLoader(_LabelChecks(self, n), batch_size=1, num_workers=num_workers, collate_fn=_first)
         for message in loader:
             if message:
                 raise DatasetError(message)
@@ -126,6 +126,10 @@ class BenchmarkDataset:
     def describe(self) -> dict:
         return {"dataset": self.spec.name, "root": str(self.root.resolve()), "split": self.spec.split,
                 "void": self.spec.void, "n": len(self)}  # fmt: skip
+
+
+def _first(batch):
+    return batch[0]
 
 
 class _LabelChecks:
