@@ -265,7 +265,7 @@ def evaluate_dataset(model: str = "shapes", *, coco: str | os.PathLike | None = 
     job = EvalJob(out_dir, setting=setting, limit=limit, chunk_size=chunk_size, num_workers=num_workers,
                   overwrite=overwrite, dataset=desc, tau_grid=PUBLISHED_TAU_GRID if tau_grid else (), batch_size=batch_size,
                   miou_average=miou_average or "present")
-    result = run_eval(seg, data, job, state, extra_manifest={"tau_tuning": tuned or {}, "miou_average": job.miou_average})
+    result = run_eval(seg, data, job, state, extra_manifest={"tau_tuning": tuned or {}})  # the average does not change the counts
     if benchmark is not None:
         result.extra["benchmark"] = benchmark
     if tuned:
