@@ -41,7 +41,7 @@ from difffeat.evaluate import WIDE_TAU_GRID as TAUS
 from difffeat.evaluate import ShapesDataset, TauSweep, labelled_items
 from difffeat.io import write_json
 from difffeat.segment.aggregation import FixedHeadWeights, GocaHeadReducer, goca_head_weights
-from difffeat.segment.segmenter import grid_of
+from difffeat.segment.selfmaps import grid_of
 
 DECISIONS = {"vanilla decision": dict(layers="uniform", rescale="none"), "GOCA layers + rescaling": dict(layers="goca", rescale="goca")}
 

@@ -42,7 +42,7 @@ recipe() {
 chain() {  # run name = recipe name
   local name=$1
   # shellcheck disable=SC2046  # recipe() prints whitespace-separated arguments without spaces inside
-  $py -m difffeat.shapes.train --out "$W/$name" "${common[@]}" $(recipe "$name") --export "$W/$name/shapes" > "$W/$name.log" 2>&1 &&
+  $py -m difffeat.devtools.train_shapes --out "$W/$name" "${common[@]}" $(recipe "$name") --export "$W/$name/shapes" > "$W/$name.log" 2>&1 &&
     [ "${EVAL_S:-200}" -gt 0 ] && timeout "${EVAL_S:-200}" $py benchmarks/shapes_model_quality.py --model "$W/$name/shapes" --device cuda --threads 4 \
       --parts attn,gen --gen-per-class 16 --out "$W/$name/quality.json" --save-grid "$W/$name/samples.png" >> "$W/$name.log" 2>&1
 }

@@ -53,7 +53,7 @@ _API = {
 }
 #: subpackages reachable as attributes (``difffeat.testing.tiny_pipeline`` after ``import difffeat``)
 _SUBMODULES = {"shift", "segment", "evaluate", "runs", "testing", "capture", "catalog", "backbones", "features",
-               "presets", "images", "io", "shapes", "demo", "bench"}
+               "presets", "images", "io", "shapes", "demo"}
 
 if TYPE_CHECKING:
     from . import evaluate, runs, segment, shift, testing  # noqa: F401

@@ -18,12 +18,12 @@ from typing import TYPE_CHECKING
 import torch
 
 from .errors import UnknownActivationError
-from .hookpoints import ActivationRule, HookTable, load_table
+from .hookpoints import ActivationRule, HookTable, check_kinds, load_table
 
 if TYPE_CHECKING:
     from .backbones.base import Backbone
 
-__all__ = ["ActivationInfo", "Catalog", "build_catalog", "NOISY_FLAGS"]
+__all__ = ["build_catalog", "NOISY_FLAGS"]
 
 #: ``observe`` values that are attention probabilities; ``q``/``k``/``v`` are the image tokens' queries, keys
 #: and values as attended (after q/k norms and RoPE), observed at the same call
@@ -172,11 +172,13 @@ class Catalog:
 
     def select(self, kinds: str | Iterable[str] | None = None, candidates: bool = False) -> list[ActivationInfo]:
         """What ``difffeat catalog`` lists: the candidates or everything, restricted to ``kinds`` (a list or a
-        comma-separated string) when given."""
+        comma-separated string) when given.
+
+        Raises:
+            InvalidOptionError: a kind that no family has, or that this model lacks (the message lists the valid ones).
+        """
         items = self.candidates() if candidates else list(self.activations)
-        if isinstance(kinds, str):
-            kinds = [k.strip() for k in kinds.split(",") if k.strip()]
-        wanted = set(kinds or ())
+        wanted = set(check_kinds(kinds, {a.kind for a in self.activations}))
         return [a for a in items if a.kind in wanted] if wanted else items
 
     def to_json(self, indent: int | None = 2) -> str:

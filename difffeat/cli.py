@@ -82,9 +82,11 @@ def catalog(
 ) -> None:
     """List every capturable activation of MODEL with kind, shape and property flags."""
     from . import list_activations
+    from .hookpoints import check_kinds
 
+    _call(check_kinds, kind)  # a kind no family has: before the model loads
     cat = _call(list_activations, model, probe_resolution=resolution, device=device, config=model_config)
-    items = cat.select(kind, candidates)
+    items = _call(cat.select, kind, candidates)
     _, out = _consoles()
     if as_json:
         out.print_json(json.dumps([a.to_dict() for a in items]))
@@ -315,7 +317,7 @@ def bench(
     text_layers: Optional[int] = typer.Option(None, help="With --arch: cap on text-encoder depth (the denoiser and VAE are unchanged)."),
 ) -> None:
     """Speed/memory benchmarks, reported as ratios against a baseline measured in the same run."""
-    from .bench import run_benchmark
+    from .devtools.bench import run_benchmark
 
     figures = _call(run_benchmark, what, resolution=resolution, repeats=repeats, device=device, dtype=dtype, out_file=out_file,
                     arch=arch, text_layers=text_layers)

@@ -1,9 +1,9 @@
 """The Gradio demo behind ``difffeat demo`` (``apps/demo.py`` is a launcher for it).
 
 Three tabs over the public API: *Segment* (:class:`difffeat.Segmenter`), *Features* (the catalog and
-:class:`difffeat.FeatureExtractor` with a PCA view) and *Content shift* (``difffeat.shift.gate_img2img``
-when this version has it). Gradio is imported only inside :func:`build_demo`, so the helpers here
-(:class:`ModelCache`, :func:`pca_rgb`, :func:`run_segment` ...) work without it.
+:class:`difffeat.FeatureExtractor` with a PCA view) and *Content shift* (``difffeat.shift.gate_img2img``).
+Gradio is imported only inside :func:`build_demo`, so the helpers here (:class:`ModelCache`, :func:`pca_rgb`,
+:func:`run_segment` ...) work without it.
 
     from difffeat.demo import build_demo
     build_demo("shapes").queue(default_concurrency_limit=1).launch()
@@ -11,7 +11,6 @@ when this version has it). Gradio is imported only inside :func:`build_demo`, so
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import tempfile
 import threading
@@ -26,7 +25,7 @@ from PIL import Image
 
 from .backbones.base import Backbone
 from .capture import catalog_of
-from .errors import DifffeatError, InvalidImageError, InvalidPromptError, ModelNotFoundError
+from .errors import DifffeatError, InvalidImageError, InvalidPromptError
 from .resources import package_dir
 
 __all__ = [
@@ -44,7 +43,6 @@ __all__ = [
     "run_features",
     "preset_choices",
     "PRESET_PREFIX",
-    "gate_available",
     "bundled_examples",
     "build_demo",
     "main",
@@ -73,9 +71,8 @@ class ModelCache:
     """Loads models on demand (``difffeat.load``) and keeps them.
 
     Args:
-        fallback: when the embedded ``"shapes"`` model is missing from this installation, serve a tiny
-            random SD pipeline instead, labelled :data:`FALLBACK_NOTE`. Once
-            ``difffeat/weights/shapes/model_index.json`` exists the real model is loaded.
+        fallback: kept for compatibility; no effect. The model list falls back to the embedded ``"shapes"``
+            model, which ships with the package (the demo never builds a random-weight model).
         device: forwarded to :func:`difffeat.load`.
         model_configs: the config (hub id or diffusers folder) of each single-file checkpoint the demo may load,
             keyed by the file's path as typed in the model box (``config=`` of :func:`difffeat.load`).
@@ -99,14 +96,7 @@ class ModelCache:
                 return self._models[name]
             if progress:
                 progress(0.1, f"loading {name} ...")
-            try:
-                loaded = LoadedModel(load(name, device=self.device, config=self.model_configs.get(name)))
-            except ModelNotFoundError:
-                if not (self.fallback and name == DEFAULT_MODEL):
-                    raise
-                from .testing import tiny_pipeline
-
-                loaded = LoadedModel(load(tiny_pipeline("sd"), device=self.device), note=FALLBACK_NOTE)
+            loaded = LoadedModel(load(name, device=self.device, config=self.model_configs.get(name)))
             if progress:
                 progress(0.8, "building the activation catalog ...")
             catalog_of(loaded.backbone)
@@ -321,19 +311,6 @@ def run_features(
     return pca_rgb(upsample_concat(feats)[0], (rgb.width * k, rgb.height * k)), tensors, fx.settings()
 
 
-# --------------------------------------------------------------------------- content shift
-def gate_available() -> bool:
-    """Whether this version has ``difffeat.shift.gate_img2img`` (the GATE module)."""
-    try:
-        if importlib.util.find_spec("difffeat.shift") is None:
-            return False
-        import difffeat.shift as shift
-
-        return callable(getattr(shift, "gate_img2img", None))
-    except Exception:  # noqa: BLE001 - a half-installed module means "not available"
-        return False
-
-
 # --------------------------------------------------------------------------- UI
 def gate_panels(cmp: Any) -> list[tuple[Image.Image, str]]:
     """The three captioned pictures of an img2img comparison, nearest-enlarged to a readable size."""
@@ -422,7 +399,7 @@ def build_demo(
 
     Args:
         model: the default model (hub id, local diffusers folder or "shapes").
-        fallback: serve a tiny random SD pipeline, clearly labelled, while "shapes" is not installed.
+        fallback: kept for compatibility; no effect (see :class:`ModelCache`).
         device: forwarded to :func:`difffeat.load`.
         cache / meter: shared :class:`ModelCache` / :class:`ActivityMeter` (tests inspect them).
         preload: load ``model`` now rather than on the first request.
@@ -627,36 +604,29 @@ def build_demo(
                       view_inputs, view_outputs, api_name="catalog", show_progress_on=[f_msg])
 
         with gr.Tab("Content shift"):
-            if gate_available():
-                gr.Markdown(
-                    "GATE img2img test: img2img at high strength without and with a generation technique; "
-                    "the output closer to the input (higher PSNR / edge IoU) suppresses content shift better. "
-                    "Runs at the model's native resolution; pictures are shown enlarged (nearest)."
-                )
-                with gr.Row():
-                    with gr.Column():
-                        g_image = UploadImage(type="pil", label="image", sources=["upload", "clipboard"], elem_id="g-image", height=320)
-                        g_prompt = gr.Textbox(label="prompt", value="a photo of shapes")
-                        g_tech = gr.Textbox(label="technique", value="prompt:quality=natural",
-                                            info="prompt:quality=natural | controlnet:MODEL | lora:PATH")
-                        g_strength = gr.Slider(0.1, 1.0, value=0.75, step=0.05, label="strength")
-                        g_steps = gr.Slider(1, 50, value=10, step=1, label="steps", elem_id="g-steps")
-                        g_btn = gr.Button("Compare", variant="primary", elem_id="g-run")
-                        g_msg = gr.HTML(elem_id="g-message")
-                    with gr.Column():
-                        g_out = gr.Gallery(label="input | without | with the technique", columns=3, format="png", height="auto",
-                                           elem_id="g-panels")
-                        g_json = gr.JSON(label="similarity to the input", elem_id="g-json")
-                gr.Examples([[e[0]] for e in examples], [g_image], label="bundled examples")
-                g_image.upload(lambda img: "", [g_image], [g_msg], api_name=False, show_progress_on=[g_msg])
-                g_btn.click(gate, [g_image, model_box, g_prompt, g_tech, g_strength, g_steps], [g_out, g_json, status],
-                            api_name="gate", show_progress_on=[g_msg])
-            else:
-                gr.Markdown(
-                    "### Not available in this version\nThe GATE content-shift module (`difffeat.shift`) is not "
-                    "part of this difffeat version, so the img2img comparison cannot run here.",
-                    elem_id="shift-unavailable",
-                )
+            gr.Markdown(
+                "GATE img2img test: img2img at high strength without and with a generation technique; "
+                "the output closer to the input (higher PSNR / edge IoU) suppresses content shift better. "
+                "Runs at the model's native resolution; pictures are shown enlarged (nearest)."
+            )
+            with gr.Row():
+                with gr.Column():
+                    g_image = UploadImage(type="pil", label="image", sources=["upload", "clipboard"], elem_id="g-image", height=320)
+                    g_prompt = gr.Textbox(label="prompt", value="a photo of shapes")
+                    g_tech = gr.Textbox(label="technique", value="prompt:quality=natural",
+                                        info="prompt:quality=natural | controlnet:MODEL | lora:PATH")
+                    g_strength = gr.Slider(0.1, 1.0, value=0.75, step=0.05, label="strength")
+                    g_steps = gr.Slider(1, 50, value=10, step=1, label="steps", elem_id="g-steps")
+                    g_btn = gr.Button("Compare", variant="primary", elem_id="g-run")
+                    g_msg = gr.HTML(elem_id="g-message")
+                with gr.Column():
+                    g_out = gr.Gallery(label="input | without | with the technique", columns=3, format="png", height="auto",
+                                       elem_id="g-panels")
+                    g_json = gr.JSON(label="similarity to the input", elem_id="g-json")
+            gr.Examples([[e[0]] for e in examples], [g_image], label="bundled examples")
+            g_image.upload(lambda img: "", [g_image], [g_msg], api_name=False, show_progress_on=[g_msg])
+            g_btn.click(gate, [g_image, model_box, g_prompt, g_tech, g_strength, g_steps], [g_out, g_json, status],
+                        api_name="gate", show_progress_on=[g_msg])
 
         page_outputs = [status, known, offer, t_box, tau]
         demo.load(page_state, [model_box], page_outputs, api_name=False, show_progress_on=[load_msg])

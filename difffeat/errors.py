@@ -6,25 +6,7 @@ from __future__ import annotations
 import difflib
 from collections.abc import Iterable
 
-__all__ = [
-    "DifffeatError",
-    "UnknownActivationError",
-    "UnsupportedBackboneError",
-    "InvalidImageError",
-    "InvalidTimestepError",
-    "ModelNotFoundError",
-    "InvalidPromptError",
-    "ConfigError",
-    "LabelFileError",
-    "MissingExtraError",
-    "InvalidOptionError",
-    "OutputPathError",
-    "DatasetError",
-    "DeviceError",
-    "ManifestMismatchError",
-    "AttentionBackendError",
-    "close_matches",
-]
+__all__ = ["LabelFileError", "MissingExtraError", "AttentionBackendError", "close_matches"]
 
 
 class DifffeatError(Exception):

@@ -12,7 +12,6 @@ import contextlib
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -22,21 +21,29 @@ from .backbones.loading import load
 from .capture import Capture, catalog_of, head_mean, sequence_to_spatial
 from .catalog import ActivationInfo
 from .checks import check_resolution
-from .errors import ConfigError, InvalidImageError, InvalidPromptError
+from .errors import ConfigError, InvalidImageError, InvalidOptionError, InvalidPromptError
 from .images import ImageInput, target_size, to_rgb
-from .io import save_features
 from .presets import FeaturePreset, load_preset
-
-__all__ = ["FeatureExtractor", "upsample_concat", "ExtractedItem"]
 
 
 def upsample_concat(
     features: dict[str, torch.Tensor], size: tuple[int, int] | None = None, mode: str = "bilinear"
 ) -> torch.Tensor:
     """Upsample every ``[B, C_i, H_i, W_i]`` map to ``size`` (default: the largest) and concatenate along
-    channels -> ``[B, sum C_i, H, W]`` (the paper's aggregation for dense tasks)."""
-    if not features:
-        raise ValueError("no features to concatenate")
+    channels -> ``[B, sum C_i, H, W]`` (the paper's aggregation for dense tasks).
+
+    Raises:
+        InvalidOptionError: ``features`` is empty or not a dict of ``[B, C, H, W]`` tensors.
+    """
+    if not isinstance(features, dict) or not features:
+        raise InvalidOptionError(
+            f"upsample_concat needs a non-empty dict {{name: [B, C, H, W] tensor}} (what FeatureExtractor returns), "
+            f"got {features!r:.80}"
+        )
+    bad = [name for name, v in features.items() if not isinstance(v, torch.Tensor) or v.ndim != 4]
+    if bad:
+        raise InvalidOptionError(f"upsample_concat needs [B, C, H, W] tensors; {bad[0]!r} is "
+                                 f"{getattr(features[bad[0]], 'shape', type(features[bad[0]]).__name__)}")
     if size is None:
         size = max((tuple(v.shape[-2:]) for v in features.values()), key=lambda hw: hw[0] * hw[1])
     maps = []
@@ -63,7 +70,8 @@ class FeatureExtractor:
 
     Args:
         backbone: a :class:`Backbone` or anything :func:`difffeat.load` accepts.
-        features: activation names (canonical or the papers' aliases); or give ``preset``.
+        features: activation names (canonical or the papers' aliases; one name may be a plain string); or give
+            ``preset``. An empty list is an :class:`~difffeat.errors.InvalidOptionError`, raised before the model loads.
         preset: a preset from ``configs/features`` (``difffeat presets`` lists them).
         t: timestep on the 1000-step scale (default: the preset's, else 50).
         resolution: long side in pixels (default: the preset's, else the model's native resolution).
@@ -99,13 +107,21 @@ class FeatureExtractor:
         map_prompt: str | None = None,
     ) -> None:
         check_resolution("resolution", resolution)
-        self.backbone = load(backbone)
         if preset is not None and features:
-            raise ValueError("pass either features or preset, not both")
+            raise InvalidOptionError("pass either features or preset, not both")
+        if preset is None and not features:  # before the model loads
+            raise InvalidOptionError(
+                "empty feature list: pass features=[...] or preset=...; list names with `difffeat catalog MODEL`"
+            )
+        if isinstance(features, str):  # one name
+            features = [features]
+        if batch_size is None or isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise InvalidOptionError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+        self.backbone = load(backbone)
         self.preset = load_preset(preset) if isinstance(preset, str) else preset
         if self.preset is not None:
             if self.preset.family != self.backbone.family:
-                raise ValueError(
+                raise ConfigError(
                     f"preset {self.preset.name!r} is for the {self.preset.family!r} family but the model is "
                     f"{self.backbone.family!r}; pick a {self.backbone.family} preset (`difffeat presets`)"
                 )
@@ -122,17 +138,11 @@ class FeatureExtractor:
                     + (f"Presets that fit it: {', '.join(fitting)}." if fitting else "No preset fits it; pass features=[...] (see `difffeat catalog MODEL`).")
                 )
             features = list(self.preset.features)
-        if not features:
-            raise ValueError(
-                "empty feature list: pass features=[...] or preset=...; list names with `difffeat catalog MODEL`"
-            )
         self.infos: list[ActivationInfo] = catalog_of(self.backbone).resolve(features)
         self.t = check_timestep(t if t is not None else (self.preset.t if self.preset else self.backbone.default_feature_t))
         self.resolution = resolution or (self.preset.resolution if self.preset else None) or self.backbone.native_resolution
         self.square = square
         self.seed = int(seed)
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.batch_size = int(batch_size)
         self.early_exit = early_exit
         self.out_dtype = out_dtype
@@ -206,19 +216,29 @@ class FeatureExtractor:
     def extract_batch(self, images: Sequence[ImageInput], prompts: Sequence[str]) -> dict[str, torch.Tensor]:
         """One forward for images that resize to the same size: ``{name: [B, C, H, W]}`` (no batching or
         grouping; for data loaders that already form batches)."""
-        return self._forward(list(images), self._technique_prompts(list(prompts)))
+        return self._forward(list(images), self._technique_prompts(self._prompt_list(prompts, len(images))))
 
     @staticmethod
-    def _prompt_list(prompts: str | Sequence[str], n: int) -> list[str]:
-        if isinstance(prompts, str):
-            return [prompts] * n
-        prompts = list(prompts)
+    def _prompt_list(prompts: str | Sequence[str | None] | None, n: int) -> list[str]:
+        """One prompt per image. ``None`` (for all images, or for one) is no prompt: the empty string, the
+        default, as when ``prompts`` is left out."""
+        if prompts is None or isinstance(prompts, str):
+            return [prompts or ""] * n
+        if not isinstance(prompts, Sequence):
+            raise InvalidPromptError(f"prompts must be a string, a list of strings (one per image) or None, got "
+                                     f"{type(prompts).__name__} {prompts!r:.60}")
+        prompts = ["" if p is None else p for p in prompts]
         if len(prompts) != n:
             raise InvalidPromptError(f"got {len(prompts)} prompts for {n} images; pass one prompt, or one per image")
+        bad = [p for p in prompts if not isinstance(p, str)]
+        if bad:
+            raise InvalidPromptError(f"prompts must be strings (or None for no prompt), got {type(bad[0]).__name__} {bad[0]!r:.60}")
         return prompts
 
-    def __call__(self, images: ImageInput | Sequence[ImageInput], prompts: str | Sequence[str] = "") -> dict[str, torch.Tensor]:
-        """Features of a batch of images that resize to the same size: ``{name: [B, C, H, W]}``."""
+    def __call__(self, images: ImageInput | Sequence[ImageInput], prompts: str | Sequence[str | None] | None = "") -> dict[str, torch.Tensor]:
+        """Features of a batch of images that resize to the same size: ``{name: [B, C, H, W]}``. ``prompts``:
+        one for all images or one per image; ``None`` (or a ``None`` entry) means no prompt, the empty string,
+        as when it is left out."""
         images = [images] if not isinstance(images, (list, tuple)) else list(images)
         if not images:
             raise InvalidImageError("no images given")
@@ -239,7 +259,7 @@ class FeatureExtractor:
     extract = __call__
 
     def iter_items(
-        self, images: Sequence[ImageInput], prompts: str | Sequence[str] = "", progress: bool = False
+        self, images: Sequence[ImageInput], prompts: str | Sequence[str | None] | None = "", progress: bool = False
     ) -> Iterator[ExtractedItem]:
         """Per-image results for images of any sizes: batches are formed from images that resize alike."""
         images = list(images)
@@ -262,22 +282,3 @@ class FeatureExtractor:
                     bar.update(len(chunk))
         finally:
             bar.close()
-
-    def extract_to_dir(
-        self, images: Sequence[str | os.PathLike], out_dir: str | os.PathLike, prompts: str | Sequence[str] = "", progress: bool = True
-    ) -> list[Path]:
-        """Write ``out_dir/<image stem>.safetensors`` per image file (one ``[C, H, W]`` tensor per feature name),
-        atomically, with the settings as metadata."""
-        paths = [Path(p) for p in images]
-        stems = [p.stem for p in paths]
-        dupes = {s for s in stems if stems.count(s) > 1}
-        if dupes:
-            raise InvalidImageError(f"several input images share the file stem(s) {sorted(dupes)}; outputs would collide")
-        out_dir = Path(out_dir)
-        written = []
-        meta = self.settings()
-        for item in self.iter_items(paths, prompts, progress=progress):
-            target = out_dir / f"{stems[item.index]}.safetensors"
-            save_features(target, item.features, {**meta, "prompt": item.prompt, "image": str(paths[item.index])})
-            written.append(target)
-        return written

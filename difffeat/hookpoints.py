@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from collections.abc import Iterable
 from functools import lru_cache
 
 import yaml
 
-from .errors import ConfigError
+from .errors import ConfigError, InvalidOptionError
 from .resources import data_dir
 
-__all__ = ["ActivationRule", "HookPoint", "HookTable", "load_table", "padded_length"]
+__all__ = ["ActivationRule", "HookPoint", "HookTable", "load_table", "padded_length", "known_kinds", "check_kinds"]
 
 
 def padded_length(n: int, multiple: int) -> int:
@@ -123,3 +124,36 @@ def _sequence_multiple(value, path) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ConfigError(f"bad sequence_multiple {value!r} in {path}: use a positive integer (1: no padding)")
     return value
+
+
+@lru_cache(maxsize=None)
+def known_kinds() -> frozenset[str]:
+    """Every activation kind some hook table (``hooks/*.yaml``) defines: what ``--kind`` may name."""
+    kinds: set[str] = set()
+    for path in sorted(data_dir("hooks").glob("*.yaml")):
+        table = load_table(path.stem)
+        kinds.update(rule.kind for point in table.points for rule in point.activations)
+        kinds.update(rule.kind for rule in table.root)
+    return frozenset(kinds)
+
+
+def check_kinds(kinds: str | Iterable[str] | None, available: Iterable[str] | None = None) -> list[str]:
+    """``kinds`` (a list or a comma-separated string) as a list, each a kind of some hook table and, when
+    ``available`` is given (a model's kinds), one of those.
+
+    Raises:
+        InvalidOptionError: a kind no family has (naming the valid kinds), or one the model lacks (naming its kinds).
+    """
+    if kinds is None:
+        return []
+    wanted = [k.strip() for k in kinds.split(",")] if isinstance(kinds, str) else [str(k).strip() for k in kinds]
+    wanted = [k for k in wanted if k]
+    unknown = [k for k in wanted if k not in known_kinds()]
+    if unknown:
+        raise InvalidOptionError(f"unknown activation kind {unknown[0]!r}; valid kinds: {', '.join(sorted(known_kinds()))}")
+    if available is not None:
+        have = set(available)
+        absent = [k for k in wanted if k not in have]
+        if absent:
+            raise InvalidOptionError(f"this model has no {absent[0]!r} activations; its kinds: {', '.join(sorted(have))}")
+    return wanted

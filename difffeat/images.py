@@ -21,7 +21,8 @@ from PIL import Image, UnidentifiedImageError
 
 from .errors import InvalidImageError
 
-__all__ = ["ImageInput", "to_rgb", "resize_to_multiple", "to_tensor", "target_size", "MIN_SIDE"]
+__all__ = ["ImageInput", "to_rgb", "verify_image_file", "loaded_size", "original_size", "resize_to_multiple", "to_tensor",
+           "target_size", "MIN_SIDE", "MAX_PIXELS"]
 
 ImageInput = Union[str, os.PathLike, Image.Image, np.ndarray, torch.Tensor]
 
@@ -29,6 +30,8 @@ ImageInput = Union[str, os.PathLike, Image.Image, np.ndarray, torch.Tensor]
 MIN_SIDE = 8
 #: Inputs with more pixels than this are downscaled on load (with a warning) before anything else.
 MAX_PIXELS = 4096 * 4096
+#: ``PIL.Image.info`` key under which :func:`to_rgb` keeps the (width, height) of an input it downscaled
+ORIGINAL_SIZE = "difffeat.original_size"
 #: the largest image decoded at all (PIL's decompression-bomb error threshold, about 179 MP)
 MAX_DECODE_PIXELS = 2 * Image.MAX_IMAGE_PIXELS
 
@@ -38,14 +41,59 @@ _ACCEPTED = (
 )
 
 
-def _open_file(path: str | os.PathLike) -> Image.Image:
-    p = Path(path)
+def _check_path(p: Path) -> None:
     if not p.exists():
         raise InvalidImageError(f"image file not found: {str(p)!r}")
     if p.is_dir():
         raise InvalidImageError(f"{str(p)!r} is a folder, not an image file")
     if p.stat().st_size == 0:
         raise InvalidImageError(f"image file {str(p)!r} is empty (0 bytes)")
+
+
+def _too_large(p: Path, exc: Exception) -> InvalidImageError:
+    return InvalidImageError(
+        f"image file {str(p)!r} is too large to decode ({exc}); difffeat reads images up to "
+        f"{MAX_DECODE_PIXELS / 1e6:.0f} megapixels and downscales anything above {MAX_PIXELS / 1e6:.0f} MP. "
+        "Downscale the file first"
+    )
+
+
+def _unreadable(p: Path, exc: Exception) -> InvalidImageError:
+    return InvalidImageError(
+        f"cannot read image file {str(p)!r} ({exc.__class__.__name__}: {exc}); the file is corrupt or not an "
+        f"image. {_ACCEPTED}"
+    )
+
+
+def verify_image_file(path: str | os.PathLike) -> None:
+    """Check, without decoding it in full, that ``path`` is an image file :func:`to_rgb` can read: it exists,
+    is not empty, PIL identifies it and its data is whole (PIL's ``verify``: chunk checksums and the end of the
+    stream for PNG; a JPEG, which ``verify`` does not check, is decoded at 1/8 scale, which finds truncation).
+    Cheap enough to run on every input of a run before the model loads.
+
+    Raises:
+        InvalidImageError: missing, a folder, empty, too large, corrupt or truncated (the message names the file).
+    """
+    p = Path(path)
+    _check_path(p)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(p) as img:
+                if img.format == "JPEG":
+                    img.draft("RGB", (max(1, img.width // 8), max(1, img.height // 8)))
+                    img.load()
+                else:
+                    img.verify()
+    except Image.DecompressionBombError as exc:
+        raise _too_large(p, exc) from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as exc:
+        raise _unreadable(p, exc) from None
+
+
+def _open_file(path: str | os.PathLike) -> Image.Image:
+    p = Path(path)
+    _check_path(p)
     try:
         with warnings.catch_warnings():
             # PIL warns between its bomb limit and twice it; inputs that large are downscaled by to_rgb
@@ -55,16 +103,9 @@ def _open_file(path: str | os.PathLike) -> Image.Image:
                 img.draft("RGB", (img.width // 2, img.height // 2))  # JPEG: decode at a reduced scale
             img.load()
     except Image.DecompressionBombError as exc:
-        raise InvalidImageError(
-            f"image file {str(p)!r} is too large to decode ({exc}); difffeat reads images up to "
-            f"{MAX_DECODE_PIXELS / 1e6:.0f} megapixels and downscales anything above {MAX_PIXELS / 1e6:.0f} MP. "
-            "Downscale the file first"
-        ) from None
+        raise _too_large(p, exc) from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise InvalidImageError(
-            f"cannot read image file {str(p)!r} ({exc.__class__.__name__}: {exc}); the file is corrupt or not an "
-            f"image. {_ACCEPTED}"
-        ) from None
+        raise _unreadable(p, exc) from None
     return img
 
 
@@ -108,7 +149,9 @@ def _pil_to_rgb(img: Image.Image) -> Image.Image:
 
 
 def to_rgb(image: ImageInput) -> Image.Image:
-    """Any accepted input -> an RGB PIL image (alpha composited on white, 16-bit scaled to 8-bit).
+    """Any accepted input -> an RGB PIL image (alpha composited on white, 16-bit scaled to 8-bit); one of more
+    than :data:`MAX_PIXELS` pixels is downscaled to about that many (:func:`loaded_size`), its own size kept for
+    :func:`original_size`.
 
     Raises:
         InvalidImageError: unreadable/corrupt file, unsupported type or layout, or a side below ``MIN_SIDE``.
@@ -132,12 +175,34 @@ def to_rgb(image: ImageInput) -> Image.Image:
     if min(w, h) < MIN_SIDE:
         raise InvalidImageError(f"image is {w}x{h} px; each side must be at least {MIN_SIDE} px")
     img = _pil_to_rgb(img)
-    if w * h > MAX_PIXELS:
-        scale = math.sqrt(MAX_PIXELS / (w * h))
-        new = (max(MIN_SIDE, int(w * scale)), max(MIN_SIDE, int(h * scale)))
-        warnings.warn(f"image of {w}x{h} px downscaled to {new[0]}x{new[1]} px on load", stacklevel=2)
+    new = loaded_size((w, h))
+    if new != (w, h):
+        warnings.warn(f"image of {w}x{h} px downscaled to {new[0]}x{new[1]} px on load (outputs such as label maps "
+                      "keep the input's size)", stacklevel=2)
         img = img.resize(new, Image.Resampling.LANCZOS)
+        img.info[ORIGINAL_SIZE] = (w, h)
     return img
+
+
+def loaded_size(size: tuple[int, int]) -> tuple[int, int]:
+    """(width, height) an image of ``size`` has after :func:`to_rgb`: itself, or scaled down to about
+    :data:`MAX_PIXELS` pixels (aspect kept) when larger."""
+    w, h = size
+    if w * h <= MAX_PIXELS:
+        return (w, h)
+    scale = math.sqrt(MAX_PIXELS / (w * h))
+    return (max(MIN_SIDE, int(w * scale)), max(MIN_SIDE, int(h * scale)))
+
+
+def original_size(image: Image.Image) -> tuple[int, int]:
+    """(width, height) of the input an RGB image from :func:`to_rgb` was made from: larger than its own size
+    when :func:`to_rgb` downscaled it (kept in ``image.info``), else its size. Outputs such as label maps are
+    written at this size. The kept size counts only while the image still has the size :func:`to_rgb` gave it
+    (PIL copies ``info`` into crops and resizes, which are other images)."""
+    kept = image.info.get(ORIGINAL_SIZE)
+    if kept is not None and loaded_size(tuple(kept)) == image.size:
+        return tuple(kept)
+    return image.size
 
 
 def target_size(size: tuple[int, int], resolution: int, multiple: int, square: bool = False) -> tuple[int, int]:

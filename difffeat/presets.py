@@ -10,7 +10,7 @@ import yaml
 from .errors import ConfigError, close_matches
 from .resources import data_dir
 
-__all__ = ["FeaturePreset", "load_preset", "list_presets", "presets_for", "recommended_preset"]
+__all__ = ["presets_for", "recommended_preset"]
 
 
 @dataclass(frozen=True)

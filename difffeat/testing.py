@@ -780,7 +780,9 @@ def save_tiny_pipeline(family: str, path: str | os.PathLike, *, seed: int = 0) -
     Returns:
         ``path`` as a :class:`~pathlib.Path`.
     """
-    path = Path(path)
+    from .checks import check_out_dir
+
+    path = check_out_dir(path, "output folder")  # an existing file there: one clear error, not diffusers' traceback
     tiny_pipeline(family, seed=seed).save_pretrained(path, safe_serialization=True)
     return path
 
@@ -1223,8 +1225,12 @@ def save_single_file(
     """
     from safetensors.torch import save_file
 
+    from .checks import check_out_dir, check_out_file
+
+    path = check_out_file(path, "checkpoint file")
+    if config is not None:
+        check_out_dir(config, "config folder")
     pipe = single_file_pipeline(layout, seed=seed)
-    path = Path(path)
     state = original_state_dict(pipe, layout, denoiser_only=denoiser_only)
     save_file(state, str(path))
     if config is not None:

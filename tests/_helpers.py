@@ -105,15 +105,29 @@ def decision_margin(result) -> np.ndarray:
     return (top2[0] - top2[1]).numpy()
 
 
-def assert_labels_differ_only_at_ties(a, b) -> None:
-    """Two results whose scores differ by float noise: their labels may differ only at pixels where ``a``'s
-    decision is a tie within that noise. Bilinear upsampling is a convex combination, so scores that differ by at
-    most ``delta`` on the map grid differ by at most ``delta`` on the label grid, and a winner can change only
-    where the winning margin is at most ``2 * delta``."""
+def tie_tolerance(a, b, noise: float = 1e-3) -> float:
+    """How close to a tie ``a``'s decision must be for float noise to flip it in ``b``: bilinear upsampling is a
+    convex combination, so scores that differ by at most ``delta`` on the map grid differ by at most ``delta`` on
+    the label grid, and a winner can change only where its margin is at most ``2 * delta`` (+ the upsampling's own
+    rounding). Fails when the scores differ by more than ``noise``: then they come from different computations,
+    not from rounding, and no tie argument applies."""
     import torch
 
+    assert a.class_maps.shape == b.class_maps.shape and a.labels.shape == b.labels.shape
     delta = max(float((a.class_maps - b.class_maps).abs().max()), float((a.background - b.background).abs().max()))
-    tol = 2 * delta + 4 * float(torch.finfo(torch.float32).eps)  # + the upsampling's own rounding
+    assert delta <= noise, f"scores differ by {delta:.3g} > {noise:g}: not float noise"
+    return 2 * delta + 4 * float(torch.finfo(torch.float32).eps)
+
+
+def tie_pixels(a, b, noise: float = 1e-3) -> int:
+    """The number of pixels whose label float noise may flip between results ``a`` and ``b``."""
+    return int((decision_margin(a) <= tie_tolerance(a, b, noise)).sum())
+
+
+def assert_labels_differ_only_at_ties(a, b, noise: float = 1e-3) -> None:
+    """Two results whose scores differ by float noise (at most ``noise``): their labels may differ only at pixels
+    where ``a``'s decision is a tie within that noise (:func:`tie_tolerance`)."""
+    tol = tie_tolerance(a, b, noise)
     differ = a.labels != b.labels
     margin = decision_margin(a)
     assert (margin[differ] <= tol).all(), f"{int(differ.sum())} labels differ, margins {np.sort(margin[differ])[-3:]} > {tol:.3g}"

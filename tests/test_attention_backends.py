@@ -34,6 +34,7 @@ def _assert_same(a, b):
         torch.testing.assert_close(a[name], b[name], atol=2e-5, rtol=1e-4, msg=name)
 
 
+@pytest.mark.numeric
 @pytest.mark.parametrize("family", ["flux", "flux2", "qwenimage", "zimage"])
 def test_maps_are_the_same_under_native_and_native_math_backends_set_either_way(tiny_pipes, family):
     backbone = backbone_for(tiny_pipes, family)
@@ -49,6 +50,7 @@ def test_maps_are_the_same_under_native_and_native_math_backends_set_either_way(
             backbone.denoiser.reset_attention_backend()
 
 
+@pytest.mark.numeric
 @pytest.mark.parametrize("family", ["flux", "sd3"])
 def test_maps_are_the_same_with_fused_qkv_projections(family):
     plain = difffeat.load(tiny_pipeline(family), device="cpu", dtype="fp32")
@@ -64,6 +66,7 @@ def test_maps_are_the_same_with_fused_qkv_projections(family):
     _assert_same(_maps(fused, inputs), _maps(plain, inputs))
 
 
+@pytest.mark.numeric
 def test_legacy_processors_without_sdpa_give_the_same_maps(tiny_pipes):
     backbone = difffeat.load(tiny_pipeline("sd"), device="cpu", dtype="fp32")
     inputs = _inputs(backbone)
@@ -109,6 +112,7 @@ def test_a_backend_without_sdpa_is_a_clear_error_naming_the_fix(tiny_pipes, fami
     assert all(type(m.processor).__name__ != "Observer" for _, m in attention_modules(den))
 
 
+@pytest.mark.numeric
 def test_hunyuandit_maps_are_the_same_under_both_cpu_sdpa_kernels_and_fused_projections(tiny_pipes):
     """HunyuanAttnProcessor2_0 calls torch's SDPA itself (diffusers' dispatcher and its backends are not involved):
     maps are observed there whichever CPU kernel torch picks (flash vs math), and with fuse_qkv_projections()

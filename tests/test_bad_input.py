@@ -36,6 +36,7 @@ def world(tmp_path_factory):
         "no_height": {**good, "images": [{"id": 1, "file_name": "a.png", "width": 32}]},
         "unknown_category": {**good, "annotations": [{**good["annotations"][0], "category_id": 7}]},
         "top_list": [good],
+        "duplicate_category_id": {**good, "categories": [{"id": 1, "name": "cat"}, {"id": 1, "name": "dog"}]},
     }
     for name, data in variants.items():
         (root / f"{name}.json").write_text(json.dumps(data))
@@ -46,6 +47,12 @@ def world(tmp_path_factory):
         (root / f"voc_{name}" / "images").mkdir()
         label.save(root / f"voc_{name}" / "labels" / "a.png")
         Image.new("RGB", (32, 24)).save(root / f"voc_{name}" / "images" / "a.png")
+    (root / "voc_ok" / "labels").mkdir(parents=True)
+    (root / "voc_ok" / "images").mkdir()
+    Image.fromarray(np.ones((24, 32), np.uint8)).save(root / "voc_ok" / "labels" / "a.png")
+    Image.new("RGB", (32, 24)).save(root / "voc_ok" / "images" / "a.png")
+    (root / "captions_folder").mkdir()
+    _bad_images(root / "bad_images")
     (root / "no_unet").mkdir()
     (root / "no_unet" / "model_index.json").write_text(json.dumps(
         {"_class_name": "StableDiffusionPipeline", "unet": ["diffusers", "UNet2DConditionModel"],
@@ -63,6 +70,33 @@ def world(tmp_path_factory):
 
 
 IMG = "{root}/img.png"
+#: broken image files, each in a folder of its own next to a good image (see _bad_images)
+BAD_IMAGES = ("empty", "corrupt", "truncated_png", "truncated_jpeg")
+
+
+def _bad_images(root: Path) -> None:
+    """``root/<kind>/`` holds a good image and a bad one of each kind in BAD_IMAGES, as a COCO dataset."""
+    import io
+
+    rgb = Image.fromarray(np.random.default_rng(0).integers(0, 256, (24, 32, 3), dtype=np.uint8))
+    data = {}
+    for fmt in ("PNG", "JPEG"):
+        buf = io.BytesIO()
+        rgb.save(buf, fmt)
+        data[fmt] = buf.getvalue()
+    bad = {"empty": ("png", b""), "corrupt": ("png", b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 4),
+           "truncated_png": ("png", data["PNG"][: len(data["PNG"]) // 2]),
+           "truncated_jpeg": ("jpg", data["JPEG"][: len(data["JPEG"]) // 2])}
+    for kind, (suffix, payload) in bad.items():
+        folder = root / kind
+        folder.mkdir(parents=True)
+        rgb.save(folder / "a_good.png")
+        (folder / f"b_bad.{suffix}").write_bytes(payload)
+        names = ["a_good.png", f"b_bad.{suffix}"]
+        coco = {"images": [{"id": i + 1, "file_name": n, "height": 24, "width": 32} for i, n in enumerate(names)],
+                "categories": [{"id": 1, "name": "cat"}], "annotations": []}
+        (folder / "coco.json").write_text(json.dumps(coco))
+
 
 
 def _cuda_available() -> bool:
@@ -110,6 +144,17 @@ CASES = {
     "single-file-config-of-another-family": (["segment", IMG, "-c", "cat", "-o", "{root}/o", "-m", "{root}/tiny.safetensors", "--model-config", "{root}/pixart_config"], errors.ModelNotFoundError, "PixArtTransformer2DModel"),
     "model-file-not-a-checkpoint": (["extract", "{root}/a_file", IMG, "-f", "x", "-o", "{root}/o"], errors.ModelNotFoundError, "not a checkpoint"),
     "demo-model-config-without-single-file": (["demo", "--model", "shapes", "--model-config", "{root}/tiny_config"], errors.InvalidOptionError, "only for a single-file"),
+    "make-tiny-onto-a-file": (["make-tiny", "sd", "{root}/a_file"], errors.OutputPathError, "existing file"),
+    "catalog-unknown-kind": (["catalog", "shapes", "--kind", "nonsense-kind"], errors.InvalidOptionError, "valid kinds: attended-k"),
+    "catalog-kind-the-model-lacks": (["catalog", "shapes", "--kind", "cross-q,joint-q"], errors.InvalidOptionError, "no 'joint-q' activations; its kinds:"),
+    "coco-duplicate-category-id": (["eval", "--coco", "{root}/duplicate_category_id.json", "--images", "{root}/images", "--out", "{root}/e"], errors.DatasetError, "share the id 1 ('cat', 'dog')"),
+    "eval-duplicate-class-names": (["eval", "--voc-labels", "{root}/voc_ok/labels", "--images", "{root}/voc_ok/images", "--class-names", "cat,dog,Cat", "--out", "{root}/e"], errors.InvalidPromptError, "duplicate class names ['cat']"),
+    "caption-file-is-a-folder": (["segment", IMG, "-c", "cat", "-o", "{root}/o", "--caption-file", "{root}/captions_folder"], errors.LabelFileError, "is a folder"),
+    "label-file-is-a-folder": (["eval", "--shapes-split", "test", "--label-file", "{root}/captions_folder", "--out", "{root}/e"], errors.LabelFileError, "is a folder"),
+    **{f"segment-{kind}-image": (["segment", f"{{root}}/bad_images/{kind}", "-c", "cat", "-o", "{root}/o"], errors.InvalidImageError, "b_bad.")
+       for kind in BAD_IMAGES},
+    "extract-truncated-jpeg": (["extract", "shapes", "{root}/bad_images/truncated_jpeg", "-f", "down_blocks.0.resnets.0", "-o", "{root}/o"], errors.InvalidImageError, "b_bad.jpg"),
+    "eval-corrupt-image": (["eval", "--coco", "{root}/bad_images/corrupt/coco.json", "--images", "{root}/bad_images/corrupt", "--out", "{root}/e"], errors.InvalidImageError, "b_bad.png"),
     "model-config-without-single-file": (["extract", "shapes", IMG, "-f", "x", "-o", "{root}/o", "--model-config", "{root}/tiny_config"], errors.InvalidOptionError, "only for single-file"),
 }
 
@@ -142,7 +187,7 @@ def _api(case: str, root: Path):
         "resolution-huge": lambda: difffeat.FeatureExtractor("shapes", ["down_blocks.0.resnets.0"], resolution=100000),
         "resolution-negative": lambda: difffeat.FeatureExtractor("shapes", ["down_blocks.0.resnets.0"], resolution=-64),
         "resolution-odd": lambda: difffeat.FeatureExtractor("shapes", ["down_blocks.0.resnets.0"], resolution=257),
-        "bench-resolution-7": lambda: __import__("difffeat.bench").bench.run_benchmark(resolution=7),
+        "bench-resolution-7": lambda: __import__("difffeat.devtools.bench").devtools.bench.run_benchmark(resolution=7),
         "segment-batch-size-zero": lambda: commands.segment([img], "cat", out_dir=root / "o", batch_size=0),
         "eval-batch-size-over-chunk": lambda: commands.evaluate_dataset(shapes_split="test", batch_size=16, chunk_size=8, out_dir=root / "e"),
         "eval-n-negative": lambda: difffeat.evaluate.ShapesDataset("test", -5),
@@ -166,9 +211,21 @@ def _api(case: str, root: Path):
         "model-file-not-a-checkpoint": lambda: difffeat.load(root / "a_file", device="cpu"),
         "demo-model-config-without-single-file": lambda: __import__("difffeat.serve").serve.serve("shapes", port=_free_port(), model_config=str(root / "tiny_config")),
         "model-config-without-single-file": lambda: difffeat.load("shapes", config=root / "tiny_config", device="cpu"),
+        "make-tiny-onto-a-file": lambda: difffeat.testing.save_tiny_pipeline("sd", root / "a_file"),
+        "catalog-unknown-kind": lambda: difffeat.list_activations("shapes").select("nonsense-kind"),
+        "catalog-kind-the-model-lacks": lambda: difffeat.list_activations("shapes").select(["cross-q", "joint-q"]),
+        "coco-duplicate-category-id": lambda: difffeat.evaluate.CocoDataset(root / "duplicate_category_id.json", root / "images"),
+        "eval-duplicate-class-names": lambda: difffeat.evaluate.VocDataset(root / "voc_ok" / "images", root / "voc_ok" / "labels", ["cat", "dog", "Cat"]),
+        "caption-file-is-a-folder": lambda: commands.segment([img], "cat", out_dir=root / "o", caption_file=root / "captions_folder"),
+        "label-file-is-a-folder": lambda: commands.evaluate_dataset(shapes_split="test", label_file=root / "captions_folder", out_dir=root / "e"),
+        **{f"segment-{kind}-image": (lambda kind=kind: commands.segment([root / "bad_images" / kind], "cat", out_dir=root / "o"))
+           for kind in BAD_IMAGES},
+        "extract-truncated-jpeg": lambda: commands.extract("shapes", [root / "bad_images" / "truncated_jpeg"], features="down_blocks.0.resnets.0", out_dir=root / "o"),
+        "eval-corrupt-image": lambda: commands.evaluate_dataset(coco=root / "bad_images" / "corrupt" / "coco.json", images=root / "bad_images" / "corrupt", out_dir=root / "e"),
     }
     if case.startswith("coco-") and case not in calls:
         name = {"coco-no-categories": "no_categories", "coco-no-images": "no_images", "coco-no-height": "no_height",
+                "coco-duplicate-category-id": "duplicate_category_id",
                 "coco-unknown-category": "unknown_category", "coco-top-level-list": "top_list",
                 "coco-malformed-json": "malformed"}[case]
         return lambda: difffeat.evaluate.CocoDataset(root / f"{name}.json", root / "images")
@@ -241,3 +298,82 @@ def test_help_and_argument_errors_import_neither_torch_nor_diffusers(args, tmp_p
     env = {**__import__("os").environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120).stdout
     assert out.split(maxsplit=1) == [("0" if args[-1] == "--help" else "2"), "[]\n"], out
+
+
+@pytest.mark.parametrize("command", ["segment", "extract", "eval"])
+@pytest.mark.parametrize("kind", BAD_IMAGES)
+def test_a_bad_image_stops_the_run_before_the_model_loads_and_writes_nothing(command, kind, world, tmp_path, monkeypatch):
+    """Every input image is opened and verified first: a missing model load (patched to fail) proves the order,
+    and the output folder stays empty (no manifest.json of a run that never ran)."""
+    import difffeat.backbones
+
+    def no_load(*a, **k):
+        raise AssertionError("the model was loaded before the images were checked")
+
+    monkeypatch.setattr(difffeat.backbones, "load", no_load)
+    folder, out = world / "bad_images" / kind, tmp_path / "out"
+    args = {"segment": ["segment", str(folder), "-c", "cat", "-o", str(out)],
+            "extract": ["extract", "shapes", str(folder), "-f", "down_blocks.0.resnets.0", "-o", str(out)],
+            "eval": ["eval", "--coco", str(folder / "coco.json"), "--images", str(folder), "--out", str(out)]}[command]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2 and "b_bad." in result.output and len(result.output.strip().splitlines()) == 1, result.output
+    assert not out.exists() or not list(out.iterdir())
+
+
+def test_skip_unreadable_still_skips_bad_images_instead_of_refusing_them(world, tmp_path):
+    from difffeat.runs import commands
+
+    summary, _ = commands.segment([world / "bad_images" / "truncated_jpeg"], "square", out_dir=tmp_path, num_workers=0,
+                                  skip_unreadable=True)
+    assert (summary.written, summary.unreadable) == (1, 1)
+    assert [d["path"] for d in json.loads((tmp_path / "unreadable.json").read_text())] == [str(world / "bad_images" / "truncated_jpeg" / "b_bad.jpg")]
+
+
+def test_load_of_something_that_is_no_model_names_what_it_takes():
+    for bad in (123, 1.5, ["shapes"], None):
+        with pytest.raises(errors.InvalidOptionError, match="model must be 'shapes', a hub id"):
+            difffeat.load(bad)
+
+
+def test_an_empty_feature_list_is_refused_before_the_model_loads(monkeypatch):
+    import difffeat.features
+
+    monkeypatch.setattr(difffeat.features, "load", lambda *a, **k: pytest.fail("loaded a model"))
+    with pytest.raises(errors.InvalidOptionError, match="empty feature list"):
+        difffeat.FeatureExtractor("shapes", features=[])
+    with pytest.raises(errors.InvalidOptionError, match="batch_size"):
+        difffeat.FeatureExtractor("shapes", ["down_blocks.0.resnets.0"], batch_size=0)
+
+
+@pytest.mark.parametrize("bad", [{}, [], None, {"a": "not a tensor"}])
+def test_upsample_concat_of_nothing_usable_is_a_difffeat_error(bad):
+    with pytest.raises(errors.InvalidOptionError, match="upsample_concat needs"):
+        difffeat.upsample_concat(bad)
+
+
+@pytest.fixture(scope="module")
+def shapes_fx():
+    return difffeat.FeatureExtractor("shapes", ["down_blocks.0.attentions.0.transformer_blocks.0.attn2.q"], t=100)
+
+
+def test_prompts_none_means_no_prompt_as_when_left_out(shapes_fx):
+    """``fx(images, prompts=None)`` is what a user writes for "no prompt": the default (empty) prompt, for all
+    images or as one entry of a list (same inputs, same batch size, same kernels: exactly equal)."""
+    image = Image.new("RGB", (64, 64), (200, 40, 40))
+    name = shapes_fx.names[0]
+    default = shapes_fx([image, image])[name]
+    assert torch_equal(shapes_fx([image, image], prompts=None)[name], default)
+    assert torch_equal(shapes_fx([image, image], prompts=[None, ""])[name], default)
+    assert torch_equal(shapes_fx.extract_batch([image], None)[name], shapes_fx.extract_batch([image], [""])[name])
+
+
+@pytest.mark.parametrize("bad", [123, [1, 2], {"a": 1}])
+def test_prompts_of_another_type_are_refused(shapes_fx, bad):
+    with pytest.raises(errors.InvalidPromptError, match="prompts must be"):
+        shapes_fx([Image.new("RGB", (64, 64)), Image.new("RGB", (64, 64))], prompts=bad)
+
+
+def torch_equal(a, b) -> bool:
+    import torch
+
+    return torch.equal(a, b)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 import difffeat
-from difffeat import bench_real
+from difffeat.devtools import bench_real
 
 
 @pytest.fixture

@@ -10,7 +10,7 @@ import difffeat
 from difffeat import Capture, Segmenter
 from difffeat.testing import tiny_pipeline
 
-from _helpers import random_image
+from _helpers import assert_labels_differ_only_at_ties, random_image
 
 
 @pytest.mark.slow  # dynamo tracing of the tiny FLUX model takes ~20 s on a loaded 2-core machine
@@ -37,4 +37,7 @@ def test_capture_and_segmentation_on_a_compiled_denoiser_equal_the_eager_ones():
     image = random_image(64, 64, seed=3)
     want = Segmenter(eager)(image, ["cat", "dog"])
     have = Segmenter(compiled)(image, ["cat", "dog"])
-    assert torch.equal(torch.as_tensor(have.labels), torch.as_tensor(want.labels))
+    # dynamo may pick other kernels for the same ops: the scores agree to float noise, and the labels of this
+    # random model's flat maps may differ only where its decision is a tie within that noise
+    torch.testing.assert_close(have.class_maps, want.class_maps, rtol=0, atol=2e-2)
+    assert_labels_differ_only_at_ties(want, have, noise=2e-2)

@@ -208,10 +208,6 @@ def test_features_endpoint_extracts_a_whole_preset(server, client):
 
 @pytest.mark.slow
 def test_gate_endpoint_compares_img2img(server, client):
-    from difffeat.demo import gate_available
-
-    if not gate_available():
-        pytest.skip("difffeat.shift.gate_img2img is not in this version")
     _, _, model = server
     image, _ = _example()
     panels, figures, status = client.predict(handle_file(image), model, "a photo of shapes", "prompt:quality=natural", 0.75, 2,
@@ -227,32 +223,16 @@ def test_gate_endpoint_compares_img2img(server, client):
     assert "unknown technique" in str(info.value)
 
 
-def test_content_shift_tab_says_unavailable_without_gate(monkeypatch, tmp_path):
-    import difffeat.demo as demo_mod
-
-    monkeypatch.setattr(demo_mod, "gate_available", lambda: False)
-    blocks = demo_mod.build_demo(str(tmp_path / "unused"))
-    texts = [c.get("props", {}).get("value") for c in blocks.config["components"]]
-    assert any(isinstance(t, str) and "Not available in this version" in t for t in texts)
-    assert "/gate" not in [f"/{d.api_name}" for d in blocks.fns.values() if d.api_name]
-
-
 # --------------------------------------------------------------------------- helpers (no server)
-def test_shapes_falls_back_to_labelled_random_model_only_while_missing():
+def test_demo_serves_the_shipped_shapes_model_never_a_random_one():
     from difffeat.demo import FALLBACK_NOTE, ModelCache
-    from difffeat.errors import ModelNotFoundError
 
-    if SHAPES_INSTALLED:
-        loaded = ModelCache(fallback=True, device="cpu").get("shapes")
-        assert not loaded.is_fallback and FALLBACK_NOTE not in ModelCache(device="cpu").describe("shapes")
-        return
-    cache = ModelCache(fallback=True, device="cpu")
-    loaded = cache.get("shapes")
-    assert loaded.is_fallback and loaded.backbone.family == "sd"
-    assert FALLBACK_NOTE in cache.describe("shapes")
-    assert cache.get("shapes") is loaded  # cached
-    with pytest.raises(ModelNotFoundError):
-        ModelCache(fallback=False, device="cpu").get("shapes")
+    assert SHAPES_INSTALLED, "the shapes weights ship with the package"
+    for fallback in (True, False):
+        cache = ModelCache(fallback=fallback, device="cpu")
+        loaded = cache.get("shapes")
+        assert not loaded.is_fallback and FALLBACK_NOTE not in cache.describe("shapes")
+        assert cache.get("shapes") is loaded  # cached
 
 
 def test_pca_rgb_recovers_a_planted_component_and_upsamples_nearest():

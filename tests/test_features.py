@@ -31,6 +31,7 @@ def _some_features(backbone, n=3):
     return [a.name for a in cat if a.kind in kinds][:n]
 
 
+@pytest.mark.numeric
 def test_batch_of_n_equals_n_single_runs(backbone):
     fx = FeatureExtractor(backbone, _some_features(backbone), batch_size=3, t=50)
     images = [random_image(64, 64, seed=s) for s in range(3)]
@@ -42,6 +43,7 @@ def test_batch_of_n_equals_n_single_runs(backbone):
             torch.testing.assert_close(batched[name][i : i + 1], single[name], atol=1e-4, rtol=1e-4, msg=name)
 
 
+@pytest.mark.numeric
 def test_same_seed_same_features_and_other_seed_differs(backbone):
     names = _some_features(backbone, 1)
     image = random_image(64, 64)
@@ -73,7 +75,9 @@ def test_upsample_concat_stacks_channels_at_the_largest_size():
     torch.testing.assert_close(out[:, 3:], feats["b"])
 
 
-def test_extract_to_dir_writes_one_safetensors_per_image(tmp_path, tiny_pipes):
+def test_run_extract_writes_one_safetensors_per_image(tmp_path, tiny_pipes):
+    from difffeat.runs import ExtractJob, collect_images, run_extract
+
     backbone = backbone_for(tiny_pipes, "sd")
     paths = []
     for i, size in enumerate([(64, 64), (48, 80), (64, 64)]):
@@ -82,8 +86,9 @@ def test_extract_to_dir_writes_one_safetensors_per_image(tmp_path, tiny_pipes):
         paths.append(p)
     names = _some_features(backbone, 2)
     fx = FeatureExtractor(backbone, names, batch_size=2)
-    written = fx.extract_to_dir(paths, tmp_path / "out", prompts="a photo", progress=False)
-    assert sorted(w.name for w in written) == ["img0.safetensors", "img1.safetensors", "img2.safetensors"]
+    run_extract(fx, collect_images(paths), ExtractJob(tmp_path / "out", prompt="a photo", num_workers=0, progress=False))
+    written = sorted((tmp_path / "out").glob("*.safetensors"))
+    assert [w.name for w in written] == ["img0.safetensors", "img1.safetensors", "img2.safetensors"]
     with safe_open(str(tmp_path / "out" / "img1.safetensors"), "pt") as f:
         assert set(f.keys()) == set(names)
         t = f.get_tensor(names[0])

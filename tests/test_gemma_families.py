@@ -35,6 +35,7 @@ def _names(backbone, kinds):
 
 
 # ------------------------------------------------------------------------------------------------ Sana
+@pytest.mark.numeric
 def test_sana_linear_self_maps_times_v_reproduce_the_layer_output_before_its_projection(tiny_pipes):
     backbone = backbone_for(tiny_pipes, "sana")
     inputs = _inputs(backbone)
@@ -66,6 +67,7 @@ def test_sana_linear_self_maps_times_v_reproduce_the_layer_output_before_its_pro
         assert not torch.allclose(probs, softmax, atol=1e-3)  # a different matrix: the catalog does not call it softmax
 
 
+@pytest.mark.numeric
 def test_sana_cross_maps_are_the_same_with_the_legacy_processor(tiny_pipes):
     backbone = backbone_for(tiny_pipes, "sana")
     inputs = _inputs(backbone)
@@ -114,6 +116,7 @@ def test_sana_instruction_can_be_turned_off(tiny_pipes):
 LUMINA_PROMPTS = ("a cat", "a photo of a red car on the grass near a big tree")
 
 
+@pytest.mark.numeric
 def test_lumina2_batch_of_prompts_of_different_lengths_equals_single_runs(tiny_pipes):
     backbone = backbone_for(tiny_pipes, "lumina2")
     batch = _inputs(backbone, LUMINA_PROMPTS)
@@ -132,6 +135,7 @@ def test_lumina2_batch_of_prompts_of_different_lengths_equals_single_runs(tiny_p
             assert not cross[..., offsets[i] :].any() and cross[..., : offsets[i]].sum() > 0, name
 
 
+@pytest.mark.numeric
 def test_lumina2_packed_maps_times_v_reproduce_the_kernel_output_of_every_sample(tiny_pipes):
     backbone = backbone_for(tiny_pipes, "lumina2")
     inputs = _inputs(backbone, LUMINA_PROMPTS)
@@ -164,6 +168,7 @@ def test_lumina2_text_positions_follow_the_system_prompt(tiny_pipes):
 
 
 # ------------------------------------------------------------------------------------------------ both
+@pytest.mark.numeric
 @pytest.mark.parametrize("family", ["sana", "lumina2"])
 def test_maps_are_the_same_under_the_math_and_the_default_cpu_sdpa_kernels(tiny_pipes, family):
     """Both families' processors call torch's SDPA themselves (diffusers' backends do not reach them): the
@@ -198,6 +203,7 @@ def test_a_lowercasing_segment_counts_tokens_as_the_pipeline_does_with_a_case_se
     assert cased.class_tokens[1] != layout.class_tokens[1]  # without it the positions are off
 
 
+@pytest.mark.numeric
 def test_lumina2_image_refiner_self_maps_times_v_reproduce_the_kernel_output(tiny_pipes):
     backbone = backbone_for(tiny_pipes, "lumina2")
     inputs = _inputs(backbone, LUMINA_PROMPTS)

@@ -8,8 +8,13 @@ import pytest
 import torch
 
 from difffeat.capture.observer import AttentionTensors, attention_probs, head_mean
-from difffeat.segment.aggregation import GocaHeadReducer, combine_layers, goca_head_weights, layer_weights, resize_self_map
-from difffeat.segment.rescale import class_scores, gaussian_blur, minmax, propagate, rescale_by_content
+from difffeat.segment.aggregation import GocaHeadReducer, combine_layers, goca_head_weights, layer_weights
+from difffeat.segment.rescale import class_scores, gaussian_blur, minmax, rescale_by_content
+from difffeat.segment.selfmaps import propagate, resize_self_map
+
+#: float results of different kernel paths compared within derived tolerances (`.ci/run` reruns these under a
+#: second kernel set and one thread: `pytest -m numeric`)
+pytestmark = pytest.mark.numeric
 
 
 def _attention(b=2, h=4, nq=12, nk=7, d=5, c=9, seed=0):
@@ -137,8 +142,9 @@ def test_blur_preserves_constants_and_smooths():
 
 
 def test_propagation_is_a_matrix_power_then_minmax():
-    x = torch.rand(1, 2, 3, 3)
-    s = torch.softmax(torch.randn(1, 9, 9), -1)
+    gen = torch.Generator().manual_seed(0)  # unseeded, a draw with a narrow range failed the min-max tolerance
+    x = torch.rand(1, 2, 3, 3, generator=gen)
+    s = torch.softmax(torch.randn(1, 9, 9, generator=gen), -1)
     got = propagate(x, s, 3)
     flat = x[0].flatten(1).T
     naive = torch.linalg.matrix_power(s[0], 3) @ flat

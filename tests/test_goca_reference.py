@@ -22,12 +22,17 @@ from typer.testing import CliRunner
 from difffeat import Segmenter
 from difffeat.cli import app
 from difffeat.errors import ConfigError
-from difffeat.segment.aggregation import layer_weights, resize_self_map
+from difffeat.segment.aggregation import layer_weights
+from difffeat.segment.selfmaps import resize_self_map
 from difffeat.segment.prompts import PromptLayout
 from difffeat.segment.segmenter import decide, goca_scores
 from difffeat.segment.settings import SegmentSettings, config_names, settings_for
 
 from _helpers import backbone_for, random_image
+
+#: float results of different kernel paths compared within derived tolerances (`.ci/run` reruns these under a
+#: second kernel set and one thread: `pytest -m numeric`)
+pytestmark = pytest.mark.numeric
 
 TAUS = [round(-0.4 + 0.1 * i, 1) for i in range(9)]  # the reference's grid
 PUBLISHED = settings_for("x", "sd", "goca-reference")
@@ -414,3 +419,22 @@ def test_hunyuandit_reference_config_is_the_published_one_and_names_real_size_bl
     wanted = {f"{b}.{table.goca[k]}" for b in blocks for k in ("cross", "self")} | {f"blocks.25.{table.goca['query']}"}
     assert wanted <= names
     assert table.translate_alias("vit-block25-cross-q") == "blocks.25.attn2.q"  # the published name, translated
+
+
+def test_string_switches_are_literal_typed_and_validated_from_their_type():
+    from typing import get_args
+
+    from difffeat.errors import ConfigError
+    from difffeat.segment.postprocess import POSTPROCESS
+    from difffeat.segment.prompts import FILLERS
+    from difffeat.segment.settings import FillerWords, switches
+
+    assert list(switches()) == ["heads", "layers", "rescale", "self_map_resize", "ref_channels", "pseudo_grid",
+                                "entity_merge", "postprocess", "filler_words"]
+    assert switches()["postprocess"] == POSTPROCESS and get_args(FillerWords) == tuple(FILLERS)
+    for name, allowed in switches().items():
+        for value in allowed:
+            if value != "crf":  # crf needs its optional package
+                assert getattr(SegmentSettings(**{name: value}), name) == value
+        with pytest.raises(ConfigError, match=f"^{name}='bogus' is not one of "):
+            SegmentSettings(**{name: "bogus"})

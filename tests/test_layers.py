@@ -1,7 +1,7 @@
 """The import graph of ``difffeat``: no cycle among its parts, and no import from a lower layer into a higher one.
 
 Layers (design.md; lower first): shared basics < backbones < catalog < capture < features/presets < shift/segment
-< evaluate/bench < runs < cli/demo/the package facade. Every import counts, also those inside functions: a
+< evaluate/devtools (benchmarks, training) < runs < cli/demo/the package facade. Every import counts, also those inside functions: a
 lazy import still makes the lower layer depend on the higher one.
 """
 
@@ -23,7 +23,7 @@ LAYERS = [
     {"capture"},
     {"presets", "features", "families"},
     {"shift", "segment"},
-    {"evaluate", "bench", "bench_real"},
+    {"evaluate", "devtools"},
     {"runs"},
     {"cli", "demo", "serve", "__main__", "__init__"},
 ]

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from difffeat.shapes.attention_loss import BACKGROUND, LOSS_KINDS, install_recorders, localisation_loss, word_class_lookup
+from difffeat.devtools.attention_loss import BACKGROUND, LOSS_KINDS, install_recorders, localisation_loss, word_class_lookup
 from difffeat.shapes.models import ModelConfig, build_unet
-from difffeat.shapes.train import TrainConfig, init_from_run, load_checkpoint, make_tokenizer, train
+from difffeat.devtools.train_shapes import TrainConfig, init_from_run, load_checkpoint, make_tokenizer, train
 from difffeat.shapes.world import SHAPE_CLASSES
 
 TOY = ModelConfig(vae_channels=(8, 16, 16), unet_channels=(16, 32, 32), norm_groups=8, text_hidden=32, text_intermediate=64)

@@ -15,7 +15,7 @@ MIN_SHIPPED_MIOU = 0.65
 
 pytestmark = pytest.mark.skipif(
     not (WEIGHTS / "model_index.json").exists(),
-    reason=f"shipped shapes weights not present at {WEIGHTS} (train and export with difffeat.shapes.train)",
+    reason=f"shipped shapes weights not present at {WEIGHTS} (train and export with difffeat.devtools.train_shapes)",
 )
 
 

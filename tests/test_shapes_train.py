@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from difffeat.shapes.models import ModelConfig
-from difffeat.shapes.train import TrainConfig, export, load_checkpoint, min_snr_weights, posterior_latents, train
+from difffeat.devtools.train_shapes import TrainConfig, export, load_checkpoint, min_snr_weights, posterior_latents, train
 
 
 def _tiny(out: Path, unet_steps: int = 4) -> TrainConfig:
@@ -65,7 +65,7 @@ def test_export_is_a_loadable_pipeline(tmp_path: Path) -> None:
 
 
 def test_init_from_an_exported_pipeline_continues_its_weights(tmp_path: Path) -> None:
-    from difffeat.shapes.train import init_from_run
+    from difffeat.devtools.train_shapes import init_from_run
 
     first = train(_tiny(tmp_path / "run", unet_steps=1))
     export(tmp_path / "run", tmp_path / "pipe", fp16=False)
@@ -89,7 +89,7 @@ def test_init_from_an_exported_pipeline_continues_its_weights(tmp_path: Path) ->
 
 
 def test_frozen_text_encoder_stays_at_its_initialisation_and_vae_only_init_starts_fresh(tmp_path: Path) -> None:
-    from difffeat.shapes.train import init_from_run
+    from difffeat.devtools.train_shapes import init_from_run
 
     source = train(_tiny(tmp_path / "src", unet_steps=2))
     cfg = _tiny(tmp_path / "frozen", unet_steps=3)
@@ -99,7 +99,7 @@ def test_frozen_text_encoder_stays_at_its_initialisation_and_vae_only_init_start
     done = train(cfg, resume=True)
     assert done["step"] == 3
     from difffeat.shapes.models import build_text_encoder, build_unet
-    from difffeat.shapes.train import make_tokenizer
+    from difffeat.devtools.train_shapes import make_tokenizer
 
     # the trainer's initialisation: seed + 1, UNet first, then the text encoder
     tok = make_tokenizer(cfg.model, tmp_path / "frozen")
@@ -117,7 +117,7 @@ def test_frozen_text_encoder_stays_at_its_initialisation_and_vae_only_init_start
 
 
 def test_init_from_a_pipeline_of_another_architecture_is_a_clear_error(tmp_path: Path) -> None:
-    from difffeat.shapes.train import init_from_run, main
+    from difffeat.devtools.train_shapes import init_from_run, main
 
     train(_tiny(tmp_path / "run", unet_steps=1))
     export(tmp_path / "run", tmp_path / "pipe", fp16=False)
@@ -161,7 +161,7 @@ def test_posterior_latents_mean_or_sample() -> None:
 
 
 def test_wall_clock_budget_ends_the_unet_stage_and_paces_the_decay(tmp_path: Path) -> None:
-    from difffeat.shapes.train import _lr_factor
+    from difffeat.devtools.train_shapes import _lr_factor
 
     # the schedule follows whichever of step count and time used is further along
     assert _lr_factor(10, 1000, 2, 0.1) > 0.99
@@ -186,7 +186,7 @@ def test_wall_clock_budget_ends_the_unet_stage_and_paces_the_decay(tmp_path: Pat
 
 
 def test_ema_update_is_the_lerp_of_every_parameter() -> None:
-    from difffeat.shapes.train import EMA
+    from difffeat.devtools.train_shapes import EMA
 
     live = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))
     ema = EMA(live, decay=0.9)
@@ -214,7 +214,7 @@ def test_prefetching_batches_trains_exactly_like_building_them_in_step(tmp_path:
 @pytest.mark.parametrize("kind", ["qk", "qkvo"])
 def test_relearning_cross_attention_resets_and_trains_only_those_projections(tmp_path: Path, kind: str) -> None:
     from difffeat.shapes.models import build_unet
-    from difffeat.shapes.train import RELEARN_KINDS, cross_projections, init_from_run
+    from difffeat.devtools.train_shapes import RELEARN_KINDS, cross_projections, init_from_run
 
     source = train(_tiny(tmp_path / "src", unet_steps=2))
     cfg = _tiny(tmp_path / "relearn", unet_steps=3)
@@ -245,7 +245,7 @@ def test_relearning_cross_attention_resets_and_trains_only_those_projections(tmp
 
 
 def test_relearning_without_a_source_is_a_clear_error(tmp_path: Path) -> None:
-    from difffeat.shapes.train import cross_projections, main
+    from difffeat.devtools.train_shapes import cross_projections, main
 
     with pytest.raises(SystemExit, match="--relearn-cross needs --init-from"):
         main(["--out", str(tmp_path / "r"), "--relearn-cross", "qk"])

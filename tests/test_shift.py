@@ -52,6 +52,7 @@ def test_prompt_template_and_quality_words():
     assert Prompt(captions=["x", "y"]).prompts(["a", "b"]) == ["x", "y"]
 
 
+@pytest.mark.numeric
 def test_controlnet_changes_features_and_scale_zero_does_not(fx):
     image = random_image(64, 64)
     plain = fx(image, "a cat")[NAME]
@@ -80,6 +81,7 @@ def test_multi_step_start_rejects_uneven_steps(fx):
         fx(random_image(64, 64), "a cat")
 
 
+@pytest.mark.numeric
 def test_lora_changes_features_and_scale_zero_reproduces_plain(fx, lora_dir):
     image = random_image(64, 64)
     plain = fx(image, "a cat")[NAME]
@@ -151,6 +153,7 @@ def _lap_norm_loops(f: np.ndarray) -> np.ndarray:
     return out
 
 
+@pytest.mark.numeric
 @pytest.mark.parametrize("reference", ["plain", "treated"])
 def test_gate_scores_equal_the_formula_computed_by_hand(fx, reference):
     images, technique = [random_image(64, 64, seed=3)], Prompt(quality="natural")

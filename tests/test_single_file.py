@@ -86,6 +86,7 @@ def _activation_names(backbone) -> list[str]:
     return list(picked.values())
 
 
+@pytest.mark.numeric
 @pytest.mark.parametrize("layout,denoiser_only", CASES, ids=[f"{l}{'-denoiser' if d else ''}" for l, d in CASES])
 def test_a_single_file_loads_the_weights_and_activations_of_its_pipeline(layout, denoiser_only, written):
     file, config = written(layout, denoiser_only)

@@ -60,6 +60,7 @@ def test_prompts_need_the_block_lengths_this_file_is_about(backbone):
     assert backbone.text_width == 64
 
 
+@pytest.mark.numeric
 @pytest.mark.parametrize("prompt", [SHORT, LONG])
 def test_maps_skip_image_padding_and_hold_the_text_keys_at_a_fixed_width(backbone, prompt):
     inputs, maps, calls = _capture(backbone, [prompt])
@@ -86,6 +87,7 @@ def test_maps_skip_image_padding_and_hold_the_text_keys_at_a_fixed_width(backbon
     torch.testing.assert_close(maps[f"{REFINER}.map"].double(), _probs(q, k, None)[:, :, :N_IMG, :N_IMG])
 
 
+@pytest.mark.numeric
 def test_a_batch_of_a_short_and_a_long_prompt_equals_the_single_runs(backbone):
     _, batch, calls = _capture(backbone, [SHORT, LONG])
     assert calls[JOINT][3] is not None  # the short item's batch padding is masked

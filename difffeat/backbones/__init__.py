@@ -6,15 +6,6 @@ from .base import Backbone, DenoiserInputs, TextSegment, check_timestep
 from .loading import load, wrap_pipeline
 from .registry import FAMILIES, adapter_for, register_backbone, registered_pipelines
 
-__all__ = [
-    "Backbone",
-    "DenoiserInputs",
-    "TextSegment",
-    "check_timestep",
-    "load",
-    "wrap_pipeline",
-    "FAMILIES",
-    "adapter_for",
-    "register_backbone",
-    "registered_pipelines",
-]
+# Backbone, DenoiserInputs, TextSegment, load and register_backbone are exported from the package facade
+# (``difffeat.load`` ...); the imports above keep ``difffeat.backbones.load`` working.
+__all__ = ["check_timestep", "wrap_pipeline", "FAMILIES", "adapter_for", "registered_pipelines"]

@@ -19,7 +19,6 @@ from ..images import ImageInput, resize_to_multiple, to_rgb, to_tensor
 if TYPE_CHECKING:
     from .latents import LatentCache
 
-__all__ = ["Backbone", "DenoiserInputs", "TextSegment", "check_timestep", "NUM_TRAIN_TIMESTEPS", "POSTERIOR_SEED_XOR"]
 
 NUM_TRAIN_TIMESTEPS = 1000
 #: the VAE posterior draw (``vae_latents="sample"``) uses ``seed ^ POSTERIOR_SEED_XOR``, the forward noise ``seed``

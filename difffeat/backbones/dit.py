@@ -9,6 +9,7 @@ from typing import Any, ClassVar
 import torch
 
 from .base import Backbone, DenoiserInputs, TextSegment
+from .diffusers_compat import prepare_attention_mask
 from .registry import register_backbone
 from .unet import _DDPMNoising
 
@@ -210,5 +211,5 @@ class ChromaBackbone(FluxBackbone):
         text_mask = cond.pop("text_mask")
         inputs = super().denoiser_inputs(noisy_latents, t, cond, image_size)
         b, n_image = noisy_latents.shape[0], inputs.grid[0] * inputs.grid[1]
-        inputs.kwargs["attention_mask"] = self.pipeline._prepare_attention_mask(b, n_image, self.dtype, text_mask)
+        inputs.kwargs["attention_mask"] = prepare_attention_mask(self.pipeline, b, n_image, self.dtype, text_mask)
         return inputs

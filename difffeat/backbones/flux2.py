@@ -10,6 +10,7 @@ import torch
 
 from ..errors import UnsupportedBackboneError
 from .base import DenoiserInputs
+from .diffusers_compat import pack_latents, patchify_latents, prepare_latent_ids
 from .dit import PackedLatentTransformer
 from .registry import register_backbone
 from .text import chat_template_segment
@@ -35,7 +36,7 @@ class Flux2Backbone(PackedLatentTransformer):
         pipeline's own image-conditioning encoding)."""
         vae = self.pipeline.vae
         latents = vae.encode(pixels.to(device=vae.device, dtype=vae.dtype)).latent_dist.mode()
-        latents = self.pipeline._patchify_latents(latents)
+        latents = patchify_latents(self.pipeline, latents)
         mean = vae.bn.running_mean.view(1, -1, 1, 1).to(latents)
         std = torch.sqrt(vae.bn.running_var.view(1, -1, 1, 1) + vae.config.batch_norm_eps).to(latents)
         return (latents - mean) / std
@@ -62,9 +63,9 @@ class Flux2Backbone(PackedLatentTransformer):
         b, _, gh, gw = noisy_latents.shape
         dev = noisy_latents.device
         kwargs = {
-            "hidden_states": self.pipeline._pack_latents(noisy_latents),
+            "hidden_states": pack_latents(self.pipeline, noisy_latents),
             "timestep": torch.full((b,), float(t) / 1000.0, dtype=self.dtype, device=dev),
-            "img_ids": self.pipeline._prepare_latent_ids(noisy_latents).to(dev),
+            "img_ids": prepare_latent_ids(self.pipeline, noisy_latents).to(dev),
             **cond,
             **self.guidance_kwargs(b, dev),
         }

@@ -7,9 +7,9 @@ from __future__ import annotations
 from typing import Any, ClassVar
 
 import torch
-from diffusers.models.embeddings import get_2d_rotary_pos_embed
 
 from .base import Backbone, DenoiserInputs, TextSegment
+from .diffusers_compat import get_2d_rotary_pos_embed, get_resize_crop_region_for_grid
 from .registry import register_backbone
 from .unet import _DDPMNoising
 
@@ -55,9 +55,6 @@ class HunyuanDiTBackbone(_DDPMNoising, Backbone):
     def rotary_embedding(self, gh: int, gw: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """The pipeline's 2-D RoPE (cos, sin) for a ``gh x gw`` token grid, its coordinates fitted into the grid
         of a 512 px image."""
-        # imported here: the pipeline module pulls in transformers' image processors (loaded with the pipeline)
-        from diffusers.pipelines.hunyuandit.pipeline_hunyuandit import get_resize_crop_region_for_grid
-
         base = _ROPE_BASE_PX // self.vae_scale_factor // self.denoiser.config.patch_size
         crops = get_resize_crop_region_for_grid((gh, gw), base)
         head_dim = self.denoiser.inner_dim // self.denoiser.num_heads

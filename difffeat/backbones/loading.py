@@ -17,10 +17,11 @@ from ..checks import check_device
 from ..errors import InvalidOptionError, ModelNotFoundError
 from ..resources import package_dir
 from .base import Backbone
+from .diffusers_compat import calls_dispatcher
 from .single_file import SINGLE_FILE_SUFFIXES, checkpoint_keys, from_single_file, is_single_file
 from .registry import adapter_for
 
-__all__ = ["load", "check_model", "wrap_pipeline", "resolve_dtype", "default_device", "xformers_wanted", "EMBEDDED_MODELS"]
+__all__ = ["check_model", "xformers_wanted"]
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +59,6 @@ def wrap_pipeline(pipeline: DiffusionPipeline, name: str | None = None) -> Backb
     cls = adapter_for(pipeline)
     pipeline.set_progress_bar_config(disable=True)
     return cls(pipeline, name=name)
-
 
 
 class _DropTorchvisionFallbackNotice(logging.Filter):
@@ -217,11 +217,17 @@ def load(
     Raises:
         ModelNotFoundError: no such folder, not a diffusers folder, or a hub id that cannot be fetched; for a single
             file: no such file, not a checkpoint, no (or an unresolvable) ``config``, a config of another family.
-        InvalidOptionError: ``config`` given for a model that is not a single file.
+        InvalidOptionError: ``config`` given for a model that is not a single file; ``model`` of another type
+            (a number, a list...).
         UnsupportedBackboneError: a pipeline class without an adapter.
     """
     if isinstance(model, Backbone):
         return model
+    if not isinstance(model, (str, os.PathLike, DiffusionPipeline)):
+        raise InvalidOptionError(
+            f"model must be 'shapes', a hub id, a local folder or single-file checkpoint path, a diffusers pipeline "
+            f"or a Backbone; got {type(model).__name__} {model!r}"
+        )
     dev = torch.device(check_device(str(device))) if device is not None else default_device()
     torch_dtype = resolve_dtype(dtype, dev)
     if isinstance(model, DiffusionPipeline):
@@ -291,7 +297,7 @@ def xformers_wanted(requested: bool | None, device: torch.device, installed: boo
 def _dispatcher_attention(backbone: Backbone) -> bool:
     """True when some attention of the denoiser calls diffusers' attention dispatcher (new-style processors)."""
     processors = getattr(backbone.denoiser, "attn_processors", {})
-    return any(hasattr(p, "_attention_backend") for p in processors.values())
+    return any(calls_dispatcher(p) for p in processors.values())
 
 
 def _configure_attention(backbone: Backbone, device: torch.device, xformers: bool | None) -> None:

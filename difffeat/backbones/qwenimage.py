@@ -8,6 +8,7 @@ from typing import Any, ClassVar
 import torch
 
 from .base import DenoiserInputs
+from .diffusers_compat import pack_latents
 from .dit import PackedLatentTransformer
 from .registry import register_backbone
 
@@ -75,7 +76,7 @@ class QwenImageBackbone(PackedLatentTransformer):
         b, c, h, w = noisy_latents.shape
         dev = noisy_latents.device
         kwargs = {
-            "hidden_states": self.pipeline._pack_latents(noisy_latents, b, c, h, w),
+            "hidden_states": pack_latents(self.pipeline, noisy_latents, b, c, h, w),
             "timestep": torch.full((b,), float(t) / 1000.0, dtype=self.dtype, device=dev),
             "img_shapes": [[(1, h // 2, w // 2)]] * b,
             **cond,

@@ -10,7 +10,7 @@ from diffusers import DiffusionPipeline
 from ..errors import UnsupportedBackboneError
 from .base import Backbone
 
-__all__ = ["register_backbone", "adapter_for", "adapter_named", "pipelines_of", "registered_pipelines", "FAMILIES"]
+__all__ = ["adapter_named", "pipelines_of"]
 
 _BY_PIPELINE: dict[str, type[Backbone]] = {}
 #: family name -> adapter class

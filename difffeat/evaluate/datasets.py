@@ -15,9 +15,9 @@ from PIL import Image
 
 from ..errors import DatasetError
 from ..images import to_rgb
+from ..segment.prompts import check_classes
 
-__all__ = ["EvalItem", "SegDataset", "CocoDataset", "VocDataset", "ShapesDataset", "read_coco", "VOID", "with_void",
-           "VoidAsBackground"]  # fmt: skip
+__all__ = ["read_coco"]
 
 #: what VOC boundary / COCO crowd pixels (255) count as: "ignore" (difffeat: skipped by the metrics) or
 #: "background" (the published GOCA code: its VOC loader sets every label above 20 to 0)
@@ -89,6 +89,13 @@ def read_coco(annotations: str | os.PathLike) -> dict:
         entry("categories", i, d, {"id": int, "name": str})
     if not data["categories"]:
         raise DatasetError(f"{str(ann)!r} has an empty 'categories' list: nothing to segment")
+    for key in ("id", "name"):  # pycocotools would keep one of each and drop the other's class silently
+        values = [d[key] for d in data["categories"]]
+        dupes = sorted({v for v in values if values.count(v) > 1}, key=str)
+        if dupes:
+            owners = [d["name"] if key == "id" else d["id"] for d in data["categories"] if d[key] == dupes[0]]
+            raise DatasetError(f"{str(ann)!r}: categories share the {key} {dupes[0]!r} ({', '.join(map(repr, owners))}); "
+                               f"each category needs its own {key}")
     cats, imgs = {d["id"] for d in data["categories"]}, {d["id"] for d in data["images"]}
     for i, d in enumerate(data["annotations"]):
         entry("annotations", i, d, {"id": int, "image_id": int, "category_id": int})
@@ -132,6 +139,10 @@ class CocoDataset:
     def __len__(self) -> int:
         return len(self.ids)
 
+    def image_files(self) -> list[Path]:
+        """The image file of every item, in item order."""
+        return [self.images / self.coco.loadImgs(i)[0]["file_name"] for i in self.ids]
+
     def item_keys(self, i: int) -> list[str]:
         """Names a per-image file may use for item ``i``: file name, stem, image id."""
         name = self.coco.loadImgs(self.ids[i])[0]["file_name"]
@@ -158,6 +169,7 @@ class VocDataset:
         self.classes = list(classes)
         if not self.classes:
             raise DatasetError("a VOC-style dataset needs its class names (label i = i-th name, 0 = background)")
+        check_classes(self.classes)  # a duplicate name would score pixels of one label as another class
         self.stems = sorted(p.stem for p in self.labels.glob("*.png"))
         self._image_of = {}
         for stem in self.stems:
@@ -195,6 +207,10 @@ class VocDataset:
     def __len__(self) -> int:
         return len(self.stems)
 
+    def image_files(self) -> list[Path]:
+        """The image file of every item, in item order."""
+        return [self._image_of[stem] for stem in self.stems]
+
     def item_keys(self, i: int) -> list[str]:
         """Names a per-image file may use for item ``i``: stem, image file name."""
         return [self.stems[i], self._image_of[self.stems[i]].name]
@@ -219,6 +235,10 @@ class ShapesDataset:
         self.world = world
         self.split, self.n, self.start = split, int(n), int(start)
         self.classes = list(world.SHAPE_CLASSES)
+
+    def image_files(self) -> list[Path]:
+        """None: the images are generated, not read from files."""
+        return []
 
     def __len__(self) -> int:
         return self.n

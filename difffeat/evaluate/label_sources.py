@@ -29,8 +29,7 @@ from typing import Any
 from ..errors import LabelFileError, close_matches
 from ..segment.captions import published_caption
 
-__all__ = ["ImagePrompt", "LabelSource", "OracleLabels", "AllClasses", "LabelFile", "CaptionFile", "label_source",
-           "item_keys", "source_spec", "ImageFiles"]  # fmt: skip
+__all__ = ["item_keys", "source_spec", "ImageFiles"]
 
 
 @dataclass(frozen=True)
@@ -87,6 +86,8 @@ class AllClasses(LabelSource):
 
 
 def _read_json(path: Path, kind: str) -> dict:
+    if path.is_dir():
+        raise LabelFileError(f"{kind} file {str(path)!r} is a folder; give the JSON file itself, e.g. {str(path / (kind + 's.json'))!r}")
     if not path.is_file():
         raise LabelFileError(f"{kind} file {str(path)!r} not found")
     try:

@@ -6,7 +6,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["ConfusionMatrix", "IGNORE", "MIOU_AVERAGES"]
 
 IGNORE = 255
 #: how per-class IoUs become one mIoU: "present" (difffeat: classes occurring in ground truth or prediction)

@@ -15,8 +15,6 @@ import torch.nn.functional as F
 from ..errors import DifffeatError
 from .metrics import ConfusionMatrix
 
-__all__ = ["PixelProbe", "ProbeScore", "probe_score"]
-
 
 @dataclass(frozen=True)
 class ProbeScore:

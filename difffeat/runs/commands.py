@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 
 # Only the checks are imported at the top: a bad option is reported before torch or diffusers load.
 
-__all__ = ["split_names", "image_sources", "extract", "segment", "evaluate_dataset", "EvalOutcome", "segmenter_overrides"]
+__all__ = ["extract", "segment", "evaluate_dataset"]
 
 
 def image_sources(images: Sequence[str | os.PathLike] | None = None, coco: str | os.PathLike | None = None,
@@ -49,6 +49,14 @@ def _check_run_options(batch_size: int = 1, num_workers: int = 0, seed: int = 0,
     check_number("--t", t, 0, 999, integer=True)
 
 
+def _check_images(refs: "Sequence[ImageRef]", skip_unreadable: bool) -> None:
+    """Open and verify every input image before the model loads (unless unreadable ones are to be skipped)."""
+    from .sources import check_image_files
+
+    if not skip_unreadable:
+        check_image_files([r.path for r in refs], "Fix or remove it, or pass --skip-unreadable to skip such images")
+
+
 def extract(model: str, images: Sequence[str | os.PathLike] | None = None, *, out_dir: str | os.PathLike,
             features: str | Sequence[str] | None = None, preset: str | None = None, t: int | None = None,
             coco: str | os.PathLike | None = None, coco_images_dir: str | os.PathLike | None = None,
@@ -72,6 +80,7 @@ def extract(model: str, images: Sequence[str | os.PathLike] | None = None, *, ou
     from .processes import init_state
 
     refs, desc = image_sources(images, coco, coco_images_dir, voc, voc_split)
+    _check_images(refs, skip_unreadable)
     check_device(device)
     state = init_state(device)
     fx = FeatureExtractor(load(model, device=device, dtype=dtype, config=model_config), names or None, preset=preset, t=t,
@@ -115,11 +124,14 @@ def segment(images: Sequence[str | os.PathLike], classes: str | Sequence[str], *
     from ..segment.postprocess import check_postprocess
     from ..segment.segmenter import Segmenter
     from .processes import init_state
-    from ..evaluate.label_sources import source_spec
+    from ..evaluate.label_sources import ImageFiles, label_source, source_spec
     from .segment import SegmentJob, run_segment
 
     names = check_classes(split_names(classes))
     refs, desc = image_sources(images)
+    source = label_source(source_spec("all", label_file, caption_file))
+    source.check(ImageFiles([r.path for r in refs], names))  # a bad label/caption file: before the model loads
+    _check_images(refs, skip_unreadable)
     check_device(device)
     if overrides.get("postprocess") is not None:  # unknown name or missing [crf] extra: before the model loads
         check_postprocess(overrides["postprocess"])
@@ -201,6 +213,7 @@ def evaluate_dataset(model: str = "shapes", *, coco: str | os.PathLike | None = 
     from ..segment.segmenter import Segmenter
     from .evaluation import EvalJob, run_eval, tune_tau
     from .processes import init_state
+    from .sources import check_image_files
 
     benchmark = None
     if dataset is not None:
@@ -243,6 +256,7 @@ def evaluate_dataset(model: str = "shapes", *, coco: str | os.PathLike | None = 
     else:
         raise InvalidOptionError("name a dataset: --dataset NAME --root DIR, --coco FILE [--images DIR], --voc-labels "
                                  "DIR --images DIR --class-names a,b, or --shapes-split test")
+    check_image_files(data.image_files()[:limit], "eval never skips an image (that would change the mIoU): fix or remove it")
     if benchmark is None:
         data, desc["void"] = with_void(data, void), void
         setting = source_spec(setting, label_file, caption_file)

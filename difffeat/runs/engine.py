@@ -31,8 +31,6 @@ from ..io import write_json
 from .manifest import Manifest, check_manifest, write_manifest
 from .processes import gather_list, init_state, reduce_max, reduce_sum, shard
 
-__all__ = ["Run", "RunSummary", "UNREADABLE", "remove_stale_parts"]
-
 U = TypeVar("U")
 R = TypeVar("R")
 

@@ -32,8 +32,6 @@ from .engine import Run
 from .manifest import Manifest
 from .sources import LoadFailure, eval_loader
 
-__all__ = ["EvalJob", "run_eval", "evaluate", "tune_tau", "chunks_of"]
-
 
 @dataclass
 class EvalJob:

@@ -21,8 +21,6 @@ from .engine import UNREADABLE, Run, RunSummary
 from .manifest import Manifest
 from .sources import ImageRef, LoadFailure, ResizedImages, check_unique_stems, image_loader, to_pil
 
-__all__ = ["ExtractJob", "ExtractSummary", "run_extract", "feature_file_ok"]
-
 #: what an extraction run reports (the engine's summary)
 ExtractSummary = RunSummary
 

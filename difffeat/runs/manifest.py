@@ -16,7 +16,7 @@ from typing import Any
 from ..errors import ManifestMismatchError
 from ..io import write_json
 
-__all__ = ["Manifest", "ManifestMismatchError", "MANIFEST", "check_manifest", "write_manifest", "versions", "diff_keys"]
+__all__ = ["versions"]
 
 MANIFEST = "manifest.json"
 COMPARED = ("kind", "model", "settings", "dataset")

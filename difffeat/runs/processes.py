@@ -12,8 +12,6 @@ from typing import TypeVar
 
 import torch
 
-__all__ = ["init_state", "shard", "reduce_sum", "reduce_max", "gather_list"]
-
 T = TypeVar("T")
 
 

@@ -27,8 +27,6 @@ from .engine import UNREADABLE, Run, RunSummary
 from .manifest import Manifest
 from .sources import ImageRef, LoadFailure, check_unique_stems, decoded_loader
 
-__all__ = ["SegmentJob", "run_segment", "segment_done"]
-
 
 @dataclass
 class SegmentJob:

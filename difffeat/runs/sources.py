@@ -22,12 +22,9 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ..errors import DifffeatError, InvalidImageError
-from ..images import MAX_PIXELS, MIN_SIDE, resize_to_multiple, target_size, to_rgb
+from ..images import loaded_size, resize_to_multiple, target_size, to_rgb, verify_image_file
 
-__all__ = [
-    "ImageRef", "LoadFailure", "IMAGE_SUFFIXES", "collect_images", "coco_images", "voc_images", "check_unique_stems",
-    "ResizedImages", "DecodedImages", "decoded_loader", "SizeBucketSampler", "image_loader", "EvalItems", "eval_loader",
-]
+__all__ = ["SizeBucketSampler"]
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
@@ -112,6 +109,21 @@ def check_unique_stems(refs: Sequence[ImageRef]) -> None:
         raise DifffeatError(f"several input images share the file stem(s) {dupes[:5]}; outputs would collide")
 
 
+def check_image_files(paths: Sequence[str | os.PathLike], hint: str = "") -> None:
+    """Every path is a readable, whole image file (:func:`~difffeat.images.verify_image_file`): what a run
+    checks before its model loads and before it writes anything, so a bad input costs seconds, not a model load,
+    and leaves no output folder behind.
+
+    Raises:
+        InvalidImageError: the first bad file, by name, followed by ``hint``.
+    """
+    for path in paths:
+        try:
+            verify_image_file(path)
+        except InvalidImageError as exc:
+            raise InvalidImageError(f"{str(exc).rstrip('.')}. {hint}" if hint else str(exc)) from None
+
+
 def probe_target_size(path: str, resolution: int, multiple: int, square: bool) -> tuple[int, int]:
     """(width, height) the image will have after preprocessing, from its header only (no decoding)."""
     try:
@@ -121,10 +133,7 @@ def probe_target_size(path: str, resolution: int, multiple: int, square: bool) -
         return (0, 0)
     if min(w, h) < 1:
         return (0, 0)
-    if w * h > MAX_PIXELS:  # mirror to_rgb's downscale of huge inputs
-        s = math.sqrt(MAX_PIXELS / (w * h))
-        w, h = max(MIN_SIDE, int(w * s)), max(MIN_SIDE, int(h * s))
-    return target_size((w, h), resolution, multiple, square)
+    return target_size(loaded_size((w, h)), resolution, multiple, square)  # as to_rgb downscales huge inputs
 
 
 @dataclass(frozen=True)

@@ -7,23 +7,19 @@ from .segmenter import Observation, SegmentationResult, Segmenter
 from .settings import SegmentSettings, config_names, settings_for
 from .vocabulary import ClassCheck, ClassVocabularyWarning, check_class_words, model_vocabulary
 
+# Segmenter, SegmentationResult, SegmentSettings, TextSegment, check_class_words and ClassVocabularyWarning are
+# exported from the package facade (``difffeat.Segmenter`` ...); the imports above keep these paths working.
 __all__ = [
-    "Segmenter",
-    "SegmentationResult",
     "Observation",
     "FixedHeadWeights",
     "GocaHeadReducer",
-    "SegmentSettings",
     "settings_for",
     "config_names",
     "PromptLayout",
-    "TextSegment",
     "build_layout",
     "POSTPROCESS",
     "PamrParams",
     "CrfParams",
-    "check_class_words",
     "model_vocabulary",
     "ClassCheck",
-    "ClassVocabularyWarning",
 ]

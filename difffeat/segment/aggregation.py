@@ -14,17 +14,9 @@ import torch.nn.functional as F
 
 from ..capture.observer import AttentionTensors
 from ..errors import ConfigError
+from .selfmaps import resize_self_map, resize_self_map_adjoint  # noqa: F401  (resize_self_map: the former path)
 
-__all__ = [
-    "goca_head_weights",
-    "GocaHeadReducer",
-    "FixedHeadWeights",
-    "layer_weights",
-    "resize_self_map",
-    "resize_self_map_adjoint",
-    "combine_layers",
-    "head_output_weight",
-]
+__all__ = ["goca_head_weights", "layer_weights", "combine_layers"]
 
 _EPS = 1e-12
 
@@ -120,29 +112,6 @@ class GocaHeadReducer:
         return torch.einsum("bhq,bhqk->bqk", w_bhq, probs_bhqk)
 
 
-def resize_self_map(
-    s_bqk: torch.Tensor, grid: tuple[int, int], target: tuple[int, int], mass_preserving: bool = True
-) -> torch.Tensor:
-    """Resize a self-attention map ``[B, HW, HW]`` from ``grid`` to ``target``: bilinear over key pixels,
-    nearest over query pixels. Returns ``[B, Ht*Wt, Ht*Wt]``.
-
-    ``mass_preserving`` (difffeat's variant, setting ``self_map_resize="mass-preserving"``) multiplies every
-    row by ``(h*w) / (Ht*Wt)`` so it keeps summing to 1; the published code does not (``"plain"``), so a map
-    resized from h*w to Ht*Wt pixels carries a factor ``(Ht*Wt) / (h*w)``.
-    """
-    b = s_bqk.shape[0]
-    (h, w), (th, tw) = grid, target
-    if (h, w) == (th, tw):
-        return s_bqk
-    keys = s_bqk.reshape(b * h * w, 1, h, w)
-    keys = F.interpolate(keys, size=(th, tw), mode="bilinear", align_corners=False)
-    if mass_preserving:
-        keys = keys * (h * w) / (th * tw)
-    keys = keys.reshape(b, h, w, th * tw).permute(0, 3, 1, 2)  # [B, K', h, w] with queries spatial
-    queries = F.interpolate(keys, size=(th, tw), mode="nearest")
-    return queries.reshape(b, th * tw, th * tw).transpose(1, 2).contiguous()
-
-
 def layer_weights(
     ref_bchw: torch.Tensor,
     self_maps: list[torch.Tensor],
@@ -154,8 +123,8 @@ def layer_weights(
 
     ``P = softmax(F F^T / sqrt(C))`` over pixels is the pseudo self-attention of the reference feature
     ``F`` at its own grid. ``S_m`` is layer m's head-averaged self-attention, resized to the reference grid
-    (``U`` = :func:`resize_self_map`); the score is computed in the adjoint form ``<U^T P, S_m>``
-    (:func:`resize_self_map_adjoint`), equal to ``<P, U(S_m)>`` without building any resized map.
+    (``U`` = :func:`~difffeat.segment.selfmaps.resize_self_map`); the score is computed in the adjoint form ``<U^T P, S_m>``
+    (:func:`~difffeat.segment.selfmaps.resize_self_map_adjoint`), equal to ``<P, U(S_m)>`` without building any resized map.
 
     Args:
         ref_bchw: reference dense feature ``[B, C, H, W]``.
@@ -163,7 +132,7 @@ def layer_weights(
         grids: per layer (h_m, w_m).
         first_channel: use channel 0 only (``C = 1``, scale 1), as the published code does (setting
             ``ref_channels="first"``); False (``"all"``) is difffeat's variant.
-        mass_preserving: passed to :func:`resize_self_map` (published: False).
+        mass_preserving: the resize's ``mass_preserving`` (published: False).
     Returns:
         ``[B, M]`` (uniform where every score is <= 0).
     """
@@ -183,45 +152,6 @@ def layer_weights(
     total = scores.sum(dim=1, keepdim=True)
     uniform = torch.full_like(scores, 1.0 / scores.shape[1])
     return torch.where(total > 0, scores / total.clamp_min(_EPS), uniform)
-
-
-def _axis_resamplers(n_from: int, n_to: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """The 1-D resampling matrices ``[n_to, n_from]`` of ``F.interpolate`` along one axis: bilinear
-    (``align_corners=False``) and nearest (one-hot rows). Both 2-D modes are separable, so a 2-D resize is
-    ``Y = M_h X M_w^T``. Built by resizing the identity, so they match ``F.interpolate`` exactly."""
-    eye = torch.eye(n_from, device=device).view(n_from, 1, n_from, 1)
-    bilinear = F.interpolate(eye, size=(n_to, 1), mode="bilinear", align_corners=False).view(n_from, n_to).T
-    nearest = F.interpolate(eye, size=(n_to, 1), mode="nearest").view(n_from, n_to).T
-    return bilinear, nearest
-
-
-def resize_self_map_adjoint(
-    p_bqk: torch.Tensor, grid: tuple[int, int], target: tuple[int, int], mass_preserving: bool = True
-) -> torch.Tensor:
-    """The adjoint of :func:`resize_self_map`: ``U^T P`` with ``<U^T P, S> = <P, U(S)>`` for every ``S``.
-
-    ``U(S) = c N_q S B_k^T`` (nearest ``N`` over query pixels, bilinear ``B`` over key pixels, each the
-    Kronecker product of its per-axis matrices; ``c = hw / (Ht Wt)`` when ``mass_preserving``), so
-    ``U^T P = c N_q^T P B_k``. Scoring a layer against ``P`` at the target grid then costs one ``[hw, hw]``
-    product instead of resizing its map to ``[Ht Wt, Ht Wt]``, and layers on the same grid share it.
-
-    Args:
-        p_bqk: ``[B, Ht*Wt, Ht*Wt]`` at ``target``.
-        grid: (h, w) of the self maps it will score.
-    Returns:
-        ``[B, h*w, h*w]``.
-    """
-    (h, w), (th, tw) = grid, target
-    if (h, w) == (th, tw):
-        return p_bqk
-    b = p_bqk.shape[0]
-    by, ny = _axis_resamplers(h, th, p_bqk.device)
-    bx, nx = _axis_resamplers(w, tw, p_bqk.device)
-    p5 = p_bqk.float().reshape(b, th, tw, th, tw)  # [B, qy, qx, ky, kx]
-    p5 = torch.einsum("bijkl,ia,jc->backl", p5, ny, nx)  # queries: nearest, adjoint
-    p5 = torch.einsum("backl,kd,le->bacde", p5, by, bx)  # keys: bilinear, adjoint
-    g = p5.reshape(b, h * w, h * w)
-    return g * ((h * w) / (th * tw)) if mass_preserving else g
 
 
 def combine_layers(

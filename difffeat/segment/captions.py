@@ -18,7 +18,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-__all__ = ["PublishedCaption", "published_caption", "split_phrases"]
+__all__ = ["published_caption", "split_phrases"]
 
 
 @dataclass(frozen=True)

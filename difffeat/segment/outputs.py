@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from ..images import ImageInput, to_rgb
+from ..images import ImageInput, loaded_size, to_rgb
 from ..io import write_bytes, write_json
 from .segmenter import SegmentationResult
 
@@ -68,8 +68,12 @@ def enlarge(img: Image.Image, factor: int) -> Image.Image:
 
 def overlay(image: ImageInput, labels: np.ndarray, alpha: float = 0.5, scale: int = 1) -> Image.Image:
     """The image with each class colour blended at ``alpha`` over its pixels and drawn unblended on the
-    region's boundary pixels (so the outline matches the legend exactly), nearest-enlarged ``scale`` times."""
+    region's boundary pixels (so the outline matches the legend exactly), nearest-enlarged ``scale`` times. Drawn
+    at the labels' size, or at most ~16 MP (:func:`~difffeat.images.loaded_size`) for larger label maps."""
     lab = labels.astype(np.uint8)
+    small = loaded_size(lab.shape[::-1])
+    if small != lab.shape[::-1]:
+        lab = np.asarray(Image.fromarray(lab).resize(small, Image.NEAREST))
     rgb = np.asarray(to_rgb(image).convert("RGB").resize(lab.shape[::-1], Image.NEAREST), dtype=np.float32)
     colors = palette()[lab].astype(np.float32)
     out = np.where((lab > 0)[..., None], (1 - alpha) * rgb + alpha * colors, rgb)

@@ -17,17 +17,25 @@ the decision scores {background = tau + supporting map, classes} (CRF), bilinear
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import get_args
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from ..errors import ConfigError, MissingExtraError
+from .settings import Postprocess
 
-__all__ = ["POSTPROCESS", "PamrParams", "CrfParams", "pamr_affinity", "pamr_refine", "pamr_labels", "dense_crf_labels", "postprocess_labels",
-           "check_postprocess"]
+__all__ = [
+    "pamr_affinity",
+    "pamr_refine",
+    "pamr_labels",
+    "dense_crf_labels",
+    "postprocess_labels",
+    "check_postprocess",
+]
 
-POSTPROCESS = ("none", "pamr", "crf")
+POSTPROCESS = get_args(Postprocess)  # ("none", "pamr", "crf")
 
 
 @dataclass(frozen=True)

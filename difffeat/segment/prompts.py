@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from ..backbones.base import TextSegment
 from ..errors import InvalidPromptError
 
-__all__ = ["TextSegment", "PromptLayout", "build_layout", "FILLER_WORDS", "PUBLISHED_FILLER_WORDS", "FILLERS", "DEFAULT_FILLER_WORDS", "check_classes"]
+__all__ = ["FILLER_WORDS", "PUBLISHED_FILLER_WORDS", "DEFAULT_FILLER_WORDS", "check_classes"]
 
 #: words that are never content (besides special tokens and bare sentencepiece "▁")
 FILLER_WORDS = frozenset({"a", "an", "the", "and", ",", ".", "-", "of", "on", "in", "with"})

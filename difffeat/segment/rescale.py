@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-__all__ = ["class_scores", "rescale_by_content", "gaussian_blur", "minmax", "propagate"]
+__all__ = ["class_scores", "rescale_by_content", "gaussian_blur", "minmax"]
 
 _EPS = 1e-12
 
@@ -45,20 +45,3 @@ def minmax(x: torch.Tensor) -> torch.Tensor:
     lo = x.amin(dim=(-2, -1), keepdim=True)
     hi = x.amax(dim=(-2, -1), keepdim=True)
     return (x - lo) / (hi - lo).clamp_min(_EPS)
-
-
-def propagate(x_bnhw: torch.Tensor, s_bqk: torch.Tensor, order: int) -> torch.Tensor:
-    """Self-attention propagation ``X <- S^k X`` over pixels, then min-max.
-
-    Args:
-        x_bnhw: maps ``[B, N, H, W]``.
-        s_bqk: row-stochastic self-attention ``[B, HW, HW]`` at the maps' resolution.
-        order: k (0 = unchanged).
-    """
-    if order <= 0:
-        return x_bnhw
-    b, n, h, w = x_bnhw.shape
-    flat = x_bnhw.flatten(2).transpose(1, 2)  # [B, HW, N]
-    for _ in range(order):
-        flat = torch.bmm(s_bqk.to(flat.dtype), flat)
-    return minmax(flat.transpose(1, 2).reshape(b, n, h, w))

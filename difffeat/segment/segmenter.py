@@ -29,16 +29,16 @@ from ..backbones.loading import load
 from ..capture import Capture, MapReducer, catalog_of, head_mean
 from ..errors import ConfigError, InvalidOptionError, UnknownActivationError
 from ..hookpoints import load_table
-from ..images import ImageInput, to_rgb
-from .aggregation import GocaHeadReducer, combine_layers, layer_weights, resize_self_map
+from ..images import ImageInput, loaded_size, original_size, to_rgb
+from .aggregation import GocaHeadReducer, combine_layers, layer_weights
 from .postprocess import postprocess_labels
 from .prompts import FILLERS, PromptLayout, build_layout
 from .vocabulary import class_words
-from .rescale import class_scores, gaussian_blur, minmax, propagate, rescale_by_content
-from .selfmaps import SelfMapStream
+from .rescale import class_scores, gaussian_blur, minmax, rescale_by_content
+from .selfmaps import SelfMapStream, grid_of, mean_self_map, propagate
 from .settings import DEFAULT_CONFIG, SegmentSettings, settings_for
 
-__all__ = ["Segmenter", "SegmentationResult", "Observation", "grid_of", "decide", "goca_scores"]
+__all__ = ["decide", "goca_scores"]
 
 
 def decide(
@@ -55,26 +55,18 @@ def decide(
     return labels
 
 
-def grid_of(n_tokens: int, base: tuple[int, int]) -> tuple[int, int]:
-    """The (h, w) of a level with ``n_tokens`` pixels, from the input grid ``base`` (power-of-two levels)."""
-    h, w = base
-    for s in (1, 2, 4, 8, 16, 32, 64):
-        gh, gw = math.ceil(h / s), math.ceil(w / s)
-        if gh * gw == n_tokens:
-            return gh, gw
-    raise ValueError(f"{n_tokens} tokens do not fit the grid {h}x{w}")
-
-
-def mean_self_map(
-    acts: Mapping[str, torch.Tensor], names: Sequence[str], grid: tuple[int, int], size: tuple[int, int], mass_preserving: bool
-) -> torch.Tensor:
-    """Mean of the self maps at ``names``, each resized to ``size`` (:func:`resize_self_map`): ``[B, HW, HW]``.
-    Accumulated map by map, so at most one resized map exists besides the running sum."""
-    total = None
-    for name in names:
-        m = resize_self_map(acts[name].float(), grid_of(acts[name].shape[1], grid), size, mass_preserving)
-        total = m.clone() if total is None else total.add_(m)
-    return total / len(names)
+def decide_labels(
+    class_maps: torch.Tensor, background: torch.Tensor, size: tuple[int, int], postprocess: str = "none", image: np.ndarray | None = None
+) -> np.ndarray:
+    """One image's labels ``uint8 [H, W]`` at ``size`` (H, W), the input's own size: :func:`decide` from the scores
+    ``[n, h, w]`` / ``[h, w]`` at the size the image was loaded at (:func:`~difffeat.images.loaded_size`: the
+    same, or ~16 MP for a larger input), then enlarged nearest to ``size`` when that is larger. ``image``: the
+    RGB input as loaded, for ``postprocess``."""
+    w, h = loaded_size((size[1], size[0]))
+    labels = decide(class_maps[None], background[None], (h, w), postprocess, image)[0]
+    if (h, w) != tuple(size):
+        labels = np.asarray(Image.fromarray(labels).resize((size[1], size[0]), Image.Resampling.NEAREST))
+    return labels
 
 
 def goca_scores(
@@ -190,7 +182,7 @@ class SegmentationResult:
         background = tau + self.support
         return replace(
             self,
-            labels=decide(self.class_maps[None], background[None], self.labels.shape, self.settings.get("postprocess", "none"), self.image)[0],
+            labels=decide_labels(self.class_maps, background, self.labels.shape, self.settings.get("postprocess", "none"), self.image),
             background=background,
             settings={**self.settings, "tau": float(tau)},
         )
@@ -201,10 +193,11 @@ class SegmentationResult:
         return {c: i + 1 for i, c in enumerate(self.classes)}
 
     def heatmap(self, cls: str, size: tuple[int, int] | None = None) -> np.ndarray:
-        """Class score map in [0, 1] as float ``[H, W]`` (image size unless ``size`` = (H, W) is given)."""
+        """Class score map in [0, 1] as float ``[H, W]`` (the image's size as loaded, at most ~16 MP, unless
+        ``size`` = (H, W) is given)."""
         i = self.classes.index(cls)
         m = self.class_maps[i][None, None].float()
-        h, w = size or self.labels.shape
+        h, w = size or loaded_size(self.labels.shape[::-1])[::-1]
         return F.interpolate(m, size=(h, w), mode="bilinear", align_corners=False)[0, 0].clamp(0, 1).cpu().numpy()
 
     def to_json(self) -> dict[str, Any]:
@@ -517,9 +510,9 @@ class Segmenter:
             s, layout, acts, grid, self.cross_names, self.self_names, self.ref_name, self.refine_names, refine_mean
         )
         background = s.tau + support  # [B, H, W]
-        w0, h0 = rgb.size
+        w0, h0 = original_size(rgb)  # the input's own size, also when to_rgb downscaled a huge one
         image = np.asarray(rgb.convert("RGB")) if s.postprocess != "none" else None
-        labels = decide(cls_maps, background, (h0, w0), s.postprocess, image)[0]
+        labels = decide_labels(cls_maps[0], background[0], (h0, w0), s.postprocess, image)
         return SegmentationResult(
             labels=labels,
             class_maps=cls_maps[0].cpu(),

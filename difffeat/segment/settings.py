@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields, replace
-from typing import Any
+from functools import cache
+from typing import Any, Literal, get_args, get_origin, get_type_hints
 
 import yaml
 
@@ -11,36 +12,35 @@ from ..checks import check_number, check_resolution
 from ..errors import ConfigError
 from ..resources import data_dir
 
-__all__ = [
-    "SegmentSettings",
-    "settings_for",
-    "config_names",
-    "DEFAULT_CONFIG",
-    "HEADS",
-    "LAYERS",
-    "RESCALE",
-    "SELF_MAP_RESIZE",
-    "REF_CHANNELS",
-    "PSEUDO_GRID",
-    "ENTITY_MERGE",
-    "RESIZE",
-    "VAE_LATENTS",
-]
-
-HEADS = ("mean", "goca")
-LAYERS = ("uniform", "goca")
-RESCALE = ("none", "goca")
+# The string switches of SegmentSettings: each field is typed with one of these, and the allowed values that
+# __post_init__ checks are read from the type.
+Heads = Literal["mean", "goca"]
+LayerWeights = Literal["uniform", "goca"]
+Rescale = Literal["none", "goca"]
 # Departures from the published code (Darkbblue/goca); the first value of each is the published behaviour.
-SELF_MAP_RESIZE = ("plain", "mass-preserving")
-REF_CHANNELS = ("first", "all")
-PSEUDO_GRID = ("reference", "map")
-ENTITY_MERGE = ("before-refine", "after-refine")
+SelfMapResize = Literal["plain", "mass-preserving"]
+RefChannels = Literal["first", "all"]
+PseudoGrid = Literal["reference", "map"]
+EntityMerge = Literal["before-refine", "after-refine"]
+#: the keys of :data:`difffeat.segment.postprocess.POSTPROCESS` / :data:`difffeat.segment.prompts.FILLERS`
+Postprocess = Literal["none", "pamr", "crf"]
+FillerWords = Literal["difffeat", "published"]
 #: how an image reaches the model's input size: "keep" (difffeat: long side to the resolution, aspect ratio
 #: kept) or "square" (the published GOCA pipeline: squashed to resolution x resolution)
-RESIZE = ("keep", "square")
+Resize = Literal["keep", "square"]
 #: which latents of the image the forward noises: "mean" (difffeat: the VAE posterior's mean, deterministic) or
 #: "sample" (the published img2img pipelines' ``retrieve_latents``: a draw from the posterior, seeded here)
-VAE_LATENTS = ("mean", "sample")
+VaeLatents = Literal["mean", "sample"]
+
+HEADS = get_args(Heads)
+LAYERS = get_args(LayerWeights)
+RESCALE = get_args(Rescale)
+SELF_MAP_RESIZE = get_args(SelfMapResize)
+REF_CHANNELS = get_args(RefChannels)
+PSEUDO_GRID = get_args(PseudoGrid)
+ENTITY_MERGE = get_args(EntityMerge)
+RESIZE = get_args(Resize)
+VAE_LATENTS = get_args(VaeLatents)
 #: the config every model gets unless another is named: ``configs/goca/<model or family>.yaml``
 DEFAULT_CONFIG = "default"
 
@@ -100,9 +100,9 @@ class SegmentSettings:
     """
 
     t: int = 100
-    heads: str = "goca"
-    layers: str = "goca"
-    rescale: str = "goca"
+    heads: Heads = "goca"
+    layers: LayerWeights = "goca"
+    rescale: Rescale = "goca"
     ref_block: str = "auto"
     map_layers: tuple[str, ...] = ()
     refine_blocks: tuple[str, ...] = ()
@@ -114,35 +114,22 @@ class SegmentSettings:
     background_entities: tuple[str, ...] = ("background",)
     resolution: int | None = None
     seed: int = 0
-    self_map_resize: str = "plain"
-    ref_channels: str = "first"
-    pseudo_grid: str = "reference"
-    entity_merge: str = "before-refine"
-    postprocess: str = "none"
-    filler_words: str = "published"
-    resize: str = "keep"
-    vae_latents: str = "mean"
+    self_map_resize: SelfMapResize = "plain"
+    ref_channels: RefChannels = "first"
+    pseudo_grid: PseudoGrid = "reference"
+    entity_merge: EntityMerge = "before-refine"
+    postprocess: Postprocess = "none"
+    filler_words: FillerWords = "published"
+    resize: Resize = "keep"
+    vae_latents: VaeLatents = "mean"
 
     def __post_init__(self) -> None:
-        for name, allowed in (
-            ("heads", HEADS),
-            ("layers", LAYERS),
-            ("rescale", RESCALE),
-            ("self_map_resize", SELF_MAP_RESIZE),
-            ("ref_channels", REF_CHANNELS),
-            ("pseudo_grid", PSEUDO_GRID),
-            ("entity_merge", ENTITY_MERGE),
-            ("resize", RESIZE),
-            ("vae_latents", VAE_LATENTS),
-        ):
+        for name, allowed in switches().items():
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{name}={getattr(self, name)!r} is not one of {allowed}")
         from .postprocess import check_postprocess
-        from .prompts import FILLERS
 
-        check_postprocess(self.postprocess)
-        if self.filler_words not in FILLERS:
-            raise ConfigError(f"filler_words={self.filler_words!r} is not one of {tuple(FILLERS)}")
+        check_postprocess(self.postprocess)  # crf: its package is installed
         if "{}" not in self.template:
             raise ConfigError(f"template {self.template!r} needs a '{{}}' placeholder for the class list")
         check_number("tau", self.tau, -1.0, 1.0)
@@ -177,6 +164,14 @@ class SegmentSettings:
                 d[k] = list(v)
         d["method"] = self.method
         return d
+
+
+@cache
+def switches() -> dict[str, tuple[str, ...]]:
+    """The string switches of :class:`SegmentSettings` and their allowed values (read from the fields' ``Literal``
+    types), in field order. Do not modify the returned dict."""
+    hints = get_type_hints(SegmentSettings)
+    return {f.name: get_args(hints[f.name]) for f in fields(SegmentSettings) if get_origin(hints[f.name]) is Literal}
 
 
 def _config_folder(config: str):

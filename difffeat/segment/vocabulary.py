@@ -29,15 +29,6 @@ from typing import Any
 from ..errors import InvalidPromptError, close_matches
 from .prompts import check_classes
 
-__all__ = [
-    "VOCABULARY_FILE",
-    "Vocabulary",
-    "ClassCheck",
-    "ClassVocabularyWarning",
-    "model_vocabulary",
-    "check_class_words",
-    "class_words",
-]
 
 #: the file in a model folder that declares a closed vocabulary
 VOCABULARY_FILE = "vocabulary.json"

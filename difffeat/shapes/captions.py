@@ -13,7 +13,7 @@ import numpy as np
 
 from difffeat.shapes.world import BACKGROUND_WORDS, COLOURS, SHAPE_CLASSES, describe
 
-__all__ = ["vocabulary", "vocabulary_file", "plural", "random_prompt", "list_prompt", "PROMPT_PREFIXES"]
+__all__ = ["vocabulary", "vocabulary_file", "plural", "random_prompt", "list_prompt"]
 
 PROMPT_PREFIXES: tuple[str, ...] = ("a photo of", "a picture of", "an image of")
 NUMBER_WORDS: tuple[str, ...] = ("one", "two", "three", "four")

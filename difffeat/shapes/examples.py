@@ -15,7 +15,7 @@ from PIL import Image
 from difffeat.resources import package_dir
 from difffeat.shapes.world import sample
 
-__all__ = ["write_examples", "read_examples", "DEFAULT_INDICES"]
+__all__ = ["write_examples", "read_examples"]
 
 #: Test-split scenes chosen for variety (1-4 objects, all background kinds).
 DEFAULT_INDICES: tuple[int, ...] = (1, 3, 4, 6, 9, 11)

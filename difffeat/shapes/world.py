@@ -17,20 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image, ImageDraw
 
-__all__ = [
-    "SHAPE_CLASSES",
-    "CLASS_TO_INDEX",
-    "COLOURS",
-    "BACKGROUND_KINDS",
-    "SPLITS",
-    "IMAGE_SIZE",
-    "MIN_VISIBLE_PX",
-    "Instance",
-    "ShapeSample",
-    "sample",
-    "split_seed",
-    "describe",
-]
+__all__ = ["CLASS_TO_INDEX", "COLOURS", "SPLITS", "MIN_VISIBLE_PX", "split_seed", "describe"]
 
 IMAGE_SIZE = 64
 #: Class names; the label of class ``SHAPE_CLASSES[i]`` in masks is ``i + 1`` (0 is background).

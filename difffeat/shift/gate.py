@@ -24,7 +24,7 @@ from ..features import FeatureExtractor
 from ..images import to_rgb
 from .techniques import ControlNet, Lora, Prompt, Technique, canny_edges
 
-__all__ = ["laplacian_norm", "laplacian_diff", "laplacian_score", "gate_scores", "GATE_REFERENCES", "Img2ImgComparison", "gate_img2img", "psnr"]
+__all__ = ["laplacian_norm", "psnr"]
 
 _LAPLACE = torch.tensor([[0.0, 1.0, 0.0], [1.0, -4.0, 1.0], [0.0, 1.0, 0.0]])
 

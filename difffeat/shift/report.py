@@ -12,8 +12,6 @@ from typing import Any
 from ..checks import check_device, check_number, check_out_dir, split_names
 from ..errors import InvalidOptionError
 
-__all__ = ["GateReport", "default_gate_features", "run_gate"]
-
 
 def default_gate_features(catalog) -> list[str]:
     """The activation GATE scores when none is named: the first cross-attention query (``cross-q``, or

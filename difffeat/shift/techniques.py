@@ -19,10 +19,6 @@ from PIL import Image
 
 from ..errors import DifffeatError
 
-__all__ = [
-    "Technique", "Prompt", "ControlNet", "Lora", "canny_edges", "QUALITY_WORDS", "TASK_PROMPTS", "parse_technique",
-    "TECHNIQUES",
-]
 
 #: quality-word presets (appended to prompts). "natural" is the paper's text for natural images; it hurts
 #: where "quality" changes meaning (e.g. bedrooms), so it is opt-in. "correspondence" and "label-scarce" are

@@ -10,7 +10,6 @@ import torch
 from ..features import FeatureExtractor
 from .techniques import Technique
 
-__all__ = ["extract_variants", "COMBINE"]
 
 COMBINE = ("none", "concat", "mean")
 

@@ -10,9 +10,9 @@ from .captions import BenchmarkCaption, BenchmarkCaptions, benchmark_caption, ca
 from .readers import READERS, BenchmarkDataset, BenchmarkItem, open_benchmark
 from .spec import BENCHMARKS, BenchmarkSpec, benchmark_names, benchmark_spec
 
+# open_benchmark and list_benchmarks are exported by the facade (difffeat.open_benchmark, difffeat.list_benchmarks)
 __all__ = ["BENCHMARKS", "BenchmarkSpec", "benchmark_spec", "benchmark_names", "BenchmarkDataset", "BenchmarkItem",
-           "open_benchmark", "READERS", "BenchmarkCaption", "BenchmarkCaptions", "benchmark_caption", "caption_rules",
-           "split_noun_list", "list_benchmarks"]
+           "READERS", "BenchmarkCaption", "BenchmarkCaptions", "benchmark_caption", "caption_rules", "split_noun_list"]
 
 
 def list_benchmarks() -> list[dict]:

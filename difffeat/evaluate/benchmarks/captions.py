@@ -29,7 +29,6 @@ from ...errors import LabelFileError
 from ..label_sources import CaptionFile, ImagePrompt
 from .spec import BenchmarkSpec, benchmark_spec
 
-__all__ = ["BenchmarkCaption", "benchmark_caption", "split_noun_list", "BenchmarkCaptions", "caption_rules"]
 
 _PIECES = re.compile(r"\([^)]*\)|[^,]+")
 

@@ -26,7 +26,6 @@ from ..datasets import EvalItem
 from .labels import apply_table, lookup_table, published_present_order, rgb_to_panoptic_id
 from .spec import BenchmarkSpec, benchmark_spec
 
-__all__ = ["BenchmarkItem", "BenchmarkDataset", "open_benchmark", "READERS"]
 
 
 @dataclass
@@ -91,6 +90,10 @@ class BenchmarkDataset:
     # -- items
     def __len__(self) -> int:
         return len(self.entries)
+
+    def image_files(self) -> list[Path]:
+        """The image file of every item, in item order."""
+        return [e.image for e in self.entries]
 
     def item_keys(self, i: int) -> list[str]:
         name = self.entries[i].name

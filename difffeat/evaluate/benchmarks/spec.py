@@ -11,7 +11,6 @@ from typing import Any
 from ...errors import InvalidOptionError, close_matches
 from ...resources import data_dir
 
-__all__ = ["BenchmarkSpec", "BENCHMARKS", "benchmark_spec", "benchmark_names"]
 
 #: every benchmark ``--dataset`` accepts, in the order of the paper's table
 BENCHMARKS = ("voc", "context", "coco-object", "coco-stuff", "cityscapes", "ade20k")

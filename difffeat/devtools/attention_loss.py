@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from difffeat.shapes.captions import plural
 from difffeat.shapes.world import SHAPE_CLASSES
 
-__all__ = ["AttentionRecorder", "install_recorders", "word_class_lookup", "localisation_loss", "LOSS_KINDS", "BACKGROUND"]
+__all__ = ["install_recorders", "word_class_lookup", "localisation_loss", "LOSS_KINDS", "BACKGROUND"]
 
 LOSS_KINDS = ("mass", "match", "match_pixel")
 

@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["BENCHMARKS", "goca_benchmark", "run_benchmark"]
+__all__ = ["run_benchmark"]
 
 
 def _peak_rss_mb() -> float:
@@ -54,12 +54,12 @@ def _memory_child(mode: str, resolution: int, device: str = "cpu", dtype: str | 
     """
     import torch
 
-    from .backbones import load
-    from .capture import Capture
-    from .segment import Segmenter
-    from .capture import head_mean, per_head
-    from .segment.aggregation import GocaHeadReducer
-    from .testing import sd15_shaped_pipeline
+    from ..backbones import load
+    from ..capture import Capture
+    from ..segment import Segmenter
+    from ..capture import head_mean, per_head
+    from ..segment.aggregation import GocaHeadReducer
+    from ..testing import sd15_shaped_pipeline
 
     cuda = device.startswith("cuda")
     if not cuda:
@@ -89,7 +89,7 @@ def _memory_child(mode: str, resolution: int, device: str = "cpu", dtype: str | 
 
 
 def _run_child(mode: str, resolution: int, dtype: str | None = None) -> dict[str, float]:
-    code = (f"import json; from difffeat.bench import _memory_child; "
+    code = (f"import json; from difffeat.devtools.bench import _memory_child; "
             f"print('RESULT', json.dumps(_memory_child({mode!r}, {resolution}, 'cpu', {dtype!r})))")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     for line in proc.stdout.splitlines():
@@ -106,11 +106,11 @@ def goca_benchmark(resolution: int = 512, repeats: int = 3, device: str = "cpu",
     """
     import torch
 
-    from .backbones import load
-    from .segment import Segmenter
-    from .testing import sd15_shaped_pipeline
+    from ..backbones import load
+    from ..segment import Segmenter
+    from ..testing import sd15_shaped_pipeline
 
-    from .checks import check_device
+    from ..checks import check_device
 
     check_device(device)
     cuda = device.startswith("cuda")
@@ -165,10 +165,10 @@ def run_benchmark(what: str = "goca", resolution: int = 512, repeats: int = 3, d
                   text_layers: int | None = None) -> dict[str, Any]:
     """``difffeat bench``: run one benchmark after checking its options; the figures are also written to
     ``out_file`` (JSON) when given. ``arch="tiny"``: :data:`BENCHMARKS` on the quick SD1.5-shaped model; a
-    real-size architecture name (``sd15``, ``sdxl`` ...): a suite of :mod:`difffeat.bench_real`."""
-    from .checks import check_device, check_number, check_out_file, check_resolution
-    from .errors import InvalidOptionError
-    from .io import write_json
+    real-size architecture name (``sd15``, ``sdxl`` ...): a suite of :mod:`difffeat.devtools.bench_real`."""
+    from ..checks import check_device, check_number, check_out_file, check_resolution
+    from ..errors import InvalidOptionError
+    from ..io import write_json
 
     if arch == "tiny" and what not in BENCHMARKS:
         raise InvalidOptionError(f"unknown benchmark {what!r}; choose one of {', '.join(BENCHMARKS)}")

@@ -32,9 +32,9 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from .errors import InvalidOptionError
+from ..errors import InvalidOptionError
 
-__all__ = ["REAL_SUITES", "real_benchmark", "goca_real", "features_real", "early_exit_real", "vae_real", "throughput_real"]
+__all__ = ["goca_real", "features_real", "early_exit_real", "vae_real", "throughput_real"]
 
 _CAPTION_CLASSES = ["cat", "dog"]
 _DEFAULT_PRESET = {"sd15": "sd15-practical", "sd21": "sd21-practical", "sdxl": "sdxl-practical",
@@ -48,8 +48,8 @@ def _progress(msg: str) -> None:
 def _backbone(arch: str, device: str, dtype: str | None, text_layers: int | None):
     import torch
 
-    from .backbones import load
-    from .architectures import build_pipeline
+    from ..backbones import load
+    from ..architectures import build_pipeline
 
     dtypes = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, None: None}
     if dtype not in dtypes:
@@ -150,11 +150,11 @@ def memory_child(arch: str, resolution: int, device: str, dtype: str | None, tex
     GOCA segmentation of the same prepared image (observe + decide)."""
     import torch
 
-    from .segment import Segmenter
+    from ..segment import Segmenter
     cuda = device.startswith("cuda")
     seg = Segmenter(_backbone(arch, device, dtype, text_layers), resolution=resolution)
     image = _image(resolution)
-    from .segment.prompts import build_layout
+    from ..segment.prompts import build_layout
 
     layout = build_layout(_CAPTION_CLASSES, seg.backbone.text_segments(), seg.settings.template,
                           list(seg.settings.background_entities), None)
@@ -176,7 +176,7 @@ def memory_child(arch: str, resolution: int, device: str, dtype: str | None, tex
 
 
 def _memory_in_subprocess(arch: str, resolution: int, dtype: str | None, text_layers: int | None) -> dict[str, float]:
-    code = (f"import json; from difffeat.bench_real import memory_child; "
+    code = (f"import json; from difffeat.devtools.bench_real import memory_child; "
             f"print('RESULT', json.dumps(memory_child({arch!r}, {resolution}, 'cpu', {dtype!r}, {text_layers!r})))")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           env={**os.environ, "HF_HUB_OFFLINE": "1"})
@@ -191,8 +191,8 @@ def goca_real(arch: str, resolution: int, repeats: int = 3, device: str = "cpu",
     """See the module docstring (suite ``goca``)."""
     import torch
 
-    from .segment import Segmenter
-    from .segment.prompts import build_layout
+    from ..segment import Segmenter
+    from ..segment.prompts import build_layout
 
     mem = None
     if memory:  # first, so that the subprocess and this process never hold a model at the same time
@@ -247,7 +247,7 @@ def goca_real(arch: str, resolution: int, repeats: int = 3, device: str = "cpu",
 # ------------------------------------------------------------------------------------------------ features
 def _capture_forward(backbone, names: list[str], inputs, early: bool):
     """One denoiser forward capturing ``names`` (stopping after the last of them when ``early``)."""
-    from .capture import Capture
+    from ..capture import Capture
 
     with Capture(backbone, names, inputs, early_exit=early) as cap:
         backbone.denoise(inputs)
@@ -258,8 +258,8 @@ def features_real(arch: str, resolution: int, repeats: int = 3, device: str = "c
                   text_layers: int | None = None, preset: str | None = None) -> dict[str, Any]:
     """See the module docstring (suite ``features``): every preset made for the architecture (named
     ``<arch>-*``, or ``preset``), each timed against the same bare forward, alternated per repeat."""
-    from .features import FeatureExtractor
-    from .presets import load_preset, presets_for
+    from ..features import FeatureExtractor
+    from ..presets import load_preset, presets_for
 
     _progress(f"{arch}: building the real-size pipeline (random weights)")
     backbone = _backbone(arch, device, dtype, text_layers)
@@ -318,7 +318,7 @@ def early_exit_real(arch: str, resolution: int, repeats: int = 3, device: str = 
                     text_layers: int | None = None) -> dict[str, Any]:
     """See the module docstring (suite ``early-exit``): a forward that captures one up level's output
     (``up_blocks.L``) and stops there, for every up level, vs the bare forward (alternated per repeat)."""
-    from .capture import catalog_of
+    from ..capture import catalog_of
 
     _progress(f"{arch}: building the real-size pipeline (random weights)")
     backbone = _backbone(arch, device, dtype, text_layers)
@@ -355,8 +355,8 @@ def vae_real(arch: str, resolution: int, repeats: int = 3, device: str = "cpu", 
     """See the module docstring (suite ``vae``)."""
     import torch
 
-    from .capture import Capture, catalog_of
-    from .presets import load_preset
+    from ..capture import Capture, catalog_of
+    from ..presets import load_preset
 
     backbone = _backbone(arch, device, dtype, text_layers)
     catalog = catalog_of(backbone)
@@ -404,7 +404,7 @@ def throughput_real(arch: str, resolution: int, repeats: int = 3, device: str = 
                     text_layers: int | None = None, batch_sizes: tuple[int, ...] = (1, 4, 8)) -> dict[str, Any]:
     """Images/s of ``Segmenter.segment`` (what ``segment``/``eval`` run) at each batch size, on
     ``max(batch_sizes)`` distinct images of one size; each batch size timed in turn per repeat."""
-    from .segment import Segmenter
+    from ..segment import Segmenter
 
     _progress(f"{arch}: building the real-size pipeline (random weights)")
     seg = Segmenter(_backbone(arch, device, dtype, text_layers), resolution=resolution)
@@ -442,8 +442,8 @@ def accounting_real(arch: str, resolution: int, repeats: int = 1, device: str = 
     (:mod:`difffeat.segment.selfmaps`) and one ``[HW, HW]`` refinement sum (``kept_maps_mb``); vs a head-mean
     ``[HW, HW]`` self map per block (``kept_maps_full_self_mb``, before that reduction) and vs storing every
     head's maps; per attention grid. UNet architectures only (their blocks' grids follow from the names)."""
-    from .architectures import architecture, build_denoiser
-    from .segment.settings import settings_for
+    from ..architectures import architecture, build_denoiser
+    from ..segment.settings import settings_for
 
     if "unet" not in architecture(arch)["components"]:
         raise InvalidOptionError(f"the accounting suite covers UNet architectures (sd15, sd21, sdxl), not {arch!r}")
@@ -492,7 +492,7 @@ REAL_SUITES: dict[str, Callable[..., dict[str, Any]]] = {
 
 def real_benchmark(suite: str, arch: str, **kwargs: Any) -> dict[str, Any]:
     """Run one suite on a real-size architecture (see the module docstring)."""
-    from .architectures import architecture_names
+    from ..architectures import architecture_names
 
     if suite not in REAL_SUITES:
         raise InvalidOptionError(f"unknown suite {suite!r} for --arch {arch}; choose one of {', '.join(REAL_SUITES)}")

@@ -2,8 +2,8 @@
 
 Usage::
 
-    python -m difffeat.shapes.train --out runs/shapes                 # train (or continue with --resume)
-    python -m difffeat.shapes.train --out runs/shapes --resume --export difffeat/weights/shapes
+    python -m difffeat.devtools.train_shapes --out runs/shapes                 # train (or continue with --resume)
+    python -m difffeat.devtools.train_shapes --out runs/shapes --resume --export difffeat/weights/shapes
 
 Every random choice of step ``k`` (batch indices, captions, noise, timesteps) comes from an RNG seeded with
 ``(seed, stage, k)``, so a resumed run repeats exactly the batches an uninterrupted run would have seen.
@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from difffeat.io import write_json
-from difffeat.shapes.attention_loss import LOSS_KINDS, install_recorders, localisation_loss, word_class_lookup
+from difffeat.devtools.attention_loss import LOSS_KINDS, install_recorders, localisation_loss, word_class_lookup
 from difffeat.shapes.captions import random_prompt, vocabulary, vocabulary_file
 from difffeat.shapes.models import (
     ModelConfig,
@@ -46,7 +46,7 @@ from difffeat.tokenizers import build_clip_tokenizer
 
 __all__ = ["TrainConfig", "train", "export", "load_checkpoint", "make_tokenizer", "min_snr_weights", "posterior_latents"]
 
-log = logging.getLogger("difffeat.shapes.train")
+log = logging.getLogger("difffeat.devtools.train_shapes")
 CKPT_NAME = "checkpoint.pt"
 LATENT_KINDS = ("sample", "mean")
 
@@ -77,7 +77,7 @@ class TrainConfig:
     decoder_batch: int = 16
     decoder_lr: float = 1e-3
     p_empty: float = 0.1
-    # auxiliary cross-attention localisation loss (see difffeat.shapes.attention_loss); 0 disables it
+    # auxiliary cross-attention localisation loss (see difffeat.devtools.attention_loss); 0 disables it
     attn_loss_weight: float = 0.0
     attn_loss_kind: str = "mass"  # "mass", "match" or "match_pixel" (see localisation_loss)
     attn_loss_background: bool = False  # also supervise the word "background" with the pixels of no object
