@@ -32,6 +32,7 @@ _API = {
     "Backbone": "backbones",
     "DenoiserInputs": "backbones",
     "TextSegment": "backbones",
+    "TokenLayout": "backbones",
     "register_backbone": "backbones",
     "Capture": "capture",
     "catalog_of": "capture",
@@ -57,7 +58,7 @@ _SUBMODULES = {"shift", "segment", "evaluate", "runs", "testing", "capture", "ca
 
 if TYPE_CHECKING:
     from . import evaluate, runs, segment, shift, testing  # noqa: F401
-    from .backbones import Backbone, DenoiserInputs, TextSegment, load, register_backbone
+    from .backbones import Backbone, DenoiserInputs, TextSegment, TokenLayout, load, register_backbone
     from .capture import Capture, catalog_of
     from .catalog import ActivationInfo, Catalog
     from .evaluate.benchmarks import list_benchmarks, open_benchmark

@@ -134,6 +134,9 @@ def extract(
     num_workers: int = typer.Option(2, help="DataLoader workers decoding/resizing ahead of the model (0 = inline)."),
     overwrite: bool = typer.Option(False, help="Recompute every image, replacing outputs of other settings."),
     skip_unreadable: bool = typer.Option(False, help="Skip images that cannot be read and list them in OUT/unreadable.json (default: stop at the first)."),
+    technique: Optional[list[str]] = typer.Option(None, "--technique", help="Content-shift suppression (repeatable; each is one variant, their features concatenated as the reference combines them; '+' applies several in one forward): prompt:quality=natural | prompt:task=horse21 | controlnet:ID[,start=published | ,start_t=61,steps=11] | lora:FILE[,scale=1]."),
+    timesteps: Optional[str] = typer.Option(None, help="Several timesteps, comma-separated (features concatenated), instead of --t."),
+    ensemble_size: int = typer.Option(1, help="Average the features over this many noise seeds (--seed onwards)."),
     device: Optional[str] = typer.Option(None, help=DEVICE_HELP),
     dtype: Optional[str] = typer.Option(None, help=DTYPE_HELP),
 ) -> None:
@@ -148,7 +151,8 @@ def extract(
                            coco_images_dir=coco_images, voc=voc, voc_split=voc_split, prompt=prompt,
                            resolution=resolution, square=square, seed=seed, batch_size=batch_size,
                            num_workers=num_workers, overwrite=overwrite, skip_unreadable=skip_unreadable,
-                           device=device, dtype=dtype, model_config=model_config)
+                           device=device, dtype=dtype, model_config=model_config, techniques=technique,
+                           timesteps=timesteps, ensemble_size=ensemble_size)
     if summary.main_process:
         err, _ = _consoles()
         err.print(f"wrote {summary.written} feature files to {out_dir} ({', '.join(names)}); {summary.skipped} already "
@@ -384,6 +388,135 @@ def demo(
     from .serve import serve
 
     _call(serve, model, port=port, host=host, concurrency=concurrency, model_config=model_config)
+
+
+@app.command()
+def probe(
+    model: str = typer.Argument("shapes", help=MODEL_HELP),
+    out_dir: Path = typer.Option(Path("probe_out"), "--out", "-o", help="Run folder: features/ cache, classifier.safetensors (split 1's ensemble), report.json."),
+    ddpm: Optional[Path] = typer.Option(None, help="A ddpm-segmentation dataset (ROOT/real/train|test with <stem>.npy labels), e.g. horse_21."),
+    images: Optional[Path] = typer.Option(None, help="Folder of images (with --labels)."),
+    labels: Optional[Path] = typer.Option(None, help="Folder of <stem>.png label maps (class index per pixel, 255 = ignore)."),
+    num_classes: Optional[int] = typer.Option(None, help="Number of classes (labels 0..N-1); default for ddpm datasets: theirs."),
+    features: Optional[str] = typer.Option(None, "--features", "-f", help="Comma-separated activation names."),
+    preset: Optional[str] = typer.Option(None, help="A feature preset (see `difffeat presets`)."),
+    t: Optional[int] = typer.Option(None, "--t", help="Timestep 0-999 (default: the preset's or 50)."),
+    resolution: Optional[int] = typer.Option(None, help="Model input long side in px (default: the preset's or native)."),
+    prompt: str = typer.Option("", help="Prompt for every image (the reference: 'a horse, high quality, ...' for Horse-21)."),
+    train_count: Optional[int] = typer.Option(None, help="Labelled training images per split (default: the dataset's train part)."),
+    test_count: Optional[int] = typer.Option(None, help="At most this many test images per split."),
+    splits: int = typer.Option(5, help="Random re-splits of train + test averaged (the paper: 5)."),
+    models: int = typer.Option(10, help="MLPs in the voting ensemble (the paper: 10)."),
+    epochs: int = typer.Option(100, help="Maximum epochs per MLP (early stopping as published)."),
+    batch_size: int = typer.Option(64, help="Pixels per training batch (the paper: 64)."),
+    label_size: Optional[int] = typer.Option(None, help="Long side of the grid labels and upsampled features are compared on (default: 256 as the paper; 64 with --rank)."),
+    pool: int = typer.Option(16, help="Training images whose pixels are shuffled together (RAM holds their native features)."),
+    void: str = typer.Option("ignore", help="255 pixels at test time: ignore | reference (counted as the published code does)."),
+    technique: Optional[list[str]] = typer.Option(None, "--technique", help="Content-shift suppression (repeatable; each is one variant, their features concatenated as the reference combines them; '+' applies several in one forward): prompt:quality=natural | prompt:task=horse21 | controlnet:ID[,start=published | ,start_t=61,steps=11] | lora:FILE[,scale=1]."),
+    timesteps: Optional[str] = typer.Option(None, help="Several timesteps, comma-separated (features concatenated), instead of --t."),
+    ensemble_size: int = typer.Option(1, help="Average the features over this many noise seeds (--seed onwards)."),
+    rank: bool = typer.Option(False, "--rank", help="Instead: rank every candidate activation (or --kinds / --blocks) by a fast linear probe on these images."),
+    kinds: Optional[str] = typer.Option(None, help="--rank: only these kinds (comma-separated, e.g. cross-q,vit-out)."),
+    blocks: Optional[str] = typer.Option(None, help="--rank: only activations under these blocks (comma-separated, e.g. up_blocks.1)."),
+    all_kinds: bool = typer.Option(False, help="--rank: every activation but the attention maps, also the kinds the paper finds noisy."),
+    pixels_per_image: int = typer.Option(256, help="--rank: labelled pixels sampled per image."),
+    save_preset: Optional[Path] = typer.Option(None, help="--rank: write the --top activations as a preset file (--preset FILE.yaml reads it)."),
+    top: int = typer.Option(3, help="--rank: activations in the saved preset."),
+    seed: int = typer.Option(0, help="Seed of the splits, classifiers and noise."),
+    overwrite: bool = typer.Option(False, help="Recompute cached features made with other settings."),
+    device: Optional[str] = typer.Option(None, help=DEVICE_HELP),
+    dtype: Optional[str] = typer.Option(None, help=DTYPE_HELP),
+    model_config: Optional[str] = typer.Option(None, "--model-config", help=MODEL_CONFIG_HELP),
+) -> None:
+    """Label-scarce segmentation (the activation paper's protocol): pixel-MLP ensemble on frozen features,
+    mIoU mean and spread over random splits; the classifier is saved for `difffeat probe-predict`."""
+    if rank:
+        from .runs.downstream import rank as run_rank
+
+        rows, path = _call(run_rank, model, ddpm=ddpm, images=images, labels=labels, num_classes=num_classes, kinds=kinds,
+                           blocks=blocks, t=t, resolution=resolution, prompt=prompt, seed=seed, train_count=train_count,
+                           test_count=test_count, pixels_per_image=pixels_per_image,
+                           label_size=label_size, save_preset=save_preset, top=top, all_kinds=all_kinds,
+                           device=device, dtype=dtype, model_config=model_config)
+        err, out = _consoles()
+        out.print(_table(f"{len(rows)} activations ranked by linear-probe mIoU", ["rank", "activation", "kind", "shape", "mIoU", "pixel acc", "MB/image"],
+                         [[str(i + 1), r.name, r.kind, "x".join(map(str, r.shape)), f"{r.miou:.4f}", f"{r.pixel_accuracy:.4f}", f"{r.megabytes:.3f}"] for i, r in enumerate(rows)]))
+        if path:
+            err.print(f"preset: {path} (use --preset {path})")
+        return
+    from .runs.downstream import probe as run
+
+    rep = _call(run, model, out_dir=out_dir, ddpm=ddpm, images=images, labels=labels, num_classes=num_classes,
+                features=features, preset=preset, t=t, resolution=resolution, prompt=prompt, seed=seed,
+                train_count=train_count, test_count=test_count, splits=splits, models=models, epochs=epochs,
+                batch_size=batch_size, label_size=label_size, pool=pool, void=void, overwrite=overwrite,
+                device=device, dtype=dtype, model_config=model_config, techniques=technique, timesteps=timesteps,
+                ensemble_size=ensemble_size)
+    err, out = _consoles()
+    out.print(f"mIoU {rep.miou_mean:.4f} +- {rep.miou_std:.4f} over {len(rep.miou_per_split)} split(s) "
+              f"({rep.n_train} train / {rep.n_test} test images, {rep.num_classes} classes)")
+    err.print(f"report: {out_dir / 'report.json'}; classifier: {rep.classifier}")
+
+
+@app.command("probe-predict")
+def probe_predict(
+    classifier: Path = typer.Argument(..., help="classifier.safetensors written by `difffeat probe`."),
+    images: list[Path] = typer.Argument(..., help="Image files, folders or quoted glob patterns."),
+    out_dir: Path = typer.Option(..., "--out", "-o", help="Output folder: <stem>_labels.png per image."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="Where to load the model from (default: the one the classifier was trained on)."),
+    device: Optional[str] = typer.Option(None, help=DEVICE_HELP),
+    dtype: Optional[str] = typer.Option(None, help=DTYPE_HELP),
+    model_config: Optional[str] = typer.Option(None, "--model-config", help=MODEL_CONFIG_HELP),
+) -> None:
+    """Segment IMAGES with a pixel classifier trained by `difffeat probe` (same features, same settings)."""
+    from .runs.downstream import probe_predict as run
+
+    written = _call(run, classifier, images, out_dir=out_dir, model=model, device=device, dtype=dtype, model_config=model_config)
+    _consoles()[0].print(f"wrote {len(written)} label map(s) to {out_dir}")
+
+
+@app.command()
+def correspond(
+    model: str = typer.Argument("shapes", help=MODEL_HELP),
+    out_dir: Path = typer.Option(Path("correspond_out"), "--out", "-o", help="Run folder: features/ cache, predictions.json, report.json."),
+    spair: Optional[Path] = typer.Option(None, help="An SPair-71k folder (PairAnnotation/<split>/*.json, JPEGImages/<category>/)."),
+    pairs: Optional[Path] = typer.Option(None, help="Or a pair-list JSON (source_path, target_path, source_points, target_points, category, target_bounding_box)."),
+    images: Optional[Path] = typer.Option(None, help="Image folder the --pairs paths are relative to."),
+    split: str = typer.Option("test", help="SPair-71k split: trn | val | test."),
+    categories: Optional[str] = typer.Option(None, help="Only these SPair-71k categories (comma-separated)."),
+    limit: Optional[int] = typer.Option(None, help="At most N pairs (per category for SPair-71k)."),
+    features: Optional[str] = typer.Option(None, "--features", "-f", help="Comma-separated activation names."),
+    preset: Optional[str] = typer.Option(None, help="A feature preset (see `difffeat presets`)."),
+    t: Optional[int] = typer.Option(None, "--t", help="Timestep 0-999 (default: the preset's or 50)."),
+    resolution: Optional[int] = typer.Option(None, help="Model input side in px (default: the preset's or native)."),
+    square: bool = typer.Option(True, help="Resize images to a square (as the reference) or keep the aspect ratio."),
+    prompt: str = typer.Option("", help="Prompt for every image."),
+    technique: Optional[list[str]] = typer.Option(None, "--technique", help="Content-shift suppression (repeatable; each is one variant, their features concatenated as the reference combines them; '+' applies several in one forward): prompt:quality=natural | prompt:task=horse21 | controlnet:ID[,start=published | ,start_t=61,steps=11] | lora:FILE[,scale=1]."),
+    timesteps: Optional[str] = typer.Option(None, help="Several timesteps, comma-separated (features concatenated), instead of --t."),
+    seed: int = typer.Option(0, help="Noise seed (the first of --ensemble-size seeds)."),
+    ensemble_size: int = typer.Option(1, help="Average each image's features over this many noise seeds (DIFT's ensemble_size)."),
+    alpha: float = typer.Option(0.1, help="PCK threshold as a fraction of the image's / box's longer side."),
+    load_size: int = typer.Option(512, help="Side of the square grid features are upsampled to and matched on (the reference: 512)."),
+    overwrite: bool = typer.Option(False, help="Recompute cached features made with other settings."),
+    device: Optional[str] = typer.Option(None, help=DEVICE_HELP),
+    dtype: Optional[str] = typer.Option(None, help=DTYPE_HELP),
+    model_config: Optional[str] = typer.Option(None, "--model-config", help=MODEL_CONFIG_HELP),
+) -> None:
+    """Zero-shot semantic correspondence (nearest neighbour on features, DIFT's method): PCK@alpha per image
+    and per bounding box, overall and per category."""
+    from .runs.downstream import correspond as run
+
+    rep = _call(run, model, out_dir=out_dir, spair=spair, pairs_file=pairs, images=images, split=split,
+                categories=categories, limit=limit, features=features, preset=preset, t=t, resolution=resolution,
+                square=square, prompt=prompt, seed=seed, ensemble_size=ensemble_size, alpha=alpha, load_size=load_size,
+                overwrite=overwrite, device=device, dtype=dtype, model_config=model_config, techniques=technique,
+                timesteps=timesteps)
+    err, out = _consoles()
+    s = rep.scores
+    out.print(_table(f"PCK@{s['alpha']:g} ({s['pairs']} pairs, {s['keypoints']} keypoints)", ["category", "pairs", "PCK img", "PCK bbox"],
+                     [[c, str(v["pairs"]), f"{v['pck_img']:.4f}", f"{v['pck_bbox']:.4f}"] for c, v in s["per_category"].items()]
+                     + [["all", str(s["pairs"]), f"{s['pck_img']:.4f}", f"{s['pck_bbox']:.4f}"]]))
+    err.print(f"report: {out_dir / 'report.json'}")
 
 
 def main() -> None:  # pragma: no cover

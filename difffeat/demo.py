@@ -174,27 +174,29 @@ def run_segment(
     tau: float | None = None,
 ) -> SegmentOutput:
     """Segment ``image`` into ``classes`` with :class:`difffeat.Segmenter` (GOCA switches as given; None =
-    the model's default), after :func:`~difffeat.segment.vocabulary.check_class_words`."""
+    the model's default), after :func:`~difffeat.segment.vocabulary.check_class_words` has left out the words
+    the model does not know (``check.dropped``; their noise maps would take pixels from the known classes).
+    Label colours are :func:`~difffeat.segment.outputs.label_colors` of the image (never its own colours)."""
     from . import Segmenter
     from .images import to_rgb
-    from .segment.outputs import colorize, display_scale, enlarge, heatmap_image, overlay, palette
+    from .segment.outputs import colorize, display_scale, enlarge, heatmap_image, label_colors, overlay
     from .segment.vocabulary import check_class_words
 
-    check = check_class_words(parse_classes(classes), model.backbone)
+    check = check_class_words(parse_classes(classes), model.backbone, drop_unknown=True)
     rgb = to_rgb(image)
     overrides = dict(t=t, heads=heads, layers=layers, rescale=rescale, tau=tau)
     seg = Segmenter(model.backbone, **{k: v for k, v in overrides.items() if v is not None})
     with model.lock:  # names already checked: the Segmenter re-warns (server log) only about unknown words
         result = seg(rgb, check.names)
-    colors = palette()
+    colors = label_colors(rgb, len(result.classes))
     legend = [("background", tuple(int(c) for c in colors[0]))]
     legend += [(c, tuple(int(x) for x in colors[i])) for c, i in result.class_index.items()]
     scale = display_scale(rgb.size)
     maps = result.class_maps.float().numpy()  # [n_classes, h, w] at map resolution
     heat = [(heatmap_image(m, display_scale(m.shape[::-1], 256)), c) for m, c in zip(maps, result.classes)]
-    labels = colorize(result.labels)
-    return SegmentOutput(overlay(rgb, result.labels, scale=scale), enlarge(labels.convert("RGB"), scale), labels,
-                         legend, heat, result, check, scale)
+    labels = colorize(result.labels, colors)
+    return SegmentOutput(overlay(rgb, result.labels, scale=scale, colors=colors), enlarge(labels.convert("RGB"), scale),
+                         labels, legend, heat, result, check, scale)
 
 
 def legend_html(legend: Sequence[tuple[str, tuple[int, int, int]]], pixels: dict[str, int] | None = None) -> str:
@@ -215,7 +217,8 @@ def legend_html(legend: Sequence[tuple[str, tuple[int, int, int]]], pixels: dict
 
 
 def check_html(check: Any) -> str:
-    """The class-word check as HTML: renamed names and one warning line per unknown word (``""`` if none)."""
+    """The class-word check as HTML: renamed names and one warning line per unknown word, each saying it was
+    left out (``""`` if none)."""
     lines = [f"“{_esc(a)}” was read as “{_esc(b)}”" for a, b in check.renamed.items()]
     lines += [f"⚠️ {_esc(w)}" for w in check.warnings]
     return "".join(f'<div class="difffeat-warning">{x}</div>' for x in lines)
@@ -251,6 +254,20 @@ def catalog_rows(backbone: Backbone, kinds: Sequence[str] = (), resolution: str 
             continue
         rows.append([a.name, a.kind, "x".join(map(str, a.shape or ())), res, ", ".join(a.flags)])
     return rows
+
+
+def catalog_view_rows(rows: Sequence[Sequence[str]]) -> list[list[str]]:
+    """:func:`catalog_rows` as the page's table shows them: HTML names with a line-break opportunity
+    (``<wbr>``, not a character: copied names stay exact) after each ``.``, so a long name wraps at its dots on a
+    narrow screen instead of pushing the other columns out or breaking mid-word."""
+    return [[_esc(r[0]).replace(".", ".<wbr>"), *r[1:]] for r in rows]
+
+
+def catalog_name(cell: str) -> str:
+    """The activation name of a :func:`catalog_view_rows` name cell."""
+    import re
+
+    return re.sub(r"<[^>]*>", "", str(cell)).replace("&lt;", "<").replace("&gt;", ">").replace("&quot;", '"').replace("&amp;", "&")
 
 
 def pca_rgb(feature: torch.Tensor, size: tuple[int, int] | None = None) -> Image.Image:
@@ -313,26 +330,62 @@ def run_features(
 
 # --------------------------------------------------------------------------- UI
 def gate_panels(cmp: Any) -> list[tuple[Image.Image, str]]:
-    """The three captioned pictures of an img2img comparison, nearest-enlarged to a readable size."""
+    """The three captioned pictures of an img2img comparison, nearest-enlarged to a readable size, captioned
+    :data:`GATE_CAPTIONS` (the page's CSS wraps captions rather than cutting them on a narrow screen)."""
     from .segment.outputs import display_scale, enlarge
 
     k = display_scale(cmp.input.size)
     w, h = cmp.input.size
-    captions = (f"input, as the model saw it ({w}x{h} px)", "img2img without the technique", "img2img with the technique")
+    captions = (f"{GATE_CAPTIONS[0]} ({w}x{h} px)", *GATE_CAPTIONS[1:])
     return [(enlarge(img.convert("RGB").resize((w, h)), k), c) for img, c in zip((cmp.input, cmp.reference, cmp.treated), captions)]
 
 
-def rounded(figures: dict[str, Any], digits: int = 3) -> dict[str, Any]:
-    """``figures`` with floats rounded to ``digits`` decimals (for display)."""
-    return {k: round(v, digits) if isinstance(v, float) else v for k, v in figures.items()}
+#: captions of the input and of the img2img outputs without / with the technique
+GATE_CAPTIONS = ("input", "without the technique", "with the technique")
+
+
+def gate_html(cmp: Any) -> str:
+    """The comparison's verdict sentence and a small table (measure, without, with, closer to the input)."""
+    head = "<tr><th>measure</th><th>without</th><th>with</th><th>closer</th></tr>"
+    rows = "".join("<tr>" + "".join(f"<td>{_esc(c)}</td>" for c in row) + "</tr>" for row in cmp.table())
+    return (f'<p class="difffeat-verdict">{_esc(cmp.verdict())}</p>'
+            f'<table class="difffeat-table">{head}{rows}</table>'
+            '<p style="font-size:.85em;opacity:.8">without / with = img2img without / with the technique; '
+            "&ldquo;technique helps&rdquo; means the PSNR with it is higher.</p>")
 
 
 # --------------------------------------------------------------------------- UI
-def bundled_examples() -> list[tuple[str, str]]:
-    """(image path, "class, class") for every bundled example."""
+def bundled_examples(failures: bool = False) -> list[tuple[str, str]]:
+    """(image path, "class, class") for every bundled example the shapes model segments well, or (``failures``)
+    for those it fails on (:data:`difffeat.shapes.examples.KNOWN_FAILURES`)."""
     from .shapes.examples import read_examples
 
-    return [(str(e["path"]), ", ".join(e["classes_present"])) for e in read_examples(EXAMPLES_DIR)]
+    return [(str(e["path"]), ", ".join(e["classes_present"])) for e in read_examples(EXAMPLES_DIR)
+            if bool(e["known_failure"]) == failures]
+
+
+def example_label(path: str, classes: str) -> str:
+    """The button text of an example: its number and its classes (``"0006 · cross, square"``)."""
+    return f"{Path(path).stem.rsplit('_', 1)[-1]} · {classes}"
+
+
+def known_failure(path: str) -> str:
+    """How the shapes model fails on the bundled example ``path`` (``""`` if it does not)."""
+    from .shapes.examples import KNOWN_FAILURES
+
+    return KNOWN_FAILURES.get(Path(path).name, "")
+
+
+def image_stem(image: Any) -> str:
+    """The file name (without suffix) an uploaded image came from, for naming its downloads (``"image"`` when
+    unknown, e.g. a pasted picture)."""
+    name = getattr(image, "info", {}).get(SOURCE_NAME_KEY) if image is not None else None
+    stem = Path(str(name)).stem if name else "image"
+    return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in stem) or "image"
+
+
+#: ``PIL.Image.info`` key under which the demo's image component records the uploaded file's name
+SOURCE_NAME_KEY = "difffeat_source_name"
 
 
 def _user_error(exc: Exception):
@@ -341,27 +394,37 @@ def _user_error(exc: Exception):
     return gr.Error(str(exc), print_exception=False)
 
 
+class UnreadableImage:
+    """What the demo's image component hands a handler for an upload PIL cannot open: the message to show."""
+
+    def __init__(self, message: str) -> None:
+        self.message = message
+
+
 def _image_component():
-    """``gr.Image`` whose unreadable uploads raise a short :class:`InvalidImageError` message (naming the
-    uploaded file, not the server's temporary copy) as a ``gr.Error``; stock ``gr.Image`` fails in
-    preprocessing with a PIL traceback."""
+    """``gr.Image`` that records the uploaded file's name (:data:`SOURCE_NAME_KEY`, for download names) and
+    hands an unreadable upload on as :class:`UnreadableImage` (a short :class:`InvalidImageError` message
+    naming the uploaded file, not the server's temporary copy); stock ``gr.Image`` fails in preprocessing
+    with a PIL traceback, before any handler could say so beside its button."""
     import gradio as gr
 
     class CheckedImage(gr.Image):
         is_template = True  # rendered by the stock Image frontend
 
         def preprocess(self, payload):
+            name = getattr(payload, "orig_name", None) or Path(getattr(payload, "path", "") or "upload").name
             try:
-                return super().preprocess(payload)
+                img = super().preprocess(payload)
             except gr.Error:
                 raise
             except Exception:  # noqa: BLE001 - any decoding failure is a user error here
-                name = getattr(payload, "orig_name", None) or Path(getattr(payload, "path", "") or "upload").name
-                err = InvalidImageError(
+                return UnreadableImage(str(InvalidImageError(
                     f"cannot read image file {name!r}: it is not a PNG, JPEG, WebP or other image file that PIL can "
                     "open; upload an image or pick a bundled example"
-                )
-                raise _user_error(err) from None
+                )))
+            if isinstance(img, Image.Image):
+                img.info[SOURCE_NAME_KEY] = name
+            return img
 
     return CheckedImage
 
@@ -379,10 +442,101 @@ def _number(text: Any, kind: type, what: str) -> int | float | None:
     return kind(value)
 
 
+def error_html(message: str) -> str:
+    """An error as the message line beside a button shows it (stays until the next run)."""
+    return f'<div class="difffeat-error" role="alert">⚠️ {_esc(message)}</div>'
+
+
+class ErrorBoard:
+    """The last error of each browser session, kept so that a ``.failure`` step can write it beside the button
+    (gradio's toast fades after seconds and its status badge says only "Error")."""
+
+    def __init__(self, keep: int = 1000) -> None:
+        self._last: dict[str, str] = {}
+        self._lock = threading.Lock()
+        self.keep = keep
+
+    @staticmethod
+    def _key(request: Any) -> str:
+        return str(getattr(request, "session_hash", None) or "")
+
+    def raise_(self, request: Any, exc: BaseException) -> None:
+        """Remember ``exc``'s message for ``request``'s session, then raise it as a ``gr.Error``."""
+        import gradio as gr
+
+        err = exc if isinstance(exc, gr.Error) else _user_error(exc)
+        with self._lock:
+            self._last.pop(self._key(request), None)
+            self._last[self._key(request)] = str(err.message)
+            while len(self._last) > self.keep:  # sessions that never show their error (API clients)
+                self._last.pop(next(iter(self._last)))
+        raise err from None
+
+    def pop(self, request: Any) -> str:
+        """The session's last error message (forgotten once read), or a generic line."""
+        with self._lock:
+            return self._last.pop(self._key(request), "something went wrong; see the server log")
+
+
+#: one line of help for each Advanced option (the GOCA switches; method: shared/method.md section 3)
+ADVANCED_HELP = {
+    "t": "how much noise is added before the one denoiser forward that is read (0 = none, 999 = pure noise); "
+         "blank = the model's tuned default",
+    "heads": "goca: weight each attention head by its share of the layer's output at that pixel; "
+             "mean: plain average over heads",
+    "layers": "goca: weight each layer by how well its self-attention matches a reference feature's; "
+              "uniform: every layer counts the same",
+    "rescale": "goca: divide each class score by the attention all named things get at that pixel; "
+               "none: blur and min-max only",
+    "tau": "background threshold: a pixel is background unless some class scores above tau (0-1 scale); "
+           "blank = the model's tuned default",
+}
+
 CSS = """
 #seg-image img, #f-image img, #g-image img { image-rendering: pixelated; width: 100%; height: 100%; object-fit: contain; }
 .difffeat-warning { color: #a15c00; font-weight: 600; }
+.difffeat-error { color: #b00020; font-weight: 600; padding: .4em .6em; border: 1px solid #b00020; border-radius: 6px;
+                  background: #fff0f0; }
+/* galleries as tall as their pictures, no fixed blank box below */
+#seg-heat .grid-wrap, #g-panels .grid-wrap { min-height: 0 !important; height: auto !important; max-height: none !important; }
+#seg-heat .grid-container, #g-panels .grid-container { padding-top: 30px !important; }  /* below the gallery's label */
+/* gallery captions wrap instead of being cut ("without" / "with" must stay apart on a phone), under the picture */
+#seg-heat .caption-label, #g-panels .caption-label { white-space: normal !important; overflow: visible !important;
+                  text-overflow: clip !important; max-width: 100% !important; position: static !important;
+                  display: block; text-align: center; }
+#seg-heat .thumbnail-item, #g-panels .thumbnail-item { aspect-ratio: auto !important; height: auto !important;
+                  overflow: visible !important; }
+#seg-heat .thumbnail-item img, #g-panels .thumbnail-item img { object-fit: contain !important; height: auto !important;
+                  width: 100% !important; image-rendering: pixelated; }
+.difffeat-table { border-collapse: collapse; font-size: .9em; }
+.difffeat-table th, .difffeat-table td { border: 1px solid #ccc; padding: .2em .5em; text-align: left; }
+.difffeat-verdict { font-weight: 600; }
+#f-info code { white-space: normal; overflow-wrap: anywhere; }  /* long activation names wrap on a phone */
+/* the catalog: names wrap at their dots (<wbr>), never mid-word; on a phone name and kind fill the screen and
+   shape (C x H x W, which holds the resolution) is a swipe away; resolution and flags give way */
+#f-catalog .text.wrap { word-break: normal !important; overflow-wrap: normal !important; }
+@media (max-width: 640px) {
+  #f-catalog { font-size: 12px; }
+  #f-catalog th:nth-child(n+4), #f-catalog td:nth-child(n+4), #f-catalog .body-cell:nth-child(n+4) { display: none !important; }
+  #f-catalog td, #f-catalog th, #f-catalog .cell-wrap { white-space: normal !important; }
+}
 """
+
+#: the JavaScript of the class checkboxes: a tick adds its class to the typed ones, an untick removes it;
+#: typed words that are not offered stay
+_OFFER_JS = """(picked, typed) => {
+    const offered = new Set([...document.querySelectorAll('#seg-offer label')]
+        .filter(l => l.querySelector('input[type=checkbox]')).map(l => l.innerText.trim().toLowerCase()));
+    const entries = (typed || '').split(',').map(s => s.trim()).filter(Boolean);
+    const keep = entries.filter(e => !offered.has(e.toLowerCase()) || picked.includes(e.toLowerCase()));
+    const have = new Set(keep.map(e => e.toLowerCase()));
+    for (const p of picked) { if (!have.has(p)) { keep.push(p); have.add(p); } }
+    return keep.join(', ');
+}"""
+#: ... and the typed classes (or an example's) tick their boxes
+#: (every typed word is passed: the boxes render before or after this runs, and unoffered words tick nothing;
+#: the list is wrapped in one more list, as gradio spreads a returned array over the outputs)
+_TICK_JS = """(typed) => [[...new Set((typed || '').split(',').map(s => s.trim().toLowerCase()).filter(Boolean))]]"""
 
 
 def build_demo(
@@ -408,7 +562,8 @@ def build_demo(
     Endpoints: ``segment`` (image, classes, model, t, heads, layers, rescale, tau; blank t/tau = the model's
     default) -> (overlay, labels view, legend HTML, heat maps, label PNG file, status, message);
     ``features`` (image, model, activation or preset:NAME, prompt, t) -> (PCA picture, .safetensors, info,
-    status); ``gate`` (image, model, prompt, technique, strength, steps) -> (panels, figures, status).
+    status); ``gate`` (image, model, prompt, technique, strength, steps) -> (panels, verdict and table HTML,
+    status). The page loads with the first bundled example segmented.
     """
     import gradio as gr
 
@@ -416,10 +571,20 @@ def build_demo(
     cache = cache or ModelCache(fallback=fallback, device=device,
                                 model_configs={model: model_config} if model_config else None)
     meter = meter or ActivityMeter()
+    errors = ErrorBoard()
     outdir = Path(tempfile.mkdtemp(prefix="difffeat-demo-"))
     if preload:
         cache.get(model)
     examples = bundled_examples()
+    failures = bundled_examples(failures=True)
+
+    def takes(**hints):
+        """Give a handler real annotation objects: gradio finds its ``gr.Request`` / ``gr.SelectData``
+        parameters by type hint, which it cannot resolve from this module's string annotations."""
+        def deco(fn):
+            fn.__annotations__ = dict(hints)
+            return fn
+        return deco
 
     def get_model(name: str, progress: gr.Progress) -> LoadedModel:
         try:
@@ -430,49 +595,85 @@ def build_demo(
     def need_image(image) -> None:
         if image is None:
             raise gr.Error("no image: upload one or pick a bundled example first", print_exception=False)
+        if isinstance(image, UnreadableImage):
+            raise gr.Error(image.message, print_exception=False)
 
-    def load_model(name: str, progress=gr.Progress()):
-        get_model(name, progress)
+    def download_path(image, suffix: str) -> Path:
+        """``<outdir>/<unique>/<input name>-<suffix>``: named after the input, never overwriting another's."""
+        folder = Path(tempfile.mkdtemp(dir=outdir))
+        return folder / f"{image_stem(image)}-{suffix}"
+
+    def uploaded(image):
+        """An upload PIL cannot open: cleared (no broken-image icon) and said beside the button."""
+        if isinstance(image, UnreadableImage):
+            return gr.update(value=None), error_html(image.message)
+        return gr.skip(), ""
+
+    @takes(request=gr.Request)
+    def show_error(request: gr.Request):
+        return error_html(errors.pop(request))
+
+    @takes(request=gr.Request)
+    def load_model(name: str, request: gr.Request, progress=gr.Progress()):
+        try:
+            get_model(name, progress)
+        except gr.Error as exc:
+            errors.raise_(request, exc)
         return cache.describe(name)
 
-    def page_state(name: str, progress=gr.Progress()):
-        """On page load: status line, the classes a closed-vocabulary model knows, t/tau placeholders."""
+    @takes(request=gr.Request)
+    def load_failed(name: str, request: gr.Request):
+        return (f"⚠️ **{(name or '').strip() or DEFAULT_MODEL}** could not be loaded: {errors.pop(request)} "
+                "— every tab uses the model named in the box; put back one that loads (e.g. `shapes`).")
+
+    @takes(request=gr.Request)
+    def model_state(name: str, request: gr.Request, progress=gr.Progress()):
+        """After a model loads: status line, the classes a closed-vocabulary model knows, t/tau placeholders."""
         from .segment.settings import settings_for
         from .segment.vocabulary import model_vocabulary
 
-        b = get_model(name, progress).backbone
+        try:
+            b = get_model(name, progress).backbone
+        except gr.Error as exc:
+            errors.raise_(request, exc)
         known = known_classes_text(b)
         vocab = model_vocabulary(b)
         seg_defaults = settings_for(str(b.name), b.family)
         return (
             cache.describe(name),
             gr.update(value=known, visible=bool(known)),
-            gr.update(choices=list(vocab.classes) if vocab else [], value=[], visible=vocab is not None),
+            gr.update(choices=list(vocab.classes) if vocab else [], visible=vocab is not None),
             gr.update(placeholder=f"blank = the model's default ({seg_defaults.t})"),
             gr.update(placeholder=f"blank = the model's default ({seg_defaults.tau:g})"),
         )
 
-    def segment(image, classes, model_name, t, heads, layers, rescale, tau, progress=gr.Progress()):
+    @takes(request=gr.Request)
+    def first_page(name: str, request: gr.Request, progress=gr.Progress()):
+        """On page load: :func:`model_state` and the first bundled example in the Segment tab (segmented next)."""
+        first = examples[0] if examples else (None, "")
+        return (*model_state(name, request, progress), *first)
+
+    @takes(request=gr.Request)
+    def segment(image, classes, model_name, t, heads, layers, rescale, tau, request: gr.Request, progress=gr.Progress()):
         with meter:
-            need_image(image)
-            t, tau = _number(t, int, "timestep t"), _number(tau, float, "background tau")
-            m = get_model(model_name, progress)
-            progress(None, desc="segmenting (one denoiser forward) ...")
             try:
+                need_image(image)
+                t, tau = _number(t, int, "timestep t"), _number(tau, float, "background tau")
+                m = get_model(model_name, progress)
+                progress(None, desc="segmenting (one denoiser forward) ...")
                 out = run_segment(m, image, classes, t=t, heads=heads, layers=layers, rescale=rescale, tau=tau)
-            except (DifffeatError, ValueError) as exc:
-                raise _user_error(exc) from None
+            except (gr.Error, DifffeatError, ValueError) as exc:
+                errors.raise_(request, exc)
             for w in out.check.warnings:
                 gr.Warning(w)
-            fd, path = tempfile.mkstemp(prefix="labels-", suffix=".png", dir=outdir)
-            os.close(fd)
+            path = download_path(image, "labels.png")
             out.labels.save(path, format="PNG")
             pixels = out.result.to_json()["pixels_per_class"]
             w, h = out.labels.size
             done = f"segmented {w}x{h} px at t={out.result.settings['t']}, tau={out.result.settings['tau']:g}"
             if out.scale > 1:
                 done += f"; shown {out.scale}x enlarged (nearest), the download is {w}x{h}"
-            return (out.overlay, out.labels_view, legend_html(out.legend, pixels), out.heatmaps, path,
+            return (out.overlay, out.labels_view, legend_html(out.legend, pixels), out.heatmaps, str(path),
                     cache.describe(model_name), check_html(out.check) + f"<div>{_esc(done)}</div>")
 
     def catalog_view(model_name, kinds, resolution, progress=gr.Progress()):
@@ -482,156 +683,210 @@ def build_demo(
         kind_choices = sorted({r[1] for r in all_rows})
         res_choices = ["any"] + sorted({r[3] for r in all_rows}, key=lambda s: (s == "map", s))
         presets = preset_choices(m.backbone)
-        names = presets + [r[0] for r in rows]
+        names = presets + [r[0] for r in all_rows]
         return (
-            gr.update(value=rows),
+            gr.update(value=catalog_view_rows(rows)),
             gr.update(choices=kind_choices),
             gr.update(choices=res_choices),
             gr.update(choices=names, value=names[0] if names else None),
         )
 
-    def features(image, model_name, name, prompt, t, progress=gr.Progress()):
+    @takes(evt=gr.SelectData)
+    def pick_row(evt: gr.SelectData):
+        """A click on a catalog row selects that row's activation."""
+        row = evt.row_value or []
+        return gr.update(value=catalog_name(row[0])) if row else gr.skip()
+
+    @takes(request=gr.Request)
+    def features(image, model_name, name, prompt, t, request: gr.Request, progress=gr.Progress()):
         with meter:
-            need_image(image)
-            t = _number(t, int, "timestep t")
-            m = get_model(model_name, progress)
-            progress(None, desc="extracting (one denoiser forward) ...")
             try:
+                need_image(image)
+                t = _number(t, int, "timestep t")
+                m = get_model(model_name, progress)
+                progress(None, desc="extracting (one denoiser forward) ...")
                 pic, tensors, settings = run_features(m, image, name, prompt, t)
-            except (DifffeatError, ValueError) as exc:
-                raise _user_error(exc) from None
+            except (gr.Error, DifffeatError, ValueError) as exc:
+                errors.raise_(request, exc)
             from .io import save_features
 
-            fd, path = tempfile.mkstemp(prefix="feature-", suffix=".safetensors", dir=outdir)
-            os.close(fd)
+            path = download_path(image, "features.safetensors")
             save_features(path, tensors, metadata=settings)
             shapes = "; ".join(f"`{n}`: {tuple(v.shape)}" for n, v in tensors.items())
             source = "given" if t is not None else "the preset's" if name.startswith(PRESET_PREFIX) else "the model's default"
             what = name if name.startswith(PRESET_PREFIX) else "activation"
             info = f"{what} at t={settings['t']} ({source}): {shapes} (C, H, W)"
-            return pic, path, info, cache.describe(model_name)
+            return pic, str(path), info, cache.describe(model_name)
 
-    def gate(image, model_name, prompt, technique, strength, steps, progress=gr.Progress()):
+    @takes(request=gr.Request)
+    def gate(image, model_name, prompt, technique, strength, steps, request: gr.Request, progress=gr.Progress()):
         with meter:
-            need_image(image)
-            m = get_model(model_name, progress)
-            from .shift import gate_img2img, parse_technique
-
-            progress(None, desc="two img2img runs ...")
             try:
+                need_image(image)
+                m = get_model(model_name, progress)
+                from .shift import gate_img2img, parse_technique
+
+                progress(None, desc="two img2img runs ...")
                 with m.lock:
                     cmp = gate_img2img(m.backbone, image, prompt or "", parse_technique(technique or "prompt"),
                                        strength=float(strength), steps=int(steps))
-            except (DifffeatError, ValueError, TypeError) as exc:
-                raise _user_error(exc) from None
-            return gate_panels(cmp), rounded(cmp.to_json()), cache.describe(model_name)
+            except (gr.Error, DifffeatError, ValueError, TypeError) as exc:
+                errors.raise_(request, exc)
+            return gate_panels(cmp), gate_html(cmp), cache.describe(model_name)
 
+    def shown(*components):
+        """After a first result: show the output boxes that stayed hidden while empty (no blank boxes)."""
+        updates = tuple(gr.update(visible=True) for _ in components)
+        return lambda: updates if len(updates) > 1 else updates[0]
+
+    def examples_block(inputs, label: str, items, elem_id: str, with_classes: bool = True):
+        rows = [list(e) if with_classes else [e[0]] for e in items]
+        labels = [example_label(*e) for e in items] if with_classes else None
+        return gr.Examples(rows, inputs, label=label, elem_id=elem_id, example_labels=labels, api_visibility="private")
+
+    hidden = dict(api_visibility="private", show_progress="hidden", queue=False)
     with gr.Blocks(title="difffeat demo") as demo:
         gr.Markdown("# difffeat\nDiffusion models as feature extractors and training-free segmenters (GOCA).")
         with gr.Row():
-            model_box = gr.Textbox(value=model, label="model (\"shapes\", a hub id or a local diffusers folder)", scale=4)
-            load_btn = gr.Button("Load model", scale=1)
+            model_box = gr.Textbox(value=model, label="model (\"shapes\", a hub id or a local diffusers folder)", scale=4,
+                                   elem_id="model-box")
+            load_btn = gr.Button("Load model", scale=1, elem_id="load-model")
         status = gr.Markdown(
             cache.describe(model) if cache.loaded(model) else "Loading the model ...", elem_id="model-status"
         )
         load_msg = gr.Markdown(elem_id="load-message")
         loaded = load_btn.click(load_model, [model_box], [status], api_name="load_model", show_progress_on=[load_msg])
+        loaded.failure(load_failed, [model_box], [status], api_visibility="private", show_progress="hidden")
 
         with gr.Tab("Segment"):
             with gr.Row():
                 with gr.Column():
                     image = UploadImage(type="pil", label="image", elem_id="seg-image", height=320, sources=["upload", "clipboard"])
-                    classes = gr.Textbox(label="classes (comma-separated)", placeholder="circle, star", elem_id="seg-classes")
+                    classes = gr.Textbox(label="classes (comma-separated)", placeholder="circle, star", elem_id="seg-classes",
+                                         render=False)
+                    seg_examples = [examples_block([image, classes], "bundled examples: click one", examples, "seg-examples")]
+                    classes.render()
                     known = gr.Markdown(visible=False, elem_id="seg-known")
-                    offer = gr.CheckboxGroup([], label="add classes this model knows", visible=False, elem_id="seg-offer")
+                    offer = gr.CheckboxGroup([], label="tick classes to add them (typed ones stay)", visible=False,
+                                             elem_id="seg-offer")
                     with gr.Accordion("Advanced", open=False, elem_id="seg-advanced"):
-                        t_box = gr.Textbox(label="timestep t (0-999)", placeholder="blank = the model's default", elem_id="seg-t")
-                        heads = gr.Radio(["goca", "mean"], value="goca", label="head aggregation")
-                        layers = gr.Radio(["goca", "uniform"], value="goca", label="layer aggregation")
-                        rescale = gr.Radio(["goca", "none"], value="goca", label="per-pixel rescaling")
-                        tau = gr.Textbox(label="background tau", placeholder="blank = the model's default", elem_id="seg-tau")
+                        t_box = gr.Textbox(label="timestep t (0-999)", placeholder="blank = the model's default", elem_id="seg-t",
+                                           info=ADVANCED_HELP["t"])
+                        heads = gr.Radio(["goca", "mean"], value="goca", label="head aggregation", info=ADVANCED_HELP["heads"],
+                                         elem_id="seg-heads")
+                        layers = gr.Radio(["goca", "uniform"], value="goca", label="layer aggregation",
+                                          info=ADVANCED_HELP["layers"], elem_id="seg-layers")
+                        rescale = gr.Radio(["goca", "none"], value="goca", label="per-pixel rescaling",
+                                           info=ADVANCED_HELP["rescale"], elem_id="seg-rescale")
+                        tau = gr.Textbox(label="background tau", placeholder="blank = the model's default", elem_id="seg-tau",
+                                         info=ADVANCED_HELP["tau"])
                     seg_btn = gr.Button("Segment", variant="primary", elem_id="seg-run")
                     seg_msg = gr.HTML(elem_id="seg-message")
+                    if failures:
+                        seg_examples.append(examples_block(
+                            [image, classes], "known failure: " + "; ".join(known_failure(e[0]) for e in failures), failures,
+                            "seg-failures"))
                 with gr.Column():
-                    overlay_out = gr.Image(type="pil", label="overlay", elem_id="seg-overlay", format="png")
-                    labels_out = gr.Image(type="pil", label="label map", elem_id="seg-labels", format="png")
+                    overlay_out = gr.Image(type="pil", label="overlay", elem_id="seg-overlay", format="png", height=360)
+                    labels_out = gr.Image(type="pil", label="label map", elem_id="seg-labels", format="png", height=360)
                     legend_out = gr.HTML(elem_id="seg-legend")
-                    heat_out = gr.Gallery(label="class scores (0-1) at the attention maps' resolution", columns=4, height="auto",
-                                          elem_id="seg-heat", format="png")
+                    heat_out = gr.Gallery(label="class scores (0-1) at the attention maps' resolution", columns=3, height="auto",
+                                          elem_id="seg-heat", format="png", allow_preview=False)
                     file_out = gr.File(label="label PNG at the image size (pixel value = class index, 0 = background)",
-                                       elem_id="seg-file")
-            gr.Examples([list(e) for e in examples], [image, classes], label="bundled examples", elem_id="seg-examples")
-            offer.input(None, [offer], [classes], js="(picked) => picked.join(', ')", api_name=False, show_progress="hidden")
-            image.upload(lambda img: "", [image], [seg_msg], api_name=False, show_progress_on=[seg_msg])
-            seg_btn.click(
-                segment,
-                [image, classes, model_box, t_box, heads, layers, rescale, tau],
-                [overlay_out, labels_out, legend_out, heat_out, file_out, status, seg_msg],
-                api_name="segment",
-                show_progress_on=[seg_msg],
-            )
+                                       elem_id="seg-file", height=90)
+            offer.input(None, [offer, classes], [classes], js=_OFFER_JS, **hidden)
+            classes.change(None, [classes], [offer], js=_TICK_JS, **hidden)
+            image.upload(uploaded, [image], [image, seg_msg], api_visibility="private", show_progress_on=[seg_msg])
+            seg_inputs = [image, classes, model_box, t_box, heads, layers, rescale, tau]
+            seg_outputs = [overlay_out, labels_out, legend_out, heat_out, file_out, status, seg_msg]
+            seg_btn.click(segment, seg_inputs, seg_outputs, api_name="segment", show_progress_on=[seg_msg]).failure(
+                show_error, None, [seg_msg], api_visibility="private", show_progress="hidden")
+            for ex in seg_examples:  # a click on an example shows its result, no Segment press needed
+                ex.load_input_event.success(segment, seg_inputs, seg_outputs, api_visibility="private",
+                                            show_progress_on=[seg_msg]).failure(
+                    show_error, None, [seg_msg], api_visibility="private", show_progress="hidden")
 
         with gr.Tab("Features"):
             with gr.Row():
                 with gr.Column():
                     f_image = UploadImage(type="pil", label="image", sources=["upload", "clipboard"], elem_id="f-image", height=320)
-                    act = gr.Dropdown([], label="activation (preset:NAME = a tested selection)", allow_custom_value=True,
-                                      elem_id="f-act")
-                    prompt = gr.Textbox(label="prompt", value="")
+                    f_examples = examples_block([f_image], "bundled examples: click one", examples, "f-examples",
+                                                with_classes=False)
+                    act = gr.Dropdown([], label="activation (preset:NAME = a tested selection; or click a catalog row)",
+                                      allow_custom_value=True, elem_id="f-act")
+                    prompt = gr.Textbox(label="prompt", value="", info="text the model sees with the image (blank = none)")
                     f_t = gr.Textbox(label="timestep t (0-999)", placeholder="blank = the preset's or the model's default",
-                                     elem_id="f-t")
+                                     elem_id="f-t", info="noise level of the one denoiser forward the activation is read from")
                     f_btn = gr.Button("Extract", variant="primary", elem_id="f-run")
                     f_msg = gr.HTML(elem_id="f-message")
                 with gr.Column():
-                    gr.Markdown("**PCA of the activation** (top-3 components as RGB)")
-                    pca_out = gr.Image(type="pil", show_label=False, format="png", elem_id="f-pca")
-                    f_info = gr.Markdown(elem_id="f-info")
-                    f_file = gr.File(label="tensor (.safetensors)", elem_id="f-file")
-            gr.Examples([[e[0]] for e in examples], [f_image], label="bundled examples")
-            with gr.Accordion("Activation catalog", open=False):
+                    f_info = gr.Markdown("Pick an example or upload an image, then press **Extract**: the activation is "
+                                         "shown as a picture (its top-3 principal components as RGB).", elem_id="f-info")
+                    pca_out = gr.Image(type="pil", label="PCA of the activation (top-3 components as RGB)", format="png",
+                                       elem_id="f-pca", visible=False, height=360)
+                    f_file = gr.File(label="tensor (.safetensors)", elem_id="f-file", visible=False, height=90)
+            with gr.Accordion("Activation catalog (click a row to pick it)", open=False, elem_id="f-catalog-box"):
                 with gr.Row():
                     kind_filter = gr.Dropdown([], multiselect=True, label="filter: kind")
                     res_filter = gr.Dropdown(["any"], value="any", label="filter: resolution (HxW)")
-                table = gr.Dataframe(headers=CATALOG_COLUMNS, label="activations", interactive=False, wrap=True)
+                table = gr.Dataframe(headers=CATALOG_COLUMNS, label="activations", interactive=False, wrap=True,
+                                     elem_id="f-catalog", datatype=["html", "str", "str", "str", "str"])
             view_inputs = [model_box, kind_filter, res_filter]
             view_outputs = [table, kind_filter, res_filter, act]
-            kind_filter.input(catalog_view, view_inputs, view_outputs, api_name=False, show_progress_on=[f_msg])
-            res_filter.input(catalog_view, view_inputs, view_outputs, api_name=False, show_progress_on=[f_msg])
-            f_image.upload(lambda img: "", [f_image], [f_msg], api_name=False, show_progress_on=[f_msg])
-            f_btn.click(features, [f_image, model_box, act, prompt, f_t], [pca_out, f_file, f_info, status],
-                        api_name="features", show_progress_on=[f_msg])
+            kind_filter.input(catalog_view, view_inputs, view_outputs, api_visibility="private", show_progress_on=[f_msg])
+            res_filter.input(catalog_view, view_inputs, view_outputs, api_visibility="private", show_progress_on=[f_msg])
+            table.select(pick_row, None, [act], api_visibility="private", show_progress="hidden")
+            f_image.upload(uploaded, [f_image], [f_image, f_msg], api_visibility="private", show_progress_on=[f_msg])
+            extracted = f_btn.click(features, [f_image, model_box, act, prompt, f_t], [pca_out, f_file, f_info, status],
+                                    api_name="features", show_progress_on=[f_msg])
+            extracted.failure(show_error, None, [f_msg], api_visibility="private", show_progress="hidden")
+            extracted.success(shown(pca_out, f_file), None, [pca_out, f_file], **hidden)
+            picked = f_examples.load_input_event.success(  # a click on an example extracts from it
+                features, [f_image, model_box, act, prompt, f_t], [pca_out, f_file, f_info, status],
+                api_visibility="private", show_progress_on=[f_msg])
+            picked.failure(show_error, None, [f_msg], api_visibility="private", show_progress="hidden")
+            picked.success(shown(pca_out, f_file), None, [pca_out, f_file], **hidden)
             demo.load(lambda name, k, r, progress=gr.Progress(): catalog_view(name, k, r, progress),
                       view_inputs, view_outputs, api_name="catalog", show_progress_on=[f_msg])
 
         with gr.Tab("Content shift"):
             gr.Markdown(
-                "GATE img2img test: img2img at high strength without and with a generation technique; "
-                "the output closer to the input (higher PSNR / edge IoU) suppresses content shift better. "
-                "Runs at the model's native resolution; pictures are shown enlarged (nearest)."
+                "**GATE img2img test**: img2img at high strength, once without and once with a generation "
+                "technique. Content shift is the output drifting away from the input; the technique suppresses "
+                "it when its output stays closer to the input (higher PSNR). Runs at the model's native "
+                "resolution; pictures are shown enlarged (nearest)."
             )
             with gr.Row():
                 with gr.Column():
                     g_image = UploadImage(type="pil", label="image", sources=["upload", "clipboard"], elem_id="g-image", height=320)
-                    g_prompt = gr.Textbox(label="prompt", value="a photo of shapes")
+                    examples_block([g_image], "bundled examples: click one", examples, "g-examples", with_classes=False)
+                    g_prompt = gr.Textbox(label="prompt", value="a photo of shapes", info="the img2img prompt, both runs")
                     g_tech = gr.Textbox(label="technique", value="prompt:quality=natural",
-                                        info="prompt:quality=natural | controlnet:MODEL | lora:PATH")
-                    g_strength = gr.Slider(0.1, 1.0, value=0.75, step=0.05, label="strength")
-                    g_steps = gr.Slider(1, 50, value=10, step=1, label="steps", elem_id="g-steps")
+                                        info="prompt:quality=natural (adds quality words) | controlnet:MODEL | lora:PATH")
+                    g_strength = gr.Slider(0.1, 1.0, value=0.75, step=0.05, label="strength",
+                                           info="how much of the input is noised away (1 = all)")
+                    g_steps = gr.Slider(1, 50, value=10, step=1, label="steps", elem_id="g-steps",
+                                        info="denoising steps of each run (more = slower)")
                     g_btn = gr.Button("Compare", variant="primary", elem_id="g-run")
                     g_msg = gr.HTML(elem_id="g-message")
                 with gr.Column():
+                    g_verdict = gr.HTML("<p>Pick an example or upload an image, then press <b>Compare</b>.</p>",
+                                        elem_id="g-verdict")
                     g_out = gr.Gallery(label="input | without | with the technique", columns=3, format="png", height="auto",
-                                       elem_id="g-panels")
-                    g_json = gr.JSON(label="similarity to the input", elem_id="g-json")
-            gr.Examples([[e[0]] for e in examples], [g_image], label="bundled examples")
-            g_image.upload(lambda img: "", [g_image], [g_msg], api_name=False, show_progress_on=[g_msg])
-            g_btn.click(gate, [g_image, model_box, g_prompt, g_tech, g_strength, g_steps], [g_out, g_json, status],
-                        api_name="gate", show_progress_on=[g_msg])
+                                       elem_id="g-panels", visible=False, allow_preview=False)
+            g_image.upload(uploaded, [g_image], [g_image, g_msg], api_visibility="private", show_progress_on=[g_msg])
+            compared = g_btn.click(gate, [g_image, model_box, g_prompt, g_tech, g_strength, g_steps],
+                                   [g_out, g_verdict, status], api_name="gate", show_progress_on=[g_msg])
+            compared.failure(show_error, None, [g_msg], api_visibility="private", show_progress="hidden")
+            compared.success(shown(g_out), None, [g_out], **hidden)
 
         page_outputs = [status, known, offer, t_box, tau]
-        demo.load(page_state, [model_box], page_outputs, api_name=False, show_progress_on=[load_msg])
-        loaded.success(page_state, [model_box], page_outputs, api_name=False, show_progress_on=[load_msg]).success(
-            catalog_view, view_inputs, view_outputs, api_name=False, show_progress_on=[load_msg])
+        first = demo.load(first_page, [model_box], [*page_outputs, image, classes], api_visibility="private",
+                          show_progress_on=[load_msg])
+        first.success(segment, seg_inputs, seg_outputs, api_visibility="private", show_progress_on=[seg_msg])
+        first.failure(load_failed, [model_box], [status], api_visibility="private", show_progress="hidden")
+        loaded.success(model_state, [model_box], page_outputs, api_visibility="private", show_progress_on=[load_msg]).success(
+            catalog_view, view_inputs, view_outputs, api_visibility="private", show_progress_on=[load_msg])
 
     demo.difffeat_cache = cache  # for tests and scripts
     demo.difffeat_meter = meter

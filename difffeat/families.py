@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .backbones import FAMILIES
+from .backbones.layout import TokenLayout
 from .backbones.registry import pipelines_of
 from .catalog import MAP_OBSERVATIONS
 from .hookpoints import HookTable, load_table
@@ -32,13 +33,13 @@ class FamilyRow:
     validated: bool
 
 
-def _attention_kind(table: HookTable) -> str:
+def _attention_kind(table: HookTable, layout: TokenLayout) -> str:
     """What the table's attention layers are: ``cross + self`` (separate modules) or ``joint`` (one module
     observed for both), with single-stream blocks, attended-only (fused) q/k/v, linear (non-softmax)
     self-attention and joint sequences packed per sample noted."""
     observed = [(p.match.pattern, {r.observe for r in p.activations if r.observe}) for p in table.points]
     joint = any({"cross", "self"} <= kinds for _, kinds in observed)
-    kind = f"joint ({table.token_order.replace('-', ' ')})" if joint else "cross + self"
+    kind = f"joint ({layout.order.replace('-', ' ')})" if joint else "cross + self"
     if any(pattern.startswith("single_") and kinds & MAP_OBSERVATIONS for pattern, kinds in observed):
         kind += ", single-stream"
     if any("v" in kinds and not any(r.target == "to_v" for p in table.points if p.match.pattern == pattern for r in p.activations)
@@ -47,10 +48,10 @@ def _attention_kind(table: HookTable) -> str:
     rules = [r for p in table.points for r in p.activations]
     if any("linear-attention" in r.flags for r in rules):
         kind += ", linear self-attention"
-    if any(r.tokens == "packed" for r in rules):
+    if layout.packed:
         kind += ", packed per sample"
-    if table.sequence_multiple > 1:
-        kind += f", blocks padded to {table.sequence_multiple} tokens"
+    if layout.block_multiple > 1:
+        kind += f", blocks padded to {layout.block_multiple} tokens"
     return kind
 
 
@@ -67,7 +68,7 @@ def family_rows() -> list[FamilyRow]:
             FamilyRow(
                 family=family,
                 pipelines=tuple(pipelines_of(family)),
-                attention=_attention_kind(table),
+                attention=_attention_kind(table, adapter.token_layout),
                 maps=", ".join(kinds) or "none",
                 presets=tuple(p.name for p in mine),
                 goca_config=f"configs/goca/{family}.yaml" if (goca / f"{family}.yaml").is_file() else "built-in defaults",

@@ -12,12 +12,13 @@ import yaml
 from .errors import ConfigError, InvalidOptionError
 from .resources import data_dir
 
-__all__ = ["ActivationRule", "HookPoint", "HookTable", "load_table", "padded_length", "known_kinds", "check_kinds"]
+__all__ = ["ActivationRule", "HookPoint", "HookTable", "load_table", "TOKEN_KINDS", "known_kinds", "check_kinds"]
 
-
-def padded_length(n: int, multiple: int) -> int:
-    """``n`` rounded up to a multiple of ``multiple`` (Z-Image pads its image and text blocks to 32 tokens)."""
-    return -(-n // multiple) * multiple
+#: what a rule's sequence activation holds: "image" (image tokens only, or a downsampled level's) or "joint"
+#: (a joint sequence of image and text tokens, read through the forward's TokenLayout)
+TOKEN_KINDS = ("image", "joint")
+#: table keys that moved to the adapters' TokenLayout
+_LAYOUT_KEYS = ("token_order", "sequence_multiple")
 
 
 @dataclass(frozen=True)
@@ -49,11 +50,6 @@ class HookTable:
     default_flags: tuple[str, ...] = field(default_factory=tuple)
     #: GOCA suffixes within a block: {"cross": ..., "self": ..., "query": ...}
     goca: dict = field(default_factory=dict)
-    #: where the image tokens sit in a joint [image, text] sequence: "image-first" or "text-first"
-    token_order: str = "image-first"
-    #: each block of the joint sequence (image, text) is padded to a multiple of this many tokens (Z-Image: 32);
-    #: its text keys are then padded to the forward's ``text_len`` columns of zero probability
-    sequence_multiple: int = 1
 
     def rules_for(self, module_path: str) -> list[ActivationRule]:
         """Every activation rule whose pattern fully matches ``module_path``."""
@@ -75,6 +71,11 @@ def _rule(raw: dict) -> ActivationRule:
     unknown = set(raw) - {"suffix", "kind", "target", "index", "tokens", "observe", "flags"}
     if unknown or "kind" not in raw:
         raise ConfigError(f"bad activation rule {raw!r} (unknown fields {sorted(unknown)} or no kind)")
+    if raw.get("tokens", "image") not in TOKEN_KINDS:
+        raise ConfigError(
+            f"bad tokens {raw['tokens']!r} in activation rule {raw!r}: use image or joint (where the image tokens "
+            "of a joint sequence sit is the adapter's TokenLayout)"
+        )
     return ActivationRule(
         suffix=str(raw.get("suffix", "")),
         kind=raw["kind"],
@@ -93,6 +94,12 @@ def load_table(name: str) -> HookTable:
     if not path.is_file():
         raise ConfigError(f"no hook table {name!r} at {path}")
     raw = yaml.safe_load(path.read_text())
+    moved = [k for k in _LAYOUT_KEYS if k in raw]
+    if moved:
+        raise ConfigError(
+            f"{', '.join(moved)} in {path} is no longer read: the family's adapter declares its sequence layout "
+            "(its token_layout: difffeat.backbones.layout.TokenLayout)"
+        )
     try:
         points = tuple(
             HookPoint(re.compile(p["match"]), tuple(_rule(a) for a in p["activations"])) for p in raw["points"]
@@ -109,21 +116,7 @@ def load_table(name: str) -> HookTable:
         stage_rule=raw.get("stage_rule", "none"),
         default_flags=tuple(raw.get("default_flags", ())),
         goca=dict(raw.get("goca", {})),
-        token_order=_token_order(raw.get("token_order", "image-first"), path),
-        sequence_multiple=_sequence_multiple(raw.get("sequence_multiple", 1), path),
     )
-
-
-def _token_order(value: str, path) -> str:
-    if value not in ("image-first", "text-first"):
-        raise ConfigError(f"bad token_order {value!r} in {path}: use image-first or text-first")
-    return value
-
-
-def _sequence_multiple(value, path) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(f"bad sequence_multiple {value!r} in {path}: use a positive integer (1: no padding)")
-    return value
 
 
 @lru_cache(maxsize=None)

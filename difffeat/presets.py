@@ -44,9 +44,21 @@ def list_presets() -> list[str]:
     return sorted(p.stem for p in (data_dir("configs") / "features").glob("*.yaml"))
 
 
-@lru_cache(maxsize=None)
 def load_preset(name: str) -> FeaturePreset:
-    """Load ``configs/features/<name>.yaml``; unknown names list the close matches."""
+    """Load ``configs/features/<name>.yaml``, or a preset file (a path ending in .yaml / .yml, e.g. one
+    ``difffeat probe --rank --save-preset`` wrote); unknown names list the close matches."""
+    if str(name).endswith((".yaml", ".yml")):
+        from pathlib import Path
+
+        path = Path(name).expanduser()
+        if not path.is_file():
+            raise ConfigError(f"preset file not found: {str(name)!r}")
+        return _parse_preset(path.stem, path)
+    return _load_named_preset(name)
+
+
+@lru_cache(maxsize=None)
+def _load_named_preset(name: str) -> FeaturePreset:
     path = data_dir("configs") / "features" / f"{name}.yaml"
     if not path.is_file():
         known = list_presets()
@@ -56,7 +68,14 @@ def load_preset(name: str) -> FeaturePreset:
             + (f"; did you mean {', '.join(hint)}?" if hint else "")
             + f" Available presets: {', '.join(known)}"
         )
-    raw = yaml.safe_load(path.read_text()) or {}
+    return _parse_preset(name, path)
+
+
+def _parse_preset(name: str, path) -> FeaturePreset:
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"malformed preset file {path}: {exc}") from None
     try:
         return FeaturePreset(
             name=name,

@@ -48,6 +48,7 @@ __all__ = [
     "tiny_chat_tokenizer",
     "tiny_bert_tokenizer",
     "tiny_gemma_tokenizer",
+    "tiny_glm_tokenizer",
     "CHAT_TEMPLATE",
     "sd_original_state_dict",
     "original_state_dict",
@@ -284,10 +285,13 @@ def tiny_t5_tokenizer(model_max_length: int = 512):  # noqa: ANN201 - transforme
     return T5Tokenizer(vocab=list(pieces.items()), extra_ids=0, model_max_length=model_max_length)
 
 
-#: The chat markup of Qwen-family tokenizers (one user turn; generation prompt; Qwen3's empty think block
-#: when ``enable_thinking`` is False), written as a Jinja chat template.
+#: The chat markup of Qwen-family tokenizers (one user turn, its content a string or a list of text parts as
+#: vision-language processors send it; generation prompt; Qwen3's empty think block when ``enable_thinking`` is
+#: False), written as a Jinja chat template.
 CHAT_TEMPLATE = (
-    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
+    "{% if m['content'] is string %}{{ m['content'] }}{% else %}{% for part in m['content'] %}{{ part['text'] }}"
+    "{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n"
     "{% if enable_thinking is defined and not enable_thinking %}<think>\n\n</think>\n\n{% endif %}{% endif %}"
 )
@@ -723,6 +727,309 @@ def _build_lumina2(seed: int):  # noqa: ANN202 - Lumina2Pipeline
     )
 
 
+# ------------------------------------------------------------------------------------------------ 2026 families
+#: LongCat-Image: FLUX's tiny layout (1 double-stream + 2 single-stream blocks, 2 heads of 16, RoPE axes 4+6+6) on
+#: 16 latent channels packed 2x2 (the pipeline hard-codes 16), text states of the tiny Qwen2.5-VL (16 wide).
+LONGCAT_TRANSFORMER_CONFIG: dict[str, Any] = dict(
+    patch_size=1, in_channels=64, num_layers=1, num_single_layers=2, attention_head_dim=16, num_attention_heads=2,
+    joint_attention_dim=16, pooled_projection_dim=16, axes_dims_rope=[4, 6, 6],
+)  # fmt: skip
+
+
+@_register("longcatimage")
+def _build_longcatimage(seed: int):  # noqa: ANN202 - LongCatImagePipeline
+    from diffusers import FlowMatchEulerDiscreteScheduler, LongCatImagePipeline, LongCatImageTransformer2DModel
+
+    pipe = LongCatImagePipeline(
+        transformer=_model(LongCatImageTransformer2DModel, LONGCAT_TRANSFORMER_CONFIG, seed),
+        vae=_vae(seed + 1, latent_channels=16, **FLOW_VAE_OVERRIDES),
+        text_encoder=_qwen25vl(seed + 2),
+        tokenizer=tiny_chat_tokenizer(),
+        # the VL processor serves only the optional prompt rewriting (a generation with the VL model); Qwen2-VL's
+        # processor needs torchvision, so the tokenizer (its text half) stands in
+        text_processor=tiny_chat_tokenizer(),
+        scheduler=FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULER_CONFIG),
+    )
+    pipe.default_sample_size = 32  # default image 64 px
+    return pipe
+
+
+#: Ovis-Image: the same tiny FLUX layout (SwiGLU MLPs) on 4 latent channels, text states of a tiny Qwen3 (16 wide).
+OVIS_TRANSFORMER_CONFIG: dict[str, Any] = dict(
+    patch_size=1, in_channels=16, out_channels=16, num_layers=1, num_single_layers=2, attention_head_dim=16,
+    num_attention_heads=2, joint_attention_dim=16, axes_dims_rope=[4, 6, 6],
+)  # fmt: skip
+
+
+def _qwen3_model(seed: int, **overrides: Any):  # noqa: ANN202 - transformers.Qwen3Model
+    from transformers import Qwen3Config, Qwen3Model
+
+    cfg = Qwen3Config(vocab_size=len(_chat_vocab()), pad_token_id=0, **{**QWEN3_TEXT_CONFIG, **overrides})
+    with _seeded(seed):
+        return Qwen3Model(cfg).eval()
+
+
+@_register("ovisimage")
+def _build_ovisimage(seed: int):  # noqa: ANN202 - OvisImagePipeline
+    from diffusers import FlowMatchEulerDiscreteScheduler, OvisImagePipeline, OvisImageTransformer2DModel
+
+    pipe = OvisImagePipeline(
+        transformer=_model(OvisImageTransformer2DModel, OVIS_TRANSFORMER_CONFIG, seed),
+        vae=_vae(seed + 1, **FLOW_VAE_OVERRIDES),
+        text_encoder=_qwen3_model(seed + 2, num_hidden_layers=2),
+        tokenizer=tiny_chat_tokenizer(),
+        scheduler=FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULER_CONFIG),
+    )
+    pipe.default_sample_size = 32  # default image 64 px
+    return pipe
+
+
+#: Krea 2: 2 single-stream blocks, 2 query heads of 16 with 1 key/value head (RoPE axes 4+6+6), a text-fusion
+#: stage of one layer-wise and one token block over 4 tapped layers of the 16-wide tiny Qwen3-VL; in_channels = 4
+#: Qwen-Image VAE channels x 2x2 patches.
+KREA2_TRANSFORMER_CONFIG: dict[str, Any] = dict(
+    in_channels=16, num_layers=2, attention_head_dim=16, num_attention_heads=2, num_key_value_heads=1,
+    intermediate_size=64, timestep_embed_dim=32, text_hidden_dim=16, num_text_layers=4, text_num_attention_heads=2,
+    text_num_key_value_heads=2, text_intermediate_size=32, num_layerwise_text_blocks=1, num_refiner_text_blocks=1,
+    axes_dims_rope=(4, 6, 6),
+)  # fmt: skip
+#: Qwen3-VL (text tower used; a one-block vision tower completes the class): 4 layers, interleaved 3-axis mRoPE.
+QWEN3VL_CONFIG: dict[str, Any] = dict(
+    text_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=4, num_attention_heads=2,
+                     num_key_value_heads=1, head_dim=8, max_position_embeddings=1024,
+                     rope_scaling={"rope_type": "default", "mrope_section": [1, 1, 2]}),
+    vision_config=dict(depth=1, hidden_size=16, intermediate_size=16, num_heads=2, out_hidden_size=16, patch_size=2,
+                       spatial_merge_size=1, temporal_patch_size=1, deepstack_visual_indexes=[]),
+)  # fmt: skip
+
+
+def _qwen3vl(seed: int, **text_overrides: Any):  # noqa: ANN202 - transformers.Qwen3VLModel
+    from transformers import Qwen3VLConfig, Qwen3VLModel
+
+    n = len(_chat_vocab())
+    text = {**QWEN3VL_CONFIG["text_config"], "vocab_size": n, "pad_token_id": 0, **text_overrides}
+    cfg = Qwen3VLConfig(text_config=text,
+                        vision_config=QWEN3VL_CONFIG["vision_config"], image_token_id=n - 1, video_token_id=n - 2,
+                        vision_start_token_id=n - 3, vision_end_token_id=n - 4)  # fmt: skip
+    with _seeded(seed):
+        return Qwen3VLModel(cfg).eval()
+
+
+@_register("krea2")
+def _build_krea2(seed: int):  # noqa: ANN202 - Krea2Pipeline
+    from diffusers import AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, Krea2Pipeline, Krea2Transformer2DModel
+
+    pipe = Krea2Pipeline(
+        transformer=_model(Krea2Transformer2DModel, KREA2_TRANSFORMER_CONFIG, seed),
+        vae=_model(AutoencoderKLQwenImage, QWENIMAGE_VAE_CONFIG, seed + 1),
+        text_encoder=_qwen3vl(seed + 2),
+        tokenizer=tiny_chat_tokenizer(),
+        scheduler=FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULER_CONFIG),
+        text_encoder_select_layers=(1, 2, 3, 4),  # one tap per tiny layer (the real pipeline taps 12 of 36)
+    )
+    pipe.default_sample_size = 32  # default image 64 px (the adapter's native size; the pipeline's is 1024)
+    return pipe
+
+
+#: HunyuanImage 2.1: 1 double-stream + 2 single-stream blocks, 2 heads of 16 (2-axis RoPE 8+8), a one-block token
+#: refiner, the latents as tokens (patch 1) on 8 channels; text states of the tiny Qwen2.5-VL (16 wide) and of a
+#: tiny T5 for glyph text (32 wide).
+HUNYUANIMAGE_TRANSFORMER_CONFIG: dict[str, Any] = dict(
+    in_channels=8, out_channels=8, num_attention_heads=2, attention_head_dim=16, num_layers=1, num_single_layers=2,
+    num_refiner_layers=1, mlp_ratio=2.0, patch_size=(1, 1), text_embed_dim=16, text_embed_2_dim=32,
+    rope_axes_dim=(8, 8),
+)  # fmt: skip
+#: HunyuanImage's VAE (32x at real size, its latents the denoiser's tokens): three levels here, 4x, 8 channels, so a
+#: 64 px image is 16 x 16 tokens as in the other tiny families.
+HUNYUANIMAGE_VAE_CONFIG: dict[str, Any] = dict(
+    in_channels=3, out_channels=3, latent_channels=8, block_out_channels=(32, 32, 64), layers_per_block=1,
+    spatial_compression_ratio=4, sample_size=64, scaling_factor=0.75,
+)  # fmt: skip
+
+
+@_register("hunyuanimage")
+def _build_hunyuanimage(seed: int):  # noqa: ANN202 - HunyuanImagePipeline
+    from diffusers import (
+        AutoencoderKLHunyuanImage, FlowMatchEulerDiscreteScheduler, HunyuanImagePipeline, HunyuanImageTransformer2DModel,
+    )  # fmt: skip
+
+    pipe = HunyuanImagePipeline(
+        transformer=_model(HunyuanImageTransformer2DModel, HUNYUANIMAGE_TRANSFORMER_CONFIG, seed),
+        vae=_model(AutoencoderKLHunyuanImage, HUNYUANIMAGE_VAE_CONFIG, seed + 1),
+        text_encoder=_qwen25vl(seed + 2),
+        tokenizer=tiny_chat_tokenizer(),
+        # the real glyph encoder is a ByT5 (byte-level, no offsets); the tiny T5's word pieces serve the same role
+        text_encoder_2=_t5(seed + 3),
+        tokenizer_2=tiny_t5_tokenizer(model_max_length=128),
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=5.0),
+    )
+    pipe.default_sample_size = 16  # default image 64 px (16 x 16 tokens)
+    return pipe
+
+
+#: Bria FIBO: FLUX's tiny layout (1 double-stream + 2 single-stream blocks, 2 heads of 16, RoPE axes 4+6+6) on the
+#: 8 channels of the tiny Wan VAE, one token per latent; per-block text layers of a 16-wide tiny SmolLM3 (its
+#: last two layers side by side: 32-wide text states).
+BRIAFIBO_TRANSFORMER_CONFIG: dict[str, Any] = dict(
+    patch_size=1, in_channels=8, num_layers=1, num_single_layers=2, attention_head_dim=16, num_attention_heads=2,
+    joint_attention_dim=32, axes_dims_rope=[4, 6, 6], text_encoder_dim=16,
+)  # fmt: skip
+#: Wan 2.2's VAE layout (residual blocks, 2x2 input patches) at 16x as the pipeline assumes: 3 levels x 2 and the
+#: patch, 8 latent channels with unit statistics.
+WAN22_VAE_CONFIG: dict[str, Any] = dict(
+    base_dim=16, decoder_base_dim=16, z_dim=8, dim_mult=[1, 1, 2, 2], num_res_blocks=1, attn_scales=[],
+    temperal_downsample=[False, False, False], is_residual=True, patch_size=2, in_channels=12, out_channels=12,
+    latents_mean=[0.1, -0.2, 0.3, 0.0, 0.2, -0.1, 0.0, 0.1], latents_std=[1.5, 2.0, 1.2, 0.8, 1.0, 1.1, 0.9, 1.3],
+    scale_factor_spatial=16,
+)  # fmt: skip
+#: SmolLM3 (FIBO's text encoder), 2 layers; the real vocabulary size, as the pipeline feeds id 128000 (begin of
+#: text) for an empty prompt.
+SMOLLM3_TEXT_CONFIG: dict[str, Any] = dict(
+    vocab_size=128256, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+    num_key_value_heads=1, max_position_embeddings=1024, pad_token_id=0, bos_token_id=128000, eos_token_id=2,
+    tie_word_embeddings=True,
+)  # fmt: skip
+
+
+def _smollm3(seed: int):  # noqa: ANN202 - transformers.SmolLM3ForCausalLM
+    from transformers import SmolLM3Config, SmolLM3ForCausalLM
+
+    with _seeded(seed):
+        return SmolLM3ForCausalLM(SmolLM3Config(**SMOLLM3_TEXT_CONFIG)).eval()
+
+
+@_register("briafibo")
+def _build_briafibo(seed: int):  # noqa: ANN202 - BriaFiboPipeline
+    from diffusers import AutoencoderKLWan, BriaFiboPipeline, BriaFiboTransformer2DModel, FlowMatchEulerDiscreteScheduler
+
+    pipe = BriaFiboPipeline(
+        transformer=_model(BriaFiboTransformer2DModel, BRIAFIBO_TRANSFORMER_CONFIG, seed),
+        vae=_model(AutoencoderKLWan, WAN22_VAE_CONFIG, seed + 1),
+        text_encoder=_smollm3(seed + 2),
+        tokenizer=tiny_chat_tokenizer(),
+        scheduler=FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULER_CONFIG),
+    )
+    pipe.default_sample_size = 8  # default image 128 px (8 x 8 tokens at 16x)
+    return pipe
+
+
+#: Ideogram 4: 2 single-stream blocks, 2 heads of 16 (MRoPE sections 4+2+2), text features of the 13 layers the
+#: pipeline taps (0, 3, ..., 33, 35) of a 36-layer, 16-wide tiny Qwen3-VL; in_channels = 4 VAE channels x 2x2 patches.
+IDEOGRAM4_TRANSFORMER_CONFIG: dict[str, Any] = dict(
+    in_channels=16, num_layers=2, attention_head_dim=16, num_attention_heads=2, intermediate_size=64, adaln_dim=16,
+    llm_features_dim=13 * 16, rope_theta=10_000, mrope_section=(4, 2, 2),
+)  # fmt: skip
+
+
+@_register("ideogram4")
+def _build_ideogram4(seed: int):  # noqa: ANN202 - Ideogram4Pipeline
+    from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Ideogram4Pipeline, Ideogram4Transformer2DModel
+
+    text_encoder = _qwen3vl(seed + 2, num_hidden_layers=36)  # the pipeline taps layers up to 35
+    pipe = Ideogram4Pipeline(
+        transformer=_model(Ideogram4Transformer2DModel, IDEOGRAM4_TRANSFORMER_CONFIG, seed),
+        unconditional_transformer=_model(Ideogram4Transformer2DModel, IDEOGRAM4_TRANSFORMER_CONFIG, seed + 3),
+        vae=_model(AutoencoderKLFlux2, FLUX2_VAE_CONFIG, seed + 1),
+        text_encoder=text_encoder,
+        tokenizer=tiny_chat_tokenizer(),
+        scheduler=FlowMatchEulerDiscreteScheduler(),
+    )
+    pipe.default_sample_size = 16  # default image 64 px (16 x 16 tokens; the pipeline's default is 2048 px)
+    return pipe
+
+
+#: CogView4: 2 blocks, 2 heads of 16 (2-axis RoPE), 16-wide tiny GLM text states; 4 latent channels, patch 2.
+COGVIEW4_TRANSFORMER_CONFIG: dict[str, Any] = dict(
+    patch_size=2, in_channels=4, out_channels=4, num_layers=2, attention_head_dim=16, num_attention_heads=2,
+    text_embed_dim=16, time_embed_dim=16, condition_dim=8, pos_embed_max_size=32, sample_size=32, rope_axes_dim=(16, 16),
+)  # fmt: skip
+
+
+_GLM_PREFIX = ("[gMASK]", "<sop>")
+
+
+def tiny_glm_tokenizer(model_max_length: int = 1024):  # noqa: ANN201 - transformers.PreTrainedTokenizerFast
+    """:func:`tiny_chat_tokenizer`'s words with GLM-4's text prefix (``[gMASK]<sop>`` before every text) and its
+    left padding (``<|endoftext|>`` = 0), for CogView4."""
+    from tokenizers import processors
+    from transformers import PreTrainedTokenizerFast
+
+    pieces = _chat_vocab() + _GLM_PREFIX
+    tok = _word_tokenizer(pieces)
+    ids = [(p, pieces.index(p)) for p in _GLM_PREFIX]
+    tok.post_processor = processors.TemplateProcessing(single="[gMASK] <sop> $A", pair="[gMASK] <sop> $A $B", special_tokens=ids)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="<unk>", pad_token="<|endoftext|>", eos_token="<|im_end|>",
+        additional_special_tokens=list(_GLM_PREFIX), model_max_length=model_max_length, padding_side="left",
+    )  # fmt: skip
+
+
+def _glm(seed: int):  # noqa: ANN202 - transformers.GlmModel
+    from transformers import GlmConfig, GlmModel
+
+    cfg = GlmConfig(vocab_size=len(_chat_vocab()) + len(_GLM_PREFIX), hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                    num_attention_heads=2, num_key_value_heads=1, head_dim=8, max_position_embeddings=1024,
+                    pad_token_id=0)  # fmt: skip
+    with _seeded(seed):
+        return GlmModel(cfg).eval()
+
+
+@_register("cogview4")
+def _build_cogview4(seed: int):  # noqa: ANN202 - CogView4Pipeline
+    from diffusers import CogView4Pipeline, CogView4Transformer2DModel, FlowMatchEulerDiscreteScheduler
+
+    return CogView4Pipeline(
+        transformer=_model(CogView4Transformer2DModel, COGVIEW4_TRANSFORMER_CONFIG, seed),
+        vae=_vae(seed + 1, scaling_factor=1.0),
+        text_encoder=_glm(seed + 2),
+        tokenizer=tiny_glm_tokenizer(),
+        scheduler=FlowMatchEulerDiscreteScheduler(base_shift=0.25, max_shift=0.75, base_image_seq_len=256,
+                                                  use_dynamic_shifting=True, time_shift_type="linear"),  # fmt: skip
+    )
+
+
+#: HiDream-I1: 1 double-stream + 2 single-stream blocks, 2 heads of 16 (RoPE axes 8+4+4), mixture-of-experts
+#: feed-forwards (4 routed experts, 2 active); text: T5 (32 wide) and every layer of a 3-layer, 16-wide tiny Llama
+#: (block i reads layer llama_layers[i]); pooled CLIP-L + CLIP-G projections (32 + 32). The pipeline generates at
+#: the area of its 128-latent default size (256 px here), so the model's maximal sequence holds 128 x 128 latents.
+HIDREAM_TRANSFORMER_CONFIG: dict[str, Any] = dict(
+    patch_size=2, in_channels=4, out_channels=4, num_layers=1, num_single_layers=2, attention_head_dim=16,
+    num_attention_heads=2, caption_channels=[32, 16], text_emb_dim=64, num_routed_experts=4, num_activated_experts=2,
+    axes_dims_rope=(8, 4, 4), max_resolution=(128, 128), llama_layers=[0, 1, 2],
+)  # fmt: skip
+
+
+def _llama(seed: int):  # noqa: ANN202 - transformers.LlamaForCausalLM
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=len(_chat_vocab()), hidden_size=16, intermediate_size=32, num_hidden_layers=3,
+                      num_attention_heads=2, num_key_value_heads=1, head_dim=8, max_position_embeddings=1024,
+                      pad_token_id=2, bos_token_id=1, eos_token_id=2)  # fmt: skip
+    with _seeded(seed):
+        return LlamaForCausalLM(cfg).eval()
+
+
+@_register("hidream")
+def _build_hidream(seed: int):  # noqa: ANN202 - HiDreamImagePipeline
+    from diffusers import FlowMatchEulerDiscreteScheduler, HiDreamImagePipeline, HiDreamImageTransformer2DModel
+
+    return HiDreamImagePipeline(
+        transformer=_model(HiDreamImageTransformer2DModel, HIDREAM_TRANSFORMER_CONFIG, seed),
+        vae=_vae(seed + 1, **FLOW_VAE_OVERRIDES),
+        # HiDream's CLIP encoders are long-context (248 positions; the pipeline feeds up to 218 tokens)
+        text_encoder=_clip_text(seed + 2, projection=True, max_position_embeddings=248),
+        tokenizer=tiny_clip_tokenizer(model_max_length=248),
+        text_encoder_2=_clip_text(seed + 3, projection=True, max_position_embeddings=248),
+        tokenizer_2=tiny_clip_tokenizer(model_max_length=248),
+        text_encoder_3=_t5(seed + 4),
+        tokenizer_3=tiny_t5_tokenizer(),
+        text_encoder_4=_llama(seed + 5),
+        tokenizer_4=tiny_chat_tokenizer(),
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+    )
+    return pipe
+
+
 #: The families :func:`tiny_pipeline` builds.
 TINY_FAMILIES: tuple[str, ...] = tuple(_BUILDERS)
 
@@ -733,6 +1040,9 @@ TINY_CALL_KWARGS: dict[str, dict[str, Any]] = {
     "pixart": {"use_resolution_binning": False, "clean_caption": False},
     "hunyuandit": {"use_resolution_binning": False},
     "sana": {"use_resolution_binning": False},
+    "longcatimage": {"enable_prompt_rewrite": False},  # rewriting generates with the VL model's processor
+    "briafibo": {"guidance_scale": 1.0},  # a 16x VAE: the tiny sizes are few tokens; no second (negative) pass
+    "ideogram4": {"guidance_schedule": None, "guidance_scale": 4.0, "max_sequence_length": 32},  # 2-step runs
 }
 
 

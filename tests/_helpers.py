@@ -2,23 +2,97 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
 import numpy as np
 from PIL import Image
 
 import difffeat
+from difffeat.testing import TINY_FAMILIES
 
-FAMILIES = ("sd", "sdxl", "pixart", "sd3", "sd35", "flux", "flux2", "qwenimage", "chroma")
-FAMILIES += ("hunyuandit", "zimage")  # branch hunyuan
-FAMILIES += ("sana", "lumina2")  # Gemma-encoded families
+#: every tiny pipeline of :mod:`difffeat.testing` (its builders are keyed by family name; variants such as
+#: ``sd35`` load as their family's adapter): what the family-parametrised tests run over. A new family joins
+#: them by registering its adapter and its tiny builder (``tests/test_conformance.py`` checks both exist).
+FAMILIES: tuple[str, ...] = tuple(TINY_FAMILIES)
 #: text tokens per family in tests (Lumina 2's sequence holds its system prompt, ~31 tiny tokens); default 32
 TEST_TEXT_LENGTH = {"lumina2": 64}
 _BACKBONES: dict[str, difffeat.Backbone] = {}
+_TINY: dict[str, object] = {}
+
+
+def tiny(name: str):
+    """The test session's tiny pipeline ``name`` (built once; the ``tiny_pipes`` fixture serves the same)."""
+    if name not in _TINY:
+        from difffeat.testing import tiny_pipeline
+
+        _TINY[name] = tiny_pipeline(name)
+    return _TINY[name]
+
+
+@dataclass(frozen=True)
+class FamilySpec:
+    """Everything one registered family brings, derived from the registry and the shipped data.
+
+    Attributes:
+        family: the adapter's family name.
+        adapter: the :class:`~difffeat.Backbone` subclass registered for it.
+        hook_table: its hook table's name (``hooks/<name>.yaml``).
+        tiny: the tiny pipelines of :mod:`difffeat.testing` that load as this family (its own first).
+        presets: feature presets of the family.
+        goca_config: ``configs/goca/<family>.yaml``, or None.
+        architectures: real-size configs (``configs/architectures``) whose pipeline the adapter serves.
+    """
+
+    family: str
+    adapter: type
+    hook_table: str
+    tiny: tuple[str, ...]
+    presets: tuple[str, ...]
+    goca_config: Path | None
+    architectures: tuple[str, ...]
+
+
+@lru_cache(maxsize=None)
+def tiny_family(name: str) -> str:
+    """The registered family a tiny pipeline loads as."""
+    from difffeat.backbones import adapter_for
+
+    return adapter_for(tiny(name)).family
+
+
+@lru_cache(maxsize=None)
+def family_specs() -> dict[str, FamilySpec]:
+    """One :class:`FamilySpec` per registered family, in registration order (builds every tiny pipeline once)."""
+    from difffeat.architectures import architecture, architecture_names
+    from difffeat.backbones import FAMILIES as ADAPTERS
+    from difffeat.backbones.registry import adapter_named
+    from difffeat.presets import list_presets, load_preset
+    from difffeat.resources import data_dir
+
+    presets = [load_preset(n) for n in list_presets()]
+    archs = {name: adapter_named(architecture(name)["pipeline"]).family for name in architecture_names()}
+    specs = {}
+    for family, adapter in ADAPTERS.items():
+        goca = data_dir("configs") / "goca" / f"{family}.yaml"
+        tinies = sorted((n for n in FAMILIES if tiny_family(n) == family), key=lambda n: (n != family, n))
+        specs[family] = FamilySpec(
+            family=family,
+            adapter=adapter,
+            hook_table=adapter.hook_table,
+            tiny=tuple(tinies),
+            presets=tuple(p.name for p in presets if p.family == family),
+            goca_config=goca if goca.is_file() else None,
+            architectures=tuple(a for a, f in archs.items() if f == family),
+        )
+    return specs
 
 
 def backbone_for(tiny_pipes, family: str) -> difffeat.Backbone:
     """One Backbone per family per test session (its catalog is cached on it)."""
     if family not in _BACKBONES:
-        backbone = difffeat.load(tiny_pipes(family), device="cpu", dtype="fp32")
+        backbone = difffeat.load(tiny_pipes(family) if tiny_pipes is not None else tiny(family), device="cpu", dtype="fp32")
         if hasattr(backbone, "max_sequence_length"):
             backbone.max_sequence_length = TEST_TEXT_LENGTH.get(family, 32)  # keep the text short for speed
         _BACKBONES[family] = backbone

@@ -24,16 +24,9 @@ warnings.filterwarnings("ignore", message=".*should be kept in float32.*")
 @pytest.fixture(scope="session")
 def tiny_pipes():
     """``tiny_pipes(family)`` -> the session's tiny random pipeline of that family (built once)."""
-    from difffeat.testing import tiny_pipeline
+    from _helpers import tiny
 
-    cache: dict[str, object] = {}
-
-    def get(family: str):
-        if family not in cache:
-            cache[family] = tiny_pipeline(family)
-        return cache[family]
-
-    return get
+    return tiny
 
 
 @pytest.fixture(scope="session")

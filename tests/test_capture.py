@@ -84,10 +84,8 @@ def test_captured_qkv_equal_recomputation_from_module_input(backbone):
         proj = den.get_submodule(a.hook_module)
         expected = proj(hidden)  # [B, N, C]
         n_img = inputs.grid[0] * inputs.grid[1]
-        if a.tokens in ("last", "packed"):  # one sample: a packed sequence ends with its image tokens
-            expected = expected[:, -n_img:]
-        elif a.tokens == "first":
-            expected = expected[:, :n_img]
+        if a.tokens == "joint":  # one sample: a packed sequence ends with its image tokens too
+            expected = expected[:, -n_img:] if backbone.token_layout.text_first else expected[:, :n_img]
         got = cap.activations[a.name]  # [B, C, h, w]
         got_seq = got.flatten(2).transpose(1, 2)
         torch.testing.assert_close(got_seq, expected, msg=a.name)
@@ -97,13 +95,11 @@ def test_cross_attention_map_times_v_reproduces_attention_output(backbone):
     """For every attention kind (cross, joint image-first / text-first, single-stream, fused projections):
     the captured maps times the values the kernel got reproduce the kernel's output for the image queries
     (the attention output before the output projection), and maps sum to one over all keys."""
-    from difffeat.hookpoints import load_table
-
     inputs = _inputs(backbone)
     cat = difffeat.list_activations(backbone)
     maps = [a for a in cat if a.kind == "cross-map"]
     assert maps
-    text_first = load_table(backbone.hook_table).token_order == "text-first"
+    text_first = backbone.token_layout.text_first
     recorder = SDPARecorder(backbone.denoiser, [a.module for a in maps])
     names = [a.name for a in maps]
     self_names = [a.module + ".self_map" for a in maps if a.module + ".self_map" in cat]
@@ -148,9 +144,7 @@ def test_attended_qkv_are_the_image_rows_the_kernel_got(backbone):
     finally:
         recorder.remove()
     n_img = inputs.grid[0] * inputs.grid[1]
-    from difffeat.hookpoints import load_table
-
-    image = slice(-n_img, None) if load_table(backbone.hook_table).token_order == "text-first" else slice(0, n_img)
+    image = slice(-n_img, None) if backbone.token_layout.text_first else slice(0, n_img)
     for a in attended:
         q, k, v, _, _ = recorder.calls[a.module]
         x = {"attended-q": q, "attended-k": k, "attended-v": v}[a.kind][:, :, image]
@@ -175,7 +169,10 @@ def test_early_exit_skips_every_module_after_the_last_needed_one(backbone):
     cat = difffeat.list_activations(backbone)
     first = next(a for a in cat if a.kind == "block-out")
     calls = []
-    last_module = {"unet": "conv_out", "lumina2": "norm_out", "zimage": "all_final_layer.2-1"}.get(backbone.hook_table, "proj_out")
+    last_module = {"unet": "conv_out", "lumina2": "norm_out", "zimage": "all_final_layer.2-1", "krea2": "final_layer",
+                   "ideogram4": "final_layer", "hidream": "final_layer"}.get(
+        backbone.hook_table, "proj_out"
+    )
     out_module = backbone.denoiser.get_submodule(last_module)
     h = out_module.register_forward_hook(lambda *a: calls.append(1))
     try:

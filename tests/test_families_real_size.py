@@ -10,7 +10,8 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 from difffeat.backbones import wrap_pipeline
 from difffeat.backbones.registry import adapter_named
-from difffeat.capture import Capture, fake_conditioning
+from difffeat.backbones.probing import fake_conditioning
+from difffeat.capture import Capture
 from difffeat.catalog import Catalog, enumerate_activations
 from difffeat.hookpoints import load_table
 from difffeat.architectures import architecture, build_component
@@ -85,10 +86,86 @@ PUBLISHED_B = {"flux2-dev": 32.2, "flux2-klein-4b": 3.9, "qwen-image": 20.4, "sd
 PUBLISHED_B["hunyuandit-v1.2"] = 1.5
 
 
+# ------------------------------------------------------------------------------------------ 2026 families
+def _flux_like_condition(pipe, denoiser):
+    """Text states and 3-axis text positions of the FLUX-style families (LongCat-Image, Ovis-Image)."""
+    return {"encoder_hidden_states": torch.zeros(1, TEXT_LEN, denoiser.config.joint_attention_dim, device="meta"),
+            "txt_ids": torch.zeros(TEXT_LEN, 3, device="meta")}  # fmt: skip
+
+
+# LongCat-Image: 10 double + 20 single blocks (model card: FLUX.1's depth halved), 24 heads x 128
+CASES["longcat-image"] = ("longcatimage", _flux_like_condition, {"transformer_blocks": 10, "single_transformer_blocks": 20}, 24, 128)
+# Ovis-Image-7B: 6 double + 27 single blocks, 24 heads x 128 (the published ovis_image_configs)
+CASES["ovis-image-7b"] = ("ovisimage", _flux_like_condition, {"transformer_blocks": 6, "single_transformer_blocks": 27}, 24, 128)
+
+
+def _krea2_condition(pipe, denoiser):
+    cfg = denoiser.config
+    return {"encoder_hidden_states": torch.zeros(1, TEXT_LEN, cfg.num_text_layers, cfg.text_hidden_dim, device="meta"),
+            "encoder_attention_mask": None}  # fmt: skip
+
+
+# Krea 2: 28 single-stream blocks, 48 query heads x 128 (diffusers' Krea2Transformer2DModel)
+CASES["krea2"] = ("krea2", _krea2_condition, {"transformer_blocks": 28}, 48, 128)
+
+
+def _hunyuanimage_condition(pipe, denoiser):
+    return {"encoder_hidden_states": torch.zeros(1, TEXT_LEN, denoiser.config.text_embed_dim, device="meta"),
+            "encoder_attention_mask": torch.ones(1, TEXT_LEN, dtype=torch.long, device="meta")}  # fmt: skip
+
+
+# HunyuanImage 2.1: 20 double + 40 single blocks, 28 heads x 128, 32 px per token at 2048 px
+CASES["hunyuanimage-2.1"] = ("hunyuanimage", _hunyuanimage_condition, {"transformer_blocks": 20, "single_transformer_blocks": 40}, 28, 128)
+#: pixels per image-token side where not 16 (HunyuanImage 2.1: a 32x VAE, patch 1: 2048 px -> 64 x 64 tokens)
+PIXELS_PER_TOKEN = {"hunyuanimage-2.1": 32}
+
+
+def _briafibo_condition(pipe, denoiser):
+    cfg = denoiser.config
+    blocks = cfg.num_layers + cfg.num_single_layers
+    return {"encoder_hidden_states": torch.zeros(1, TEXT_LEN, cfg.joint_attention_dim, device="meta"),
+            "text_encoder_layers": [torch.zeros(1, TEXT_LEN, cfg.text_encoder_dim, device="meta")] * blocks,
+            "text_mask": torch.ones(1, TEXT_LEN, device="meta")}  # fmt: skip
+
+
+# Bria FIBO: 8 dual- + 38 single-stream blocks, 24 heads x 128 (arXiv 2511.06876, its architecture table)
+CASES["bria-fibo"] = ("briafibo", _briafibo_condition, {"transformer_blocks": 8, "single_transformer_blocks": 38}, 24, 128)
+
+
+def _ideogram4_condition(pipe, denoiser):  # built as fake CPU tensors (FAKE_CPU)
+    return {"encoder_hidden_states": torch.zeros(1, TEXT_LEN, denoiser.config.llm_features_dim), "text_lengths": [TEXT_LEN]}
+
+
+# Ideogram 4: 34 single-stream blocks, 18 heads x 256 (the published model_architecture.md)
+CASES["ideogram4"] = ("ideogram4", _ideogram4_condition, {"layers": 34}, 18, 256)
+
+
+def _cogview4_condition(pipe, denoiser):
+    return {"encoder_hidden_states": torch.zeros(1, TEXT_LEN, denoiser.config.text_embed_dim, device="meta")}
+
+
+# CogView4-6B: 28 blocks, 32 heads x 128 (its transformer/config.json)
+CASES["cogview4-6b"] = ("cogview4", _cogview4_condition, {"transformer_blocks": 28}, 32, 128)
+
+
+def _hidream_condition(pipe, denoiser):
+    cfg = denoiser.config
+    return {"encoder_hidden_states_t5": torch.zeros(1, TEXT_LEN, cfg.caption_channels[0], device="meta"),
+            "encoder_hidden_states_llama3": torch.zeros(max(cfg.llama_layers) + 1, 1, TEXT_LEN, cfg.caption_channels[1], device="meta"),
+            "pooled_embeds": torch.zeros(1, cfg.text_emb_dim, device="meta")}  # fmt: skip
+
+
+# HiDream-I1: 16 double + 32 single blocks, 20 heads x 128 (its transformer/config.json)
+CASES["hidream-i1"] = ("hidream", _hidream_condition, {"double_stream_blocks": 16, "single_stream_blocks": 32}, 20, 128)
+#: text keys: T5 + two Llama blocks of the probe's TEXT_LEN tokens
+TEXT_KEYS["hidream-i1"] = 3 * TEXT_LEN
+PUBLISHED_B["hidream-i1"] = 17.0  # "HiDream-I1 ... 17B parameters" (its model card)
+
+
 _CATALOGS: dict[str, tuple[Catalog, dict, tuple[int, int]]] = {}
 #: architectures whose probe keeps the text mask on the host (Lumina 2 reads it with tolist(); Sana's follows the
 #: pipeline): built as fake CPU tensors (no memory either) instead of on the meta device
-FAKE_CPU = {"sana-1600m", "lumina-image-2"}
+FAKE_CPU = {"sana-1600m", "lumina-image-2", "ideogram4"}  # Ideogram 4: its time embedding enters autocast (no meta device)
 
 
 def real_size_catalog(tiny_pipes, name: str) -> tuple[Catalog, dict, tuple[int, int]]:
@@ -119,8 +196,8 @@ def _real_size_catalog(tiny_pipes, name: str) -> tuple[Catalog, dict, tuple[int,
     with mode:
         latents = torch.zeros(1, *backbone.latent_shape(res, res), device="cpu" if on_cpu else "meta")
         inputs = backbone.denoiser_inputs(latents, 1, cond, (res, res))
-        with Capture(backbone, infos, inputs, early_exit=False, shapes_only=True) as cap:
-            backbone.denoise(inputs)
+        with backbone.probe_context(), Capture(backbone, infos, inputs, early_exit=False, shapes_only=True) as cap:
+            backbone.denoise(inputs)  # the adapter's probe context, as the catalog probe uses it (HiDream's MoE)
     shapes = {n: tuple(int(x) for x in s[1:]) for n, s in cap.shapes.items()}
     return Catalog(backbone.family, table, infos), shapes, inputs.grid
 
@@ -144,7 +221,7 @@ def test_real_size_catalog_enumerates_the_published_number_of_blocks(name):
 def test_real_size_catalog_has_the_published_blocks_heads_and_widths(tiny_pipes, name):
     _, _, blocks, heads, head_dim = CASES[name]
     cat, shapes, (gh, gw) = real_size_catalog(tiny_pipes, name)
-    assert gh * 16 == _arch(name)["native_resolution"]  # 1024 px -> 64 x 64 tokens
+    assert gh * PIXELS_PER_TOKEN.get(name, 16) == _arch(name)["native_resolution"]  # 1024 px -> 64 x 64 tokens
     assert set(shapes) == set(cat.names())  # the whole catalog ran
     for prefix, count in blocks.items():
         outs = [a for a in cat if a.kind == "block-out" and a.name.startswith(prefix + ".")]
@@ -173,7 +250,11 @@ def test_sd35_medium_lists_the_image_only_attention_of_its_13_dual_attention_blo
     "preset, name",
     [("chroma-practical", "chroma1-hd"), ("flux2-practical", "flux2-dev"), ("qwenimage-practical", "qwen-image"), ("sd35-large-practical", "sd35-large"),
      ("hunyuandit-practical", "hunyuandit-v1.2"), ("zimage-practical", "z-image-turbo"),
-     ("sana-practical", "sana-1600m"), ("lumina2-practical", "lumina-image-2")],
+     ("sana-practical", "sana-1600m"), ("lumina2-practical", "lumina-image-2"),
+     ("longcatimage-practical", "longcat-image"), ("ovisimage-practical", "ovis-image-7b"),
+     ("krea2-practical", "krea2"), ("hunyuanimage-practical", "hunyuanimage-2.1"),
+     ("briafibo-practical", "bria-fibo"), ("ideogram4-practical", "ideogram4"),
+     ("cogview4-practical", "cogview4-6b"), ("hidream-practical", "hidream-i1")],
 )
 def test_unvalidated_presets_of_the_new_families_name_real_size_activations(preset, name):
     from difffeat.presets import load_preset
@@ -240,3 +321,4 @@ def test_real_size_sana_lists_its_linear_self_attention_maps_as_such():
 def test_real_size_sana_transformer_has_the_published_parameter_count():
     model = _meta("sana-1600m", "transformer")
     assert sum(p.numel() for p in model.parameters()) / 1e9 == pytest.approx(PUBLISHED_B["sana-1600m"], rel=0.02)
+

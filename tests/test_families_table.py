@@ -42,6 +42,6 @@ def test_an_unsupported_pipeline_class_names_every_supported_family_pipeline():
     from difffeat.errors import UnsupportedBackboneError
 
     with pytest.raises(UnsupportedBackboneError) as err:
-        adapter_named("HiDreamImagePipeline")
+        adapter_named("PRXPipeline")  # not supported: its image queries attend to [text, image] keys
     for name in ("Flux2KleinPipeline", "QwenImagePipeline", "ChromaPipeline", "StableDiffusion3Pipeline", "SanaPipeline", "Lumina2Pipeline"):
         assert name in str(err.value)

@@ -71,6 +71,19 @@ def test_closed_vocabulary_errors_name_the_models_classes(shapes):
 
 
 @needs_shapes
+def test_drop_unknown_leaves_out_exactly_the_unknown_names_and_says_so(shapes):
+    check = check_class_words("Squares, banana, ring, blue, diamond", shapes, drop_unknown=True)
+    assert check.names == ["square", "ring", "diamond"] and check.dropped == ["banana", "blue"]
+    assert check.renamed == {"Squares": "square"} and len(check.warnings) == 2
+    assert check.warnings[0].startswith("left out: 'banana' is not a word this model knows")
+    assert check.warnings[1].startswith("left out: 'blue' is a word this model knows but not one of its classes")
+    assert check_class_words("square, ring", shapes, drop_unknown=True).dropped == []
+    with pytest.raises(InvalidPromptError) as err:
+        check_class_words("banana, kiwi", shapes, drop_unknown=True)
+    assert "no class left to segment: 'banana', 'kiwi' are not words" in str(err.value) and "circle" in str(err.value)
+
+
+@needs_shapes
 def test_segmenter_uses_the_class_word_and_warns_on_unknown_words(shapes):
     seg = Segmenter(shapes)
     image = random_image(64, 64, seed=3)

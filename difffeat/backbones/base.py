@@ -15,6 +15,7 @@ from diffusers import DiffusionPipeline
 
 from ..errors import InvalidPromptError, InvalidTimestepError
 from ..images import ImageInput, resize_to_multiple, to_rgb, to_tensor
+from .layout import TokenLayout
 
 if TYPE_CHECKING:
     from .latents import LatentCache
@@ -27,30 +28,41 @@ POSTERIOR_SEED_XOR = 0x5EED
 
 @dataclass
 class DenoiserInputs:
-    """Everything one denoiser forward needs, plus the geometry capture needs to reshape sequences.
+    """Everything one denoiser forward needs, plus the token layout capture needs to read its sequences.
 
     Attributes:
         kwargs: keyword arguments for ``backbone.denoiser(**kwargs)``.
-        grid: (h, w) of the image-token / latent grid at the denoiser's input resolution; sequence
-            activations of ``h * w`` image tokens reshape to ``[B, C, h, w]``.
-        text_len: number of text tokens the denoiser attends to.
+        layout: the forward's :class:`~difffeat.backbones.layout.TokenLayout` (built by the adapter,
+            :meth:`Backbone.layout`): token grid, text length, where image and text tokens sit.
         timestep: the timestep on the 1000-step training scale.
         image_size: (height, width) in pixels of the images fed to the VAE.
         prompts: the prompts, one per image.
     """
 
     kwargs: dict[str, Any]
-    grid: tuple[int, int]
-    text_len: int
+    layout: TokenLayout
     timestep: int
     image_size: tuple[int, int]
     prompts: list[str] = field(default_factory=list)
     #: clean latents and the noise used, kept for techniques that re-noise (multi-step start)
     latents: torch.Tensor | None = None
     noise: torch.Tensor | None = None
-    #: ``[B]`` position of each sample's first image token in joint sequences packed per sample (Lumina 2:
-    #: a sample's unpadded text, then its image tokens, then padding); None for fixed layouts
-    image_offsets: torch.Tensor | None = None
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        """(h, w) of the image-token grid at the denoiser's input resolution; sequence activations of
+        ``h * w`` image tokens reshape to ``[B, C, h, w]``."""
+        return self.layout.grid
+
+    @property
+    def text_len(self) -> int | None:
+        """Text-key columns of the forward's cross maps."""
+        return self.layout.text_len
+
+    @property
+    def image_offsets(self) -> torch.Tensor | None:
+        """``[B]`` first image token of each sample in joint sequences packed per sample; None otherwise."""
+        return self.layout.image_offsets
 
     @property
     def batch_size(self) -> int:
@@ -78,7 +90,9 @@ class TextSegment:
     ``template`` is the text the pipeline really tokenizes, with ``{}`` for the prompt (a chat template for
     LLM text encoders); ``drop`` is how many leading tokens the pipeline removes before the denoiser sees
     the sequence (Qwen-Image drops its system prompt); ``lowercase``: the pipeline lower-cases the prompt before
-    tokenizing it (Sana)."""
+    tokenizing it (Sana); ``pad_left``: the pipeline pads the tokenized text on the left to ``max_length`` tokens
+    (after the dropped ones), so its last token sits at ``offset + max_length - 1`` whatever its length
+    (Ideogram 4, CogView4)."""
 
     tokenizer: Any
     offset: int
@@ -86,18 +100,22 @@ class TextSegment:
     template: str = "{}"
     drop: int = 0
     lowercase: bool = False
+    pad_left: bool = False
 
 
 class Backbone(ABC):
     """A loaded diffusion pipeline seen as a feature extractor.
 
     Subclasses set ``family`` (registry key and user-facing name), ``hook_table`` (the file in ``hooks/``
-    naming its activations) and ``denoiser_attr``, and implement the family's conditioning.
+    naming its activations), ``denoiser_attr`` and ``token_layout``, and implement the family's conditioning.
     """
 
     family: ClassVar[str]
     hook_table: ClassVar[str]
     denoiser_attr: ClassVar[str] = "unet"
+    #: how the family lays out its sequences (joint order, block padding, per-sample packing); each forward's
+    #: layout is this one :meth:`~difffeat.backbones.layout.TokenLayout.at` the forward's geometry (:meth:`layout`)
+    token_layout: ClassVar[TokenLayout] = TokenLayout()
     #: default timesteps per use, on the 1000-step scale
     default_feature_t: ClassVar[int] = 50
     default_segment_t: ClassVar[int] = 100
@@ -239,6 +257,13 @@ class Backbone(ABC):
         return [TextSegment(tok, 0, tok.model_max_length)]
 
     # ----------------------------------------------------------------- forward
+    def layout(self, grid: tuple[int, int], cond: dict[str, Any] | None = None) -> TokenLayout:
+        """The :class:`~difffeat.backbones.layout.TokenLayout` of a forward at token ``grid`` with the encoded
+        prompts ``cond`` (None: no prompt known; the text length is then unknown). The text length is the
+        ``encoder_hidden_states``' token count; adapters whose text block is laid out otherwise override this."""
+        states = (cond or {}).get("encoder_hidden_states")
+        return self.token_layout.at(grid, int(states.shape[1]) if isinstance(states, torch.Tensor) else None)
+
     @abstractmethod
     def denoiser_inputs(
         self, noisy_latents: torch.Tensor, t: int, cond: dict[str, Any], image_size: tuple[int, int]
@@ -286,10 +311,21 @@ class Backbone(ABC):
             return getattr(self.pipeline, self.denoiser_attr)(**inputs.kwargs, return_dict=False)
 
     @contextmanager
-    def fake_forward_guard(self) -> Iterator[None]:
-        """Around a fake-tensor forward (the catalog's shape probe): adapters whose denoiser keeps state built
-        on its first forward (Z-Image's RoPE table) restore it here, so no fake tensor stays behind."""
+    def probe_context(self) -> Iterator[None]:
+        """Around the catalog's fake-tensor forward (the shape probe, :func:`difffeat.capture.probe_shapes`):
+        adapters whose denoiser keeps state from a forward (a RoPE table built on the first call, a method
+        cache of frequencies) restore it here, so no fake tensor stays behind for the next real forward."""
         yield
+
+    def probe_conditioning(self, mode: Any) -> dict[str, Any]:
+        """The empty prompt's conditioning for the catalog's fake-tensor forward under ``mode`` (a
+        ``FakeTensorMode``). By default the text encoders run on fake tensors too (no compute) where they can;
+        one whose output length depends on its data runs for real, its integer/bool tensors (masks) then
+        becoming constant fakes of ``mode`` (:func:`~difffeat.backbones.probing.fake_conditioning`). Adapters
+        whose denoiser reads its conditioning on the host override this."""
+        from .probing import encode_for_probe
+
+        return encode_for_probe(self, mode)
 
     # ----------------------------------------------------------------- misc
     def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> "Backbone":

@@ -33,6 +33,15 @@ INTERNALS = (
     ("diffusers.models.transformers.transformer_flux", "FluxAttnProcessor._attention_backend"),
     ("diffusers.models.embeddings", "get_2d_rotary_pos_embed"),
     ("diffusers.pipelines.hunyuandit.pipeline_hunyuandit", "get_resize_crop_region_for_grid"),
+    # the 2026 families
+    ("diffusers.pipelines.krea2.pipeline_krea2", "Krea2Pipeline._pack_latents"),
+    ("diffusers.pipelines.bria_fibo.pipeline_bria_fibo", "BriaFiboPipeline._pack_latents"),
+    ("diffusers.pipelines.bria_fibo.pipeline_bria_fibo", "BriaFiboPipeline._pack_latents_no_patch"),
+    ("diffusers.pipelines.bria_fibo.pipeline_bria_fibo", "BriaFiboPipeline._prepare_latent_image_ids"),
+    ("diffusers.pipelines.ideogram4.pipeline_ideogram4", "Ideogram4Pipeline._prepare_ids"),
+    ("diffusers.pipelines.longcat_image.pipeline_longcat_image", "prepare_pos_ids"),
+    ("diffusers.pipelines.hunyuan_image.pipeline_hunyuanimage", "extract_glyph_text"),
+    ("diffusers.models.transformers.transformer_hidream_image", "MOEFeedForwardSwiGLU"),
 )
 
 
@@ -100,3 +109,41 @@ def get_resize_crop_region_for_grid(*args: Any, **kwargs: Any) -> Any:
     from diffusers.pipelines.hunyuandit.pipeline_hunyuandit import get_resize_crop_region_for_grid as fn
 
     return fn(*args, **kwargs)
+
+
+# --------------------------------------------------------------------------- the 2026 families
+def pack_latents_no_patch(pipeline: Any, latents: torch.Tensor, *shape: int) -> torch.Tensor:
+    """Bria FIBO's ``_pack_latents_no_patch``: latents ``[B, C, H, W]`` -> one token per latent ``[B, H*W, C]``."""
+    return pipeline._pack_latents_no_patch(latents, *shape)
+
+
+def prepare_latent_image_ids(pipeline: Any, batch: int, height: int, width: int, device: Any, dtype: torch.dtype) -> torch.Tensor:
+    """Bria FIBO's (FLUX-style) ``_prepare_latent_image_ids``: (0, row, column) of each image token."""
+    return pipeline._prepare_latent_image_ids(batch, height, width, device, dtype)
+
+
+def prepare_packed_ids(pipeline: Any, text_lengths: list[int], grid_h: int, grid_w: int, n_text: int, device: Any):
+    """Ideogram 4's ``_prepare_ids``: (position, segment, indicator) ids of the packed ``[padding, text, image]``
+    sequence."""
+    return pipeline._prepare_ids(text_lengths, grid_h, grid_w, n_text, device)
+
+
+def longcat_pos_ids(**kwargs: Any) -> torch.Tensor:
+    """LongCat-Image's ``prepare_pos_ids`` (a pipeline-module function)."""
+    from diffusers.pipelines.longcat_image.pipeline_longcat_image import prepare_pos_ids
+
+    return prepare_pos_ids(**kwargs)
+
+
+def extract_glyph_text(prompt: str) -> str | None:
+    """HunyuanImage 2.1's ``extract_glyph_text``: the quoted text of a prompt to render, or None."""
+    from diffusers.pipelines.hunyuan_image.pipeline_hunyuanimage import extract_glyph_text as fn
+
+    return fn(prompt)
+
+
+def hidream_moe_class() -> type:
+    """HiDream-I1's mixture-of-experts feed-forward class (``MOEFeedForwardSwiGLU``)."""
+    from diffusers.models.transformers.transformer_hidream_image import MOEFeedForwardSwiGLU
+
+    return MOEFeedForwardSwiGLU

@@ -9,6 +9,7 @@ from typing import Any, ClassVar
 import torch
 
 from .base import Backbone, DenoiserInputs, TextSegment
+from .layout import TokenLayout
 from .diffusers_compat import prepare_attention_mask
 from .registry import register_backbone
 from .unet import _DDPMNoising
@@ -73,7 +74,7 @@ class PixArtBackbone(_DDPMNoising, Backbone):
             **cond,
         }
         grid = (noisy_latents.shape[-2] // p, noisy_latents.shape[-1] // p)
-        return DenoiserInputs(kwargs, grid, cond["encoder_hidden_states"].shape[1], t, image_size)
+        return DenoiserInputs(kwargs, self.layout(grid, cond), t, image_size)
 
 
 @register_backbone("StableDiffusion3Pipeline", "StableDiffusion3Img2ImgPipeline")
@@ -114,7 +115,7 @@ class SD3Backbone(_FlowMatchNoising, Backbone):
             **cond,
         }
         grid = (noisy_latents.shape[-2] // p, noisy_latents.shape[-1] // p)
-        return DenoiserInputs(kwargs, grid, cond["encoder_hidden_states"].shape[1], t, image_size)
+        return DenoiserInputs(kwargs, self.layout(grid, cond), t, image_size)
 
 
 class PackedLatentTransformer(_FlowMatchNoising, Backbone):
@@ -145,10 +146,12 @@ class PackedLatentTransformer(_FlowMatchNoising, Backbone):
 
 @register_backbone("FluxPipeline", "FluxImg2ImgPipeline", "FluxControlNetPipeline")
 class FluxBackbone(PackedLatentTransformer):
-    """FLUX.1: CLIP + T5, 2x2-packed latents, double-stream (text, image) then single-stream blocks."""
+    """FLUX.1: CLIP + T5, 2x2-packed latents, double-stream (text, image) then single-stream blocks over the
+    joint sequence, text tokens first."""
 
     family: ClassVar[str] = "flux"
     hook_table: ClassVar[str] = "flux"
+    token_layout: ClassVar[TokenLayout] = TokenLayout("text-first")
 
     def text_segments(self) -> list:
         """FLUX attends to T5 tokens only (CLIP gives the pooled vector)."""
@@ -185,7 +188,7 @@ class FluxBackbone(PackedLatentTransformer):
             **cond,
             **self.guidance_kwargs(b, dev),
         }
-        return DenoiserInputs(kwargs, (gh, gw), cond["encoder_hidden_states"].shape[1], t, image_size)
+        return DenoiserInputs(kwargs, self.layout((gh, gw), cond), t, image_size)
 
 
 @register_backbone("ChromaPipeline", "ChromaImg2ImgPipeline")

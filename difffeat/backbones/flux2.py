@@ -12,6 +12,7 @@ from ..errors import UnsupportedBackboneError
 from .base import DenoiserInputs
 from .diffusers_compat import pack_latents, patchify_latents, prepare_latent_ids
 from .dit import PackedLatentTransformer
+from .layout import TokenLayout
 from .registry import register_backbone
 from .text import chat_template_segment
 
@@ -24,6 +25,7 @@ class Flux2Backbone(PackedLatentTransformer):
 
     family: ClassVar[str] = "flux2"
     hook_table: ClassVar[str] = "flux2"
+    token_layout: ClassVar[TokenLayout] = TokenLayout("text-first")
     guidance: float = 4.0
 
     def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
@@ -69,4 +71,4 @@ class Flux2Backbone(PackedLatentTransformer):
             **cond,
             **self.guidance_kwargs(b, dev),
         }
-        return DenoiserInputs(kwargs, (gh, gw), cond["encoder_hidden_states"].shape[1], t, image_size)
+        return DenoiserInputs(kwargs, self.layout((gh, gw), cond), t, image_size)

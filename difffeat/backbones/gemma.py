@@ -12,6 +12,8 @@ import torch
 
 from .base import Backbone, DenoiserInputs, TextSegment
 from .dit import _default_max_length, _FlowMatchNoising
+from .layout import TokenLayout
+from .probing import encode_for_probe
 from .registry import register_backbone
 
 __all__ = ["SanaBackbone", "Lumina2Backbone"]
@@ -95,7 +97,7 @@ class SanaBackbone(_PatchGeometry, _FlowMatchNoising, Backbone):
             "timestep": torch.full((b,), float(t) * scale, dtype=self.dtype, device=noisy_latents.device),
             **cond,
         }
-        return DenoiserInputs(kwargs, self._grid(noisy_latents), cond["encoder_hidden_states"].shape[1], t, image_size)
+        return DenoiserInputs(kwargs, self.layout(self._grid(noisy_latents), cond), t, image_size)
 
 
 @register_backbone("Lumina2Pipeline")
@@ -111,6 +113,8 @@ class Lumina2Backbone(_PatchGeometry, _FlowMatchNoising, Backbone):
 
     family: ClassVar[str] = "lumina2"
     hook_table: ClassVar[str] = "lumina2"
+    #: joint blocks over [each sample's unpadded text, its image tokens, padding]
+    token_layout: ClassVar[TokenLayout] = TokenLayout("text-first", packed=True)
     denoiser_attr: ClassVar[str] = "transformer"
     default_segment_t: ClassVar[int] = 150
     #: text tokens (system prompt included); None: the pipeline's 256
@@ -137,12 +141,21 @@ class Lumina2Backbone(_PatchGeometry, _FlowMatchNoising, Backbone):
 
     def denoiser_inputs(self, noisy_latents, t, cond, image_size) -> DenoiserInputs:
         b = noisy_latents.shape[0]
-        mask = cond["encoder_attention_mask"]
         kwargs = {
             "hidden_states": noisy_latents,
             "timestep": torch.full((b,), 1.0 - float(t) / 1000.0, dtype=self.dtype, device=noisy_latents.device),
             **cond,
         }
-        inputs = DenoiserInputs(kwargs, self._grid(noisy_latents), cond["encoder_hidden_states"].shape[1], t, image_size)
-        inputs.image_offsets = mask.sum(dim=1)  # [B]: each sample's text tokens come first in the joint blocks
-        return inputs
+        return DenoiserInputs(kwargs, self.layout(self._grid(noisy_latents), cond), t, image_size)
+
+    def layout(self, grid: tuple[int, int], cond: dict[str, Any] | None = None) -> TokenLayout:
+        """Each sample's text length (its mask's sum) is where its image tokens start in the joint blocks."""
+        if cond is None:
+            return self.token_layout.at(grid)
+        offsets = cond["encoder_attention_mask"].sum(dim=1)  # [B]
+        return self.token_layout.at(grid, int(cond["encoder_hidden_states"].shape[1]), offsets)
+
+    def probe_conditioning(self, mode: Any) -> dict[str, Any]:
+        """The transformer turns its text mask into per-sample lengths on the host (``tolist()``): the prompt is
+        encoded for real and the mask kept readable as a constant fake."""
+        return encode_for_probe(self, mode, real=True)

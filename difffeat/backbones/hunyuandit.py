@@ -9,6 +9,7 @@ from typing import Any, ClassVar
 import torch
 
 from .base import Backbone, DenoiserInputs, TextSegment
+from .layout import TokenLayout
 from .diffusers_compat import get_2d_rotary_pos_embed, get_resize_crop_region_for_grid
 from .registry import register_backbone
 from .unet import _DDPMNoising
@@ -75,4 +76,8 @@ class HunyuanDiTBackbone(_DDPMNoising, Backbone):
             "image_rotary_emb": self.rotary_embedding(gh, gw, dev),
             **cond,
         }
-        return DenoiserInputs(kwargs, (gh, gw), sum(self._lengths()), t, image_size)
+        return DenoiserInputs(kwargs, self.layout((gh, gw), cond), t, image_size)
+
+    def layout(self, grid: tuple[int, int], cond: dict[str, Any] | None = None) -> TokenLayout:
+        """The cross-attention keys are the BERT then the mT5 tokens, both at fixed lengths."""
+        return self.token_layout.at(grid, sum(self._lengths()))

@@ -3,6 +3,8 @@ VAE used on single frames, latents normalised per channel and packed 2x2, 60 dou
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any, ClassVar
 
 import torch
@@ -10,6 +12,8 @@ import torch
 from .base import DenoiserInputs
 from .diffusers_compat import pack_latents
 from .dit import PackedLatentTransformer
+from .layout import TokenLayout
+from .probing import clearing_method_caches
 from .registry import register_backbone
 
 __all__ = ["QwenImageBackbone"]
@@ -21,6 +25,7 @@ class QwenImageBackbone(PackedLatentTransformer):
 
     family: ClassVar[str] = "qwenimage"
     hook_table: ClassVar[str] = "qwenimage"
+    token_layout: ClassVar[TokenLayout] = TokenLayout("text-first")
     guidance: float = 4.0
     #: text tokens the denoiser sees (the prompt after the dropped system prompt, padded and masked); None: 256
     max_sequence_length: int | None = None
@@ -82,4 +87,11 @@ class QwenImageBackbone(PackedLatentTransformer):
             **cond,
             **self.guidance_kwargs(b, dev),
         }
-        return DenoiserInputs(kwargs, (h // 2, w // 2), cond["encoder_hidden_states"].shape[1], t, image_size)
+        return DenoiserInputs(kwargs, self.layout((h // 2, w // 2), cond), t, image_size)
+
+    @contextmanager
+    def probe_context(self) -> Iterator[None]:
+        """The transformer caches its RoPE frequencies per grid size (``lru_cache``): a fake-tensor forward's
+        are dropped afterwards, or the next real forward would find fake tensors there."""
+        with clearing_method_caches(self.denoiser):
+            yield

@@ -56,7 +56,7 @@ class StableDiffusionBackbone(_DDPMNoising, _UNetGeometry, Backbone):
         b = noisy_latents.shape[0]
         timestep = torch.full((b,), int(t), dtype=torch.long, device=noisy_latents.device)
         kwargs = {"sample": noisy_latents, "timestep": timestep, **cond}
-        return DenoiserInputs(kwargs, self._grid(noisy_latents), cond["encoder_hidden_states"].shape[1], t, image_size)
+        return DenoiserInputs(kwargs, self.layout(self._grid(noisy_latents), cond), t, image_size)
 
 
 @register_backbone("StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline", "StableDiffusionXLControlNetPipeline")
@@ -85,4 +85,4 @@ class StableDiffusionXLBackbone(_DDPMNoising, _UNetGeometry, Backbone):
             "encoder_hidden_states": cond["encoder_hidden_states"],
             "added_cond_kwargs": {"text_embeds": cond["text_embeds"], "time_ids": time_ids},
         }
-        return DenoiserInputs(kwargs, self._grid(noisy_latents), cond["encoder_hidden_states"].shape[1], t, image_size)
+        return DenoiserInputs(kwargs, self.layout(self._grid(noisy_latents), cond), t, image_size)

@@ -11,9 +11,9 @@ from typing import Any, ClassVar
 
 import torch
 
-from ..hookpoints import load_table, padded_length
 from .base import DenoiserInputs
 from .dit import PackedLatentTransformer
+from .layout import TokenLayout, padded_length
 from .registry import register_backbone
 from .text import chat_template_segment
 
@@ -27,6 +27,8 @@ class ZImageBackbone(PackedLatentTransformer):
 
     family: ClassVar[str] = "zimage"
     hook_table: ClassVar[str] = "zimage"
+    #: every block of a sequence (image, text) padded to a multiple of 32 tokens, the image block first
+    token_layout: ClassVar[TokenLayout] = TokenLayout("image-first", block_multiple=32)
     #: text tokens the pipeline keeps at most (its ``max_sequence_length``); None: 512
     max_sequence_length: int | None = None
 
@@ -36,7 +38,7 @@ class ZImageBackbone(PackedLatentTransformer):
     @property
     def text_width(self) -> int:
         """Columns of every cross map: the longest text block the denoiser can see."""
-        return padded_length(self._max_length(), load_table(self.hook_table).sequence_multiple)
+        return padded_length(self._max_length(), self.token_layout.block_multiple)
 
     def text_segments(self) -> list:
         return [chat_template_segment(self.pipeline.tokenizer, self._max_length(), enable_thinking=True)]
@@ -56,10 +58,14 @@ class ZImageBackbone(PackedLatentTransformer):
             "t": torch.full((b,), 1.0 - float(t) / 1000.0, dtype=self.dtype, device=noisy_latents.device),
             **cond,
         }
-        return DenoiserInputs(kwargs, (h // 2, w // 2), self.text_width, t, image_size)
+        return DenoiserInputs(kwargs, self.layout((h // 2, w // 2), cond), t, image_size)
+
+    def layout(self, grid: tuple[int, int], cond: dict[str, Any] | None = None) -> TokenLayout:
+        """Cross maps are :attr:`text_width` columns wide whatever the prompt's length."""
+        return self.token_layout.at(grid, self.text_width)
 
     @contextmanager
-    def fake_forward_guard(self) -> Iterator[None]:
+    def probe_context(self) -> Iterator[None]:
         """The RoPE table is built and kept on the first forward: keep a fake-tensor forward's out of it."""
         rope = self.denoiser.rope_embedder
         before = rope.freqs_cis

@@ -2,13 +2,12 @@
 
 from .observer import AttentionTensors, MapReducer, attention_probs, head_mean, per_head, register_layout
 from .session import Capture, StopForward, sequence_to_spatial
-from .probe import catalog_of, fake_conditioning, probe_shapes
+from .probe import catalog_of, probe_shapes
 
 __all__ = [
     "Capture",
     "catalog_of",
     "probe_shapes",
-    "fake_conditioning",
     "StopForward",
     "sequence_to_spatial",
     "AttentionTensors",

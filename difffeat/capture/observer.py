@@ -2,7 +2,7 @@
 of the *image queries* (what was asked: per-head maps, head-mean maps, or a custom reduction) and hand
 them to the capture session. Where the probabilities cover the whole SDPA call (every query row, no mask,
 no dropout, float32) the layer's output is ``probabilities @ V`` from the same chunks and SDPA does not run
-a second time (:func:`fusable`); otherwise the layer's output is computed by diffusers itself.
+a second time (``_fusable``); otherwise the layer's output is computed by diffusers itself.
 
 One mechanism serves every family whose attention reaches torch's ``scaled_dot_product_attention``: the
 stock processors of diffusers (``AttnProcessor2_0``, ``JointAttnProcessor2_0``, and every new-style
@@ -10,23 +10,19 @@ processor that calls ``dispatch_attention_fn`` with one of the native backends) 
 values exactly as attended: projected, q/k-normed, rotated, ``[B, heads, N, d]``. While an observed module
 runs, a :class:`torch.overrides.TorchFunctionMode` sees that call (the mechanism diffusers' own
 skip-layer guidance uses, ``diffusers.hooks.layer_skip``), so a new family needs no copy of its processor's
-math: only where its image tokens sit in a joint sequence (the hook table's ``token_order``). Fused
-projections (``fuse_qkv_projections()``, FLUX.2's fused single blocks) change nothing.
+math. Which queries and keys of the call are image and text tokens is the forward's
+:class:`~difffeat.backbones.layout.TokenLayout` (built by the family's adapter): the observer holds no
+layout of its own. Fused projections (``fuse_qkv_projections()``, fused single-stream blocks) change nothing.
 
 Backends that do not run torch SDPA (flash, sage, xformers, flex, NPU/XLA kernels) cannot return maps:
 :func:`check_observable` raises :class:`~difffeat.errors.AttentionBackendError` naming the fix before the
 forward, and an observed layer that finishes without an SDPA call raises it after.
 
 Legacy processors that compute attention without SDPA (``AttnProcessor``, ``SlicedAttnProcessor``,
-``XFormersAttnProcessor``) keep a processor-level observer (a *layout*) registered by class name; so does
-Sana's ReLU linear attention (``SanaLinearAttnProcessor2_0``), whose attention matrix is never formed by the
+``XFormersAttnProcessor``) keep a processor-level observer (a *processor layout*) registered by class name; so
+does ReLU linear attention (``SanaLinearAttnProcessor2_0``), whose attention matrix is never formed by the
 layer (it multiplies ``V K^T`` first): its maps are that matrix, normalised as the layer normalises it
-(:func:`relu_linear_probs`), not softmax probabilities.
-
-Joint sequences packed per sample (Lumina 2: each sample's unpadded text, then its image tokens, then
-padding) are brought to one layout for every sample by :func:`packed_joint_tensors`: text keys padded to the
-prompt length (padding masked), then the image keys.
-"""
+(:func:`relu_linear_probs`), not softmax probabilities."""
 
 from __future__ import annotations
 
@@ -40,8 +36,8 @@ import torch.nn.functional as F
 from torch._subclasses.fake_tensor import FakeTensor
 from torch.overrides import TorchFunctionMode
 
+from ..backbones.layout import TokenLayout
 from ..errors import AttentionBackendError, DifffeatError
-from ..hookpoints import padded_length
 
 __all__ = [
     "DEFAULT_CHUNK_ELEMENTS",
@@ -51,13 +47,9 @@ __all__ = [
     "head_mean",
     "per_head",
     "attention_probs",
-    "fusable",
     "SDPA_BACKENDS",
     "check_observable",
-    "empty_output",
     "install_observer",
-    "dispatched_tensors",
-    "packed_joint_tensors",
     "softmax_probs",
     "relu_linear_probs",
 ]
@@ -82,7 +74,7 @@ class AttentionTensors:
         image_keys / text_keys: positions of image and text keys in ``k`` (``text_keys`` is None for
             plain self-attention, ``image_keys`` is None for plain cross-attention).
         kernel: how the layer turns q and k into attention weights: "softmax" (scaled dot-product) or
-            "relu-linear" (Sana's linear attention, see :func:`relu_linear_probs`).
+            "relu-linear" (ReLU linear attention, see :func:`relu_linear_probs`).
     """
 
     q: torch.Tensor
@@ -130,7 +122,7 @@ LINEAR_ATTENTION_EPS = 1e-15
 
 
 def relu_linear_probs(q_bhqd: torch.Tensor, kt_bhdk: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """Sana's ReLU linear attention as an attention matrix (``q``, ``k`` already through ReLU):
+    """ReLU linear attention as an attention matrix (``q``, ``k`` already through ReLU):
     ``A_ij = relu(q_i).relu(k_j) / (sum_j relu(q_i).relu(k_j) + 1e-15)``, so that ``A V`` is the layer's
     output before the output projection. Weights are >= 0; a row sums to 1 unless its query overlaps no key,
     where the row is 0 (and so is the layer's output)."""
@@ -196,7 +188,7 @@ def attention_probs(
     return out
 
 
-def fusable(sdpa: dict[str, Any], tensors: AttentionTensors) -> bool:
+def _fusable(sdpa: dict[str, Any], tensors: AttentionTensors) -> bool:
     """Whether the observer may return an SDPA call's output itself (``probabilities @ V`` of its own
     chunks) instead of letting SDPA compute the same attention again: the observer's queries, keys and values
     are the call's own (every query row an image query, in order; no grouped-query repetition, no packed or
@@ -220,7 +212,7 @@ def fusable(sdpa: dict[str, Any], tensors: AttentionTensors) -> bool:
     )
 
 
-def empty_output(query: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+def _empty_output(query: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
     """An uninitialised SDPA output ``[B, heads, Nq, d_v]`` laid out as ``[B, Nq, heads, d_v]`` (as torch's CPU
     kernels return it), so the processor's ``transpose(1, 2).reshape(B, Nq, heads*d_v)`` is free."""
     b, h, nq, _ = query.shape
@@ -234,7 +226,7 @@ def _heads(x: torch.Tensor, heads: int) -> torch.Tensor:
     return x.view(b, n, heads, -1).transpose(1, 2)
 
 
-def _standard(attn, hidden_states, encoder_hidden_states=None, attention_mask=None, n_image=None, **_) -> AttentionTensors:
+def _standard(attn, hidden_states, encoder_hidden_states=None, attention_mask=None, **_) -> AttentionTensors:
     """diffusers ``Attention`` with AttnProcessor / AttnProcessor2_0 / XFormers / Sliced processors."""
     if hidden_states.ndim != 3 or getattr(attn, "group_norm", None) is not None or getattr(attn, "spatial_norm", None) is not None:
         raise DifffeatError("attention maps are only supported for sequence attention in transformer blocks")
@@ -261,8 +253,8 @@ def _standard(attn, hidden_states, encoder_hidden_states=None, attention_mask=No
     )
 
 
-def _joint_image_first(attn, hidden_states, encoder_hidden_states=None, attention_mask=None, n_image=None, **_) -> AttentionTensors:
-    """SD3 ``JointAttnProcessor2_0``: keys are [image, text]."""
+def _joint_image_first(attn, hidden_states, encoder_hidden_states=None, attention_mask=None, **_) -> AttentionTensors:
+    """``JointAttnProcessor2_0`` / ``XFormersJointAttnProcessor``: keys are [image, text]."""
     h = attn.heads
     q, k, v = _heads(attn.to_q(hidden_states), h), _heads(attn.to_k(hidden_states), h), _heads(attn.to_v(hidden_states), h)
     if attn.norm_q is not None:
@@ -281,8 +273,8 @@ def _joint_image_first(attn, hidden_states, encoder_hidden_states=None, attentio
     return AttentionTensors(q, k, v, None, attn.scale, image_keys=slice(0, n_img), text_keys=text)
 
 
-def _relu_linear(attn, hidden_states, encoder_hidden_states=None, attention_mask=None, n_image=None, **_) -> AttentionTensors:
-    """Sana ``SanaLinearAttnProcessor2_0`` (self-attention over the image tokens): q/k/v as the processor
+def _relu_linear(attn, hidden_states, encoder_hidden_states=None, attention_mask=None, **_) -> AttentionTensors:
+    """``SanaLinearAttnProcessor2_0`` (self-attention over the image tokens): q/k/v as the processor
     projects and norms them, before its ReLU (applied by the ``relu-linear`` kernel)."""
     context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
     h = attn.heads
@@ -306,16 +298,15 @@ class _Observer:
 
     layout: Callable[..., AttentionTensors]
 
-    def __init__(self, stock: Any, module_path: str, sink: MapSink, n_image: int | None) -> None:
+    def __init__(self, stock: Any, module_path: str, sink: MapSink) -> None:
         self.stock = stock
         self.module_path = module_path
         self.sink = sink
-        self.n_image = n_image
 
     def _observe(self, attn, hidden_states, encoder_hidden_states, attention_mask, extra: dict) -> None:
         with torch.no_grad():
             tensors = type(self).layout(
-                attn, hidden_states, encoder_hidden_states, attention_mask, n_image=self.n_image, **extra
+                attn, hidden_states, encoder_hidden_states, attention_mask, **extra
             )
         self.sink(self.module_path, attn, tensors, None)
 
@@ -409,125 +400,12 @@ def _sdpa_arguments(args: tuple, kwargs: dict) -> dict[str, Any]:
     return bound
 
 
-def _additive_bias(mask: torch.Tensor | None, rows: slice, nq: int) -> torch.Tensor | None:
-    """An SDPA ``attn_mask`` (bool: True = attend, or additive) -> additive bias ``[B|1, H|1, q|1, Nk]``
-    restricted to the image query ``rows``."""
-    if mask is None:
-        return None
-    if mask.dtype == torch.bool:
-        mask = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device).masked_fill(~mask, float("-inf"))
-    while mask.ndim < 4:
-        mask = mask.unsqueeze(0)
-    return mask[..., rows, :] if mask.shape[-2] == nq and nq > 1 else mask
-
-
-def packed_joint_tensors(
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    scale: float | None,
-    n_image: int,
-    image_offsets: torch.Tensor,
-    text_len: int,
-) -> AttentionTensors:
-    """The :class:`AttentionTensors` of a joint attention whose sequence is packed per sample: sample b holds
-    its ``image_offsets[b]`` unpadded text tokens, then its ``n_image`` image tokens, then padding (Lumina 2).
-
-    Keys and values are gathered into one layout for all samples, ``[text (text_len slots), image]``, the
-    text slots past a sample's own text masked (-inf bias, zero probability), so maps have the same width for
-    every prompt and a batch equals its single runs. The layer's padding keys (masked there) are left out;
-    its softmax over the remaining keys is unchanged."""
-    b, heads, n, d = query.shape
-    dev = query.device
-    offsets = image_offsets.to(device=dev, dtype=torch.long).view(b, 1)
-    image_idx = offsets + torch.arange(n_image, device=dev).view(1, n_image)  # [B, n_image]
-    slots = torch.arange(text_len, device=dev).view(1, text_len)
-    text_idx = slots.clamp(max=n - 1).expand(b, text_len)  # [B, text_len]; slots past the text are masked below
-    keys_idx = torch.cat([text_idx, image_idx], dim=1)
-
-    def gather(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-        if x.shape[1] != heads:  # grouped-query attention (enable_gqa)
-            x = x.repeat_interleave(heads // x.shape[1], dim=1)
-        return x.gather(2, idx.view(b, 1, -1, 1).expand(b, heads, idx.shape[1], d))
-
-    bias = torch.zeros(b, 1, 1, text_len + n_image, device=dev)
-    bias[:, 0, 0, :text_len] = bias[:, 0, 0, :text_len].masked_fill(slots >= offsets, float("-inf"))
-    return AttentionTensors(
-        gather(query, image_idx), gather(key, keys_idx), gather(value, keys_idx), bias,
-        float(scale) if scale is not None else d**-0.5,
-        image_keys=slice(text_len, text_len + n_image), text_keys=slice(0, text_len),
-    )
-
-
-def _pad_text_keys(key, value, bias, width: int):
-    """Append ``width`` keys that no query can attend to: zero keys/values with a ``-inf`` bias, so the
-    probabilities over the real keys are unchanged and the extra columns are exactly 0."""
-    b, h, nk, d = key.shape
-    key = torch.cat([key, key.new_zeros(b, h, width, d)], dim=2)
-    value = torch.cat([value, value.new_zeros(b, value.shape[1], width, value.shape[-1])], dim=2)
-    if bias is None:
-        bias = torch.zeros(1, 1, 1, nk, dtype=torch.float32, device=key.device)
-    blocked = torch.full((*bias.shape[:-1], width), float("-inf"), dtype=bias.dtype, device=bias.device)
-    return key, value, torch.cat([bias, blocked], dim=-1)
-
-
-def dispatched_tensors(
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    attn_mask: torch.Tensor | None,
-    scale: float | None,
-    n_image: int,
-    text_first: bool,
-    cross: bool = False,
-    image_offsets: torch.Tensor | None = None,
-    text_len: int | None = None,
-    multiple: int = 1,
-) -> AttentionTensors:
-    """The :class:`AttentionTensors` of one SDPA call (``[B, heads, N, d]`` each), image queries only.
-
-    Which tokens are the image's follows from the lengths: as many queries as keys, at most ``n_image``
-    (the input grid's tokens; a UNet's lower levels have fewer), is self-attention, unless the module is a
-    cross-attention (``cross``); a different number of keys is cross-attention (all keys are text); a
-    sequence longer than ``n_image`` is joint attention over image and text tokens, the image tokens last
-    (``text_first``) or first; with ``image_offsets`` (per-sample packed sequences) a joint call goes
-    through :func:`packed_joint_tensors`. Grouped-query keys/values are repeated to the query heads.
-
-    Families that pad each block of the joint sequence to a ``multiple`` of tokens (Z-Image: 32, image block
-    first) have ``padded_length(n_image, multiple)`` image-block tokens: the first ``n_image`` are the image
-    (queries and self keys), the padding tokens after them are attended to but are neither image nor text,
-    and the text keys start after them. Their text block's length varies with the prompt, so the text keys
-    are padded to ``text_len`` columns that get zero probability (as masked keys of a padded batch do):
-    every prompt gives maps of one width."""
-    nq, nk, heads = query.shape[-2], key.shape[-2], query.shape[1]
-    if image_offsets is not None and nq == nk and nq > n_image and not cross:
-        return packed_joint_tensors(query, key, value, scale, n_image, image_offsets, text_len or nk - n_image)
-    if key.shape[1] != heads:  # grouped-query attention (enable_gqa)
-        key = key.repeat_interleave(heads // key.shape[1], dim=1)
-        value = value.repeat_interleave(heads // value.shape[1], dim=1)
-    n_block = padded_length(n_image, multiple)
-    if nq != nk or (nq <= n_image and cross):
-        rows, image, text = slice(0, nq), None, slice(0, nk)
-    elif nq <= n_block:  # self-attention (a UNet's lower levels have fewer tokens; Z-Image's refiner pads)
-        rows = image = slice(0, min(nq, n_image))
-        text = None
-    elif text_first:
-        n_text = nk - n_image
-        rows = image = slice(n_text, nk)
-        text = slice(0, n_text)
-    else:
-        rows = image = slice(0, n_image)
-        text = slice(n_block, nk)
-    q = query[:, :, rows]
-    d = q.shape[-1]
-    bias = _additive_bias(attn_mask, rows, nq)
-    if multiple > 1 and text_len is not None and text is not None and text.stop == nk and text.stop - text.start < text_len:
-        key, value, bias = _pad_text_keys(key, value, bias, text_len - (text.stop - text.start))
-        text = slice(text.start, text.start + text_len)
-    return AttentionTensors(
-        q, key, value, bias, float(scale) if scale is not None else d**-0.5,
-        image_keys=image, text_keys=text,
-    )
+def _dispatched_tensors(layout: TokenLayout, sdpa: dict[str, Any], cross: bool) -> AttentionTensors:
+    """The :class:`AttentionTensors` of one SDPA call: the layout says which queries and keys are image and
+    text tokens (:meth:`~difffeat.backbones.layout.TokenLayout.attended`)."""
+    q, k, v, bias, image, text = layout.attended(sdpa["query"], sdpa["key"], sdpa["value"], sdpa.get("attn_mask"), cross)
+    scale = sdpa.get("scale")
+    return AttentionTensors(q, k, v, bias, float(scale) if scale is not None else q.shape[-1] ** -0.5, image_keys=image, text_keys=text)
 
 
 class _SDPAWatch(TorchFunctionMode):
@@ -542,7 +420,7 @@ class _SDPAWatch(TorchFunctionMode):
         kwargs = kwargs or {}
         if func is F.scaled_dot_product_attention:
             output = self.observer.saw(_sdpa_arguments(args, kwargs))
-            if output is not None:  # the observer computed the attention output itself (see `fusable`)
+            if output is not None:  # the observer computed the attention output itself (see `_fusable`)
                 return output
         return func(*args, **kwargs)
 
@@ -550,13 +428,8 @@ class _SDPAWatch(TorchFunctionMode):
 class DispatchObserver:
     """Observes one attention module's SDPA call through forward hooks (always removed by :meth:`remove`)."""
 
-    def __init__(
-        self, attn: torch.nn.Module, module_path: str, sink: MapSink, n_image: int, text_first: bool,
-        image_offsets: torch.Tensor | None = None, text_len: int | None = None, multiple: int = 1,
-    ) -> None:
-        self.attn, self.module_path, self.sink = attn, module_path, sink
-        self.n_image, self.text_first = n_image, text_first
-        self.image_offsets, self.text_len, self.multiple = image_offsets, text_len, multiple
+    def __init__(self, attn: torch.nn.Module, module_path: str, sink: MapSink, layout: TokenLayout) -> None:
+        self.attn, self.module_path, self.sink, self.layout = attn, module_path, sink, layout
         self._watch: _SDPAWatch | None = None
         self._seen = False
         self._handles = [
@@ -581,21 +454,17 @@ class DispatchObserver:
 
     def saw(self, sdpa: dict[str, Any]) -> torch.Tensor | None:
         """Report one SDPA call's tensors to the sink; returns the call's output when the sink computed it
-        (:func:`fusable` calls outside autograd), else None (SDPA then runs as usual)."""
-        if self._seen:  # a second call within the same forward (e.g. FLUX.2 reference-token attention)
+        (:func:`_fusable` calls outside autograd), else None (SDPA then runs as usual)."""
+        if self._seen:  # a second call within the same forward (e.g. reference-token attention)
             return None
         self._seen = True
         if sdpa.get("is_causal"):
             raise DifffeatError(f"attention maps of causal attention are not supported ({self.module_path!r})")
         with torch.no_grad():
-            tensors = dispatched_tensors(
-                sdpa["query"], sdpa["key"], sdpa["value"], sdpa.get("attn_mask"), sdpa.get("scale"),
-                self.n_image, self.text_first, bool(getattr(self.attn, "is_cross_attention", False)),
-                self.image_offsets, self.text_len, self.multiple,
-            )
+            tensors = _dispatched_tensors(self.layout, sdpa, bool(getattr(self.attn, "is_cross_attention", False)))
         output = None
-        if not torch.is_grad_enabled() and fusable(sdpa, tensors):
-            output = empty_output(sdpa["query"], sdpa["value"])
+        if not torch.is_grad_enabled() and _fusable(sdpa, tensors):
+            output = _empty_output(sdpa["query"], sdpa["value"])
         filled = self.sink(self.module_path, self.attn, tensors, output)
         return output if filled else None
 
@@ -620,15 +489,13 @@ class _ProcessorSwap:
 
 
 def install_observer(
-    attn: torch.nn.Module, module_path: str, sink: MapSink, n_image: int, text_first: bool = False,
-    image_offsets: torch.Tensor | None = None, text_len: int | None = None, multiple: int = 1,
-) -> DispatchObserver | _ProcessorSwap:
+    attn: torch.nn.Module, module_path: str, sink: MapSink, layout: TokenLayout
+) -> "DispatchObserver | _ProcessorSwap":
     """Observe one attention module: at its SDPA call, or by a legacy processor layout for processors that
     compute attention themselves. Returns a handle whose ``remove()`` restores the module.
 
-    ``image_offsets`` (``[B]``) and ``text_len`` describe joint sequences packed per sample
-    (:func:`packed_joint_tensors`); None for fixed layouts. ``multiple``: sequence blocks padded to that many
-    tokens (Z-Image; see :func:`dispatched_tensors`).
+    ``layout``: the forward's :class:`~difffeat.backbones.layout.TokenLayout` (built by the family's adapter):
+    where the image queries and the image and text keys are in the module's SDPA call.
 
     Raises:
         AttentionBackendError: the module's attention backend cannot return maps.
@@ -636,6 +503,6 @@ def install_observer(
     stock = getattr(attn, "processor", None)
     legacy = _OBSERVERS.get(type(stock).__name__)
     if legacy is not None:
-        return _ProcessorSwap(attn, legacy(stock, module_path, sink, n_image))
+        return _ProcessorSwap(attn, legacy(stock, module_path, sink))
     check_observable(attn, module_path)
-    return DispatchObserver(attn, module_path, sink, n_image, text_first, image_offsets, text_len, multiple)
+    return DispatchObserver(attn, module_path, sink, layout)

@@ -22,7 +22,6 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ..catalog import ActivationInfo
-from ..hookpoints import load_table
 from .observer import DEFAULT_CHUNK_ELEMENTS, AttentionTensors, MapReducer, attention_probs, install_observer, per_head
 
 if TYPE_CHECKING:
@@ -43,26 +42,12 @@ def _first_tensor(output: Any, index: int | None) -> torch.Tensor:
     return output
 
 
-def packed_image_tokens(x: torch.Tensor, n_image: int, image_offsets: torch.Tensor | None) -> torch.Tensor:
-    """``[B, N, C]`` joint sequence packed per sample -> its ``[B, n_image, C]`` image tokens, sample b's
-    starting at ``image_offsets[b]`` (the last ``n_image`` tokens when no offsets are given)."""
-    if image_offsets is None:
-        return x[:, -n_image:]
-    b, _, c = x.shape
-    idx = image_offsets.to(device=x.device, dtype=torch.long).view(b, 1) + torch.arange(n_image, device=x.device)
-    return x.gather(1, idx.unsqueeze(-1).expand(b, n_image, c))
-
-
-def sequence_to_spatial(
-    x: torch.Tensor, grid: tuple[int, int], tokens: str = "image", image_offsets: torch.Tensor | None = None
-) -> torch.Tensor:
+def sequence_to_spatial(x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
     """``[B, N, C]`` image-token sequence -> ``[B, C, h, w]``.
 
-    ``grid`` is the denoiser's input token grid (h, w). A sequence of fewer tokens is a downsampled level
-    (UNet): its grid is ``ceil(h/s) x ceil(w/s)`` for the power of two ``s`` that matches N. With
-    ``tokens="last"`` only the last ``h*w`` tokens are image tokens (FLUX single-stream blocks); with
-    ``tokens="first"`` the first ``h*w`` (Z-Image: the image block, then its padding and the text); with
-    ``tokens="packed"`` they start at each sample's ``image_offsets`` (:func:`packed_image_tokens`).
+    ``grid`` is the denoiser's input token grid (h, w). A sequence of fewer tokens is a downsampled level:
+    its grid is ``ceil(h/s) x ceil(w/s)`` for the power of two ``s`` that matches N. (Which tokens of a joint
+    sequence are the image's is the forward's :class:`~difffeat.backbones.layout.TokenLayout`'s answer.)
     ``[B, C, H, W]`` tensors pass through.
     """
     if x.ndim == 4:
@@ -70,12 +55,6 @@ def sequence_to_spatial(
     if x.ndim != 3:
         raise ValueError(f"cannot reshape activation of shape {tuple(x.shape)} to [B, C, H, W]")
     h, w = grid
-    if tokens == "last":
-        x = x[:, -h * w :]
-    elif tokens == "first":
-        x = x[:, : h * w]
-    elif tokens == "packed":
-        x = packed_image_tokens(x, h * w, image_offsets)
     n = x.shape[1]
     for s in (1, 2, 4, 8, 16, 32, 64):
         gh, gw = math.ceil(h / s), math.ceil(w / s)
@@ -96,10 +75,11 @@ class Capture:
     Args:
         backbone: the :class:`~difffeat.backbones.Backbone` whose denoiser is instrumented.
         activations: names (or paper aliases, or :class:`ActivationInfo`) to capture.
-        inputs: the :class:`DenoiserInputs` of the forward (gives the token grid, the text length: the cross maps'
-            width where the text block depends on the prompt (Z-Image) and, for joint sequences packed per
-            sample, each sample's image offset); or pass ``grid`` (then packed sequences are read as if every
-            sample's image tokens came last, true for one sample).
+        inputs: the :class:`DenoiserInputs` of the forward: its :class:`~difffeat.backbones.layout.TokenLayout`
+            (built by the family's adapter) says where the image and text tokens of every sequence are; or
+            pass ``grid`` (then the family's layout at that grid, without the forward's text length or
+            per-sample offsets: packed sequences are read as if every sample's image tokens came last, true
+            for one sample).
         early_exit: stop the forward once everything is captured.
         map_reducer: how attention maps are reduced per layer: ``per_head`` (default, ``[B, heads, HW, K]``),
             ``head_mean`` (``[B, HW, K]``) or any :class:`MapReducer`.
@@ -108,7 +88,7 @@ class Capture:
         shapes_only: record shapes only (used with fake tensors by the catalog).
         chunk_elements: size of the temporary per-chunk probabilities tensor when computing maps (query rows
             are processed in chunks of ``chunk_elements // (B * heads * keys)``); results do not depend on it.
-        fuse_output: on observed layers whose SDPA call allows it (:func:`~difffeat.capture.observer.fusable`),
+        fuse_output: on observed layers whose SDPA call allows it (``_fusable`` in :mod:`difffeat.capture.observer`),
             return the layer's output as ``probabilities @ V`` from the observer's own chunks instead of
             running SDPA again (saves one attention per observed layer). Activations after an observed layer
             then equal an unobserved forward's to float32 rounding, not bitwise; off by default.
@@ -135,9 +115,8 @@ class Capture:
         if inputs is None and grid is None:
             raise ValueError("Capture needs the forward's inputs (DenoiserInputs) or the token grid")
         self.backbone = backbone
-        self.grid = tuple(inputs.grid) if inputs is not None else tuple(grid)
-        self.image_offsets = inputs.image_offsets if inputs is not None else None
-        self.text_len = inputs.text_len if inputs is not None else None
+        self.layout = inputs.layout if inputs is not None else backbone.layout(tuple(grid))
+        self.grid = self.layout.grid
         names = list(activations)
         if not names:
             raise ValueError("empty activation list: name at least one activation (see `difffeat catalog MODEL`)")
@@ -177,7 +156,7 @@ class Capture:
         def hook(module, args, output):
             for info in infos:
                 x = _first_tensor(output, info.index)
-                self._store(info, sequence_to_spatial(x, self.grid, info.tokens, self.image_offsets))
+                self._store(info, sequence_to_spatial(self.layout.image_tokens(x, info.tokens == "joint"), self.grid))
 
         return hook
 
@@ -242,15 +221,9 @@ class Capture:
                 module = denoiser.get_submodule(path) if path else denoiser
                 self._handles.append(module.register_forward_hook(self._feature_hook(infos)))
             if maps_by_module:
-                n_image = self.grid[0] * self.grid[1]
                 sink = self._map_sink(maps_by_module)
-                table = load_table(self.backbone.hook_table)
-                text_first = table.token_order == "text-first"
                 for path in maps_by_module:
-                    self._observers.append(install_observer(
-                        denoiser.get_submodule(path), path, sink, n_image, text_first, self.image_offsets, self.text_len,
-                        table.sequence_multiple,
-                    ))  # fmt: skip
+                    self._observers.append(install_observer(denoiser.get_submodule(path), path, sink, self.layout))
         except BaseException:
             self._remove()
             raise

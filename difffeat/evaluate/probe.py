@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import DifffeatError
-from .metrics import ConfusionMatrix
+from .metrics import IGNORE, ConfusionMatrix
 
 
 @dataclass(frozen=True)
@@ -60,12 +60,22 @@ class PixelProbe:
         b, c, h, w = features.shape
         g = torch.Generator().manual_seed(self.seed)
         k = min(self.pixels_per_image, h * w)
-        idx = torch.stack([torch.randperm(h * w, generator=g)[:k] for _ in range(b)])  # [B, k]
         flat = features.float().permute(0, 2, 3, 1).reshape(b, h * w, c)
-        x = torch.gather(flat, 1, idx[..., None].expand(-1, -1, c)).reshape(-1, c)
-        y = torch.gather(labels.reshape(b, h * w).long(), 1, idx).reshape(-1)
+        lab = labels.reshape(b, h * w).long()
+        valid = lab != IGNORE
+        if bool(valid.all()):
+            idx = torch.stack([torch.randperm(h * w, generator=g)[:k] for _ in range(b)])  # [B, k]
+            x = torch.gather(flat, 1, idx[..., None].expand(-1, -1, c)).reshape(-1, c)
+            y = torch.gather(lab, 1, idx).reshape(-1)
+        else:  # pixels labelled IGNORE (255) are never sampled
+            picks = [torch.nonzero(valid[i]).flatten() for i in range(b)]
+            picks = [p[torch.randperm(len(p), generator=g)[:k]] for p in picks]
+            x = torch.cat([flat[i, p] for i, p in enumerate(picks)])
+            y = torch.cat([lab[i, p] for i, p in enumerate(picks)])
+            if not len(y):
+                raise DifffeatError(f"every pixel is labelled {IGNORE} (ignore); nothing to fit")
         if int(y.max()) >= self.num_classes or int(y.min()) < 0:
-            raise DifffeatError(f"labels must lie in [0, {self.num_classes - 1}], found {int(y.min())}..{int(y.max())}")
+            raise DifffeatError(f"labels must lie in [0, {self.num_classes - 1}] or be {IGNORE} (ignored), found {int(y.min())}..{int(y.max())}")
         self.mean, self.std = x.mean(0), x.std(0) + 1e-6
         xs = (x - self.mean) / self.std
         torch.manual_seed(self.seed)
@@ -95,12 +105,14 @@ class PixelProbe:
         return self.linear(x).argmax(1).reshape(b, h, w)
 
     def score(self, features: torch.Tensor, labels: torch.Tensor) -> ProbeScore:
-        """Pixel accuracy and mIoU (over classes present in labels or predictions) on a test set."""
+        """Pixel accuracy and mIoU (over classes present in labels or predictions) on a test set; pixels labelled
+        255 are ignored."""
         _check(features, labels)
         pred = self.predict(features)
         cm = ConfusionMatrix(self.num_classes)
         cm.update(labels.long().cpu().numpy(), pred.cpu().numpy())
-        return ProbeScore(pixel_accuracy=float((pred == labels.long()).float().mean()), miou=float(cm.miou()))
+        keep = labels.long() != IGNORE  # 255 pixels count in neither score
+        return ProbeScore(pixel_accuracy=float((pred == labels.long())[keep].float().mean()), miou=float(cm.miou()))
 
 
 def probe_score(

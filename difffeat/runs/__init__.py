@@ -21,6 +21,10 @@ _API = {
     "Manifest": "manifest", "init_state": "processes", "shard": "processes",
     "SegmentJob": "segment", "run_segment": "segment",
     "ImageRef": "sources", "coco_images": "sources", "collect_images": "sources", "voc_images": "sources",
+    # downstream tasks (label-scarce segmentation, correspondence, activation ranking)
+    "ProbeJob": "scarce", "ProbeReport": "scarce", "run_probe": "scarce", "predict_label_maps": "scarce",
+    "CorrespondJob": "correspond", "CorrespondReport": "correspond", "run_correspond": "correspond",
+    "averaged_features": "correspond", "RankRow": "rank", "rank_activations": "rank", "save_rank_preset": "rank",
 }
 
 

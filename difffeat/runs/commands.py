@@ -63,19 +63,25 @@ def extract(model: str, images: Sequence[str | os.PathLike] | None = None, *, ou
             voc: str | os.PathLike | None = None, voc_split: str | None = None, prompt: str = "",
             resolution: int | None = None, square: bool = False, seed: int = 0, batch_size: int = 8,
             num_workers: int = 2, overwrite: bool = False, skip_unreadable: bool = False, device: str | None = None,
-            dtype: str | None = None, model_config: str | os.PathLike | None = None) -> "tuple[RunSummary, list[str]]":
+            dtype: str | None = None, model_config: str | os.PathLike | None = None,
+            techniques: Sequence[str] | None = None, timesteps: str | Sequence[int] | None = None,
+            ensemble_size: int = 1) -> "tuple[RunSummary, list[str]]":
     """``difffeat extract``: features of every image into ``out_dir`` (see :func:`run_extract`); returns the
     summary and the feature names. ``model_config``: the architecture of a single-file ``model`` (``config=`` of
-    :func:`difffeat.load`)."""
+    :func:`difffeat.load`). ``techniques`` (one variant each, channels concatenated as the content-shift paper
+    combines them), ``timesteps`` (concatenated) and ``ensemble_size`` (seeds averaged): see
+    :class:`~difffeat.shift.combined.CombinedExtractor`."""
     names = split_names(features)
     if not names and not preset:
         raise InvalidOptionError("name the features with --features a,b or pick --preset (see `difffeat presets`)")
     _check_run_options(batch_size, num_workers, seed, t)
     check_resolution("--resolution", resolution)
     check_out_dir(out_dir, "--out folder")
+    from .extractors import check_extraction, make_extractor
+
+    options = check_extraction(model, techniques, timesteps, ensemble_size)
 
     from ..backbones import load
-    from ..features import FeatureExtractor
     from .extract import ExtractJob, run_extract
     from .processes import init_state
 
@@ -83,8 +89,8 @@ def extract(model: str, images: Sequence[str | os.PathLike] | None = None, *, ou
     _check_images(refs, skip_unreadable)
     check_device(device)
     state = init_state(device)
-    fx = FeatureExtractor(load(model, device=device, dtype=dtype, config=model_config), names or None, preset=preset, t=t,
-                          resolution=resolution, square=square, seed=seed, batch_size=batch_size)
+    fx = make_extractor(load(model, device=device, dtype=dtype, config=model_config), names, options, preset=preset, t=t,
+                        resolution=resolution, square=square, seed=seed, batch_size=batch_size)
     job = ExtractJob(Path(out_dir), prompt=prompt, num_workers=num_workers, overwrite=overwrite, dataset=desc,
                      skip_unreadable=skip_unreadable)
     return run_extract(fx, refs, job, state), fx.names

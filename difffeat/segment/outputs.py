@@ -16,6 +16,7 @@ from .segmenter import SegmentationResult
 __all__ = [
     "CLASS_COLORS",
     "palette",
+    "label_colors",
     "colorize",
     "display_scale",
     "enlarge",
@@ -48,10 +49,36 @@ def palette(n: int = 256) -> np.ndarray:
     return colors
 
 
-def colorize(labels: np.ndarray) -> Image.Image:
-    """8-bit palette PNG image of a label map (pixel values are the labels)."""
+def label_colors(image: ImageInput, n_classes: int) -> np.ndarray:
+    """Label colours ``[n_classes + 1, 3]`` uint8 that stand out on ``image``: 0 = black background, then for
+    each class in turn the :data:`CLASS_COLORS` entry whose smallest RGB distance to the image's own colours
+    and to the colours already picked is largest (first entry on ties), so that an outline is never drawn in
+    the colour of the object it surrounds. Past ``len(CLASS_COLORS)`` classes colours repeat."""
+    rgb = to_rgb(image).convert("RGB")
+    rgb = rgb.resize((min(rgb.width, 128), min(rgb.height, 128)), Image.NEAREST)  # the colours, not the detail
+    seen = np.unique(np.asarray(rgb, dtype=np.float64).reshape(-1, 3), axis=0)  # [k, 3]
+    candidates = np.asarray(CLASS_COLORS, dtype=np.float64)  # [m, 3]
+    to_image = np.sqrt(((candidates[:, None] - seen[None]) ** 2).sum(-1)).min(1)  # [m]
+    picked: list[int] = []
+    for _ in range(n_classes):
+        free = [i for i in range(len(candidates)) if i not in picked] or list(range(len(candidates)))
+        score = {i: min([to_image[i], *(np.sqrt(((candidates[i] - candidates[j]) ** 2).sum()) for j in picked)])
+                 for i in free}
+        picked.append(max(free, key=lambda i: (score[i], -i)))
+    colors = np.zeros((n_classes + 1, 3), dtype=np.uint8)
+    if picked:
+        colors[1:] = candidates[picked].astype(np.uint8)
+    return colors
+
+
+def colorize(labels: np.ndarray, colors: np.ndarray | None = None) -> Image.Image:
+    """8-bit palette PNG image of a label map (pixel values are the labels), coloured with ``colors``
+    ``[k, 3]`` (default :func:`palette`)."""
     img = Image.fromarray(labels.astype(np.uint8), mode="P")
-    img.putpalette(palette().ravel().tolist())
+    table = palette().copy()
+    if colors is not None:
+        table[: len(colors)] = colors
+    img.putpalette(table.ravel().tolist())
     return img
 
 
@@ -66,16 +93,21 @@ def enlarge(img: Image.Image, factor: int) -> Image.Image:
     return img if factor == 1 else img.resize((img.width * factor, img.height * factor), Image.NEAREST)
 
 
-def overlay(image: ImageInput, labels: np.ndarray, alpha: float = 0.5, scale: int = 1) -> Image.Image:
-    """The image with each class colour blended at ``alpha`` over its pixels and drawn unblended on the
-    region's boundary pixels (so the outline matches the legend exactly), nearest-enlarged ``scale`` times. Drawn
-    at the labels' size, or at most ~16 MP (:func:`~difffeat.images.loaded_size`) for larger label maps."""
+def overlay(image: ImageInput, labels: np.ndarray, alpha: float = 0.5, scale: int = 1,
+            colors: np.ndarray | None = None) -> Image.Image:
+    """The image with each class colour (``colors[label]``, default :func:`palette`) blended at ``alpha`` over
+    its pixels and drawn unblended on the region's boundary pixels (so the outline matches the legend
+    exactly), nearest-enlarged ``scale`` times. Drawn at the labels' size, or at most ~16 MP
+    (:func:`~difffeat.images.loaded_size`) for larger label maps."""
     lab = labels.astype(np.uint8)
     small = loaded_size(lab.shape[::-1])
     if small != lab.shape[::-1]:
         lab = np.asarray(Image.fromarray(lab).resize(small, Image.NEAREST))
     rgb = np.asarray(to_rgb(image).convert("RGB").resize(lab.shape[::-1], Image.NEAREST), dtype=np.float32)
-    colors = palette()[lab].astype(np.float32)
+    table = palette().copy()
+    if colors is not None:
+        table[: len(colors)] = colors
+    colors = table[lab].astype(np.float32)
     out = np.where((lab > 0)[..., None], (1 - alpha) * rgb + alpha * colors, rgb)
     edge = np.zeros(lab.shape, dtype=bool)  # a labelled pixel with a differently labelled 4-neighbour
     edge[:-1] |= lab[:-1] != lab[1:]

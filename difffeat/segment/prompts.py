@@ -93,7 +93,10 @@ def _positions(
         if not pos:
             raise InvalidPromptError(f"class name {name!r} produced no content tokens with this model's tokenizer")
         pos = [j - segment.drop for j in pos]
-        if max(pos) >= segment.max_length - 1:  # the last slot holds the end token
+        n_text = len(ids) - segment.drop  # tokens the denoiser sees
+        if segment.pad_left and n_text <= segment.max_length:  # right-aligned: padding fills the first slots
+            pos = [j + segment.max_length - n_text for j in pos]
+        elif segment.pad_left or max(pos) >= segment.max_length - 1:  # the last slot holds the end token
             raise InvalidPromptError(
                 f"class {name!r} falls past the tokenizer's {segment.max_length}-token limit (the caption has "
                 f"{len(ids)} tokens); use fewer or shorter class names, or split them over several calls"

@@ -88,6 +88,7 @@ class ClassCheck:
         unknown: given names with a word the model does not know.
         warnings: one readable sentence per problem (also issued as :class:`ClassVocabularyWarning`).
         known: the closed vocabulary's class words (empty for an open-vocabulary model).
+        dropped: the unknown names left out of :attr:`names` (``drop_unknown=True`` only).
     """
 
     names: list[str]
@@ -95,6 +96,7 @@ class ClassCheck:
     unknown: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     known: tuple[str, ...] = ()
+    dropped: list[str] = field(default_factory=list)
 
 
 def _token_count(backbone: Any, text: str) -> int:
@@ -150,11 +152,31 @@ def _open(names: list[str], backbone: Any, check: ClassCheck) -> None:
             check.warnings.append(f"class {name!r} contains characters this model's tokenizer does not know (unknown tokens)")
 
 
-def check_class_words(classes: Sequence[str] | str, backbone: Any) -> ClassCheck:
+def _drop_unknown(given: list[str], check: ClassCheck) -> None:
+    """Remove ``check.unknown`` from ``check.names`` (aligned with ``given``) and say so in each warning."""
+    check.dropped = list(check.unknown)
+    check.names = [used for name, used in zip(given, check.names) if name not in check.unknown]
+    check.warnings = [f"left out: {w}" for w in check.warnings]
+    if not check.names:
+        known = f" This model's classes are: {', '.join(check.known)}." if check.known else ""
+        raise InvalidPromptError(
+            f"no class left to segment: {', '.join(map(repr, check.dropped))} "
+            f"{'is not a word' if len(check.dropped) == 1 else 'are not words'} this model can segment; "
+            f"name at least one class it knows.{known}"
+        )
+
+
+def check_class_words(classes: Sequence[str] | str, backbone: Any, *, drop_unknown: bool = False) -> ClassCheck:
     """Validate ``classes`` (:func:`~difffeat.segment.prompts.check_classes`) and check them against what
     ``backbone`` knows. Raises :class:`InvalidPromptError` for an empty list (naming this model's classes when
     it has a closed vocabulary) or for names that become duplicates once normalised; unknown words are
-    warnings (in :attr:`ClassCheck.warnings`), never errors."""
+    warnings (in :attr:`ClassCheck.warnings`), never errors.
+
+    ``drop_unknown=True`` leaves the unknown names out of :attr:`ClassCheck.names` (listed in
+    :attr:`ClassCheck.dropped`, each warning saying so): an unknown word's attention map is noise that takes
+    pixels from the known classes (on the shapes example 0001, adding "banana" to square, ring, diamond drops
+    the diamond's IoU from 0.886 to 0.114: ``benchmarks/unknown_word_shapes.py``). Raises
+    :class:`InvalidPromptError` when no name is left."""
     vocab = model_vocabulary(backbone)
     given = classes.split(",") if isinstance(classes, str) else list(classes)
     if not any(str(c).strip() for c in given):
@@ -164,6 +186,8 @@ def check_class_words(classes: Sequence[str] | str, backbone: Any) -> ClassCheck
     names = check_classes(given)
     check = ClassCheck([], known=vocab.classes if vocab else ())
     _closed(names, vocab, check) if vocab else _open(names, backbone, check)
+    if drop_unknown and check.unknown:
+        _drop_unknown(names, check)
     lowered = [n.lower() for n in check.names]
     dupes = sorted({n for n in lowered if lowered.count(n) > 1})
     if dupes:

@@ -125,7 +125,31 @@ class Img2ImgComparison:
 
     @property
     def technique_helps(self) -> bool:
+        """Whether the output with the technique is closer to the input (higher PSNR) than the one without:
+        the technique suppressed content shift on this image. Edge IoU is reported beside it, not used."""
         return self.psnr_treated > self.psnr_reference
+
+    def verdict(self) -> str:
+        """One sentence: which output stays closer to the input, by how much, and whether edge IoU agrees."""
+        d = self.psnr_treated - self.psnr_reference
+        edges = self.edge_iou_treated - self.edge_iou_reference
+        if self.technique_helps:
+            head = f"The technique helps here: with it the output is closer to the input (PSNR {d:+.2f} dB)"
+        else:
+            head = (f"The technique does not help here: with it the output is no closer to the input (PSNR {d:+.2f} dB), "
+                    "so it did not suppress content shift on this image")
+        agree = (edges > 0) == self.technique_helps
+        return f"{head}; the edge IoU ({edges:+.3f}) {'agrees' if agree else 'disagrees'}."
+
+    def table(self) -> list[tuple[str, str, str, str]]:
+        """Rows ``(measure, without, with, closer to the input)`` of the two similarity measures, for display."""
+        def closer(without: float, with_: float) -> str:
+            return "with" if with_ > without else "without" if without > with_ else "tie"
+
+        return [("PSNR to the input (dB, higher = closer)", f"{self.psnr_reference:.2f}", f"{self.psnr_treated:.2f}",
+                 closer(self.psnr_reference, self.psnr_treated)),
+                ("edge IoU with the input (0-1)", f"{self.edge_iou_reference:.3f}", f"{self.edge_iou_treated:.3f}",
+                 closer(self.edge_iou_reference, self.edge_iou_treated))]
 
     def side_by_side(self) -> Image.Image:
         w, h = self.input.size

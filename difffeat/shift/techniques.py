@@ -122,6 +122,9 @@ class ControlNet(Technique):
         low, high: Canny thresholds. scale: conditioning scale (0 = no effect).
         start_t: multi-step start: noise to ``start_t``, denoise with ControlNet down to the extraction
             timestep in ``steps`` DDIM steps, then extract (the paper: ~10 steps more at most).
+        start: ``"published"`` for the reference code's multi-step start, relative to the extraction timestep
+            t: noise to t + n and take n one-timestep DDIM steps (n = :data:`PUBLISHED_START_STEPS` of the
+            family: 11 for SD1.5, i.e. 61 -> 50, and 10 for SDXL); overrides ``start_t`` and ``steps``.
     """
 
     model: Any
@@ -130,6 +133,7 @@ class ControlNet(Technique):
     scale: float = 1.0
     start_t: int | None = None
     steps: int = 1
+    start: str | None = None
     name: str = "controlnet"
     _net: Any = field(default=None, repr=False)
 
@@ -169,26 +173,44 @@ class ControlNet(Technique):
         cond = torch.from_numpy(np.stack([np.asarray(e, dtype=np.float32) / 255.0 for e in edges])).permute(0, 3, 1, 2)
         cond = cond.to(device=backbone.device, dtype=backbone.dtype)
         kwargs = dict(inputs.kwargs)
+        start_t, steps = self._start(backbone, int(inputs.timestep))
         with torch.no_grad():
-            if self.start_t is not None:
-                kwargs["sample"] = self._multi_step(backbone, inputs, kwargs, cond)
+            if start_t is not None:
+                kwargs["sample"] = self._multi_step(backbone, inputs, kwargs, cond, start_t, steps)
             kwargs.update(self._residuals(backbone, kwargs["sample"], kwargs["timestep"], kwargs, cond))
         inputs.kwargs = kwargs
         return inputs
 
-    def _multi_step(self, backbone: Any, inputs: Any, kwargs: dict, cond: torch.Tensor) -> torch.Tensor:
+    def _start(self, backbone: Any, t: int) -> tuple[int | None, int]:
+        """``(start_t, steps)`` of the multi-step start (None: extract right after noising)."""
+        if self.start is None:
+            return self.start_t, self.steps
+        if self.start != "published":
+            raise DifffeatError(f"controlnet start={self.start!r}: the only named start is 'published'")
+        n = PUBLISHED_START_STEPS.get(backbone.family)
+        if n is None:
+            raise DifffeatError(f"the reference has no multi-step start for the {backbone.family!r} family "
+                                f"(only {', '.join(PUBLISHED_START_STEPS)}); give start_t=T,steps=N instead")
+        if t + n > 999:
+            raise DifffeatError(f"the published start noises to t + {n} = {t + n}, beyond 999; extract at t <= {999 - n}")
+        return t + n, n
+
+    def _multi_step(self, backbone: Any, inputs: Any, kwargs: dict, cond: torch.Tensor, start_t: int | None = None,
+                    steps: int | None = None) -> torch.Tensor:
         """Noise to ``start_t`` and run ``steps`` DDIM steps (UNet + ControlNet) down to the extraction t.
 
         Each step is the DDIM scheduler's own ``step`` (eta 0), built from the model's scheduler config, so the
         denoiser output is read with the model's ``prediction_type`` (epsilon, v-prediction or sample)."""
         from diffusers import DDIMScheduler
 
-        t_end, t_start = int(inputs.timestep), int(self.start_t)
-        if t_start <= t_end or self.steps < 1 or (t_start - t_end) % self.steps:
-            raise DifffeatError(f"start_t={t_start} must exceed t={t_end} by a multiple of steps={self.steps}")
+        start_t = self.start_t if start_t is None else start_t
+        n_steps = self.steps if steps is None else steps
+        t_end, t_start = int(inputs.timestep), int(start_t)
+        if t_start <= t_end or n_steps < 1 or (t_start - t_end) % n_steps:
+            raise DifffeatError(f"start_t={t_start} must exceed t={t_end} by a multiple of steps={n_steps}")
         if inputs.latents is None or inputs.noise is None:
             raise DifffeatError("the multi-step start needs the clean latents; prepare inputs with Backbone.prepare")
-        stride = (t_start - t_end) // self.steps
+        stride = (t_start - t_end) // n_steps
         sched = DDIMScheduler.from_config(backbone.pipeline.scheduler.config)
         n_train = int(sched.config.num_train_timesteps)
         sched.set_timesteps(max(1, n_train // stride))
@@ -197,7 +219,7 @@ class ControlNet(Technique):
                                 "training timesteps; choose start_t and steps so that (start_t - t) / steps divides it")
         sample = backbone.add_noise(inputs.latents, t_start, inputs.noise)
         b = sample.shape[0]
-        for i in range(self.steps):
+        for i in range(n_steps):
             t_cur = t_start - i * stride
             ts = torch.full((b,), t_cur, dtype=torch.long, device=sample.device)
             step_kwargs = {**kwargs, "sample": sample, "timestep": ts}
@@ -208,7 +230,7 @@ class ControlNet(Technique):
 
     def describe(self) -> dict[str, Any]:
         return {"technique": self.name, "model": str(self.model) if isinstance(self.model, (str, os.PathLike)) else type(self.model).__name__,
-                "low": self.low, "high": self.high, "scale": self.scale, "start_t": self.start_t, "steps": self.steps}
+                "low": self.low, "high": self.high, "scale": self.scale, "start_t": self.start_t, "steps": self.steps, "start": self.start}
 
 
 @dataclass
@@ -263,11 +285,14 @@ class Lora(Technique):
         return {"technique": self.name, "weights": os.fspath(self.weights), "scale": self.scale}
 
 
+#: one-timestep DDIM steps of the reference's multi-step start per family (SD1.5: 61 -> 50; SDXL: 60 -> 50)
+PUBLISHED_START_STEPS = {"sd": 11, "sdxl": 10}
+
 TECHNIQUES = {"prompt": Prompt, "controlnet": ControlNet, "lora": Lora}
 
 
 def parse_technique(spec: str) -> Technique:
-    """CLI form: ``prompt:quality=natural``, ``prompt:template=a photo of {}``, ``prompt:task=ade20k``, ``controlnet:MODEL[,scale=1][,start_t=60,steps=2]``,
+    """CLI form: ``prompt:quality=natural``, ``prompt:template=a photo of {}``, ``prompt:task=ade20k``, ``controlnet:MODEL[,scale=1][,start_t=60,steps=2 | ,start=published]``,
     ``lora:PATH[,scale=0.8]``."""
     kind, _, rest = spec.partition(":")
     if kind not in TECHNIQUES:
