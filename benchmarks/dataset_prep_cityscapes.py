@@ -87,7 +87,7 @@ def sd15_forward_seconds(repeats: int) -> float:
 
     from difffeat import load
     from difffeat.architectures import build_pipeline
-    from difffeat.bench_real import benchmark_image
+    from difffeat.devtools.bench_real import benchmark_image
 
     # SD1.5's full-size UNet and VAE with random weights; the text encoder cut to one layer (not timed)
     backbone = load(build_pipeline("sd15", dtype=torch.float32, text_layers=1), device="cpu", dtype=torch.float32)
