@@ -52,6 +52,8 @@ _API = {
     "trace": "tracing",
     "Trace": "tracing",
     "SCFG": "tracing",
+    "open_benchmark": "evaluate.benchmarks",
+    "list_benchmarks": "evaluate.benchmarks",
 }
 #: subpackages reachable as attributes (``difffeat.testing.tiny_pipeline`` after ``import difffeat``)
 _SUBMODULES = {"shift", "segment", "evaluate", "runs", "testing", "capture", "catalog", "backbones", "features",
@@ -62,6 +64,7 @@ if TYPE_CHECKING:
     from .backbones import Backbone, DenoiserInputs, TextSegment, TokenLayout, load, register_backbone
     from .capture import Capture, catalog_of
     from .catalog import ActivationInfo, Catalog
+    from .evaluate.benchmarks import list_benchmarks, open_benchmark
     from .features import ExtractedItem, FeatureExtractor, upsample_concat
     from .presets import FeaturePreset, list_presets, load_preset
     from .segment import ClassVocabularyWarning, SegmentationResult, SegmentSettings, Segmenter, check_class_words

@@ -179,6 +179,7 @@ def segment(
     postprocess: Optional[str] = typer.Option(None, help=POSTPROCESS_HELP),
     label_file: Optional[Path] = typer.Option(None, help="Per-image classes: JSON {image file name or stem: [class, ...]} (classes among --classes)."),
     caption_file: Optional[Path] = typer.Option(None, help=CAPTION_HELP),
+    resize: Optional[str] = typer.Option(None, help="square (squash to the model's square input, as the published GOCA pipeline) | keep (aspect ratio kept); default: the config's (keep; goca-reference: square)."),
     heatmaps: bool = typer.Option(False, help="Also write <stem>_heat_<class>.png per class."),
     coco_results: Optional[Path] = typer.Option(None, help="Also write COCO results JSON (RLE) here."),
     num_workers: int = typer.Option(2, help="DataLoader workers decoding images ahead of the model (0 = inline)."),
@@ -199,7 +200,7 @@ def segment(
                            coco_results=coco_results, num_workers=num_workers, batch_size=batch_size, overwrite=overwrite,
                            skip_unreadable=skip_unreadable, device=device, dtype=dtype, heads=heads, layers=layers,
                            rescale=rescale, tau=tau, t=t, refine_order=refine_order, postprocess=postprocess,
-                           model_config=model_config)
+                           model_config=model_config, resize=resize)
     if summary.main_process:
         err, _ = _consoles()
         err.print(f"segmented {summary.written} image(s) into {names} -> {out_dir} ({summary.skipped} already done)")
@@ -246,6 +247,8 @@ def generate(
 def evaluate_cmd(
     model: str = typer.Option("shapes", "--model", "-m", help=MODEL_HELP),
     model_config: Optional[str] = typer.Option(None, "--model-config", help=MODEL_CONFIG_HELP),
+    dataset: Optional[str] = typer.Option(None, "--dataset", help="A GOCA benchmark read as published: voc | context | coco-object | coco-stuff | cityscapes | ade20k (with --root; `difffeat datasets` shows the layouts)."),
+    root: Optional[Path] = typer.Option(None, "--root", help="With --dataset: the folder its official download unpacks to."),
     coco: Optional[Path] = typer.Option(None, help="COCO instances annotation JSON."),
     images: Optional[Path] = typer.Option(None, help="Image folder (COCO or VOC-style)."),
     voc_labels: Optional[Path] = typer.Option(None, help="VOC-style label PNG folder (with --images, --class-names)."),
@@ -255,7 +258,12 @@ def evaluate_cmd(
     setting: str = typer.Option("oracle", help="oracle (prompt = classes present, as in the papers) | all."),
     label_file: Optional[Path] = typer.Option(None, help="Per-image classes instead of --setting: JSON {image file name or id: [class, ...]}."),
     caption_file: Optional[Path] = typer.Option(None, help=CAPTION_HELP + " Classes from --setting or --label-file."),
-    void: str = typer.Option("ignore", help="255 (VOC boundary / crowd) pixels: ignore (difffeat) | background (published GOCA)."),
+    void: str = typer.Option("ignore", help="255 (VOC boundary / crowd) pixels: ignore (difffeat) | background (published GOCA). --dataset runs use the benchmark's published void handling."),
+    append_background: Optional[bool] = typer.Option(None, "--append-background/--no-append-background", help="--dataset with --caption-file: append ', background' to each caption (default: the benchmark's published switch)."),
+    append_missing_class: Optional[bool] = typer.Option(None, "--append-missing-class/--no-append-missing-class", help="--dataset with --caption-file: append the ground-truth classes the noun list misses (default: the benchmark's published switch)."),
+    miou_average: Optional[str] = typer.Option(None, help="published (every class, an absent one counted as IoU 0; default for --dataset) | present (classes in ground truth or prediction; default otherwise)."),
+    resize: Optional[str] = typer.Option(None, help="square (squash to the model's square input, as the published GOCA pipeline) | keep (aspect ratio kept); default: the config's (keep; goca-reference: square)."),
+
     tau_grid: bool = typer.Option(False, help="Also report mIoU at each tau of the published grid -0.4..0.4 ON THE EVALUATED SPLIT (as the published code prints it; optimistic)."),
     postprocess: Optional[str] = typer.Option(None, help=POSTPROCESS_HELP),
     method: str = typer.Option("goca", help="goca or vanilla."),
@@ -289,9 +297,19 @@ def evaluate_cmd(
                 label_file=label_file, caption_file=caption_file, void=void, tau_grid=tau_grid, postprocess=postprocess,
                 tune_n=tune_n, limit=limit, out_dir=run_dir, report=report, chunk_size=chunk_size, batch_size=batch_size,
                 num_workers=num_workers, overwrite=overwrite, device=device, dtype=dtype, heads=heads, layers=layers,
-                rescale=rescale, tau=tau, t=t, model_config=model_config)
+                rescale=rescale, tau=tau, t=t, model_config=model_config, dataset=dataset, root=root,
+                append_background=append_background, append_missing_class=append_missing_class,
+                miou_average=miou_average, resize=resize)
     if res.main_process:
         err, out = _consoles()
+        bench = res.report.extra.get("benchmark")
+        if bench:
+            rules = bench["caption_rules"]
+            caps = ("oracle classes, no captions" if rules.get("captions", True) is None else
+                    f"captions: append background {'on' if rules['append_background'] else 'off'}, append missing classes "
+                    f"{'on' if rules['append_missing_class'] else 'off'}")
+            out.print(f"{bench['dataset']}: split {bench['split']}; {res.report.n_images} images; {caps}; "
+                      f"mIoU average {bench['miou_average']}; resize {bench['resize']}")
         out.print(f"mIoU {res.report.miou:.4f} ({res.report.setting}: {res.report.n_images} images, method {res.method}, tau {res.tau})")
         grid = res.report.extra.get("evaluated_split_tau_grid")
         if grid:
@@ -375,6 +393,24 @@ def make_single_file(
     _call(save_single_file, layout, file, seed=seed, config=config_dir, denoiser_only=denoiser_only)
     _consoles()[0].print(f"saved a tiny random {layout} single-file checkpoint to {file} and its config to {config_dir} "
                          "(random weights: for testing only)")
+
+
+@app.command()
+def datasets(as_json: bool = typer.Option(False, "--json", help="Print the list as JSON.")) -> None:
+    """The GOCA benchmarks `eval --dataset` reads: expected folder layout under --root, official download page, split."""
+    from .evaluate.benchmarks import list_benchmarks
+
+    rows = _call(list_benchmarks)
+    _, out = _consoles()
+    if as_json:
+        out.print_json(json.dumps(rows))
+        return
+    for r in rows:
+        cap = r["caption"]
+        out.print(f"[bold]{r['name']}[/bold]  {r['title']}\n  download: {r['download']} ({r['archive']})\n"
+                  f"  layout under --root: {'; '.join(r['layout'])}\n  split: {r['split']}\n  void: {r['void']}\n"
+                  f"  captions: append background {'on' if cap['append_background'] else 'off'}, append missing classes "
+                  f"{'on' if cap['append_missing_class'] else 'off'}", highlight=False)
 
 
 @app.command()

@@ -358,7 +358,7 @@ def test_family_defaults_are_the_published_behaviour():
 
 def test_goca_reference_configs_carry_the_published_values():
     sd, xl, pixart, flux = (settings_for("x", f, "goca-reference") for f in ("sd", "sdxl", "pixart", "flux"))
-    assert (sd.t, sd.ref_block, sd.refine_order) == (100, "up_blocks.2.attentions.1.transformer_blocks.0", 2)
+    assert (sd.t, sd.ref_block, sd.refine_order) == (101, "up_blocks.2.attentions.1.transformer_blocks.0", 2)  # t: see test_goca_reference_departures
     assert xl.ref_block == "up_blocks.1.attentions.0.transformer_blocks.0" and len(xl.refine_blocks) == 7
     assert (pixart.ref_block, pixart.refine_order, len(pixart.refine_blocks)) == ("transformer_blocks.13", 5, 8)
     assert (flux.t, flux.heads, flux.ref_block) == (150, "mean", "single_transformer_blocks.8.attn.out")
@@ -430,7 +430,7 @@ def test_string_switches_are_literal_typed_and_validated_from_their_type():
     from difffeat.segment.settings import FillerWords, switches
 
     assert list(switches()) == ["heads", "layers", "rescale", "self_map_resize", "ref_channels", "pseudo_grid",
-                                "entity_merge", "postprocess", "filler_words"]
+                                "entity_merge", "postprocess", "filler_words", "resize", "vae_latents"]
     assert switches()["postprocess"] == POSTPROCESS and get_args(FillerWords) == tuple(FILLERS)
     for name, allowed in switches().items():
         for value in allowed:

@@ -113,9 +113,9 @@ def test_caption_file_prompt_uses_oracle_classes_and_published_caption(tmp_path)
 def test_class_phrases_and_published_filler_words_change_the_tokens(tiny_pipes):
     segments = backbone_for(tiny_pipes, "sd").text_segments()
     caption = "person, clothes, glass of water, background"
-    plain = build_layout(["person"], segments, entities=["glass of water", "background"], caption=caption)
+    plain = build_layout(["person"], segments, entities=["glass of water", "background"], caption=caption, filler=FILLER_WORDS)
     phrased = build_layout(["person"], segments, entities=["glass of water", "background"], caption=caption,
-                           class_phrases=[["person, clothes"]])  # fmt: skip
+                           class_phrases=[["person, clothes"]], filler=FILLER_WORDS)  # fmt: skip
     assert set(plain.class_tokens[0]) < set(phrased.class_tokens[0])  # "clothes" now belongs to person
     published = build_layout(["person"], segments, entities=["glass of water", "background"], caption=caption,
                              filler=PUBLISHED_FILLER_WORDS)  # fmt: skip

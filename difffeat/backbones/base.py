@@ -22,6 +22,8 @@ if TYPE_CHECKING:
 
 
 NUM_TRAIN_TIMESTEPS = 1000
+#: the VAE posterior draw (``vae_latents="sample"``) uses ``seed ^ POSTERIOR_SEED_XOR``, the forward noise ``seed``
+POSTERIOR_SEED_XOR = 0x5EED
 
 
 @dataclass
@@ -179,6 +181,27 @@ class Backbone(ABC):
     #: an active :class:`~difffeat.backbones.latents.LatentCache`, or None (every prepare encodes)
     latent_cache: "LatentCache | None" = None
 
+    @torch.no_grad()
+    def sample_latents(self, pixels: torch.Tensor, seed: int) -> torch.Tensor:
+        """``[B, 3, H, W]`` -> scaled latents drawn from the VAE posterior, ``mean + std * eps``, as the published
+        img2img pipelines' ``retrieve_latents`` does (difffeat's default, :meth:`encode_image`, takes the
+        mean). ``eps`` has one latent's shape, is drawn on the CPU from ``seed ^ POSTERIOR_SEED_XOR`` (so it is
+        independent of the forward noise drawn from ``seed``) and is repeated over the batch, so an image's
+        latents never depend on its batch; for one image it equals diffusers' ``latent_dist.sample(generator)``
+        with that generator."""
+        if type(self).encode_image is not Backbone.encode_image:
+            from ..errors import ConfigError
+
+            raise ConfigError(f"vae_latents='sample' needs latents that are the VAE posterior's; {type(self).__name__} "
+                              "encodes images its own way: use vae_latents='mean'")  # fmt: skip
+        vae = self.pipeline.vae
+        dist = vae.encode(pixels.to(device=vae.device, dtype=vae.dtype)).latent_dist
+        gen = torch.Generator("cpu").manual_seed(int(seed) ^ POSTERIOR_SEED_XOR)
+        eps = torch.randn((1, *dist.mean.shape[1:]), generator=gen, dtype=dist.mean.dtype)
+        latents = dist.mean + dist.std * eps.to(dist.mean.device).expand_as(dist.mean)
+        shift = getattr(vae.config, "shift_factor", None) or 0.0
+        return (latents - shift) * vae.config.scaling_factor
+
     def encode_latents(self, pixels: torch.Tensor) -> torch.Tensor:
         """:meth:`encode_image` through :attr:`latent_cache` when one is set (images seen before are not
         encoded again)."""
@@ -255,8 +278,10 @@ class Backbone(ABC):
         seed: int = 0,
         resolution: int | None = None,
         square: bool = False,
+        vae_sample: bool = False,
     ) -> DenoiserInputs:
-        """Images + prompts -> the inputs of one denoiser forward at timestep ``t``."""
+        """Images + prompts -> the inputs of one denoiser forward at timestep ``t``; ``vae_sample``: latents
+        drawn from the VAE posterior (:meth:`sample_latents`) instead of its mean."""
         t = check_timestep(t)
         images = list(images)
         if not images:
@@ -268,7 +293,7 @@ class Backbone(ABC):
             )
         pixels = self.preprocess(images, resolution, square)
         with torch.no_grad():
-            latents = self.encode_latents(pixels).to(self.dtype)
+            latents = (self.sample_latents(pixels, seed) if vae_sample else self.encode_latents(pixels)).to(self.dtype)
             noise = self.make_noise(latents, seed)
             noisy = self.add_noise(latents, t, noise)
             cond = self.encode_prompt(prompt_list)

@@ -227,6 +227,10 @@ def label_source(spec: str) -> LabelSource:
     if len(parts) == 1 and parts[0] in simple:
         return simple[parts[0]]()
     kinds = dict(p.split("=", 1) if "=" in p else (p, "") for p in parts)
+    if "benchmark" in kinds and "captions" in kinds:  # a --dataset run's published captions
+        from .benchmarks.captions import parse_spec
+
+        return parse_spec(kinds)
     if "captions" in kinds and len(parts) <= 2:
         rest = [p for p in parts if not p.startswith("captions=")]
         return CaptionFile(kinds["captions"], label_source(rest[0]) if rest else None)

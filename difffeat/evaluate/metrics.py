@@ -8,6 +8,9 @@ import numpy as np
 
 
 IGNORE = 255
+#: how per-class IoUs become one mIoU: "present" (difffeat: classes occurring in ground truth or prediction)
+#: or "published" (the GOCA code: every class of the dataset, an absent class counting as IoU 0)
+MIOU_AVERAGES = ("present", "published")
 
 
 @dataclass
@@ -44,8 +47,16 @@ class ConfusionMatrix:
         with np.errstate(invalid="ignore", divide="ignore"):
             return np.where(union > 0, tp / union, np.nan)
 
-    def miou(self) -> float:
-        """Mean IoU over classes that occur (in ground truth or prediction)."""
+    def miou(self, average: str = "present") -> float:
+        """Mean IoU. ``average="present"``: over the classes that occur (in ground truth or prediction).
+        ``average="published"`` (the GOCA code's metric): ``mean_c I_c / (U_c + 1e-8)`` over every class c of
+        the matrix, background included, so a class absent from both counts as 0."""
+        if average == "published":
+            tp = np.diag(self.counts).astype(np.float64)
+            union = self.counts.sum(0) + self.counts.sum(1) - tp
+            return float(np.mean(tp / (1e-8 + union)))
+        if average != "present":
+            raise ValueError(f"unknown mIoU average {average!r}; use one of {MIOU_AVERAGES}")
         return float(np.nanmean(self.iou()))
 
     def pixel_accuracy(self) -> float:

@@ -32,6 +32,7 @@ __all__ = [
     "add_at_every_tau",
     "tau_grid_report",
     "PUBLISHED_TAU_GRID",
+    "class_keys",
 ]
 
 #: the background offsets tried when tau is tuned (the reference code's sweep)
@@ -131,13 +132,26 @@ def to_dataset_labels(result: SegmentationResult | None, labels: list[int], shap
     return pred
 
 
-def build_report(cm: ConfusionMatrix, classes: Sequence[str], setting: str, n: int, seconds: float, settings: dict) -> EvalReport:
-    """The report of a summed confusion matrix (background = class 0, then ``classes``)."""
-    iou = cm.iou()
+def class_keys(classes: Sequence[str]) -> list[str]:
+    """Per-class report keys: "background" then the class names; a name that repeats (COCO-Stuff-27's two
+    "food" and two "furniture" slots) gets its label appended, "food (15)", so no class overwrites another."""
     names = ["background"] + list(classes)
-    return EvalReport(
-        miou=cm.miou(),
-        per_class_iou={name: (None if np.isnan(v) else float(v)) for name, v in zip(names, iou)},
+    seen: set[str] = set()
+    keys = []
+    for label, name in enumerate(names):
+        keys.append(name if name not in seen else f"{name} ({label})")
+        seen.add(name)
+    return keys
+
+
+def build_report(cm: ConfusionMatrix, classes: Sequence[str], setting: str, n: int, seconds: float, settings: dict,
+                 average: str = "present") -> EvalReport:
+    """The report of a summed confusion matrix (background = class 0, then ``classes``); ``average``: how
+    the mIoU averages the classes (:data:`~difffeat.evaluate.metrics.MIOU_AVERAGES`)."""
+    iou = cm.iou()
+    report = EvalReport(
+        miou=cm.miou(average),
+        per_class_iou={name: (None if np.isnan(v) else float(v)) for name, v in zip(class_keys(classes), iou)},
         pixel_accuracy=cm.pixel_accuracy(),
         setting=setting,
         n_images=n,
@@ -145,24 +159,26 @@ def build_report(cm: ConfusionMatrix, classes: Sequence[str], setting: str, n: i
         settings=settings,
         setting_description=label_source(setting).description,
     )
+    report.extra["miou_average"] = average
+    return report
 
 
 #: the tau grid the published GOCA code prints mIoU for
 PUBLISHED_TAU_GRID = (-0.4, -0.3, -0.2, -0.1, 0.0, 0.1, 0.2, 0.3, 0.4)
 
 
-def tau_grid_report(cms: dict[float, ConfusionMatrix]) -> dict[str, Any]:
+def tau_grid_report(cms: dict[float, ConfusionMatrix], average: str = "present") -> dict[str, Any]:
     """mIoU at each tau on the evaluated split itself, labelled: the published code prints these and its
     papers' numbers are the best of them; the honest figure is the one at a tau chosen on another split."""
-    by_tau = {f"{t:+.2f}": cm.miou() for t, cm in cms.items()}
-    best = max(cms, key=lambda t: cms[t].miou())
+    by_tau = {f"{t:+.2f}": cm.miou(average) for t, cm in cms.items()}
+    best = max(cms, key=lambda t: cms[t].miou(average))
     return {
         "note": "mIoU at each tau ON THE EVALUATED SPLIT (as the published GOCA code prints it); its best is "
         "optimistic, since tau is then chosen on the test data. The report's 'miou' uses one tau, fixed or "
         "chosen on a separate split.",
         "miou_by_tau": by_tau,
         "best_tau_on_evaluated_split": best,
-        "best_miou_on_evaluated_split": cms[best].miou(),
+        "best_miou_on_evaluated_split": cms[best].miou(average),
     }
 
 

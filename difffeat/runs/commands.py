@@ -118,6 +118,8 @@ def segment(images: Sequence[str | os.PathLike], classes: str | Sequence[str], *
     if method not in (None, "goca", "vanilla"):
         raise InvalidOptionError(f"--method must be goca or vanilla, got {method!r}")
     settings = segmenter_overrides(**{k: overrides.pop(k) for k in ("heads", "layers", "rescale", "tau", "t", "refine_order") if k in overrides})
+    if overrides.get("resize") is not None and overrides["resize"] not in ("keep", "square"):  # segment.settings.RESIZE
+        raise InvalidOptionError(f"--resize must be square or keep, got {overrides['resize']!r}")
     check_number("--num-workers", num_workers, 0, 256, integer=True)
     check_batch_size(batch_size)
     check_out_dir(out_dir, "--out folder")
@@ -167,17 +169,35 @@ def evaluate_dataset(model: str = "shapes", *, coco: str | os.PathLike | None = 
                      tune_n: int = 100, limit: int | None = None, out_dir: str | os.PathLike = "eval_out",
                      report: str | os.PathLike | None = None, chunk_size: int = 8, batch_size: int = 1, num_workers: int = 2,
                      overwrite: bool = False, device: str | None = None, dtype: str | None = None,
-                     model_config: str | os.PathLike | None = None, **overrides: Any) -> EvalOutcome:
-    """``difffeat eval``: mIoU of a dataset (COCO, VOC-style or generated shapes), tau optionally tuned on a
-    separate shapes split first; the run folder ``out_dir`` holds the resumable parts and, by default, the
-    report (``out_dir/report.json``); ``batch_size`` images per forward (within a chunk). ``config`` names the
-    GOCA settings; ``model_config`` the architecture of a single-file ``model``."""
+                     model_config: str | os.PathLike | None = None, dataset: str | None = None,
+                     root: str | os.PathLike | None = None, append_background: bool | None = None,
+                     append_missing_class: bool | None = None, miou_average: str | None = None,
+                     **overrides: Any) -> EvalOutcome:
+    """``difffeat eval``: mIoU of a dataset (one of the GOCA benchmarks read from ``root`` as published, COCO,
+    VOC-style or generated shapes), tau optionally tuned on a separate shapes split first; the run folder
+    ``out_dir`` holds the resumable parts and, by default, the report (``out_dir/report.json``); ``batch_size``
+    images per forward (within a chunk). ``config`` names the GOCA settings; ``model_config`` the architecture
+    of a single-file ``model``.
+
+    ``dataset`` (voc, context, coco-object, coco-stuff, cityscapes, ade20k): the benchmark's published split,
+    id map and void handling; with ``caption_file`` (the reference's GPT noun list) its published captions,
+    whose switches ``append_background`` / ``append_missing_class`` default to the benchmark's. Published
+    defaults for such runs: ``miou_average="published"`` and ``resize="square"`` (override either)."""
     if setting not in ("oracle", "all"):  # difffeat.evaluate.SETTINGS
         raise InvalidOptionError(f"--setting must be oracle or all, got {setting!r}")
     if method not in ("goca", "vanilla"):
         raise InvalidOptionError(f"--method must be goca or vanilla, got {method!r}")
     if void not in ("ignore", "background"):  # difffeat.evaluate.VOID
         raise InvalidOptionError(f"--void must be ignore or background, got {void!r}")
+    if miou_average is not None and miou_average not in ("present", "published"):  # evaluate.metrics.MIOU_AVERAGES
+        raise InvalidOptionError(f"--miou-average must be published or present, got {miou_average!r}")
+    if overrides.get("resize") is not None and overrides["resize"] not in ("keep", "square"):  # segment.settings.RESIZE
+        raise InvalidOptionError(f"--resize must be square or keep, got {overrides['resize']!r}")
+    if dataset is not None and any(x is not None for x in (coco, voc_labels, shapes_split)):
+        raise InvalidOptionError("give one dataset: --dataset NAME --root DIR, --coco, --voc-labels or --shapes-split")
+    if (append_background is not None or append_missing_class is not None) and not (dataset and caption_file):
+        raise InvalidOptionError("--append-background / --append-missing-class set the caption rules of --dataset runs "
+                                 "with --caption-file")
     check_number("--n", n, 1, 10**7, integer=True)
     check_number("--tune-n", tune_n, 1, 10**7, integer=True)
     check_number("--limit", limit, 1, 10**9, integer=True)
@@ -201,7 +221,34 @@ def evaluate_dataset(model: str = "shapes", *, coco: str | os.PathLike | None = 
     from .processes import init_state
     from .sources import check_image_files
 
-    if coco:
+    benchmark = None
+    if dataset is not None:
+        from ..evaluate.benchmarks import BenchmarkCaptions, open_benchmark
+
+        if root is None:
+            raise InvalidOptionError(f"--dataset {dataset} needs --root DIR, the folder its official download unpacks "
+                                     "to (`difffeat datasets` shows the layout)")  # fmt: skip
+        if label_file is not None:
+            raise InvalidOptionError("--dataset runs take their classes from the ground truth (oracle, as published); "
+                                     "drop --label-file")  # fmt: skip
+        data = open_benchmark(dataset, root)
+        desc = data.describe()
+        if caption_file is not None:
+            source = BenchmarkCaptions(caption_file, dataset, append_background, append_missing_class)
+            setting, caption_file = source.spec, None
+            overrides.setdefault("background_entities", ())  # the caption rules decide about "background"
+            rules = {"append_background": source.append_background, "append_missing_class": source.append_missing_class,
+                     "synonyms": f"configs/datasets/{dataset}.json", "caption_file": str(Path(source.path).resolve())}
+        else:
+            rules = {"captions": None, "prompt": "oracle classes in the template (no --caption-file)"}
+        miou_average = miou_average or "published"
+        if overrides.get("resize") is None:
+            overrides["resize"] = "square"
+        benchmark = {"dataset": dataset, "split": data.spec.split, "void": data.spec.void, "caption_rules": rules,
+                     "miou_average": miou_average, "resize": overrides["resize"]}
+    elif root is not None:
+        raise InvalidOptionError("--root goes with --dataset NAME")
+    elif coco:
         data = CocoDataset(coco, images or Path(coco).parent / "images")
         desc = {"coco": str(Path(coco).resolve()), "images": str(data.images.resolve())}
     elif voc_labels:
@@ -213,12 +260,16 @@ def evaluate_dataset(model: str = "shapes", *, coco: str | os.PathLike | None = 
         data = ShapesDataset(shapes_split, n)
         desc = {"shapes_split": shapes_split, "shapes_n": n}
     else:
-        raise InvalidOptionError("name a dataset: --coco FILE [--images DIR], --voc-labels DIR --images DIR "
-                                 "--class-names a,b, or --shapes-split test")
+        raise InvalidOptionError("name a dataset: --dataset NAME --root DIR, --coco FILE [--images DIR], --voc-labels "
+                                 "DIR --images DIR --class-names a,b, or --shapes-split test")
     check_image_files(data.image_files()[:limit], "eval never skips an image (that would change the mIoU): fix or remove it")
-    data, desc["void"] = with_void(data, void), void
-    setting = source_spec(setting, label_file, caption_file)
+    if benchmark is None:
+        data, desc["void"] = with_void(data, void), void
+        setting = source_spec(setting, label_file, caption_file)
     label_source(setting).check(data, limit)  # a bad label/caption file fails before the model loads
+    if benchmark is not None:
+        data.check_labels(limit, num_workers)  # every label of the run decodes and maps: before the model loads
+        benchmark["n_images"] = min(limit or len(data), len(data))
     tune_data = ShapesDataset(tune_shapes_split, tune_n) if tune_shapes_split else None
     check_device(device)
     if overrides.get("postprocess") is not None:  # unknown name or missing [crf] extra: before the model loads
@@ -232,8 +283,11 @@ def evaluate_dataset(model: str = "shapes", *, coco: str | os.PathLike | None = 
         seg.settings = seg.settings.update(tau=best)
         tuned = {"split": tune_shapes_split, "n": tune_n, "tau": best}
     job = EvalJob(out_dir, setting=setting, limit=limit, chunk_size=chunk_size, num_workers=num_workers,
-                  overwrite=overwrite, dataset=desc, tau_grid=PUBLISHED_TAU_GRID if tau_grid else (), batch_size=batch_size)
-    result = run_eval(seg, data, job, state, extra_manifest={"tau_tuning": tuned or {}})
+                  overwrite=overwrite, dataset=desc, tau_grid=PUBLISHED_TAU_GRID if tau_grid else (), batch_size=batch_size,
+                  miou_average=miou_average or "present")
+    result = run_eval(seg, data, job, state, extra_manifest={"tau_tuning": tuned or {}})  # the average does not change the counts
+    if benchmark is not None:
+        result.extra["benchmark"] = benchmark
     if tuned:
         result.extra["tau_tuning"] = {**tuned, "miou_by_tau": scores}
     if state.is_main_process:

@@ -50,6 +50,8 @@ class EvalJob:
     #: images per forward, within a chunk (so at most ``chunk_size``); the counts equal batch 1's, so it is
     #: not a setting of the run and a resumed run may use another
     batch_size: int = 1
+    #: how the report's mIoU averages the classes: "present" or "published" (see ``ConfusionMatrix.miou``)
+    miou_average: str = "present"
 
 
 def chunks_of(n: int, size: int) -> list[tuple[int, int]]:
@@ -148,11 +150,13 @@ def run_eval(segmenter: Segmenter, dataset, job: EvalJob, state=None, extra_mani
     counts, images, run = _confusion_counts(segmenter, dataset, job, None, "eval", state, extra_manifest)
     summary = run.finish(images, images, 0)
     cm = ConfusionMatrix(counts.shape[-1], counts[0])
-    report = build_report(cm, list(dataset.classes), str(job.setting), images, summary.seconds, segmenter.settings.to_dict())
+    report = build_report(cm, list(dataset.classes), str(job.setting), images, summary.seconds, segmenter.settings.to_dict(),
+                          job.miou_average)
     report.extra["confusion_matrix"] = cm.counts.tolist()
     if job.tau_grid:
         k = counts.shape[-1]
-        report.extra["evaluated_split_tau_grid"] = tau_grid_report({float(t): ConfusionMatrix(k, c) for t, c in zip(job.tau_grid, counts[1:])})
+        report.extra["evaluated_split_tau_grid"] = tau_grid_report({float(t): ConfusionMatrix(k, c) for t, c in zip(job.tau_grid, counts[1:])},
+                                                                      job.miou_average)
     report.extra["dataset"] = dict(job.dataset)  # incl. "void": what 255 pixels counted as
     report.extra["processes"] = summary.processes
     if run.stored:
@@ -161,11 +165,14 @@ def run_eval(segmenter: Segmenter, dataset, job: EvalJob, state=None, extra_mani
 
 
 def evaluate(segmenter: Segmenter, dataset, setting: str = "oracle", limit: int | None = None, progress: bool = False,
-             out_dir: str | Path | None = None, num_workers: int = 0, state=None, batch_size: int = 1) -> EvalReport:
+             out_dir: str | Path | None = None, num_workers: int = 0, state=None, batch_size: int = 1,
+             miou_average: str = "present") -> EvalReport:
     """Accumulate a confusion matrix over the dataset (background = class 0) and report mIoU (in memory
-    unless ``out_dir`` is given; then resumable), ``batch_size`` images per forward."""
-    job = EvalJob(Path(out_dir) if out_dir else None, setting=setting, limit=limit, num_workers=num_workers, progress=progress,
-                  chunk_size=max(8, batch_size), batch_size=batch_size)
+    unless ``out_dir`` is given; then resumable), ``batch_size`` images per forward; ``miou_average``:
+    "present" or "published" (:meth:`ConfusionMatrix.miou`). ``setting`` may be a label source's spec or
+    the source itself (e.g. :class:`~difffeat.evaluate.benchmarks.BenchmarkCaptions` for a benchmark)."""
+    job = EvalJob(Path(out_dir) if out_dir else None, setting=getattr(setting, "spec", setting), limit=limit, num_workers=num_workers,
+                  progress=progress, chunk_size=max(8, batch_size), batch_size=batch_size, miou_average=miou_average)
     return run_eval(segmenter, dataset, job, state)
 
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from ..backbones.base import TextSegment
 from ..errors import InvalidPromptError
 
-__all__ = ["FILLER_WORDS", "PUBLISHED_FILLER_WORDS", "check_classes"]
+__all__ = ["FILLER_WORDS", "PUBLISHED_FILLER_WORDS", "DEFAULT_FILLER_WORDS", "check_classes"]
 
 #: words that are never content (besides special tokens and bare sentencepiece "▁")
 FILLER_WORDS = frozenset({"a", "an", "the", "and", ",", ".", "-", "of", "on", "in", "with"})
@@ -22,6 +22,8 @@ FILLER_WORDS = frozenset({"a", "an", "the", "and", ",", ".", "-", "of", "on", "i
 PUBLISHED_FILLER_WORDS = frozenset({"a", "an", "the", "and", ",", ".", "-"})
 #: ``SegmentSettings.filler_words`` -> the list
 FILLERS = {"difffeat": FILLER_WORDS, "published": PUBLISHED_FILLER_WORDS}
+#: the list used when none is named: the one ``SegmentSettings.filler_words`` defaults to ("published")
+DEFAULT_FILLER_WORDS = FILLERS["published"]
 
 
 @dataclass
@@ -64,13 +66,13 @@ def check_classes(classes: Sequence[str]) -> list[str]:
     return names
 
 
-def _is_content_piece(token: str, filler: frozenset[str] = FILLER_WORDS) -> bool:
+def _is_content_piece(token: str, filler: frozenset[str] = DEFAULT_FILLER_WORDS) -> bool:
     piece = token.replace("</w>", "").replace("▁", "").strip()
     return bool(piece) and piece.lower() not in filler
 
 
 def _positions(
-    segment: TextSegment, caption: str, spans: list[tuple[int, int]], names: list[str], filler: frozenset[str] = FILLER_WORDS
+    segment: TextSegment, caption: str, spans: list[tuple[int, int]], names: list[str], filler: frozenset[str] = DEFAULT_FILLER_WORDS
 ) -> list[list[int]]:
     tok = segment.tokenizer
     prefix, _, suffix = segment.template.partition("{}")
@@ -125,7 +127,7 @@ def build_layout(
     entities: Sequence[str] = (),
     caption: str | None = None,
     class_phrases: Sequence[Sequence[str]] | None = None,
-    filler: frozenset[str] = FILLER_WORDS,
+    filler: frozenset[str] = DEFAULT_FILLER_WORDS,
 ) -> PromptLayout:
     """Build the caption (``template`` filled with "class1, class2, ..., entity1, ...") unless ``caption``
     is given (then every class must occur in it), and map classes/entities to token positions in every

@@ -340,7 +340,8 @@ class Segmenter:
         segmentation forward: what :meth:`observe` runs the denoiser on."""
         s = self.settings
         layout = self._layout(classes, entities, caption, class_phrases)
-        return layout, self.backbone.prepare([to_rgb(image)], layout.caption, s.t, s.seed, s.resolution)
+        return layout, self.backbone.prepare([to_rgb(image)], layout.caption, s.t, s.seed, s.resolution, s.resize == "square",
+                                              s.vae_latents == "sample")
 
     def _layout(self, classes, entities, caption, class_phrases) -> PromptLayout:
         """One image's caption and token layout (class words normalised unless a caption is given)."""
@@ -397,7 +398,8 @@ class Segmenter:
         custom = self._check_head_reducers(head_reducers)
         rgbs = [to_rgb(im) for im in images]
         layouts = [self._layout(cls, ent, cap, phr) for cls, ent, cap, phr in zip(classes, entities, captions, class_phrases)]
-        inputs = self.backbone.prepare(rgbs, [lay.caption for lay in layouts], s.t, s.seed, s.resolution)
+        inputs = self.backbone.prepare(rgbs, [lay.caption for lay in layouts], s.t, s.seed, s.resolution, s.resize == "square",
+                                              s.vae_latents == "sample")
         return self.observe_prepared(rgbs, layouts, inputs, everything, head_reducers)
 
     def observe_prepared(
@@ -598,4 +600,5 @@ class Segmenter:
         """The (W, H) the backbone feeds ``rgb`` to the VAE at (images of one size can share a forward)."""
         from ..images import target_size
 
-        return target_size(rgb.size, self.settings.resolution or self.backbone.native_resolution, self.backbone.size_multiple, False)
+        return target_size(rgb.size, self.settings.resolution or self.backbone.native_resolution, self.backbone.size_multiple,
+                           self.settings.resize == "square")

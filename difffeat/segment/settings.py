@@ -25,6 +25,12 @@ EntityMerge = Literal["before-refine", "after-refine"]
 #: the keys of :data:`difffeat.segment.postprocess.POSTPROCESS` / :data:`difffeat.segment.prompts.FILLERS`
 Postprocess = Literal["none", "pamr", "crf"]
 FillerWords = Literal["difffeat", "published"]
+#: how an image reaches the model's input size: "keep" (difffeat: long side to the resolution, aspect ratio
+#: kept) or "square" (the published GOCA pipeline: squashed to resolution x resolution)
+Resize = Literal["keep", "square"]
+#: which latents of the image the forward noises: "mean" (difffeat: the VAE posterior's mean, deterministic) or
+#: "sample" (the published img2img pipelines' ``retrieve_latents``: a draw from the posterior, seeded here)
+VaeLatents = Literal["mean", "sample"]
 
 HEADS = get_args(Heads)
 LAYERS = get_args(LayerWeights)
@@ -33,6 +39,8 @@ SELF_MAP_RESIZE = get_args(SelfMapResize)
 REF_CHANNELS = get_args(RefChannels)
 PSEUDO_GRID = get_args(PseudoGrid)
 ENTITY_MERGE = get_args(EntityMerge)
+RESIZE = get_args(Resize)
+VAE_LATENTS = get_args(VaeLatents)
 #: the config every model gets unless another is named: ``configs/goca/<model or family>.yaml``
 DEFAULT_CONFIG = "default"
 
@@ -82,6 +90,11 @@ class SegmentSettings:
         postprocess: refinement of the decision at image resolution: "none", "pamr" or "crf" (dense CRF,
             the ``difffeat[crf]`` extra); see :mod:`difffeat.segment.postprocess`. The published configs
             use none.
+        resize: "keep" (the long side becomes ``resolution``, aspect ratio kept) or "square" (squashed to
+            ``resolution`` x ``resolution``, as the published pipeline feeds every image); labels come back
+            at the image's own size either way.
+        vae_latents: "mean" (the VAE posterior's mean) or "sample" (a seeded draw from the posterior, as the
+            published img2img pipelines encode; :meth:`Backbone.sample_latents`).
         filler_words: words of a class or entity phrase never counted as its tokens: "difffeat" (a, an,
             the, and, of, on, in, with, punctuation) or "published" (the GOCA code's list: no of/on/in/with; the default).
     """
@@ -107,6 +120,8 @@ class SegmentSettings:
     entity_merge: EntityMerge = "before-refine"
     postprocess: Postprocess = "none"
     filler_words: FillerWords = "published"
+    resize: Resize = "keep"
+    vae_latents: VaeLatents = "mean"
 
     def __post_init__(self) -> None:
         for name, allowed in switches().items():
