@@ -23,7 +23,7 @@ LAYERS = [
     {"capture"},
     {"presets", "features", "families"},
     {"shift", "segment"},
-    {"evaluate", "devtools"},
+    {"evaluate", "devtools", "tracing"},  # tracing: GOCA inside a generation, on top of segment
     {"runs"},
     {"cli", "demo", "serve", "__main__", "__init__"},
 ]
