@@ -13,6 +13,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from ..capture.attention_kernels import dense_linear
 from ..capture.observer import AttentionTensors
 from ..errors import ConfigError
 from .selfmaps import resize_self_map, resize_self_map_adjoint  # noqa: F401  (resize_self_map: the former path)
@@ -98,11 +99,11 @@ def goca_head_weights_from_outputs(out_bqhd: torch.Tensor, w_out_chd: torch.Tens
     flat = out_bqhd.reshape(b, q, h * d)
     w = w_out_chd.reshape(w_out_chd.shape[0], h * d)
     if gram is None:
-        o_bqc = torch.matmul(flat, w.t())
-        back = torch.matmul(o_bqc, w)  # W_O^T o(i), [B, q, heads*d]
+        o_bqc = dense_linear(flat, w)
+        back = dense_linear(o_bqc, w.t().contiguous())  # W_O^T o(i), [B, q, heads*d]
         norm = o_bqc.pow(2).sum(-1)
     else:
-        back = torch.matmul(flat, gram)
+        back = dense_linear(flat, gram)  # G is symmetric: flat @ G = flat @ G^T
         norm = None
     dots = (back.view(b, q, h, d) * out_bqhd).sum(-1)  # [B, q, heads]
     if norm is None:
