@@ -19,6 +19,7 @@ per-thread setting), which is restored before any work is handed out.
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -30,6 +31,7 @@ __all__ = ["chunk_workers", "run_chunks"]
 
 _POOL: ThreadPoolExecutor | None = None
 _POOL_SIZE = 0
+_POOL_PID = 0  # a forked child inherits the pool object but not its threads: it makes its own
 _POOL_LOCK = threading.Lock()
 
 
@@ -56,9 +58,9 @@ def _single_threaded(ready: threading.Barrier) -> None:
 
 def _pool(n: int) -> ThreadPoolExecutor:
     """The process's chunk workers (at least ``n``), each running torch ops on one thread."""
-    global _POOL, _POOL_SIZE
+    global _POOL, _POOL_SIZE, _POOL_PID
     with _POOL_LOCK:
-        if _POOL is None or _POOL_SIZE < n:
+        if _POOL is None or _POOL_SIZE < n or _POOL_PID != os.getpid():
             previous = torch.get_num_threads()
             ready = threading.Barrier(n + 1)
             pool = ThreadPoolExecutor(n, thread_name_prefix="difffeat-chunk", initializer=_single_threaded,
@@ -67,9 +69,9 @@ def _pool(n: int) -> ThreadPoolExecutor:
                 pool.submit(lambda: None)
             ready.wait()
             torch.set_num_threads(previous)  # the process default, for threads started later
-            if _POOL is not None:
+            if _POOL is not None and _POOL_PID == os.getpid():
                 _POOL.shutdown(wait=False)
-            _POOL, _POOL_SIZE = pool, n
+            _POOL, _POOL_SIZE, _POOL_PID = pool, n, os.getpid()
         return _POOL
 
 
