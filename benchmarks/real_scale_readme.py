@@ -62,10 +62,16 @@ def _rows(r: dict) -> list[tuple[str, str]]:
         return [("segment images/s by batch size (vs batch 1)",
                  ", ".join(f"{b}: {ips} ({r['vs_batch_1'][b]}x)" for b, ips in r["images_per_s"].items()))]
     if r["suite"] == "accounting":
-        return [("fp32 maps kept (cross maps, self maps reduced to the reference grid, one refinement sum) vs "
+        rows = [("fp32 maps kept (cross maps, self maps reduced to the reference grid, one refinement sum, the reference feature) vs "
                  "a head-mean self map per block vs every head's maps; cross maps alone",
                  f"{r['kept_maps_mb'] / 1024:.2f} GiB vs {r['kept_maps_full_self_mb'] / 1024:.2f} GiB vs "
                  f"{r['kept_maps_every_head_mb'] / 1024:.1f} GiB; {r['cross_maps_only_mb']:.0f} MiB")]
+        if "kept_maps_two_pass_mb" in r:
+            rows.append(("fp32 maps kept in one pass vs two passes (`memory=\"two-pass\"`); what `memory=\"auto\"` "
+                         f"picks (budget {r['map_budget_mb'] / 1024:g} GiB); the first pass's FLOPs vs a bare forward",
+                         f"{r['kept_maps_mb'] / 1024:.2f} GiB vs {r['kept_maps_two_pass_mb'] / 1024:.2f} GiB; "
+                         f"{r['auto_passes']}; {r['first_pass_flops_vs_bare']}x of {r['bare_forward_gflops']:.0f} GFLOPs"))
+        return rows
     if r["suite"] == "vae":
         return [(f"VAE encode in {dt} vs fp32: time, latent / worst feature relative error",
                  f"{e['time_vs_fp32']}x, {e['latent_relative_error']} / {max(e['feature_relative_error'].values())}")
