@@ -348,7 +348,7 @@ def gate(
 
 @app.command()
 def bench(
-    what: str = typer.Argument("goca", help="goca: observer memory vs storing every head's map, and segment time vs a bare forward."),
+    what: str = typer.Argument("goca", help="goca: observer memory vs storing every head's map, and segment time vs a bare forward; goca-memory: GOCA's maps in one pass vs two on an SDXL-shaped model (extra peak RSS, maps kept)."),
     resolution: int = typer.Option(512, help="Input resolution (px, a multiple of 8 in 64-4096) of the SD1.5-shaped tiny model."),
     repeats: int = typer.Option(3, help="Timing repeats (median reported)."),
     out_file: Optional[Path] = typer.Option(None, "--out", help="Write the figures as JSON here."),

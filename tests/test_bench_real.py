@@ -18,7 +18,8 @@ def shapes_backbone(monkeypatch):
 
 def test_goca_suite_splits_the_time_and_counts_kept_maps(shapes_backbone):
     out = bench_real.goca_real("sd15", resolution=64, repeats=1, memory=False)
-    assert set(out["vs_bare_forward"]) == {"prepare", "observed", "decide", "end_to_end"}
+    assert set(out["vs_bare_forward"]) == {"prepare", "observed", "observed_two_pass", "decide", "end_to_end"}
+    assert out["auto_passes"] == "one-pass"  # a 64 px shapes image keeps a few MiB of maps
     assert all(v > 0 for v in out["vs_bare_forward"].values())
     # every head's maps are at least as large as the head-aggregated ones the observer keeps
     assert out["kept_maps_every_head_mb"] > 0 and out["kept_maps_mb"] > 0

@@ -210,6 +210,17 @@ def test_the_accounting_is_what_each_observation_keeps(peaked, monkeypatch, fami
     assert kept / 2**20 == pytest.approx(maps_kept_mb(seg.map_geometry(inputs), passes, "reference", True), abs=1e-9)
 
 
+def test_goca_memory_benchmark_measures_what_it_accounts():
+    from difffeat.devtools.bench import goca_memory_child
+
+    one, two = (goca_memory_child(passes, 128, 1) for passes in ("one-pass", "two-pass"))
+    assert one["kept_maps_mb"] == pytest.approx(one["accounted_kept_maps_mb"], rel=1e-6)
+    # two passes: the observation holds the cross maps and the refinement mean; the accounting adds what the
+    # stream held during the forward (the reference tokens, U^T P at the coarser grid)
+    assert two["kept_maps_mb"] <= two["accounted_kept_maps_mb"] < one["kept_maps_mb"]
+    assert one["observe_s"] > 0 and two["observe_s"] > 0
+
+
 def test_map_geometry_scales_with_the_input():
     seg = difffeat.Segmenter("shapes")
     _, small = seg.prepare(random_image(64, 64), ["circle"])

@@ -8,7 +8,8 @@ Times are wall-clock seconds; on a shared machine the ratios are what counts.
 Suites:
 
 * ``goca`` — the time split of one GOCA segmentation (prepare = VAE + text encoder + noise; the observed
-  forward; decide), against the bare denoiser forward and against prepare + bare forward; the kept maps
+  forward, and the same in two passes, ``memory="two-pass"``; decide), against the bare denoiser forward and
+  against prepare + bare forward; the kept maps
   vs what storing every head's map would keep (sizes from the captured shapes); the extra peak memory of
   a segmentation over a bare forward, in a fresh subprocess (peak RSS on the CPU, allocator peak on CUDA).
 * ``features`` — every feature preset of the architecture: its extraction (the capture forward with and without early exit,
@@ -210,6 +211,7 @@ def goca_real(arch: str, resolution: int, repeats: int = 3, device: str = "cpu",
     _progress(f"{arch}: building the real-size pipeline (random weights)")
     seg = Segmenter(_backbone(arch, device, dtype, text_layers), resolution=resolution)
     backbone, s = seg.backbone, seg.settings
+    two_pass = Segmenter(backbone, settings=s.update(memory="two-pass"))
     image = _image(resolution)
     layout = build_layout(_CAPTION_CLASSES, backbone.text_segments(), s.template, list(s.background_entities), None)
     prepare = lambda: backbone.prepare([image], layout.caption, s.t, s.seed, resolution)  # noqa: E731
@@ -218,7 +220,7 @@ def goca_real(arch: str, resolution: int, repeats: int = 3, device: str = "cpu",
     with torch.no_grad():
         backbone.denoise(inputs)
         obs = _observe_forward(seg, image, layout, inputs)  # warm-up
-    t = {k: [] for k in ("bare", "prepare", "observed", "decide", "end_to_end")}
+    t = {k: [] for k in ("bare", "prepare", "observed", "observed_two_pass", "decide", "end_to_end")}
     for i in range(repeats):
         _progress(f"{arch} {resolution}px: repeat {i + 1}/{repeats}")
         t["bare"].append(timed(lambda: backbone.denoise(inputs)))
@@ -227,6 +229,7 @@ def goca_real(arch: str, resolution: int, repeats: int = 3, device: str = "cpu",
         held = []
         t["observed"].append(timed(lambda: held.append(_observe_forward(seg, image, layout, inputs))))
         obs = held.pop()
+        t["observed_two_pass"].append(timed(lambda: _observe_forward(two_pass, image, layout, inputs)))
         t["decide"].append(timed(lambda: seg.decide(obs)))
         t["end_to_end"].append(timed(lambda: seg(image, _CAPTION_CLASSES)))
     med = {k: statistics.median(v) for k, v in t.items()}
@@ -235,7 +238,8 @@ def goca_real(arch: str, resolution: int, repeats: int = 3, device: str = "cpu",
     out = {
         "suite": "goca", "arch": arch, "resolution": resolution, "repeats": repeats, **_environment(device, backbone),
         "seconds": {k: _median(v) for k, v in t.items()},
-        "vs_bare_forward": {k: round(med[k] / med["bare"], 3) for k in ("prepare", "observed", "decide", "end_to_end")},
+        "vs_bare_forward": {k: round(med[k] / med["bare"], 3) for k in ("prepare", "observed", "observed_two_pass", "decide", "end_to_end")},
+        "auto_passes": seg.passes(inputs),
         "end_to_end_vs_prepare_plus_bare": round(med["end_to_end"] / floor, 3),
         "kept_maps_mb": round(kept, 1),
         "kept_maps_every_head_mb": round(_reference_kept_mb(seg, obs), 1),
