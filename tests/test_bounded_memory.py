@@ -126,6 +126,22 @@ def test_two_passes_give_the_one_pass_maps_scores_and_labels(peaked, case):
     assert len(np.unique(a.labels)) == 3  # not trivially one label
 
 
+@pytest.mark.parametrize("family", ["pixart", "flux"])
+def test_two_passes_score_the_layers_of_dit_families_too(tiny_pipes, family):
+    """Every block on one grid; the reference a query early in the stack."""
+    from _helpers import backbone_for
+
+    backbone = backbone_for(tiny_pipes, family)
+    one, two = (difffeat.Segmenter(backbone, memory=m) for m in ("one-pass", "two-pass"))
+    image = random_image(64, 64)
+    a, b = one.observe(image, CLASSES), two.observe(image, CLASSES)
+    for name in one.cross_names:
+        assert torch.equal(b.activations[name], a.activations[name]), name
+    direct = _direct_scores(one, one.observe(image, CLASSES, everything=True))
+    torch.testing.assert_close(b.layer_scores.double(), direct, rtol=2e-5, atol=1e-9)
+    assert two.decide(b).layer_weights == pytest.approx(one.decide(a).layer_weights, rel=2e-5, abs=1e-8)
+
+
 def test_two_passes_in_a_batch_equal_each_image_alone(peaked):
     seg = difffeat.Segmenter(peaked("sdxl"), memory="two-pass")
     images = [random_image(64, 64, seed=i) for i in range(2)]
