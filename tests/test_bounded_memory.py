@@ -328,3 +328,16 @@ def test_key_resize_adjoint_is_the_adjoint():
     rows = TargetRows(grid, target)
     built = torch.zeros(1, 24, 24).index_add_(1, rows.source, resize_keys_adjoint(full, grid, target, False))
     torch.testing.assert_close(built, resize_self_map_adjoint(full, grid, target, False), rtol=1e-5, atol=1e-7)
+
+
+def test_the_memory_mode_is_not_part_of_a_run_manifest(tmp_path):
+    """Labels do not depend on it: a run folder made in one pass resumes in two without a settings mismatch."""
+    from difffeat.runs import commands
+
+    random_image(64, 64).save(tmp_path / "a.png")
+    settings = difffeat.SegmentSettings(memory="two-pass", map_budget_mb=1.0)
+    assert "memory" in settings.to_dict() and "memory" not in settings.to_dict(results_only=True)
+    summary, _ = commands.segment([str(tmp_path / "a.png")], "circle", out_dir=tmp_path / "o", memory="one-pass", num_workers=0)
+    assert summary.written == 1
+    summary, _ = commands.segment([str(tmp_path / "a.png")], "circle", out_dir=tmp_path / "o", memory="two-pass", num_workers=0)
+    assert summary.written == 0 and summary.skipped == 1

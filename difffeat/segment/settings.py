@@ -166,13 +166,22 @@ class SegmentSettings:
                 changes[key] = tuple(changes[key])
         return replace(self, **changes)
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self, results_only: bool = False) -> dict[str, Any]:
+        """The settings as plain data (tuples as lists) with the method's short name; ``results_only``: without
+        :data:`EXECUTION_ONLY` (how a segmentation runs, never what it gives), as run manifests compare them."""
         d = asdict(self)
+        if results_only:
+            for name in EXECUTION_ONLY:
+                d.pop(name)
         for k, v in d.items():
             if isinstance(v, tuple):
                 d[k] = list(v)
         d["method"] = self.method
         return d
+
+
+#: settings that change how a segmentation runs (its memory and time), never its labels
+EXECUTION_ONLY = ("memory", "map_budget_mb")
 
 
 @cache
