@@ -72,15 +72,16 @@ def test_self_map_stream_reduces_the_same_on_workers(one_thread):
     assert torch.equal(results[0][1], results[1][1])
 
 
-def test_reducers_not_marked_thread_safe_run_one_at_a_time():
+def test_reducers_not_marked_thread_safe_run_one_at_a_time_in_row_order():
     t, attn = _tensors(40, 40)
-    active, most = [0], [0]
+    active, most, starts = [0], [0], []
     lock = threading.Lock()
 
-    def slow_mean(probs_bhqk, **_):
+    def slow_mean(probs_bhqk, *, rows, **_):
         with lock:
             active[0] += 1
             most[0] = max(most[0], active[0])
+            starts.append(rows.start)
         time.sleep(0.002)
         with lock:
             active[0] -= 1
@@ -88,6 +89,7 @@ def test_reducers_not_marked_thread_safe_run_one_at_a_time():
 
     got = attention_probs(t, "self", slow_mean, attn, 2 * 4 * 40 * 2, workers=4)
     assert most[0] == 1
+    assert starts == list(range(0, 40, 2))  # as the caller's thread would call it: a running sum sees the same order
     torch.testing.assert_close(got, attention_probs(t, "self", head_mean, attn, workers=1), rtol=0, atol=4 * EPS)
 
 

@@ -23,11 +23,12 @@ import os
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 
 import torch
 from torch._subclasses.fake_tensor import FakeTensor
 
-__all__ = ["chunk_workers", "run_chunks"]
+__all__ = ["chunk_workers", "run_chunks", "InRowOrder"]
 
 _POOL: ThreadPoolExecutor | None = None
 _POOL_SIZE = 0
@@ -49,6 +50,28 @@ def chunk_workers(*tensors: torch.Tensor) -> int:
     if torch.is_autocast_enabled("cpu"):
         return 1
     return n
+
+
+class InRowOrder:
+    """Lets chunks through one at a time in row order (``with turn(rows):``), whichever thread computed them:
+    a reducer that keeps state across chunks (a running sum) then sees the chunks as the caller's thread would,
+    so its result does not depend on the scheduling. Chunks are taken in row order and each worker finishes its
+    chunk before taking another, so the chunk whose turn it is is always being computed: no deadlock."""
+
+    def __init__(self) -> None:
+        self._next = 0
+        self._moved = threading.Condition()
+
+    @contextmanager
+    def __call__(self, rows: slice):
+        with self._moved:
+            self._moved.wait_for(lambda: self._next == rows.start)
+        try:
+            yield
+        finally:
+            with self._moved:
+                self._next = rows.stop
+                self._moved.notify_all()
 
 
 def _single_threaded(ready: threading.Barrier) -> None:

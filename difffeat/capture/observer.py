@@ -44,7 +44,7 @@ from ..backbones import diffusers_compat
 from ..backbones.layout import TokenLayout
 from ..errors import AttentionBackendError, DifffeatError
 from .attention_kernels import flash_output_and_lse, probs_from_lse
-from .chunk_workers import chunk_workers, run_chunks
+from .chunk_workers import InRowOrder, chunk_workers, run_chunks
 
 # AttentionTensors, MapReducer, register_layout, head_mean, per_head, attention_probs: listed by difffeat.capture
 __all__ = [
@@ -96,7 +96,7 @@ class MapReducer(Protocol):
     ``uses_output = True`` also receives ``out_bhqd`` = ``full_probs_bhqk @ V`` (float32, ``[B, heads, q, d]``),
     the chunk's attention output, computed once for it and for the layer's fused output. A reducer with
     ``thread_safe = True`` may be called from several threads at once, for disjoint chunks of rows
-    (:mod:`~difffeat.capture.chunk_workers`); others are called one chunk at a time."""
+    (:mod:`~difffeat.capture.chunk_workers`); others are called one chunk at a time, in row order."""
 
     def __call__(
         self, probs_bhqk: torch.Tensor, *, attn: Any, tensors: AttentionTensors, rows: slice, full_probs_bhqk: torch.Tensor
@@ -174,7 +174,7 @@ def attention_probs(
     ``workers``: threads the chunks are spread over, each running torch's kernels on one thread
     (:mod:`~difffeat.capture.chunk_workers`); None: torch's thread count where that is safe
     (:func:`~difffeat.capture.chunk_workers.chunk_workers`), 1: every chunk in the caller's thread. Reducers
-    without ``thread_safe = True`` are then called one at a time; the result does not depend on ``workers``
+    without ``thread_safe = True`` are then called one chunk at a time, in row order; the result does not depend on ``workers``
     beyond the float rounding of torch's multi-threaded kernels in the caller's thread.
     """
     q, k = tensors.q, tensors.k
@@ -196,7 +196,7 @@ def attention_probs(
     fused = None  # (output [B, heads, Nq, d], lse [B, heads, Nq]) of the fused kernel, or None
     if fused_lse and wants_output and tensors.kernel == "softmax":
         fused = flash_output_and_lse(q, k, tensors.v, tensors.bias, tensors.scale)
-    serial = threading.Lock() if workers > 1 and not getattr(reducer, "thread_safe", False) else nullcontext()
+    in_order = InRowOrder() if workers > 1 and not getattr(reducer, "thread_safe", False) else None
     made = threading.Lock()
     out = None  # [..., nq, K] filled chunk by chunk: no list of pieces and no concatenated copy
 
@@ -221,7 +221,7 @@ def attention_probs(
                 o_bhqd = torch.matmul(full, v)
             if uses_output:
                 extra["out_bhqd"] = o_bhqd
-        with serial:
+        with in_order(rows) if in_order is not None else nullcontext():
             reduced = reducer(full[..., cols], attn=attn, tensors=tensors, rows=rows, full_probs_bhqk=full, **extra)
         if out is None:
             with made:
