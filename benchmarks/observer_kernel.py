@@ -1,6 +1,7 @@
 """Observer attention kernel: the observer's path vs the fused SDPA kernel, before vs after a change, in one run.
 
-    python benchmarks/observer_kernel.py [--before fea6cc1] [--rounds 2] [--reps 3]
+    python benchmarks/observer_kernel.py [--before fea6cc1] [--rounds 2] [--reps 3] [--threads 1 2]
+                                         [--attention self cross] [--conditions quiet loaded]
                                          [--out benchmarks/results/observer_kernel.json]
 
 SD1.5-sized attention at 512 px (float32, random tensors): self-attention 4096 x 4096 tokens reduced by
@@ -40,9 +41,10 @@ ROOT = Path(__file__).resolve().parents[1]
 HEADS, DIM, TOKENS, TEXT = 8, 40, 4096, 77
 THREADS = (1, 2)
 KINDS = ("self", "cross")
+CONDITIONS = ("quiet", "loaded")
 
 
-def _child(src: Path, reps: int) -> dict:
+def _child(src: Path, reps: int, threads_list: list[int], kinds: list[str]) -> dict:
     """Times of every (threads, kind) for the difffeat package under ``src`` (run in a fresh process)."""
     sys.path.insert(0, str(src))
     import torch
@@ -90,9 +92,9 @@ def _child(src: Path, reps: int) -> dict:
 
     rows = []
     with torch.no_grad():
-        for threads in THREADS:
+        for threads in threads_list:
             torch.set_num_threads(threads)
-            for kind in KINDS:
+            for kind in kinds:
                 fns = case(kind)
                 inner = 1 if kind == "self" else 10
                 for fn in fns.values():
@@ -122,9 +124,10 @@ def _export(ref: str, into: Path) -> Path:
     return into
 
 
-def _run_child(src: Path, reps: int) -> dict:
+def _run_child(src: Path, args: argparse.Namespace) -> dict:
     env = {**os.environ, "PYTHONPATH": str(src)}
-    done = subprocess.run([sys.executable, __file__, "--child", str(src), "--reps", str(reps)], env=env,
+    done = subprocess.run([sys.executable, __file__, "--child", str(src), "--reps", str(args.reps),
+                           "--threads", *map(str, args.threads), "--attention", *args.attention], env=env,
                           check=True, capture_output=True, text=True)
     return json.loads(done.stdout.strip().splitlines()[-1])
 
@@ -135,21 +138,24 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "observer_kernel.json")
+    parser.add_argument("--threads", type=int, nargs="+", default=list(THREADS), help="torch thread counts")
+    parser.add_argument("--attention", nargs="+", choices=KINDS, default=list(KINDS))
+    parser.add_argument("--conditions", nargs="+", choices=CONDITIONS, default=list(CONDITIONS))
     parser.add_argument("--child", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child is not None:
-        print(json.dumps(_child(args.child, args.reps)))
+        print(json.dumps(_child(args.child, args.reps, args.threads, args.attention)))
         return
     results: dict[tuple, dict[str, list[dict]]] = {}
     load = {"start": os.getloadavg()}
     with tempfile.TemporaryDirectory() as tmp:
         trees = {"before": _export(args.before, Path(tmp)), "after": ROOT}
-        for condition in ("quiet", "loaded"):
+        for condition in args.conditions:
             busy = subprocess.Popen([sys.executable, "-c", "while True: pass"]) if condition == "loaded" else None
             try:
                 for rnd in range(args.rounds):
                     for which in (("before", "after") if rnd % 2 == 0 else ("after", "before")):
-                        child = _run_child(trees[which], args.reps)
+                        child = _run_child(trees[which], args)
                         for row in child["rows"]:
                             key = (condition, row["threads"], row["attention"])
                             results.setdefault(key, {"before": [], "after": []})[which].append(row)
