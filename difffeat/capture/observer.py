@@ -174,8 +174,8 @@ def attention_probs(
     ``workers``: threads the chunks are spread over, each running torch's kernels on one thread
     (:mod:`~difffeat.capture.chunk_workers`); None: torch's thread count where that is safe
     (:func:`~difffeat.capture.chunk_workers.chunk_workers`), 1: every chunk in the caller's thread. Reducers
-    without ``thread_safe = True`` are then called one chunk at a time, in row order; the result does not depend on ``workers``
-    beyond the float rounding of torch's multi-threaded kernels in the caller's thread.
+    without ``thread_safe = True`` are then called one chunk at a time, in row order; the result does not
+    depend on ``workers`` beyond the float rounding of torch's multi-threaded kernels in the caller's thread.
     """
     q, k = tensors.q, tensors.k
     b, h, nq, _ = q.shape
@@ -215,10 +215,12 @@ def attention_probs(
                 o_bhqd = fused[0][:, :, rows]
                 if output_bhqd is not None:
                     output_bhqd[:, :, rows] = o_bhqd
-            elif output_bhqd is not None:  # P V written where SDPA's output goes: no temporary, no copy
+            elif output_bhqd is not None and output_bhqd.dtype == full.dtype:  # P V where SDPA's output goes
                 o_bhqd = torch.matmul(full, v, out=output_bhqd[:, :, rows])
             else:
                 o_bhqd = torch.matmul(full, v)
+                if output_bhqd is not None:
+                    output_bhqd[:, :, rows] = o_bhqd
             if uses_output:
                 extra["out_bhqd"] = o_bhqd
         with in_order(rows) if in_order is not None else nullcontext():
