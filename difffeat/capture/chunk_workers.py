@@ -5,10 +5,10 @@ parallel regions per chunk.
 Why: every torch CPU op of a chunk (``q.k^T``, softmax, ``P V``, the head reduction, the copies) is its own
 OpenMP parallel region, and each region ends at a barrier that waits for the slowest thread. On a quiet
 machine that costs little; on shared cores (another process busy, a thread pre-empted) each barrier waits for
-a scheduler time slice, and the observer's ~1,000 regions per SD1.5 self-attention call made it 7-19x the fused
-SDPA kernel at 2 threads (one region per call). Here each worker takes the next chunk when it is free (dynamic
-scheduling: a worker sharing its core with another process simply takes fewer chunks) and no barrier is
-crossed between chunks.
+a scheduler time slice, and the observer's ~1,000 regions per SD1.5 self-attention call made it 4.6-22x the
+fused SDPA kernel at 2 threads (one region per call; README, "Observer attention kernel"). Here each worker
+takes the next chunk when it is free (dynamic scheduling: a worker sharing its core with another process
+simply takes fewer chunks) and no barrier is crossed between chunks.
 
 Each chunk runs the same single-threaded kernels whichever worker takes it, so results do not depend on the
 scheduling. Workers are used only where that is safe and useful (:func:`chunk_workers`): CPU tensors, more
