@@ -322,6 +322,21 @@ def test_a_killed_probe_resumes_and_reports_what_an_uninterrupted_run_reports(tm
     assert resumed.miou_per_split == whole.miou_per_split and resumed.class_iou_mean == whole.class_iou_mean
 
 
+def test_only_the_images_a_split_uses_are_extracted(tmp_path):
+    import difffeat
+    from difffeat.evaluate.scarce_data import ddpm_segmentation
+    from difffeat.runs.scarce import ProbeJob, run_probe, split_indices
+
+    data = ddpm_segmentation(_ddpm_tree(tmp_path / "mini"), 3)
+    fx = difffeat.FeatureExtractor(difffeat.load("shapes", device="cpu"), preset="shapes-practical")
+    proto = ScarceProtocol(models=1, epochs=1, splits=1, label_size=32)
+    rep = run_probe(fx, data, ProbeJob(tmp_path / "out", proto, train_count=2, test_count=1, progress=False))
+    train, test = split_indices(len(data), data.n_train, 0, proto, 2, 1)
+    want = sorted(data.items[i].stem for i in (*train, *test))
+    assert sorted(p.stem for p in (tmp_path / "out" / "features").glob("*.safetensors")) == want
+    assert sorted(rep.splits[0]["train"] + rep.splits[0]["test"]) == want
+
+
 def test_stored_classifiers_of_other_settings_are_retrained(tmp_path, monkeypatch):
     import difffeat
     from difffeat.evaluate.scarce_data import ddpm_segmentation

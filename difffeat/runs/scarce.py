@@ -1,7 +1,8 @@
 """Label-scarce segmentation runs: features streamed from disk into the published pixel-classifier protocol.
 
-1. The run engine's extraction (:func:`run_extract`) writes every labelled image's features, at the model's
-   own resolution, to ``OUT/features/<stem>.safetensors`` (resumable, atomic, sharded like ``extract``).
+1. The run engine's extraction (:func:`run_extract`) writes the features of every labelled image that a split
+   trains or tests on (``train_count``/``test_count`` may leave images unused), at the model's own resolution,
+   to ``OUT/features/<stem>.safetensors`` (resumable, atomic, sharded like ``extract``).
 2. For each random split (:func:`~difffeat.evaluate.pixel_ensemble.shuffle_split`) an ensemble of
    :class:`~difffeat.evaluate.pixel_ensemble.PixelMLP` trains on the training images' pixels. Pixels are
    streamed: ``pool`` images' native feature maps are read at a time, their labelled pixels shuffled together,
@@ -238,17 +239,20 @@ def run_probe(fx: FeatureExtractor, data: LabelledSet, job: ProbeJob, state=None
     check_counts(data, protocol, job.train_count, job.test_count)
     out = Path(job.out_dir)
     feat_dir = out / "features"
-    refs = [ImageRef(it.stem, it.image) for it in data.items]
+    plan = [split_indices(len(data), data.n_train, s, protocol, job.train_count, job.test_count)
+            for s in range(protocol.splits)]
+    used = sorted({i for train, test in plan for i in (*train, *test)})  # only images some split uses
+    refs = [ImageRef(data.items[i].stem, data.items[i].image) for i in used]
     run_extract(fx, refs, ExtractJob(feat_dir, prompt=job.prompt, num_workers=job.num_workers, overwrite=job.overwrite,
                                      progress=job.progress, dataset=data.source), state)
     cache = _Cached(feat_dir, fx.names)
-    channels = cache.channels(data.items[0].stem)
+    channels = cache.channels(data.items[used[0]].stem)
     device = torch.device(job.device) if job.device else fx.backbone.device
     from tqdm.auto import tqdm
 
     mious, class_sum, splits, classifier = [], np.zeros(data.num_classes), [], None
     for s in range(protocol.splits):
-        train, test = split_indices(len(data), data.n_train, s, protocol, job.train_count, job.test_count)
+        train, test = plan[s]
         labels = _train_labels(data, train, protocol)
         models = []
         for m in tqdm(range(protocol.models), desc=f"split {s + 1}/{protocol.splits}: classifiers", disable=not job.progress):
