@@ -19,7 +19,10 @@ stays trained. Features, trained classifiers and each configuration's accumulate
 ``--work`` (default ``runs/downstream_shapes``), so a run stopped by ``--budget-min`` (checked between
 configurations) or killed (``timeout``) continues where it stopped when started again with the same options.
 
-    flock /tmp/difffeat-heavy.lock timeout 720 python benchmarks/downstream_shapes.py --parts scarce --budget-min 10
+    flock /tmp/difffeat-heavy.lock timeout 720 python benchmarks/downstream_shapes.py --budget-min 9
+    # on 2 cores, two processes side by side (1 thread each), each rerun until it prints "all done":
+    python benchmarks/downstream_shapes.py --weights trained --rank-weights trained --budget-min 9 &
+    python benchmarks/downstream_shapes.py --weights random --rank-weights random --budget-min 9
     python benchmarks/downstream_shapes.py --parts correspond --pairs 16   # a quick look
 """
 
@@ -100,18 +103,28 @@ def write_spair(folder: Path, n: int) -> Path:
 
 
 class Results:
-    """``--out``, read when it exists and rewritten (atomically) after every measurement."""
+    """``--out``, read when it exists and rewritten (atomically) after every measurement; several processes
+    (e.g. ``--weights trained`` and ``--weights random`` side by side) merge their entries under a file lock."""
 
     def __init__(self, path: str) -> None:
         self.path = Path(path)
-        self.data = json.loads(self.path.read_text()) if self.path.exists() else {}
+        self.data = self._read()
+
+    def _read(self) -> dict:
+        return json.loads(self.path.read_text()) if self.path.exists() else {}
 
     def put(self, keys: list[str], value) -> None:
-        d = self.data
-        for k in keys[:-1]:
-            d = d.setdefault(k, {})
-        d[keys[-1]] = value
-        write_json(self.path, self.data)
+        import fcntl
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(f"{self.path}.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            self.data = self._read()
+            d = self.data
+            for k in keys[:-1]:
+                d = d.setdefault(k, {})
+            d[keys[-1]] = value
+            write_json(self.path, self.data)
 
 
 def timed(folder: Path, fn):
