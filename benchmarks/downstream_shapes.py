@@ -71,24 +71,46 @@ def backbone(weights: str) -> difffeat.Backbone:
 
 
 def write_pool(folder: Path, n_val: int, n_test: int) -> LabelledSet:
-    """n_val val-split scenes then n_test test-split scenes as images/ + labels/ (name order = this order)."""
-    images, labels = folder / "images", folder / "labels"
-    if not (folder / "complete").exists():
-        images.mkdir(parents=True, exist_ok=True)
-        labels.mkdir(exist_ok=True)
+    """n_val val-split scenes then n_test test-split scenes as images/ + labels/ (name order = this order);
+    written once per ``folder``."""
+    def write(tmp: Path) -> None:
+        (tmp / "images").mkdir(parents=True)
+        (tmp / "labels").mkdir()
         scenes = [world.sample("val", i) for i in range(n_val)] + [world.sample("test", i) for i in range(n_test)]
         for j, s in enumerate(scenes):
-            s.image.save(images / f"{j:04d}.png")
-            Image.fromarray(s.mask.astype(np.uint8)).save(labels / f"{j:04d}.png")
-        (folder / "complete").write_text("")
-    data = image_label_folders(images, labels, 9)
+            s.image.save(tmp / "images" / f"{j:04d}.png")
+            Image.fromarray(s.mask.astype(np.uint8)).save(tmp / "labels" / f"{j:04d}.png")
+
+    once(folder, write)
+    data = image_label_folders(folder / "images", folder / "labels", 9)
     data.n_train = n_val  # the layout's training part; every split re-shuffles the whole pool
     return data
 
 
+def once(folder: Path, write) -> None:
+    """``write(tmp)`` into a fresh temporary folder renamed to ``folder``, unless ``folder`` exists (processes
+    side by side: the first rename wins, the others' copies are dropped)."""
+    import shutil
+
+    if folder.exists():
+        return
+    tmp = folder.with_name(f".{folder.name}.{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    write(tmp)
+    try:
+        os.rename(tmp, folder)
+    except OSError:  # another process was first
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def write_spair(folder: Path, n: int) -> Path:
+    once(folder, lambda tmp: _write_spair(tmp, n))
+    return folder
+
+
+def _write_spair(folder: Path, n: int) -> None:
     ann = folder / "PairAnnotation" / "test"
-    ann.mkdir(parents=True, exist_ok=True)
+    ann.mkdir(parents=True)
     for i in range(n):
         p = shape_pair("test", i)
         img_dir = folder / "JPEGImages" / p.class_name
@@ -99,7 +121,6 @@ def write_spair(folder: Path, n: int) -> Path:
         (ann / f"{i:06d}-{src[:-4]}-{tgt[:-4]}:{p.class_name}.json").write_text(json.dumps({
             "src_imname": src, "trg_imname": tgt, "category": p.class_name, "src_kps": p.source_xy,
             "trg_kps": p.target_xy, "trg_bndbox": list(p.target_bbox)}))
-    return folder
 
 
 class Results:
@@ -148,7 +169,7 @@ def stamp() -> dict:
 
 
 def part_correspond(args, res: Results, work: Path, check_budget) -> None:
-    pairs = spair_pairs(write_spair(work / "SPair", args.pairs))
+    pairs = spair_pairs(write_spair(work / f"SPair{args.pairs}", args.pairs))
     for preset in args.presets:
         for weights in args.weights:
             if "pck_img" in res.data.get("correspondence", {}).get(preset, {}).get(weights, {}):
@@ -164,7 +185,7 @@ def part_correspond(args, res: Results, work: Path, check_budget) -> None:
 
 
 def part_scarce(args, res: Results, work: Path, check_budget) -> None:
-    data = write_pool(work / "pool", args.pool_train, args.pool_test)
+    data = write_pool(work / f"pool{args.pool_train}-{args.pool_test}", args.pool_train, args.pool_test)
     protocol = ScarceProtocol(models=args.models, splits=args.splits, label_size=args.label_size)
     for k in args.ks:
         for preset in args.presets:
@@ -208,7 +229,7 @@ def summarise_ranking(rows: list[dict]) -> dict:
 
 
 def part_rank(args, res: Results, work: Path, check_budget) -> None:
-    data = write_pool(work / "pool", args.pool_train, args.pool_test)
+    data = write_pool(work / f"pool{args.pool_train}-{args.pool_test}", args.pool_train, args.pool_test)
     for weights in args.rank_weights:
         for seed in args.rank_seeds:
             if str(seed) in res.data.get("ranking", {}).get(weights, {}):
