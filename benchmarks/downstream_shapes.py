@@ -1,8 +1,8 @@
 """The activation paper's downstream tasks on the embedded shapes model, trained vs random weights.
 
-Parts (``--parts``, default all three in the order below, each resumable; results merge into ``--out``):
+Parts (``--parts``: by default all three, the cheap measurements first; each resumable; results merge into ``--out``):
 
-* ``scarce``: label-scarce segmentation (``difffeat probe``'s library call: 10 of the published MLPs, batch
+* ``scarce``: label-scarce segmentation (``difffeat probe``'s library call: an ensemble of 10 published MLPs, batch
   64, early stopping, ensemble vote; 3 random re-splits averaged, the paper 5). One pool of ``--pool-train``
   val-split scenes and ``--pool-test`` test-split scenes; split ``s`` shuffles the whole pool with seed ``s`` (the reference's
   ``shuffle_split``), its first k scenes train, the next ``--pool-test`` test. mIoU over the 9 classes on the
@@ -168,7 +168,7 @@ def stamp() -> dict:
     return {"utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()), "load": [round(x, 2) for x in os.getloadavg()]}
 
 
-def part_correspond(args, res: Results, work: Path, check_budget) -> None:
+def part_correspond(args, res: Results, work: Path, check_budget, arg: str | None = None) -> None:
     pairs = spair_pairs(write_spair(work / f"SPair{args.pairs}", args.pairs))
     for preset in args.presets:
         for weights in args.weights:
@@ -184,10 +184,10 @@ def part_correspond(args, res: Results, work: Path, check_budget) -> None:
             print(f"correspond {preset} {weights}: PCK img {rep.scores['pck_img']:.4f} bbox {rep.scores['pck_bbox']:.4f}", flush=True)
 
 
-def part_scarce(args, res: Results, work: Path, check_budget) -> None:
+def part_scarce(args, res: Results, work: Path, check_budget, arg: str | None = None) -> None:
     data = write_pool(work / f"pool{args.pool_train}-{args.pool_test}", args.pool_train, args.pool_test)
     protocol = ScarceProtocol(models=args.models, splits=args.splits, label_size=args.label_size)
-    for k in args.ks:
+    for k in args.ks if arg is None else [int(arg)]:
         for preset in args.presets:
             for weights in args.weights:
                 done = res.data.get("label_scarce", {}).get(f"k={k}", {}).get(preset, {}).get(weights, {})
@@ -228,10 +228,10 @@ def summarise_ranking(rows: list[dict]) -> dict:
             "preset_ranks": presets, "activations": len(rows)}
 
 
-def part_rank(args, res: Results, work: Path, check_budget) -> None:
+def part_rank(args, res: Results, work: Path, check_budget, arg: str | None = None) -> None:
     data = write_pool(work / f"pool{args.pool_train}-{args.pool_test}", args.pool_train, args.pool_test)
     for weights in args.rank_weights:
-        for seed in args.rank_seeds:
+        for seed in args.rank_seeds if arg is None else [int(arg)]:
             if str(seed) in res.data.get("ranking", {}).get(weights, {}):
                 continue
             check_budget()
@@ -252,7 +252,8 @@ PARTS = {"correspond": part_correspond, "scarce": part_scarce, "rank": part_rank
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--parts", default="scarce,correspond,rank", help="in this order (the cheap correspondence before the ranking)")
+    ap.add_argument("--parts", default="scarce:5,rank:0,correspond,scarce:20,rank:1,rank:2",
+                    help="in this order; scarce:K only k = K, rank:S only seed S (the cheap ones first on a shared CPU)")
     ap.add_argument("--presets", default="shapes-practical,shapes-legacy")
     ap.add_argument("--weights", default="trained,random")
     ap.add_argument("--ks", default="5,20", help="labelled training scenes per split")
@@ -289,7 +290,8 @@ def main() -> None:
     print("start", stamp(), flush=True)
     try:
         for part in split(args.parts):
-            PARTS[part](args, res, work, check_budget)
+            name, _, arg = part.partition(":")
+            PARTS[name](args, res, work, check_budget, arg or None)
         print("all done", flush=True)
     except BudgetReached:
         print(f"budget of {args.budget_min} min reached; rerun the same command to continue", flush=True)
