@@ -69,7 +69,12 @@ def ranking_table(runs: dict) -> None:
 
 
 def main() -> None:
-    d = json.loads((RES / "downstream_shapes.json").read_text())
+    import argparse
+
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--results", type=Path, default=RES, help="folder of the two JSON files")
+    res = ap.parse_args().results
+    d = json.loads((res / "downstream_shapes.json").read_text())
     print("| k labelled scenes | preset | trained mIoU | random-weight mIoU | seconds (trained / random) |\n|---|---|---|---|---|")
     for k, by_preset in d.get("label_scarce", {}).items():
         for preset, row in by_preset.items():
@@ -88,7 +93,7 @@ def main() -> None:
     for weights, runs in d.get("ranking", {}).items():
         print(f"\nranking, {weights} weights:")
         ranking_table(runs)
-    m = RES / "probe_memory_shapes.json"
+    m = res / "probe_memory_shapes.json"
     if m.exists():
         mm = json.loads(m.read_text())
         print("\nmemory:", [(r["train_images"], round(r["peak_rss_mb"]), round(r["seconds"])) for r in mm["runs"]],
