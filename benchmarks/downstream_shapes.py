@@ -19,10 +19,10 @@ stays trained. Features, trained classifiers and each configuration's accumulate
 ``--work`` (default ``runs/downstream_shapes``), so a run stopped by ``--budget-min`` (checked between
 configurations) or killed (``timeout``) continues where it stopped when started again with the same options.
 
-    flock /tmp/difffeat-heavy.lock timeout 720 python benchmarks/downstream_shapes.py --budget-min 9
-    # on 2 cores, two processes side by side (1 thread each), each rerun until it prints "all done":
+    python benchmarks/downstream_shapes.py --budget-min 9          # rerun until it prints "all done"
+    # on 2 cores, the two halves side by side (1 thread each), the pair rerun until both print "all done":
     python benchmarks/downstream_shapes.py --weights trained --rank-weights trained --budget-min 9 &
-    python benchmarks/downstream_shapes.py --weights random --rank-weights random --budget-min 9
+    python benchmarks/downstream_shapes.py --weights random --rank-weights random --budget-min 9; wait
     python benchmarks/downstream_shapes.py --parts correspond --pairs 16   # a quick look
 """
 
