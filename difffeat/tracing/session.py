@@ -467,6 +467,12 @@ class Trace:
 
     # ------------------------------------------------------------------ results
     @property
+    def used_self_step(self) -> int | None:
+        """The step whose self-attention maps gave the layer weights and refinement (``aggregate="maps"``;
+        resolved at the call's first step); None for ``aggregate="steps"`` or before the call."""
+        return self._self_step if self.aggregate == "maps" else None
+
+    @property
     def traced_steps(self) -> int:
         """How many steps went into the maps (the same for every image)."""
         return next(iter(self._sums.values())).steps if self._sums else 0
