@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import statistics
 import time
 from pathlib import Path
@@ -99,6 +100,7 @@ def main(argv: list[str] | None = None) -> dict:
     steps = {k: [] for k in names}
     peaks: dict[str, float] = {}
     self_steps: dict[str, int | None] = {}
+    partial: dict[str, list[float]] = {}  # the denoiser calls of a variant stopped by a timeout (SIGTERM)
 
     def write_report() -> dict:
         med = {k: statistics.median(v) for k, v in times.items() if v}
@@ -109,6 +111,7 @@ def main(argv: list[str] | None = None) -> dict:
             "seconds": {k: round(v, 2) for k, v in med.items()},
             **{r: round(med[a] / med[b], 3) for r, (a, b) in RATIOS.items() if a in med and b in med},
             "step_seconds": steps,
+            **({"cut_short": partial} if partial else {}),
             "self_step": self_steps,
             
         }
@@ -128,6 +131,10 @@ def main(argv: list[str] | None = None) -> dict:
         write_json(args.out or RESULTS / f"generate_cost_sd15_{args.resolution}{tag}.json", report)
         return report
 
+    def stop(signum, frame):
+        raise SystemExit(f"stopped by signal {signum}")
+
+    signal.signal(signal.SIGTERM, stop)  # `timeout` stops a run cut short: write what it measured first
     for _ in range(args.repeats):
         for name in names:
             tc = VARIANTS[name](pipe)
@@ -140,15 +147,19 @@ def main(argv: list[str] | None = None) -> dict:
                 else:
                     with tc:
                         call(args.steps)
+            except SystemExit:
+                partial[name] = [round(x, 3) for x in timer.seconds]
+                write_report()
+                raise
             finally:
                 timer.remove()
             times[name].append(time.perf_counter() - start)
             peaks[name] = max(peaks.get(name, 0.0), _peak_rss_mb())
-            steps[name].append([round(s, 3) for s in timer.seconds])
+            steps[name].append([round(x, 3) for x in timer.seconds])
             if tc is not None and tc.aggregate == "maps" and tc.guidance is None:
                 self_steps[name] = tc.used_self_step
             print(name, round(times[name][-1], 2), "s", round(peaks[name]), "MB peak", os.getloadavg(), flush=True)
-            write_report()  # after every variant: a run cut short keeps what it measured
+            write_report()  # after every variant
     report = write_report()
     print(report)
     return report
