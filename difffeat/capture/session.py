@@ -171,6 +171,8 @@ class Capture:
     def _feature_hook(self, infos: list[ActivationInfo]):
         def hook(module, args, output):
             for info in infos:
+                if info.name in self.shapes:  # a module called again (CogView4's ff: image, then text) keeps its first call
+                    continue
                 x = self.layout.image_tokens(_first_tensor(output, info.index), info.tokens == "joint")
                 self._store(info, sequence_to_spatial(x if self.batch is None else x[self.batch], self.grid))
 
