@@ -21,9 +21,9 @@ CFG batch only (the unconditional half's maps are never formed). How the steps a
   weights; its clamp and per-pixel renormalisation and the later normalisations come after the average (as
   DAAM sums heat maps over steps, then normalises).
 - ``"steps"``: every traced step is decided by GOCA on its own maps (self maps and layer weights of that
-  step), and the class scores are averaged. The self-attention maps are then observed at every traced step:
-  at 256 px this made a 20-step generation 1.75x slower, against ~1.05x for ``"maps"``
-  (``benchmarks/generate_cost.py``).
+  step), and the class scores are averaged. The self-attention maps are then observed at every traced step
+  (and, before the conditional half was observed alone, this made a 20-step 256-px SD1.5 generation 1.75x
+  slower than an untraced one: ``benchmarks/generate_cost.py``, README "What tracing costs").
 
 Memory holds one step's observation, the per-layer sums (``"maps"``) or class-score sums (``"steps"``), and
 the self step's layer weights and refinement mean; never a list of steps.
