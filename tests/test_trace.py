@@ -190,3 +190,127 @@ def test_fused_output_tracing_changes_images_only_at_float32_rounding(tiny_pipes
         fused = _call(pipe, "sd")
     assert tc.traced_steps == 3
     np.testing.assert_allclose(fused, untraced, atol=1e-4)
+
+
+# ----------------------------------------------------------------------------- aggregation over steps
+def _traced_with_inputs(pipe, steps, **trace_kw):
+    """Trace a 3-step CFG generation and record the denoiser inputs (latents, timestep, prompt embeddings) of
+    every step."""
+    recorded = []
+
+    def record(module, args, kwargs):
+        recorded.append((args[0].detach().clone(), args[1], kwargs["encoder_hidden_states"].detach().clone()))
+
+    tc = difffeat.trace(pipe, PROMPT, CLASSES, steps=steps, **trace_kw)
+    handle = pipe.unet.register_forward_pre_hook(record, with_kwargs=True)  # after the trace's catalog probe
+    try:
+        with tc:
+            _call(pipe, "sd")
+    finally:
+        handle.remove()
+    return tc, recorded
+
+
+def _capture_step(seg, inputs, names=None):
+    """Capture (outside any generation) on one recorded step's whole CFG batch: the conditional half's
+    activations and streamed refinement mean."""
+    from difffeat.capture import Capture, head_mean
+    from difffeat.segment.selfmaps import mean_self_map
+
+    sample, t, ehs = inputs
+    reducers, stream = seg.observation_reducers((32, 32))
+    with Capture(seg.backbone, names or seg.activation_names(), grid=(32, 32), early_exit=False, map_reducer=head_mean,
+                 map_reducers=reducers) as cap:
+        with torch.no_grad():
+            seg.backbone.denoiser(sample, t, encoder_hidden_states=ehs, return_dict=False)
+    acts = {n: v[1:] for n, v in cap.activations.items()}
+    if stream is not None:
+        return acts, stream.finish(acts, tuple(acts[seg.ref_name].shape[-2:]))
+    mass = seg.settings.self_map_resize == "mass-preserving"  # the maps kept whole: their mean, as goca_scores takes it
+    return acts, mean_self_map(acts, seg.refine_names, (32, 32), (32, 32), mass) if seg.settings.refine_order > 0 else None
+
+
+@pytest.mark.parametrize("self_step", [None, 0])
+def test_maps_aggregation_is_goca_on_the_step_mean_cross_maps_with_the_self_steps_weights(tiny_pipes, self_step):
+    """aggregate="maps" (the default): per layer, the cross maps of the traced steps are averaged; GOCA's
+    decision runs once on that mean with the layer weights and refinement mean of the self step (default: the
+    traced step whose timestep is nearest the settings' t). Recomputed here from Capture on the recorded
+    inputs of each step (the same kernels on the same data): equal."""
+    from difffeat.segment.segmenter import goca_layer_weights, goca_scores
+
+    pipe = tiny_pipes("sd")
+    steps = [0, 2]
+    tc, recorded = _traced_with_inputs(pipe, steps, self_step=self_step)
+    timesteps = [float(t) for t in pipe.scheduler.timesteps]
+    seg = tc.segmenter
+    expected_self = self_step if self_step is not None else min(steps, key=lambda i: abs(timesteps[i] - seg.settings.t))
+    assert tc.used_self_step == expected_self and tc.traced_steps == 2
+    observed = {k: _capture_step(seg, recorded[k]) for k in steps}
+    mean = {n: (observed[0][0][n] + observed[2][0][n]) / 2 for n in seg.cross_names}
+    acts, refine = observed[expected_self]
+    weights = goca_layer_weights(seg.settings, acts, (32, 32), seg.cross_names, seg.self_names, seg.ref_name)
+    cls, support, _ = goca_scores(seg.settings, tc.layouts[0], mean, (32, 32), seg.cross_names, seg.self_names,
+                                  seg.ref_name, seg.refine_names, refine, weights=weights)
+    result = tc.result(0)
+    assert torch.equal(result.class_maps, cls[0]) and torch.equal(result.support, support[0])
+    assert result.layer_weights == [float(w) for w in weights[0]]
+    assert result.settings["aggregate"] == "maps" and result.settings["self_step"] == expected_self
+
+
+def test_steps_aggregation_averages_goca_decisions_of_every_traced_step(tiny_pipes):
+    """aggregate="steps": each traced step decided on its own maps (its own layer weights and refinement), the
+    class scores averaged: equal to the mean of GOCA's decisions on Capture of each recorded step."""
+    from difffeat.segment.segmenter import goca_scores
+
+    pipe = tiny_pipes("sd")
+    tc, recorded = _traced_with_inputs(pipe, [0, 2], aggregate="steps")
+    seg = tc.segmenter
+    per_step = []
+    for k in (0, 2):
+        acts, refine = _capture_step(seg, recorded[k])
+        cls, _, _ = goca_scores(seg.settings, tc.layouts[0], acts, (32, 32), seg.cross_names, seg.self_names,
+                                seg.ref_name, seg.refine_names, refine)
+        per_step.append(cls[0])
+    assert tc.used_self_step is None and tc.traced_steps == 2
+    assert torch.equal(tc.result(0).class_maps, (per_step[0] + per_step[1]) / 2)
+
+
+def test_capture_of_some_samples_equals_the_whole_batchs_rows(tiny_pipes):
+    """Capture(batch=slice) computes maps and features of those samples only, equal to the whole batch's rows
+    (the same kernels on the same data); the forward itself is untouched."""
+    from difffeat.capture import Capture, head_mean
+
+    pipe = tiny_pipes("sd")
+    backbone = difffeat.load(pipe)
+    seg = difffeat.Segmenter(backbone)
+    names = seg.activation_names() + ["up_blocks.1.resnets.2"]
+    gen = torch.Generator().manual_seed(0)
+    sample, ehs = torch.randn(2, 4, 32, 32, generator=gen), torch.randn(2, 77, pipe.unet.config.cross_attention_dim, generator=gen)
+    outs, acts = [], []
+    for batch in (None, slice(1, 2)):
+        with Capture(backbone, names, grid=(32, 32), early_exit=False, map_reducer=head_mean, batch=batch) as cap:
+            with torch.no_grad():
+                outs.append(pipe.unet(sample, 10, encoder_hidden_states=ehs, return_dict=False)[0])
+        acts.append(cap.activations)
+    assert torch.equal(outs[0], outs[1])
+    for n in names:
+        assert acts[1][n].shape[0] == 1
+        assert torch.equal(acts[1][n], acts[0][n][1:])
+
+
+def test_bad_aggregation_settings_are_refused_before_any_observation(tiny_pipes):
+    pipe = tiny_pipes("sd")
+    with pytest.raises(InvalidOptionError, match="aggregate must be one of maps, steps"):
+        difffeat.trace(pipe, PROMPT, CLASSES, aggregate="mean")
+    with pytest.raises(InvalidOptionError, match="not one of the traced steps"):
+        difffeat.trace(pipe, PROMPT, CLASSES, steps=[1, 2], self_step=0)
+    with pytest.raises(InvalidOptionError, match='aggregate="maps"'):
+        difffeat.trace(pipe, PROMPT, CLASSES, aggregate="steps", self_step=0)
+    with pytest.raises(InvalidOptionError, match="step index >= 0"):
+        difffeat.trace(pipe, PROMPT, CLASSES, self_step=-1)
+    den = pipe.unet
+    before = _hook_count(den)
+    with pytest.raises(InvalidOptionError, match=r"self_step 7 is outside the schedule: this call denoises in 3 steps"):
+        with difffeat.trace(pipe, PROMPT, CLASSES, self_step=7):
+            _call(pipe, "sd")
+    assert _hook_count(den) == before

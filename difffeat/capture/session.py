@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -63,6 +64,14 @@ def sequence_to_spatial(x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
     raise ValueError(f"a sequence of {n} tokens does not fit the image grid {h}x{w} at any power-of-two scale")
 
 
+def _samples(tensors: AttentionTensors, batch: slice) -> AttentionTensors:
+    """The attention tensors of the samples ``batch`` of the batch (a bias broadcast over the batch is kept)."""
+    bias = tensors.bias
+    if bias is not None and bias.ndim == 4 and bias.shape[0] != 1:
+        bias = bias[batch]
+    return replace(tensors, q=tensors.q[batch], k=tensors.k[batch], v=tensors.v[batch], bias=bias)
+
+
 def _attended(tensors: AttentionTensors, which: str) -> torch.Tensor:
     """The image tokens' attended queries, keys or values ``[B, heads, N, d]`` -> ``[B, N, heads * d]``."""
     x = tensors.q if which == "q" else {"k": tensors.k, "v": tensors.v}[which][:, :, tensors.image_keys]
@@ -92,6 +101,9 @@ class Capture:
             return the layer's output as ``probabilities @ V`` from the observer's own chunks instead of
             running SDPA again (saves one attention per observed layer). Activations after an observed layer
             then equal an unobserved forward's to float32 rounding, not bitwise; off by default.
+        batch: observe only these samples of the batch (e.g. ``slice(n, 2 * n)``, the conditional half of a
+            classifier-free-guidance batch): maps and features are computed and kept for them alone; the forward
+            itself is untouched. The fused output is off then (it would need every sample's attention).
 
     After the block: ``activations`` maps each requested canonical name to a tensor: ``[B, C, H, W]`` for
     features, the reducer's output for maps; ``shapes`` maps names to shapes.
@@ -111,6 +123,7 @@ class Capture:
         shapes_only: bool = False,
         chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
         fuse_output: bool = False,
+        batch: slice | None = None,
     ) -> None:
         if inputs is None and grid is None:
             raise ValueError("Capture needs the forward's inputs (DenoiserInputs) or the token grid")
@@ -132,7 +145,10 @@ class Capture:
         if int(chunk_elements) < 1:
             raise ValueError(f"chunk_elements must be >= 1, got {chunk_elements}")
         self.chunk_elements = int(chunk_elements)
-        self.fuse_output = bool(fuse_output)
+        if batch is not None and not isinstance(batch, slice):
+            raise ValueError(f"batch must be a slice of the batch's samples, got {batch!r}")
+        self.batch = batch
+        self.fuse_output = bool(fuse_output) and batch is None
         self.activations: dict[str, torch.Tensor] = {}
         self.shapes: dict[str, tuple[int, ...]] = {}
         self._pending: set[str] = set()
@@ -157,15 +173,15 @@ class Capture:
             for info in infos:
                 if info.name in self.shapes:  # a module called again (CogView4's ff: image, then text) keeps its first call
                     continue
-                x = _first_tensor(output, info.index)
-                self._store(info, sequence_to_spatial(self.layout.image_tokens(x, info.tokens == "joint"), self.grid))
+                x = self.layout.image_tokens(_first_tensor(output, info.index), info.tokens == "joint")
+                self._store(info, sequence_to_spatial(x if self.batch is None else x[self.batch], self.grid))
 
         return hook
 
     def _input_hook(self, info: ActivationInfo):
         def hook(module, args, kwargs):
             x = args[0] if args else kwargs.get("sample", kwargs.get("hidden_states"))
-            self._store(info, sequence_to_spatial(x, self.grid))
+            self._store(info, sequence_to_spatial(x if self.batch is None else x[self.batch], self.grid))
 
         return hook
 
@@ -176,6 +192,8 @@ class Capture:
             waits until the output is complete (the forward stops either way)."""
             if not self.fuse_output:
                 output_bhqd = None
+            if self.batch is not None:
+                tensors = _samples(tensors, self.batch)
             filled, stop = False, False
             for info in infos_by_module[module_path]:
                 if info.name in self.shapes:

@@ -40,7 +40,7 @@ from .rescale import class_scores, gaussian_blur, minmax, rescale_by_content
 from .selfmaps import SelfMapStream, grid_of, mean_self_map, propagate
 from .settings import DEFAULT_CONFIG, SegmentSettings, settings_for
 
-__all__ = ["decide", "goca_scores", "global_map"]
+__all__ = ["decide", "goca_scores", "global_map", "goca_layer_weights", "map_grid"]
 
 
 def decide(
@@ -71,6 +71,34 @@ def decide_labels(
     return labels
 
 
+def map_grid(acts: Mapping[str, torch.Tensor], grid: tuple[int, int], cross_names: Sequence[str]) -> tuple[int, int]:
+    """The largest grid (h, w) of the cross maps ``[B, HW_m, T]`` at ``cross_names``: the global map's grid."""
+    return max((grid_of(acts[n].shape[1], grid) for n in cross_names), key=lambda g: g[0] * g[1])
+
+
+def goca_layer_weights(
+    s: SegmentSettings,
+    acts: Mapping[str, torch.Tensor],
+    grid: tuple[int, int],
+    cross_names: Sequence[str],
+    self_names: Sequence[str],
+    ref_name: str,
+) -> torch.Tensor:
+    """The layer weights ``s_m`` ``[B, M]`` of :func:`global_map`: GOCA's reference-feature weights
+    (:func:`~difffeat.segment.aggregation.layer_weights` of the reference feature at ``ref_name`` and the self
+    maps at ``self_names``) for ``layers="goca"``, uniform ``1/M`` otherwise."""
+    maps = [acts[n] for n in cross_names]
+    if s.layers != "goca":
+        return torch.full((maps[0].shape[0], len(maps)), 1.0 / len(maps), device=maps[0].device)
+    size = map_grid(acts, grid, cross_names)
+    ref = acts[ref_name].float()
+    if s.pseudo_grid == "map" and tuple(ref.shape[-2:]) != size:
+        ref = F.interpolate(ref, size=size, mode="bilinear", align_corners=False)
+    selfs = [acts[n].float() for n in self_names]
+    mass = s.self_map_resize == "mass-preserving"
+    return layer_weights(ref, selfs, [grid_of(x.shape[1], grid) for x in selfs], s.ref_channels == "first", mass)
+
+
 def global_map(
     s: SegmentSettings,
     acts: Mapping[str, torch.Tensor],
@@ -79,27 +107,21 @@ def global_map(
     self_names: Sequence[str],
     ref_name: str,
     layer_scores: torch.Tensor | None = None,
+    weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """GOCA's global map ``A = sum_m s_m upsample(A_m)`` (clamped at 0, each pixel renormalised over text
-    positions) at the largest map grid: ``[B, T, H, W]``, and the layer weights ``s_m`` ``[B, M]`` (GOCA's
-    reference-feature weights for ``layers="goca"``, uniform otherwise). ``acts`` as :func:`goca_scores`
-    takes them; ``layer_scores`` ``[B, M]``: the scores ``<P, U(S_m)>`` when they were formed during the
-    forward (:mod:`difffeat.segment.layerscores`; then no self map or reference feature is needed)."""
+    positions) at the largest map grid: ``[B, T, H, W]``, and the layer weights ``s_m`` ``[B, M]``
+    (:func:`goca_layer_weights`). ``acts`` as :func:`goca_scores` takes them; ``layer_scores`` ``[B, M]``: the
+    scores ``<P, U(S_m)>`` when they were formed during the forward (:mod:`difffeat.segment.layerscores`; then
+    no self map or reference feature is needed); ``weights`` ``[B, M]``: the layer weights themselves when
+    already known (then neither is read either)."""
     maps = [acts[n].float() for n in cross_names]  # [B, HW_m, T]
     grids = [grid_of(m.shape[1], grid) for m in maps]
     size = max(grids, key=lambda g: g[0] * g[1])
-    b = maps[0].shape[0]
-    mass = s.self_map_resize == "mass-preserving"
-    if s.layers == "goca" and layer_scores is not None:
+    if weights is None and s.layers == "goca" and layer_scores is not None:
         weights = weights_from_scores(layer_scores.float())
-    elif s.layers == "goca":
-        ref = acts[ref_name].float()
-        if s.pseudo_grid == "map" and tuple(ref.shape[-2:]) != size:
-            ref = F.interpolate(ref, size=size, mode="bilinear", align_corners=False)
-        selfs = [acts[n].float() for n in self_names]
-        weights = layer_weights(ref, selfs, [grid_of(x.shape[1], grid) for x in selfs], s.ref_channels == "first", mass)
-    else:
-        weights = torch.full((b, len(maps)), 1.0 / len(maps), device=maps[0].device)
+    elif weights is None:
+        weights = goca_layer_weights(s, acts, grid, cross_names, self_names, ref_name)
     return combine_layers(maps, grids, weights, size), weights
 
 
@@ -114,6 +136,7 @@ def goca_scores(
     refine_names: Sequence[str],
     refine_mean: torch.Tensor | None = None,
     layer_scores: torch.Tensor | None = None,
+    weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """GOCA's decision maths on captured activations: layer weights, global map, rescaling, blur + min-max,
     background entities, refinement.
@@ -130,11 +153,13 @@ def goca_scores(
             (then the ``refine_names`` maps are not needed).
         layer_scores: the layer scores ``[B, M]`` when they were formed during the forward (then the
             ``self_names`` maps and the reference feature are not needed).
+        weights: the layer weights ``[B, M]`` when already known (:func:`goca_layer_weights`; then the
+            ``self_names`` maps and the reference feature are not needed).
     Returns:
         class maps ``[B, n_classes, H, W]``, supporting map ``[B, H, W]`` (zeros without entities), layer
         weights ``[B, M]``; (H, W) is the largest map grid.
     """
-    a, weights = global_map(s, acts, grid, cross_names, self_names, ref_name, layer_scores)  # [B, T, H, W]
+    a, weights = global_map(s, acts, grid, cross_names, self_names, ref_name, layer_scores, weights)  # [B, T, H, W]
     size = tuple(a.shape[-2:])
     mass = s.self_map_resize == "mass-preserving"
     groups = layout.class_tokens + layout.entity_tokens
