@@ -15,6 +15,10 @@
     python benchmarks/generate_shapes.py --steps 10 --guidances cfg,scfg-goca --n-probe 100   # the README's run
     python benchmarks/generate_shapes.py --n 10 --steps 10   # quick look
 
+One guidance per run, on a shared machine: ``--guidances cfg`` then ``--guidances scfg-goca`` with the same
+other options merge into one report and figure (a run replaces its guidances' entries and keeps the others when
+the report's settings match; otherwise it starts a new report).
+
 Label maps average the traced maps over the last ``--trace-last`` fraction of the steps (default: half):
 the shapes model's GOCA settings were chosen at t = 50, and the early, noisy steps blur the maps.
 
@@ -102,8 +106,10 @@ def main(argv: list[str] | None = None) -> dict:
     traced = list(range(int(round(args.steps * (1 - args.trace_last))), args.steps))
     report = {"model": "shapes", "n": args.n, "steps": args.steps, "traced_steps": traced, "guidance_scale": args.guidance_scale,
               "probe": {"features": PROBE_FEATURES + ["rgb"], "train_scenes": args.n_probe, **probe_score}, "guidance": {}}
+    report = _merge_into(args.out, report)
     examples: dict[str, list[tuple[Image.Image, np.ndarray, np.ndarray]]] = {}
     for mode in args.guidances.split(","):
+        mode_start = time.time()
         cm = ConfusionMatrix(N_CLASSES)
         found = 0
         shown = []
@@ -120,25 +126,58 @@ def main(argv: list[str] | None = None) -> dict:
             if len(shown) < 6:
                 shown.append((image, probed, goca))
         report["guidance"][mode] = {"goca_vs_probe_miou": round(100 * float(cm.miou()), 2),
-                                    "probe_finds_every_prompted_shape": round(found / len(items), 3)}
+                                    "probe_finds_every_prompted_shape": round(found / len(items), 3),
+                                    "seconds": round(time.time() - mode_start, 1)}
         examples[mode] = shown
         print(mode, report["guidance"][mode], flush=True)
         write_json(args.out, report)  # after each guidance: a cut-off run keeps what it measured
-    report["seconds"] = round(time.time() - start, 1)
+    report.setdefault("runs", []).append({"guidances": list(examples), "seconds": round(time.time() - start, 1)})
+    report["figure_rows"] = _figure(examples, args.figure, order=list(report["guidance"]), previous=report.get("figure_rows"))
     write_json(args.out, report)
-    _figure(examples, args.figure)
     return report
 
 
-def _figure(examples: dict[str, list], path: Path, scale: int = 2) -> None:
-    """Rows: one per guidance and example kind (image, probe, GOCA); columns: the first examples."""
-    rows = []
+_SETTINGS = ("model", "n", "steps", "traced_steps", "guidance_scale")
+
+
+def _merge_into(path: Path, report: dict) -> dict:
+    """The existing report at ``path`` with this run's settings, or ``report`` when none matches.
+
+    Same settings and the same probe (its training scenes and its test score): this run's guidances replace
+    their entries and the others stay, so one guidance per run builds the full report.
+    """
+    if not path.exists():
+        return report
+    import json
+
+    old = json.loads(path.read_text())
+    if any(old.get(k) != report[k] for k in _SETTINGS) or old.get("probe") != report["probe"] or "runs" not in old:
+        print(f"{path}: other settings or probe; starting a new report", flush=True)
+        return report
+    return {**old, "guidance": dict(old["guidance"])}
+
+
+def _figure(examples: dict[str, list], path: Path, order: list[str], previous: list[str] | None, scale: int = 2) -> list[str]:
+    """Rows: one band per guidance (image, probe, GOCA rows); columns: the first examples.
+
+    Bands of guidances this run did not measure are kept from the figure at ``path`` (``previous`` names its
+    bands in order). Returns the guidances of the written figure's bands, in order.
+    """
+    band_h = 3 * SIZE * scale
+    bands: dict[str, np.ndarray] = {}
+    if previous and path.exists():
+        old = np.asarray(Image.open(path).convert("RGB"))
+        bands = {m: old[i * band_h : (i + 1) * band_h] for i, m in enumerate(previous) if (i + 1) * band_h <= old.shape[0]}
     for mode, shown in examples.items():
+        rows = []
         for k in range(3):
             tiles = [(im.convert("RGB") if k == 0 else colorize(lab if k == 1 else goca).convert("RGB"))
                      for im, lab, goca in shown]
             rows.append(np.concatenate([np.asarray(t.resize((SIZE * scale, SIZE * scale), Image.NEAREST)) for t in tiles], axis=1))
-    Image.fromarray(np.concatenate(rows, axis=0)).save(path)
+        bands[mode] = np.concatenate(rows, axis=0)
+    kept = [m for m in order if m in bands and bands[m].shape[1] == bands[next(iter(examples))].shape[1]]
+    Image.fromarray(np.concatenate([bands[m] for m in kept], axis=0)).save(path)
+    return kept
 
 
 if __name__ == "__main__":
