@@ -589,11 +589,19 @@ CSS = """
 .difffeat-table { border-collapse: collapse; font-size: .9em; }
 .difffeat-table th, .difffeat-table td { border: 1px solid #ccc; padding: .2em .5em; text-align: left; }
 .difffeat-verdict { font-weight: 600; }
-#f-info code { white-space: normal; overflow-wrap: anywhere; }  /* long activation names wrap on a phone */
+#f-info code { white-space: normal; overflow-wrap: anywhere; }
+/* download names wrap instead of being cut ("a-red-circl... .png" four times on a phone) */
+#gen-files td.filename { flex: 1 1 auto !important; width: auto !important; }
+#gen-files .filename .stem { white-space: normal !important; overflow-wrap: anywhere !important;
+                  text-overflow: clip !important; overflow: visible !important; }
+#gen-files .filename .ext { flex: none !important; white-space: nowrap !important; }
+#gen-files td.download { flex: 0 0 auto !important; min-width: 0 !important; width: auto !important; white-space: nowrap; }  /* long activation names wrap on a phone */
 /* the catalog: names wrap at their dots (<wbr>), never mid-word; on a phone name and kind fill the screen and
    shape (C x H x W, which holds the resolution) is a swipe away; resolution and flags give way */
 #f-catalog .text.wrap { word-break: normal !important; overflow-wrap: normal !important; }
 @media (max-width: 640px) {
+  /* the four tab names fit a phone's width (gradio moves tabs that do not fit into a "more" menu) */
+  .tab-container button { padding-left: .4em !important; padding-right: .4em !important; font-size: 14px !important; }
   #f-catalog { font-size: 12px; }
   #f-catalog th:nth-child(n+4), #f-catalog td:nth-child(n+4), #f-catalog .body-cell:nth-child(n+4) { display: none !important; }
   #f-catalog td, #f-catalog th, #f-catalog .cell-wrap { white-space: normal !important; }
@@ -1023,10 +1031,10 @@ def build_demo(
                                             elem_id="gen-guidance")
                     gen_scale = gr.Number(value=5.0, label="guidance scale (> 1)", elem_id="gen-scale",
                                           info="how strongly the prompt steers the image (S-CFG and CFG need > 1)")
-                    with gr.Row():
-                        gen_steps = gr.Slider(1, 50, value=10, step=1, label="steps", elem_id="gen-steps",
-                                              info="denoising steps (more = slower)")
-                        gen_seed = gr.Number(value=0, precision=0, label="seed", elem_id="gen-seed")
+                    gen_steps = gr.Slider(1, 50, value=10, step=1, label="steps", elem_id="gen-steps",
+                                          info="denoising steps (more = slower)")
+                    gen_seed = gr.Number(value=0, precision=0, label="seed", elem_id="gen-seed",
+                                         info="the same seed and settings give the same image")
                     gen_btn = gr.Button("Generate", variant="primary", elem_id="gen-run")
                     gen_msg = gr.HTML(elem_id="gen-message")
                 with gr.Column():
