@@ -591,11 +591,12 @@ CSS = """
 .difffeat-verdict { font-weight: 600; }
 #f-info code { white-space: normal; overflow-wrap: anywhere; }
 /* download names wrap instead of being cut ("a-red-circl... .png" four times on a phone) */
-#gen-files td.filename { flex: 1 1 auto !important; width: auto !important; }
-#gen-files .filename .stem { white-space: normal !important; overflow-wrap: anywhere !important;
-                  text-overflow: clip !important; overflow: visible !important; }
-#gen-files .filename .ext { flex: none !important; white-space: nowrap !important; }
-#gen-files td.download { flex: 0 0 auto !important; min-width: 0 !important; width: auto !important; white-space: nowrap; }  /* long activation names wrap on a phone */
+#gen-files td.filename, #seg-file td.filename, #f-file td.filename { flex: 1 1 auto !important; width: auto !important; }
+#gen-files .filename .stem, #seg-file .filename .stem, #f-file .filename .stem { white-space: normal !important;
+                  overflow-wrap: anywhere !important; text-overflow: clip !important; overflow: visible !important; }
+#gen-files .filename .ext, #seg-file .filename .ext, #f-file .filename .ext { flex: none !important; white-space: nowrap !important; }
+#gen-files td.download, #seg-file td.download, #f-file td.download { flex: 0 0 auto !important; min-width: 0 !important;
+                  width: auto !important; white-space: nowrap; }  /* long activation names wrap on a phone */
 /* the catalog: names wrap at their dots (<wbr>), never mid-word; on a phone name and kind fill the screen and
    shape (C x H x W, which holds the resolution) is a swipe away; resolution and flags give way */
 #f-catalog .text.wrap { word-break: normal !important; overflow-wrap: normal !important; }
