@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> dict:
     for mode in args.guidances.split(","):
         mode_start = time.time()
         cm = ConfusionMatrix(N_CLASSES)
-        found = 0
+        found: list[int] = []  # per prompt: 1 if the probe finds every prompted shape
         shown = []
         for i, (caption, names) in list(enumerate(items))[lo : hi + 1]:
             with difffeat.trace(pipe, caption, names, steps=traced, guidance=SCFG(args.guidance_scale, mode)) as tc:
@@ -130,10 +130,11 @@ def main(argv: list[str] | None = None) -> dict:
             goca = lut[result.labels]  # world class indices
             probed = probe.predict(probe_input(fx, [image]))[0].numpy().astype(np.uint8)
             cm.update(probed, goca)
-            found += all(int((probed == world.CLASS_TO_INDEX[c]).sum()) >= world.MIN_VISIBLE_PX for c in names)
+            found.append(int(all(int((probed == world.CLASS_TO_INDEX[c]).sum()) >= world.MIN_VISIBLE_PX for c in names)))
             if len(shown) < 6:
                 shown.append((image, probed, goca))
-        part = {"prompts": [[lo, hi]], "images": hi - lo + 1, "found": found, "confusion": cm.counts.tolist(),
+        part = {"prompts": [[lo, hi]], "images": hi - lo + 1, "found": sum(found), "found_per_prompt": {str(lo): found},
+                "confusion": cm.counts.tolist(),
                 "seconds": round(time.time() - mode_start, 1)}
         report["guidance"][mode] = _add_part(report["guidance"].get(mode), part)
         if lo == 0:
@@ -160,6 +161,7 @@ def _add_part(entry: dict | None, part: dict) -> dict:
     else:
         total = {"prompts": sorted(ranges + part["prompts"]), "images": entry["images"] + part["images"],
                  "found": entry["found"] + part["found"],
+                 "found_per_prompt": {**entry.get("found_per_prompt", {}), **part["found_per_prompt"]},
                  "confusion": (np.array(entry["confusion"]) + np.array(part["confusion"])).tolist(),
                  "seconds": round(entry["seconds"] + part["seconds"], 1)}
     cm = ConfusionMatrix(N_CLASSES)
