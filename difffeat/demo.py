@@ -1061,12 +1061,13 @@ def build_demo(
                               [gen_image, gen_overlay, gen_labels, gen_heat, gen_files], **hidden)
             generated.success(lambda: gr.update(visible=False), None, [gen_info], **hidden)
             gen_prompt.change(class_hint, [gen_prompt, model_box], [gen_classes], **hidden)
-            demo.load(class_hint, [gen_prompt, model_box], [gen_classes], **hidden)
+            loaded.success(class_hint, [gen_prompt, model_box], [gen_classes], **hidden)  # another model's words
 
         page_outputs = [status, known, offer, t_box, tau]
         first = demo.load(first_page, [model_box], [*page_outputs, image, classes], api_visibility="private",
                           show_progress_on=[load_msg])
         first.success(segment, seg_inputs, seg_outputs, api_visibility="private", show_progress_on=[seg_msg])
+        first.success(class_hint, [gen_prompt, model_box], [gen_classes], **hidden)  # the model has loaded now
         first.failure(load_failed, [model_box], [status], api_visibility="private", show_progress="hidden")
         loaded.success(model_state, [model_box], page_outputs, api_visibility="private", show_progress_on=[load_msg]).success(
             catalog_view, view_inputs, view_outputs, api_visibility="private", show_progress_on=[load_msg])
