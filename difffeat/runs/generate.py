@@ -239,6 +239,7 @@ def run_generate(backbone: Any, items: list[PromptItem], job: GenerateJob, state
     """Generate every prompt's image with its label map into ``job.out_dir`` (see the module docstring).
     ``settings``: :class:`~difffeat.segment.SegmentSettings` fields of the traced maps."""
     out_dir = Path(job.out_dir)
+    SCFG(job.guidance_scale, job.guidance)  # the guidance is checked before the run folder is opened
     run_settings = {"guidance": job.guidance, "guidance_scale": job.guidance_scale, "steps": job.steps,
                     "trace_steps": list(job.trace_steps) if job.trace_steps else None, "seed": job.seed,
                     "resolution": job.resolution, "heatmaps": job.heatmaps, **settings}
@@ -246,7 +247,6 @@ def run_generate(backbone: Any, items: list[PromptItem], job: GenerateJob, state
     run = Run(Manifest("generate", str(backbone.name), run_settings, dataset), out_dir, state, job.overwrite,
               job.progress).open()
     todo, done = run.split(range(len(items)), lambda i: segment_done(out_dir, items[i].id))
-    SCFG(job.guidance_scale, job.guidance)  # the guidance is checked before the first generation
     bar = run.bar(len(todo), "generate")
     for i in todo:
         it = items[i]
