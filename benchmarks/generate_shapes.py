@@ -15,6 +15,14 @@
     python benchmarks/generate_shapes.py --steps 10 --guidances cfg,scfg-goca --n-probe 100   # the README's run
     python benchmarks/generate_shapes.py --n 10 --steps 10   # quick look
 
+Smaller runs on a shared machine: one guidance per run (``--guidances cfg`` then ``--guidances scfg-goca``) and
+part of the prompts per run (``--prompts 0-49`` then ``--prompts 50-99``), with the same other options, merge into
+one report and figure: when the report's settings and probe match, a run adds its prompts' counts (confusion
+matrix, images with every shape found) to its guidance's entry, or replaces the entry when the prompts overlap;
+other guidances stay. The figure's band of a guidance comes from the run that generated its prompt 0.
+
+    python benchmarks/generate_shapes.py --steps 10 --guidances scfg-goca --n-probe 100 --prompts 0-49
+
 Label maps average the traced maps over the last ``--trace-last`` fraction of the steps (default: half):
 the shapes model's GOCA settings were chosen at t = 50, and the early, noisy steps blur the maps.
 
@@ -88,6 +96,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--guidance-scale", type=float, default=5.0)
     ap.add_argument("--n-probe", type=int, default=200)
     ap.add_argument("--guidances", default="cfg,scfg-goca,scfg")
+    ap.add_argument("--prompts", default=None, help="the prompt indices of this run, A-B (inclusive; default all --n)")
     ap.add_argument("--trace-last", type=float, default=0.5, help="fraction of the steps (the last ones) whose maps make the label maps")
     ap.add_argument("--out", type=Path, default=RESULTS / "generate_shapes.json")
     ap.add_argument("--figure", type=Path, default=RESULTS / "generate_shapes.png")
@@ -99,15 +108,20 @@ def main(argv: list[str] | None = None) -> dict:
     fx = difffeat.FeatureExtractor(backbone, PROBE_FEATURES, t=50, batch_size=32)
     probe, probe_score = fit_probe(fx, args.n_probe, args.n)
     items = prompts(args.n)
+    lo, hi = (int(x) for x in args.prompts.split("-")) if args.prompts else (0, args.n - 1)
+    if not 0 <= lo <= hi < args.n:
+        raise SystemExit(f"--prompts {args.prompts}: a range A-B within 0-{args.n - 1}")
     traced = list(range(int(round(args.steps * (1 - args.trace_last))), args.steps))
     report = {"model": "shapes", "n": args.n, "steps": args.steps, "traced_steps": traced, "guidance_scale": args.guidance_scale,
               "probe": {"features": PROBE_FEATURES + ["rgb"], "train_scenes": args.n_probe, **probe_score}, "guidance": {}}
+    report = _merge_into(args.out, report)
     examples: dict[str, list[tuple[Image.Image, np.ndarray, np.ndarray]]] = {}
     for mode in args.guidances.split(","):
+        mode_start = time.time()
         cm = ConfusionMatrix(N_CLASSES)
-        found = 0
+        found: list[int] = []  # per prompt: 1 if the probe finds every prompted shape
         shown = []
-        for i, (caption, names) in enumerate(items):
+        for i, (caption, names) in list(enumerate(items))[lo : hi + 1]:
             with difffeat.trace(pipe, caption, names, steps=traced, guidance=SCFG(args.guidance_scale, mode)) as tc:
                 image = pipe(caption, num_inference_steps=args.steps, guidance_scale=args.guidance_scale, height=SIZE,
                              width=SIZE, generator=torch.Generator().manual_seed(i)).images[0]
@@ -116,29 +130,84 @@ def main(argv: list[str] | None = None) -> dict:
             goca = lut[result.labels]  # world class indices
             probed = probe.predict(probe_input(fx, [image]))[0].numpy().astype(np.uint8)
             cm.update(probed, goca)
-            found += all(int((probed == world.CLASS_TO_INDEX[c]).sum()) >= world.MIN_VISIBLE_PX for c in names)
+            found.append(int(all(int((probed == world.CLASS_TO_INDEX[c]).sum()) >= world.MIN_VISIBLE_PX for c in names)))
             if len(shown) < 6:
                 shown.append((image, probed, goca))
-        report["guidance"][mode] = {"goca_vs_probe_miou": round(100 * float(cm.miou()), 2),
-                                    "probe_finds_every_prompted_shape": round(found / len(items), 3)}
-        examples[mode] = shown
-        print(mode, report["guidance"][mode], flush=True)
+        part = {"prompts": [[lo, hi]], "images": hi - lo + 1, "found": sum(found), "found_per_prompt": {str(lo): found},
+                "confusion": cm.counts.tolist(),
+                "seconds": round(time.time() - mode_start, 1)}
+        report["guidance"][mode] = _add_part(report["guidance"].get(mode), part)
+        if lo == 0:
+            examples[mode] = shown
+        print(mode, {k: v for k, v in report["guidance"][mode].items() if k != "confusion"}, flush=True)
         write_json(args.out, report)  # after each guidance: a cut-off run keeps what it measured
-    report["seconds"] = round(time.time() - start, 1)
+    report.setdefault("runs", []).append({"guidances": args.guidances.split(","), "prompts": [lo, hi],
+                                          "seconds": round(time.time() - start, 1)})
+    if examples:
+        report["figure_rows"] = _figure(examples, args.figure, order=list(report["guidance"]), previous=report.get("figure_rows"))
     write_json(args.out, report)
-    _figure(examples, args.figure)
     return report
 
 
-def _figure(examples: dict[str, list], path: Path, scale: int = 2) -> None:
-    """Rows: one per guidance and example kind (image, probe, GOCA); columns: the first examples."""
-    rows = []
+_SETTINGS = ("model", "n", "steps", "traced_steps", "guidance_scale")
+
+
+def _add_part(entry: dict | None, part: dict) -> dict:
+    """A guidance's entry with this run's prompts added (counts summed), or this run's alone when the entry has
+    no counts or already holds some of these prompts; the figures recomputed from the counts."""
+    ranges = (entry or {}).get("prompts", [])
+    if entry is None or "confusion" not in entry or any(a <= part["prompts"][0][1] and part["prompts"][0][0] <= b for a, b in ranges):
+        total = dict(part)
+    else:
+        total = {"prompts": sorted(ranges + part["prompts"]), "images": entry["images"] + part["images"],
+                 "found": entry["found"] + part["found"],
+                 "found_per_prompt": {**entry.get("found_per_prompt", {}), **part["found_per_prompt"]},
+                 "confusion": (np.array(entry["confusion"]) + np.array(part["confusion"])).tolist(),
+                 "seconds": round(entry["seconds"] + part["seconds"], 1)}
+    cm = ConfusionMatrix(N_CLASSES)
+    cm.counts = np.array(total["confusion"], dtype=np.int64)
+    return {"goca_vs_probe_miou": round(100 * float(cm.miou()), 2),
+            "probe_finds_every_prompted_shape": round(total["found"] / total["images"], 3), **total}
+
+
+def _merge_into(path: Path, report: dict) -> dict:
+    """The existing report at ``path`` with this run's settings, or ``report`` when none matches.
+
+    Same settings and the same probe (its training scenes and its test score): this run's guidances replace
+    their entries and the others stay, so one guidance per run builds the full report.
+    """
+    if not path.exists():
+        return report
+    import json
+
+    old = json.loads(path.read_text())
+    if any(old.get(k) != report[k] for k in _SETTINGS) or old.get("probe") != report["probe"] or "runs" not in old:
+        print(f"{path}: other settings or probe; starting a new report", flush=True)
+        return report
+    return {**old, "guidance": dict(old["guidance"])}
+
+
+def _figure(examples: dict[str, list], path: Path, order: list[str], previous: list[str] | None, scale: int = 2) -> list[str]:
+    """Rows: one band per guidance (image, probe, GOCA rows); columns: the first examples.
+
+    Bands of guidances this run did not measure are kept from the figure at ``path`` (``previous`` names its
+    bands in order). Returns the guidances of the written figure's bands, in order.
+    """
+    band_h = 3 * SIZE * scale
+    bands: dict[str, np.ndarray] = {}
+    if previous and path.exists():
+        old = np.asarray(Image.open(path).convert("RGB"))
+        bands = {m: old[i * band_h : (i + 1) * band_h] for i, m in enumerate(previous) if (i + 1) * band_h <= old.shape[0]}
     for mode, shown in examples.items():
+        rows = []
         for k in range(3):
             tiles = [(im.convert("RGB") if k == 0 else colorize(lab if k == 1 else goca).convert("RGB"))
                      for im, lab, goca in shown]
             rows.append(np.concatenate([np.asarray(t.resize((SIZE * scale, SIZE * scale), Image.NEAREST)) for t in tiles], axis=1))
-    Image.fromarray(np.concatenate(rows, axis=0)).save(path)
+        bands[mode] = np.concatenate(rows, axis=0)
+    kept = [m for m in order if m in bands and bands[m].shape[1] == bands[next(iter(examples))].shape[1]]
+    Image.fromarray(np.concatenate([bands[m] for m in kept], axis=0)).save(path)
+    return kept
 
 
 if __name__ == "__main__":

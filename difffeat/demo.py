@@ -1,9 +1,10 @@
 """The Gradio demo behind ``difffeat demo`` (``apps/demo.py`` is a launcher for it).
 
-Three tabs over the public API: *Segment* (:class:`difffeat.Segmenter`), *Features* (the catalog and
-:class:`difffeat.FeatureExtractor` with a PCA view) and *Content shift* (``difffeat.shift.gate_img2img``).
+Four tabs over the public API: *Segment* (:class:`difffeat.Segmenter`), *Features* (the catalog and
+:class:`difffeat.FeatureExtractor` with a PCA view), *Content shift* (``difffeat.shift.gate_img2img``) and
+*Generate* (``difffeat.runs.generate_image``: a traced generation with its GOCA label map, CFG or S-CFG).
 Gradio is imported only inside :func:`build_demo`, so the helpers here (:class:`ModelCache`, :func:`pca_rgb`,
-:func:`run_segment` ...) work without it.
+:func:`run_segment`, :func:`run_generation` ...) work without it.
 
     from difffeat.demo import build_demo
     build_demo("shapes").queue(default_concurrency_limit=1).launch()
@@ -11,9 +12,12 @@ Gradio is imported only inside :func:`build_demo`, so the helpers here (:class:`
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import tempfile
 import threading
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,6 +45,9 @@ __all__ = [
     "catalog_rows",
     "pca_rgb",
     "run_features",
+    "GenerateOutput",
+    "run_generation",
+    "generation_stem",
     "preset_choices",
     "PRESET_PREFIX",
     "bundled_examples",
@@ -179,7 +186,7 @@ def run_segment(
     Label colours are :func:`~difffeat.segment.outputs.label_colors` of the image (never its own colours)."""
     from . import Segmenter
     from .images import to_rgb
-    from .segment.outputs import colorize, display_scale, enlarge, heatmap_image, label_colors, overlay
+    from .segment.outputs import display_scale
     from .segment.vocabulary import check_class_words
 
     check = check_class_words(parse_classes(classes), model.backbone, drop_unknown=True)
@@ -188,6 +195,14 @@ def run_segment(
     seg = Segmenter(model.backbone, **{k: v for k, v in overrides.items() if v is not None})
     with model.lock:  # names already checked: the Segmenter re-warns (server log) only about unknown words
         result = seg(rgb, check.names)
+    return SegmentOutput(*_result_view(rgb, result), result, check, display_scale(rgb.size))
+
+
+def _result_view(rgb: Image.Image, result: Any) -> tuple:
+    """(overlay, labels view, labels PNG, legend, heat maps) of a segmentation of ``rgb``: pictures enlarged to a
+    readable size (nearest), label colours :func:`~difffeat.segment.outputs.label_colors` of the image."""
+    from .segment.outputs import colorize, display_scale, enlarge, heatmap_image, label_colors, overlay
+
     colors = label_colors(rgb, len(result.classes))
     legend = [("background", tuple(int(c) for c in colors[0]))]
     legend += [(c, tuple(int(x) for x in colors[i])) for c, i in result.class_index.items()]
@@ -195,8 +210,67 @@ def run_segment(
     maps = result.class_maps.float().numpy()  # [n_classes, h, w] at map resolution
     heat = [(heatmap_image(m, display_scale(m.shape[::-1], 256)), c) for m, c in zip(maps, result.classes)]
     labels = colorize(result.labels, colors)
-    return SegmentOutput(overlay(rgb, result.labels, scale=scale, colors=colors), enlarge(labels.convert("RGB"), scale),
-                         labels, legend, heat, result, check, scale)
+    return (overlay(rgb, result.labels, scale=scale, colors=colors), enlarge(labels.convert("RGB"), scale), labels,
+            legend, heat)
+
+
+# --------------------------------------------------------------------------- generate
+@dataclass
+class GenerateOutput:
+    """What the Generate tab shows: the generated image and its segmentation's pictures, enlarged to a readable
+    size (nearest), the label map at the image's size for download, and the warnings about the class words."""
+
+    image_view: Image.Image
+    overlay: Image.Image
+    labels_view: Image.Image
+    labels: Image.Image  # palette PNG at the image size (pixel value = label)
+    legend: list[tuple[str, tuple[int, int, int]]]
+    heatmaps: list[tuple[Image.Image, str]]
+    generated: Any  # difffeat.runs.GeneratedImage
+    warnings: list[str]
+    scale: int = 1
+
+
+def run_generation(
+    model: LoadedModel,
+    prompt: str,
+    classes: str | Sequence[str] | None,
+    *,
+    guidance: str = "scfg-goca",
+    guidance_scale: float = 5.0,
+    steps: int = 10,
+    seed: int = 0,
+) -> GenerateOutput:
+    """Generate ``prompt``'s image with :func:`difffeat.runs.generate_image` and segment it into ``classes``
+    (blank: the prompt's words the model can segment, :func:`difffeat.runs.prompt_class_words`). Typed words
+    pass :func:`~difffeat.segment.vocabulary.check_class_words` first (unknown words left out, as in the
+    Segment tab); a word the prompt does not contain is a warning naming the prompt's words."""
+    from .runs import generate_image
+    from .segment.outputs import display_scale, enlarge
+    from .segment.vocabulary import check_class_words
+    from .tracing import ClassNotInPromptWarning
+
+    names = parse_classes(classes)
+    notes: list[str] = []
+    if names:
+        check = check_class_words(names, model.backbone, drop_unknown=True)
+        names = check.names
+        notes += [f"“{a}” was read as “{b}”" for a, b in check.renamed.items()] + check.warnings
+    with model.lock, warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ClassNotInPromptWarning)
+        out = generate_image(model.backbone, prompt, names or None, guidance=guidance, guidance_scale=guidance_scale,
+                             steps=steps, seed=seed)
+    notes += [str(w.message) for w in caught if issubclass(w.category, ClassNotInPromptWarning)]
+    rgb = out.image.convert("RGB")
+    scale = display_scale(rgb.size)
+    return GenerateOutput(enlarge(rgb, scale), *_result_view(rgb, out.result), out, notes, scale)
+
+
+def generation_stem(prompt: str, seed: int, guidance: str, words: int = 6) -> str:
+    """The file name stem of a generation's downloads: the prompt's first ``words`` words, the seed and the
+    guidance (``"a-red-circle-and-a-blue_seed0_scfg-goca"``)."""
+    slug = "-".join(re.findall(r"[a-z0-9]+", (prompt or "").lower())[:words]) or "generated"
+    return f"{slug}_seed{int(seed)}_{guidance}"
 
 
 def legend_html(legend: Sequence[tuple[str, tuple[int, int, int]]], pixels: dict[str, int] | None = None) -> str:
@@ -478,6 +552,9 @@ class ErrorBoard:
             return self._last.pop(self._key(request), "something went wrong; see the server log")
 
 
+#: the Generate tab's first prompt (a caption of the shapes world, the default model's own caption style)
+GENERATE_PROMPT = "a red circle and a blue star on a striped green background"
+
 #: one line of help for each Advanced option (the GOCA switches; method: shared/method.md section 3)
 ADVANCED_HELP = {
     "t": "how much noise is added before the one denoiser forward that is read (0 = none, 999 = pure noise); "
@@ -493,29 +570,39 @@ ADVANCED_HELP = {
 }
 
 CSS = """
-#seg-image img, #f-image img, #g-image img { image-rendering: pixelated; width: 100%; height: 100%; object-fit: contain; }
+#seg-image img, #f-image img, #g-image img, #gen-image img, #gen-overlay img, #gen-labels img { image-rendering: pixelated; width: 100%; height: 100%; object-fit: contain; }
 .difffeat-warning { color: #a15c00; font-weight: 600; }
 .difffeat-error { color: #b00020; font-weight: 600; padding: .4em .6em; border: 1px solid #b00020; border-radius: 6px;
                   background: #fff0f0; }
 /* galleries as tall as their pictures, no fixed blank box below */
-#seg-heat .grid-wrap, #g-panels .grid-wrap { min-height: 0 !important; height: auto !important; max-height: none !important; }
-#seg-heat .grid-container, #g-panels .grid-container { padding-top: 30px !important; }  /* below the gallery's label */
+#seg-heat .grid-wrap, #g-panels .grid-wrap, #gen-heat .grid-wrap { min-height: 0 !important; height: auto !important; max-height: none !important; }
+#seg-heat .grid-container, #g-panels .grid-container, #gen-heat .grid-container { padding-top: 30px !important; }  /* below the gallery's label */
 /* gallery captions wrap instead of being cut ("without" / "with" must stay apart on a phone), under the picture */
-#seg-heat .caption-label, #g-panels .caption-label { white-space: normal !important; overflow: visible !important;
+#seg-heat .caption-label, #g-panels .caption-label, #gen-heat .caption-label { white-space: normal !important; overflow: visible !important;
                   text-overflow: clip !important; max-width: 100% !important; position: static !important;
                   display: block; text-align: center; }
-#seg-heat .thumbnail-item, #g-panels .thumbnail-item { aspect-ratio: auto !important; height: auto !important;
+#seg-heat .thumbnail-item, #g-panels .thumbnail-item, #gen-heat .thumbnail-item { aspect-ratio: auto !important; height: auto !important;
                   overflow: visible !important; }
-#seg-heat .thumbnail-item img, #g-panels .thumbnail-item img { object-fit: contain !important; height: auto !important;
+#seg-heat .thumbnail-item img, #g-panels .thumbnail-item img,
+#gen-heat .thumbnail-item img { object-fit: contain !important; height: auto !important;
                   width: 100% !important; image-rendering: pixelated; }
 .difffeat-table { border-collapse: collapse; font-size: .9em; }
 .difffeat-table th, .difffeat-table td { border: 1px solid #ccc; padding: .2em .5em; text-align: left; }
 .difffeat-verdict { font-weight: 600; }
-#f-info code { white-space: normal; overflow-wrap: anywhere; }  /* long activation names wrap on a phone */
+#f-info code { white-space: normal; overflow-wrap: anywhere; }
+/* download names wrap instead of being cut ("a-red-circl... .png" four times on a phone) */
+#gen-files td.filename, #seg-file td.filename, #f-file td.filename { flex: 1 1 auto !important; width: auto !important; }
+#gen-files .filename .stem, #seg-file .filename .stem, #f-file .filename .stem { white-space: normal !important;
+                  overflow-wrap: anywhere !important; text-overflow: clip !important; overflow: visible !important; }
+#gen-files .filename .ext, #seg-file .filename .ext, #f-file .filename .ext { flex: none !important; white-space: nowrap !important; }
+#gen-files td.download, #seg-file td.download, #f-file td.download { flex: 0 0 auto !important; min-width: 0 !important;
+                  width: auto !important; white-space: nowrap; }  /* long activation names wrap on a phone */
 /* the catalog: names wrap at their dots (<wbr>), never mid-word; on a phone name and kind fill the screen and
    shape (C x H x W, which holds the resolution) is a swipe away; resolution and flags give way */
 #f-catalog .text.wrap { word-break: normal !important; overflow-wrap: normal !important; }
 @media (max-width: 640px) {
+  /* the four tab names fit a phone's width (gradio moves tabs that do not fit into a "more" menu) */
+  .tab-container button { padding-left: .4em !important; padding-right: .4em !important; font-size: 14px !important; }
   #f-catalog { font-size: 12px; }
   #f-catalog th:nth-child(n+4), #f-catalog td:nth-child(n+4), #f-catalog .body-cell:nth-child(n+4) { display: none !important; }
   #f-catalog td, #f-catalog th, #f-catalog .cell-wrap { white-space: normal !important; }
@@ -563,7 +650,9 @@ def build_demo(
     default) -> (overlay, labels view, legend HTML, heat maps, label PNG file, status, message);
     ``features`` (image, model, activation or preset:NAME, prompt, t) -> (PCA picture, .safetensors, info,
     status); ``gate`` (image, model, prompt, technique, strength, steps) -> (panels, verdict and table HTML,
-    status). The page loads with the first bundled example segmented.
+    status); ``generate`` (prompt, classes, model, guidance, guidance scale, steps, seed) -> (image, overlay,
+    labels view, legend HTML, heat maps, the downloads [image, label PNG, overlay, JSON], status, message).
+    The page loads with the first bundled example segmented.
     """
     import gradio as gr
 
@@ -734,6 +823,53 @@ def build_demo(
                 errors.raise_(request, exc)
             return gate_panels(cmp), gate_html(cmp), cache.describe(model_name)
 
+    @takes(request=gr.Request)
+    def generate(prompt, classes, model_name, guidance, guidance_scale, steps, seed, request: gr.Request,
+                 progress=gr.Progress()):
+        with meter:
+            try:
+                scale = _number(guidance_scale, float, "guidance scale")
+                steps, seed = _number(steps, int, "steps"), _number(seed, int, "seed")
+                if scale is None or steps is None or seed is None:
+                    raise gr.Error("guidance scale, steps and seed need a number each (e.g. 5, 10, 0)", print_exception=False)
+                m = get_model(model_name, progress)
+                progress(None, desc=f"generating ({steps} steps) ...")
+                out = run_generation(m, prompt or "", classes, guidance=guidance, guidance_scale=scale, steps=steps, seed=seed)
+            except (gr.Error, DifffeatError, ValueError, TypeError) as exc:
+                errors.raise_(request, exc)
+            for w in out.warnings:
+                gr.Warning(w)
+            gen, result = out.generated, out.generated.result
+            folder = Path(tempfile.mkdtemp(dir=outdir))
+            stem = generation_stem(gen.prompt, gen.seed, gen.guidance)
+            files = [folder / f"{stem}.png", folder / f"{stem}_labels.png", folder / f"{stem}_overlay.png",
+                     folder / f"{stem}.json"]
+            gen.image.save(files[0], format="PNG")
+            out.labels.save(files[1], format="PNG")
+            out.overlay.save(files[2], format="PNG")
+            files[3].write_text(json.dumps({"prompt": gen.prompt, "seed": gen.seed, "guidance": gen.guidance,
+                                            "guidance_scale": gen.guidance_scale, "steps": gen.steps,
+                                            **result.to_json()}, indent=2))
+            w, h = gen.image.size
+            done = (f"generated {w}x{h} px: {gen.steps} steps, {gen.guidance} at guidance scale {gen.guidance_scale:g}, "
+                    f"seed {gen.seed}; segmented into {', '.join(result.classes)}")
+            if out.scale > 1:
+                done += f"; shown {out.scale}x enlarged (nearest), the downloads are {w}x{h}"
+            lines = "".join(f'<div class="difffeat-warning">⚠️ {_esc(n)}</div>' for n in out.warnings)
+            pixels = result.to_json()["pixels_per_class"]
+            return (out.image_view, out.overlay, out.labels_view, legend_html(out.legend, pixels), out.heatmaps,
+                    [str(f) for f in files], cache.describe(model_name), lines + f"<div>{_esc(done)}</div>")
+
+    def class_hint(prompt, model_name):
+        """The class box's placeholder: the words of the prompt that a blank box segments."""
+        from .runs import prompt_class_words
+
+        if not cache.loaded(model_name):
+            return gr.skip()
+        words = prompt_class_words(prompt or "", cache.get(model_name).backbone)
+        return gr.update(placeholder=("blank = the prompt's class words: " + ", ".join(words)) if words
+                         else "the prompt names no class this model knows: type the words to segment")
+
     def shown(*components):
         """After a first result: show the output boxes that stayed hidden while empty (no blank boxes)."""
         updates = tuple(gr.update(visible=True) for _ in components)
@@ -880,10 +1016,58 @@ def build_demo(
             compared.failure(show_error, None, [g_msg], api_visibility="private", show_progress="hidden")
             compared.success(shown(g_out), None, [g_out], **hidden)
 
+        with gr.Tab("Generate"):
+            gr.Markdown(
+                "**Segment what you generate**: the model generates an image from the prompt while GOCA reads its "
+                "attention maps at every denoising step, so the image comes with its label map. Guidance: `cfg` "
+                "(classifier-free guidance), `scfg-goca` (S-CFG, each region's guidance rescaled by GOCA masks) or "
+                "`scfg` (S-CFG with its own masks)."
+            )
+            with gr.Row():
+                with gr.Column():
+                    gen_prompt = gr.Textbox(label="prompt", value=GENERATE_PROMPT, elem_id="gen-prompt", lines=2)
+                    gen_classes = gr.Textbox(label="classes to segment (comma-separated words of the prompt)",
+                                             placeholder="blank = the prompt's class words", elem_id="gen-classes")
+                    gen_guidance = gr.Radio(["cfg", "scfg-goca", "scfg"], value="scfg-goca", label="guidance",
+                                            elem_id="gen-guidance")
+                    gen_scale = gr.Number(value=5.0, label="guidance scale (> 1)", elem_id="gen-scale",
+                                          info="how strongly the prompt steers the image (S-CFG and CFG need > 1)")
+                    gen_steps = gr.Slider(1, 50, value=10, step=1, label="steps", elem_id="gen-steps",
+                                          info="denoising steps (more = slower)")
+                    gen_seed = gr.Number(value=0, precision=0, label="seed", elem_id="gen-seed",
+                                         info="the same seed and settings give the same image")
+                    gen_btn = gr.Button("Generate", variant="primary", elem_id="gen-run")
+                    gen_msg = gr.HTML(elem_id="gen-message")
+                with gr.Column():
+                    gen_info = gr.Markdown("Press **Generate**: the image, its label map and each class's scores appear "
+                                           "here.", elem_id="gen-info")
+                    with gr.Row():
+                        gen_image = gr.Image(type="pil", label="generated image", format="png", elem_id="gen-image",
+                                             visible=False, height=300, min_width=160)
+                        gen_overlay = gr.Image(type="pil", label="overlay", format="png", elem_id="gen-overlay",
+                                               visible=False, height=300, min_width=160)
+                    gen_labels = gr.Image(type="pil", label="label map", format="png", elem_id="gen-labels", visible=False,
+                                          height=300)
+                    gen_legend = gr.HTML(elem_id="gen-legend")
+                    gen_heat = gr.Gallery(label="class scores (0-1) at the attention maps' resolution", columns=3,
+                                          height="auto", elem_id="gen-heat", format="png", allow_preview=False, visible=False)
+                    gen_files = gr.File(label="downloads: image, label PNG (pixel value = class index), overlay, JSON",
+                                        file_count="multiple", elem_id="gen-files", visible=False)
+            gen_inputs = [gen_prompt, gen_classes, model_box, gen_guidance, gen_scale, gen_steps, gen_seed]
+            gen_outputs = [gen_image, gen_overlay, gen_labels, gen_legend, gen_heat, gen_files, status, gen_msg]
+            generated = gen_btn.click(generate, gen_inputs, gen_outputs, api_name="generate", show_progress_on=[gen_msg])
+            generated.failure(show_error, None, [gen_msg], api_visibility="private", show_progress="hidden")
+            generated.success(shown(gen_image, gen_overlay, gen_labels, gen_heat, gen_files), None,
+                              [gen_image, gen_overlay, gen_labels, gen_heat, gen_files], **hidden)
+            generated.success(lambda: gr.update(visible=False), None, [gen_info], **hidden)
+            gen_prompt.change(class_hint, [gen_prompt, model_box], [gen_classes], **hidden)
+            loaded.success(class_hint, [gen_prompt, model_box], [gen_classes], **hidden)  # another model's words
+
         page_outputs = [status, known, offer, t_box, tau]
         first = demo.load(first_page, [model_box], [*page_outputs, image, classes], api_visibility="private",
                           show_progress_on=[load_msg])
         first.success(segment, seg_inputs, seg_outputs, api_visibility="private", show_progress_on=[seg_msg])
+        first.success(class_hint, [gen_prompt, model_box], [gen_classes], **hidden)  # the model has loaded now
         first.failure(load_failed, [model_box], [status], api_visibility="private", show_progress="hidden")
         loaded.success(model_state, [model_box], page_outputs, api_visibility="private", show_progress_on=[load_msg]).success(
             catalog_view, view_inputs, view_outputs, api_visibility="private", show_progress_on=[load_msg])

@@ -132,8 +132,8 @@ def _segment(page, image_path: Path | None, classes: str, expect_ok: bool = True
     }
 
 
-def _legend_colours(page) -> dict[str, tuple[int, int, int]]:
-    items = page.locator("#seg-legend .difffeat-legend-item")
+def _legend_colours(page, legend: str = "#seg-legend") -> dict[str, tuple[int, int, int]]:
+    items = page.locator(f"{legend} .difffeat-legend-item")
     return {items.nth(i).get_attribute("data-class"): tuple(map(int, items.nth(i).get_attribute("data-rgb").split(",")))
             for i in range(items.count())}
 
@@ -479,3 +479,77 @@ def test_every_tab_with_a_result_and_content_shift_explains_itself(served, brows
     assert "PSNR to the input" in compared["verdict"] and compared["table"] == 1 and compared["json"] == 0
     assert not re.search(r"\d\.\d{4,}", compared["verdict"]), "long floats"
     assert compared["blank"] < 40
+
+
+# --------------------------------------------------------------------------- Generate
+def _generate_tab(page, classes: str | None = None, scale: str | None = None, guidance: str | None = None) -> str:
+    """Open the Generate tab, set what is given, press Generate and wait for this run; the message line."""
+    page.get_by_role("tab", name="Generate").click()
+    page.locator("#gen-run").wait_for(timeout=TIMEOUT)
+    if classes is not None:
+        page.locator("#gen-classes textarea, #gen-classes input").first.fill(classes)
+    if scale is not None:
+        box = page.locator("#gen-scale input").first
+        box.fill(scale)
+        box.press("Tab")
+    if guidance is not None:
+        page.locator("#gen-guidance").get_by_text(guidance, exact=True).click()
+    _run_and_wait(page, "#gen-run", "#gen-message")
+    return page.locator("#gen-message").inner_text()
+
+
+@pytest.mark.parametrize("width", [1280, 390])
+def test_generate_tab_shows_the_image_its_label_map_and_class_scores_within_the_screen(served, browser, shots, width):
+    url, _ = served
+    page = _open(browser, url, width)
+    try:
+        page.get_by_role("tab", name="Generate").click()
+        page.locator("#gen-run").wait_for(timeout=TIMEOUT)
+        hidden_before = not page.locator("#gen-image").is_visible()  # no empty picture boxes before a result
+        placeholder = page.locator("#gen-classes textarea, #gen-classes input").first.get_attribute("placeholder")
+        message = _generate_tab(page)
+        page.locator("#gen-labels img").first.wait_for(timeout=TIMEOUT)
+        page.locator("#gen-heat img").first.wait_for(timeout=TIMEOUT)
+        image = _fetch_image(page, "#gen-image img").convert("RGB")
+        labels = _fetch_image(page, "#gen-labels img").convert("RGB")
+        colours = _legend_colours(page, "#gen-legend")
+        downloads = [a.get_attribute("href") for a in page.locator("#gen-files a").all()]
+        heat_captions = page.locator("#gen-heat .caption-label").all_inner_texts()
+        boxes = {sel: page.locator(sel).bounding_box() for sel in ("#gen-image", "#gen-overlay", "#gen-labels", "#gen-heat",
+                                                                   "#gen-files", "#gen-run", "#gen-message")}
+        page_width = page.evaluate("document.documentElement.scrollWidth")
+        cut_names = page.evaluate("[...document.querySelectorAll('#gen-files .filename')]"
+                                  ".map(e => e.scrollWidth > e.clientWidth + 1 || e.innerText.includes('\u2026'))")
+        _shot(page, shots, f"demo_generate_{width}.png")
+    finally:
+        page.close()
+    assert hidden_before
+    if SHAPES_INSTALLED:
+        assert placeholder == "blank = the prompt's class words: circle, star"
+        assert heat_captions == ["circle", "star"] and set(colours) == {"background", "circle", "star"}
+    assert "generated 64x64 px: 10 steps, scfg-goca at guidance scale 5, seed 0" in message
+    assert min(image.size) >= 256 and labels.size == image.size  # shown enlarged, not 64 px
+    assert {tuple(c) for c in np.asarray(labels).reshape(-1, 3)} <= set(colours.values())
+    names = [d.rsplit("/", 1)[-1] for d in downloads]
+    stem = "a-red-circle-and-a-blue_seed0_scfg-goca"
+    assert names == [f"{stem}.png", f"{stem}_labels.png", f"{stem}_overlay.png", f"{stem}.json"]
+    assert not any(cut_names), "a download name is cut off"
+    assert page_width <= width, "the page scrolls sideways"
+    assert all(b["x"] >= 0 and b["x"] + b["width"] <= width + 1 for b in boxes.values()), boxes
+    # the message line is right under the button
+    assert 0 <= boxes["#gen-message"]["y"] - (boxes["#gen-run"]["y"] + boxes["#gen-run"]["height"]) < 60
+
+
+def test_generate_errors_and_warnings_stay_beside_the_button(served, browser):
+    url, _ = served
+    page = _open(browser, url, 390)
+    try:
+        error = _generate_tab(page, scale="1", guidance="scfg")
+        error_role = page.locator("#gen-message .difffeat-error").count()
+        warning = _generate_tab(page, classes="circle, square", scale="5", guidance="cfg")
+        warning_visible = page.locator("#gen-message .difffeat-warning").first.is_visible()
+    finally:
+        page.close()
+    assert error_role == 1 and "use a guidance_scale > 1" in error and "Traceback" not in error
+    assert warning_visible and "class 'square' is not a word of the prompt" in warning
+    assert "its words: a, red, circle" in warning and "segmented into circle;" in warning

@@ -326,3 +326,74 @@ def test_gate_verdict_explains_technique_helps_and_the_table_rounds():
     assert helps.table()[0][1:] == ("12.35", "14.57", "with") and helps.table()[1][1:] == ("0.200", "0.100", "without")
     hurts = Img2ImgComparison(img, img, img, 14.0, 13.0, 0.2, 0.1)
     assert not hurts.technique_helps and hurts.verdict().startswith("The technique does not help here")
+
+
+# --------------------------------------------------------------------------- Generate
+GEN_PROMPT = "a red circle and a blue star on a striped green background"
+
+
+def _generate(client, model, prompt=GEN_PROMPT, classes="", guidance="cfg", scale=5.0, steps=4, seed=3):
+    return client.predict(prompt, classes, model, guidance, scale, steps, seed, api_name="/generate")
+
+
+def test_generate_endpoint_returns_the_pipelines_image_its_label_map_and_named_downloads(server, client):
+    """``cfg`` is the pipeline's own generation (same seed), segmented into the prompt's class words by
+    default; the label PNG is the image's size, the view is it enlarged (nearest), the downloads are named
+    after the prompt, seed and guidance."""
+    import torch
+
+    demo, _, model = server
+    image_view, overlay, labels_view, legend, heat, files, status, message = _generate(client, model)
+    backbone = demo.difffeat_cache.get(model).backbone
+    from difffeat.runs import prompt_class_words
+
+    words = prompt_class_words(GEN_PROMPT, backbone)
+    if SHAPES_INSTALLED:
+        assert words == ["circle", "star"]
+    names = [Path(f).name for f in files]
+    stem = "a-red-circle-and-a-blue_seed3_cfg"  # the prompt's first six words, the seed, the guidance
+    assert names == [f"{stem}.png", f"{stem}_labels.png", f"{stem}_overlay.png", f"{stem}.json"]
+    pipe = backbone.pipeline
+    size = backbone.native_resolution
+    own = pipe(GEN_PROMPT, num_inference_steps=4, guidance_scale=5.0, height=size, width=size,
+               generator=torch.Generator().manual_seed(3)).images[0]
+    assert np.array_equal(np.asarray(Image.open(files[0]).convert("RGB")), np.asarray(own))  # tracing changed nothing
+    lab = Image.open(files[1])
+    assert lab.mode == "P" and lab.size == own.size and np.asarray(lab).max() <= len(words)
+    k = Image.open(image_view).size[0] // own.size[0]
+    assert k > 1 and Image.open(labels_view).size == Image.open(overlay).size == (own.size[0] * k, own.size[1] * k)
+    shown = np.asarray(Image.open(labels_view).convert("RGB"))[::k, ::k]
+    assert np.array_equal(shown, np.asarray(lab.convert("RGB")))
+    meta = json.loads(Path(files[3]).read_text())
+    assert (meta["prompt"], meta["seed"], meta["guidance"], meta["steps"]) == (GEN_PROMPT, 3, "cfg", 4)
+    assert list(meta["classes"]) == ["background", *words]
+    assert [h["caption"] for h in heat] == words
+    for cls in ["background", *words]:
+        assert f'data-class="{cls}"' in legend
+    assert f"generated {own.size[0]}x{own.size[1]} px: 4 steps, cfg at guidance scale 5, seed 3" in message
+    assert "family" in status
+
+
+def test_generate_warns_about_a_class_word_the_prompt_lacks_naming_its_words(server, client):
+    _, _, model = server
+    *_, message = _generate(client, model, classes="circle, square", steps=2)
+    assert "class 'square' is not a word of the prompt" in message
+    assert "its words: a, red, circle, and, a, blue, star, on, a, striped, green, background" in message
+    assert "segmented into circle;" in message  # the known class stays
+
+
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        (dict(guidance="scfg-goca", scale=1.0), "use a guidance_scale > 1"),
+        (dict(guidance="scfg", scale=0.5), "use a guidance_scale > 1"),
+        (dict(classes="square, cross"), "none of the classes ['square', 'cross'] occurs in the prompt"),
+        (dict(prompt="  "), "empty prompt"),
+        (dict(seed=-1), "seed must be between 0 and"),
+    ],
+)
+def test_bad_generate_input_is_a_readable_error(server, client, bad, message):
+    _, _, model = server
+    with pytest.raises(Exception) as info:
+        _generate(client, model, **{"steps": 2, **bad})
+    assert message in str(info.value) and "Traceback" not in str(info.value)

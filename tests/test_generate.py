@@ -4,6 +4,7 @@ is the pipeline's own generation; bad input fails before the model loads."""
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -99,3 +100,70 @@ def test_bad_generate_input_exits_2_with_one_line_before_the_model_loads(tmp_pat
     result = runner.invoke(app, ["generate", "-p", PROMPTS[0], "--out", str(tmp_path / "o"), "--model", missing_model, *extra])
     assert result.exit_code == 2, result.output
     assert message in " ".join(result.output.split()) and "Traceback" not in result.output
+
+
+# --------------------------------------------------------------------------- one image in memory (the demo's call)
+class _NoPipeline:
+    """A backbone whose pipeline must not run: options are checked before any work."""
+
+    name, native_resolution = "none", 64
+
+    @property
+    def pipeline(self):
+        raise AssertionError("the pipeline was reached before the options were checked")
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (dict(guidance="scfg", guidance_scale=1.0), "guidance_scale > 1"),
+        (dict(guidance="cfg", guidance_scale=0.5), "guidance_scale > 1"),
+        (dict(guidance="pag"), "unknown guidance 'pag'"),
+        (dict(steps=0), "steps must be between 1 and 1000"),
+        (dict(seed=-1), "seed must be between"),
+        (dict(steps=3, trace_steps=(1, 5)), "outside the schedule of 3 steps"),
+    ],
+)
+def test_generate_image_checks_its_options_before_the_pipeline_runs(options, message):
+    from difffeat.errors import InvalidOptionError
+    from difffeat.runs import generate_image
+
+    with pytest.raises(InvalidOptionError, match=re.escape(message)):
+        generate_image(_NoPipeline(), PROMPTS[0], ["cat"], **options)
+
+
+def test_generate_image_is_the_pipelines_own_generation_with_its_label_map(sd_folder):
+    from diffusers import DiffusionPipeline
+
+    import difffeat
+    from difffeat.runs import generate_image
+
+    backbone = difffeat.load(str(sd_folder), device="cpu")
+    out = generate_image(backbone, PROMPTS[0], guidance="cfg", guidance_scale=7.5, steps=2, seed=5)
+    pipe = DiffusionPipeline.from_pretrained(str(sd_folder))
+    pipe.set_progress_bar_config(disable=True)
+    own = pipe(PROMPTS[0], num_inference_steps=2, guidance_scale=7.5, height=64, width=64,
+               generator=torch.Generator().manual_seed(5)).images[0]
+    assert np.array_equal(np.asarray(out.image), np.asarray(own))
+    # an open vocabulary: the default classes are the prompt's words but the fillers, in prompt order
+    assert out.result.classes == ["photo", "cat", "dog"]
+    assert out.result.labels.shape == (64, 64) and out.result.labels.max() <= len(out.result.classes)
+    assert (out.seed, out.guidance, out.steps) == (5, "cfg", 2)
+
+
+def test_the_default_classes_of_a_closed_vocabulary_are_the_prompts_class_words():
+    import difffeat
+    from difffeat.runs import prompt_class_words
+
+    shapes = difffeat.load("shapes", device="cpu")
+    assert prompt_class_words("two red Circles and a blue star on a striped green background", shapes) == ["circles", "star"]
+    assert prompt_class_words("a green background", shapes) == []
+
+
+def test_generate_image_without_a_known_class_word_names_the_prompts_words():
+    import difffeat
+    from difffeat.runs import generate_image
+
+    shapes = difffeat.load("shapes", device="cpu")
+    with pytest.raises(InvalidPromptError, match=r"names no class this model can segment \(its words: a, green, background\)"):
+        generate_image(shapes, "a green background", steps=2)

@@ -20,7 +20,8 @@ _API = {
     "ExtractJob": "extract", "ExtractSummary": "extract", "feature_file_ok": "extract", "run_extract": "extract",
     "Manifest": "manifest", "init_state": "processes", "shard": "processes",
     "SegmentJob": "segment", "run_segment": "segment",
-    "GenerateJob": "generate", "run_generate": "generate",
+    "GenerateJob": "generate", "run_generate": "generate", "generate_image": "generate", "GeneratedImage": "generate",
+    "prompt_class_words": "generate",
     "ImageRef": "sources", "coco_images": "sources", "collect_images": "sources", "voc_images": "sources",
     # downstream tasks (label-scarce segmentation, correspondence, activation ranking)
     "ProbeJob": "scarce", "ProbeReport": "scarce", "run_probe": "scarce", "predict_label_maps": "scarce",

@@ -6,6 +6,12 @@ One unit per prompt (sharded over processes, resumable): the pipeline generates 
 JSON last (its presence marks the prompt done). Prompt ``i`` is generated from seed ``seed + i``, so a
 restart or another process count gives the same images. At the end the main process writes ``coco.json``: a
 COCO instances file of the generated set (images, one RLE annotation per class present, categories).
+
+:func:`generate_image` is one such generation in memory (what the demo's *Generate* tab calls)::
+
+    out = generate_image(backbone, "a red circle and a blue star on a green background", guidance="scfg-goca",
+                         guidance_scale=5.0, steps=10, seed=0)
+    out.image, out.result.labels, out.result.heatmap("star")
 """
 
 from __future__ import annotations
@@ -22,10 +28,13 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..checks import check_number, check_resolution
 from ..errors import InvalidOptionError, InvalidPromptError
 from ..io import write_bytes, write_json
 from ..segment.outputs import save_result
 from ..segment.prompts import FILLER_WORDS
+from ..segment.segmenter import SegmentationResult
+from ..segment.vocabulary import model_vocabulary
 from ..tracing.scfg import SCFG
 from ..tracing.session import ClassNotInPromptWarning, trace
 from .engine import Run, RunSummary
@@ -127,6 +136,73 @@ def prompt_classes(pairs: list[tuple[str, str]], classes: list[str] | None) -> l
     return items
 
 
+def prompt_class_words(prompt: str, backbone: Any) -> list[str]:
+    """The words of ``prompt`` that ``backbone`` can segment, in prompt order, each once and as written: for a
+    model with a closed vocabulary (the embedded ``shapes`` model) the words that name one of its classes
+    ("circles" names "circle"), else every word but the fillers ("a", "and", "on", ...)."""
+    words = list(dict.fromkeys(_words(prompt)))
+    vocab = model_vocabulary(backbone)
+    if vocab is not None:
+        return [w for w in words if vocab.class_word(w)]
+    return [w for w in words if w not in FILLER_WORDS]
+
+
+@dataclass
+class GeneratedImage:
+    """One traced generation (:func:`generate_image`).
+
+    Attributes:
+        image: the generated RGB image.
+        result: GOCA's segmentation of it from the traced maps (``labels`` at the image size, per-class
+            ``class_maps`` / ``heatmap(word)``, ``classes`` in prompt order).
+        prompt / seed / guidance / guidance_scale / steps / trace_steps: how it was generated
+            (``trace_steps`` None = every step).
+    """
+
+    image: Image.Image
+    result: SegmentationResult
+    prompt: str
+    seed: int
+    guidance: str
+    guidance_scale: float
+    steps: int
+    trace_steps: tuple[int, ...] | None = None
+
+
+def generate_image(backbone: Any, prompt: str, classes: list[str] | None = None, *, guidance: str = "scfg-goca",
+                   guidance_scale: float = 7.5, steps: int = 20, seed: int = 0, trace_steps: tuple[int, ...] | None = None,
+                   resolution: int | None = None, **settings: Any) -> GeneratedImage:
+    """Generate ``prompt``'s image with ``backbone``'s pipeline under :func:`difffeat.trace` and segment it.
+
+    ``classes``: words of the prompt to segment (default :func:`prompt_class_words`); a word the prompt does not
+    contain warns (:class:`~difffeat.tracing.ClassNotInPromptWarning`, naming the prompt's words), none in it
+    is an error. ``guidance``: "cfg", "scfg-goca" or "scfg" (:class:`~difffeat.SCFG`; every mode needs
+    ``guidance_scale`` > 1). The generator is seeded with ``seed``. ``trace_steps``: the denoising steps whose
+    maps are averaged (default every step). ``settings``: :class:`~difffeat.segment.SegmentSettings` fields.
+    Every option is checked before the pipeline runs."""
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise InvalidPromptError("empty prompt: describe the image to generate, e.g. \"a red circle and a blue star\"")
+    scfg = SCFG(guidance_scale, guidance)
+    check_number("steps", steps, 1, 1000, integer=True)
+    check_number("seed", seed, 0, 2**63 - 1, integer=True)
+    check_resolution("resolution", resolution)
+    if trace_steps is not None and (not trace_steps or min(trace_steps) < 0 or max(trace_steps) >= steps):
+        raise InvalidOptionError(f"trace steps {list(trace_steps)} are outside the schedule of {steps} steps (0..{steps - 1})")
+    if classes is None:
+        classes = prompt_class_words(prompt, backbone)
+        if not classes:
+            raise InvalidPromptError(f"the prompt {prompt!r} names no class this model can segment (its words: "
+                                     f"{', '.join(_words(prompt))}); name the classes to segment")
+    pipe = backbone.pipeline
+    size = resolution or backbone.native_resolution
+    tc = trace(pipe, prompt, list(classes), steps=list(trace_steps) if trace_steps else None, guidance=scfg, **settings)
+    with tc:
+        image = pipe(prompt, num_inference_steps=int(steps), guidance_scale=float(guidance_scale), height=size, width=size,
+                     generator=torch.Generator().manual_seed(int(seed))).images[0]
+    return GeneratedImage(image, tc.result(0, image), prompt, int(seed), guidance, float(guidance_scale), int(steps),
+                          tuple(trace_steps) if trace_steps else None)
+
+
 def _coco_dataset(out_dir: Path, items: list[PromptItem]) -> dict[str, Any]:
     """A COCO instances dict of the finished prompts: one image per prompt (file ``<id>.png``), one RLE
     annotation per class present in its label map, categories = every class (ids from 1, first seen first)."""
@@ -163,7 +239,7 @@ def run_generate(backbone: Any, items: list[PromptItem], job: GenerateJob, state
     """Generate every prompt's image with its label map into ``job.out_dir`` (see the module docstring).
     ``settings``: :class:`~difffeat.segment.SegmentSettings` fields of the traced maps."""
     out_dir = Path(job.out_dir)
-    guidance = SCFG(job.guidance_scale, job.guidance)
+    SCFG(job.guidance_scale, job.guidance)  # the guidance is checked before the run folder is opened
     run_settings = {"guidance": job.guidance, "guidance_scale": job.guidance_scale, "steps": job.steps,
                     "trace_steps": list(job.trace_steps) if job.trace_steps else None, "seed": job.seed,
                     "resolution": job.resolution, "heatmaps": job.heatmaps, **settings}
@@ -171,17 +247,14 @@ def run_generate(backbone: Any, items: list[PromptItem], job: GenerateJob, state
     run = Run(Manifest("generate", str(backbone.name), run_settings, dataset), out_dir, state, job.overwrite,
               job.progress).open()
     todo, done = run.split(range(len(items)), lambda i: segment_done(out_dir, items[i].id))
-    pipe = backbone.pipeline
-    size = job.resolution or backbone.native_resolution
     bar = run.bar(len(todo), "generate")
     for i in todo:
         it = items[i]
-        tc = trace(pipe, it.prompt, list(it.classes), steps=job.trace_steps, guidance=guidance, **settings)
-        with tc:
-            image = pipe(it.prompt, num_inference_steps=job.steps, guidance_scale=job.guidance_scale, height=size,
-                         width=size, generator=torch.Generator().manual_seed(job.seed + i)).images[0]
-        write_bytes(out_dir / f"{it.id}.png", lambda tmp, im=image: im.save(tmp, format="PNG"))
-        save_result(tc.result(0, image), image, out_dir, it.id, heatmaps=job.heatmaps)  # .json last
+        out = generate_image(backbone, it.prompt, list(it.classes), guidance=job.guidance, guidance_scale=job.guidance_scale,
+                             steps=job.steps, seed=job.seed + i, trace_steps=job.trace_steps, resolution=job.resolution,
+                             **settings)
+        write_bytes(out_dir / f"{it.id}.png", lambda tmp, im=out.image: im.save(tmp, format="PNG"))
+        save_result(out.result, out.image, out_dir, it.id, heatmaps=job.heatmaps)  # .json last
         bar.update(1)
     bar.close()
     summary = run.finish(len(items), len(todo), len(done), "generate_summary.json")
