@@ -98,6 +98,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--guidances", default="cfg,scfg-goca,scfg")
     ap.add_argument("--prompts", default=None, help="the prompt indices of this run, A-B (inclusive; default all --n)")
     ap.add_argument("--trace-last", type=float, default=0.5, help="fraction of the steps (the last ones) whose maps make the label maps")
+    ap.add_argument("--aggregate", choices=["steps", "maps"], default="steps",
+                    help="trace()'s aggregate: 'steps' (GOCA's decision at every traced step, averaged; the setting the "
+                         "README's figures were measured with) or 'maps' (the library default since: step-mean cross maps)")
     ap.add_argument("--out", type=Path, default=RESULTS / "generate_shapes.json")
     ap.add_argument("--figure", type=Path, default=RESULTS / "generate_shapes.png")
     args = ap.parse_args(argv)
@@ -112,7 +115,7 @@ def main(argv: list[str] | None = None) -> dict:
     if not 0 <= lo <= hi < args.n:
         raise SystemExit(f"--prompts {args.prompts}: a range A-B within 0-{args.n - 1}")
     traced = list(range(int(round(args.steps * (1 - args.trace_last))), args.steps))
-    report = {"model": "shapes", "n": args.n, "steps": args.steps, "traced_steps": traced, "guidance_scale": args.guidance_scale,
+    report = {"model": "shapes", "n": args.n, "steps": args.steps, "traced_steps": traced, "guidance_scale": args.guidance_scale, "aggregate": args.aggregate,
               "probe": {"features": PROBE_FEATURES + ["rgb"], "train_scenes": args.n_probe, **probe_score}, "guidance": {}}
     report = _merge_into(args.out, report)
     examples: dict[str, list[tuple[Image.Image, np.ndarray, np.ndarray]]] = {}
@@ -122,7 +125,8 @@ def main(argv: list[str] | None = None) -> dict:
         found: list[int] = []  # per prompt: 1 if the probe finds every prompted shape
         shown = []
         for i, (caption, names) in list(enumerate(items))[lo : hi + 1]:
-            with difffeat.trace(pipe, caption, names, steps=traced, guidance=SCFG(args.guidance_scale, mode)) as tc:
+            with difffeat.trace(pipe, caption, names, steps=traced, guidance=SCFG(args.guidance_scale, mode),
+                                aggregate=args.aggregate) as tc:
                 image = pipe(caption, num_inference_steps=args.steps, guidance_scale=args.guidance_scale, height=SIZE,
                              width=SIZE, generator=torch.Generator().manual_seed(i)).images[0]
             result = tc.result(0, image)
@@ -149,7 +153,7 @@ def main(argv: list[str] | None = None) -> dict:
     return report
 
 
-_SETTINGS = ("model", "n", "steps", "traced_steps", "guidance_scale")
+_SETTINGS = ("model", "n", "steps", "traced_steps", "guidance_scale", "aggregate")
 
 
 def _add_part(entry: dict | None, part: dict) -> dict:
