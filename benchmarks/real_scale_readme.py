@@ -19,6 +19,8 @@ _DTYPES = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}  # the JSON
 
 
 def _command(r: dict) -> str:
+    if "command" in r:
+        return f"`{r['command']}`"
     cmd = f"difffeat bench {r['suite']} --arch {r['arch']} --resolution {r['resolution']} --repeats {r['repeats']}"
     if r.get("device", "cpu") not in ("cpu", "meta"):
         cmd += f" --device cuda --dtype {_DTYPES[r['dtype']]}"
@@ -47,6 +49,9 @@ def _rows(r: dict) -> list[tuple[str, str]]:
              f"{v['prepare']}x / {v['observed']}x / {v['decide']}x"),
             ("maps kept by the observer vs every head's maps", f"{r['kept_maps_mb']} MB vs {r['kept_maps_every_head_mb']} MB"),
         ]
+        if "observed_two_pass" in v:
+            rows.append(("observed forward in two passes (`memory=\"two-pass\"`) vs in one, each vs bare forward",
+                         f"{v['observed_two_pass']}x vs {v['observed']}x"))
         if "memory_mb" in r:
             m = r["memory_mb"]
             rows.append(("extra peak memory of one segmentation over a bare forward",
@@ -67,10 +72,28 @@ def _rows(r: dict) -> list[tuple[str, str]]:
         return [("segment images/s by batch size (vs batch 1)",
                  ", ".join(f"{b}: {ips} ({r['vs_batch_1'][b]}x)" for b, ips in r["images_per_s"].items()))]
     if r["suite"] == "accounting":
-        return [("fp32 maps kept (cross maps, self maps reduced to the reference grid, one refinement sum) vs "
+        rows = [("fp32 maps kept (cross maps, self maps reduced to the reference grid, one refinement sum, the reference feature) vs "
                  "a head-mean self map per block vs every head's maps; cross maps alone",
                  f"{r['kept_maps_mb'] / 1024:.2f} GiB vs {r['kept_maps_full_self_mb'] / 1024:.2f} GiB vs "
                  f"{r['kept_maps_every_head_mb'] / 1024:.1f} GiB; {r['cross_maps_only_mb']:.0f} MiB")]
+        if "kept_maps_two_pass_mb" in r:
+            rows.append(("fp32 maps kept in one pass vs two passes (`memory=\"two-pass\"`); what `memory=\"auto\"` "
+                         f"picks (budget {r['map_budget_mb'] / 1024:g} GiB); the first pass's FLOPs vs a bare forward",
+                         f"{r['kept_maps_mb'] / 1024:.2f} GiB vs {r['kept_maps_two_pass_mb'] / 1024:.2f} GiB; "
+                         f"{r['auto_passes']}; {r['first_pass_flops_vs_bare']}x of {r['bare_forward_gflops']:.0f} GFLOPs"))
+        return rows
+    if r["suite"] == "goca-memory":
+        rows = []
+        for passes, m in r["modes"].items():
+            if "skipped" in m:
+                rows.append((f"{passes}: not run ({m['skipped']})", f"accounted {m['accounted_kept_maps_mb'] / 1024:.2f} GiB"))
+                continue
+            rows.append((f"{passes}: maps kept measured (accounted); extra peak RSS of a segmentation over a bare forward; "
+                         "observed forward vs bare forward (small channels: not SDXL's time)",
+                         f"{m['kept_maps_mb'] / 1024:.2f} GiB ({m['accounted_kept_maps_mb'] / 1024:.2f} GiB); "
+                         f"+{m['segment_extra_peak_mb'] / 1024:.2f} GiB (observe alone +{m['observe_extra_peak_mb'] / 1024:.2f} GiB); "
+                         f"{m['observe_vs_bare_forward']}x"))
+        return rows
     if r["suite"] == "vae":
         return [(f"VAE encode in {dt} vs fp32: time, latent / worst feature relative error",
                  f"{e['time_vs_fp32']}x, {e['latent_relative_error']} / {max(e['feature_relative_error'].values())}")

@@ -180,6 +180,7 @@ def segment(
     label_file: Optional[Path] = typer.Option(None, help="Per-image classes: JSON {image file name or stem: [class, ...]} (classes among --classes)."),
     caption_file: Optional[Path] = typer.Option(None, help=CAPTION_HELP),
     resize: Optional[str] = typer.Option(None, help="square (squash to the model's square input, as the published GOCA pipeline) | keep (aspect ratio kept); default: the config's (keep; goca-reference: square)."),
+    memory: Optional[str] = typer.Option(None, help="auto | one-pass | two-pass: how GOCA holds the self maps of the blocks before the reference feature; two-pass (a partial extra forward first) keeps ~1 GiB instead of 13.9 GiB for SDXL at 2048 px; auto (default) takes it when one pass would keep over 2 GiB. Labels are the same."),
     heatmaps: bool = typer.Option(False, help="Also write <stem>_heat_<class>.png per class."),
     coco_results: Optional[Path] = typer.Option(None, help="Also write COCO results JSON (RLE) here."),
     num_workers: int = typer.Option(2, help="DataLoader workers decoding images ahead of the model (0 = inline)."),
@@ -200,7 +201,7 @@ def segment(
                            coco_results=coco_results, num_workers=num_workers, batch_size=batch_size, overwrite=overwrite,
                            skip_unreadable=skip_unreadable, device=device, dtype=dtype, heads=heads, layers=layers,
                            rescale=rescale, tau=tau, t=t, refine_order=refine_order, postprocess=postprocess,
-                           model_config=model_config, resize=resize)
+                           model_config=model_config, resize=resize, memory=memory)
     if summary.main_process:
         err, _ = _consoles()
         err.print(f"segmented {summary.written} image(s) into {names} -> {out_dir} ({summary.skipped} already done)")
@@ -348,7 +349,7 @@ def gate(
 
 @app.command()
 def bench(
-    what: str = typer.Argument("goca", help="goca: observer memory vs storing every head's map, and segment time vs a bare forward."),
+    what: str = typer.Argument("goca", help="goca: observer memory vs storing every head's map, and segment time vs a bare forward; goca-memory: GOCA's maps in one pass vs two on an SDXL-shaped model (extra peak RSS, maps kept)."),
     resolution: int = typer.Option(512, help="Input resolution (px, a multiple of 8 in 64-4096) of the SD1.5-shaped tiny model."),
     repeats: int = typer.Option(3, help="Timing repeats (median reported)."),
     out_file: Optional[Path] = typer.Option(None, "--out", help="Write the figures as JSON here."),

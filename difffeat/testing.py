@@ -41,6 +41,7 @@ __all__ = [
     "WORDS",
     "save_tiny_pipeline",
     "sd15_shaped_pipeline",
+    "sdxl_shaped_pipeline",
     "tiny_clip_tokenizer",
     "tiny_controlnet",
     "tiny_pipeline",
@@ -1145,6 +1146,41 @@ def sd15_shaped_pipeline(seed: int = 0):  # noqa: ANN201 - StableDiffusionPipeli
     )  # fmt: skip
     vae = _vae(seed + 1, block_out_channels=[16, 16, 16, 16], down_block_types=["DownEncoderBlock2D"] * 4,
                up_block_types=["UpDecoderBlock2D"] * 4, norm_num_groups=8, sample_size=512)  # fmt: skip
+    pipe = StableDiffusionPipeline(
+        unet=_model(UNet2DConditionModel, unet_config, seed),
+        vae=vae,
+        text_encoder=_clip_text(seed + 2),
+        tokenizer=tiny_clip_tokenizer(),
+        scheduler=DDIMScheduler(**_SD_BETAS, clip_sample=False, set_alpha_to_one=False),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def sdxl_shaped_pipeline(seed: int = 0):  # noqa: ANN201 - StableDiffusionPipeline
+    """A small-channel pipeline with SDXL's UNet block structure, for memory benchmarks of GOCA's maps.
+
+    3 UNet levels with cross-attention at the inner two, 1 / 2 / 10 transformer layers per attention at
+    levels 0 / 1 / 2 (SDXL's 70 transformer blocks: 4 + 60 + 6 around the reference ``up_blocks.1``), 1-2
+    heads, and a 4-level VAE (factor 8): 1024 px inputs give SDXL's 64x64 / 32x32 attention grids. The map
+    memory of a GOCA observation depends on the grids and the block count only, so it is SDXL's; its
+    convolutions and projections are small (a plain SD pipeline with a tiny CLIP text encoder, so no SDXL
+    micro-conditioning), so its times are not SDXL's.
+    """
+    from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+
+    unet_config = dict(
+        sample_size=128, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(32, 64, 64),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        transformer_layers_per_block=(1, 2, 10), attention_head_dim=(1, 2, 2), cross_attention_dim=32,
+        norm_num_groups=16, use_linear_projection=True,
+    )  # fmt: skip
+    vae = _vae(seed + 1, block_out_channels=[16, 16, 16, 16], down_block_types=["DownEncoderBlock2D"] * 4,
+               up_block_types=["UpDecoderBlock2D"] * 4, norm_num_groups=8, sample_size=1024)  # fmt: skip
     pipe = StableDiffusionPipeline(
         unet=_model(UNet2DConditionModel, unet_config, seed),
         vae=vae,

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+import difffeat
+
 from _helpers import backbone_for, random_image
 from difffeat.capture import Capture
 
@@ -119,3 +121,31 @@ def test_hidream_patch_sequence_input_equals_the_latent_input(tiny_pipes):
         ours = backbone.denoise(inputs)[0]
         theirs = backbone.denoiser(hidden_states=latents, return_dict=False, **kwargs)[0]
     torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
+
+
+def test_cogview4_shared_feed_forward_keeps_its_image_call(tiny_pipes):
+    """CogView4's blocks call one feed-forward module on the image tokens, then on the text tokens: its
+    activations are the first call's, as a plain forward hook that records every call sees them (the second,
+    text-length call would not fit the image grid)."""
+    backbone = backbone_for(tiny_pipes, "cogview4")
+    inputs = backbone.prepare([random_image(64, 64)], "a cat on a sofa", t=500)
+    names = ["transformer_blocks.0.ff", "transformer_blocks.0.ff.inner"]
+    assert set(names) <= set(difffeat.list_activations(backbone).names())
+    calls: dict[str, list[torch.Tensor]] = {"ff": [], "inner": []}
+    block = backbone.denoiser.get_submodule("transformer_blocks.0")
+    handles = [
+        block.ff.register_forward_hook(lambda m, a, out: calls["ff"].append(out.detach().clone())),
+        block.ff.net[0].register_forward_hook(lambda m, a, out: calls["inner"].append(out.detach().clone())),
+    ]
+    try:
+        with Capture(backbone, names, inputs, early_exit=False) as cap:
+            backbone.denoise(inputs)
+    finally:
+        for h in handles:
+            h.remove()
+    gh, gw = inputs.layout.grid
+    assert [c.shape[1] for c in calls["ff"]] == [gh * gw, inputs.layout.text_len]
+    for name, key in zip(names, ("ff", "inner")):
+        first = calls[key][0]  # [B, HW, C]
+        expected = first.transpose(1, 2).reshape(first.shape[0], first.shape[2], gh, gw)
+        assert torch.equal(cap.activations[name], expected), name

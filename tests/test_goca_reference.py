@@ -430,7 +430,7 @@ def test_string_switches_are_literal_typed_and_validated_from_their_type():
     from difffeat.segment.settings import FillerWords, switches
 
     assert list(switches()) == ["heads", "layers", "rescale", "self_map_resize", "ref_channels", "pseudo_grid",
-                                "entity_merge", "postprocess", "filler_words", "resize", "vae_latents"]
+                                "entity_merge", "postprocess", "filler_words", "resize", "vae_latents", "memory"]
     assert switches()["postprocess"] == POSTPROCESS and get_args(FillerWords) == tuple(FILLERS)
     for name, allowed in switches().items():
         for value in allowed:

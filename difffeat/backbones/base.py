@@ -334,3 +334,21 @@ class Backbone(ABC):
 
     def __repr__(self) -> str:
         return f"{self.__class__.__name__}(name={self.name!r}, family={self.family!r}, device={self.device}, dtype={self.dtype})"
+
+
+class PatchedLatents:
+    """Geometry mixin for denoisers that patchify the VAE latents themselves: image sides are multiples of
+    the VAE factor times the denoiser's ``patch_size``. Place it before :class:`Backbone` in the bases."""
+
+    @property
+    def size_multiple(self) -> int:
+        return self.vae_scale_factor * int(self.denoiser.config.patch_size)
+
+
+class PipelineVaeScale:
+    """Geometry mixin: the VAE factor the pipeline itself reports (``pipeline.vae_scale_factor``), for VAEs
+    whose downsampling is not ``2 ** (len(block_out_channels) - 1)`` (DC-AE, Wan-style VAEs)."""
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return int(self.pipeline.vae_scale_factor)

@@ -9,7 +9,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from .base import Backbone, DenoiserInputs, TextSegment
+from .base import Backbone, DenoiserInputs, PatchedLatents, PipelineVaeScale, TextSegment
 from .dit import _FlowMatchNoising
 from .layout import TokenLayout
 from .registry import register_backbone
@@ -18,7 +18,7 @@ __all__ = ["CogView4Backbone"]
 
 
 @register_backbone("CogView4Pipeline")
-class CogView4Backbone(_FlowMatchNoising, Backbone):
+class CogView4Backbone(PipelineVaeScale, PatchedLatents, _FlowMatchNoising, Backbone):
     """CogView4: text tokens first in every joint sequence, always :attr:`max_sequence_length` of them, the
     prompt right-aligned after padding tokens that the model attends to (as the pipeline feeds a batch whose
     longest prompt has that many tokens), so maps have one width and a batch equals its single runs. One prompt
@@ -35,14 +35,6 @@ class CogView4Backbone(_FlowMatchNoising, Backbone):
     def _text_length(self) -> int:
         n = int(self.max_sequence_length or 128)
         return -(-n // 16) * 16
-
-    @property
-    def vae_scale_factor(self) -> int:
-        return int(self.pipeline.vae_scale_factor)
-
-    @property
-    def size_multiple(self) -> int:
-        return self.vae_scale_factor * int(self.denoiser.config.patch_size)
 
     def text_segments(self) -> list:
         return [TextSegment(self.pipeline.tokenizer, 0, self._text_length(), pad_left=True)]

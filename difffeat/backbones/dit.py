@@ -8,7 +8,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from .base import Backbone, DenoiserInputs, TextSegment
+from .base import Backbone, DenoiserInputs, PatchedLatents, TextSegment
 from .layout import TokenLayout
 from .diffusers_compat import prepare_attention_mask
 from .registry import register_backbone
@@ -33,7 +33,7 @@ class _FlowMatchNoising:
 
 
 @register_backbone("PixArtAlphaPipeline", "PixArtSigmaPipeline")
-class PixArtBackbone(_DDPMNoising, Backbone):
+class PixArtBackbone(PatchedLatents, _DDPMNoising, Backbone):
     """PixArt-alpha / -Sigma: T5 text, DiT blocks with self- and cross-attention (attn1 / attn2)."""
 
     family: ClassVar[str] = "pixart"
@@ -41,10 +41,6 @@ class PixArtBackbone(_DDPMNoising, Backbone):
     denoiser_attr: ClassVar[str] = "transformer"
     #: T5 sequence length used for prompts (PixArt-alpha was trained with 120, Sigma with 300)
     max_sequence_length: int | None = None
-
-    @property
-    def size_multiple(self) -> int:
-        return self.vae_scale_factor * self.denoiser.config.patch_size
 
     def text_segments(self) -> list:
         return [TextSegment(self.pipeline.tokenizer, 0, _default_max_length(self))]
@@ -78,7 +74,7 @@ class PixArtBackbone(_DDPMNoising, Backbone):
 
 
 @register_backbone("StableDiffusion3Pipeline", "StableDiffusion3Img2ImgPipeline")
-class SD3Backbone(_FlowMatchNoising, Backbone):
+class SD3Backbone(PatchedLatents, _FlowMatchNoising, Backbone):
     """Stable Diffusion 3 / 3.5: CLIP-L + CLIP-G + T5, MMDiT joint attention (image tokens first)."""
 
     family: ClassVar[str] = "sd3"
@@ -86,10 +82,6 @@ class SD3Backbone(_FlowMatchNoising, Backbone):
     denoiser_attr: ClassVar[str] = "transformer"
     default_segment_t: ClassVar[int] = 100
     max_sequence_length: int | None = None
-
-    @property
-    def size_multiple(self) -> int:
-        return self.vae_scale_factor * self.denoiser.config.patch_size
 
     def text_segments(self) -> list:
         """CLIP tokens (77) first, then T5 tokens (when the T5 encoder is loaded)."""

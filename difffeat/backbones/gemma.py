@@ -10,7 +10,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from .base import Backbone, DenoiserInputs, TextSegment
+from .base import Backbone, DenoiserInputs, PatchedLatents, PipelineVaeScale, TextSegment
 from .dit import _default_max_length, _FlowMatchNoising
 from .layout import TokenLayout
 from .probing import encode_for_probe
@@ -24,16 +24,8 @@ def _call_default(pipeline: Any, name: str) -> Any:
     return inspect.signature(type(pipeline).__call__).parameters[name].default
 
 
-class _PatchGeometry:
+class _PatchGeometry(PipelineVaeScale, PatchedLatents):
     """Latents straight from the VAE, patchified inside the denoiser (``patch_size``)."""
-
-    @property
-    def vae_scale_factor(self) -> int:
-        return int(self.pipeline.vae_scale_factor)
-
-    @property
-    def size_multiple(self) -> int:
-        return self.vae_scale_factor * int(self.denoiser.config.patch_size)
 
     def _grid(self, latents: torch.Tensor) -> tuple[int, int]:
         p = int(self.denoiser.config.patch_size)

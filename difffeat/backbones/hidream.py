@@ -12,7 +12,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from .base import Backbone, DenoiserInputs, TextSegment
+from .base import Backbone, DenoiserInputs, PatchedLatents, TextSegment
 from .diffusers_compat import hidream_moe_class
 from .dit import _FlowMatchNoising
 from .layout import TokenLayout
@@ -22,7 +22,7 @@ __all__ = ["HiDreamBackbone"]
 
 
 @register_backbone("HiDreamImagePipeline")
-class HiDreamBackbone(_FlowMatchNoising, Backbone):
+class HiDreamBackbone(PatchedLatents, _FlowMatchNoising, Backbone):
     """HiDream-I1: image tokens first in every joint sequence, then the text: the T5 tokens, the last Llama
     layer's and the block's own Llama layer's (the same prompt tokens twice), each block of fixed length.
 
@@ -51,10 +51,6 @@ class HiDreamBackbone(_FlowMatchNoising, Backbone):
         """The VAE's ``sample_size`` (1024 px for HiDream-I1's FLUX VAE): the pipeline itself rescales every
         request to the area of its fixed default size."""
         return int(self.pipeline.vae.config.sample_size)
-
-    @property
-    def size_multiple(self) -> int:
-        return self.vae_scale_factor * int(self.denoiser.config.patch_size)
 
     def text_segments(self) -> list:
         pipe = self.pipeline

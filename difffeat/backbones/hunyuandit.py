@@ -8,7 +8,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from .base import Backbone, DenoiserInputs, TextSegment
+from .base import Backbone, DenoiserInputs, PatchedLatents, TextSegment
 from .layout import TokenLayout
 from .diffusers_compat import get_2d_rotary_pos_embed, get_resize_crop_region_for_grid
 from .registry import register_backbone
@@ -21,7 +21,7 @@ _ROPE_BASE_PX = 512
 
 
 @register_backbone("HunyuanDiTPipeline")
-class HunyuanDiTBackbone(_DDPMNoising, Backbone):
+class HunyuanDiTBackbone(PatchedLatents, _DDPMNoising, Backbone):
     """HunyuanDiT: BERT tokens then mT5 tokens as the cross-attention keys, both at the fixed lengths the
     transformer was built for (``text_len``, ``text_len_t5``); padded positions hold its learned padding
     embeddings, so every prompt gives maps of the same width."""
@@ -29,10 +29,6 @@ class HunyuanDiTBackbone(_DDPMNoising, Backbone):
     family: ClassVar[str] = "hunyuandit"
     hook_table: ClassVar[str] = "hunyuandit"
     denoiser_attr: ClassVar[str] = "transformer"
-
-    @property
-    def size_multiple(self) -> int:
-        return self.vae_scale_factor * self.denoiser.config.patch_size
 
     def _lengths(self) -> tuple[int, int]:
         cfg = self.denoiser.config

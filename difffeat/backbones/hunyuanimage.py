@@ -9,7 +9,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from .base import Backbone, DenoiserInputs, TextSegment
+from .base import Backbone, DenoiserInputs, PipelineVaeScale, TextSegment
 from .diffusers_compat import extract_glyph_text
 from .dit import _FlowMatchNoising
 from .registry import register_backbone
@@ -18,7 +18,7 @@ __all__ = ["HunyuanImageBackbone"]
 
 
 @register_backbone("HunyuanImagePipeline")
-class HunyuanImageBackbone(_FlowMatchNoising, Backbone):
+class HunyuanImageBackbone(PipelineVaeScale, _FlowMatchNoising, Backbone):
     """HunyuanImage 2.1: image tokens first in every joint sequence (the default layout); the text block is
     :attr:`text_length` Qwen2.5-VL tokens, masked past the prompt, so maps have one width.
 
@@ -39,10 +39,6 @@ class HunyuanImageBackbone(_FlowMatchNoising, Backbone):
     @property
     def text_length(self) -> int:
         return int(self.max_sequence_length or self.pipeline.tokenizer_max_length)
-
-    @property
-    def vae_scale_factor(self) -> int:
-        return int(self.pipeline.vae_scale_factor)
 
     @property
     def native_resolution(self) -> int:

@@ -9,7 +9,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from .base import DenoiserInputs
+from .base import DenoiserInputs, PipelineVaeScale
 from .diffusers_compat import pack_latents
 from .dit import PackedLatentTransformer
 from .layout import TokenLayout
@@ -20,7 +20,7 @@ __all__ = ["QwenImageBackbone"]
 
 
 @register_backbone("QwenImagePipeline", "QwenImageImg2ImgPipeline")
-class QwenImageBackbone(PackedLatentTransformer):
+class QwenImageBackbone(PipelineVaeScale, PackedLatentTransformer):
     """Qwen-Image: text tokens first in the joint sequence; the prompt's padding is masked."""
 
     family: ClassVar[str] = "qwenimage"
@@ -29,10 +29,6 @@ class QwenImageBackbone(PackedLatentTransformer):
     guidance: float = 4.0
     #: text tokens the denoiser sees (the prompt after the dropped system prompt, padded and masked); None: 256
     max_sequence_length: int | None = None
-
-    @property
-    def vae_scale_factor(self) -> int:
-        return int(self.pipeline.vae_scale_factor)
 
     def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
         f = self.vae_scale_factor

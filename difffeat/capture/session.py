@@ -155,6 +155,8 @@ class Capture:
     def _feature_hook(self, infos: list[ActivationInfo]):
         def hook(module, args, output):
             for info in infos:
+                if info.name in self.shapes:  # a module called again (CogView4's ff: image, then text) keeps its first call
+                    continue
                 x = _first_tensor(output, info.index)
                 self._store(info, sequence_to_spatial(self.layout.image_tokens(x, info.tokens == "joint"), self.grid))
 

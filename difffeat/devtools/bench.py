@@ -157,7 +157,111 @@ def goca_benchmark(resolution: int = 512, repeats: int = 3, device: str = "cpu",
     }
 
 
-BENCHMARKS: dict[str, Callable[..., dict[str, Any]]] = {"goca": goca_benchmark}
+#: one-pass runs whose predicted maps exceed this are skipped (the shared CPU machine's memory per job)
+_MAX_MEASURED_MAPS_MB = 6 * 1024
+
+
+def _sdxl_shaped_segmenter(resolution: int, passes: str, device: str = "cpu"):
+    from ..backbones import load
+    from ..segment import Segmenter
+    from ..segment.settings import settings_for
+    from ..testing import sdxl_shaped_pipeline
+
+    settings = settings_for("sdxl", "sdxl").update(resolution=resolution, memory=passes)
+    return Segmenter(load(sdxl_shaped_pipeline(), device=device), settings=settings)
+
+
+def _prepared(seg, resolution: int):
+    from ..segment.prompts import build_layout
+
+    s = seg.settings
+    layout = build_layout(["cat", "dog"], seg.backbone.text_segments(), s.template, list(s.background_entities), None)
+    image = _image(resolution)
+    return image, layout, seg.backbone.prepare([image], layout.caption, s.t, s.seed, resolution)
+
+
+def goca_memory_child(passes: str, resolution: int, repeats: int) -> dict[str, float]:
+    """In a fresh process: the peak RSS of a bare forward of the SDXL-shaped model, the growth of the peak
+    over it while one GOCA segmentation in ``passes`` observes and decides, the maps the observation keeps
+    (measured, and as :func:`~difffeat.segment.memory.maps_kept_mb` accounts them), and the observed forward's
+    time against the bare forward's (alternated, medians)."""
+    from ..segment.memory import maps_kept_mb
+    from .bench_real import _peak_rss_mb, _reset_peak_rss
+
+    seg = _sdxl_shaped_segmenter(resolution, passes)
+    image, layout, inputs = _prepared(seg, resolution)
+    s = seg.settings
+    accounted = maps_kept_mb(seg.map_geometry(inputs), passes, s.pseudo_grid, s.ref_channels == "first")
+    _reset_peak_rss()
+    seg.backbone.denoise(inputs)
+    base = _peak_rss_mb()
+    _reset_peak_rss()
+    obs = seg.observe_prepared([image], [layout], inputs)[0]
+    after_observe = _peak_rss_mb()
+    seg.decide(obs)
+    after_decide = _peak_rss_mb()
+    held = [*obs.activations.values()] + ([obs.refine_mean] if obs.refine_mean is not None else [])
+    kept = sum(x.numel() * x.element_size() for x in held) / 2**20
+    obs = None
+    bare, observed = [], []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        seg.backbone.denoise(inputs)
+        bare.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        seg.observe_prepared([image], [layout], inputs)
+        observed.append(time.perf_counter() - start)
+    return {"bare_peak_mb": base, "observe_extra_peak_mb": max(0.0, after_observe - base),
+            "segment_extra_peak_mb": max(0.0, after_decide - base), "kept_maps_mb": kept,
+            "accounted_kept_maps_mb": accounted, "bare_forward_s": statistics.median(bare),
+            "observe_s": statistics.median(observed)}
+
+
+def goca_memory_benchmark(resolution: int = 1024, repeats: int = 1, device: str = "cpu", dtype: str | None = None) -> dict[str, Any]:
+    """GOCA's map memory in one pass vs two (``SegmentSettings.memory``) on an SDXL-shaped small-channel UNet
+    (:func:`difffeat.testing.sdxl_shaped_pipeline`: SDXL's grids and 70 transformer blocks, so SDXL's maps),
+    under SDXL's GOCA settings: per mode, in a fresh subprocess, the extra peak RSS of a segmentation over a
+    bare forward, the maps kept (measured and accounted) and the observed forward vs the bare forward's time.
+    A one-pass run whose accounted maps exceed 6 GiB is skipped (reported with its accounting). CPU only."""
+    import torch
+
+    from ..segment.memory import maps_kept_mb
+
+    if device != "cpu":
+        raise ValueError("the goca-memory benchmark measures peak RSS on the CPU; use --device cpu")
+    seg = _sdxl_shaped_segmenter(resolution, "auto")
+    _, _, inputs = _prepared(seg, resolution)
+    s = seg.settings
+    geo = seg.map_geometry(inputs)
+    modes: dict[str, Any] = {}
+    for passes in ("one-pass", "two-pass"):
+        accounted = maps_kept_mb(geo, passes, s.pseudo_grid, s.ref_channels == "first")
+        if accounted > _MAX_MEASURED_MAPS_MB:
+            modes[passes] = {"skipped": f"accounted maps {accounted / 1024:.2f} GiB exceed this machine's memory per job",
+                             "accounted_kept_maps_mb": round(accounted, 1)}
+            continue
+        code = (f"import json; from difffeat.devtools.bench import goca_memory_child; "
+                f"print('RESULT', json.dumps(goca_memory_child({passes!r}, {resolution}, {repeats})))")
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                              env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
+        if line is None:
+            raise RuntimeError(f"goca-memory subprocess failed ({passes}):\n{proc.stderr[-2000:]}")
+        modes[passes] = {k: round(v, 3 if k.endswith("_s") else 1) for k, v in json.loads(line[len("RESULT "):]).items()}
+        modes[passes]["observe_vs_bare_forward"] = round(modes[passes]["observe_s"] / modes[passes]["bare_forward_s"], 3)
+    out = {
+        "suite": "goca-memory", "arch": "sdxl-shaped", "resolution": resolution, "repeats": repeats, "device": "cpu",
+        "dtype": "float32", "threads": torch.get_num_threads(),
+        "command": f"difffeat bench goca-memory --resolution {resolution} --repeats {repeats}",
+        "model": "SDXL-shaped small-channel UNet (70 transformer blocks, SDXL's grids), SDXL's GOCA settings",
+        "auto_passes": seg.passes(inputs), "modes": modes,
+    }
+    if hasattr(os, "getloadavg"):
+        out["load_average_1_5_15"] = [round(x, 2) for x in os.getloadavg()]
+    return out
+
+
+BENCHMARKS: dict[str, Callable[..., dict[str, Any]]] = {"goca": goca_benchmark, "goca-memory": goca_memory_benchmark}
 
 
 def run_benchmark(what: str = "goca", resolution: int = 512, repeats: int = 3, device: str = "cpu",

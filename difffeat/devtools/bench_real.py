@@ -8,14 +8,17 @@ Times are wall-clock seconds; on a shared machine the ratios are what counts.
 Suites:
 
 * ``goca`` — the time split of one GOCA segmentation (prepare = VAE + text encoder + noise; the observed
-  forward; decide), against the bare denoiser forward and against prepare + bare forward; the kept maps
+  forward, and the same in two passes, ``memory="two-pass"``; decide), against the bare denoiser forward and
+  against prepare + bare forward; the kept maps
   vs what storing every head's map would keep (sizes from the captured shapes); the extra peak memory of
   a segmentation over a bare forward, in a fresh subprocess (peak RSS on the CPU, allocator peak on CUDA).
 * ``features`` — every feature preset of the architecture: its extraction (the capture forward with and without early exit,
   and end to end) against one bare forward.
 * ``early-exit`` — a forward stopped after each UNet up level's output (``up_blocks.L``) vs the whole forward.
 * ``throughput`` — images/s of batched segmentation (``Segmenter.segment``) at batch 1, 4 and 8.
-* ``accounting`` — the maps a segmentation keeps at any resolution, from the meta-device denoiser (no forward).
+* ``accounting`` — the maps a segmentation keeps at any resolution, in one pass and in two
+  (``SegmentSettings.memory``), and the two-pass observation's first pass in FLOPs of a bare forward, from
+  the meta-device denoiser (no real compute).
 * ``vae`` — the VAE encode in bf16 (and fp16 on CUDA) vs fp32: time ratio and the relative error of the
   latents and of the preset's features.
 """
@@ -210,6 +213,7 @@ def goca_real(arch: str, resolution: int, repeats: int = 3, device: str = "cpu",
     _progress(f"{arch}: building the real-size pipeline (random weights)")
     seg = Segmenter(_backbone(arch, device, dtype, text_layers), resolution=resolution)
     backbone, s = seg.backbone, seg.settings
+    two_pass = Segmenter(backbone, settings=s.update(memory="two-pass"))
     image = _image(resolution)
     layout = build_layout(_CAPTION_CLASSES, backbone.text_segments(), s.template, list(s.background_entities), None)
     prepare = lambda: backbone.prepare([image], layout.caption, s.t, s.seed, resolution)  # noqa: E731
@@ -218,7 +222,7 @@ def goca_real(arch: str, resolution: int, repeats: int = 3, device: str = "cpu",
     with torch.no_grad():
         backbone.denoise(inputs)
         obs = _observe_forward(seg, image, layout, inputs)  # warm-up
-    t = {k: [] for k in ("bare", "prepare", "observed", "decide", "end_to_end")}
+    t = {k: [] for k in ("bare", "prepare", "observed", "observed_two_pass", "decide", "end_to_end")}
     for i in range(repeats):
         _progress(f"{arch} {resolution}px: repeat {i + 1}/{repeats}")
         t["bare"].append(timed(lambda: backbone.denoise(inputs)))
@@ -227,6 +231,7 @@ def goca_real(arch: str, resolution: int, repeats: int = 3, device: str = "cpu",
         held = []
         t["observed"].append(timed(lambda: held.append(_observe_forward(seg, image, layout, inputs))))
         obs = held.pop()
+        t["observed_two_pass"].append(timed(lambda: _observe_forward(two_pass, image, layout, inputs)))
         t["decide"].append(timed(lambda: seg.decide(obs)))
         t["end_to_end"].append(timed(lambda: seg(image, _CAPTION_CLASSES)))
     med = {k: statistics.median(v) for k, v in t.items()}
@@ -235,7 +240,8 @@ def goca_real(arch: str, resolution: int, repeats: int = 3, device: str = "cpu",
     out = {
         "suite": "goca", "arch": arch, "resolution": resolution, "repeats": repeats, **_environment(device, backbone),
         "seconds": {k: _median(v) for k, v in t.items()},
-        "vs_bare_forward": {k: round(med[k] / med["bare"], 3) for k in ("prepare", "observed", "decide", "end_to_end")},
+        "vs_bare_forward": {k: round(med[k] / med["bare"], 3) for k in ("prepare", "observed", "observed_two_pass", "decide", "end_to_end")},
+        "auto_passes": seg.passes(inputs),
         "end_to_end_vs_prepare_plus_bare": round(med["end_to_end"] / floor, 3),
         "kept_maps_mb": round(kept, 1),
         "kept_maps_every_head_mb": round(_reference_kept_mb(seg, obs), 1),
@@ -436,15 +442,62 @@ def throughput_real(arch: str, resolution: int, repeats: int = 3, device: str = 
 _ACCOUNTING_FAMILY = {"sd15": "sd", "sd21": "sd", "sdxl": "sdxl"}  # architecture -> GOCA settings family
 
 
+def _meta_unet_kwargs(unet, resolution: int, text_tokens: int) -> dict[str, Any]:
+    """Meta-device inputs of one UNet forward at ``resolution`` px (SDXL's added conditioning included)."""
+    import torch
+
+    c = unet.config
+    lat = resolution // 8
+    kwargs: dict[str, Any] = dict(
+        sample=torch.zeros(1, c.in_channels, lat, lat, device="meta"), timestep=torch.tensor([100], device="meta"),
+        encoder_hidden_states=torch.zeros(1, text_tokens, c.cross_attention_dim, device="meta"))
+    if c.addition_embed_type == "text_time":
+        pooled = c.projection_class_embeddings_input_dim - 6 * c.addition_time_embed_dim
+        kwargs["added_cond_kwargs"] = dict(text_embeds=torch.zeros(1, pooled, device="meta"),
+                                           time_ids=torch.zeros(1, 6, device="meta"))
+    return kwargs
+
+
+def _first_pass_flops(unet, kwargs: dict[str, Any], reference_module: str) -> tuple[int, int]:
+    """FLOPs of a bare UNet forward and of the two-pass observation's first pass (the forward stopped where
+    the reference feature's attention module starts), counted on the meta device."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from ..capture import StopForward
+
+    def stop(*_: Any) -> None:
+        raise StopForward
+
+    with torch.no_grad():
+        with FlopCounterMode(display=False) as bare:
+            unet(**kwargs)
+        handle = unet.get_submodule(reference_module).register_forward_pre_hook(stop)
+        try:
+            with FlopCounterMode(display=False) as first:
+                try:
+                    unet(**kwargs)
+                except StopForward:
+                    pass
+        finally:
+            handle.remove()
+    return int(bare.get_total_flops()), int(first.get_total_flops())
+
+
 def accounting_real(arch: str, resolution: int, repeats: int = 1, device: str = "cpu", dtype: str | None = None,
                     text_layers: int | None = None) -> dict[str, Any]:
     """Memory accounting without a forward (the denoiser on the meta device; any resolution, any size):
-    the fp32 maps one GOCA segmentation keeps under the family's default settings: a ``[HW, T]`` cross map
-    per attention block, its self map reduced during the forward to at most the reference grid
-    (:mod:`difffeat.segment.selfmaps`) and one ``[HW, HW]`` refinement sum (``kept_maps_mb``); vs a head-mean
-    ``[HW, HW]`` self map per block (``kept_maps_full_self_mb``, before that reduction) and vs storing every
-    head's maps; per attention grid. UNet architectures only (their blocks' grids follow from the names)."""
+    the fp32 maps one GOCA segmentation keeps under the family's default settings
+    (:func:`difffeat.segment.memory.maps_kept_mb`, what ``memory="auto"`` decides from): in one pass
+    (``kept_maps_mb``: a ``[HW, T]`` cross map per attention block, its self map reduced during the forward
+    to at most the reference grid, one ``[HW, HW]`` refinement sum, the reference feature) and in two passes
+    (``kept_maps_two_pass_mb``: the cross maps, the refinement sum, the reference tokens, ``U^T P`` per coarser
+    grid); vs a head-mean ``[HW, HW]`` self map per block (``kept_maps_full_self_mb``) and vs storing every
+    head's maps; per attention grid. The two-pass observation's first pass (the forward up to the reference
+    feature) in FLOPs of a bare forward, counted on the meta device. UNet architectures only (their blocks'
+    grids follow from the names)."""
     from ..architectures import architecture, build_denoiser
+    from ..segment.memory import MapGeometry, choose_passes, maps_kept_mb
     from ..segment.settings import settings_for
 
     if "unet" not in architecture(arch)["components"]:
@@ -460,10 +513,12 @@ def accounting_real(arch: str, resolution: int, repeats: int = 1, device: str = 
         return -(-latent // factor)
 
     grids: dict[int, dict[str, int]] = {}
+    blocks: dict[str, int] = {}  # transformer block: grid side
     for name, module in unet.named_modules():
         if name.endswith("attn1"):
             entry = grids.setdefault(side(name), {"blocks": 0, "heads": module.heads})
             entry["blocks"] += 1
+            blocks[name[: -len(".attn1")]] = side(name)
     text = 77
     ref = side(settings.ref_block)
     refine = {side(b) for b in settings.refine_blocks} if settings.refine_order > 0 else set()
@@ -477,12 +532,26 @@ def accounting_real(arch: str, resolution: int, repeats: int = 1, device: str = 
     cross = blocks_x("cross_map_mb")
     refine_mb = sum(mib((g * g) ** 2) for g in refine)  # one sum per grid (one grid: the largest, by default)
     every = sum(v["blocks"] * v["heads"] * (v["self_map_mb"] + v["cross_map_mb"]) for v in per_grid.values())
+    ref_module = f"{settings.ref_block}.attn2"
+    geo = MapGeometry(
+        cross={f"{b}.attn2.map": (g, g) for b, g in blocks.items()},
+        weight={f"{b}.attn1.map": (g, g) for b, g in blocks.items()} if settings.layers == "goca" else {},
+        refine={f"{b}.attn1.map": (blocks[b], blocks[b]) for b in settings.refine_blocks} if settings.refine_order > 0 else {},
+        reference=(ref, ref), ref_channels=unet.get_submodule(ref_module).to_q.out_features, text_tokens=text,
+    )
+    mode = (settings.pseudo_grid, settings.ref_channels == "first")
+    bare_flops, first_flops = _first_pass_flops(unet, _meta_unet_kwargs(unet, resolution, text), ref_module)
     return {"suite": "accounting", "arch": arch, "resolution": resolution, "repeats": 1, "device": "meta",
             "dtype": "float32", "threads": 0, "reference_grid": f"{ref}x{ref}", "per_grid": per_grid,
-            "kept_maps_mb": round(cross + blocks_x("kept_self_map_mb") + refine_mb, 1),
+            "kept_maps_mb": round(maps_kept_mb(geo, "one-pass", *mode), 1),
+            "kept_maps_two_pass_mb": round(maps_kept_mb(geo, "two-pass", *mode), 1),
+            "auto_passes": choose_passes("auto", geo, 1, settings.map_budget_mb, *mode),
+            "map_budget_mb": settings.map_budget_mb,
             "refine_sum_mb": round(refine_mb, 1),
             "kept_maps_full_self_mb": round(cross + blocks_x("self_map_mb"), 1),
-            "kept_maps_every_head_mb": round(every, 1), "cross_maps_only_mb": round(cross, 1)}
+            "kept_maps_every_head_mb": round(every, 1), "cross_maps_only_mb": round(cross, 1),
+            "bare_forward_gflops": round(bare_flops / 1e9, 1),
+            "first_pass_flops_vs_bare": round(first_flops / bare_flops, 3)}
 
 
 REAL_SUITES: dict[str, Callable[..., dict[str, Any]]] = {

@@ -120,6 +120,8 @@ def segment(images: Sequence[str | os.PathLike], classes: str | Sequence[str], *
     settings = segmenter_overrides(**{k: overrides.pop(k) for k in ("heads", "layers", "rescale", "tau", "t", "refine_order") if k in overrides})
     if overrides.get("resize") is not None and overrides["resize"] not in ("keep", "square"):  # segment.settings.RESIZE
         raise InvalidOptionError(f"--resize must be square or keep, got {overrides['resize']!r}")
+    if overrides.get("memory") is not None and overrides["memory"] not in ("auto", "one-pass", "two-pass"):  # segment.settings.MEMORY
+        raise InvalidOptionError(f"--memory must be auto, one-pass or two-pass, got {overrides['memory']!r}")
     check_number("--num-workers", num_workers, 0, 256, integer=True)
     check_batch_size(batch_size)
     check_out_dir(out_dir, "--out folder")

@@ -93,7 +93,7 @@ def _confusion_counts(segmenter: Segmenter, dataset, job: EvalJob, taus: Sequenc
         raise InvalidOptionError("the dataset has no images to evaluate")
     label_source(job.setting).check(dataset, n)  # unknown setting, bad label/caption file: before any forward
     grid = tuple(float(t) for t in job.tau_grid) if taus is None else ()
-    settings = {**segmenter.settings.to_dict(), "setting": str(job.setting), **(extra_settings or {})}
+    settings = {**segmenter.settings.to_dict(results_only=True), "setting": str(job.setting), **(extra_settings or {})}
     if taus is not None:
         settings["taus"] = [float(t) for t in taus]
     if grid:

@@ -81,7 +81,7 @@ def run_segment(segmenter: Segmenter, refs: list[ImageRef], job: SegmentJob, sta
     check_unique_stems(refs)
     source = label_source(job.label_source)
     source.check(ImageFiles([r.path for r in refs], job.classes))  # a bad label/caption file: before any forward
-    settings = {**segmenter.settings.to_dict(), "classes": list(job.classes), "heatmaps": job.heatmaps,
+    settings = {**segmenter.settings.to_dict(results_only=True), "classes": list(job.classes), "heatmaps": job.heatmaps,
                 "label_source": source.spec}
     run = Run(Manifest("segment", str(segmenter.backbone.name), settings, job.dataset), out_dir, state,
               job.overwrite, job.progress).open()

@@ -16,7 +16,7 @@ from ..capture.observer import AttentionTensors
 from ..errors import ConfigError
 from .selfmaps import resize_self_map, resize_self_map_adjoint  # noqa: F401  (resize_self_map: the former path)
 
-__all__ = ["goca_head_weights", "layer_weights", "combine_layers"]
+__all__ = ["goca_head_weights", "layer_weights", "combine_layers", "pseudo_attention", "reference_tokens", "weights_from_scores"]
 
 _EPS = 1e-12
 
@@ -112,6 +112,37 @@ class GocaHeadReducer:
         return torch.einsum("bhq,bhqk->bqk", w_bhq, probs_bhqk)
 
 
+def reference_tokens(ref_bchw: torch.Tensor, first_channel: bool = False) -> torch.Tensor:
+    """The reference feature as pixel tokens ``[B, HW, C]`` (float32) for :func:`pseudo_attention`: every
+    channel, or channel 0 only (``first_channel``, the published ``ref_channels="first"``: ``C = 1``)."""
+    if first_channel:
+        ref_bchw = ref_bchw[:, :1]
+    return ref_bchw.float().flatten(2).transpose(1, 2)
+
+
+def pseudo_attention(f_bqc: torch.Tensor, f_bkc: torch.Tensor) -> torch.Tensor:
+    """Rows of GOCA's pseudo self-attention ``P = softmax(F F^T / sqrt(C))`` over pixels.
+
+    Args:
+        f_bqc: the reference tokens ``[B, q, C]`` of the rows wanted (all of them: the whole ``P``).
+        f_bkc: every reference token ``[B, HW, C]`` (:func:`reference_tokens`).
+    Returns:
+        ``[B, q, HW]``; each row sums to 1. A block of rows equals the same rows of the whole ``P`` up to
+        float rounding (the row block's own matrix product).
+    """
+    c = f_bkc.shape[-1]
+    return torch.softmax(torch.matmul(f_bqc, f_bkc.transpose(1, 2)) / c**0.5, dim=-1)
+
+
+def weights_from_scores(scores_bm: torch.Tensor) -> torch.Tensor:
+    """Layer weights from the layer scores ``s_m = <P, U(S_m)>`` ``[B, M]``: clamped at 0 and normalised to
+    sum 1 (uniform where every score is <= 0)."""
+    scores = scores_bm.clamp_min(0)
+    total = scores.sum(dim=1, keepdim=True)
+    uniform = torch.full_like(scores, 1.0 / scores.shape[1])
+    return torch.where(total > 0, scores / total.clamp_min(_EPS), uniform)
+
+
 def layer_weights(
     ref_bchw: torch.Tensor,
     self_maps: list[torch.Tensor],
@@ -121,10 +152,11 @@ def layer_weights(
 ) -> torch.Tensor:
     """GOCA layer weights ``s_m = sum_ij P_ij S_m,ij``, clamped at 0 and normalised to sum 1.
 
-    ``P = softmax(F F^T / sqrt(C))`` over pixels is the pseudo self-attention of the reference feature
-    ``F`` at its own grid. ``S_m`` is layer m's head-averaged self-attention, resized to the reference grid
+    ``P = softmax(F F^T / sqrt(C))`` over pixels (:func:`pseudo_attention`) is the pseudo self-attention of the
+    reference feature ``F`` at its own grid. ``S_m`` is layer m's head-averaged self-attention, resized to the reference grid
     (``U`` = :func:`~difffeat.segment.selfmaps.resize_self_map`); the score is computed in the adjoint form ``<U^T P, S_m>``
     (:func:`~difffeat.segment.selfmaps.resize_self_map_adjoint`), equal to ``<P, U(S_m)>`` without building any resized map.
+    The two-pass observation forms the same scores during the forward (:mod:`difffeat.segment.layerscores`).
 
     Args:
         ref_bchw: reference dense feature ``[B, C, H, W]``.
@@ -136,11 +168,9 @@ def layer_weights(
     Returns:
         ``[B, M]`` (uniform where every score is <= 0).
     """
-    if first_channel:
-        ref_bchw = ref_bchw[:, :1]
-    b, c, h, w = ref_bchw.shape
-    f = ref_bchw.float().flatten(2).transpose(1, 2)  # [B, HW, C]
-    p = torch.softmax(torch.matmul(f, f.transpose(1, 2)) / c**0.5, dim=-1)
+    h, w = ref_bchw.shape[-2:]
+    f = reference_tokens(ref_bchw, first_channel)  # [B, HW, C]
+    p = pseudo_attention(f, f)
     adjoint: dict[tuple[int, int], torch.Tensor] = {}  # one U^T P per self-map grid, shared by its layers
     scores = []
     for s_map, g in zip(self_maps, grids):
@@ -148,10 +178,7 @@ def layer_weights(
         if g not in adjoint:
             adjoint[g] = resize_self_map_adjoint(p, g, (h, w), mass_preserving)
         scores.append((adjoint[g] * s_map.float()).sum(dim=(1, 2)))
-    scores = torch.stack(scores, dim=1).clamp_min(0)
-    total = scores.sum(dim=1, keepdim=True)
-    uniform = torch.full_like(scores, 1.0 / scores.shape[1])
-    return torch.where(total > 0, scores / total.clamp_min(_EPS), uniform)
+    return weights_from_scores(torch.stack(scores, dim=1))
 
 
 def combine_layers(

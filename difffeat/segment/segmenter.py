@@ -30,7 +30,9 @@ from ..capture import Capture, MapReducer, catalog_of, head_mean
 from ..errors import ConfigError, InvalidOptionError, UnknownActivationError
 from ..hookpoints import load_table
 from ..images import ImageInput, loaded_size, original_size, to_rgb
-from .aggregation import GocaHeadReducer, combine_layers, layer_weights
+from .aggregation import GocaHeadReducer, combine_layers, layer_weights, weights_from_scores
+from .layerscores import LayerScoreStream
+from .memory import MapGeometry, choose_passes
 from .postprocess import postprocess_labels
 from .prompts import FILLERS, PromptLayout, build_layout
 from .vocabulary import class_words
@@ -76,17 +78,21 @@ def global_map(
     cross_names: Sequence[str],
     self_names: Sequence[str],
     ref_name: str,
+    layer_scores: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """GOCA's global map ``A = sum_m s_m upsample(A_m)`` (clamped at 0, each pixel renormalised over text
     positions) at the largest map grid: ``[B, T, H, W]``, and the layer weights ``s_m`` ``[B, M]`` (GOCA's
     reference-feature weights for ``layers="goca"``, uniform otherwise). ``acts`` as :func:`goca_scores`
-    takes them."""
+    takes them; ``layer_scores`` ``[B, M]``: the scores ``<P, U(S_m)>`` when they were formed during the
+    forward (:mod:`difffeat.segment.layerscores`; then no self map or reference feature is needed)."""
     maps = [acts[n].float() for n in cross_names]  # [B, HW_m, T]
     grids = [grid_of(m.shape[1], grid) for m in maps]
     size = max(grids, key=lambda g: g[0] * g[1])
     b = maps[0].shape[0]
     mass = s.self_map_resize == "mass-preserving"
-    if s.layers == "goca":
+    if s.layers == "goca" and layer_scores is not None:
+        weights = weights_from_scores(layer_scores.float())
+    elif s.layers == "goca":
         ref = acts[ref_name].float()
         if s.pseudo_grid == "map" and tuple(ref.shape[-2:]) != size:
             ref = F.interpolate(ref, size=size, mode="bilinear", align_corners=False)
@@ -107,6 +113,7 @@ def goca_scores(
     ref_name: str,
     refine_names: Sequence[str],
     refine_mean: torch.Tensor | None = None,
+    layer_scores: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """GOCA's decision maths on captured activations: layer weights, global map, rescaling, blur + min-max,
     background entities, refinement.
@@ -121,11 +128,13 @@ def goca_scores(
         grid: the input grid (h, w) the token counts are measured against (:func:`grid_of`).
         refine_mean: the refinement mean ``[B, HW, HW]`` when it was accumulated during the forward
             (then the ``refine_names`` maps are not needed).
+        layer_scores: the layer scores ``[B, M]`` when they were formed during the forward (then the
+            ``self_names`` maps and the reference feature are not needed).
     Returns:
         class maps ``[B, n_classes, H, W]``, supporting map ``[B, H, W]`` (zeros without entities), layer
         weights ``[B, M]``; (H, W) is the largest map grid.
     """
-    a, weights = global_map(s, acts, grid, cross_names, self_names, ref_name)  # [B, T, H, W]
+    a, weights = global_map(s, acts, grid, cross_names, self_names, ref_name, layer_scores)  # [B, T, H, W]
     size = tuple(a.shape[-2:])
     mass = s.self_map_resize == "mass-preserving"
     groups = layout.class_tokens + layout.entity_tokens
@@ -166,6 +175,8 @@ class Observation:
     refine_mean: torch.Tensor | None = None
     #: the settings the self maps were reduced under during the forward (None: full head-mean maps)
     reduced: dict[str, Any] | None = None
+    #: the layer scores ``[B, M]`` formed during a two-pass observation's forward (None: one pass)
+    layer_scores: torch.Tensor | None = None
 
 
 @dataclass
@@ -414,9 +425,13 @@ class Segmenter:
         the RGB ``images`` with the ``layouts``' captions): one observation per image.
 
         Without ``everything``, the self maps are reduced during the forward to what the settings' decision
-        needs (:mod:`difffeat.segment.selfmaps`): no ``[HW, HW]`` map per block is kept."""
+        needs (:mod:`difffeat.segment.selfmaps`): no ``[HW, HW]`` map per block is kept. In two passes
+        (:meth:`passes`), a forward up to the reference feature comes first and the layer scores are formed
+        during the observed forward (:mod:`difffeat.segment.layerscores`)."""
         s = self.settings
         custom = self._check_head_reducers(head_reducers)
+        if self.passes(inputs, everything) == "two-pass":
+            return self._observe_two_pass(images, layouts, inputs, custom)
         reducers, stream = self.observation_reducers(tuple(inputs.grid), everything)
         reducers.update(custom)
         with Capture(self.backbone, self.activation_names(everything), inputs, early_exit=True, map_reducer=head_mean,
@@ -437,6 +452,85 @@ class Segmenter:
             for i, (rgb, lay) in enumerate(zip(images, layouts))
         ]
 
+    def map_geometry(self, inputs: Any) -> MapGeometry:
+        """The grids of this segmenter's maps in the forward of ``inputs`` (its token grid and image size),
+        from the catalog's shapes at the probe size (no forward): what :meth:`passes` accounts."""
+        cat = catalog_of(self.backbone)
+        (gh, gw), (ih, iw) = tuple(inputs.grid), tuple(inputs.image_size)
+        ph, pw = cat.probe_size or (self.backbone.native_resolution,) * 2
+        probe_grid = (max(1, round(ph * gh / ih)), max(1, round(pw * gw / iw)))  # same pixels per token
+
+        def at_input(name: str) -> tuple[int, int]:  # the map's level at the probe, at this forward's grid
+            sh, sw = grid_of(cat[name].shape[1], probe_grid)
+            return math.ceil(gh / (probe_grid[0] // sh)), math.ceil(gw / (probe_grid[1] // sw))
+
+        ref_shape = cat[self.ref_name].shape
+        if ref_shape is not None and len(ref_shape) == 3:
+            ref_level = (probe_grid[0] // ref_shape[1], probe_grid[1] // ref_shape[2])
+            reference, channels = (math.ceil(gh / ref_level[0]), math.ceil(gw / ref_level[1])), ref_shape[0]
+        else:
+            reference, channels = (gh, gw), 1
+        s = self.settings
+        text = inputs.text_len or cat[self.cross_names[0]].shape[2]
+        return MapGeometry(
+            cross={n: at_input(n) for n in self.cross_names},
+            weight={n: at_input(n) for n in self.self_names} if s.layers == "goca" else {},
+            refine={n: at_input(n) for n in self.refine_names} if s.refine_order > 0 else {},
+            reference=reference, ref_channels=int(channels), text_tokens=int(text),
+        )
+
+    def passes(self, inputs: Any, everything: bool = False) -> str:
+        """How :meth:`observe_prepared` observes the forward of ``inputs``: "one-pass" or "two-pass" (the
+        ``memory`` setting; "auto" decides from :meth:`map_geometry` by :func:`~difffeat.segment.memory.choose_passes`,
+        before any forward). One pass with ``everything`` (every whole map is kept) or ``layers="uniform"``
+        (no layer scores)."""
+        s = self.settings
+        if everything or s.layers != "goca" or s.memory == "one-pass":
+            return "one-pass"
+        if s.memory == "two-pass":
+            return "two-pass"
+        try:
+            geo = self.map_geometry(inputs)
+        except ValueError:  # grids that are not power-of-two levels of the input: not accounted
+            return "one-pass"
+        return choose_passes(s.memory, geo, inputs.batch_size or 1, s.map_budget_mb, s.pseudo_grid, s.ref_channels == "first")
+
+    def _observe_two_pass(self, images: Sequence[Image.Image], layouts: Sequence[PromptLayout], inputs: Any,
+                          custom: Mapping[str, MapReducer]) -> list["Observation"]:
+        """:meth:`observe_prepared` in two passes: the forward up to the reference feature (stopped there),
+        then the observed forward scoring every layer-weight self map against ``P`` as it is computed."""
+        s = self.settings
+        with Capture(self.backbone, [self.ref_name], inputs, early_exit=True) as first:
+            self.backbone.denoise(inputs)
+        if self.ref_name not in first.activations:
+            raise RuntimeError(f"the forward never reached the reference feature {self.ref_name!r}")
+        ref = first.activations.pop(self.ref_name)
+        geo = self.map_geometry(inputs)
+        if s.pseudo_grid == "map" and tuple(ref.shape[-2:]) != geo.largest:
+            ref = F.interpolate(ref.float(), size=geo.largest, mode="bilinear", align_corners=False)
+        stream = LayerScoreStream(ref, geo.weight, geo.refine, geo.largest, s.ref_channels == "first",
+                                  s.self_map_resize == "mass-preserving")
+        del ref
+        reducers: dict[str, MapReducer] = {}
+        if s.heads == "goca":
+            reducers = dict.fromkeys(self.cross_names, GocaHeadReducer(self._output_weights()))
+        reducers.update(stream.reducers())
+        reducers.update(custom)
+        names = list(dict.fromkeys([*self.cross_names, *stream.names()]))
+        with Capture(self.backbone, names, inputs, early_exit=True, map_reducer=head_mean, map_reducers=reducers,
+                     fuse_output=True) as cap:
+            self.backbone.denoise(inputs)
+        acts = cap.activations
+        scores, refine_mean = stream.finish(acts)
+        heads = "custom" if custom else s.heads
+        reduced = self._reduced_settings(two_pass=True)
+        grid = tuple(inputs.grid)
+        return [
+            Observation(rgb, lay, {k: v[i : i + 1] for k, v in acts.items()} if len(images) > 1 else acts, grid, heads,
+                        None if refine_mean is None else refine_mean[i : i + 1], reduced, scores[i : i + 1])
+            for i, (rgb, lay) in enumerate(zip(images, layouts))
+        ]
+
     def observation_reducers(self, grid: tuple[int, int], everything: bool = False) -> tuple[dict[str, MapReducer], SelfMapStream | None]:
         """The map reducers of one observed forward at the input token ``grid``: GOCA's head weights on the
         cross maps (``heads="goca"``), and the self-map reductions (:class:`SelfMapStream`, a fresh one per
@@ -452,11 +546,15 @@ class Segmenter:
             reducers.update(stream.reducers())
         return reducers, stream
 
-    def _reduced_settings(self) -> dict[str, Any]:
-        """What an observation with reduced self maps can only be decided under."""
+    def _reduced_settings(self, two_pass: bool = False) -> dict[str, Any]:
+        """What an observation with reduced self maps can only be decided under (two passes: also the
+        reference channels and the combined layers, which its layer scores were formed with)."""
         s = self.settings
-        return {"layers": s.layers, "self_map_resize": s.self_map_resize, "pseudo_grid": s.pseudo_grid,
-                "refine": s.refine_order > 0, "refine_names": tuple(self.refine_names), "ref_name": self.ref_name}
+        out = {"layers": s.layers, "self_map_resize": s.self_map_resize, "pseudo_grid": s.pseudo_grid,
+               "refine": s.refine_order > 0, "refine_names": tuple(self.refine_names), "ref_name": self.ref_name}
+        if two_pass:
+            out.update(ref_channels=s.ref_channels, self_names=tuple(self.self_names))
+        return out
 
     def _self_map_stream(self, input_grid: tuple[int, int]) -> SelfMapStream | None:
         """The self-map reductions for these settings (:class:`SelfMapStream`), or None when the maps are kept
@@ -506,13 +604,14 @@ class Segmenter:
         other layer/rescale/tau settings."""
         if obs.heads not in (self.settings.heads, "custom"):
             raise ConfigError(f"observation made with heads={obs.heads!r} cannot be decided with heads={self.settings.heads!r}")
-        if obs.reduced is not None and obs.reduced != self._reduced_settings():
-            differ = sorted(k for k, v in self._reduced_settings().items() if obs.reduced.get(k) != v)
+        mine = self._reduced_settings(two_pass=obs.layer_scores is not None)
+        if obs.reduced is not None and obs.reduced != mine:
+            differ = sorted(k for k, v in mine.items() if obs.reduced.get(k) != v)
             raise ConfigError(
                 f"this observation kept its self maps reduced for its own settings, which differ in {differ}; "
                 "observe with everything=True to decide one observation under other layer/refinement settings"
             )
-        return self._decide(obs.image, obs.layout, obs.activations, obs.grid, obs.refine_mean)
+        return self._decide(obs.image, obs.layout, obs.activations, obs.grid, obs.refine_mean, obs.layer_scores)
 
     def _output_weights(self) -> dict[int, torch.Tensor]:
         """W_O for attention modules without ``to_out`` (FLUX single-stream: the block's proj_out columns
@@ -530,10 +629,11 @@ class Segmenter:
         return weights
 
     def _decide(self, rgb: Image.Image, layout: PromptLayout, acts: dict[str, torch.Tensor], grid: tuple[int, int],
-                refine_mean: torch.Tensor | None = None) -> SegmentationResult:
+                refine_mean: torch.Tensor | None = None, layer_scores: torch.Tensor | None = None) -> SegmentationResult:
         s = self.settings
         cls_maps, support, weights = goca_scores(
-            s, layout, acts, grid, self.cross_names, self.self_names, self.ref_name, self.refine_names, refine_mean
+            s, layout, acts, grid, self.cross_names, self.self_names, self.ref_name, self.refine_names, refine_mean,
+            layer_scores,
         )
         background = s.tau + support  # [B, H, W]
         w0, h0 = original_size(rgb)  # the input's own size, also when to_rgb downscaled a huge one

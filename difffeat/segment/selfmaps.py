@@ -37,8 +37,8 @@ import torch.nn.functional as F
 
 from .rescale import minmax
 
-__all__ = ["grid_of", "nearest_rows", "resize_keys", "resize_self_map", "resize_self_map_adjoint", "mean_self_map",
-           "propagate", "SelfMapStream"]
+__all__ = ["grid_of", "nearest_rows", "resize_keys", "resize_keys_adjoint", "resize_self_map", "resize_self_map_adjoint",
+           "mean_self_map", "propagate", "SelfMapStream", "TargetRows"]
 
 
 def grid_of(n_tokens: int, base: tuple[int, int]) -> tuple[int, int]:
@@ -130,6 +130,48 @@ def resize_self_map_adjoint(
     p5 = torch.einsum("backl,kd,le->bacde", p5, by, bx)  # keys: bilinear, adjoint
     g = p5.reshape(b, h * w, h * w)
     return g * ((h * w) / (th * tw)) if mass_preserving else g
+
+
+def resize_keys_adjoint(
+    p_brk: torch.Tensor, grid: tuple[int, int], target: tuple[int, int], mass_preserving: bool
+) -> torch.Tensor:
+    """The adjoint of :func:`resize_keys`: ``[B, r, Ht*Wt]`` rows at ``target`` -> ``[B, r, h*w]`` rows at ``grid``,
+    ``c P B_k`` (``B_k`` the bilinear key resize, ``c`` as in :func:`resize_self_map_adjoint`), so that
+    ``<resize_keys_adjoint(P), S> = <P, resize_keys(S)>`` row by row."""
+    (h, w), (th, tw) = grid, target
+    b, r, _ = p_brk.shape
+    by, _ = _axis_resamplers(h, th, p_brk.device)
+    bx, _ = _axis_resamplers(w, tw, p_brk.device)
+    g = torch.einsum("brkl,kd,le->brde", p_brk.float().reshape(b, r, th, tw), by, bx).reshape(b, r, h * w)
+    return g * ((h * w) / (th * tw)) if mass_preserving else g
+
+
+class TargetRows:
+    """Which rows of ``U(S)`` (:func:`resize_self_map` from ``grid`` to ``target``) a block of ``S``'s query rows
+    gives: every target row is source row ``nearest_rows(grid, target)[t]`` with its keys resized, so the rows
+    of a chunk ``start:stop`` of ``S`` make the target rows whose source lies in it (in any resize direction).
+
+    Args:
+        grid, target: (h, w) of the map and of the grid it is resized to.
+    """
+
+    def __init__(self, grid: tuple[int, int], target: tuple[int, int], device: torch.device | None = None) -> None:
+        self.grid, self.target = tuple(grid), tuple(target)
+        self.identity = self.grid == self.target
+        if not self.identity:
+            self.source = nearest_rows(grid, target, device)  # [Ht*Wt]
+            self.order = torch.argsort(self.source, stable=True)  # target rows by source row
+            self.sorted = self.source[self.order]
+
+    def rows(self, s_brk: torch.Tensor, rows: slice, mass_preserving: bool) -> tuple[torch.Tensor | slice, torch.Tensor]:
+        """The target rows ``t`` (index or slice) that the chunk ``s_brk`` ``[B, r, h*w]`` (query rows ``rows``
+        of ``S``) makes, and those rows of ``U(S)``: ``[B, len(t), Ht*Wt]``."""
+        if self.identity:
+            return rows, s_brk
+        bounds = torch.tensor([rows.start, rows.stop], device=self.sorted.device)
+        lo, hi = (int(i) for i in torch.searchsorted(self.sorted, bounds))
+        t = self.order[lo:hi]
+        return t, resize_keys(s_brk[:, self.source[t] - rows.start], self.grid, self.target, mass_preserving)
 
 
 def mean_self_map(

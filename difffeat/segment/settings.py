@@ -31,6 +31,11 @@ Resize = Literal["keep", "square"]
 #: which latents of the image the forward noises: "mean" (difffeat: the VAE posterior's mean, deterministic) or
 #: "sample" (the published img2img pipelines' ``retrieve_latents``: a draw from the posterior, seeded here)
 VaeLatents = Literal["mean", "sample"]
+#: how the observation holds the self maps of the blocks that run before the reference feature (see
+#: :mod:`difffeat.segment.memory`): "auto" (two passes when one would keep more than ``map_budget_mb``),
+#: "one-pass" (kept until the reference feature exists) or "two-pass" (a forward up to the reference feature
+#: first, then the layer scores formed during the observed forward; a partial extra forward)
+Memory = Literal["auto", "one-pass", "two-pass"]
 
 HEADS = get_args(Heads)
 LAYERS = get_args(LayerWeights)
@@ -41,6 +46,7 @@ PSEUDO_GRID = get_args(PseudoGrid)
 ENTITY_MERGE = get_args(EntityMerge)
 RESIZE = get_args(Resize)
 VAE_LATENTS = get_args(VaeLatents)
+MEMORY = get_args(Memory)
 #: the config every model gets unless another is named: ``configs/goca/<model or family>.yaml``
 DEFAULT_CONFIG = "default"
 
@@ -122,6 +128,8 @@ class SegmentSettings:
     filler_words: FillerWords = "published"
     resize: Resize = "keep"
     vae_latents: VaeLatents = "mean"
+    memory: Memory = "auto"
+    map_budget_mb: float = 2048.0
 
     def __post_init__(self) -> None:
         for name, allowed in switches().items():
@@ -135,6 +143,7 @@ class SegmentSettings:
         check_number("tau", self.tau, -1.0, 1.0)
         check_number("refine_order", self.refine_order, 0, 8, integer=True)
         check_resolution("resolution", self.resolution)
+        check_number("map_budget_mb", self.map_budget_mb, 0.0, 2.0**30)
 
     @property
     def method(self) -> str:
@@ -157,13 +166,22 @@ class SegmentSettings:
                 changes[key] = tuple(changes[key])
         return replace(self, **changes)
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self, results_only: bool = False) -> dict[str, Any]:
+        """The settings as plain data (tuples as lists) with the method's short name; ``results_only``: without
+        :data:`EXECUTION_ONLY` (how a segmentation runs, never what it gives), as run manifests compare them."""
         d = asdict(self)
+        if results_only:
+            for name in EXECUTION_ONLY:
+                d.pop(name)
         for k, v in d.items():
             if isinstance(v, tuple):
                 d[k] = list(v)
         d["method"] = self.method
         return d
+
+
+#: settings that change how a segmentation runs (its memory and time), never its labels
+EXECUTION_ONLY = ("memory", "map_budget_mb")
 
 
 @cache
