@@ -133,7 +133,8 @@ def test_the_readme_table_gets_the_dit_rows_with_the_command_that_reproduces_the
     (tmp_path / "bench_sana-1600m_goca_64.json").write_text(json.dumps(figures))
     table = load_benchmark("real_scale_readme").render(tmp_path)
     rows = [line for line in table.splitlines() if line.startswith("| sana-1600m, 64 |")]
-    assert len(rows) == 5  # segment vs forward, vs prepare + forward, the split, kept maps, extra peak memory
+    for what in ("GOCA segment end to end vs bare forward", "maps kept by the observer", "extra peak memory"):
+        assert sum(what in row for row in rows) == 1
     command = "`difffeat bench goca --arch sana-1600m --resolution 64 --repeats 1 --dtype bf16 --text-layers 1`"
     assert all(command in row for row in rows)
 
