@@ -56,6 +56,7 @@ def _private_diffusers_accesses(path: Path) -> list[str]:
 #: not diffusers: torch.compile's wrapper (base.py), difffeat's own technique object (shift/gate.py), the
 #: public single-file loader mixin and logging utilities
 ALLOWED = ("torch.ops.aten, '_scaled_dot_product_flash_attention_for_cpu'",  # torch, not diffusers
+           "torch.ops.mkldnn, '_linear_pointwise'", "weight._version",  # torch's oneDNN op, a tensor's version
            "super()._forward",  # difffeat's own FeatureExtractor._forward, extended by shift.combined
            "getattr(module, '_orig_mod', module)", "technique._controlnet", "from diffusers.loaders",
            "from diffusers.utils")

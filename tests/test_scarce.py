@@ -22,6 +22,7 @@ from difffeat.evaluate.pixel_ensemble import (
 from difffeat.evaluate.scarce_data import LabelledImage, LabelledSet
 from difffeat.evaluate.pixels import pixel_features
 from difffeat.runs.scarce import _batches, _Cached
+from difffeat.runs.scarce import _train_model as TRAIN_MODEL
 
 runner = CliRunner()
 
@@ -279,6 +280,81 @@ def test_the_saved_classifier_predicts_new_images_like_the_run_scored_them(tmp_p
         a, b = iou_counts(p, read_label(it.label), 3)
         inter, union = inter + a, union + b
     assert class_ious(inter, union).mean() == pytest.approx(rep.miou_mean, abs=1e-9)
+
+
+class Killed(Exception):
+    """Stands for the process being killed in the middle of a run."""
+
+
+def _counting_trainer(monkeypatch, fail_after=None):
+    """Wrap run_probe's classifier training: count the calls; raise on call ``fail_after + 1`` (a killed run)."""
+    import difffeat.runs.scarce as scarce
+
+    calls = []
+    real = TRAIN_MODEL
+
+    def train(*args, **kwargs):
+        if fail_after is not None and len(calls) >= fail_after:
+            raise Killed
+        calls.append(args[6])  # the classifier's seed
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(scarce, "_train_model", train)
+    return calls
+
+
+def test_a_killed_probe_resumes_and_reports_what_an_uninterrupted_run_reports(tmp_path, monkeypatch):
+    import difffeat
+    from difffeat.evaluate.scarce_data import ddpm_segmentation
+    from difffeat.runs.scarce import ProbeJob, run_probe
+
+    data = ddpm_segmentation(_ddpm_tree(tmp_path / "mini"), 3)
+    fx = difffeat.FeatureExtractor(difffeat.load("shapes", device="cpu"), preset="shapes-practical")
+    proto = ScarceProtocol(models=2, epochs=1, splits=2, label_size=32)
+    whole = run_probe(fx, data, ProbeJob(tmp_path / "whole", proto, progress=False))
+    calls = _counting_trainer(monkeypatch, fail_after=3)
+    with pytest.raises(Killed):
+        run_probe(fx, data, ProbeJob(tmp_path / "killed", proto, progress=False))
+    assert len(calls) == 3 and not (tmp_path / "killed" / "report.json").exists()
+    calls = _counting_trainer(monkeypatch)
+    resumed = run_probe(fx, data, ProbeJob(tmp_path / "killed", proto, progress=False))
+    assert len(calls) == 1  # only the fourth classifier is trained; three are read back
+    assert resumed.miou_per_split == whole.miou_per_split and resumed.class_iou_mean == whole.class_iou_mean
+
+
+def test_only_the_images_a_split_uses_are_extracted(tmp_path):
+    import difffeat
+    from difffeat.evaluate.scarce_data import ddpm_segmentation
+    from difffeat.runs.scarce import ProbeJob, run_probe, split_indices
+
+    data = ddpm_segmentation(_ddpm_tree(tmp_path / "mini"), 3)
+    fx = difffeat.FeatureExtractor(difffeat.load("shapes", device="cpu"), preset="shapes-practical")
+    proto = ScarceProtocol(models=1, epochs=1, splits=1, label_size=32)
+    rep = run_probe(fx, data, ProbeJob(tmp_path / "out", proto, train_count=2, test_count=1, progress=False))
+    train, test = split_indices(len(data), data.n_train, 0, proto, 2, 1)
+    want = sorted(data.items[i].stem for i in (*train, *test))
+    assert sorted(p.stem for p in (tmp_path / "out" / "features").glob("*.safetensors")) == want
+    assert sorted(rep.splits[0]["train"] + rep.splits[0]["test"]) == want
+
+
+def test_stored_classifiers_of_other_settings_are_retrained(tmp_path, monkeypatch):
+    import difffeat
+    from difffeat.evaluate.scarce_data import ddpm_segmentation
+    from difffeat.runs.scarce import ProbeJob, run_probe
+
+    data = ddpm_segmentation(_ddpm_tree(tmp_path / "mini"), 3)
+    fx = difffeat.FeatureExtractor(difffeat.load("shapes", device="cpu"), preset="shapes-practical")
+    run_probe(fx, data, ProbeJob(tmp_path / "out", ScarceProtocol(models=2, epochs=1, splits=1, label_size=32), progress=False))
+    calls = _counting_trainer(monkeypatch)
+    run_probe(fx, data, ProbeJob(tmp_path / "out", ScarceProtocol(models=3, epochs=1, splits=1, label_size=32), progress=False))
+    assert len(calls) == 1  # more models: the two stored ones are reused
+    calls = _counting_trainer(monkeypatch)
+    run_probe(fx, data, ProbeJob(tmp_path / "out", ScarceProtocol(models=2, epochs=2, splits=1, label_size=32), progress=False))
+    assert len(calls) == 2  # other epochs: both retrained
+    calls = _counting_trainer(monkeypatch)
+    run_probe(fx, data, ProbeJob(tmp_path / "out", ScarceProtocol(models=2, epochs=2, splits=1, label_size=32), progress=False,
+                                 train_count=2))
+    assert len(calls) == 2  # other training images: retrained
 
 
 def test_a_label_outside_the_class_count_fails_before_the_model_loads(tmp_path):

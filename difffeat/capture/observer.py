@@ -2,7 +2,9 @@
 of the *image queries* (what was asked: per-head maps, head-mean maps, or a custom reduction) and hand
 them to the capture session. Where the probabilities cover the whole SDPA call (every query row, no mask,
 no dropout, float32) the layer's output is ``probabilities @ V`` from the same chunks and SDPA does not run
-a second time (``_fusable``); otherwise the layer's output is computed by diffusers itself.
+a second time (``_fusable``); otherwise the layer's output is computed by diffusers itself. On the CPU the
+chunks of query rows are spread over worker threads that each run torch's kernels on one thread
+(:mod:`~difffeat.capture.chunk_workers`).
 
 One mechanism serves every family whose attention reaches torch's ``scaled_dot_product_attention``: the
 stock processors of diffusers (``AttnProcessor2_0``, ``JointAttnProcessor2_0``, and every new-style
@@ -26,7 +28,9 @@ layer (it multiplies ``V K^T`` first): its maps are that matrix, normalised as t
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -40,6 +44,7 @@ from ..backbones import diffusers_compat
 from ..backbones.layout import TokenLayout
 from ..errors import AttentionBackendError, DifffeatError
 from .attention_kernels import flash_output_and_lse, probs_from_lse
+from .chunk_workers import InRowOrder, chunk_workers, run_chunks
 
 # AttentionTensors, MapReducer, register_layout, head_mean, per_head, attention_probs: listed by difffeat.capture
 __all__ = [
@@ -89,7 +94,9 @@ class MapReducer(Protocol):
     to the requested keys; ``rows`` is the slice of query rows; ``full_probs_bhqk`` has every key (needed by
     reductions that use the layer's output, such as GOCA's head weights). A reducer with the attribute
     ``uses_output = True`` also receives ``out_bhqd`` = ``full_probs_bhqk @ V`` (float32, ``[B, heads, q, d]``),
-    the chunk's attention output, computed once for it and for the layer's fused output."""
+    the chunk's attention output, computed once for it and for the layer's fused output. A reducer with
+    ``thread_safe = True`` may be called from several threads at once, for disjoint chunks of rows
+    (:mod:`~difffeat.capture.chunk_workers`); others are called one chunk at a time, in row order."""
 
     def __call__(
         self, probs_bhqk: torch.Tensor, *, attn: Any, tensors: AttentionTensors, rows: slice, full_probs_bhqk: torch.Tensor
@@ -104,6 +111,9 @@ def per_head(probs_bhqk: torch.Tensor, **_: Any) -> torch.Tensor:
 def head_mean(probs_bhqk: torch.Tensor, **_: Any) -> torch.Tensor:
     """Mean over heads: ``[B, q, K]``."""
     return probs_bhqk.mean(dim=1)
+
+
+per_head.thread_safe = head_mean.thread_safe = True  # type: ignore[attr-defined]  # pure functions of their chunk
 
 
 def softmax_probs(q_bhqd: torch.Tensor, kt_bhdk: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -143,6 +153,7 @@ def attention_probs(
     chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
     output_bhqd: torch.Tensor | None = None,
     fused_lse: bool = False,
+    workers: int | None = None,
 ) -> torch.Tensor:
     """Attention probabilities of the image queries (float32; softmax, or the layer's linear-attention
     weights for ``kernel="relu-linear"``), reduced chunk by chunk.
@@ -157,7 +168,14 @@ def attention_probs(
     ``fused_lse``: where the output is wanted, take it from torch's fused CPU kernel with each row's
     log-sum-exp and form the probabilities as ``exp(q.k^T - lse)``
     (:mod:`~difffeat.capture.attention_kernels`); the explicit path where that kernel does not apply. Off by
-    default: on the CPU measured it is slower than the explicit path (``benchmarks/observer_kernel.py``).
+    default: on the CPU measured it was 0.94-1.37x the explicit path's time (README, "Observer attention
+    kernel").
+
+    ``workers``: threads the chunks are spread over, each running torch's kernels on one thread
+    (:mod:`~difffeat.capture.chunk_workers`); None: torch's thread count where that is safe
+    (:func:`~difffeat.capture.chunk_workers.chunk_workers`), 1: every chunk in the caller's thread. Reducers
+    without ``thread_safe = True`` are then called one chunk at a time, in row order; the result does not
+    depend on ``workers`` beyond the float rounding of torch's multi-threaded kernels in the caller's thread.
     """
     q, k = tensors.q, tensors.k
     b, h, nq, _ = q.shape
@@ -165,17 +183,25 @@ def attention_probs(
     cols = {"cross": tensors.text_keys, "self": tensors.image_keys, "all": slice(0, nk)}[keys]
     if cols is None:
         raise DifffeatError(f"this attention layer has no {keys} keys")
+    if workers is None:
+        workers = chunk_workers(q, k, tensors.v)
     rows_per_chunk = max(1, chunk_elements // max(1, b * h * nk))
+    if workers > 1:  # a few chunks per worker, so that one that finishes early takes another
+        rows_per_chunk = min(rows_per_chunk, -(-nq // (4 * workers)))
     prepare, probs = _KERNELS[tensors.kernel]
     q_prepared, kt = prepare(q, k, tensors.scale)  # scaling the [.., d] queries, not the [.., keys] logits
-    wants_output = output_bhqd is not None or getattr(reducer, "uses_output", False)
+    uses_output = getattr(reducer, "uses_output", False)
+    wants_output = output_bhqd is not None or uses_output
     v = tensors.v.float() if wants_output else None
     fused = None  # (output [B, heads, Nq, d], lse [B, heads, Nq]) of the fused kernel, or None
     if fused_lse and wants_output and tensors.kernel == "softmax":
         fused = flash_output_and_lse(q, k, tensors.v, tensors.bias, tensors.scale)
+    in_order = InRowOrder() if workers > 1 and not getattr(reducer, "thread_safe", False) else None
+    made = threading.Lock()
     out = None  # [..., nq, K] filled chunk by chunk: no list of pieces and no concatenated copy
-    for start in range(0, nq, rows_per_chunk):
-        rows = slice(start, min(nq, start + rows_per_chunk))
+
+    def chunk(rows: slice) -> None:
+        nonlocal out
         bias = tensors.bias
         if bias is not None and bias.shape[-2] != 1:
             bias = bias[..., rows, :]
@@ -185,15 +211,27 @@ def attention_probs(
             full = probs(q_prepared[:, :, rows], kt, bias)
         extra = {}
         if wants_output:
-            o_bhqd = fused[0][:, :, rows] if fused is not None else torch.matmul(full, v)
-            if output_bhqd is not None:
-                output_bhqd[:, :, rows] = o_bhqd
-            if getattr(reducer, "uses_output", False):
+            if fused is not None:
+                o_bhqd = fused[0][:, :, rows]
+                if output_bhqd is not None:
+                    output_bhqd[:, :, rows] = o_bhqd
+            elif output_bhqd is not None and output_bhqd.dtype == full.dtype:  # P V where SDPA's output goes
+                o_bhqd = torch.matmul(full, v, out=output_bhqd[:, :, rows])
+            else:
+                o_bhqd = torch.matmul(full, v)
+                if output_bhqd is not None:
+                    output_bhqd[:, :, rows] = o_bhqd
+            if uses_output:
                 extra["out_bhqd"] = o_bhqd
-        reduced = reducer(full[..., cols], attn=attn, tensors=tensors, rows=rows, full_probs_bhqk=full, **extra)
+        with in_order(rows) if in_order is not None else nullcontext():
+            reduced = reducer(full[..., cols], attn=attn, tensors=tensors, rows=rows, full_probs_bhqk=full, **extra)
         if out is None:
-            out = reduced.new_empty((*reduced.shape[:-2], nq, reduced.shape[-1]))
+            with made:
+                if out is None:
+                    out = reduced.new_empty((*reduced.shape[:-2], nq, reduced.shape[-1]))
         out[..., rows, :] = reduced
+
+    run_chunks(chunk, nq, rows_per_chunk, workers)
     return out
 
 

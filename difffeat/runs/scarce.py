@@ -1,7 +1,8 @@
 """Label-scarce segmentation runs: features streamed from disk into the published pixel-classifier protocol.
 
-1. The run engine's extraction (:func:`run_extract`) writes every labelled image's features, at the model's
-   own resolution, to ``OUT/features/<stem>.safetensors`` (resumable, atomic, sharded like ``extract``).
+1. The run engine's extraction (:func:`run_extract`) writes the features of every labelled image that a split
+   trains or tests on (``train_count``/``test_count`` may leave images unused), at the model's own resolution,
+   to ``OUT/features/<stem>.safetensors`` (resumable, atomic, sharded like ``extract``).
 2. For each random split (:func:`~difffeat.evaluate.pixel_ensemble.shuffle_split`) an ensemble of
    :class:`~difffeat.evaluate.pixel_ensemble.PixelMLP` trains on the training images' pixels. Pixels are
    streamed: ``pool`` images' native feature maps are read at a time, their labelled pixels shuffled together,
@@ -9,6 +10,12 @@
    RAM holds ``pool`` native maps and one block of pixel vectors, never the upsampled dataset (the reference
    keeps every upsampled feature in RAM). With ``pool`` >= the training images an epoch is one global shuffle.
 3. The test images are predicted (ensemble vote) and scored; mIoU is averaged over splits.
+
+Every trained classifier is saved as it finishes (``OUT/classifiers/split<s>-model<m>.safetensors``, with what
+determines it: protocol, features, prompt, training images, seed), so a killed run resumes where it stopped:
+features already on disk are not recomputed and classifiers whose stored key equals the current one are loaded
+instead of retrained (each classifier has its own seeded generator, so the result equals an uninterrupted run).
+A file whose key differs (other settings) is retrained and replaced.
 """
 
 from __future__ import annotations
@@ -162,6 +169,31 @@ def _batches(cache: _Cached, data: LabelledSet, train: Sequence[int], labels: Se
                 carry_x, carry_y, carry_n = [xs[full:]], [ys[full:]], len(ys) - full
 
 
+def _classifier_key(fx: FeatureExtractor, job: ProbeJob, data: LabelledSet, train: Sequence[int], channels: int,
+                    seed: int) -> dict[str, Any]:
+    """What determines one trained classifier (its weights are a function of exactly these)."""
+    proto = job.protocol.to_json()
+    proto.pop("splits")  # the number of splits does not change one split's classifiers
+    proto.pop("models")
+    return {"protocol": proto, "features": fx.settings(), "prompt": job.prompt, "num_classes": data.num_classes,
+            "channels": channels, "seed": seed, "train": [data.items[i].stem for i in train]}
+
+
+def _stored_classifier(path: Path, key: dict[str, Any], device) -> PixelMLP | None:
+    """The classifier saved at ``path`` if its key equals ``key`` (a JSON round trip of both), else None."""
+    import json
+
+    if not path.is_file():
+        return None
+    try:
+        ens = PixelEnsemble.load(path, device)
+    except Exception:  # a damaged file is recomputed  # noqa: BLE001
+        return None
+    if ens.info.get("key") != json.loads(json.dumps(key)):
+        return None
+    return ens.models[0]
+
+
 def _train_model(cache, data, train, labels, channels, protocol: ScarceProtocol, seed: int, device) -> PixelMLP:
     g = torch.Generator().manual_seed(seed)
     model = PixelMLP(channels, data.num_classes).init_weights(g).to(device)
@@ -198,7 +230,8 @@ def _predict(ensemble: PixelEnsemble, maps: list[torch.Tensor], grid: tuple[int,
 
 def run_probe(fx: FeatureExtractor, data: LabelledSet, job: ProbeJob, state=None) -> ProbeReport:
     """Label-scarce segmentation of ``data`` with ``fx``'s features (see the module docstring); writes
-    ``OUT/features/``, ``OUT/classifier.safetensors`` (split 0's ensemble) and ``OUT/report.json``."""
+    ``OUT/features/``, ``OUT/classifiers/`` (one file per trained classifier, for resuming),
+    ``OUT/classifier.safetensors`` (split 0's ensemble) and ``OUT/report.json``."""
     from .extract import ExtractJob, run_extract
     from .sources import ImageRef
 
@@ -206,22 +239,32 @@ def run_probe(fx: FeatureExtractor, data: LabelledSet, job: ProbeJob, state=None
     check_counts(data, protocol, job.train_count, job.test_count)
     out = Path(job.out_dir)
     feat_dir = out / "features"
-    refs = [ImageRef(it.stem, it.image) for it in data.items]
+    plan = [split_indices(len(data), data.n_train, s, protocol, job.train_count, job.test_count)
+            for s in range(protocol.splits)]
+    used = sorted({i for train, test in plan for i in (*train, *test)})  # only images some split uses
+    refs = [ImageRef(data.items[i].stem, data.items[i].image) for i in used]
     run_extract(fx, refs, ExtractJob(feat_dir, prompt=job.prompt, num_workers=job.num_workers, overwrite=job.overwrite,
                                      progress=job.progress, dataset=data.source), state)
     cache = _Cached(feat_dir, fx.names)
-    channels = cache.channels(data.items[0].stem)
+    channels = cache.channels(data.items[used[0]].stem)
     device = torch.device(job.device) if job.device else fx.backbone.device
     from tqdm.auto import tqdm
 
     mious, class_sum, splits, classifier = [], np.zeros(data.num_classes), [], None
     for s in range(protocol.splits):
-        train, test = split_indices(len(data), data.n_train, s, protocol, job.train_count, job.test_count)
+        train, test = plan[s]
         labels = _train_labels(data, train, protocol)
-        models = [
-            _train_model(cache, data, train, labels, channels, protocol, protocol.seed * 1_000_003 + s * 1009 + m, device)
-            for m in tqdm(range(protocol.models), desc=f"split {s + 1}/{protocol.splits}: classifiers", disable=not job.progress)
-        ]
+        models = []
+        for m in tqdm(range(protocol.models), desc=f"split {s + 1}/{protocol.splits}: classifiers", disable=not job.progress):
+            seed = protocol.seed * 1_000_003 + s * 1009 + m
+            key = _classifier_key(fx, job, data, train, channels, seed)
+            path = out / "classifiers" / f"split{s}-model{m}.safetensors"
+            model = None if job.overwrite else _stored_classifier(path, key, device)
+            if model is None:
+                model = _train_model(cache, data, train, labels, channels, protocol, seed, device)
+                path.parent.mkdir(parents=True, exist_ok=True)
+                PixelEnsemble([model], {"key": key}).save(path)
+            models.append(model)
         ensemble = PixelEnsemble(models, {"extractor": fx.settings(), "prompt": job.prompt,
                                           "label_size": protocol.label_size, "num_classes": data.num_classes})
         inter, union = np.zeros(data.num_classes), np.zeros(data.num_classes)

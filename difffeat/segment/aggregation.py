@@ -6,17 +6,20 @@ Shapes: B batch, h heads, q query pixels of a chunk, K keys, T text tokens, C ou
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
+from ..capture.attention_kernels import dense_linear
 from ..capture.observer import AttentionTensors
 from ..errors import ConfigError
 from .selfmaps import resize_self_map, resize_self_map_adjoint  # noqa: F401  (resize_self_map: the former path)
 
-__all__ = ["goca_head_weights", "layer_weights", "combine_layers", "pseudo_attention", "reference_tokens", "weights_from_scores"]
+__all__ = ["goca_head_weights", "goca_head_weights_from_outputs", "layer_weights", "combine_layers", "pseudo_attention",
+           "reference_tokens", "weights_from_scores"]
 
 _EPS = 1e-12
 
@@ -44,6 +47,9 @@ class FixedHeadWeights:
     Args:
         weights: one weight per head of the layer it is used on.
     """
+
+    #: a pure function of its chunk: chunks may be reduced on several threads at once
+    thread_safe = True
 
     def __init__(self, weights: Sequence[float]) -> None:
         self.weights = torch.as_tensor(list(weights), dtype=torch.float32)
@@ -74,12 +80,47 @@ def head_output_weight(attn: Any, fallback: torch.Tensor | None = None) -> torch
     return fallback
 
 
+def goca_head_weights_from_outputs(out_bqhd: torch.Tensor, w_out_chd: torch.Tensor, gram: torch.Tensor | None = None) -> torch.Tensor:
+    """:func:`goca_head_weights` of ``o_n(i) = W_O^n out_n(i)`` without forming the ``[B, heads, q, C]``
+    contributions: with ``o(i) = sum_n o_n(i) = W_O out(i)`` (``out(i)`` the heads' outputs concatenated),
+
+    ``<o_n(i), o(i)> = out_n(i) . (W_O^T o(i))_n = out_n(i) . (G out(i))_n``,  ``G = W_O^T W_O``,
+
+    and ``||o(i)||^2 = sum_n <o_n(i), o(i)>``. One ``[q, heads*d] x [heads*d, C]`` product and its transpose
+    (``gram`` None), or one ``[q, heads*d] x [heads*d, heads*d]`` product with ``gram`` = ``G`` given.
+
+    Args:
+        out_bqhd: each head's attention output ``[B, q, heads, d]``.
+        w_out_chd: ``W_O`` as ``[C, heads, d]``.
+        gram: optional ``W_O^T W_O`` ``[heads*d, heads*d]``.
+    Returns:
+        ``[B, heads, q]``, as :func:`goca_head_weights`.
+    """
+    b, q, h, d = out_bqhd.shape
+    flat = out_bqhd.reshape(b, q, h * d)
+    w = w_out_chd.reshape(w_out_chd.shape[0], h * d)
+    if gram is None:
+        o_bqc = dense_linear(flat, w)
+        back = dense_linear(o_bqc, w.t().contiguous())  # W_O^T o(i), [B, q, heads*d]
+        norm = o_bqc.pow(2).sum(-1)
+    else:
+        back = dense_linear(flat, gram)  # G is symmetric: flat @ G = flat @ G^T
+        norm = None
+    dots = (back.view(b, q, h, d) * out_bqhd).sum(-1)  # [B, q, heads]
+    if norm is None:
+        norm = dots.sum(-1)
+    return (dots / norm.clamp_min(_EPS).unsqueeze(-1)).transpose(1, 2)
+
+
 class GocaHeadReducer:
     """Map reducer computing GOCA's head-weighted map ``A_m(i,:) = sum_n w_n(i) A_n(i,:)`` chunk by chunk,
     so no ``[heads, HW, T]`` tensor outlives a chunk.
 
     ``o_n(i) = (A_n V_n W_O^n)(i)`` uses every key the layer attends to (for joint attention, image and
-    text keys), ``W_O^n`` being head n's column slice of the output projection (no bias).
+    text keys), ``W_O^n`` being head n's column slice of the output projection (no bias). The weights are
+    computed by :func:`goca_head_weights_from_outputs` (no per-head ``[q, C]`` contributions), with
+    ``W_O^T W_O`` formed once per layer where the layer has at least as many query rows as output channels
+    (then one ``[q, heads*d]^2``-sized product per chunk is the cheaper form).
 
     Args:
         output_weights: optional ``{id(attn_module): W_O}`` for modules without ``to_out``.
@@ -87,9 +128,23 @@ class GocaHeadReducer:
 
     #: receives the chunk's attention output ``out_bhqd`` from :func:`~difffeat.capture.observer.attention_probs`
     uses_output = True
+    #: chunks of one layer may be reduced on several threads at once (the per-layer ``W_O^T W_O`` is made once)
+    thread_safe = True
 
     def __init__(self, output_weights: dict[int, torch.Tensor] | None = None) -> None:
         self.output_weights = output_weights or {}
+        self._grams: dict[int, tuple[torch.Tensor, int, torch.Tensor]] = {}  # id(attn): (W_O, its version, Gram)
+        self._lock = threading.Lock()
+
+    def _gram(self, attn: Any, weight: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """``W_O^T W_O`` of ``w`` (= ``weight``'s attention columns, float32), made once per layer and kept
+        while ``weight`` is the same tensor, unmodified."""
+        with self._lock:
+            held = self._grams.get(id(attn))
+            if held is None or held[0] is not weight or held[1] != weight._version:
+                held = (weight, weight._version, torch.matmul(w.t(), w))
+                self._grams[id(attn)] = held
+            return held[2]
 
     def __call__(
         self,
@@ -103,12 +158,12 @@ class GocaHeadReducer:
     ) -> torch.Tensor:
         b, h, q, _ = full_probs_bhqk.shape
         d = tensors.v.shape[-1]
-        w_out = head_output_weight(attn, self.output_weights.get(id(attn)))
-        w_out = w_out[:, : h * d].float().view(w_out.shape[0], h, d)  # [C, heads, d]
+        weight = head_output_weight(attn, self.output_weights.get(id(attn)))
+        w_out = weight[:, : h * d].float()  # [C, heads*d]
         if out_bhqd is None:
             out_bhqd = torch.matmul(full_probs_bhqk, tensors.v.float())
-        o_bhqc = torch.einsum("bhqd,chd->bhqc", out_bhqd, w_out)
-        w_bhq = goca_head_weights(o_bhqc)
+        gram = self._gram(attn, weight, w_out) if tensors.q.shape[2] >= w_out.shape[0] else None
+        w_bhq = goca_head_weights_from_outputs(out_bhqd.transpose(1, 2), w_out.view(-1, h, d), gram)
         return torch.einsum("bhq,bhqk->bqk", w_bhq, probs_bhqk)
 
 

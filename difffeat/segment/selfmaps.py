@@ -29,6 +29,7 @@ per layer, and one ``[HW, HW]`` refinement sum, instead of a ``[HW, HW]`` map pe
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -230,6 +231,7 @@ class SelfMapStream:
         self.targets: dict[str, tuple[int, int]] = {}  # name: the reference grid it was reduced to
         self.kept: dict[str, torch.Tensor] = {}  # name: U(S) [B, Ht*Wt, Ht*Wt]
         self._rows: dict[str, torch.Tensor] = {}  # name: source query row of each target row (non-decreasing)
+        self._setup = threading.Lock()  # chunks of rows may be reduced on several threads at once
 
     def names(self) -> list[str]:
         return list(dict.fromkeys([*self.weight_factors, *self.refine_names]))
@@ -247,8 +249,10 @@ class SelfMapStream:
             b, q, n = mean.shape
             if refine:
                 if self.refine_sum is None:
-                    self.refine_sum = mean.new_zeros((b, tensors.q.shape[2], n))
-                self.refine_sum[:, rows] += mean
+                    with self._setup:
+                        if self.refine_sum is None:
+                            self.refine_sum = mean.new_zeros((b, tensors.q.shape[2], n))
+                self.refine_sum[:, rows] += mean  # rows of this chunk only
             if factor is None:
                 return mean[..., :0]  # a refinement-only block keeps nothing of its own
             if factor <= 1:
@@ -256,9 +260,11 @@ class SelfMapStream:
             (h, w) = grid = grid_of(n, self.input_grid)
             th, tw = target = (math.ceil(h / factor), math.ceil(w / factor))
             if name not in self.kept:
-                self.targets[name] = target
-                self._rows[name] = nearest_rows(grid, target, mean.device)
-                self.kept[name] = mean.new_empty((b, th * tw, th * tw))
+                with self._setup:
+                    if name not in self.kept:
+                        self.targets[name] = target
+                        self._rows[name] = nearest_rows(grid, target, mean.device)
+                        self.kept[name] = mean.new_empty((b, th * tw, th * tw))
             source = self._rows[name]  # row-major nearest indices never decrease
             lo, hi = (int(i) for i in torch.searchsorted(source, torch.tensor([rows.start, rows.stop], device=source.device)))
             if hi > lo:  # resize_self_map's rows lo:hi, from the chunk's own rows (its first form)
@@ -266,6 +272,7 @@ class SelfMapStream:
                                                         self.mass_preserving)
             return mean[..., :0]  # kept in self.kept
 
+        reduce.thread_safe = True  # writes only its chunk's rows; shared buffers are made under a lock
         return reduce
 
     def finish(self, acts: dict[str, torch.Tensor], reference_grid: tuple[int, int] | None) -> torch.Tensor | None:

@@ -103,6 +103,14 @@ class SegmentSettings:
             published img2img pipelines encode; :meth:`Backbone.sample_latents`).
         filler_words: words of a class or entity phrase never counted as its tokens: "difffeat" (a, an,
             the, and, of, on, in, with, punctuation) or "published" (the GOCA code's list: no of/on/in/with; the default).
+        memory: "auto", "one-pass" or "two-pass": how the self maps of the blocks before the reference
+            feature are held (:mod:`difffeat.segment.memory`; the labels are the same either way). One pass
+            keeps them until the reference feature exists (SDXL at 2048 px: 13.9 GiB of maps); two passes run
+            the forward up to the reference feature first and then score each map as it is computed (SDXL at
+            2048 px: 1.2 GiB), at the cost of that partial extra forward (~0.8 of a bare SDXL forward's
+            FLOPs). "auto": two passes when one pass would keep more than ``map_budget_mb`` and two keep
+            less. Only ``layers="goca"`` has such maps. Not part of run manifests (:data:`EXECUTION_ONLY`).
+        map_budget_mb: the maps (MiB, fp32, the whole batch) one pass may keep before "auto" takes two.
     """
 
     t: int = 100
