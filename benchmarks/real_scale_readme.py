@@ -15,6 +15,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 BEGIN, END = "<!-- real-scale:begin -->", "<!-- real-scale:end -->"
+_DTYPES = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}  # the JSON's torch name -> the --dtype value
 
 
 def _command(r: dict) -> str:
@@ -22,7 +23,11 @@ def _command(r: dict) -> str:
         return f"`{r['command']}`"
     cmd = f"difffeat bench {r['suite']} --arch {r['arch']} --resolution {r['resolution']} --repeats {r['repeats']}"
     if r.get("device", "cpu") not in ("cpu", "meta"):
-        cmd += f" --device cuda --dtype {r['dtype']}"
+        cmd += f" --device cuda --dtype {_DTYPES[r['dtype']]}"
+    elif r.get("device") == "cpu" and r["dtype"] != "float32":  # fp32 is the CPU's default
+        cmd += f" --dtype {_DTYPES[r['dtype']]}"
+    if r.get("text_layers") is not None:
+        cmd += f" --text-layers {r['text_layers']}"
     return f"`{cmd}`"
 
 

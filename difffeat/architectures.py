@@ -12,8 +12,9 @@ Weights are random (seeded); tokenizers are the small offline ones of :mod:`diff
 below the real vocabulary size, so the real-size text encoders accept them). Because those tokenizers number
 ``<|startoftext|>`` 0 and ``<|endoftext|>`` 1, the CLIP text configs get those ids (the pooled output is read at
 the end-of-text position). ``text_layers`` caps the depth of every text encoder: it changes neither the
-denoiser nor the VAE (their cost is what the benchmarks measure), and makes T5-XXL (4.7B parameters) fit a
-CPU benchmark.
+denoiser nor the VAE (their cost is what the benchmarks measure), and makes T5-XXL (4.7B parameters) and
+Gemma-2-2B (2.6B) fit a CPU benchmark. A file's ``aliases`` are other names it answers to (``sana`` for
+``sana-1600m``).
 """
 
 from __future__ import annotations
@@ -27,13 +28,13 @@ import torch
 from .errors import ConfigError
 from .resources import data_dir
 
-__all__ = ["architecture_names", "architecture", "build_component", "build_denoiser", "build_pipeline", "DENOISER_KEYS"]
+__all__ = ["architecture_names", "architecture_aliases", "canonical_architecture", "architecture", "build_component", "build_denoiser", "build_pipeline", "DENOISER_KEYS"]
 
 #: pipeline component names that hold the denoiser, in lookup order
 DENOISER_KEYS = ("unet", "transformer")
 #: ids of the tiny CLIP tokenizer (see :func:`difffeat.testing.tiny_clip_tokenizer`)
 _TINY_CLIP_IDS = dict(bos_token_id=0, eos_token_id=1, pad_token_id=1)
-_LAYER_KEYS = {"CLIPTextConfig": "num_hidden_layers", "T5Config": "num_layers"}
+_LAYER_KEYS = {"CLIPTextConfig": "num_hidden_layers", "T5Config": "num_layers", "Gemma2Config": "num_hidden_layers"}
 
 
 def _folder():
@@ -45,16 +46,37 @@ def architecture_names() -> list[str]:
     return sorted(p.stem for p in _folder().glob("*.json"))
 
 
+def architecture_aliases() -> dict[str, str]:
+    """Other names of the shipped architectures (each file's ``aliases``, e.g. ``sana`` for ``sana-1600m``)."""
+    return {alias: name for name in architecture_names() for alias in json.loads(_load(name)).get("aliases", [])}
+
+
+def canonical_architecture(name: str) -> str:
+    """The file name of architecture ``name`` or of the architecture it is an alias of.
+
+    Raises:
+        ConfigError: neither a shipped architecture nor an alias (the message lists both).
+    """
+    if (_folder() / f"{name}.json").is_file():
+        return name
+    aliases = architecture_aliases()
+    if name not in aliases:
+        raise ConfigError(f"unknown architecture {name!r}; shipped architectures: {', '.join(architecture_names())} "
+                          f"(aliases: {', '.join(sorted(aliases))})")
+    return aliases[name]
+
+
 @lru_cache(maxsize=None)
 def _load(name: str) -> str:
     path = _folder() / f"{name}.json"
     if not path.is_file():
-        raise ConfigError(f"unknown architecture {name!r}; shipped architectures: {', '.join(architecture_names())}")
+        return _load(canonical_architecture(name))
     return path.read_text()
 
 
 def architecture(name: str) -> dict[str, Any]:
-    """The architecture's data: ``description``, ``pipeline`` (diffusers class name), ``native_resolution``,
+    """The architecture's data (``name`` or one of its ``aliases``): ``description``, ``pipeline`` (diffusers
+    class name), ``native_resolution``,
     ``components`` ({component: {library, class, config[, config_class]}} or a tokenizer's ``{tiny, model_max_length}``)
     and ``pipeline_kwargs``. A fresh copy on every call."""
     return json.loads(_load(name))
@@ -65,9 +87,9 @@ def _denoiser_key(arch: dict[str, Any]) -> str:
 
 
 def _tokenizer(spec: dict[str, Any]):  # noqa: ANN202
-    from .testing import tiny_clip_tokenizer, tiny_t5_tokenizer
+    from .testing import tiny_clip_tokenizer, tiny_gemma_tokenizer, tiny_t5_tokenizer
 
-    build = {"clip": tiny_clip_tokenizer, "t5": tiny_t5_tokenizer}[spec["tiny"]]
+    build = {"clip": tiny_clip_tokenizer, "t5": tiny_t5_tokenizer, "gemma": tiny_gemma_tokenizer}[spec["tiny"]]
     return build(model_max_length=spec["model_max_length"])
 
 

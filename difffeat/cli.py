@@ -355,7 +355,7 @@ def bench(
     out_file: Optional[Path] = typer.Option(None, "--out", help="Write the figures as JSON here."),
     device: str = typer.Option("cpu", help="cpu or cuda (GPU memory is then the allocator's peak)."),
     dtype: Optional[str] = typer.Option(None, help="fp16, bf16 or fp32; default fp16 on CUDA, fp32 on the CPU."),
-    arch: str = typer.Option("tiny", help="tiny (the quick SD1.5-shaped model) or a real-size architecture with random weights: sd15, sd21, sdxl, pixart, sd3, flux (suites goca, features, early-exit, throughput, vae, accounting)."),
+    arch: str = typer.Option("tiny", help="tiny (the quick SD1.5-shaped model) or a real-size architecture with random weights: sd15, sd21, sdxl, pixart (pixart-sigma), sd3, sd35-medium, sana (sana-1600m), lumina2 (lumina-image-2), flux (suites goca, features, early-exit, throughput, vae, accounting)."),
     text_layers: Optional[int] = typer.Option(None, help="With --arch: cap on text-encoder depth (the denoiser and VAE are unchanged)."),
 ) -> None:
     """Speed/memory benchmarks, reported as ratios against a baseline measured in the same run."""

@@ -14,7 +14,7 @@ from difffeat.backbones.probing import fake_conditioning
 from difffeat.capture import Capture
 from difffeat.catalog import Catalog, enumerate_activations
 from difffeat.hookpoints import load_table
-from difffeat.architectures import architecture, build_component
+from difffeat.architectures import DENOISER_KEYS, architecture, build_component
 
 TEXT_LEN = 16  # text tokens of the probe forward (any length works; shorter is faster)
 
@@ -187,7 +187,9 @@ def _real_size_catalog(tiny_pipes, name: str) -> tuple[Catalog, dict, tuple[int,
         with mode:
             return build_component(name, component, device="cpu")
 
-    pipe = tiny_pipes(family).__class__(**{**tiny_pipes(family).components, **{k: build(k) for k in arch["components"]}})
+    # the real denoiser and VAE (what the catalog's shapes come from); text encoders stay tiny (fake conditioning)
+    real = [k for k in arch["components"] if k in (*DENOISER_KEYS, "vae")]
+    pipe = tiny_pipes(family).__class__(**{**tiny_pipes(family).components, **{k: build(k) for k in real}})
     backbone = wrap_pipeline(pipe)
     table = load_table(backbone.hook_table)
     infos = enumerate_activations(backbone.denoiser, table)

@@ -41,7 +41,9 @@ __all__ = ["goca_real", "features_real", "early_exit_real", "vae_real", "through
 
 _CAPTION_CLASSES = ["cat", "dog"]
 _DEFAULT_PRESET = {"sd15": "sd15-practical", "sd21": "sd21-practical", "sdxl": "sdxl-practical",
-                   "pixart": "pixart-practical", "sd3": "sd3-practical", "flux": "flux-practical"}  # fmt: skip
+                   "pixart": "pixart-practical", "sd3": "sd3-practical", "flux": "flux-practical",
+                   "sd35-medium": "sd3-practical", "sana-1600m": "sana-practical",
+                   "lumina-image-2": "lumina2-practical"}  # fmt: skip
 
 
 def _progress(msg: str) -> None:
@@ -561,10 +563,15 @@ REAL_SUITES: dict[str, Callable[..., dict[str, Any]]] = {
 
 def real_benchmark(suite: str, arch: str, **kwargs: Any) -> dict[str, Any]:
     """Run one suite on a real-size architecture (see the module docstring)."""
-    from ..architectures import architecture_names
+    from ..architectures import architecture_aliases, architecture_names
 
     if suite not in REAL_SUITES:
         raise InvalidOptionError(f"unknown suite {suite!r} for --arch {arch}; choose one of {', '.join(REAL_SUITES)}")
-    if arch not in architecture_names():
-        raise InvalidOptionError(f"unknown architecture {arch!r}; choose tiny or one of {', '.join(architecture_names())}")
-    return REAL_SUITES[suite](arch, **kwargs)
+    aliases = architecture_aliases()
+    if arch not in architecture_names() and arch not in aliases:
+        raise InvalidOptionError(f"unknown architecture {arch!r}; choose tiny or one of {', '.join(architecture_names())} "
+                                 f"(or an alias: {', '.join(sorted(aliases))})")
+    figures = REAL_SUITES[suite](aliases.get(arch, arch), **kwargs)  # figures name the file, not the alias
+    if kwargs.get("text_layers") is not None:
+        figures["text_layers"] = kwargs["text_layers"]  # part of the command that reproduces them
+    return figures
