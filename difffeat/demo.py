@@ -13,7 +13,6 @@ Gradio is imported only inside :func:`build_demo`, so the helpers here (:class:`
 from __future__ import annotations
 
 import json
-import os
 import re
 import tempfile
 import threading

@@ -1028,7 +1028,6 @@ def _build_hidream(seed: int):  # noqa: ANN202 - HiDreamImagePipeline
         tokenizer_4=tiny_chat_tokenizer(),
         scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
     )
-    return pipe
 
 
 #: The families :func:`tiny_pipeline` builds.

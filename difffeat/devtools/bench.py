@@ -24,7 +24,6 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import numpy as np
 
 __all__ = ["run_benchmark"]
 

@@ -17,7 +17,6 @@ COCO instances file of the generated set (images, one RLE annotation per class p
 from __future__ import annotations
 
 import csv
-import json
 import re
 import warnings
 from dataclasses import dataclass

@@ -20,7 +20,6 @@ A file whose key differs (other settings) is retrained and replaced.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path

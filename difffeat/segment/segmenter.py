@@ -431,7 +431,7 @@ class Segmenter:
         if not n or len(classes) != n or len(entities) != n or len(captions) != n:
             raise ValueError(f"observe_batch needs one class list, entity list and caption per image; got {n} images, "
                              f"{len(classes)} class lists, {len(entities)} entity lists, {len(captions)} captions")
-        custom = self._check_head_reducers(head_reducers)
+        self._check_head_reducers(head_reducers)
         rgbs = [to_rgb(im) for im in images]
         layouts = [self._layout(cls, ent, cap, phr) for cls, ent, cap, phr in zip(classes, entities, captions, class_phrases)]
         inputs = self.backbone.prepare(rgbs, [lay.caption for lay in layouts], s.t, s.seed, s.resolution, s.resize == "square",
