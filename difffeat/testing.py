@@ -406,13 +406,14 @@ def _register(family: str) -> Callable[[Callable[[int], Any]], Callable[[int], A
 
 # Component seeds are ``seed + k`` with a fixed k per role, so one component's shape never shifts another's
 # weights (e.g. a larger vocabulary leaves the denoiser unchanged).
-@_register("sd")
-def _build_sd(seed: int):  # noqa: ANN202 - StableDiffusionPipeline
+def _sd_pipeline(unet_config: dict[str, Any], vae: Any, seed: int):  # noqa: ANN202 - StableDiffusionPipeline
+    """A ``StableDiffusionPipeline`` of a UNet built from ``unet_config`` (weights ``seed``), ``vae``, the tiny
+    CLIP text encoder (``seed + 2``) and DDIM, without a safety checker."""
     from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 
     return StableDiffusionPipeline(
-        unet=_model(UNet2DConditionModel, SD_UNET_CONFIG, seed),
-        vae=_vae(seed + 1),
+        unet=_model(UNet2DConditionModel, unet_config, seed),
+        vae=vae,
         text_encoder=_clip_text(seed + 2),
         tokenizer=tiny_clip_tokenizer(),
         scheduler=DDIMScheduler(**_SD_BETAS, clip_sample=False, set_alpha_to_one=False),
@@ -420,6 +421,11 @@ def _build_sd(seed: int):  # noqa: ANN202 - StableDiffusionPipeline
         feature_extractor=None,
         requires_safety_checker=False,
     )
+
+
+@_register("sd")
+def _build_sd(seed: int):  # noqa: ANN202 - StableDiffusionPipeline
+    return _sd_pipeline(SD_UNET_CONFIG, _vae(seed + 1), seed)
 
 
 @_register("sdxl")
@@ -1135,8 +1141,6 @@ def sd15_shaped_pipeline(seed: int = 0):  # noqa: ANN201 - StableDiffusionPipeli
     and a 4-level VAE (factor 8): 512 px inputs give SD1.5's 64x64 / 32x32 / 16x16 / 8x8 grids and its 16
     cross-attention layers.
     """
-    from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-
     unet_config = dict(
         sample_size=64, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(32, 64, 64, 64),
         down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
@@ -1145,16 +1149,7 @@ def sd15_shaped_pipeline(seed: int = 0):  # noqa: ANN201 - StableDiffusionPipeli
     )  # fmt: skip
     vae = _vae(seed + 1, block_out_channels=[16, 16, 16, 16], down_block_types=["DownEncoderBlock2D"] * 4,
                up_block_types=["UpDecoderBlock2D"] * 4, norm_num_groups=8, sample_size=512)  # fmt: skip
-    pipe = StableDiffusionPipeline(
-        unet=_model(UNet2DConditionModel, unet_config, seed),
-        vae=vae,
-        text_encoder=_clip_text(seed + 2),
-        tokenizer=tiny_clip_tokenizer(),
-        scheduler=DDIMScheduler(**_SD_BETAS, clip_sample=False, set_alpha_to_one=False),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+    pipe = _sd_pipeline(unet_config, vae, seed)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -1169,8 +1164,6 @@ def sdxl_shaped_pipeline(seed: int = 0):  # noqa: ANN201 - StableDiffusionPipeli
     convolutions and projections are small (a plain SD pipeline with a tiny CLIP text encoder, so no SDXL
     micro-conditioning), so its times are not SDXL's.
     """
-    from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-
     unet_config = dict(
         sample_size=128, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(32, 64, 64),
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
@@ -1180,16 +1173,7 @@ def sdxl_shaped_pipeline(seed: int = 0):  # noqa: ANN201 - StableDiffusionPipeli
     )  # fmt: skip
     vae = _vae(seed + 1, block_out_channels=[16, 16, 16, 16], down_block_types=["DownEncoderBlock2D"] * 4,
                up_block_types=["UpDecoderBlock2D"] * 4, norm_num_groups=8, sample_size=1024)  # fmt: skip
-    pipe = StableDiffusionPipeline(
-        unet=_model(UNet2DConditionModel, unet_config, seed),
-        vae=vae,
-        text_encoder=_clip_text(seed + 2),
-        tokenizer=tiny_clip_tokenizer(),
-        scheduler=DDIMScheduler(**_SD_BETAS, clip_sample=False, set_alpha_to_one=False),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+    pipe = _sd_pipeline(unet_config, vae, seed)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
