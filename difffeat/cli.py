@@ -239,8 +239,8 @@ def generate(
 
     summary = _call(run, prompt, out_dir=out_dir, prompts_file=prompts_file, classes=classes, model=model,
                     guidance=guidance, guidance_scale=guidance_scale, steps=steps, trace_steps=trace_steps, seed=seed,
-                    resolution=resolution, aggregate=aggregate, self_step=self_step, heatmaps=heatmaps, overwrite=overwrite, device=device, dtype=dtype,
-                    model_config=model_config, tau=tau, refine_order=refine_order)
+                    resolution=resolution, aggregate=aggregate, self_step=self_step, heatmaps=heatmaps, overwrite=overwrite,
+                    device=device, dtype=dtype, model_config=model_config, tau=tau, refine_order=refine_order)
     if summary.main_process:
         err, _ = _consoles()
         err.print(f"generated {summary.written} image(s) with label maps -> {out_dir} ({summary.skipped} already done)")

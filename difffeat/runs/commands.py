@@ -300,13 +300,13 @@ def evaluate_dataset(model: str = "shapes", *, coco: str | os.PathLike | None = 
 def generate(prompts: Sequence[str] | None = None, *, out_dir: str | os.PathLike, prompts_file: str | os.PathLike | None = None,
              classes: str | Sequence[str] | None = None, model: str = "shapes", guidance: str = "scfg-goca",
              guidance_scale: float = 7.5, steps: int = 20, trace_steps: str | Sequence[int] | None = None, seed: int = 0,
-             resolution: int | None = None, aggregate: str = "maps", self_step: int | None = None, heatmaps: bool = False, overwrite: bool = False, device: str | None = None,
-             dtype: str | None = None, model_config: str | os.PathLike | None = None, **overrides: Any) -> "RunSummary":
+             resolution: int | None = None, aggregate: str = "maps", self_step: int | None = None, heatmaps: bool = False,
+             overwrite: bool = False, device: str | None = None, dtype: str | None = None, model_config: str | os.PathLike | None = None, **overrides: Any) -> "RunSummary":
     """``difffeat generate``: every prompt's generated image with its GOCA label map, overlay and a COCO json
     of the set into ``out_dir`` (:func:`~difffeat.runs.generate.run_generate`), resumable and sharded over
     processes. ``aggregate`` / ``self_step``: how the traced steps combine (:func:`difffeat.trace`). Without
     ``classes`` each prompt's classes are its default class words for the model
-    (:func:`~difffeat.runs.generate.prompt_class_words`, as the demo). Every option is checked before the model
+    (:func:`difffeat.runs.prompt_class_words`, as the demo). Every option is checked before the model
     loads (the default class words, which depend on the model's vocabulary, right after it loads)."""
     from ..tracing.scfg import GUIDANCE_MODES, SCFG
 

@@ -6,8 +6,9 @@ One unit per prompt (sharded over processes, resumable): the pipeline generates 
 JSON last (its presence marks the prompt done). Prompt ``i`` is generated from seed ``seed + i``, so a
 restart or another process count gives the same images. How the traced steps combine into the label maps is
 :func:`difffeat.trace`'s ``aggregate`` / ``self_step``; like every other setting they are in ``manifest.json``,
-so a restart with other values is refused (or, with ``--overwrite``, recomputes everything). At the end the main process writes ``coco.json``: a
-COCO instances file of the generated set (images, one RLE annotation per class present, categories).
+so a restart with other values is refused (or, with ``--overwrite``, recomputes everything). At the end the
+main process writes ``coco.json``: a COCO instances file of the generated set (images, one RLE annotation per
+class present, categories).
 
 :func:`generate_image` is one such generation in memory (what the demo's *Generate* tab calls)::
 
@@ -277,7 +278,8 @@ def run_generate(backbone: Any, items: list[PromptItem], job: GenerateJob, state
     """Generate every prompt's image with its label map into ``job.out_dir`` (see the module docstring).
     ``settings``: :class:`~difffeat.segment.SegmentSettings` fields of the traced maps."""
     out_dir = Path(job.out_dir)
-    SCFG(job.guidance_scale, job.guidance)  # the guidance and the aggregation are checked before the run folder is opened
+    # the guidance and the aggregation are checked before the run folder is opened
+    SCFG(job.guidance_scale, job.guidance)
     check_aggregate(job.aggregate, job.self_step, job.steps, job.trace_steps)
     run_settings = {"guidance": job.guidance, "guidance_scale": job.guidance_scale, "steps": job.steps,
                     "trace_steps": list(job.trace_steps) if job.trace_steps else None, "seed": job.seed,
