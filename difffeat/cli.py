@@ -211,7 +211,7 @@ def segment(
 def generate(
     prompt: Optional[list[str]] = typer.Option(None, "--prompt", "-p", help="A prompt (repeatable); ids 0000, 0001, ..."),
     prompts_file: Optional[Path] = typer.Option(None, "--prompts", help="Prompts file: .txt (one per line) or .csv with a header (caption/text/prompt column; id/image_id column), e.g. MS-COCO 30k captions."),
-    classes: Optional[str] = typer.Option(None, "--classes", "-c", help="Comma-separated words to segment in each prompt (absent ones warn); default: every non-filler word of the prompt."),
+    classes: Optional[str] = typer.Option(None, "--classes", "-c", help="Comma-separated words to segment in each prompt (absent ones warn); default: the prompt's words the model can segment (a closed vocabulary's class words, e.g. circle,star on shapes; else every non-filler word), as the demo."),
     out_dir: Path = typer.Option(..., "--out", "-o", help="Output folder."),
     model: str = typer.Option("shapes", "--model", "-m", help=MODEL_HELP),
     model_config: Optional[str] = typer.Option(None, "--model-config", help=MODEL_CONFIG_HELP),
@@ -219,6 +219,8 @@ def generate(
     guidance_scale: float = typer.Option(7.5, help="Guidance scale w (> 1)."),
     steps: int = typer.Option(20, help="Denoising steps, 1-1000."),
     trace_steps: Optional[str] = typer.Option(None, help="Steps whose maps are averaged for the label maps, e.g. 0,5,10 or 10-19 (default: every step)."),
+    aggregate: str = typer.Option("maps", help="How the traced steps combine: maps (GOCA's decision once on the step-mean cross maps, self maps at one step) | steps (GOCA's decision at every traced step, class scores averaged; slower)."),
+    self_step: Optional[int] = typer.Option(None, help="With --aggregate maps: the traced step whose self-attention maps give the layer weights and refinement (default: the step whose timestep is nearest the config's t)."),
     seed: int = typer.Option(0, help="Prompt i is generated from seed + i."),
     resolution: Optional[int] = typer.Option(None, help="Image side in px (default: the model's native resolution)."),
     tau: Optional[float] = typer.Option(None, help="Background offset in [-1, 1] of the label maps (default: the model's config)."),
@@ -237,8 +239,8 @@ def generate(
 
     summary = _call(run, prompt, out_dir=out_dir, prompts_file=prompts_file, classes=classes, model=model,
                     guidance=guidance, guidance_scale=guidance_scale, steps=steps, trace_steps=trace_steps, seed=seed,
-                    resolution=resolution, heatmaps=heatmaps, overwrite=overwrite, device=device, dtype=dtype,
-                    model_config=model_config, tau=tau, refine_order=refine_order)
+                    resolution=resolution, aggregate=aggregate, self_step=self_step, heatmaps=heatmaps, overwrite=overwrite,
+                    device=device, dtype=dtype, model_config=model_config, tau=tau, refine_order=refine_order)
     if summary.main_process:
         err, _ = _consoles()
         err.print(f"generated {summary.written} image(s) with label maps -> {out_dir} ({summary.skipped} already done)")

@@ -93,13 +93,19 @@ def test_a_class_absent_from_a_prompt_warns_with_its_words():
         (["--guidance", "cfg", "--guidance-scale", "0.5"], "guidance_scale > 1"),
         (["--guidance", "pag"], "--guidance must be one of cfg, scfg-goca, scfg"),
         (["--steps", "0"], "--steps"),
+        (["--aggregate", "mean"], "--aggregate must be one of maps, steps, got 'mean'"),
+        (["--steps", "3", "--self-step", "3"], "--self-step 3 is outside the schedule of --steps 3 (0..2)"),
+        (["--self-step", "-1"], "--self-step must be >= 0, got -1"),
+        (["--aggregate", "steps", "--self-step", "1"], "--self-step chooses the self-attention step of --aggregate maps"),
+        (["--steps", "20", "--trace-steps", "10-19", "--self-step", "5"], "--self-step 5 is not one of the traced steps"),
     ],
 )
 def test_bad_generate_input_exits_2_with_one_line_before_the_model_loads(tmp_path, extra, message):
     missing_model = str(tmp_path / "no-such-model")  # loading it would fail: the check must come first
     result = runner.invoke(app, ["generate", "-p", PROMPTS[0], "--out", str(tmp_path / "o"), "--model", missing_model, *extra])
     assert result.exit_code == 2, result.output
-    assert message in " ".join(result.output.split()) and "Traceback" not in result.output
+    assert message in result.output and "Traceback" not in result.output
+    assert len(result.output.strip().splitlines()) == 1, result.output
 
 
 # --------------------------------------------------------------------------- one image in memory (the demo's call)
@@ -122,6 +128,10 @@ class _NoPipeline:
         (dict(steps=0), "steps must be between 1 and 1000"),
         (dict(seed=-1), "seed must be between"),
         (dict(steps=3, trace_steps=(1, 5)), "outside the schedule of 3 steps"),
+        (dict(aggregate="mean"), "aggregate must be one of maps, steps, got 'mean'"),
+        (dict(steps=3, self_step=3), "self_step 3 is outside the schedule of 3 steps (0..2)"),
+        (dict(aggregate="steps", self_step=1), 'self_step chooses the self-attention step of aggregate="maps"'),
+        (dict(steps=4, trace_steps=(2, 3), self_step=1), "self_step 1 is not one of the traced steps"),
     ],
 )
 def test_generate_image_checks_its_options_before_the_pipeline_runs(options, message):
@@ -158,6 +168,7 @@ def test_the_default_classes_of_a_closed_vocabulary_are_the_prompts_class_words(
     shapes = difffeat.load("shapes", device="cpu")
     assert prompt_class_words("two red Circles and a blue star on a striped green background", shapes) == ["circles", "star"]
     assert prompt_class_words("a green background", shapes) == []
+    assert prompt_class_words("a circle and two circles", shapes) == ["circle"]  # each class once
 
 
 def test_generate_image_without_a_known_class_word_names_the_prompts_words():
@@ -167,3 +178,60 @@ def test_generate_image_without_a_known_class_word_names_the_prompts_words():
     shapes = difffeat.load("shapes", device="cpu")
     with pytest.raises(InvalidPromptError, match=r"names no class this model can segment \(its words: a, green, background\)"):
         generate_image(shapes, "a green background", steps=2)
+
+
+# --------------------------------------------------------------------------- how the traced steps combine
+def _direct_trace(folder, prompt, classes, steps, seed, **trace_kw):
+    """``difffeat.trace`` around the pipeline's own call, as ``difffeat generate --guidance cfg`` runs it."""
+    import difffeat
+
+    pipe = difffeat.load(str(folder), device="cpu").pipeline
+    pipe.set_progress_bar_config(disable=True)
+    with difffeat.trace(pipe, prompt, classes, guidance=difffeat.SCFG(7.5, "cfg"), **trace_kw) as tc:
+        image = pipe(prompt, num_inference_steps=steps, guidance_scale=7.5, height=64, width=64,
+                     generator=torch.Generator().manual_seed(seed)).images[0]
+    return tc.result(0, image)
+
+
+@pytest.mark.parametrize("aggregate, self_step", [("steps", None), ("maps", 0)])
+def test_aggregate_and_self_step_reach_the_trace(sd_folder, tmp_path, aggregate, self_step):
+    out = tmp_path / "gen"
+    args = ["generate", "-p", PROMPTS[0], "--classes", "cat,dog", "--model", str(sd_folder), "--guidance", "cfg",
+            "--steps", "3", "--seed", "3", "--heatmaps", "--device", "cpu", "--out", str(out), "--aggregate", aggregate]
+    args += ["--self-step", str(self_step)] if self_step is not None else []
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    direct = _direct_trace(sd_folder, PROMPTS[0], ["cat", "dog"], 3, 3, aggregate=aggregate, self_step=self_step)
+    default = _direct_trace(sd_folder, PROMPTS[0], ["cat", "dog"], 3, 3)
+    assert not torch.equal(direct.class_maps, default.class_maps)  # the setting changes the maps ...
+    # ... and the command's label maps, heat maps and layer weights are the direct trace's (same kernels, same data)
+    assert np.array_equal(np.asarray(Image.open(out / "0000_labels.png")), direct.labels)
+    for cls in ("cat", "dog"):
+        heat = (direct.heatmap(cls) * 255).astype(np.uint8)
+        assert np.array_equal(np.asarray(Image.open(out / f"0000_heat_{cls}.png")), heat)
+    meta = json.loads((out / "0000.json").read_text())
+    assert [layer["weight"] for layer in meta["layers"]] == direct.layer_weights
+    assert meta["settings"]["aggregate"] == aggregate and meta["settings"].get("self_step") == self_step
+    # the settings are in the manifest: a restart with another aggregation is refused, not mixed
+    assert json.loads((out / "manifest.json").read_text())["settings"]["aggregate"] == aggregate
+    other = "maps" if aggregate == "steps" else "steps"
+    again = runner.invoke(app, [*args[: args.index("--aggregate")], "--aggregate", other])
+    assert again.exit_code == 2 and f'settings.aggregate: "{aggregate}" -> "{other}"' in again.output
+
+
+def test_the_command_line_and_the_demo_segment_the_same_default_class_words(tmp_path):
+    import difffeat
+    from difffeat.demo import LoadedModel, run_generation
+    from difffeat.runs import prompt_class_words
+
+    prompt = "a red circle and a blue star on a green background"
+    result = runner.invoke(app, ["generate", "-p", prompt, "--guidance", "cfg", "--guidance-scale", "5", "--steps", "2",
+                                 "--device", "cpu", "--out", str(tmp_path / "gen")])
+    assert result.exit_code == 0, result.output
+    cli_classes = [c for c in json.loads((tmp_path / "gen" / "0000.json").read_text())["classes"] if c != "background"]
+    shapes = difffeat.load("shapes", device="cpu")
+    demo = run_generation(LoadedModel(shapes), prompt, "", guidance="cfg", guidance_scale=5.0, steps=2)
+    with difffeat.trace(shapes.pipeline, prompt) as tc:  # the tracing API's default too
+        pass
+    assert cli_classes == demo.generated.result.classes == tc.classes[0] == prompt_class_words(prompt, shapes)
+    assert cli_classes == ["circle", "star"]  # the closed vocabulary's class words: no colours, no "background"

@@ -300,11 +300,14 @@ def evaluate_dataset(model: str = "shapes", *, coco: str | os.PathLike | None = 
 def generate(prompts: Sequence[str] | None = None, *, out_dir: str | os.PathLike, prompts_file: str | os.PathLike | None = None,
              classes: str | Sequence[str] | None = None, model: str = "shapes", guidance: str = "scfg-goca",
              guidance_scale: float = 7.5, steps: int = 20, trace_steps: str | Sequence[int] | None = None, seed: int = 0,
-             resolution: int | None = None, heatmaps: bool = False, overwrite: bool = False, device: str | None = None,
-             dtype: str | None = None, model_config: str | os.PathLike | None = None, **overrides: Any) -> "RunSummary":
+             resolution: int | None = None, aggregate: str = "maps", self_step: int | None = None, heatmaps: bool = False,
+             overwrite: bool = False, device: str | None = None, dtype: str | None = None, model_config: str | os.PathLike | None = None, **overrides: Any) -> "RunSummary":
     """``difffeat generate``: every prompt's generated image with its GOCA label map, overlay and a COCO json
     of the set into ``out_dir`` (:func:`~difffeat.runs.generate.run_generate`), resumable and sharded over
-    processes. Every option is checked before the model loads."""
+    processes. ``aggregate`` / ``self_step``: how the traced steps combine (:func:`difffeat.trace`). Without
+    ``classes`` each prompt's classes are its default class words for the model
+    (:func:`difffeat.runs.prompt_class_words`, as the demo). Every option is checked before the model
+    loads (the default class words, which depend on the model's vocabulary, right after it loads)."""
     from ..tracing.scfg import GUIDANCE_MODES, SCFG
 
     if guidance not in GUIDANCE_MODES:
@@ -326,16 +329,23 @@ def generate(prompts: Sequence[str] | None = None, *, out_dir: str | os.PathLike
             raise InvalidOptionError(f"--trace-steps must be step indices or ranges such as 0,5,10-19; got {trace_steps!r}") from None
         if not chosen or chosen[0] < 0 or chosen[-1] >= steps:
             raise InvalidOptionError(f"--trace-steps {list(chosen)} are outside the schedule of --steps {steps} (0..{steps - 1})")
+    from .generate import GenerateJob, check_aggregate, prompt_classes, read_prompts, run_generate
+
+    check_aggregate(aggregate, self_step, int(steps), chosen, cli=True)
     settings = segmenter_overrides(**{k: overrides.pop(k) for k in ("tau", "refine_order") if k in overrides})
     check_out_dir(out_dir, "--out folder")
     check_device(device)
 
     from ..backbones import load
-    from .generate import GenerateJob, prompt_classes, read_prompts, run_generate
     from .processes import init_state
 
-    items = prompt_classes(read_prompts(list(prompts or []), prompts_file), split_names(classes) if classes else None)
+    pairs = read_prompts(list(prompts or []), prompts_file)
+    named = split_names(classes) if classes else None
+    items = prompt_classes(pairs, named) if named else None  # given classes are checked before the model loads
     state = init_state(device)
     backbone = load(model, device=device, dtype=dtype, config=model_config)
-    job = GenerateJob(Path(out_dir), guidance, float(guidance_scale), int(steps), chosen, int(seed), resolution, heatmaps, overwrite)
+    if items is None:
+        items = prompt_classes(pairs, None, backbone)
+    job = GenerateJob(Path(out_dir), guidance, float(guidance_scale), int(steps), chosen, int(seed), resolution,
+                      aggregate, self_step, heatmaps, overwrite)
     return run_generate(backbone, items, job, state, **settings, **overrides)

@@ -4,8 +4,11 @@ One unit per prompt (sharded over processes, resumable): the pipeline generates 
 :func:`difffeat.trace` (with ``--guidance cfg|scfg-goca|scfg``), then ``<id>.png`` (the image),
 ``<id>_labels.png``, ``<id>_overlay.png`` (and heat maps) and ``<id>.json`` are written, each atomically, the
 JSON last (its presence marks the prompt done). Prompt ``i`` is generated from seed ``seed + i``, so a
-restart or another process count gives the same images. At the end the main process writes ``coco.json``: a
-COCO instances file of the generated set (images, one RLE annotation per class present, categories).
+restart or another process count gives the same images. How the traced steps combine into the label maps is
+:func:`difffeat.trace`'s ``aggregate`` / ``self_step``; like every other setting they are in ``manifest.json``,
+so a restart with other values is refused (or, with ``--overwrite``, recomputes everything). At the end the
+main process writes ``coco.json``: a COCO instances file of the generated set (images, one RLE annotation per
+class present, categories).
 
 :func:`generate_image` is one such generation in memory (what the demo's *Generate* tab calls)::
 
@@ -31,16 +34,15 @@ from ..checks import check_number, check_resolution
 from ..errors import InvalidOptionError, InvalidPromptError
 from ..io import write_bytes, write_json
 from ..segment.outputs import save_result
-from ..segment.prompts import FILLER_WORDS
 from ..segment.segmenter import SegmentationResult
-from ..segment.vocabulary import model_vocabulary
+from ..segment.vocabulary import prompt_class_words
 from ..tracing.scfg import SCFG
-from ..tracing.session import ClassNotInPromptWarning, trace
+from ..tracing.session import AGGREGATES, ClassNotInPromptWarning, trace
 from .engine import Run, RunSummary
 from .manifest import Manifest
 from .segment import segment_done
 
-__all__ = ["PromptItem", "read_prompts", "prompt_classes", "COCO_FILE"]
+__all__ = ["PromptItem", "read_prompts", "prompt_classes", "check_aggregate", "COCO_FILE"]
 
 COCO_FILE = "coco.json"
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -66,6 +68,8 @@ class GenerateJob:
     trace_steps: tuple[int, ...] | None = None
     seed: int = 0
     resolution: int | None = None
+    aggregate: str = "maps"
+    self_step: int | None = None
     heatmaps: bool = False
     overwrite: bool = False
     progress: bool = True
@@ -111,14 +115,20 @@ def _words(text: str) -> list[str]:
     return re.findall(r"[a-z0-9]+", text.lower())
 
 
-def prompt_classes(pairs: list[tuple[str, str]], classes: list[str] | None) -> list[PromptItem]:
+def prompt_classes(pairs: list[tuple[str, str]], classes: list[str] | None, backbone: Any = None) -> list[PromptItem]:
     """Each prompt's classes: the given ``classes`` that occur in it as words (an absent one warns with the
-    prompt's words; a prompt with none of them is an error), or every non-filler word of the prompt."""
+    prompt's words; a prompt with none of them is an error), or, with ``classes=None``, the prompt's default
+    class words for ``backbone`` (:func:`prompt_class_words`, as the demo's Generate tab; a prompt with none
+    is an error)."""
+    if classes is None and backbone is None:
+        raise ValueError("prompt_classes: the default classes (classes=None) depend on the model: pass its backbone")
     items = []
     for ident, prompt in pairs:
         words = _words(prompt)
         if classes is None:
-            present = [w for w in dict.fromkeys(words) if w not in FILLER_WORDS]
+            present = prompt_class_words(prompt, backbone)
+            if not present:
+                raise InvalidPromptError(_no_class_words(prompt, ident))
         else:
             low = " " + " ".join(words) + " "
             present = [c for c in classes if " " + " ".join(_words(c)) + " " in low]
@@ -135,15 +145,38 @@ def prompt_classes(pairs: list[tuple[str, str]], classes: list[str] | None) -> l
     return items
 
 
-def prompt_class_words(prompt: str, backbone: Any) -> list[str]:
-    """The words of ``prompt`` that ``backbone`` can segment, in prompt order, each once and as written: for a
-    model with a closed vocabulary (the embedded ``shapes`` model) the words that name one of its classes
-    ("circles" names "circle"), else every word but the fillers ("a", "and", "on", ...)."""
-    words = list(dict.fromkeys(_words(prompt)))
-    vocab = model_vocabulary(backbone)
-    if vocab is not None:
-        return [w for w in words if vocab.class_word(w)]
-    return [w for w in words if w not in FILLER_WORDS]
+def _no_class_words(prompt: str, ident: str | None = None) -> str:
+    which = f"prompt {ident} {prompt!r}" if ident is not None else f"the prompt {prompt!r}"
+    return (f"{which} names no class this model can segment (its words: {', '.join(_words(prompt))}); "
+            "name the classes to segment")
+
+
+def check_aggregate(aggregate: str, self_step: int | None, steps: int, trace_steps: tuple[int, ...] | None = None,
+                    *, cli: bool = False) -> None:
+    """Check :func:`difffeat.trace`'s ``aggregate`` and ``self_step`` of a ``steps``-step generation before
+    anything runs: ``aggregate`` one of :data:`~difffeat.tracing.AGGREGATES`; ``self_step`` (``aggregate="maps"``
+    only) a step of the schedule and one of ``trace_steps`` (None = every step). ``cli``: name the options as
+    the command line does (``--self-step``)."""
+    def name(key: str) -> str:
+        return "--" + key.replace("_", "-") if cli else key
+
+    def setting(key: str, value: str) -> str:
+        return f"{name(key)} {value}" if cli else f'{key}="{value}"'
+
+    if aggregate not in AGGREGATES:
+        raise InvalidOptionError(f"{name('aggregate')} must be one of {', '.join(AGGREGATES)}, got {aggregate!r}")
+    if self_step is None:
+        return
+    if aggregate != "maps":
+        raise InvalidOptionError(f"{name('self_step')} chooses the self-attention step of {setting('aggregate', 'maps')}; "
+                                 f"{setting('aggregate', 'steps')} uses every traced step's self maps: drop {name('self_step')}")
+    check_number(name("self_step"), self_step, 0, None, integer=True)
+    if self_step >= steps:
+        schedule = f"--steps {steps}" if cli else f"{steps} steps"
+        raise InvalidOptionError(f"{name('self_step')} {self_step} is outside the schedule of {schedule} (0..{steps - 1})")
+    if trace_steps is not None and self_step not in trace_steps:
+        raise InvalidOptionError(f"{name('self_step')} {self_step} is not one of the traced steps "
+                                 f"({name('trace_steps')} {list(trace_steps)}): trace it too, or choose one of them")
 
 
 @dataclass
@@ -154,8 +187,10 @@ class GeneratedImage:
         image: the generated RGB image.
         result: GOCA's segmentation of it from the traced maps (``labels`` at the image size, per-class
             ``class_maps`` / ``heatmap(word)``, ``classes`` in prompt order).
-        prompt / seed / guidance / guidance_scale / steps / trace_steps: how it was generated
+        prompt / seed / guidance / guidance_scale / steps / trace_steps / aggregate: how it was generated
             (``trace_steps`` None = every step).
+        self_step: the step whose self-attention maps gave the layer weights and refinement (``aggregate="maps"``,
+            as :attr:`difffeat.tracing.Trace.used_self_step` resolved it); None for ``aggregate="steps"``.
     """
 
     image: Image.Image
@@ -166,18 +201,22 @@ class GeneratedImage:
     guidance_scale: float
     steps: int
     trace_steps: tuple[int, ...] | None = None
+    aggregate: str = "maps"
+    self_step: int | None = None
 
 
 def generate_image(backbone: Any, prompt: str, classes: list[str] | None = None, *, guidance: str = "scfg-goca",
                    guidance_scale: float = 7.5, steps: int = 20, seed: int = 0, trace_steps: tuple[int, ...] | None = None,
-                   resolution: int | None = None, **settings: Any) -> GeneratedImage:
+                   resolution: int | None = None, aggregate: str = "maps", self_step: int | None = None,
+                   **settings: Any) -> GeneratedImage:
     """Generate ``prompt``'s image with ``backbone``'s pipeline under :func:`difffeat.trace` and segment it.
 
     ``classes``: words of the prompt to segment (default :func:`prompt_class_words`); a word the prompt does not
     contain warns (:class:`~difffeat.tracing.ClassNotInPromptWarning`, naming the prompt's words), none in it
     is an error. ``guidance``: "cfg", "scfg-goca" or "scfg" (:class:`~difffeat.SCFG`; every mode needs
     ``guidance_scale`` > 1). The generator is seeded with ``seed``. ``trace_steps``: the denoising steps whose
-    maps are averaged (default every step). ``settings``: :class:`~difffeat.segment.SegmentSettings` fields.
+    maps are averaged (default every step). ``aggregate`` ("maps" or "steps") and ``self_step``: how the traced
+    steps combine, as in :func:`difffeat.trace`. ``settings``: :class:`~difffeat.segment.SegmentSettings` fields.
     Every option is checked before the pipeline runs."""
     if not isinstance(prompt, str) or not prompt.strip():
         raise InvalidPromptError("empty prompt: describe the image to generate, e.g. \"a red circle and a blue star\"")
@@ -187,19 +226,20 @@ def generate_image(backbone: Any, prompt: str, classes: list[str] | None = None,
     check_resolution("resolution", resolution)
     if trace_steps is not None and (not trace_steps or min(trace_steps) < 0 or max(trace_steps) >= steps):
         raise InvalidOptionError(f"trace steps {list(trace_steps)} are outside the schedule of {steps} steps (0..{steps - 1})")
+    check_aggregate(aggregate, self_step, steps, tuple(trace_steps) if trace_steps else None)
     if classes is None:
         classes = prompt_class_words(prompt, backbone)
         if not classes:
-            raise InvalidPromptError(f"the prompt {prompt!r} names no class this model can segment (its words: "
-                                     f"{', '.join(_words(prompt))}); name the classes to segment")
+            raise InvalidPromptError(_no_class_words(prompt))
     pipe = backbone.pipeline
     size = resolution or backbone.native_resolution
-    tc = trace(pipe, prompt, list(classes), steps=list(trace_steps) if trace_steps else None, guidance=scfg, **settings)
+    tc = trace(pipe, prompt, list(classes), steps=list(trace_steps) if trace_steps else None, guidance=scfg,
+               aggregate=aggregate, self_step=self_step, **settings)
     with tc:
         image = pipe(prompt, num_inference_steps=int(steps), guidance_scale=float(guidance_scale), height=size, width=size,
                      generator=torch.Generator().manual_seed(int(seed))).images[0]
     return GeneratedImage(image, tc.result(0, image), prompt, int(seed), guidance, float(guidance_scale), int(steps),
-                          tuple(trace_steps) if trace_steps else None)
+                          tuple(trace_steps) if trace_steps else None, aggregate, tc.used_self_step)
 
 
 def _coco_dataset(out_dir: Path, items: list[PromptItem]) -> dict[str, Any]:
@@ -238,10 +278,13 @@ def run_generate(backbone: Any, items: list[PromptItem], job: GenerateJob, state
     """Generate every prompt's image with its label map into ``job.out_dir`` (see the module docstring).
     ``settings``: :class:`~difffeat.segment.SegmentSettings` fields of the traced maps."""
     out_dir = Path(job.out_dir)
-    SCFG(job.guidance_scale, job.guidance)  # the guidance is checked before the run folder is opened
+    # the guidance and the aggregation are checked before the run folder is opened
+    SCFG(job.guidance_scale, job.guidance)
+    check_aggregate(job.aggregate, job.self_step, job.steps, job.trace_steps)
     run_settings = {"guidance": job.guidance, "guidance_scale": job.guidance_scale, "steps": job.steps,
                     "trace_steps": list(job.trace_steps) if job.trace_steps else None, "seed": job.seed,
-                    "resolution": job.resolution, "heatmaps": job.heatmaps, **settings}
+                    "resolution": job.resolution, "aggregate": job.aggregate, "self_step": job.self_step,
+                    "heatmaps": job.heatmaps, **settings}
     dataset = {"prompts": [[it.id, it.prompt, list(it.classes)] for it in items]}
     run = Run(Manifest("generate", str(backbone.name), run_settings, dataset), out_dir, state, job.overwrite,
               job.progress).open()
@@ -251,7 +294,7 @@ def run_generate(backbone: Any, items: list[PromptItem], job: GenerateJob, state
         it = items[i]
         out = generate_image(backbone, it.prompt, list(it.classes), guidance=job.guidance, guidance_scale=job.guidance_scale,
                              steps=job.steps, seed=job.seed + i, trace_steps=job.trace_steps, resolution=job.resolution,
-                             **settings)
+                             aggregate=job.aggregate, self_step=job.self_step, **settings)
         write_bytes(out_dir / f"{it.id}.png", lambda tmp, im=out.image: im.save(tmp, format="PNG"))
         save_result(out.result, out.image, out_dir, it.id, heatmaps=job.heatmaps)  # .json last
         bar.update(1)

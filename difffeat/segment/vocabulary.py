@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import InvalidPromptError, close_matches
-from .prompts import check_classes
+from .prompts import FILLER_WORDS, check_classes
 
 
 #: the file in a model folder that declares a closed vocabulary
@@ -204,3 +204,21 @@ def class_words(classes: Sequence[str] | str, backbone: Any) -> list[str]:
     for message in check.warnings:
         warnings.warn(message, ClassVocabularyWarning, stacklevel=3)
     return check.names
+
+
+def prompt_class_words(prompt: str, backbone: Any) -> list[str]:
+    """The default class words of ``prompt`` (``difffeat generate`` without ``--classes``, the demo's Generate
+    tab with a blank class box, :func:`difffeat.trace` without classes; the one place they are decided): the
+    words ``backbone`` can segment, in prompt order, as written. For a model with a closed vocabulary (the
+    embedded ``shapes`` model) the first word naming each of its classes ("circles" names "circle"; colours and
+    "background" name none), else every word but the fillers ("a", "and", "on", ...), each once."""
+    words = list(dict.fromkeys(re.findall(r"[a-z0-9]+", prompt.lower())))
+    vocab = model_vocabulary(backbone)
+    if vocab is None:
+        return [w for w in words if w not in FILLER_WORDS]
+    named: dict[str, str] = {}  # class -> the prompt's first word naming it
+    for w in words:
+        c = vocab.class_word(w)
+        if c is not None:
+            named.setdefault(c, w)
+    return list(named.values())

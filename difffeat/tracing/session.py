@@ -49,7 +49,8 @@ import torch
 from ..backbones.loading import load
 from ..capture import Capture, catalog_of, head_mean
 from ..errors import InvalidOptionError, InvalidPromptError, UnsupportedBackboneError
-from ..segment.prompts import FILLER_WORDS, build_layout
+from ..segment.prompts import build_layout
+from ..segment.vocabulary import prompt_class_words
 from ..segment.segmenter import SegmentationResult, Segmenter, decide, global_map, goca_layer_weights, goca_scores, map_grid
 from ..segment.selfmaps import mean_self_map
 from .scfg import SCFG, guided_prediction, scfg_rate, token_masks
@@ -193,7 +194,7 @@ class Trace:
 
     def _layouts(self, classes):
         if classes is None:
-            per = [[w for w in dict.fromkeys(_words(p)) if w not in FILLER_WORDS] for p in self.prompts]
+            per = [prompt_class_words(p, self.backbone) for p in self.prompts]
         elif isinstance(classes, str) or (classes and isinstance(classes[0], str)):
             per = [list([classes] if isinstance(classes, str) else classes)] * len(self.prompts)
         else:
@@ -212,8 +213,9 @@ class Trace:
                         ClassNotInPromptWarning, stacklevel=3,
                     )
             if not present:
+                what = f"none of the classes {cls} occurs in" if cls else "no word this model can segment is in"
                 raise InvalidPromptError(
-                    f"none of the classes {cls} occurs in the prompt {prompt!r} (its words: {', '.join(_words(prompt))}); "
+                    f"{what} the prompt {prompt!r} (its words: {', '.join(_words(prompt))}); "
                     "name classes with the prompt's own words"
                 )
             low = prompt.lower()
@@ -552,7 +554,9 @@ def trace(
             latents: SD 1.x/2.x, SDXL, PixArt, SD3).
         prompt: the call's prompt(s), as passed to the pipeline.
         classes: words of the prompt to segment (one list, or one per prompt); a word absent from a prompt
-            warns (:class:`ClassNotInPromptWarning`) naming the prompt's words. Default: the prompt's words.
+            warns (:class:`ClassNotInPromptWarning`) naming the prompt's words. Default: the prompt's class
+            words for the model (:func:`difffeat.runs.prompt_class_words`: a closed vocabulary's class words, else
+            every word but the fillers).
             A result lists its classes in prompt order; the settings' ``background_entities`` ("background")
             that the prompt names after them give GOCA's supporting (background) map.
         steps: denoising step indices to trace (0 = first); default every step. Maps are averaged over them.
