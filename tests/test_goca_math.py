@@ -7,7 +7,7 @@ import types
 import pytest
 import torch
 
-from difffeat.capture.observer import AttentionTensors, attention_probs, head_mean
+from difffeat.capture.observer import AttentionTensors, attention_maps, attention_probs, head_mean
 from difffeat.segment.aggregation import GocaHeadReducer, combine_layers, goca_head_weights, gram_break_even_rows, layer_weights
 from difffeat.segment.rescale import class_scores, gaussian_blur, minmax, rescale_by_content
 from difffeat.segment.selfmaps import propagate, resize_self_map
@@ -69,6 +69,19 @@ def test_joint_attention_weights_use_all_keys_but_return_text_columns():
     assert got.shape[-1] == 4
     full = attention_probs(tensors, "all", GocaHeadReducer(), attn)
     torch.testing.assert_close(got, full[..., 6:])
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_cross_and_self_maps_of_one_call_from_one_pass_equal_separate_passes(workers):
+    tensors, attn, _ = _attention(nq=23, nk=30, c=16)
+    tensors.image_keys, tensors.text_keys = slice(0, 23), slice(23, 30)
+    chunk = 2 * 4 * 30 * 4  # 4 rows a chunk: 6 chunks
+    out_one, out_sep = torch.empty(2, 4, 23, 5), torch.empty(2, 4, 23, 5)
+    cross, self_mean = attention_maps(tensors, [("cross", GocaHeadReducer()), ("self", head_mean)], attn, chunk,
+                                      output_bhqd=out_one, workers=workers)
+    assert torch.equal(cross, attention_probs(tensors, "cross", GocaHeadReducer(), attn, chunk, out_sep, workers=workers))
+    assert torch.equal(self_mean, attention_probs(tensors, "self", head_mean, attn, chunk, workers=workers))
+    assert torch.equal(out_one, out_sep)
 
 
 def test_layer_weights_are_nonnegative_sum_to_one_and_match_a_loop():
