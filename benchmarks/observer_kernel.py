@@ -1,13 +1,17 @@
 """Observer attention kernel: the observer's path vs the fused SDPA kernel, before vs after a change, in one run.
 
     python benchmarks/observer_kernel.py [--before fea6cc1] [--rounds 2] [--reps 3] [--threads 1 2]
-                                         [--attention self cross] [--conditions quiet loaded]
+                                         [--attention self cross two-pass] [--conditions quiet loaded]
                                          [--out benchmarks/results/observer_kernel.json]
 
 SD1.5-sized attention at 512 px (float32, random tensors): self-attention 4096 x 4096 tokens reduced by
 ``head_mean`` and cross-attention 4096 x 77 tokens reduced by GOCA's head-weighted reducer, 8 heads x 40 dims,
-batch 1, the layer output filled (as a captured forward does). Each measurement times, interleaved in one
-process:
+batch 1, the layer output filled (as a captured forward does). ``two-pass`` (not run by default): the same
+self-attention reduced by the second pass's :class:`~difffeat.segment.layerscores.LayerScoreStream` reducer of a
+map that is both a layer-weight and a refinement map (SD1.5's ``down_blocks.0``: a 64x64 map scored against
+``P`` on the 32x32 reference grid, published settings, and summed for refinement), with ``head_mean``'s observer
+call (the one-pass self-map reduction's kernel work) timed beside it as ``observer_head_mean``. Each measurement
+times, interleaved in one process:
 
 - ``fused``: ``F.scaled_dot_product_attention`` (what an unobserved layer's attention costs);
 - ``fused_proj``: the same plus the layer's output projection ``[4096, 320] x [320, 320]`` (GOCA's head weights
@@ -40,7 +44,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 HEADS, DIM, TOKENS, TEXT = 8, 40, 4096, 77
 THREADS = (1, 2)
-KINDS = ("self", "cross")
+KINDS = ("self", "cross", "two-pass")
 CONDITIONS = ("quiet", "loaded")
 
 
@@ -58,15 +62,22 @@ def _child(src: Path, reps: int, threads_list: list[int], kinds: list[str]) -> d
 
     def case(kind: str) -> dict:
         g = torch.Generator().manual_seed(0)
-        nk = TOKENS if kind == "self" else TEXT
+        nk = TEXT if kind == "cross" else TOKENS
         q = torch.randn(1, HEADS, TOKENS, DIM, generator=g)
         k = torch.randn(1, HEADS, nk, DIM, generator=g)
         v = torch.randn(1, HEADS, nk, DIM, generator=g)
         attn = torch.nn.Module()
         attn.to_out = torch.nn.ModuleList([torch.nn.Linear(HEADS * DIM, HEADS * DIM)])
-        image, text = (slice(0, nk), None) if kind == "self" else (None, slice(0, nk))
+        image, text = (None, slice(0, nk)) if kind == "cross" else (slice(0, nk), None)
         tensors = AttentionTensors(q, k, v, None, DIM**-0.5, image_keys=image, text_keys=text)
-        reducer = head_mean if kind == "self" else GocaHeadReducer()
+        reducer = {"self": head_mean, "cross": GocaHeadReducer()}.get(kind)
+        if kind == "two-pass":  # SD1.5's reference feature (up_blocks.2, 320 channels at 32x32), first channel
+            from difffeat.segment.layerscores import LayerScoreStream
+
+            grid = (64, 64)
+            stream = LayerScoreStream(torch.randn(1, 320, 32, 32, generator=g), {"s": grid}, {"s": grid}, grid,
+                                      first_channel=True, mass_preserving=False)
+            reducer = stream.reducers()["s"]
         out = q.new_empty(1, TOKENS, HEADS, DIM).transpose(1, 2)  # laid out as torch's CPU SDPA returns it
 
         def fused_proj():
@@ -83,12 +94,16 @@ def _child(src: Path, reps: int, threads_list: list[int], kinds: list[str]) -> d
                 p = torch.softmax(torch.matmul(qs[:, :, rows], kt), dim=-1)
                 torch.matmul(p, v, out=out[:, :, rows])
 
-        return {
+        keys = "cross" if kind == "cross" else "self"
+        fns = {
             "fused": lambda: F.scaled_dot_product_attention(q, k, v),
             "fused_proj": fused_proj,
-            "observer": lambda: attention_probs(tensors, kind, reducer, attn, output_bhqd=out),
+            "observer": lambda: attention_probs(tensors, keys, reducer, attn, output_bhqd=out),
             "explicit": explicit,
         }
+        if kind == "two-pass":
+            fns["observer_head_mean"] = lambda: attention_probs(tensors, keys, head_mean, attn, output_bhqd=out)
+        return fns
 
     rows = []
     with torch.no_grad():
@@ -96,7 +111,7 @@ def _child(src: Path, reps: int, threads_list: list[int], kinds: list[str]) -> d
             torch.set_num_threads(threads)
             for kind in kinds:
                 fns = case(kind)
-                inner = 1 if kind == "self" else 10
+                inner = 10 if kind == "cross" else 1
                 for fn in fns.values():
                     fn()
                 times: dict[str, list[float]] = {name: [] for name in fns}
@@ -110,7 +125,9 @@ def _child(src: Path, reps: int, threads_list: list[int], kinds: list[str]) -> d
                 rows.append({"threads": threads, "attention": kind, "seconds": med,
                              "observer_over_fused": med["observer"] / med["fused"],
                              "observer_over_fused_proj": med["observer"] / med["fused_proj"],
-                             "explicit_over_fused": med["explicit"] / med["fused"]})
+                             "explicit_over_fused": med["explicit"] / med["fused"],
+                             **({"observer_over_head_mean": med["observer"] / med["observer_head_mean"]}
+                                if "observer_head_mean" in med else {})})
     return {"torch": torch.__version__, "rows": rows}
 
 
@@ -139,7 +156,7 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "observer_kernel.json")
     parser.add_argument("--threads", type=int, nargs="+", default=list(THREADS), help="torch thread counts")
-    parser.add_argument("--attention", nargs="+", choices=KINDS, default=list(KINDS))
+    parser.add_argument("--attention", nargs="+", choices=KINDS, default=["self", "cross"])
     parser.add_argument("--conditions", nargs="+", choices=CONDITIONS, default=list(CONDITIONS))
     parser.add_argument("--child", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -163,6 +180,8 @@ def main() -> None:
                                               "attention": row["attention"],
                                               "observer_over_fused": round(row["observer_over_fused"], 3),
                                               "explicit_over_fused": round(row["explicit_over_fused"], 3),
+                                              **({"observer_over_head_mean": round(row["observer_over_head_mean"], 3)}
+                                                 if "observer_over_head_mean" in row else {}),
                                               "fused_s": round(row["seconds"]["fused"], 4)}), flush=True)
             finally:
                 if busy is not None:
@@ -179,6 +198,8 @@ def main() -> None:
                 "explicit_over_fused": statistics.median(m["explicit_over_fused"] for m in measured),
                 "seconds": [m["seconds"] for m in measured],
             }
+            if "observer_over_head_mean" in measured[0]:
+                row[which]["observer_over_head_mean"] = statistics.median(m["observer_over_head_mean"] for m in measured)
         rows.append(row)
     result = {
         "command": "python benchmarks/observer_kernel.py " + " ".join(sys.argv[1:]),
@@ -199,7 +220,10 @@ def main() -> None:
               "before %.2fx after %.2fx (vs fused+proj: %.2fx / %.2fx; plain explicit %.2fx)" % (
                   row["before"]["observer_over_fused"], row["after"]["observer_over_fused"],
                   row["before"]["observer_over_fused_proj"], row["after"]["observer_over_fused_proj"],
-                  row["after"]["explicit_over_fused"]))
+                  row["after"]["explicit_over_fused"]),
+              *(["observer over head_mean's: before %.2fx after %.2fx" % (row["before"]["observer_over_head_mean"],
+                                                                     row["after"]["observer_over_head_mean"])]
+                if "observer_over_head_mean" in row["after"] else []))
     print(f"wrote {args.out}")
 
 

@@ -5,6 +5,8 @@ of :mod:`difffeat.segment.memory`, which matches what each observation really ke
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import pytest
 import torch
@@ -124,6 +126,58 @@ def test_two_passes_give_the_one_pass_maps_scores_and_labels(peaked, case):
     assert (margin[differ] < 1e-4).all(), "a pixel with a clear decision differs"  # only float-rounding ties may flip
     assert differ.mean() < 0.005
     assert len(np.unique(a.labels)) == 3  # not trivially one label
+
+
+@pytest.fixture
+def two_threads():
+    """torch at two threads: the observer spreads the chunks of every attention call over two workers."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("case", ["sd15-refine-on-two-grids", "sdxl"])
+def test_two_passes_on_chunk_workers_equal_the_row_ordered_reducers(peaked, monkeypatch, two_threads, case):
+    """The layer-score reducers run on both workers at once; the scores and the refinement sum equal those of
+    the reducers called one chunk at a time in row order (as before they were marked thread-safe) bit for bit:
+    the same single-threaded kernels on the same chunks, the score parts added in row order. The labels are
+    the one-pass labels."""
+    from difffeat.segment.layerscores import LayerScoreStream
+
+    family, settings = CASES[case]
+    backbone = peaked(family)
+    image = random_image(64, 64)
+    seg = difffeat.Segmenter(backbone, memory="two-pass", **settings)
+    threads: set[str] = set()
+    score = LayerScoreStream._score
+
+    def noting(self, name, mean, rows):
+        threads.add(threading.current_thread().name)
+        score(self, name, mean, rows)
+
+    monkeypatch.setattr(LayerScoreStream, "_score", noting)
+    got = seg.observe(image, CLASSES)
+    assert threads and all(t.startswith("difffeat-chunk") for t in threads)  # reduced on the chunk workers
+    reducer = LayerScoreStream._reducer
+
+    def serialized(self, name):
+        r = reducer(self, name)
+        return lambda probs, **kw: r(probs, **kw)  # a plain function: called one chunk at a time, in row order
+
+    monkeypatch.setattr(LayerScoreStream, "_reducer", serialized)
+    want = seg.observe(image, CLASSES)
+    assert torch.equal(got.layer_scores, want.layer_scores)
+    assert torch.equal(got.refine_mean, want.refine_mean)
+    one = difffeat.Segmenter(backbone, memory="one-pass", **settings)
+    a, b = one(image, CLASSES), seg.decide(got)
+    full = torch.cat([a.background[None], a.class_maps]).float()
+    full = F.interpolate(full[None], size=a.labels.shape, mode="bilinear", align_corners=False)[0]
+    top2 = full.topk(2, dim=0).values
+    margin = (top2[0] - top2[1]).numpy()
+    differ = a.labels != b.labels
+    assert (margin[differ] < 1e-4).all(), "a pixel with a clear decision differs"  # as in the test above
+    assert differ.mean() < 0.005
 
 
 @pytest.mark.parametrize("family", ["pixart", "flux"])

@@ -15,7 +15,8 @@ from difffeat.capture import AttentionTensors, attention_probs, head_mean, per_h
 from difffeat.capture.attention_kernels import dense_linear
 from difffeat.capture.chunk_workers import chunk_workers
 from difffeat.segment.aggregation import GocaHeadReducer, goca_head_weights, goca_head_weights_from_outputs
-from difffeat.segment.selfmaps import SelfMapStream
+from difffeat.segment.layerscores import LayerScoreStream
+from difffeat.segment.selfmaps import SelfMapStream, resize_self_map
 
 #: float results of different kernel paths compared within derived tolerances
 pytestmark = pytest.mark.numeric
@@ -70,6 +71,76 @@ def test_self_map_stream_reduces_the_same_on_workers(one_thread):
         results.append((stream.kept["s"], stream.refine_sum))
     assert torch.equal(results[0][0], results[1][0])
     assert torch.equal(results[0][1], results[1][1])
+
+
+#: the two-pass layer scores of a reference feature on an 8x8 grid: a weight map on P's grid, a finer one (rows of
+#: U(S) formed from its chunks) and a coarser one (<U^T P, S>); refinement maps on two grids, summed at 16x16
+LAYER_GRIDS = {"same": (8, 8), "fine": (16, 16), "coarse": (4, 4)}
+REFINE = ("fine", "same")
+
+
+def _layer_scores(workers: int, serialized: bool = False):
+    """Scores and refinement mean of a :class:`LayerScoreStream` fed every map through :func:`attention_probs`
+    in 2-row chunks (the same chunks at any ``workers``); ``serialized``: its reducers without ``thread_safe``,
+    so the observer calls them one chunk at a time in row order (the path before they were marked)."""
+    g = torch.Generator().manual_seed(7)
+    ref = 3 * torch.randn(2, 4, 8, 8, generator=g)  # peaked P and maps: scores far from the uniform maps' ~1
+    stream = LayerScoreStream(ref, LAYER_GRIDS, {n: LAYER_GRIDS[n] for n in REFINE}, (16, 16), first_channel=False,
+                              mass_preserving=True)
+    reducers = stream.reducers()
+    maps = {}
+    for i, (name, (h, w)) in enumerate(LAYER_GRIDS.items()):
+        t, attn = _tensors(h * w, h * w, seed=10 + i)
+        t.q.mul_(4)
+        reducer = reducers[name]
+        assert reducer.thread_safe
+        if serialized:
+            reducer = (lambda r: lambda probs, **kw: r(probs, **kw))(reducer)  # a plain function: not thread-safe
+        attention_probs(t, "self", reducer, attn, 2 * 4 * h * w * 2, workers=workers)
+        maps[name] = t
+    scores, refine = stream.finish({})
+    return scores, refine, ref, maps
+
+
+def _direct_layer_scores(ref: torch.Tensor, maps: dict[str, AttentionTensors]):
+    """``<P, U(S_m)>`` and the refinement mean in float64 from whole maps (resize_self_map, not the row/adjoint
+    forms of the stream)."""
+    f = ref.double().flatten(2).transpose(1, 2)
+    p = torch.softmax(f @ f.transpose(1, 2) / f.shape[-1] ** 0.5, dim=-1)
+    whole = {n: torch.softmax(t.q.double() @ t.k.double().transpose(-1, -2) * t.scale, dim=-1).mean(dim=1)
+             for n, t in maps.items()}
+    scores = torch.stack([(p * resize_self_map(whole[n], LAYER_GRIDS[n], (8, 8), True)).sum(dim=(1, 2))
+                          for n in LAYER_GRIDS], dim=1)
+    refine = sum(resize_self_map(whole[n], LAYER_GRIDS[n], (16, 16), True) for n in REFINE) / len(REFINE)
+    return scores, refine, p, whole
+
+
+def test_layer_scores_on_workers_equal_the_row_ordered_reduction_bit_for_bit(one_thread):
+    """The same single-threaded kernels on the same chunks, the score parts added in row order: bit-equal to
+    the reducers called one chunk at a time in row order and to the caller's thread."""
+    want_scores, want_refine, *_ = _layer_scores(1)
+    for workers, serialized in [(2, True), (2, False), (3, False)]:
+        scores, refine, *_ = _layer_scores(workers, serialized)
+        assert torch.equal(scores, want_scores), (workers, serialized)
+        assert torch.equal(refine, want_refine), (workers, serialized)
+
+
+def test_layer_scores_on_workers_equal_a_float64_computation(one_thread):
+    scores, refine, ref, maps = _layer_scores(2)
+    want_scores, want_refine, p, whole = _direct_layer_scores(ref, maps)
+    # Every float32 factor is positive with a relative error of at most (products' and softmax sums' terms +
+    # logit range) eps: q.k^T over d = 8 dims (8 |logit|_max), exp (the logit range), the normalising sum over the
+    # keys (<= 256), the head mean (4), the bilinear key resize (4 taps); P likewise (C = 4, 64 keys); the chunk's
+    # float32 sum of positive products adds its term count (<= 2 rows x 64). Bounds, not estimates.
+    logit = max(float((t.q @ t.k.transpose(-1, -2)).abs().max()) * t.scale for t in maps.values())
+    f = ref.flatten(2).transpose(1, 2)
+    p_logit = float((f @ f.transpose(1, 2)).abs().max()) / 2
+    per_factor = (8 * logit + 2 * logit + 256 + 4 + 4) * EPS
+    rtol = per_factor + (4 * p_logit + 2 * p_logit + 64) * EPS + (2 * 64 + 3) * EPS  # + the float32 result
+    torch.testing.assert_close(scores.double(), want_scores, rtol=rtol, atol=0)
+    torch.testing.assert_close(refine.double(), want_refine, rtol=per_factor + 2 * EPS, atol=0)
+    spread = want_scores.max(dim=1).values - want_scores.min(dim=1).values
+    assert (spread > 20 * rtol * want_scores.max(dim=1).values).all()  # a bound that still tells the layers apart
 
 
 def test_reducers_not_marked_thread_safe_run_one_at_a_time_in_row_order():

@@ -18,10 +18,16 @@ The refinement maps are summed into one ``[B, HW, HW]`` buffer at the largest ma
 they are on another). What the second pass keeps: one ``[HW, T]`` cross map per layer, the refinement sum,
 the reference tokens and one ``U^T P`` per coarser grid; the scores equal the one-pass ones to float
 rounding (the same products, summed chunk by chunk).
+
+The reducers are thread-safe (the observer's chunk workers call them for disjoint chunks of rows at once,
+:mod:`~difffeat.capture.chunk_workers`): a chunk's refinement rows are its own rows of the sum, and its float64
+share of a score is added under a lock in row order (:class:`_RowOrderSum`), so the scores are bit-equal to
+those of the chunks reduced one at a time in row order, whichever worker finishes first.
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Mapping
 from typing import Any
 
@@ -34,6 +40,26 @@ __all__ = ["LayerScoreStream"]
 
 #: elements of one block of ``P``'s rows formed at a time while building ``U^T P``
 _P_BLOCK_ELEMENTS = 2**22
+
+
+class _RowOrderSum:
+    """A float64 running sum ``[B]`` of per-chunk parts, added in the order of the chunks' rows whichever thread
+    hands its part in first: a part waits (``[B]`` floats) until every earlier row's part is in. The chunks of
+    one observation cover ``range(n_rows)``; a further observation starts at row 0 again."""
+
+    def __init__(self, b: int, n_rows: int, device: torch.device) -> None:
+        self.total = torch.zeros(b, dtype=torch.float64, device=device)
+        self.n_rows = n_rows
+        self._next = 0  # the first row whose part is not yet added
+        self._waiting: dict[int, tuple[int, torch.Tensor]] = {}  # start: (stop, part)
+
+    def add(self, rows: slice, part: torch.Tensor) -> None:
+        """Call under the owner's lock."""
+        self._waiting[rows.start] = (rows.stop, part)
+        while self._next in self._waiting:
+            stop, part = self._waiting.pop(self._next)
+            self.total += part
+            self._next = 0 if stop >= self.n_rows else stop
 
 
 class LayerScoreStream:
@@ -66,11 +92,13 @@ class LayerScoreStream:
         self.refine_grid = tuple(refine_grid)
         self.mass_preserving = mass_preserving
         b = self.f.shape[0]
-        self.scores = {name: torch.zeros(b, dtype=torch.float64, device=self.f.device) for name in self.weight_grids}
+        self.scores = {name: _RowOrderSum(b, g[0] * g[1], self.f.device) for name, g in self.weight_grids.items()}
         self.rows_seen = dict.fromkeys([*self.weight_grids, *self.refine_grids], 0)
         self.refine_sum: torch.Tensor | None = None  # [B, HW, HW] at refine_grid
         self._targets: dict[tuple[tuple[int, int], tuple[int, int]], TargetRows] = {}
         self._adjoints: dict[tuple[int, int], torch.Tensor] = {}  # grid: U^T P [B, hw, hw]
+        self._setup = threading.Lock()  # made once: the refinement sum, TargetRows, U^T P
+        self._add = threading.Lock()  # the row-ordered score sums and the row counts
 
     def names(self) -> list[str]:
         return list(dict.fromkeys([*self.weight_grids, *self.refine_grids]))
@@ -88,7 +116,9 @@ class LayerScoreStream:
     def _target_rows(self, grid: tuple[int, int], target: tuple[int, int]) -> TargetRows:
         key = (grid, target)
         if key not in self._targets:
-            self._targets[key] = TargetRows(grid, target, self.f.device)
+            with self._setup:
+                if key not in self._targets:
+                    self._targets[key] = TargetRows(grid, target, self.f.device)
         return self._targets[key]
 
     def _p_rows(self, t: torch.Tensor | slice) -> torch.Tensor:
@@ -99,15 +129,20 @@ class LayerScoreStream:
         """``U^T P`` at ``grid`` (coarser than ``P``'s), from blocks of ``P``'s rows: ``U^T P = c N_q^T P B_k``,
         so each block's key-adjoint rows are added to the rows of their nearest source pixel."""
         if grid not in self._adjoints:
-            b, n_p, _ = self.f.shape
-            source = TargetRows(grid, self.p_grid, self.f.device)
-            g = self.f.new_zeros((b, grid[0] * grid[1], grid[0] * grid[1]))
-            step = max(1, _P_BLOCK_ELEMENTS // max(1, b * n_p))
-            for start in range(0, n_p, step):
-                rows = slice(start, min(n_p, start + step))
-                g.index_add_(1, source.source[rows], resize_keys_adjoint(self._p_rows(rows), grid, self.p_grid, self.mass_preserving))
-            self._adjoints[grid] = g
+            with self._setup:
+                if grid not in self._adjoints:
+                    self._adjoints[grid] = self._build_adjoint(grid)
         return self._adjoints[grid]
+
+    def _build_adjoint(self, grid: tuple[int, int]) -> torch.Tensor:
+        b, n_p, _ = self.f.shape
+        source = TargetRows(grid, self.p_grid, self.f.device)
+        g = self.f.new_zeros((b, grid[0] * grid[1], grid[0] * grid[1]))
+        step = max(1, _P_BLOCK_ELEMENTS // max(1, b * n_p))
+        for start in range(0, n_p, step):
+            rows = slice(start, min(n_p, start + step))
+            g.index_add_(1, source.source[rows], resize_keys_adjoint(self._p_rows(rows), grid, self.p_grid, self.mass_preserving))
+        return g
 
     def _score(self, name: str, mean_bqk: torch.Tensor, rows: slice) -> None:
         grid = self.weight_grids[name]
@@ -116,14 +151,17 @@ class LayerScoreStream:
             part = (self._p_rows(t) * u_rows).sum(dim=(1, 2))
         else:  # coarser: <U^T P, S>
             part = (self._adjoint(grid)[:, rows] * mean_bqk).sum(dim=(1, 2))
-        self.scores[name] += part.double()
+        with self._add:
+            self.scores[name].add(rows, part.double())
 
     def _refine(self, name: str, mean_bqk: torch.Tensor, rows: slice) -> None:
         if self.refine_sum is None:
-            n = self.refine_grid[0] * self.refine_grid[1]
-            self.refine_sum = mean_bqk.new_zeros((mean_bqk.shape[0], n, n))
+            with self._setup:
+                if self.refine_sum is None:
+                    n = self.refine_grid[0] * self.refine_grid[1]
+                    self.refine_sum = mean_bqk.new_zeros((mean_bqk.shape[0], n, n))
         t, u_rows = self._target_rows(self.refine_grids[name], self.refine_grid).rows(mean_bqk, rows, self.mass_preserving)
-        self.refine_sum[:, t] += u_rows
+        self.refine_sum[:, t] += u_rows  # the target rows of this chunk's rows only: no other chunk writes them
 
     def _reducer(self, name: str):
         def reduce(probs_bhqk: torch.Tensor, *, rows: slice, **_: Any) -> torch.Tensor:
@@ -135,9 +173,11 @@ class LayerScoreStream:
                 self._refine(name, mean, rows)
             if name in self.weight_grids:
                 self._score(name, mean, rows)
-            self.rows_seen[name] += rows.stop - rows.start
+            with self._add:
+                self.rows_seen[name] += rows.stop - rows.start
             return mean[..., :0]  # nothing kept
 
+        reduce.thread_safe = True  # disjoint rows of the refinement sum; scores added in row order under a lock
         return reduce
 
     def finish(self, acts: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -153,7 +193,7 @@ class LayerScoreStream:
             if seen != grid[0] * grid[1]:
                 raise RuntimeError(f"{name}: {seen} of its {grid[0] * grid[1]} query rows were observed")
             acts.pop(name, None)
-        scores = torch.stack([self.scores[name] for name in self.weight_grids], dim=1).float()
+        scores = torch.stack([self.scores[name].total for name in self.weight_grids], dim=1).float()
         mean = None if self.refine_sum is None else self.refine_sum.div_(len(self.refine_grids))
         return scores, mean
 
