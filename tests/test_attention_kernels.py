@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import difffeat
-from difffeat.capture import AttentionTensors, attention_probs, per_head
+from difffeat.capture import AttentionTensors, attention_maps, attention_probs, per_head
 from difffeat.capture import session as capture_session
 from difffeat.capture.attention_kernels import flash_output_and_lse, probs_from_lse
 
@@ -121,7 +121,7 @@ def test_shapes_model_labels_are_the_same_with_the_fused_lse_path(monkeypatch):
     seg = difffeat.Segmenter("shapes")
     image, classes = world.sample("test", 1).image, ["circle", "square", "triangle"]
     slow = seg.decide(seg.observe(image, classes))  # the default: the explicit path
-    monkeypatch.setattr(capture_session, "attention_probs", functools.partial(attention_probs, fused_lse=True))
+    monkeypatch.setattr(capture_session, "attention_maps", functools.partial(attention_maps, fused_lse=True))
     fast = seg.decide(seg.observe(image, classes))
     torch.testing.assert_close(fast.class_maps, slow.class_maps, rtol=1e-4, atol=1e-5)
     assert_labels_differ_only_at_ties(slow, fast)

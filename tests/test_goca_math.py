@@ -7,8 +7,8 @@ import types
 import pytest
 import torch
 
-from difffeat.capture.observer import AttentionTensors, attention_probs, head_mean
-from difffeat.segment.aggregation import GocaHeadReducer, combine_layers, goca_head_weights, layer_weights
+from difffeat.capture.observer import AttentionTensors, attention_maps, attention_probs, head_mean
+from difffeat.segment.aggregation import GocaHeadReducer, combine_layers, goca_head_weights, gram_break_even_rows, layer_weights
 from difffeat.segment.rescale import class_scores, gaussian_blur, minmax, rescale_by_content
 from difffeat.segment.selfmaps import propagate, resize_self_map
 
@@ -69,6 +69,19 @@ def test_joint_attention_weights_use_all_keys_but_return_text_columns():
     assert got.shape[-1] == 4
     full = attention_probs(tensors, "all", GocaHeadReducer(), attn)
     torch.testing.assert_close(got, full[..., 6:])
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_cross_and_self_maps_of_one_call_from_one_pass_equal_separate_passes(workers):
+    tensors, attn, _ = _attention(nq=23, nk=30, c=16)
+    tensors.image_keys, tensors.text_keys = slice(0, 23), slice(23, 30)
+    chunk = 2 * 4 * 30 * 4  # 4 rows a chunk: 6 chunks
+    out_one, out_sep = torch.empty(2, 4, 23, 5), torch.empty(2, 4, 23, 5)
+    cross, self_mean = attention_maps(tensors, [("cross", GocaHeadReducer()), ("self", head_mean)], attn, chunk,
+                                      output_bhqd=out_one, workers=workers)
+    assert torch.equal(cross, attention_probs(tensors, "cross", GocaHeadReducer(), attn, chunk, out_sep, workers=workers))
+    assert torch.equal(self_mean, attention_probs(tensors, "self", head_mean, attn, chunk, workers=workers))
+    assert torch.equal(out_one, out_sep)
 
 
 def test_layer_weights_are_nonnegative_sum_to_one_and_match_a_loop():
@@ -150,3 +163,59 @@ def test_propagation_is_a_matrix_power_then_minmax():
     naive = torch.linalg.matrix_power(s[0], 3) @ flat
     torch.testing.assert_close(got[0], minmax(naive.T.reshape(1, 2, 3, 3))[0], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(propagate(x, s, 0), x)
+
+
+def _two_product_bound(tensors: AttentionTensors, w_out: torch.Tensor) -> torch.Tensor:
+    """Forward-error bound ``[B, nq, nk]`` of one float32 GOCA map, whichever form (``W_O^T (W_O x)`` or
+    ``(W_O^T W_O) x``) gives ``back = W_O^T W_O x``: each is a sum over ``C + h d`` products, so
+    ``|d back| <= g (|W_O|^T |W_O| |x|)`` with ``g = (C + h d + d + h) u``, ``u`` float32's unit roundoff (the
+    ``d``-term dots and the ``h``-term norm included); the head weights ``w_n = dot_n / norm`` then move by
+    ``(|d dot_n| + |w_n| |d norm|) / |norm|`` and the map by ``sum_n |d w_n| P_n`` plus the einsum's ``h u``
+    share. Computed in float64 from the exact (float64) quantities."""
+    b, h, nq, d = tensors.q.shape
+    c = w_out.shape[0]
+    u = torch.finfo(torch.float32).eps / 2
+    g = (c + h * d + d + h) * u
+    q, k, v, w = (x.double() for x in (tensors.q, tensors.k, tensors.v, w_out))
+    p = torch.softmax(q @ k.transpose(-1, -2) * tensors.scale, -1)  # [B, h, nq, nk]
+    x = (p @ v).transpose(1, 2).reshape(b, nq, h * d)  # [B, nq, h d]
+    dots = ((x @ w.T @ w) * x).view(b, nq, h, d).sum(-1)  # [B, nq, h]
+    norm = dots.sum(-1, keepdim=True)
+    dd = g * ((x.abs() @ w.abs().T @ w.abs()) * x.abs()).view(b, nq, h, d).sum(-1)  # |d dot_n|
+    dw = (dd + (dots / norm).abs() * dd.sum(-1, keepdim=True)) / norm.abs()  # [B, nq, h]
+    wts = dots / norm
+    return torch.einsum("bqh,bhqk->bqk", dw + h * u * wts.abs(), p)
+
+
+def test_kept_gram_matches_the_per_call_two_product_form():
+    # C = 16 channels, h d = 20: the Gram pays after 16 * 20 / (32 - 20) = 26.7 rows; a call has 2 x 12 = 24
+    tensors, attn, w_out = _attention(c=16)
+    kept = GocaHeadReducer()
+    first = attention_probs(tensors, "cross", kept, attn, chunk_elements=2 * 4 * 7 * 3, workers=2)
+    fresh = attention_probs(tensors, "cross", GocaHeadReducer(), attn, chunk_elements=2 * 4 * 7 * 3, workers=2)
+    assert torch.equal(first, fresh)  # below the break-even rows: the same two products, the same kernels
+    assert kept.kept_bytes() == 0
+    second = attention_probs(tensors, "cross", kept, attn, chunk_elements=2 * 4 * 7 * 3, workers=2)
+    assert kept.kept_bytes() == 20 * 20 * 4  # the Gram, formed once 48 rows >= 26.7
+    third = attention_probs(tensors, "cross", kept, attn, chunk_elements=2 * 4 * 7 * 3, workers=2)
+    assert torch.equal(second, third)  # the same Gram reused
+    bound = _two_product_bound(tensors, w_out).float()
+    assert ((second - fresh).abs() <= 2 * bound).all()  # each form within its bound of the exact map
+    assert not torch.equal(bound, torch.zeros_like(bound))
+
+
+def test_kept_gram_is_dropped_when_w_o_changes_in_place():
+    tensors, attn, w_out = _attention(c=16, nq=30)  # 60 rows a call: the Gram at the first call
+    kept = GocaHeadReducer()
+    attention_probs(tensors, "cross", kept, attn)
+    assert kept.kept_bytes() == 20 * 20 * 4
+    w_out.add_(torch.randn(w_out.shape, generator=torch.Generator().manual_seed(5)))  # a new _version
+    again = attention_probs(tensors, "cross", kept, attn)
+    fresh = attention_probs(tensors, "cross", GocaHeadReducer(), attn)
+    assert torch.equal(again, fresh)  # the new W_O's Gram, made as a fresh reducer makes it
+
+
+def test_gram_break_even_rows():
+    assert gram_break_even_rows(1536, 1536) == 1536
+    assert gram_break_even_rows(16, 20) == pytest.approx(16 * 20 / 12)
+    assert gram_break_even_rows(9, 20) == float("inf")  # h d >= 2 C: the two products are always cheaper

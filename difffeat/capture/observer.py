@@ -29,7 +29,7 @@ layer (it multiplies ``V K^T`` first): its maps are that matrix, normalised as t
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -96,7 +96,9 @@ class MapReducer(Protocol):
     ``uses_output = True`` also receives ``out_bhqd`` = ``full_probs_bhqk @ V`` (float32, ``[B, heads, q, d]``),
     the chunk's attention output, computed once for it and for the layer's fused output. A reducer with
     ``thread_safe = True`` may be called from several threads at once, for disjoint chunks of rows
-    (:mod:`~difffeat.capture.chunk_workers`); others are called one chunk at a time, in row order."""
+    (:mod:`~difffeat.capture.chunk_workers`); others are called one chunk at a time, in row order. A reducer
+    never modifies the probabilities in place: the reducers of one call's maps share each chunk's
+    (:func:`attention_maps`)."""
 
     def __call__(
         self, probs_bhqk: torch.Tensor, *, attn: Any, tensors: AttentionTensors, rows: slice, full_probs_bhqk: torch.Tensor
@@ -156,11 +158,29 @@ def attention_probs(
     workers: int | None = None,
 ) -> torch.Tensor:
     """Attention probabilities of the image queries (float32; softmax, or the layer's linear-attention
-    weights for ``kernel="relu-linear"``), reduced chunk by chunk.
+    weights for ``kernel="relu-linear"``), reduced chunk by chunk: :func:`attention_maps` with one map.
 
     ``keys``: "cross" keeps the text-key columns, "self" the image-key columns, "all" every column. The
     softmax always runs over *all* keys the layer attends to (for joint attention the cross block is
-    therefore not normalised over text alone).
+    therefore not normalised over text alone). The other arguments: see :func:`attention_maps`.
+    """
+    return attention_maps(tensors, [(keys, reducer)], attn, chunk_elements, output_bhqd, fused_lse, workers)[0]
+
+
+def attention_maps(
+    tensors: AttentionTensors,
+    maps: Sequence[tuple[str, MapReducer]],
+    attn: Any,
+    chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+    output_bhqd: torch.Tensor | None = None,
+    fused_lse: bool = False,
+    workers: int | None = None,
+) -> list[torch.Tensor]:
+    """Several reduced maps of one attention call (``maps``: ``(keys, reducer)`` pairs, ``keys`` as in
+    :func:`attention_probs`) from one pass over its chunks: each chunk's probabilities (and ``P V``) are
+    computed once and handed to every reducer (a joint-attention layer's cross and self maps share their
+    softmax). Each map equals what :func:`attention_probs` returns for it alone (the same chunks, the same
+    kernels).
 
     ``output_bhqd``: optional ``[B, heads, Nq, d]`` tensor that receives the attention output
     ``probabilities @ V`` of the same chunks (what SDPA returns for these query rows).
@@ -180,9 +200,11 @@ def attention_probs(
     q, k = tensors.q, tensors.k
     b, h, nq, _ = q.shape
     nk = k.shape[2]
-    cols = {"cross": tensors.text_keys, "self": tensors.image_keys, "all": slice(0, nk)}[keys]
-    if cols is None:
-        raise DifffeatError(f"this attention layer has no {keys} keys")
+    columns = {"cross": tensors.text_keys, "self": tensors.image_keys, "all": slice(0, nk)}
+    for keys, _ in maps:
+        if columns[keys] is None:
+            raise DifffeatError(f"this attention layer has no {keys} keys")
+    reducers = [(columns[keys], reducer) for keys, reducer in maps]
     if workers is None:
         workers = chunk_workers(q, k, tensors.v)
     rows_per_chunk = max(1, chunk_elements // max(1, b * h * nk))
@@ -190,18 +212,18 @@ def attention_probs(
         rows_per_chunk = min(rows_per_chunk, -(-nq // (4 * workers)))
     prepare, probs = _KERNELS[tensors.kernel]
     q_prepared, kt = prepare(q, k, tensors.scale)  # scaling the [.., d] queries, not the [.., keys] logits
-    uses_output = getattr(reducer, "uses_output", False)
+    uses_output = any(getattr(reducer, "uses_output", False) for _, reducer in reducers)
     wants_output = output_bhqd is not None or uses_output
     v = tensors.v.float() if wants_output else None
     fused = None  # (output [B, heads, Nq, d], lse [B, heads, Nq]) of the fused kernel, or None
     if fused_lse and wants_output and tensors.kernel == "softmax":
         fused = flash_output_and_lse(q, k, tensors.v, tensors.bias, tensors.scale)
-    in_order = InRowOrder() if workers > 1 and not getattr(reducer, "thread_safe", False) else None
+    # one row-order gate per reducer that is not thread-safe (each lets the chunks through in row order)
+    in_order = [InRowOrder() if workers > 1 and not getattr(r, "thread_safe", False) else None for _, r in reducers]
     made = threading.Lock()
-    out = None  # [..., nq, K] filled chunk by chunk: no list of pieces and no concatenated copy
+    outs: list[torch.Tensor | None] = [None] * len(reducers)  # [..., nq, K] filled chunk by chunk, one per map
 
     def chunk(rows: slice) -> None:
-        nonlocal out
         bias = tensors.bias
         if bias is not None and bias.shape[-2] != 1:
             bias = bias[..., rows, :]
@@ -223,16 +245,18 @@ def attention_probs(
                     output_bhqd[:, :, rows] = o_bhqd
             if uses_output:
                 extra["out_bhqd"] = o_bhqd
-        with in_order(rows) if in_order is not None else nullcontext():
-            reduced = reducer(full[..., cols], attn=attn, tensors=tensors, rows=rows, full_probs_bhqk=full, **extra)
-        if out is None:
-            with made:
-                if out is None:
-                    out = reduced.new_empty((*reduced.shape[:-2], nq, reduced.shape[-1]))
-        out[..., rows, :] = reduced
+        for i, (cols, reducer) in enumerate(reducers):
+            with in_order[i](rows) if in_order[i] is not None else nullcontext():
+                mine = extra if getattr(reducer, "uses_output", False) else {}
+                reduced = reducer(full[..., cols], attn=attn, tensors=tensors, rows=rows, full_probs_bhqk=full, **mine)
+            if outs[i] is None:
+                with made:
+                    if outs[i] is None:
+                        outs[i] = reduced.new_empty((*reduced.shape[:-2], nq, reduced.shape[-1]))
+            outs[i][..., rows, :] = reduced
 
     run_chunks(chunk, nq, rows_per_chunk, workers)
-    return out
+    return outs
 
 
 def _fusable(sdpa: dict[str, Any], tensors: AttentionTensors) -> bool:

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ..catalog import ActivationInfo
-from .observer import DEFAULT_CHUNK_ELEMENTS, AttentionTensors, MapReducer, attention_probs, install_observer, per_head
+from .observer import DEFAULT_CHUNK_ELEMENTS, AttentionTensors, MapReducer, attention_maps, install_observer, per_head
 
 if TYPE_CHECKING:
     from ..backbones.base import Backbone, DenoiserInputs
@@ -194,10 +194,15 @@ class Capture:
                 output_bhqd = None
             if self.batch is not None:
                 tensors = _samples(tensors, self.batch)
-            filled, stop = False, False
-            for info in infos_by_module[module_path]:
-                if info.name in self.shapes:
-                    continue
+            stop = False
+            infos = [info for info in infos_by_module[module_path] if info.name not in self.shapes]
+            computed = [info for info in infos if info.is_map and not self.shapes_only]
+            maps = {}
+            if computed:  # every map of this call from one pass over its chunks (one softmax per chunk)
+                requests = [(info.observe, self.map_reducers.get(info.name, self.map_reducer)) for info in computed]
+                maps = dict(zip((info.name for info in computed),
+                                attention_maps(tensors, requests, attn, self.chunk_elements, output_bhqd)))
+            for info in infos:
                 try:
                     if not info.is_map:
                         self._store(info, sequence_to_spatial(_attended(tensors, info.observe), self.grid))
@@ -206,16 +211,12 @@ class Capture:
                         keys = tensors.text_keys if info.observe == "cross" else tensors.image_keys
                         self._store(info, torch.empty(b, h, nq, keys.stop - keys.start, device="meta"))
                     else:
-                        reducer = self.map_reducers.get(info.name, self.map_reducer)
-                        fill = output_bhqd if not filled else None
-                        probs = attention_probs(tensors, info.observe, reducer, attn, self.chunk_elements, fill)
-                        filled = filled or fill is not None
-                        self._store(info, probs)
+                        self._store(info, maps[info.name])
                 except StopForward:
                     stop = True
             if stop:
                 raise StopForward
-            return filled
+            return output_bhqd is not None and bool(computed)
 
         return sink
 

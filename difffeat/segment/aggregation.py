@@ -7,7 +7,9 @@ Shapes: B batch, h heads, q query pixels of a chunk, K keys, T text tokens, C ou
 from __future__ import annotations
 
 import threading
+import weakref
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -18,7 +20,7 @@ from ..capture.observer import AttentionTensors
 from ..errors import ConfigError
 from .selfmaps import resize_self_map, resize_self_map_adjoint  # noqa: F401  (resize_self_map: the former path)
 
-__all__ = ["goca_head_weights", "goca_head_weights_from_outputs", "layer_weights", "combine_layers", "pseudo_attention",
+__all__ = ["goca_head_weights", "goca_head_weights_from_outputs", "gram_break_even_rows", "layer_weights", "combine_layers", "pseudo_attention",
            "reference_tokens", "weights_from_scores"]
 
 _EPS = 1e-12
@@ -80,7 +82,8 @@ def head_output_weight(attn: Any, fallback: torch.Tensor | None = None) -> torch
     return fallback
 
 
-def goca_head_weights_from_outputs(out_bqhd: torch.Tensor, w_out_chd: torch.Tensor, gram: torch.Tensor | None = None) -> torch.Tensor:
+def goca_head_weights_from_outputs(out_bqhd: torch.Tensor, w_out_chd: torch.Tensor | None, gram: torch.Tensor | None = None,
+                                   w_out_t: torch.Tensor | None = None) -> torch.Tensor:
     """:func:`goca_head_weights` of ``o_n(i) = W_O^n out_n(i)`` without forming the ``[B, heads, q, C]``
     contributions: with ``o(i) = sum_n o_n(i) = W_O out(i)`` (``out(i)`` the heads' outputs concatenated),
 
@@ -91,17 +94,18 @@ def goca_head_weights_from_outputs(out_bqhd: torch.Tensor, w_out_chd: torch.Tens
 
     Args:
         out_bqhd: each head's attention output ``[B, q, heads, d]``.
-        w_out_chd: ``W_O`` as ``[C, heads, d]``.
+        w_out_chd: ``W_O`` as ``[C, heads, d]`` (or ``[C, heads*d]``); not used (may be None) with ``gram``.
         gram: optional ``W_O^T W_O`` ``[heads*d, heads*d]``.
+        w_out_t: optional ``W_O^T`` ``[heads*d, C]`` contiguous (made from ``w_out_chd`` when None).
     Returns:
         ``[B, heads, q]``, as :func:`goca_head_weights`.
     """
     b, q, h, d = out_bqhd.shape
     flat = out_bqhd.reshape(b, q, h * d)
-    w = w_out_chd.reshape(w_out_chd.shape[0], h * d)
     if gram is None:
+        w = w_out_chd.reshape(w_out_chd.shape[0], h * d)
         o_bqc = dense_linear(flat, w)
-        back = dense_linear(o_bqc, w.t().contiguous())  # W_O^T o(i), [B, q, heads*d]
+        back = dense_linear(o_bqc, w.t().contiguous() if w_out_t is None else w_out_t)  # W_O^T o(i), [B, q, heads*d]
         norm = o_bqc.pow(2).sum(-1)
     else:
         back = dense_linear(flat, gram)  # G is symmetric: flat @ G = flat @ G^T
@@ -112,15 +116,47 @@ def goca_head_weights_from_outputs(out_bqhd: torch.Tensor, w_out_chd: torch.Tens
     return (dots / norm.clamp_min(_EPS).unsqueeze(-1)).transpose(1, 2)
 
 
+def gram_break_even_rows(c: int, hd: int) -> float:
+    """Query rows after which forming ``G = W_O^T W_O`` once (``2 C (h d)^2`` flops) costs less than the two
+    ``W_O`` products per row it replaces (``4 C h d`` flops against ``2 (h d)^2`` per row with ``G``):
+    ``C h d / (2 C - h d)``; never (infinity) where ``h d >= 2 C``. ``C`` when ``h d = C``."""
+    return c * hd / (2 * c - hd) if hd < 2 * c else float("inf")
+
+
+@dataclass
+class _LayerForms:
+    """What :class:`GocaHeadReducer` keeps for one layer: ``W_O^T W_O`` once formed (``[h d, h d]`` float32,
+    kept while ``weight`` is the same tensor at the same ``_version``), the rows it reduced before the
+    Gram existed, and for the call in progress the float32 ``W_O`` and ``W_O^T`` (dropped when its last row
+    is reduced)."""
+
+    weight: torch.Tensor
+    version: int
+    gram: torch.Tensor | None = None
+    rows_before: int = 0  # rows of earlier calls reduced without the Gram
+    call: Any = None  # weakref to the AttentionTensors of the call in progress
+    call_rows: int = 0
+    done_rows: int = 0
+    w: torch.Tensor | None = None  # [C, h d] float32, this call's (no Gram)
+    wt: torch.Tensor | None = None  # [h d, C] float32 contiguous, this call's (no Gram)
+
+
 class GocaHeadReducer:
     """Map reducer computing GOCA's head-weighted map ``A_m(i,:) = sum_n w_n(i) A_n(i,:)`` chunk by chunk,
     so no ``[heads, HW, T]`` tensor outlives a chunk.
 
     ``o_n(i) = (A_n V_n W_O^n)(i)`` uses every key the layer attends to (for joint attention, image and
     text keys), ``W_O^n`` being head n's column slice of the output projection (no bias). The weights are
-    computed by :func:`goca_head_weights_from_outputs` (no per-head ``[q, C]`` contributions), with
-    ``W_O^T W_O`` formed once per layer where the layer has at least as many query rows as output channels
-    (then one ``[q, heads*d]^2``-sized product per chunk is the cheaper form).
+    computed by :func:`goca_head_weights_from_outputs` (no per-head ``[q, C]`` contributions).
+
+    One reducer serves every layer and every call (a :class:`~difffeat.segment.Segmenter` keeps one for all its
+    observations). Per layer it converts ``W_O`` to float32 once per call (not per chunk), and forms
+    ``G = W_O^T W_O`` once the layer's query rows over all calls reach :func:`gram_break_even_rows` (the rows
+    of a call counted at its start: all chunks of one call use the same form); from then on each chunk needs
+    one ``[q, h d] x [h d, h d]`` product instead of two ``[q, h d] x [h d, C]`` ones (the cost of ``G`` is at
+    most repaid by then: a rent-or-buy rule, within 2x of the cheaper choice in hindsight). ``G`` is kept while
+    ``W_O`` is the same tensor, unmodified (same ``_version``): ``(h d)^2`` float32 per layer (SD3.5 Medium,
+    ``h d = 1536``: 9 MiB a layer). The two forms agree to float32 rounding.
 
     Args:
         output_weights: optional ``{id(attn_module): W_O}`` for modules without ``to_out``.
@@ -128,23 +164,43 @@ class GocaHeadReducer:
 
     #: receives the chunk's attention output ``out_bhqd`` from :func:`~difffeat.capture.observer.attention_probs`
     uses_output = True
-    #: chunks of one layer may be reduced on several threads at once (the per-layer ``W_O^T W_O`` is made once)
+    #: chunks of one layer may be reduced on several threads at once (the per-layer state is kept under a lock)
     thread_safe = True
 
     def __init__(self, output_weights: dict[int, torch.Tensor] | None = None) -> None:
         self.output_weights = output_weights or {}
-        self._grams: dict[int, tuple[torch.Tensor, int, torch.Tensor]] = {}  # id(attn): (W_O, its version, Gram)
+        self._layers: dict[int, _LayerForms] = {}  # id(attn) -> that layer's forms
         self._lock = threading.Lock()
 
-    def _gram(self, attn: Any, weight: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        """``W_O^T W_O`` of ``w`` (= ``weight``'s attention columns, float32), made once per layer and kept
-        while ``weight`` is the same tensor, unmodified."""
+    def kept_bytes(self) -> int:
+        """Bytes this reducer keeps between calls (the Gram matrices formed so far)."""
         with self._lock:
-            held = self._grams.get(id(attn))
-            if held is None or held[0] is not weight or held[1] != weight._version:
-                held = (weight, weight._version, torch.matmul(w.t(), w))
-                self._grams[id(attn)] = held
-            return held[2]
+            return sum(f.gram.numel() * f.gram.element_size() for f in self._layers.values() if f.gram is not None)
+
+    def _forms(self, attn: Any, weight: torch.Tensor, tensors: AttentionTensors, rows: int, hd: int
+               ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+        """``(W_O, W_O^T, None)`` (float32, this call's) or ``(None, None, G)`` for a chunk of ``rows`` rows of
+        the call ``tensors``; the call's form is decided when its first chunk arrives."""
+        with self._lock:
+            forms = self._layers.get(id(attn))
+            if forms is None or forms.weight is not weight or forms.version != weight._version:
+                forms = self._layers[id(attn)] = _LayerForms(weight, weight._version)
+            if forms.call is None or forms.call() is not tensors or forms.done_rows >= forms.call_rows:
+                # a new call of this layer (or the same tensors observed again)
+                forms.rows_before += forms.done_rows if forms.gram is None else 0
+                forms.call, forms.done_rows, forms.w, forms.wt = weakref.ref(tensors), 0, None, None
+                forms.call_rows = tensors.q.shape[0] * tensors.q.shape[2]
+                if forms.gram is None:
+                    w = weight[:, :hd].float()  # [C, h d]
+                    if forms.rows_before + forms.call_rows >= gram_break_even_rows(w.shape[0], hd):
+                        forms.gram = torch.matmul(w.t(), w)
+                    else:
+                        forms.w, forms.wt = w, w.t().contiguous()
+            w, wt, gram = forms.w, forms.wt, forms.gram
+            forms.done_rows += rows
+            if forms.done_rows >= forms.call_rows:  # the call's last chunk: its float32 W_O is not needed again
+                forms.w = forms.wt = None
+            return w, wt, gram
 
     def __call__(
         self,
@@ -159,11 +215,10 @@ class GocaHeadReducer:
         b, h, q, _ = full_probs_bhqk.shape
         d = tensors.v.shape[-1]
         weight = head_output_weight(attn, self.output_weights.get(id(attn)))
-        w_out = weight[:, : h * d].float()  # [C, heads*d]
         if out_bhqd is None:
             out_bhqd = torch.matmul(full_probs_bhqk, tensors.v.float())
-        gram = self._gram(attn, weight, w_out) if tensors.q.shape[2] >= w_out.shape[0] else None
-        w_bhq = goca_head_weights_from_outputs(out_bhqd.transpose(1, 2), w_out.view(-1, h, d), gram)
+        w, wt, gram = self._forms(attn, weight, tensors, b * q, h * d)
+        w_bhq = goca_head_weights_from_outputs(out_bhqd.transpose(1, 2), w, gram, wt)
         return torch.einsum("bhq,bhqk->bqk", w_bhq, probs_bhqk)
 
 

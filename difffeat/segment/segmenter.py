@@ -292,6 +292,7 @@ class Segmenter:
         self.settings = base.update(**overrides)
         # refinement blocks a config file lists for the family may be absent from a model of another layout
         self._config_refine = settings is None and overrides.get("refine_blocks") is None
+        self._goca_reducer: GocaHeadReducer | None = None  # made on first use, kept: its W_O^T W_O serve every observation
         check_timestep(self.settings.t)
         self._plan()
 
@@ -538,7 +539,7 @@ class Segmenter:
         del ref
         reducers: dict[str, MapReducer] = {}
         if s.heads == "goca":
-            reducers = dict.fromkeys(self.cross_names, GocaHeadReducer(self._output_weights()))
+            reducers = dict.fromkeys(self.cross_names, self.goca_reducer())
         reducers.update(stream.reducers())
         reducers.update(custom)
         names = list(dict.fromkeys([*self.cross_names, *stream.names()]))
@@ -564,8 +565,7 @@ class Segmenter:
         ``stream.finish(acts, reference grid)`` gives the refinement mean."""
         reducers: dict[str, MapReducer] = {}
         if self.settings.heads == "goca":
-            reducer = GocaHeadReducer(self._output_weights())  # stateless: one instance serves every layer
-            reducers = dict.fromkeys(self.cross_names, reducer)
+            reducers = dict.fromkeys(self.cross_names, self.goca_reducer())
         stream = None if everything else self._self_map_stream(tuple(grid))
         if stream is not None:
             reducers.update(stream.reducers())
@@ -637,6 +637,15 @@ class Segmenter:
                 "observe with everything=True to decide one observation under other layer/refinement settings"
             )
         return self._decide(obs.image, obs.layout, obs.activations, obs.grid, obs.refine_mean, obs.layer_scores)
+
+    def goca_reducer(self) -> GocaHeadReducer:
+        """The GOCA head-weight reducer of this segmenter's observations: one for every layer and every observation,
+        so each layer's ``W_O^T W_O`` is formed once (after :func:`~difffeat.segment.aggregation.gram_break_even_rows`
+        query rows) and then reused; it keeps ``(heads*d)^2`` float32 per cross-attention layer
+        (``goca_reducer().kept_bytes()``)."""
+        if self._goca_reducer is None:
+            self._goca_reducer = GocaHeadReducer(self._output_weights())
+        return self._goca_reducer
 
     def _output_weights(self) -> dict[int, torch.Tensor]:
         """W_O for attention modules without ``to_out`` (FLUX single-stream: the block's proj_out columns
