@@ -36,3 +36,24 @@ def shapes_backbone():
     import difffeat
 
     return difffeat.load("shapes", device="cpu", dtype="fp32")
+
+
+def _torch_threads(n: int):
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.fixture
+def one_thread():
+    """torch at one thread: the caller's kernels are then the chunk workers' single-threaded ones."""
+    yield from _torch_threads(1)
+
+
+@pytest.fixture
+def two_threads():
+    """torch at two threads: the observer spreads the chunks of every attention call over two workers."""
+    yield from _torch_threads(2)

@@ -128,14 +128,6 @@ def test_two_passes_give_the_one_pass_maps_scores_and_labels(peaked, case):
     assert len(np.unique(a.labels)) == 3  # not trivially one label
 
 
-@pytest.fixture
-def two_threads():
-    """torch at two threads: the observer spreads the chunks of every attention call over two workers."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(before)
-
 
 @pytest.mark.parametrize("case", ["sd15-refine-on-two-grids", "sdxl"])
 def test_two_passes_on_chunk_workers_equal_the_row_ordered_reducers(peaked, monkeypatch, two_threads, case):

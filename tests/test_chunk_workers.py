@@ -24,14 +24,6 @@ pytestmark = pytest.mark.numeric
 EPS = float(torch.finfo(torch.float32).eps)
 
 
-@pytest.fixture
-def one_thread():
-    """torch at one thread: the caller's kernels are then the workers' single-threaded ones."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def _tensors(nq: int, nk: int, heads: int = 4, d: int = 8, seed: int = 0, cross: bool = False):
     g = torch.Generator().manual_seed(seed)
